@@ -1,0 +1,1 @@
+//! mesh-agent: from the local apiserver to eBPF maps.

@@ -1,0 +1,1 @@
+//! mesh-apiserver: watches its cluster, publishes into etcd, serves over mutual-TLS gRPC.

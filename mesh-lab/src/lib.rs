@@ -1,0 +1,1 @@
+//! mesh-lab: whole meshes on one machine.

@@ -1,0 +1,28 @@
+//! Test harness shared by the mesh crates. Every resource a test starts here is released
+//! by a guard's `Drop`, so a failing test leaves no process or directory behind.
+
+pub mod certs;
+pub mod etcd;
+
+use std::net::{SocketAddr, TcpListener};
+
+/// A loopback TCP port that was free when asked. Another process may take it before the
+/// caller binds it; callers that can bind port 0 themselves should do that instead.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a: SocketAddr| a.port())
+        .expect("binding a loopback port")
+}
+
+/// Whether the current process runs as root (needed for netns, cgroups and eBPF tests).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
