@@ -1,6 +1,8 @@
 //! The mesh wire contract (DESIGN.md section 7): generated protobuf types and service,
 //! conversions to and from mesh-core, the resumable watch client, and rustls helpers.
 
+pub mod keys;
+
 #[allow(clippy::all, unreachable_pub, missing_docs)]
 pub mod pb {
     tonic::include_proto!("mesh.v1");

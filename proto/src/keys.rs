@@ -1,0 +1,250 @@
+//! The etcd key layout of DESIGN.md section 6, in one place.
+//!
+//! ```text
+//! <prefix>clusters/<cluster>/config
+//! <prefix>clusters/<cluster>/nodes/<node>
+//! <prefix>clusters/<cluster>/identities/<numeric id>
+//! <prefix>clusters/<cluster>/endpoints/<ip>
+//! <prefix>clusters/<cluster>/services/<namespace>/<name>
+//! <prefix>clusters/<cluster>/synced/<kind>
+//! <prefix>peers/<cluster>/status
+//! <prefix>identity-index/<hash of labels>
+//! <prefix>agents/<node>
+//! <prefix>leader
+//! ```
+//!
+//! Values under `clusters/` are the protobuf messages of `pb` for their kind
+//! (`SyncedMarker` for `synced/`).
+
+use crate::pb::Kind;
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "mesh/v1/";
+
+/// The path segment of a kind under `clusters/<cluster>/`.
+pub fn kind_segment(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Config => "config",
+        Kind::Node => "nodes",
+        Kind::Identity => "identities",
+        Kind::Endpoint => "endpoints",
+        Kind::Service => "services",
+        Kind::Unspecified => return None,
+    })
+}
+
+/// The kind named by a path segment (`nodes`, `services`, ...).
+pub fn kind_from_segment(seg: &str) -> Option<Kind> {
+    Some(match seg {
+        "config" => Kind::Config,
+        "nodes" => Kind::Node,
+        "identities" => Kind::Identity,
+        "endpoints" => Kind::Endpoint,
+        "services" => Kind::Service,
+        _ => return None,
+    })
+}
+
+/// All kinds a cluster publishes, in the order a consumer should apply a snapshot
+/// (config first, services last so their backends' identities and nodes are known).
+pub const ALL_KINDS: [Kind; 5] = [
+    Kind::Config,
+    Kind::Node,
+    Kind::Identity,
+    Kind::Endpoint,
+    Kind::Service,
+];
+
+/// A parsed key under `<prefix>clusters/`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ClusterKey {
+    /// An object: `clusters/<cluster>/<kind>/<name>` (`name` is empty for the config).
+    Object {
+        cluster: String,
+        kind: Kind,
+        name: String,
+    },
+    /// `clusters/<cluster>/synced/<kind>`
+    Synced { cluster: String, kind: Kind },
+}
+
+/// Builds and parses keys under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+// === impl Keys ===
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        let mut prefix = prefix.into();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Self { prefix }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>clusters/`
+    pub fn clusters_prefix(&self) -> String {
+        format!("{}clusters/", self.prefix)
+    }
+
+    /// `<prefix>clusters/<cluster>/` (trailing slash: never matches a cluster whose name
+    /// starts with this one's).
+    pub fn cluster_prefix(&self, cluster: &str) -> String {
+        format!("{}clusters/{cluster}/", self.prefix)
+    }
+
+    /// `<prefix>clusters/<cluster>/<kind>/` (or `.../config` for the config).
+    pub fn kind_prefix(&self, cluster: &str, kind: Kind) -> String {
+        let seg = kind_segment(kind).expect("a concrete kind");
+        if kind == Kind::Config {
+            format!("{}clusters/{cluster}/config", self.prefix)
+        } else {
+            format!("{}clusters/{cluster}/{seg}/", self.prefix)
+        }
+    }
+
+    pub fn object(&self, cluster: &str, kind: Kind, name: &str) -> String {
+        if kind == Kind::Config {
+            self.kind_prefix(cluster, kind)
+        } else {
+            format!("{}{name}", self.kind_prefix(cluster, kind))
+        }
+    }
+
+    pub fn synced(&self, cluster: &str, kind: Kind) -> String {
+        let seg = kind_segment(kind).expect("a concrete kind");
+        format!("{}clusters/{cluster}/synced/{seg}", self.prefix)
+    }
+
+    pub fn peer_status(&self, cluster: &str) -> String {
+        format!("{}peers/{cluster}/status", self.prefix)
+    }
+
+    pub fn peers_prefix(&self) -> String {
+        format!("{}peers/", self.prefix)
+    }
+
+    pub fn identity_index(&self, labels_hash: &str) -> String {
+        format!("{}identity-index/{labels_hash}", self.prefix)
+    }
+
+    pub fn identity_index_prefix(&self) -> String {
+        format!("{}identity-index/", self.prefix)
+    }
+
+    pub fn agent(&self, node: &str) -> String {
+        format!("{}agents/{node}", self.prefix)
+    }
+
+    pub fn agents_prefix(&self) -> String {
+        format!("{}agents/", self.prefix)
+    }
+
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+
+    /// Parses a key under `<prefix>clusters/`. Returns `None` for keys outside it or of an
+    /// unknown shape (which readers skip with a log line).
+    pub fn parse(&self, key: &str) -> Option<ClusterKey> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix("clusters/")?;
+        let (cluster, rest) = rest.split_once('/')?;
+        if cluster.is_empty() {
+            return None;
+        }
+        if rest == "config" {
+            return Some(ClusterKey::Object {
+                cluster: cluster.into(),
+                kind: Kind::Config,
+                name: String::new(),
+            });
+        }
+        let (seg, name) = rest.split_once('/')?;
+        if name.is_empty() {
+            return None;
+        }
+        if seg == "synced" {
+            return Some(ClusterKey::Synced {
+                cluster: cluster.into(),
+                kind: kind_from_segment(name).filter(|k| *k != Kind::Unspecified)?,
+            });
+        }
+        let kind = kind_from_segment(seg)?;
+        if kind == Kind::Config {
+            return None;
+        }
+        if kind == Kind::Service && name.split('/').count() != 2 {
+            return None;
+        }
+        Some(ClusterKey::Object {
+            cluster: cluster.into(),
+            kind,
+            name: name.into(),
+        })
+    }
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let k = Keys::default();
+        for kind in ALL_KINDS {
+            let name = match kind {
+                Kind::Config => "",
+                Kind::Service => "ns/svc",
+                _ => "x",
+            };
+            let key = k.object("east", kind, name);
+            assert_eq!(
+                k.parse(&key),
+                Some(ClusterKey::Object {
+                    cluster: "east".into(),
+                    kind,
+                    name: name.into()
+                }),
+                "{key}"
+            );
+            let s = k.synced("east", kind);
+            assert_eq!(
+                k.parse(&s),
+                Some(ClusterKey::Synced {
+                    cluster: "east".into(),
+                    kind
+                })
+            );
+        }
+        assert_eq!(k.object("a", Kind::Endpoint, "10.0.0.1"), "mesh/v1/clusters/a/endpoints/10.0.0.1");
+        assert_eq!(k.object("a", Kind::Config, ""), "mesh/v1/clusters/a/config");
+    }
+
+    #[test]
+    fn rejects_unknown_shapes() {
+        let k = Keys::default();
+        for bad in [
+            "other/clusters/a/config",
+            "mesh/v1/clusters/a/unknown/x",
+            "mesh/v1/clusters/a/services/only-one",
+            "mesh/v1/clusters/a/nodes/",
+            "mesh/v1/clusters//config",
+            "mesh/v1/clusters/a/synced/bogus",
+        ] {
+            assert_eq!(k.parse(bad), None, "{bad}");
+        }
+    }
+}
