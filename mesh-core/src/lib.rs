@@ -9,6 +9,7 @@ pub mod identity;
 pub mod model;
 pub mod names;
 pub mod select;
+pub mod validate;
 
 pub use identity::{IdentityId, IdentityLabels};
 pub use model::{

@@ -1,1 +1,1116 @@
-//! Backend selection (DESIGN.md section 5). Filled in by the selection work.
+//! Backend selection (DESIGN.md section 5): which backends a node's agent programs for one
+//! global service, and why every other backend is left out.
+//!
+//! [`select`] is a pure function of the local Service, the same Service as the other
+//! clusters publish it, and the node it runs for. Its output is sorted, so the agent can diff
+//! two selections, and it explains every left-out backend ([`Excluded`]), which is what
+//! `meshctl service explain` prints.
+//!
+//! The rules, per frontend port:
+//!
+//! - Frontends (ClusterIPs and ports) come only from the local Service.
+//! - A backend serves a frontend port if it has a port of the same `(protocol, name)`; its own
+//!   target port is used (clusters may use different target ports).
+//! - A remote cluster whose Service is not shared contributes nothing. The local Service's own
+//!   `shared` flag only controls export: the local agents always use local backends.
+//! - `internalTrafficPolicy: Local` (of the local Service) keeps only local backends on this
+//!   node, never remote ones.
+//! - Otherwise, with L the ready local and R the ready remote backends: affinity `none` takes
+//!   L ∪ R, `local` takes L or else R, `remote` takes R or else L.
+//! - When no candidate is ready, serving-and-terminating backends are used with the same
+//!   preference. When nothing is left the port has no backend, and the datapath refuses
+//!   connections to it rather than using a stale backend.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::{Affinity, BackendConditions, ClusterName, GlobalService, ServicePort, TrafficPolicy};
+
+/// What [`select`] decides from.
+#[derive(Debug, Clone, Copy)]
+pub struct SelectInput<'a> {
+    pub local_cluster: &'a ClusterName,
+    /// The node the agent runs on (for `internalTrafficPolicy: Local`).
+    pub node: &'a str,
+    /// The Service as the local cluster publishes it.
+    pub local: &'a GlobalService,
+    /// The same Service (namespace/name) as each other cluster publishes it, at most one per
+    /// cluster. Order does not matter.
+    pub remotes: &'a [&'a GlobalService],
+}
+
+/// Which class of backends a port's selection was made from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    /// No backend can be used: connections to the frontend are refused.
+    None,
+    /// No candidate was ready; serving-and-terminating backends are used.
+    ServingTerminating,
+    /// Ready backends are used.
+    Ready,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::None => "none",
+            Tier::ServingTerminating => "serving-terminating",
+            Tier::Ready => "ready",
+        })
+    }
+}
+
+/// The result of [`select`]. Every list is sorted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// ClusterIPs of the local Service.
+    pub frontends: Vec<IpAddr>,
+    /// One entry per port of the local Service.
+    pub ports: Vec<PortSelection>,
+    /// Every backend of the inputs not selected, with the reason: once per port it was
+    /// considered for, or once with `port: None` when it was not considered at all.
+    pub excluded: Vec<Excluded>,
+    /// The worst tier over all ports (`Tier::None` when the Service has no port).
+    pub tier: Tier,
+    /// Whether some port fell back from the preferred side of its affinity to the other.
+    pub used_failover: bool,
+}
+
+/// The backends selected for one frontend port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSelection {
+    /// The local Service's port.
+    pub frontend: ServicePort,
+    pub backends: Vec<SelectedBackend>,
+    pub tier: Tier,
+    pub used_failover: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SelectedBackend {
+    pub cluster: ClusterName,
+    pub ip: IpAddr,
+    /// The backend's own target port for this frontend port.
+    pub port: u16,
+    pub node: String,
+    /// Whether the backend is in the local cluster.
+    pub local: bool,
+}
+
+/// A backend left out, for one frontend port (`port: Some`) or for all of them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Excluded {
+    pub cluster: ClusterName,
+    pub ip: IpAddr,
+    pub port: Option<ServicePort>,
+    pub reason: Reason,
+}
+
+/// Why a backend is left out.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// Its cluster does not share the Service (`service.cilium.io/shared: "false"`).
+    NotShared,
+    /// Its cluster appears more than once in the input, or a remote claims the local
+    /// cluster's name; the input is inconsistent, so none of those copies is trusted.
+    DuplicateCluster,
+    /// It has no port with the frontend port's protocol and name.
+    PortMismatch { wanted: ServicePort },
+    /// The local Service has `internalTrafficPolicy: Local` and the backend is on another
+    /// node of the local cluster.
+    InternalTrafficPolicyLocal { backend_node: String },
+    /// The local Service has `internalTrafficPolicy: Local`: remote backends are never used.
+    InternalTrafficPolicyLocalRemote,
+    /// Not ready and not terminating.
+    NotReady,
+    /// Terminating and no longer serving.
+    NotServing,
+    /// Serving but terminating: such backends are used only when no candidate is ready.
+    TerminatingNotNeeded,
+    /// A remote backend left out because affinity is `local` and local backends are
+    /// available.
+    AffinityLocal,
+    /// A local backend left out because affinity is `remote` and remote backends are
+    /// available.
+    AffinityRemote,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::NotShared => {
+                f.write_str("its cluster does not share the service (shared: false)")
+            }
+            Reason::DuplicateCluster => f.write_str(
+                "its cluster is given more than once (or as both local and remote); ignored",
+            ),
+            Reason::PortMismatch { wanted } => write!(
+                f,
+                "no port named {:?} with protocol {} (frontend port {})",
+                wanted.name, wanted.protocol, wanted.port
+            ),
+            Reason::InternalTrafficPolicyLocal { backend_node } => write!(
+                f,
+                "internalTrafficPolicy Local: on node {backend_node:?}, not on this node"
+            ),
+            Reason::InternalTrafficPolicyLocalRemote => {
+                f.write_str("internalTrafficPolicy Local: remote backends are never used")
+            }
+            Reason::NotReady => f.write_str("not ready"),
+            Reason::NotServing => f.write_str("terminating and not serving"),
+            Reason::TerminatingNotNeeded => {
+                f.write_str("terminating: used only when no backend is ready")
+            }
+            Reason::AffinityLocal => f.write_str("affinity local: local backends are available"),
+            Reason::AffinityRemote => f.write_str("affinity remote: remote backends are available"),
+        }
+    }
+}
+
+/// Selects the backends of one global service for the agent on `input.node`.
+pub fn select(input: &SelectInput<'_>) -> Selection {
+    let local_svc = input.local;
+    let mut excluded = BTreeSet::new();
+
+    // Candidates, one per (cluster, ip). The local service is taken from the local cluster
+    // whatever its `shared` flag says.
+    let mut candidates = merge_backends(input.local_cluster, local_svc, true);
+    let mut seen: BTreeMap<&ClusterName, usize> = BTreeMap::new();
+    for r in input.remotes {
+        *seen.entry(&r.cluster).or_default() += 1;
+    }
+    for r in input.remotes {
+        let reason = if r.cluster == *input.local_cluster || seen[&r.cluster] > 1 {
+            Reason::DuplicateCluster
+        } else if !r.shared {
+            Reason::NotShared
+        } else {
+            candidates.extend(merge_backends(&r.cluster, r, false));
+            continue;
+        };
+        for b in &r.backends {
+            excluded.insert(Excluded {
+                cluster: r.cluster.clone(),
+                ip: b.ip,
+                port: None,
+                reason: reason.clone(),
+            });
+        }
+    }
+
+    let frontend_ports: BTreeSet<&ServicePort> = local_svc.ports.iter().collect();
+    let ports: Vec<PortSelection> = frontend_ports
+        .into_iter()
+        .map(|fp| select_port(input, fp, &candidates, &mut excluded))
+        .collect();
+
+    let frontends: BTreeSet<IpAddr> = local_svc.frontends.iter().copied().collect();
+    Selection {
+        frontends: frontends.into_iter().collect(),
+        tier: ports.iter().map(|p| p.tier).min().unwrap_or(Tier::None),
+        used_failover: ports.iter().any(|p| p.used_failover),
+        ports,
+        excluded: excluded.into_iter().collect(),
+    }
+}
+
+/// A backend as selection sees it: one per (cluster, ip).
+#[derive(Debug)]
+struct Candidate<'a> {
+    cluster: &'a ClusterName,
+    ip: IpAddr,
+    node: &'a str,
+    ports: Vec<&'a ServicePort>,
+    conditions: BackendConditions,
+    local: bool,
+}
+
+// === impl Candidate ===
+
+impl Candidate<'_> {
+    fn class(&self) -> Tier {
+        class(self.conditions)
+    }
+
+    /// Why a backend of class `Tier::None` is not used.
+    fn unusable_reason(&self) -> Reason {
+        if self.conditions.terminating && !self.conditions.serving {
+            Reason::NotServing
+        } else {
+            Reason::NotReady
+        }
+    }
+}
+
+fn class(c: BackendConditions) -> Tier {
+    if c.ready {
+        Tier::Ready
+    } else if c.serving && c.terminating {
+        Tier::ServingTerminating
+    } else {
+        Tier::None
+    }
+}
+
+/// The backends of one service, one per IP. A service may list an IP twice (two
+/// EndpointSlices during a change): the copy in the best condition wins, ports are merged
+/// (the first copy's target port wins for a port name).
+fn merge_backends<'a>(
+    cluster: &'a ClusterName,
+    svc: &'a GlobalService,
+    local: bool,
+) -> Vec<Candidate<'a>> {
+    let mut by_ip: BTreeMap<IpAddr, Candidate<'a>> = BTreeMap::new();
+    for b in &svc.backends {
+        let c = by_ip.entry(b.ip).or_insert_with(|| Candidate {
+            cluster,
+            ip: b.ip,
+            node: &b.node,
+            ports: Vec::new(),
+            conditions: b.conditions,
+            local,
+        });
+        if class(b.conditions) > c.class() {
+            c.conditions = b.conditions;
+            c.node = &b.node;
+        }
+        for p in &b.ports {
+            if !c
+                .ports
+                .iter()
+                .any(|q| q.name == p.name && q.protocol == p.protocol)
+            {
+                c.ports.push(p);
+            }
+        }
+    }
+    by_ip.into_values().collect()
+}
+
+fn select_port(
+    input: &SelectInput<'_>,
+    fp: &ServicePort,
+    candidates: &[Candidate<'_>],
+    excluded: &mut BTreeSet<Excluded>,
+) -> PortSelection {
+    let policy_local = input.local.internal_traffic_policy == TrafficPolicy::Local;
+    let mut exclude = |c: &Candidate<'_>, reason: Reason| {
+        excluded.insert(Excluded {
+            cluster: c.cluster.clone(),
+            ip: c.ip,
+            port: Some(fp.clone()),
+            reason,
+        });
+    };
+
+    // Candidates that can serve this port, with their target port.
+    let mut eligible = Vec::new();
+    for c in candidates {
+        let Some(target) = c
+            .ports
+            .iter()
+            .find(|p| p.name == fp.name && p.protocol == fp.protocol)
+        else {
+            exclude(c, Reason::PortMismatch { wanted: fp.clone() });
+            continue;
+        };
+        if policy_local && !c.local {
+            exclude(c, Reason::InternalTrafficPolicyLocalRemote);
+        } else if policy_local && c.node != input.node {
+            exclude(
+                c,
+                Reason::InternalTrafficPolicyLocal {
+                    backend_node: c.node.to_owned(),
+                },
+            );
+        } else {
+            eligible.push((c, target.port));
+        }
+    }
+
+    // The best tier with a candidate, then the side the affinity prefers within it.
+    let affinity = if policy_local {
+        Affinity::None
+    } else {
+        input.local.affinity
+    };
+    let mut tier = Tier::None;
+    let (mut use_local, mut use_remote) = (false, false);
+    for t in [Tier::Ready, Tier::ServingTerminating] {
+        let has_local = eligible.iter().any(|(c, _)| c.local && c.class() == t);
+        let has_remote = eligible.iter().any(|(c, _)| !c.local && c.class() == t);
+        if !has_local && !has_remote {
+            continue;
+        }
+        tier = t;
+        (use_local, use_remote) = match affinity {
+            Affinity::None => (true, true),
+            Affinity::Local => (has_local, !has_local),
+            Affinity::Remote => (!has_remote, has_remote),
+        };
+        break;
+    }
+    let used_failover = match affinity {
+        Affinity::None => false,
+        Affinity::Local => use_remote,
+        Affinity::Remote => use_local,
+    };
+
+    let mut backends = Vec::new();
+    for (c, port) in eligible {
+        let class = c.class();
+        let side = if c.local { use_local } else { use_remote };
+        if class == Tier::None {
+            exclude(c, c.unusable_reason());
+        } else if class != tier {
+            // Only a serving-terminating backend can be below a Ready selection.
+            exclude(c, Reason::TerminatingNotNeeded);
+        } else if !side {
+            exclude(
+                c,
+                if c.local {
+                    Reason::AffinityRemote
+                } else {
+                    Reason::AffinityLocal
+                },
+            );
+        } else {
+            backends.push(SelectedBackend {
+                cluster: c.cluster.clone(),
+                ip: c.ip,
+                port,
+                node: c.node.to_owned(),
+                local: c.local,
+            });
+        }
+    }
+    backends.sort();
+
+    PortSelection {
+        frontend: fp.clone(),
+        backends,
+        tier,
+        used_failover,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Backend, Protocol};
+
+    const NODE: &str = "node-a";
+
+    fn name(s: &str) -> ClusterName {
+        ClusterName::new(s).unwrap()
+    }
+
+    fn port(name: &str, protocol: Protocol, port: u16) -> ServicePort {
+        ServicePort {
+            name: name.into(),
+            protocol,
+            port,
+        }
+    }
+
+    fn http(p: u16) -> ServicePort {
+        port("http", Protocol::Tcp, p)
+    }
+
+    const READY: BackendConditions = BackendConditions {
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+    const NOT_READY: BackendConditions = BackendConditions {
+        ready: false,
+        serving: false,
+        terminating: false,
+    };
+    const TERMINATING: BackendConditions = BackendConditions {
+        ready: false,
+        serving: true,
+        terminating: true,
+    };
+    const GONE: BackendConditions = BackendConditions {
+        ready: false,
+        serving: false,
+        terminating: true,
+    };
+
+    fn backend(ip: &str, node: &str, conditions: BackendConditions) -> Backend {
+        Backend {
+            ip: ip.parse().unwrap(),
+            ports: vec![http(8080)],
+            node: node.into(),
+            zone: String::new(),
+            conditions,
+        }
+    }
+
+    fn svc(cluster: &str, backends: Vec<Backend>) -> GlobalService {
+        GlobalService {
+            cluster: name(cluster),
+            namespace: "ns".into(),
+            name: "web".into(),
+            shared: true,
+            affinity: Affinity::None,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            ports: vec![http(80)],
+            frontends: vec!["10.96.0.10".parse().unwrap()],
+            backends,
+        }
+    }
+
+    fn run(local: &GlobalService, remotes: &[&GlobalService]) -> Selection {
+        select(&SelectInput {
+            local_cluster: &name("local"),
+            node: NODE,
+            local,
+            remotes,
+        })
+    }
+
+    /// `cluster/ip:port` of the selected backends of the only port.
+    fn chosen(s: &Selection) -> Vec<String> {
+        assert_eq!(s.ports.len(), 1);
+        s.ports[0]
+            .backends
+            .iter()
+            .map(|b| format!("{}/{}:{}", b.cluster, b.ip, b.port))
+            .collect()
+    }
+
+    fn reasons(s: &Selection) -> Vec<String> {
+        s.excluded
+            .iter()
+            .map(|e| format!("{}/{}: {:?}", e.cluster, e.ip, e.reason))
+            .collect()
+    }
+
+    fn with_affinity(mut s: GlobalService, a: Affinity) -> GlobalService {
+        s.affinity = a;
+        s
+    }
+
+    #[test]
+    fn affinity_table() {
+        let l_ready = || {
+            vec![
+                backend("10.1.0.1", NODE, READY),
+                backend("10.1.0.2", "node-b", NOT_READY),
+            ]
+        };
+        let l_none = || vec![backend("10.1.0.2", "node-b", NOT_READY)];
+        let r_ready = || vec![backend("10.2.0.1", "r1", READY)];
+        let r_none = || vec![backend("10.2.0.1", "r1", NOT_READY)];
+        struct Row {
+            affinity: Affinity,
+            local: Vec<Backend>,
+            remote: Vec<Backend>,
+            want: &'static [&'static str],
+            failover: bool,
+            tier: Tier,
+        }
+        use Affinity::*;
+        let rows = [
+            Row {
+                affinity: None,
+                local: l_ready(),
+                remote: r_ready(),
+                want: &["east/10.2.0.1:8080", "local/10.1.0.1:8080"],
+                failover: false,
+                tier: Tier::Ready,
+            },
+            Row {
+                affinity: None,
+                local: l_none(),
+                remote: r_ready(),
+                want: &["east/10.2.0.1:8080"],
+                failover: false,
+                tier: Tier::Ready,
+            },
+            Row {
+                affinity: None,
+                local: l_ready(),
+                remote: r_none(),
+                want: &["local/10.1.0.1:8080"],
+                failover: false,
+                tier: Tier::Ready,
+            },
+            Row {
+                affinity: Local,
+                local: l_ready(),
+                remote: r_ready(),
+                want: &["local/10.1.0.1:8080"],
+                failover: false,
+                tier: Tier::Ready,
+            },
+            Row {
+                affinity: Local,
+                local: l_none(),
+                remote: r_ready(),
+                want: &["east/10.2.0.1:8080"],
+                failover: true,
+                tier: Tier::Ready,
+            },
+            Row {
+                affinity: Remote,
+                local: l_ready(),
+                remote: r_ready(),
+                want: &["east/10.2.0.1:8080"],
+                failover: false,
+                tier: Tier::Ready,
+            },
+            Row {
+                affinity: Remote,
+                local: l_ready(),
+                remote: r_none(),
+                want: &["local/10.1.0.1:8080"],
+                failover: true,
+                tier: Tier::Ready,
+            },
+            Row {
+                affinity: Remote,
+                local: l_none(),
+                remote: r_none(),
+                want: &[],
+                failover: false,
+                tier: Tier::None,
+            },
+            Row {
+                affinity: Local,
+                local: vec![],
+                remote: vec![],
+                want: &[],
+                failover: false,
+                tier: Tier::None,
+            },
+        ];
+        for (i, row) in rows.into_iter().enumerate() {
+            let local = with_affinity(svc("local", row.local), row.affinity);
+            let remote = svc("east", row.remote);
+            let s = run(&local, &[&remote]);
+            assert_eq!(chosen(&s), row.want, "row {i}: {:?}", reasons(&s));
+            assert_eq!(s.used_failover, row.failover, "row {i}");
+            assert_eq!(s.tier, row.tier, "row {i}");
+        }
+    }
+
+    #[test]
+    fn affinity_reasons() {
+        let local = with_affinity(
+            svc("local", vec![backend("10.1.0.1", NODE, READY)]),
+            Affinity::Local,
+        );
+        let remote = svc("east", vec![backend("10.2.0.1", "r1", READY)]);
+        let s = run(&local, &[&remote]);
+        assert_eq!(reasons(&s), ["east/10.2.0.1: AffinityLocal"]);
+        assert_eq!(s.excluded[0].port, Some(http(80)));
+
+        let local = with_affinity(local, Affinity::Remote);
+        let s = run(&local, &[&remote]);
+        assert_eq!(reasons(&s), ["local/10.1.0.1: AffinityRemote"]);
+    }
+
+    #[test]
+    fn serving_terminating_only_when_nothing_is_ready() {
+        // A ready backend anywhere: terminating ones are not needed.
+        let local = svc(
+            "local",
+            vec![
+                backend("10.1.0.1", NODE, TERMINATING),
+                backend("10.1.0.2", NODE, GONE),
+            ],
+        );
+        let remote = svc(
+            "east",
+            vec![
+                backend("10.2.0.1", "r1", READY),
+                backend("10.2.0.2", "r1", TERMINATING),
+            ],
+        );
+        let s = run(&local, &[&remote]);
+        assert_eq!(chosen(&s), ["east/10.2.0.1:8080"]);
+        assert_eq!(
+            reasons(&s),
+            [
+                "east/10.2.0.2: TerminatingNotNeeded",
+                "local/10.1.0.1: TerminatingNotNeeded",
+                "local/10.1.0.2: NotServing",
+            ]
+        );
+
+        // Nothing ready: serving-terminating backends, with the same preference order.
+        let remote = svc("east", vec![backend("10.2.0.2", "r1", TERMINATING)]);
+        let s = run(&local, &[&remote]);
+        assert_eq!(chosen(&s), ["east/10.2.0.2:8080", "local/10.1.0.1:8080"]);
+        assert_eq!(s.tier, Tier::ServingTerminating);
+
+        let local = with_affinity(local, Affinity::Local);
+        let s = run(&local, &[&remote]);
+        assert_eq!(chosen(&s), ["local/10.1.0.1:8080"]);
+        assert_eq!(
+            reasons(&s),
+            ["east/10.2.0.2: AffinityLocal", "local/10.1.0.2: NotServing"]
+        );
+
+        let local = with_affinity(local, Affinity::Remote);
+        let s = run(&local, &[&remote]);
+        assert_eq!(chosen(&s), ["east/10.2.0.2:8080"]);
+
+        // Affinity local, no local candidate at all but a terminating remote one: failover.
+        let local = with_affinity(
+            svc("local", vec![backend("10.1.0.2", NODE, GONE)]),
+            Affinity::Local,
+        );
+        let s = run(&local, &[&remote]);
+        assert_eq!(chosen(&s), ["east/10.2.0.2:8080"]);
+        assert!(s.used_failover);
+        assert_eq!(s.tier, Tier::ServingTerminating);
+    }
+
+    #[test]
+    fn ready_beats_preference() {
+        // Affinity local with only a terminating local backend and a ready remote: ready
+        // wins, the terminating local one is left out.
+        let local = with_affinity(
+            svc("local", vec![backend("10.1.0.1", NODE, TERMINATING)]),
+            Affinity::Local,
+        );
+        let remote = svc("east", vec![backend("10.2.0.1", "r1", READY)]);
+        let s = run(&local, &[&remote]);
+        assert_eq!(chosen(&s), ["east/10.2.0.1:8080"]);
+        assert!(s.used_failover);
+        assert_eq!(reasons(&s), ["local/10.1.0.1: TerminatingNotNeeded"]);
+    }
+
+    #[test]
+    fn nothing_left_means_no_backend() {
+        let local = svc(
+            "local",
+            vec![
+                backend("10.1.0.1", NODE, NOT_READY),
+                backend("10.1.0.2", NODE, GONE),
+            ],
+        );
+        let s = run(&local, &[]);
+        assert!(chosen(&s).is_empty());
+        assert_eq!(s.tier, Tier::None);
+        assert_eq!(
+            reasons(&s),
+            ["local/10.1.0.1: NotReady", "local/10.1.0.2: NotServing"]
+        );
+        // The frontend is still there, so the datapath refuses connections.
+        assert_eq!(s.frontends, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local() {
+        for affinity in [Affinity::None, Affinity::Local, Affinity::Remote] {
+            let mut local = svc(
+                "local",
+                vec![
+                    backend("10.1.0.1", NODE, READY),
+                    backend("10.1.0.2", "node-b", READY),
+                    backend("10.1.0.3", NODE, TERMINATING),
+                ],
+            );
+            local.affinity = affinity;
+            local.internal_traffic_policy = TrafficPolicy::Local;
+            let remote = svc("east", vec![backend("10.2.0.1", NODE, READY)]);
+            let s = run(&local, &[&remote]);
+            assert_eq!(chosen(&s), ["local/10.1.0.1:8080"], "{affinity}");
+            assert!(!s.used_failover);
+            assert_eq!(
+                reasons(&s),
+                [
+                    "east/10.2.0.1: InternalTrafficPolicyLocalRemote",
+                    "local/10.1.0.2: InternalTrafficPolicyLocal { backend_node: \"node-b\" }",
+                    "local/10.1.0.3: TerminatingNotNeeded",
+                ]
+            );
+        }
+        // No ready backend on this node: the terminating one on this node, never another
+        // node's or a remote one.
+        let mut local = svc(
+            "local",
+            vec![
+                backend("10.1.0.2", "node-b", READY),
+                backend("10.1.0.3", NODE, TERMINATING),
+            ],
+        );
+        local.internal_traffic_policy = TrafficPolicy::Local;
+        let remote = svc("east", vec![backend("10.2.0.1", NODE, READY)]);
+        let s = run(&local, &[&remote]);
+        assert_eq!(chosen(&s), ["local/10.1.0.3:8080"]);
+        // Nothing on this node: no backend at all.
+        local.backends.pop();
+        let s = run(&local, &[&remote]);
+        assert!(chosen(&s).is_empty());
+        assert_eq!(s.tier, Tier::None);
+    }
+
+    #[test]
+    fn not_shared_remote_contributes_nothing() {
+        let local = svc("local", vec![]);
+        let mut remote = svc("east", vec![backend("10.2.0.1", "r1", READY)]);
+        remote.shared = false;
+        let other = svc("west", vec![backend("10.3.0.1", "w1", READY)]);
+        let s = run(&local, &[&remote, &other]);
+        assert_eq!(chosen(&s), ["west/10.3.0.1:8080"]);
+        assert_eq!(reasons(&s), ["east/10.2.0.1: NotShared"]);
+        assert_eq!(s.excluded[0].port, None);
+    }
+
+    #[test]
+    fn local_shared_flag_does_not_affect_local_agents() {
+        let mut local = svc("local", vec![backend("10.1.0.1", NODE, READY)]);
+        local.shared = false;
+        let s = run(&local, &[]);
+        assert_eq!(chosen(&s), ["local/10.1.0.1:8080"]);
+    }
+
+    #[test]
+    fn ports_match_by_protocol_and_name_and_use_own_target_port() {
+        let mut local = svc("local", vec![backend("10.1.0.1", NODE, READY)]);
+        local.ports = vec![http(80), port("dns", Protocol::Udp, 53)];
+        local.backends[0]
+            .ports
+            .push(port("dns", Protocol::Udp, 5353));
+        let mut remote = svc(
+            "east",
+            vec![
+                backend("10.2.0.1", "r1", READY),
+                backend("10.2.0.2", "r1", READY),
+            ],
+        );
+        // Same name, other protocol: no match. Its own target port 9090 for http.
+        remote.backends[0].ports = vec![
+            port("http", Protocol::Tcp, 9090),
+            port("dns", Protocol::Tcp, 53),
+        ];
+        // Other name: no match.
+        remote.backends[1].ports = vec![port("web", Protocol::Tcp, 8080)];
+        let s = run(&local, &[&remote]);
+        assert_eq!(s.ports.len(), 2);
+        // Ports sorted by name.
+        assert_eq!(s.ports[0].frontend, port("dns", Protocol::Udp, 53));
+        assert_eq!(s.ports[1].frontend, http(80));
+        let b = |i: usize| -> Vec<(String, u16)> {
+            s.ports[i]
+                .backends
+                .iter()
+                .map(|b| (b.ip.to_string(), b.port))
+                .collect()
+        };
+        assert_eq!(b(0), [("10.1.0.1".to_string(), 5353)]);
+        // Sorted by cluster, then IP.
+        assert_eq!(
+            b(1),
+            [
+                ("10.2.0.1".to_string(), 9090),
+                ("10.1.0.1".to_string(), 8080)
+            ]
+        );
+        let want_dns = port("dns", Protocol::Udp, 53);
+        assert_eq!(
+            s.excluded,
+            [
+                Excluded {
+                    cluster: name("east"),
+                    ip: "10.2.0.1".parse().unwrap(),
+                    port: Some(want_dns.clone()),
+                    reason: Reason::PortMismatch {
+                        wanted: want_dns.clone()
+                    },
+                },
+                Excluded {
+                    cluster: name("east"),
+                    ip: "10.2.0.2".parse().unwrap(),
+                    port: Some(want_dns.clone()),
+                    reason: Reason::PortMismatch { wanted: want_dns },
+                },
+                Excluded {
+                    cluster: name("east"),
+                    ip: "10.2.0.2".parse().unwrap(),
+                    port: Some(http(80)),
+                    reason: Reason::PortMismatch { wanted: http(80) },
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn frontends_only_from_the_local_service() {
+        let mut local = svc("local", vec![]);
+        local.frontends = vec![
+            "10.96.0.11".parse().unwrap(),
+            "10.96.0.10".parse().unwrap(),
+            "10.96.0.11".parse().unwrap(),
+        ];
+        let mut remote = svc("east", vec![backend("10.2.0.1", "r1", READY)]);
+        remote.frontends = vec!["10.100.0.1".parse().unwrap()];
+        let s = run(&local, &[&remote]);
+        let f: Vec<String> = s.frontends.iter().map(ToString::to_string).collect();
+        assert_eq!(f, ["10.96.0.10", "10.96.0.11"]);
+    }
+
+    #[test]
+    fn duplicate_clusters_are_not_trusted() {
+        let local = svc("local", vec![backend("10.1.0.1", NODE, READY)]);
+        let imposter = svc("local", vec![backend("10.9.0.1", "x", READY)]);
+        let a = svc("east", vec![backend("10.2.0.1", "r1", READY)]);
+        let b = svc("east", vec![backend("10.2.0.2", "r1", READY)]);
+        let s = run(&local, &[&imposter, &a, &b]);
+        assert_eq!(chosen(&s), ["local/10.1.0.1:8080"]);
+        assert_eq!(
+            reasons(&s),
+            [
+                "east/10.2.0.1: DuplicateCluster",
+                "east/10.2.0.2: DuplicateCluster",
+                "local/10.9.0.1: DuplicateCluster",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_ips_within_a_service_are_merged() {
+        let mut local = svc(
+            "local",
+            vec![
+                backend("10.1.0.1", NODE, GONE),
+                backend("10.1.0.1", NODE, READY),
+            ],
+        );
+        local.backends[1].ports = vec![port("dns", Protocol::Udp, 53)];
+        local.ports.push(port("dns", Protocol::Udp, 53));
+        let s = run(&local, &[]);
+        assert!(s.excluded.is_empty(), "{:?}", reasons(&s));
+        assert!(s.ports.iter().all(|p| p.backends.len() == 1), "{s:?}");
+    }
+
+    #[test]
+    fn reasons_display() {
+        let cases = [
+            (
+                Reason::NotShared,
+                "its cluster does not share the service (shared: false)",
+            ),
+            (
+                Reason::DuplicateCluster,
+                "its cluster is given more than once (or as both local and remote); ignored",
+            ),
+            (
+                Reason::PortMismatch { wanted: http(80) },
+                "no port named \"http\" with protocol TCP (frontend port 80)",
+            ),
+            (
+                Reason::InternalTrafficPolicyLocal {
+                    backend_node: "n2".into(),
+                },
+                "internalTrafficPolicy Local: on node \"n2\", not on this node",
+            ),
+            (
+                Reason::InternalTrafficPolicyLocalRemote,
+                "internalTrafficPolicy Local: remote backends are never used",
+            ),
+            (Reason::NotReady, "not ready"),
+            (Reason::NotServing, "terminating and not serving"),
+            (
+                Reason::TerminatingNotNeeded,
+                "terminating: used only when no backend is ready",
+            ),
+            (
+                Reason::AffinityLocal,
+                "affinity local: local backends are available",
+            ),
+            (
+                Reason::AffinityRemote,
+                "affinity remote: remote backends are available",
+            ),
+        ];
+        for (r, want) in cases {
+            assert_eq!(r.to_string(), want);
+        }
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const PORT_NAMES: [(&str, Protocol); 3] = [
+            ("http", Protocol::Tcp),
+            ("dns", Protocol::Udp),
+            ("dns", Protocol::Tcp),
+        ];
+        const NODES: [&str; 3] = [NODE, "node-b", "node-c"];
+
+        fn conditions() -> impl Strategy<Value = BackendConditions> {
+            (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+                |(ready, serving, terminating)| BackendConditions {
+                    ready,
+                    serving,
+                    terminating,
+                },
+            )
+        }
+
+        fn ports() -> impl Strategy<Value = Vec<ServicePort>> {
+            proptest::sample::subsequence(PORT_NAMES.to_vec(), 0..=3).prop_flat_map(|names| {
+                names
+                    .into_iter()
+                    .map(|(n, p)| (1000u16..1010).prop_map(move |port| super::port(n, p, port)))
+                    .collect::<Vec<_>>()
+            })
+        }
+
+        /// Backends of cluster number `i`, IPs from a small pool (so duplicates happen).
+        fn backends(i: u8) -> impl Strategy<Value = Vec<Backend>> {
+            proptest::collection::vec(
+                (
+                    0u8..6,
+                    proptest::sample::select(NODES.to_vec()),
+                    conditions(),
+                    ports(),
+                ),
+                0..6,
+            )
+            .prop_map(move |v| {
+                v.into_iter()
+                    .map(|(host, node, conditions, ports)| Backend {
+                        ip: IpAddr::from([10, i, 0, host]),
+                        ports,
+                        node: node.into(),
+                        zone: String::new(),
+                        conditions,
+                    })
+                    .collect()
+            })
+        }
+
+        fn service(i: u8) -> impl Strategy<Value = GlobalService> {
+            let cluster = if i == 0 {
+                "local".to_string()
+            } else {
+                format!("c{i}")
+            };
+            (
+                any::<bool>(),
+                proptest::sample::select(vec![Affinity::None, Affinity::Local, Affinity::Remote]),
+                proptest::sample::select(vec![TrafficPolicy::Cluster, TrafficPolicy::Local]),
+                ports(),
+                backends(i),
+            )
+                .prop_map(move |(shared, affinity, policy, ports, backends)| {
+                    GlobalService {
+                        cluster: name(&cluster),
+                        namespace: "ns".into(),
+                        name: "web".into(),
+                        shared,
+                        affinity,
+                        internal_traffic_policy: policy,
+                        ports,
+                        frontends: vec!["10.96.0.10".parse().unwrap()],
+                        backends,
+                    }
+                })
+        }
+
+        /// The local service and up to four remote ones (distinct clusters), plus the remotes
+        /// in another order.
+        fn inputs() -> impl Strategy<Value = (GlobalService, Vec<GlobalService>, Vec<GlobalService>)>
+        {
+            (
+                service(0),
+                service(1),
+                service(2),
+                service(3),
+                service(4),
+                0usize..=4,
+            )
+                .prop_flat_map(|(local, a, b, c, d, n)| {
+                    let mut remotes = vec![a, b, c, d];
+                    remotes.truncate(n);
+                    let shuffled = Just(remotes.clone()).prop_shuffle();
+                    (Just(local), Just(remotes), shuffled)
+                })
+        }
+
+        fn sel(local: &GlobalService, remotes: &[GlobalService]) -> Selection {
+            let refs: Vec<&GlobalService> = remotes.iter().collect();
+            run(local, &refs)
+        }
+
+        fn has_port(b: &Backend, fp: &ServicePort) -> bool {
+            b.ports
+                .iter()
+                .any(|p| p.name == fp.name && p.protocol == fp.protocol)
+        }
+
+        proptest! {
+            #[test]
+            fn failover_never_empties_while_a_backend_is_ready(
+                (mut local, remotes, _) in inputs()
+            ) {
+                local.internal_traffic_policy = TrafficPolicy::Cluster;
+                let s = sel(&local, &remotes);
+                for p in &s.ports {
+                    let fp = &p.frontend;
+                    let ready_somewhere = local
+                        .backends
+                        .iter()
+                        .chain(remotes.iter().filter(|r| r.shared).flat_map(|r| &r.backends))
+                        .any(|b| b.conditions.ready && has_port(b, fp));
+                    if ready_somewhere {
+                        prop_assert!(!p.backends.is_empty(), "port {fp:?}: {s:?}");
+                        prop_assert_eq!(p.tier, Tier::Ready);
+                    }
+                }
+            }
+
+            #[test]
+            fn policy_local_stays_on_the_node((mut local, remotes, _) in inputs()) {
+                local.internal_traffic_policy = TrafficPolicy::Local;
+                let s = sel(&local, &remotes);
+                for b in s.ports.iter().flat_map(|p| &p.backends) {
+                    prop_assert!(b.local && b.cluster == name("local") && b.node == NODE, "{b:?}");
+                }
+                prop_assert!(!s.used_failover);
+            }
+
+            #[test]
+            fn every_backend_is_selected_or_excluded_once((local, remotes, _) in inputs()) {
+                let s = sel(&local, &remotes);
+                let all: BTreeSet<(ClusterName, IpAddr)> = std::iter::once(&local)
+                    .chain(&remotes)
+                    .flat_map(|svc| svc.backends.iter().map(|b| (svc.cluster.clone(), b.ip)))
+                    .collect();
+                let frontend_ports: BTreeSet<&ServicePort> = local.ports.iter().collect();
+                prop_assert_eq!(s.ports.len(), frontend_ports.len());
+                for p in &s.ports {
+                    for (cluster, ip) in &all {
+                        let selected = p.backends.iter().filter(|b| b.cluster == *cluster && b.ip == *ip).count();
+                        let excluded = s
+                            .excluded
+                            .iter()
+                            .filter(|e| e.cluster == *cluster && e.ip == *ip)
+                            .filter(|e| e.port.is_none() || e.port.as_ref() == Some(&p.frontend))
+                            .count();
+                        prop_assert_eq!(selected + excluded, 1, "{}/{} port {:?}: {:?}", cluster, ip, p.frontend, s);
+                    }
+                }
+                // Nothing made up: every excluded entry is a backend of the inputs.
+                for e in &s.excluded {
+                    prop_assert!(all.contains(&(e.cluster.clone(), e.ip)));
+                }
+            }
+
+            #[test]
+            fn order_of_remotes_does_not_matter((local, remotes, shuffled) in inputs()) {
+                prop_assert_eq!(sel(&local, &remotes), sel(&local, &shuffled));
+            }
+        }
+    }
+}
