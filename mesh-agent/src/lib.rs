@@ -1,1 +1,2 @@
 //! mesh-agent: from the local apiserver to eBPF maps.
+pub mod desired;

@@ -75,6 +75,13 @@ impl Protocol {
             Protocol::Sctp => 132,
         }
     }
+
+    /// The protocol of an IANA protocol number, if it is one of ours.
+    pub fn from_number(n: u8) -> Option<Self> {
+        [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+            .into_iter()
+            .find(|p| p.number() == n)
+    }
 }
 
 impl fmt::Display for Protocol {

@@ -1,0 +1,1244 @@
+//! The desired datapath of a node, and the ordered map operations that get the pinned maps
+//! there (DESIGN.md sections 5 and 9). Pure: no aya, no IO.
+//!
+//! - [`compute`] turns what the agent knows about every cluster into a [`DesiredState`]:
+//!   frontends with their selected backends ([`mesh_core::select`]) and the ipcache.
+//! - [`plan`] diffs the maps as they are ([`DatapathState`]) against a desired state and
+//!   returns the [`Op`]s to apply, in an order that never leaves a service slot pointing at
+//!   a missing backend and never shows an empty backend set for a service that has backends
+//!   before and after.
+//! - [`DatapathState::apply`] applies an op to an in-memory view of the maps: the datapath
+//!   keeps its mirror of the pinned maps current with it, and tests replay plans step by step.
+//!
+//! Backend ids ([`BackendIds`]) are derived from the maps: a backend that is already
+//! programmed keeps its id, a new one gets an id no entry of the maps uses, so ids are stable
+//! across recomputations and agent restarts, and an id is never reused while a slot may still
+//! point at it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use mesh_core::identity::{RESERVED_HOST, RESERVED_REMOTE_NODE};
+use mesh_core::select::{SelectInput, select};
+use mesh_core::{ClusterConfig, ClusterName, Endpoint, GlobalService, Node, Protocol};
+
+/// What the agent knows about one cluster (its own or a remote one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    /// `None` until the cluster's config is known: its endpoints are then left out of the
+    /// ipcache (their identities cannot be checked) and its backends carry cluster id 0.
+    pub config: Option<ClusterConfig>,
+    pub nodes: BTreeMap<String, Node>,
+    pub endpoints: BTreeMap<IpAddr, Endpoint>,
+    /// Global services by `(namespace, name)`.
+    pub services: BTreeMap<(String, String), GlobalService>,
+}
+
+/// A frontend: one ClusterIP, port and protocol of a global service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+/// A backend as the datapath sees it: where a connection is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackendInfo {
+    /// The cluster of the backend (0 if its config is not known yet).
+    pub cluster_id: u8,
+}
+
+/// An ipcache entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpcacheInfo {
+    pub identity: u32,
+    /// The node hosting the endpoint (tunnel endpoint / next hop), if known.
+    pub host_ip: Option<IpAddr>,
+    pub cluster_id: u8,
+    /// The endpoint is on this node (`MESH_IPCACHE_F_LOCAL`).
+    pub local_node: bool,
+    /// The endpoint is in another cluster (`MESH_IPCACHE_F_REMOTE`).
+    pub remote_cluster: bool,
+}
+
+/// The maps a node should have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    /// Every frontend and its backends (sorted, no duplicates). An empty list means
+    /// "refuse connections": the frontend exists but nothing may serve it.
+    pub services: BTreeMap<ServiceKey, Vec<BackendKey>>,
+    pub backends: BTreeMap<BackendKey, BackendInfo>,
+    pub ipcache: BTreeMap<IpNet, IpcacheInfo>,
+}
+
+/// An entry left out of the desired state, for the "dropped entries" metric and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub cluster: ClusterName,
+    pub ip: IpAddr,
+    pub reason: DropReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DropReason {
+    /// The endpoint's identity is outside its cluster's range.
+    IdentityOutOfRange(mesh_core::Error),
+    /// The cluster's config is not known yet, so its identities cannot be checked.
+    ConfigUnknown,
+    /// Another entry already holds this IP (the local cluster's entries win, then clusters
+    /// in name order, node IPs before endpoints).
+    DuplicateIp { kept: ClusterName },
+}
+
+impl fmt::Display for Dropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ipcache entry {} of cluster {}: ", self.ip, self.cluster)?;
+        match &self.reason {
+            DropReason::IdentityOutOfRange(e) => write!(f, "{e}"),
+            DropReason::ConfigUnknown => f.write_str("the cluster's config is not known yet"),
+            DropReason::DuplicateIp { kept } => {
+                write!(f, "the IP is already used by cluster {kept}")
+            }
+        }
+    }
+}
+
+/// Computes the desired maps of node `node` of `local_cluster`.
+///
+/// Services: every global service of the local cluster, with backends from [`select`] (only
+/// those of the frontend's address family). Ipcache: node IPs (host identity for this node,
+/// remote-node for every other node) and endpoints of every cluster whose config is known
+/// and whose identity lies in its cluster's range.
+pub fn compute(
+    clusters: &BTreeMap<ClusterName, ClusterState>,
+    local_cluster: &ClusterName,
+    node: &str,
+) -> (DesiredState, Vec<Dropped>) {
+    let mut desired = DesiredState::default();
+    let mut dropped = Vec::new();
+    let cluster_id = |name: &ClusterName| -> u8 {
+        clusters
+            .get(name)
+            .and_then(|c| c.config.as_ref())
+            .map_or(0, |c| c.id.get())
+    };
+
+    // Services.
+    let mut remotes: BTreeMap<(&str, &str), Vec<&GlobalService>> = BTreeMap::new();
+    for (name, cluster) in clusters {
+        if name == local_cluster {
+            continue;
+        }
+        for svc in cluster.services.values() {
+            remotes
+                .entry((svc.namespace.as_str(), svc.name.as_str()))
+                .or_default()
+                .push(svc);
+        }
+    }
+    let local_services = clusters.get(local_cluster).map(|c| &c.services);
+    for local in local_services.into_iter().flat_map(|s| s.values()) {
+        let remotes = remotes
+            .get(&(local.namespace.as_str(), local.name.as_str()))
+            .map_or(&[][..], Vec::as_slice);
+        let selection = select(&SelectInput {
+            local_cluster,
+            node,
+            local,
+            remotes,
+        });
+        for port in &selection.ports {
+            let proto = port.frontend.protocol;
+            for &vip in &selection.frontends {
+                let key = ServiceKey {
+                    vip,
+                    port: port.frontend.port,
+                    proto,
+                };
+                if desired.services.contains_key(&key) {
+                    // Two Services claiming one ClusterIP: the first (by namespace/name) wins.
+                    continue;
+                }
+                let mut backends = Vec::with_capacity(port.backends.len());
+                for b in &port.backends {
+                    if b.ip.is_ipv4() != vip.is_ipv4() {
+                        continue;
+                    }
+                    let bk = BackendKey {
+                        ip: b.ip,
+                        port: b.port,
+                        proto,
+                    };
+                    desired.backends.entry(bk).or_insert_with(|| BackendInfo {
+                        cluster_id: cluster_id(&b.cluster),
+                    });
+                    backends.push(bk);
+                }
+                backends.sort();
+                backends.dedup();
+                desired.services.insert(key, backends);
+            }
+        }
+    }
+
+    // Ipcache: the local cluster first, so its entries win a conflict.
+    let local_id = cluster_id(local_cluster);
+    let order = clusters
+        .get_key_value(local_cluster)
+        .into_iter()
+        .chain(clusters.iter().filter(|(n, _)| *n != local_cluster));
+    let mut owner: BTreeMap<IpNet, &ClusterName> = BTreeMap::new();
+    for (name, cluster) in order {
+        let Some(config) = &cluster.config else {
+            dropped.extend(cluster.endpoints.keys().map(|ip| Dropped {
+                cluster: name.clone(),
+                ip: *ip,
+                reason: DropReason::ConfigUnknown,
+            }));
+            continue;
+        };
+        let is_local = name == local_cluster;
+        let mut insert = |ip: IpAddr, info: IpcacheInfo, dropped: &mut Vec<Dropped>| {
+            let prefix = IpNet::from(ip);
+            if let Some(kept) = owner.get(&prefix) {
+                dropped.push(Dropped {
+                    cluster: name.clone(),
+                    ip,
+                    reason: DropReason::DuplicateIp {
+                        kept: (*kept).clone(),
+                    },
+                });
+                return;
+            }
+            owner.insert(prefix, name);
+            desired.ipcache.insert(prefix, info);
+        };
+        for n in cluster.nodes.values() {
+            let this_node = is_local && n.name == node;
+            for &ip in &n.internal_ips {
+                let info = IpcacheInfo {
+                    identity: if this_node {
+                        RESERVED_HOST
+                    } else {
+                        RESERVED_REMOTE_NODE
+                    },
+                    host_ip: None,
+                    cluster_id: config.id.get(),
+                    local_node: this_node,
+                    remote_cluster: !is_local,
+                };
+                insert(ip, info, &mut dropped);
+            }
+        }
+        for ep in cluster.endpoints.values() {
+            if let Err(e) = ep.identity.check_range(name, config.id) {
+                dropped.push(Dropped {
+                    cluster: name.clone(),
+                    ip: ep.ip,
+                    reason: DropReason::IdentityOutOfRange(e),
+                });
+                continue;
+            }
+            let info = IpcacheInfo {
+                identity: ep.identity.0,
+                host_ip: ep.host_ip,
+                cluster_id: config.id.get(),
+                local_node: is_local && ep.node == node,
+                remote_cluster: config.id.get() != local_id || !is_local,
+            };
+            insert(ep.ip, info, &mut dropped);
+        }
+    }
+    (desired, dropped)
+}
+
+// === the maps as they are ===
+
+/// The service, backend and ipcache maps as they are (or will be once `apply`d).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatapathState {
+    pub services: BTreeMap<ServiceKey, ServiceSlots>,
+    /// By backend id (never 0).
+    pub backends: BTreeMap<u32, BackendEntry>,
+    pub ipcache: BTreeMap<IpNet, IpcacheInfo>,
+}
+
+/// The entries of one frontend in `mesh_services`. After a crash in the middle of an update
+/// these may be inconsistent (slots beyond the count, no master entry); [`plan`] repairs
+/// them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceSlots {
+    /// The master entry (slot 0): the number of backend slots.
+    pub count: Option<u16>,
+    /// Backend ids by slot (1-based).
+    pub slots: BTreeMap<u16, u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackendEntry {
+    pub key: BackendKey,
+    pub info: BackendInfo,
+}
+
+/// One map operation. [`plan`] returns them in the order they must be applied; consecutive
+/// operations of one kind may be batched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    IpcacheUpsert {
+        prefix: IpNet,
+        info: IpcacheInfo,
+    },
+    BackendUpsert {
+        id: u32,
+        backend: BackendEntry,
+    },
+    /// Slot `slot` (>= 1) of `service` points at backend `backend_id`.
+    SlotUpsert {
+        service: ServiceKey,
+        slot: u16,
+        backend_id: u32,
+    },
+    /// The master entry (slot 0) of `service` with `count` backend slots.
+    MasterUpsert {
+        service: ServiceKey,
+        count: u16,
+    },
+    MasterDelete {
+        service: ServiceKey,
+    },
+    SlotDelete {
+        service: ServiceKey,
+        slot: u16,
+    },
+    BackendDelete {
+        id: u32,
+    },
+    IpcacheDelete {
+        prefix: IpNet,
+    },
+}
+
+// === impl DatapathState ===
+
+impl DatapathState {
+    /// Applies one operation to this view of the maps.
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::IpcacheUpsert { prefix, info } => {
+                self.ipcache.insert(prefix, info);
+            }
+            Op::IpcacheDelete { prefix } => {
+                self.ipcache.remove(&prefix);
+            }
+            Op::BackendUpsert { id, backend } => {
+                self.backends.insert(id, backend);
+            }
+            Op::BackendDelete { id } => {
+                self.backends.remove(&id);
+            }
+            Op::SlotUpsert {
+                service,
+                slot,
+                backend_id,
+            } => {
+                self.services
+                    .entry(service)
+                    .or_default()
+                    .slots
+                    .insert(slot, backend_id);
+            }
+            Op::MasterUpsert { service, count } => {
+                self.services.entry(service).or_default().count = Some(count);
+            }
+            Op::SlotDelete { service, slot } => self.remove_from(service, |s| {
+                s.slots.remove(&slot);
+            }),
+            Op::MasterDelete { service } => self.remove_from(service, |s| s.count = None),
+        }
+    }
+
+    fn remove_from(&mut self, service: ServiceKey, f: impl FnOnce(&mut ServiceSlots)) {
+        if let Some(s) = self.services.get_mut(&service) {
+            f(s);
+            if s.count.is_none() && s.slots.is_empty() {
+                self.services.remove(&service);
+            }
+        }
+    }
+
+    /// Number of map entries: services (master and slots), backends, ipcache.
+    pub fn entries(&self) -> (usize, usize, usize) {
+        let services = self
+            .services
+            .values()
+            .map(|s| s.slots.len() + usize::from(s.count.is_some()))
+            .sum();
+        (services, self.backends.len(), self.ipcache.len())
+    }
+}
+
+/// Backend ids for a desired state, given the maps as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendIds {
+    ids: BTreeMap<BackendKey, u32>,
+}
+
+// === impl BackendIds ===
+
+impl BackendIds {
+    /// Gives every backend of `desired` an id: the id it already has in `current` (the
+    /// lowest, should the maps hold it twice), else the lowest id that `current` does not
+    /// use. New backends therefore never take the id of a backend that is being removed,
+    /// which service slots may still point at until the removal is applied.
+    pub fn assign(current: &DatapathState, desired: &DesiredState) -> Self {
+        let mut existing: BTreeMap<BackendKey, u32> = BTreeMap::new();
+        for (&id, entry) in &current.backends {
+            // Ids iterate in ascending order: keep the first.
+            existing.entry(entry.key).or_insert(id);
+        }
+        let mut used = current.backends.keys().copied().peekable();
+        let mut next = 1u32;
+        let mut ids = BTreeMap::new();
+        for key in desired.backends.keys() {
+            let id = match existing.get(key) {
+                Some(&id) => id,
+                None => {
+                    // Both `used` and the ids handed out here ascend: one pass over `used`.
+                    loop {
+                        while used.next_if(|&u| u < next).is_some() {}
+                        if used.peek() == Some(&next) {
+                            next += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    next += 1;
+                    next - 1
+                }
+            };
+            ids.insert(*key, id);
+        }
+        Self { ids }
+    }
+
+    pub fn get(&self, key: &BackendKey) -> Option<u32> {
+        self.ids.get(key).copied()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&BackendKey, u32)> {
+        self.ids.iter().map(|(k, v)| (k, *v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// The operations that turn `current` into `desired`, in the order of DESIGN.md section 9:
+///
+/// 1. ipcache upserts (so the classifier knows a backend before traffic reaches it);
+/// 2. new and changed backends;
+/// 3. service slots, each pointing at a backend that exists by now; a slot that already
+///    holds a wanted backend keeps it, so a change rewrites only the slots it must;
+/// 4. master entries with their new count: the switch to the new backend set happens
+///    here, in one write per frontend, from one non-empty set to the other;
+/// 5. master entries of frontends that are gone, then slots beyond the new count and
+///    slots of frontends that are gone;
+/// 6. backends no slot points at any more;
+/// 7. ipcache deletes.
+///
+/// Applying the result to `current` gives a state for which `plan` returns nothing.
+pub fn plan(current: &DatapathState, desired: &DesiredState) -> Vec<Op> {
+    let ids = BackendIds::assign(current, desired);
+    let id_of = |key: &BackendKey| ids.get(key).expect("every desired backend has an id");
+
+    let mut ipcache_upserts = Vec::new();
+    let mut ipcache_deletes = Vec::new();
+    for (&prefix, &info) in &desired.ipcache {
+        if current.ipcache.get(&prefix) != Some(&info) {
+            ipcache_upserts.push(Op::IpcacheUpsert { prefix, info });
+        }
+    }
+    for prefix in current.ipcache.keys() {
+        if !desired.ipcache.contains_key(prefix) {
+            ipcache_deletes.push(Op::IpcacheDelete { prefix: *prefix });
+        }
+    }
+
+    let mut backend_upserts = Vec::new();
+    for (key, &info) in &desired.backends {
+        let id = id_of(key);
+        let backend = BackendEntry { key: *key, info };
+        if current.backends.get(&id) != Some(&backend) {
+            backend_upserts.push(Op::BackendUpsert { id, backend });
+        }
+    }
+    let wanted_ids: BTreeSet<u32> = ids.iter().map(|(_, id)| id).collect();
+    let backend_deletes: Vec<Op> = current
+        .backends
+        .keys()
+        .filter(|id| !wanted_ids.contains(id))
+        .map(|&id| Op::BackendDelete { id })
+        .collect();
+
+    let empty = ServiceSlots::default();
+    let mut slot_upserts = Vec::new();
+    let mut master_upserts = Vec::new();
+    let mut master_deletes = Vec::new();
+    let mut slot_deletes = Vec::new();
+    for (&service, backends) in &desired.services {
+        let cur = current.services.get(&service).unwrap_or(&empty);
+        let mut seen = BTreeSet::new();
+        let mut want: Vec<u32> = backends
+            .iter()
+            .map(id_of)
+            .filter(|id| seen.insert(*id))
+            .collect();
+        // The count is a u16: a frontend with more backends uses the first 65535.
+        want.truncate(usize::from(u16::MAX));
+        let count = want.len() as u16;
+        for (slot, backend_id) in assign_slots(cur, &want) {
+            if cur.slots.get(&slot) != Some(&backend_id) {
+                slot_upserts.push(Op::SlotUpsert {
+                    service,
+                    slot,
+                    backend_id,
+                });
+            }
+        }
+        if cur.count != Some(count) {
+            master_upserts.push(Op::MasterUpsert { service, count });
+        }
+        slot_deletes.extend(
+            cur.slots
+                .range(count.saturating_add(1)..)
+                .map(|(&slot, _)| Op::SlotDelete { service, slot }),
+        );
+    }
+    for (&service, cur) in &current.services {
+        if desired.services.contains_key(&service) {
+            continue;
+        }
+        if cur.count.is_some() {
+            master_deletes.push(Op::MasterDelete { service });
+        }
+        slot_deletes.extend(
+            cur.slots
+                .keys()
+                .map(|&slot| Op::SlotDelete { service, slot }),
+        );
+    }
+
+    let mut ops = ipcache_upserts;
+    ops.extend(backend_upserts);
+    ops.extend(slot_upserts);
+    ops.extend(master_upserts);
+    ops.extend(master_deletes);
+    ops.extend(slot_deletes);
+    ops.extend(backend_deletes);
+    ops.extend(ipcache_deletes);
+    ops
+}
+
+/// Slots `1..=want.len()` for the backend ids `want` (no duplicates): a slot that already
+/// holds a wanted id keeps it, the other ids fill the free slots in order.
+fn assign_slots(cur: &ServiceSlots, want: &[u32]) -> BTreeMap<u16, u32> {
+    let count = want.len() as u16;
+    let wanted: BTreeSet<u32> = want.iter().copied().collect();
+    let mut slots = BTreeMap::new();
+    let mut placed = BTreeSet::new();
+    if count > 0 {
+        for (&slot, &id) in cur.slots.range(1..=count) {
+            if wanted.contains(&id) && placed.insert(id) {
+                slots.insert(slot, id);
+            }
+        }
+    }
+    let mut rest = want.iter().filter(|id| !placed.contains(*id));
+    for slot in 1..=count {
+        slots
+            .entry(slot)
+            .or_insert_with(|| *rest.next().expect("as many ids as slots"));
+    }
+    slots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::{
+        Affinity, Backend, BackendConditions, ClusterId, IdentityId, ServicePort, TrafficPolicy,
+    };
+
+    const NODE: &str = "node-a";
+
+    fn name(s: &str) -> ClusterName {
+        ClusterName::new(s).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn config(n: &str, id: u32, pod: &str) -> ClusterConfig {
+        ClusterConfig {
+            name: name(n),
+            id: ClusterId::new(id).unwrap(),
+            pod_cidrs: vec![pod.parse().unwrap()],
+            service_cidr: None,
+            capabilities: vec![],
+            version: "test".into(),
+        }
+    }
+
+    fn http() -> ServicePort {
+        ServicePort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        }
+    }
+
+    fn backend(addr: &str, node: &str, ready: bool, target: u16) -> Backend {
+        Backend {
+            ip: ip(addr),
+            ports: vec![ServicePort {
+                port: target,
+                ..http()
+            }],
+            node: node.into(),
+            zone: String::new(),
+            conditions: BackendConditions {
+                ready,
+                serving: ready,
+                terminating: false,
+            },
+        }
+    }
+
+    fn service(cluster: &str, frontends: &[&str], backends: Vec<Backend>) -> GlobalService {
+        GlobalService {
+            cluster: name(cluster),
+            namespace: "ns".into(),
+            name: "web".into(),
+            shared: true,
+            affinity: Affinity::None,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            ports: vec![http()],
+            frontends: frontends.iter().map(|f| ip(f)).collect(),
+            backends,
+        }
+    }
+
+    fn endpoint(addr: &str, identity: u32, node: &str, host: &str) -> Endpoint {
+        Endpoint {
+            ip: ip(addr),
+            identity: IdentityId(identity),
+            host_ip: Some(ip(host)),
+            node: node.into(),
+            namespace: "ns".into(),
+            pod: format!("pod-{addr}"),
+        }
+    }
+
+    fn node(cluster: &str, n: &str, addr: &str) -> Node {
+        Node {
+            cluster: name(cluster),
+            name: n.into(),
+            internal_ips: vec![ip(addr)],
+            pod_cidrs: vec![],
+        }
+    }
+
+    fn cluster(cfg: Option<ClusterConfig>, svcs: Vec<GlobalService>) -> ClusterState {
+        ClusterState {
+            config: cfg,
+            services: svcs
+                .into_iter()
+                .map(|s| ((s.namespace.clone(), s.name.clone()), s))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn tcp(addr: &str, port: u16) -> BackendKey {
+        BackendKey {
+            ip: ip(addr),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn frontend(addr: &str) -> ServiceKey {
+        ServiceKey {
+            vip: ip(addr),
+            port: 80,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    /// Two clusters: local (id 1) and east (id 2), one global service.
+    fn mesh(
+        local_backends: Vec<Backend>,
+        remote_backends: Vec<Backend>,
+    ) -> BTreeMap<ClusterName, ClusterState> {
+        let mut local = cluster(
+            Some(config("local", 1, "10.1.0.0/16")),
+            vec![service("local", &["10.96.0.10"], local_backends)],
+        );
+        local
+            .nodes
+            .insert(NODE.into(), node("local", NODE, "192.168.1.1"));
+        local
+            .nodes
+            .insert("node-b".into(), node("local", "node-b", "192.168.1.2"));
+        local.endpoints.insert(
+            ip("10.1.0.5"),
+            endpoint("10.1.0.5", (1 << 16) | 300, NODE, "192.168.1.1"),
+        );
+        let mut east = cluster(
+            Some(config("east", 2, "10.2.0.0/16")),
+            vec![service("east", &["10.100.0.10"], remote_backends)],
+        );
+        east.nodes
+            .insert("e1".into(), node("east", "e1", "192.168.2.1"));
+        east.endpoints.insert(
+            ip("10.2.0.5"),
+            endpoint("10.2.0.5", (2 << 16) | 300, "e1", "192.168.2.1"),
+        );
+        BTreeMap::from([(name("local"), local), (name("east"), east)])
+    }
+
+    fn desired_of(clusters: &BTreeMap<ClusterName, ClusterState>) -> DesiredState {
+        let (d, dropped) = compute(clusters, &name("local"), NODE);
+        assert!(dropped.is_empty(), "{dropped:?}");
+        d
+    }
+
+    #[test]
+    fn compute_services_and_ipcache() {
+        let clusters = mesh(
+            vec![
+                backend("10.1.0.5", NODE, true, 8080),
+                backend("10.1.0.6", "node-b", false, 8080),
+            ],
+            vec![backend("10.2.0.5", "e1", true, 9090)],
+        );
+        let d = desired_of(&clusters);
+        // Only the local frontend; the remote backend with its own target port.
+        assert_eq!(
+            d.services,
+            BTreeMap::from([(
+                frontend("10.96.0.10"),
+                vec![tcp("10.1.0.5", 8080), tcp("10.2.0.5", 9090)]
+            )])
+        );
+        assert_eq!(
+            d.backends,
+            BTreeMap::from([
+                (tcp("10.1.0.5", 8080), BackendInfo { cluster_id: 1 }),
+                (tcp("10.2.0.5", 9090), BackendInfo { cluster_id: 2 }),
+            ])
+        );
+        let entry = |s: &str| d.ipcache[&IpNet::from(ip(s))];
+        assert_eq!(
+            entry("192.168.1.1"),
+            IpcacheInfo {
+                identity: RESERVED_HOST,
+                host_ip: None,
+                cluster_id: 1,
+                local_node: true,
+                remote_cluster: false
+            }
+        );
+        assert_eq!(entry("192.168.1.2").identity, RESERVED_REMOTE_NODE);
+        assert_eq!(entry("192.168.2.1").identity, RESERVED_REMOTE_NODE);
+        assert!(entry("192.168.2.1").remote_cluster);
+        assert_eq!(
+            entry("10.1.0.5"),
+            IpcacheInfo {
+                identity: (1 << 16) | 300,
+                host_ip: Some(ip("192.168.1.1")),
+                cluster_id: 1,
+                local_node: true,
+                remote_cluster: false
+            }
+        );
+        assert_eq!(
+            entry("10.2.0.5"),
+            IpcacheInfo {
+                identity: (2 << 16) | 300,
+                host_ip: Some(ip("192.168.2.1")),
+                cluster_id: 2,
+                local_node: false,
+                remote_cluster: true
+            }
+        );
+        assert_eq!(d.ipcache.len(), 5);
+    }
+
+    #[test]
+    fn compute_uses_affinity_and_keeps_empty_frontends() {
+        let mut clusters = mesh(
+            vec![backend("10.1.0.5", NODE, true, 8080)],
+            vec![backend("10.2.0.5", "e1", true, 8080)],
+        );
+        let svc = clusters
+            .get_mut(&name("local"))
+            .unwrap()
+            .services
+            .values_mut()
+            .next()
+            .unwrap();
+        svc.affinity = Affinity::Local;
+        let d = desired_of(&clusters);
+        assert_eq!(d.services[&frontend("10.96.0.10")], [tcp("10.1.0.5", 8080)]);
+        assert_eq!(d.backends.len(), 1);
+
+        // Nothing ready anywhere: the frontend stays, with no backend (refuse).
+        let clusters = mesh(vec![backend("10.1.0.5", NODE, false, 8080)], vec![]);
+        let d = desired_of(&clusters);
+        assert_eq!(d.services[&frontend("10.96.0.10")], []);
+        assert!(d.backends.is_empty());
+
+        // A service only in a remote cluster has no frontend here.
+        let mut clusters = mesh(vec![], vec![backend("10.2.0.5", "e1", true, 8080)]);
+        clusters.get_mut(&name("local")).unwrap().services.clear();
+        assert!(desired_of(&clusters).services.is_empty());
+    }
+
+    #[test]
+    fn compute_matches_address_families() {
+        let mut clusters = mesh(
+            vec![
+                backend("10.1.0.5", NODE, true, 8080),
+                backend("fd00:1::5", NODE, true, 8080),
+            ],
+            vec![],
+        );
+        let svc = clusters
+            .get_mut(&name("local"))
+            .unwrap()
+            .services
+            .values_mut()
+            .next()
+            .unwrap();
+        svc.frontends.push(ip("fd00:96::10"));
+        let d = desired_of(&clusters);
+        assert_eq!(d.services[&frontend("10.96.0.10")], [tcp("10.1.0.5", 8080)]);
+        assert_eq!(
+            d.services[&frontend("fd00:96::10")],
+            [tcp("fd00:1::5", 8080)]
+        );
+    }
+
+    #[test]
+    fn compute_drops_bad_ipcache_entries() {
+        let mut clusters = mesh(vec![], vec![]);
+        let east = clusters.get_mut(&name("east")).unwrap();
+        // Identity of cluster 3 published by cluster 2.
+        east.endpoints.insert(
+            ip("10.2.0.6"),
+            endpoint("10.2.0.6", (3 << 16) | 300, "e1", "192.168.2.1"),
+        );
+        // The local cluster's endpoint IP claimed by east too.
+        east.endpoints.insert(
+            ip("10.1.0.5"),
+            endpoint("10.1.0.5", (2 << 16) | 301, "e1", "192.168.2.1"),
+        );
+        let mut west = cluster(None, vec![]);
+        west.endpoints.insert(
+            ip("10.3.0.1"),
+            endpoint("10.3.0.1", (3 << 16) | 300, "w1", "192.168.3.1"),
+        );
+        clusters.insert(name("west"), west);
+
+        let (d, dropped) = compute(&clusters, &name("local"), NODE);
+        let text: Vec<String> = dropped.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 3, "{text:?}");
+        assert!(
+            text[0].starts_with(
+                "ipcache entry 10.1.0.5 of cluster east: the IP is already used by cluster local"
+            ),
+            "{text:?}"
+        );
+        assert!(
+            text[1].starts_with("ipcache entry 10.2.0.6 of cluster east: identity 196908"),
+            "{text:?}"
+        );
+        assert_eq!(
+            text[2],
+            "ipcache entry 10.3.0.1 of cluster west: the cluster's config is not known yet"
+        );
+        // The local cluster's entry was kept.
+        assert_eq!(d.ipcache[&IpNet::from(ip("10.1.0.5"))].cluster_id, 1);
+        assert!(!d.ipcache.contains_key(&IpNet::from(ip("10.2.0.6"))));
+    }
+
+    // === plan ===
+
+    /// Checks that `state` has no dangling reference: every master's slots exist and point
+    /// at existing backends.
+    fn assert_consistent(state: &DatapathState, step: &str) {
+        for (svc, s) in &state.services {
+            let Some(count) = s.count else { continue };
+            for slot in 1..=count {
+                let id = s
+                    .slots
+                    .get(&slot)
+                    .unwrap_or_else(|| panic!("{step}: {svc:?} slot {slot} of {count} missing"));
+                assert!(
+                    state.backends.contains_key(id),
+                    "{step}: {svc:?} slot {slot} -> missing backend {id}"
+                );
+            }
+        }
+    }
+
+    /// Applies `ops` one at a time, checking consistency after each, and that no frontend
+    /// that has backends before and after is ever seen with none.
+    fn apply_checked(state: &mut DatapathState, desired: &DesiredState, ops: &[Op]) {
+        let busy: Vec<ServiceKey> = state
+            .services
+            .iter()
+            .filter(|(k, s)| {
+                s.count.unwrap_or(0) > 0 && desired.services.get(k).is_some_and(|b| !b.is_empty())
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        assert_consistent(state, "before");
+        for (i, op) in ops.iter().enumerate() {
+            state.apply(op);
+            let step = format!("after op {i} {op:?}");
+            assert_consistent(state, &step);
+            for k in &busy {
+                let count = state.services.get(k).and_then(|s| s.count).unwrap_or(0);
+                assert!(count > 0, "{step}: {k:?} has no backend for a moment");
+            }
+        }
+        assert!(
+            plan(state, desired).is_empty(),
+            "not converged: {:?}",
+            plan(state, desired)
+        );
+        assert_matches(state, desired);
+    }
+
+    /// The maps hold exactly `desired`.
+    fn assert_matches(state: &DatapathState, desired: &DesiredState) {
+        let backends: BTreeMap<BackendKey, BackendInfo> =
+            state.backends.values().map(|b| (b.key, b.info)).collect();
+        assert_eq!(backends, desired.backends);
+        assert_eq!(
+            state.backends.len(),
+            desired.backends.len(),
+            "duplicate backends"
+        );
+        assert_eq!(state.ipcache, desired.ipcache);
+        let services: BTreeMap<ServiceKey, Vec<BackendKey>> = state
+            .services
+            .iter()
+            .map(|(k, s)| {
+                assert_eq!(
+                    s.count.map(usize::from),
+                    Some(s.slots.len()),
+                    "{k:?}: {s:?}"
+                );
+                let mut v: Vec<BackendKey> =
+                    s.slots.values().map(|id| state.backends[id].key).collect();
+                v.sort();
+                (*k, v)
+            })
+            .collect();
+        assert_eq!(services, desired.services);
+    }
+
+    fn kinds(ops: &[Op]) -> Vec<&'static str> {
+        let mut k: Vec<&'static str> = ops
+            .iter()
+            .map(|op| match op {
+                Op::IpcacheUpsert { .. } => "ipcache+",
+                Op::BackendUpsert { .. } => "backend+",
+                Op::SlotUpsert { .. } => "slot+",
+                Op::MasterUpsert { .. } => "master+",
+                Op::MasterDelete { .. } => "master-",
+                Op::SlotDelete { .. } => "slot-",
+                Op::BackendDelete { .. } => "backend-",
+                Op::IpcacheDelete { .. } => "ipcache-",
+            })
+            .collect();
+        k.dedup();
+        k
+    }
+
+    #[test]
+    fn from_empty_maps() {
+        let d = desired_of(&mesh(
+            vec![backend("10.1.0.5", NODE, true, 8080)],
+            vec![backend("10.2.0.5", "e1", true, 8080)],
+        ));
+        let mut state = DatapathState::default();
+        let ops = plan(&state, &d);
+        assert_eq!(kinds(&ops), ["ipcache+", "backend+", "slot+", "master+"]);
+        apply_checked(&mut state, &d, &ops);
+        assert_eq!(state.entries(), (3, 2, 5));
+        // Ids start at 1, in backend order.
+        let ids: Vec<u32> = state.backends.keys().copied().collect();
+        assert_eq!(ids, [1, 2]);
+    }
+
+    #[test]
+    fn failover_switches_in_one_write() {
+        // Affinity local: local backends, then the last one goes not ready -> remote ones.
+        let build = |local_ready: bool| {
+            let mut c = mesh(
+                vec![
+                    backend("10.1.0.5", NODE, local_ready, 8080),
+                    backend("10.1.0.6", "node-b", local_ready, 8080),
+                ],
+                vec![
+                    backend("10.2.0.5", "e1", true, 8080),
+                    backend("10.2.0.6", "e1", true, 8080),
+                    backend("10.2.0.7", "e1", true, 8080),
+                ],
+            );
+            let svc = c
+                .get_mut(&name("local"))
+                .unwrap()
+                .services
+                .values_mut()
+                .next()
+                .unwrap();
+            svc.affinity = Affinity::Local;
+            desired_of(&c)
+        };
+        let before = build(true);
+        let after = build(false);
+        let mut state = DatapathState::default();
+        apply_checked(
+            &mut state,
+            &before,
+            &plan(&DatapathState::default(), &before),
+        );
+
+        let ops = plan(&state, &after);
+        assert_eq!(kinds(&ops), ["backend+", "slot+", "master+", "backend-"]);
+        let masters: Vec<&Op> = ops
+            .iter()
+            .filter(|op| matches!(op, Op::MasterUpsert { .. }))
+            .collect();
+        assert_eq!(
+            masters,
+            [&Op::MasterUpsert {
+                service: frontend("10.96.0.10"),
+                count: 3
+            }]
+        );
+        apply_checked(&mut state, &after, &ops);
+
+        // And back: shrink from 3 to 2 slots, slot 3 removed after the count.
+        let ops = plan(&state, &before);
+        assert_eq!(
+            kinds(&ops),
+            ["backend+", "slot+", "master+", "slot-", "backend-"]
+        );
+        apply_checked(&mut state, &before, &ops);
+    }
+
+    #[test]
+    fn ids_are_stable_and_never_reused_while_referenced() {
+        let d1 = desired_of(&mesh(
+            vec![
+                backend("10.1.0.5", NODE, true, 8080),
+                backend("10.1.0.6", NODE, true, 8080),
+                backend("10.1.0.7", NODE, true, 8080),
+            ],
+            vec![],
+        ));
+        let mut state = DatapathState::default();
+        apply_checked(&mut state, &d1, &plan(&DatapathState::default(), &d1));
+        let ids1 = BackendIds::assign(&state, &d1);
+        assert_eq!(ids1.get(&tcp("10.1.0.6", 8080)), Some(2));
+
+        // .5 goes, .8 comes: .6 and .7 keep 2 and 3; .8 must not take 1, which slot(s)
+        // still point at until the delete is applied.
+        let d2 = desired_of(&mesh(
+            vec![
+                backend("10.1.0.6", NODE, true, 8080),
+                backend("10.1.0.7", NODE, true, 8080),
+                backend("10.1.0.8", NODE, true, 8080),
+            ],
+            vec![],
+        ));
+        let ids2 = BackendIds::assign(&state, &d2);
+        assert_eq!(ids2.get(&tcp("10.1.0.6", 8080)), Some(2));
+        assert_eq!(ids2.get(&tcp("10.1.0.7", 8080)), Some(3));
+        assert_eq!(ids2.get(&tcp("10.1.0.8", 8080)), Some(4));
+        let ops = plan(&state, &d2);
+        // Only the slot of the removed backend is rewritten.
+        let slots: Vec<&Op> = ops
+            .iter()
+            .filter(|op| matches!(op, Op::SlotUpsert { .. }))
+            .collect();
+        assert_eq!(
+            slots,
+            [&Op::SlotUpsert {
+                service: frontend("10.96.0.10"),
+                slot: 1,
+                backend_id: 4
+            }]
+        );
+        apply_checked(&mut state, &d2, &ops);
+
+        // Once 1 is gone from the maps it may be used again.
+        let d3 = desired_of(&mesh(vec![backend("10.1.0.9", NODE, true, 8080)], vec![]));
+        assert_eq!(
+            BackendIds::assign(&state, &d3).get(&tcp("10.1.0.9", 8080)),
+            Some(1)
+        );
+        // Recomputing the same state changes nothing.
+        assert_eq!(BackendIds::assign(&state, &d2), ids2);
+        assert!(plan(&state, &d2).is_empty());
+    }
+
+    #[test]
+    fn removed_service_goes_master_first() {
+        let d = desired_of(&mesh(vec![backend("10.1.0.5", NODE, true, 8080)], vec![]));
+        let mut state = DatapathState::default();
+        apply_checked(&mut state, &d, &plan(&DatapathState::default(), &d));
+        let empty = DesiredState::default();
+        let ops = plan(&state, &empty);
+        assert_eq!(kinds(&ops), ["master-", "slot-", "backend-", "ipcache-"]);
+        apply_checked(&mut state, &empty, &ops);
+        assert_eq!(state, DatapathState::default());
+    }
+
+    #[test]
+    fn repairs_maps_left_inconsistent() {
+        // What a crash in the middle of an update can leave: slots beyond the count, a slot
+        // pointing at a deleted backend, slots without a master, a backend twice.
+        let d = desired_of(&mesh(
+            vec![
+                backend("10.1.0.5", NODE, true, 8080),
+                backend("10.1.0.6", NODE, true, 8080),
+            ],
+            vec![],
+        ));
+        let be = |addr: &str| BackendEntry {
+            key: tcp(addr, 8080),
+            info: BackendInfo { cluster_id: 1 },
+        };
+        let mut state = DatapathState::default();
+        state.backends.insert(3, be("10.1.0.5"));
+        state.backends.insert(7, be("10.1.0.5"));
+        state.backends.insert(9, be("10.1.0.99"));
+        state.services.insert(
+            frontend("10.96.0.10"),
+            ServiceSlots {
+                count: Some(1),
+                slots: BTreeMap::from([(1, 42), (2, 7), (5, 3)]),
+            },
+        );
+        state.services.insert(
+            frontend("10.96.0.99"),
+            ServiceSlots {
+                count: None,
+                slots: BTreeMap::from([(1, 9)]),
+            },
+        );
+        let ops = plan(&state, &d);
+        for op in &ops {
+            state.apply(op);
+        }
+        assert_matches(&state, &d);
+        assert!(plan(&state, &d).is_empty());
+        // The lowest id of a duplicated backend is kept.
+        assert!(state.backends.contains_key(&3) && !state.backends.contains_key(&7));
+    }
+
+    /// A tiny deterministic generator for the randomized tests below.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            // xorshift64*
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn random_desired(rng: &mut Rng) -> DesiredState {
+        let mut d = DesiredState::default();
+        let pool: Vec<BackendKey> = (0..12)
+            .map(|i| tcp(&format!("10.1.0.{i}"), 8000 + (i % 3) as u16))
+            .collect();
+        for b in &pool {
+            if rng.below(3) > 0 {
+                d.backends.insert(
+                    *b,
+                    BackendInfo {
+                        cluster_id: 1 + rng.below(2) as u8,
+                    },
+                );
+            }
+        }
+        let present: Vec<BackendKey> = d.backends.keys().copied().collect();
+        for s in 0..rng.below(5) {
+            let mut v: Vec<BackendKey> = present
+                .iter()
+                .filter(|_| rng.below(2) == 0)
+                .copied()
+                .collect();
+            v.sort();
+            d.services.insert(frontend(&format!("10.96.0.{s}")), v);
+        }
+        // Drop backends no service uses, as compute() never produces them.
+        let used: BTreeSet<BackendKey> = d.services.values().flatten().copied().collect();
+        d.backends.retain(|k, _| used.contains(k));
+        for i in 0..rng.below(6) {
+            d.ipcache.insert(
+                IpNet::from(ip(&format!("10.1.1.{i}"))),
+                IpcacheInfo {
+                    identity: 256 + rng.below(3) as u32,
+                    host_ip: None,
+                    cluster_id: 1,
+                    local_node: false,
+                    remote_cluster: false,
+                },
+            );
+        }
+        d
+    }
+
+    #[test]
+    fn random_sequences_stay_consistent() {
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut state = DatapathState::default();
+            for _ in 0..8 {
+                let d = random_desired(&mut rng);
+                let ops = plan(&state, &d);
+                apply_checked(&mut state, &d, &ops);
+            }
+        }
+    }
+}
