@@ -73,10 +73,8 @@ impl Etcd {
     fn wait_healthy(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("etcd exited with {status}:\n{}", self.log());
-                }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("etcd exited with {status}:\n{}", self.log());
             }
             if self.healthy() {
                 return;

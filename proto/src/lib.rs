@@ -1,9 +1,12 @@
 //! The mesh wire contract (DESIGN.md section 7): generated protobuf types and service,
 //! conversions to and from mesh-core, the resumable watch client, and rustls helpers.
 
+pub mod client;
+pub mod convert;
 pub mod keys;
+pub mod tls;
 
-#[allow(clippy::all, unreachable_pub, missing_docs)]
+#[allow(clippy::all, unreachable_pub, missing_docs, rustdoc::invalid_html_tags)]
 pub mod pb {
     tonic::include_proto!("mesh.v1");
 }

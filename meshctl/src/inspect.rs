@@ -1,0 +1,293 @@
+//! `meshctl inspect [KIND]`: what an apiserver publishes, read over its gRPC Watch: a
+//! snapshot of every cluster's nodes, identities, endpoints and global services.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use mesh_proto::convert::Object;
+use mesh_proto::pb::{self, watch_response::Payload};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+
+use crate::conn::{ConnArgs, parse_duration};
+use crate::output::{Format, table};
+use crate::status::kind_name;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum What {
+    All,
+    Clusters,
+    Nodes,
+    Identities,
+    Endpoints,
+    Services,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// What to show.
+    #[arg(value_enum, default_value_t = What::All)]
+    what: What,
+    /// Only these clusters (repeatable; default: all the caller may read).
+    #[arg(long = "from", value_name = "CLUSTER")]
+    from: Vec<String>,
+    /// Give up waiting for the snapshot after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+/// Objects by kind, each sorted by (cluster, name).
+#[derive(Serialize, Default, Debug)]
+pub struct Snapshot {
+    pub revision: i64,
+    pub clusters: Vec<mesh_core::ClusterConfig>,
+    pub nodes: Vec<mesh_core::Node>,
+    pub identities: Vec<IdentityRow>,
+    pub endpoints: Vec<EndpointRow>,
+    pub services: Vec<mesh_core::GlobalService>,
+    /// (cluster, kind) pairs whose initial sync was not complete.
+    pub unsynced: Vec<String>,
+    /// Values that could not be decoded, with the reason.
+    pub invalid: Vec<String>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct IdentityRow {
+    pub cluster: String,
+    #[serde(flatten)]
+    pub identity: mesh_core::model::Identity,
+}
+
+#[derive(Serialize, Debug)]
+pub struct EndpointRow {
+    pub cluster: String,
+    #[serde(flatten)]
+    pub endpoint: mesh_core::Endpoint,
+}
+
+/// Reads a snapshot: every object, until each (cluster, kind) the apiserver reports as
+/// synced has sent its Synced marker (or the timeout passes).
+pub async fn snapshot(
+    conn: &ConnArgs,
+    clusters: Vec<String>,
+    timeout: Duration,
+) -> anyhow::Result<Snapshot> {
+    let mut client = conn.connect().await?;
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("status from {}: {}", conn.server, s.message()))?
+        .into_inner();
+    let mut expected: BTreeSet<(String, i32)> = status
+        .clusters
+        .iter()
+        .filter(|c| clusters.is_empty() || clusters.contains(&c.cluster))
+        .flat_map(|c| {
+            c.counts
+                .iter()
+                .filter(|k| k.synced)
+                .map(|k| (c.cluster.clone(), k.kind))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            clusters,
+            kinds: vec![],
+            resume_revision: 0,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("watch on {}: {}", conn.server, s.message()))?
+        .into_inner();
+
+    let mut objects: BTreeMap<(String, i32, String), pb::event::Value> = BTreeMap::new();
+    let mut snap = Snapshot::default();
+    let read = async {
+        while !expected.is_empty() {
+            let Some(msg) = stream.next().await else {
+                anyhow::bail!("the apiserver closed the watch before the snapshot was complete");
+            };
+            let msg = msg.map_err(|s| anyhow::anyhow!("watch: {}", s.message()))?;
+            snap.revision = msg.revision;
+            match msg.payload {
+                Some(Payload::Events(evs)) => {
+                    for e in evs.events {
+                        let key = (e.cluster.clone(), e.kind, e.name.clone());
+                        match e.value {
+                            Some(v) => objects.insert(key, v),
+                            None => objects.remove(&key),
+                        };
+                    }
+                }
+                Some(Payload::Synced(s)) => {
+                    expected.remove(&(s.cluster, s.kind));
+                }
+                // Idle heartbeat: the snapshot is over; what has not synced will not soon.
+                Some(Payload::Progress(_)) => break,
+                Some(Payload::Reset(_)) => objects.clear(),
+                None => {}
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r?,
+        Err(_) => eprintln!("warning: snapshot not complete after {timeout:?}"),
+    }
+    snap.unsynced = expected
+        .iter()
+        .map(|(c, k)| format!("{c}/{}", kind_name(*k)))
+        .collect();
+    for ((cluster, _, name), value) in objects {
+        match Object::try_from(value) {
+            Ok(Object::Config(c)) => snap.clusters.push(c),
+            Ok(Object::Node(n)) => snap.nodes.push(n),
+            Ok(Object::Identity(identity)) => snap.identities.push(IdentityRow { cluster, identity }),
+            Ok(Object::Endpoint(endpoint)) => snap.endpoints.push(EndpointRow { cluster, endpoint }),
+            Ok(Object::Service(s)) => snap.services.push(s),
+            Err(e) => snap.invalid.push(format!("{cluster}/{name}: {e}")),
+        }
+    }
+    Ok(snap)
+}
+
+pub fn render(snap: &Snapshot, what: What) -> String {
+    let mut out = String::new();
+    let mut section = |title: &str, header: &[&str], rows: Vec<Vec<String>>| {
+        if what == What::All {
+            out.push_str(&format!("{title}:\n"));
+        }
+        if rows.is_empty() {
+            out.push_str("  (none)\n");
+        } else {
+            out.push_str(&table(header, &rows));
+        }
+        if what == What::All {
+            out.push('\n');
+        }
+    };
+    let show = |w: What| what == What::All || what == w;
+    if show(What::Clusters) {
+        let rows = snap
+            .clusters
+            .iter()
+            .map(|c| {
+                vec![
+                    c.name.to_string(),
+                    c.id.to_string(),
+                    join(&c.pod_cidrs),
+                    c.service_cidr.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                    c.version.clone(),
+                ]
+            })
+            .collect();
+        section("Clusters", &["CLUSTER", "ID", "POD CIDRS", "SERVICE CIDR", "VERSION"], rows);
+    }
+    if show(What::Nodes) {
+        let rows = snap
+            .nodes
+            .iter()
+            .map(|n| vec![n.cluster.to_string(), n.name.clone(), join(&n.internal_ips), join(&n.pod_cidrs)])
+            .collect();
+        section("Nodes", &["CLUSTER", "NODE", "INTERNAL IPS", "POD CIDRS"], rows);
+    }
+    if show(What::Identities) {
+        let rows = snap
+            .identities
+            .iter()
+            .map(|i| {
+                vec![
+                    i.cluster.clone(),
+                    i.identity.id.to_string(),
+                    i.identity.labels.iter().collect::<Vec<_>>().join(" "),
+                ]
+            })
+            .collect();
+        section("Identities", &["CLUSTER", "ID", "LABELS"], rows);
+    }
+    if show(What::Endpoints) {
+        let rows = snap
+            .endpoints
+            .iter()
+            .map(|e| {
+                let ep = &e.endpoint;
+                vec![
+                    e.cluster.clone(),
+                    ep.ip.to_string(),
+                    ep.identity.to_string(),
+                    ep.host_ip.map(|h| h.to_string()).unwrap_or_else(|| "-".into()),
+                    ep.node.clone(),
+                    format!("{}/{}", ep.namespace, ep.pod),
+                ]
+            })
+            .collect();
+        section("Endpoints", &["CLUSTER", "IP", "IDENTITY", "HOST IP", "NODE", "POD"], rows);
+    }
+    if show(What::Services) {
+        let rows = snap
+            .services
+            .iter()
+            .map(|s| {
+                let ready = s.backends.iter().filter(|b| b.conditions.ready).count();
+                vec![
+                    s.cluster.to_string(),
+                    s.key(),
+                    if s.shared { "yes".into() } else { "no".into() },
+                    s.affinity.to_string(),
+                    s.internal_traffic_policy.to_string(),
+                    join(&s.frontends),
+                    s.ports
+                        .iter()
+                        .map(|p| {
+                            if p.name.is_empty() {
+                                format!("{}/{}", p.port, p.protocol)
+                            } else {
+                                format!("{}:{}/{}", p.name, p.port, p.protocol)
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    format!("{ready}/{}", s.backends.len()),
+                ]
+            })
+            .collect();
+        section(
+            "Global services",
+            &["CLUSTER", "SERVICE", "SHARED", "AFFINITY", "TRAFFIC POLICY", "FRONTENDS", "PORTS", "READY/BACKENDS"],
+            rows,
+        );
+    }
+    if !snap.unsynced.is_empty() {
+        out.push_str(&format!("Not synced yet: {}\n", snap.unsynced.join(", ")));
+    }
+    for i in &snap.invalid {
+        out.push_str(&format!("Invalid value skipped: {i}\n"));
+    }
+    out
+}
+
+fn join<T: ToString>(items: &[T]) -> String {
+    if items.is_empty() {
+        return "-".into();
+    }
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+pub async fn run(args: InspectArgs) -> anyhow::Result<()> {
+    let snap = snapshot(&args.conn, args.from.clone(), args.timeout)
+        .await
+        .context("reading the apiserver's snapshot")?;
+    match args.output {
+        Format::Table => print!("{}", render(&snap, args.what)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&snap)?),
+        Format::Yaml => print!("{}", serde_yaml::to_string(&snap)?),
+    }
+    Ok(())
+}

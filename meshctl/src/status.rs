@@ -1,0 +1,350 @@
+//! `meshctl status [--wait] [--timeout]`: the mesh as one apiserver sees it: clusters and
+//! their object counts, peers, and how many agents are synced with every cluster.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use mesh_proto::pb;
+use serde::Serialize;
+
+use crate::conn::{ConnArgs, parse_duration};
+use crate::output::{Format, table};
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Wait until every cluster is synced, every peer connected and synced, and every agent
+    /// synced with every cluster.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long (with --wait).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(Serialize, Debug)]
+pub struct StatusView {
+    pub cluster: String,
+    pub cluster_id: u32,
+    pub revision: i64,
+    pub leader: bool,
+    pub clusters: Vec<ClusterView>,
+    pub peers: Vec<PeerView>,
+    pub agents: Vec<AgentView>,
+    pub agents_synced: usize,
+    /// Why the mesh is not ready yet; empty when it is.
+    pub not_ready: Vec<String>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ClusterView {
+    pub name: String,
+    pub id: u32,
+    pub local: bool,
+    pub counts: BTreeMap<String, u64>,
+    pub synced: bool,
+    pub unsynced_kinds: Vec<String>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct PeerView {
+    pub name: String,
+    pub address: String,
+    pub connected: bool,
+    pub synced: bool,
+    pub stale_for_seconds: Option<u64>,
+    pub revision: i64,
+    pub reconnects: u64,
+    pub last_error: String,
+}
+
+#[derive(Serialize, Debug)]
+pub struct AgentView {
+    pub node: String,
+    pub synced_clusters: Vec<String>,
+    pub unsynced_clusters: Vec<String>,
+    pub map_entries: BTreeMap<String, u64>,
+    pub last_error: String,
+    pub reported_seconds_ago: Option<u64>,
+}
+
+pub fn kind_name(kind: i32) -> String {
+    match pb::Kind::try_from(kind) {
+        Ok(pb::Kind::Config) => "config".into(),
+        Ok(pb::Kind::Node) => "nodes".into(),
+        Ok(pb::Kind::Identity) => "identities".into(),
+        Ok(pb::Kind::Endpoint) => "endpoints".into(),
+        Ok(pb::Kind::Service) => "services".into(),
+        _ => format!("kind-{kind}"),
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Builds the view and the list of reasons the mesh is not ready.
+pub fn view(resp: &pb::StatusResponse) -> StatusView {
+    let local = resp.local.clone().unwrap_or_default();
+    let now = now_ms();
+    let mut not_ready = Vec::new();
+    let clusters: Vec<ClusterView> = resp
+        .clusters
+        .iter()
+        .map(|c| {
+            let unsynced: Vec<String> = c
+                .counts
+                .iter()
+                .filter(|k| !k.synced)
+                .map(|k| kind_name(k.kind))
+                .collect();
+            if !unsynced.is_empty() {
+                not_ready.push(format!(
+                    "cluster {}: {} not synced yet",
+                    c.cluster,
+                    unsynced.join(", ")
+                ));
+            }
+            ClusterView {
+                name: c.cluster.clone(),
+                id: c.id,
+                local: c.local,
+                counts: c.counts.iter().map(|k| (kind_name(k.kind), k.count)).collect(),
+                synced: unsynced.is_empty() && !c.counts.is_empty(),
+                unsynced_kinds: unsynced,
+            }
+        })
+        .collect();
+    let peers: Vec<PeerView> = resp
+        .peers
+        .iter()
+        .map(|p| {
+            if !p.connected {
+                not_ready.push(format!(
+                    "peer {}: not connected{}",
+                    p.cluster,
+                    if p.last_error.is_empty() { String::new() } else { format!(": {}", p.last_error) }
+                ));
+            } else if !p.synced {
+                not_ready.push(format!("peer {}: connected, initial sync not complete", p.cluster));
+            }
+            PeerView {
+                name: p.cluster.clone(),
+                address: p.address.clone(),
+                connected: p.connected,
+                synced: p.synced,
+                stale_for_seconds: (p.stale_since_unix_ms > 0)
+                    .then(|| ((now - p.stale_since_unix_ms).max(0) / 1000) as u64),
+                revision: p.revision,
+                reconnects: p.reconnects,
+                last_error: p.last_error.clone(),
+            }
+        })
+        .collect();
+    let all: Vec<&str> = resp.clusters.iter().map(|c| c.cluster.as_str()).collect();
+    let agents: Vec<AgentView> = resp
+        .agents
+        .iter()
+        .map(|a| {
+            let synced: Vec<String> = a
+                .clusters
+                .iter()
+                .filter(|c| c.synced)
+                .map(|c| c.cluster.clone())
+                .collect();
+            let unsynced: Vec<String> = all
+                .iter()
+                .filter(|c| !synced.iter().any(|s| s == *c))
+                .map(|c| c.to_string())
+                .collect();
+            if !unsynced.is_empty() {
+                not_ready.push(format!(
+                    "agent {}: not synced with {}{}",
+                    a.node,
+                    unsynced.join(", "),
+                    if a.last_error.is_empty() { String::new() } else { format!(" (last error: {})", a.last_error) }
+                ));
+            }
+            AgentView {
+                node: a.node.clone(),
+                synced_clusters: synced,
+                unsynced_clusters: unsynced,
+                map_entries: a.map_entries.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                last_error: a.last_error.clone(),
+                reported_seconds_ago: (a.reported_at_unix_ms > 0)
+                    .then(|| ((now - a.reported_at_unix_ms).max(0) / 1000) as u64),
+            }
+        })
+        .collect();
+    let agents_synced = agents.iter().filter(|a| a.unsynced_clusters.is_empty()).count();
+    StatusView {
+        cluster: local.name,
+        cluster_id: local.id,
+        revision: resp.revision,
+        leader: resp.leader,
+        clusters,
+        peers,
+        agents,
+        agents_synced,
+        not_ready,
+    }
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes".into() } else { "no".into() }
+}
+
+pub fn render(v: &StatusView) -> String {
+    let mut s = format!(
+        "Cluster:   {} (id {})\nRevision:  {}\nLeader:    {}\n\n",
+        v.cluster,
+        v.cluster_id,
+        v.revision,
+        yes_no(v.leader)
+    );
+    let kinds = ["config", "nodes", "identities", "endpoints", "services"];
+    let mut header = vec!["CLUSTER", "ID", "ORIGIN"];
+    header.extend(kinds.iter().map(|k| match *k {
+        "config" => "CONFIG",
+        "nodes" => "NODES",
+        "identities" => "IDENTITIES",
+        "endpoints" => "ENDPOINTS",
+        _ => "SERVICES",
+    }));
+    header.push("SYNCED");
+    let rows: Vec<Vec<String>> = v
+        .clusters
+        .iter()
+        .map(|c| {
+            let mut row = vec![
+                c.name.clone(),
+                c.id.to_string(),
+                if c.local { "local".into() } else { "imported".into() },
+            ];
+            row.extend(kinds.iter().map(|k| c.counts.get(*k).copied().unwrap_or(0).to_string()));
+            row.push(if c.synced {
+                "yes".into()
+            } else {
+                format!("no ({})", c.unsynced_kinds.join(","))
+            });
+            row
+        })
+        .collect();
+    s.push_str(&table(&header, &rows));
+    s.push('\n');
+    if v.peers.is_empty() {
+        s.push_str("Peers:     none configured\n");
+    } else {
+        let rows: Vec<Vec<String>> = v
+            .peers
+            .iter()
+            .map(|p| {
+                vec![
+                    p.name.clone(),
+                    p.address.clone(),
+                    yes_no(p.connected),
+                    yes_no(p.synced),
+                    p.stale_for_seconds.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into()),
+                    p.revision.to_string(),
+                    p.reconnects.to_string(),
+                    if p.last_error.is_empty() { "-".into() } else { p.last_error.clone() },
+                ]
+            })
+            .collect();
+        s.push_str(&table(
+            &["PEER", "ADDRESS", "CONNECTED", "SYNCED", "STALE", "REVISION", "RECONNECTS", "LAST ERROR"],
+            &rows,
+        ));
+    }
+    s.push('\n');
+    s.push_str(&format!(
+        "Agents:    {} of {} synced with all clusters\n",
+        v.agents_synced,
+        v.agents.len()
+    ));
+    if !v.agents.is_empty() {
+        let rows: Vec<Vec<String>> = v
+            .agents
+            .iter()
+            .map(|a| {
+                vec![
+                    a.node.clone(),
+                    if a.unsynced_clusters.is_empty() {
+                        "all".into()
+                    } else {
+                        format!("missing {}", a.unsynced_clusters.join(","))
+                    },
+                    a.map_entries
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    a.reported_seconds_ago.map(|s| format!("{s}s ago")).unwrap_or_else(|| "-".into()),
+                    if a.last_error.is_empty() { "-".into() } else { a.last_error.clone() },
+                ]
+            })
+            .collect();
+        s.push_str(&table(&["NODE", "SYNCED", "MAP ENTRIES", "REPORTED", "LAST ERROR"], &rows));
+    }
+    if !v.not_ready.is_empty() {
+        s.push_str("\nNot ready:\n");
+        for r in &v.not_ready {
+            s.push_str(&format!("  - {r}\n"));
+        }
+    }
+    s
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let deadline = Instant::now() + args.timeout;
+    let mut client = args.conn.connect().await?;
+    let mut last_line = String::new();
+    loop {
+        let resp = client
+            .status(pb::StatusRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("status from {}: {}", args.conn.server, s.message()))?
+            .into_inner();
+        let v = view(&resp);
+        if !args.wait || v.not_ready.is_empty() {
+            if args.wait && args.output == Format::Table && !last_line.is_empty() {
+                eprintln!();
+            }
+            match args.output {
+                Format::Table => print!("{}", render(&v)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Format::Yaml => print!("{}", serde_yaml::to_string(&v)?),
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            eprintln!();
+            print!("{}", render(&v));
+            anyhow::bail!(
+                "timed out after {:?} waiting for the mesh to be ready:\n  - {}",
+                args.timeout,
+                v.not_ready.join("\n  - ")
+            );
+        }
+        // Progress on one line of stderr, rewritten in place.
+        let line = format!(
+            "waiting: {} of {} agents synced; {}",
+            v.agents_synced,
+            v.agents.len(),
+            v.not_ready.first().cloned().unwrap_or_default()
+        );
+        if line != last_line {
+            eprint!("\r\x1b[2K{line}");
+            last_line = line;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

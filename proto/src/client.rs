@@ -1,0 +1,654 @@
+//! The resumable watch client (DESIGN.md section 7), used by the agent, the peer importer and
+//! meshctl.
+//!
+//! [`spawn_watch`] runs one task that keeps a `Watch` stream open to a mesh-apiserver and
+//! delivers [`WatchUpdate`]s to a bounded channel:
+//!
+//! - the first connection asks for a snapshot (`resume_revision` 0): the consumer gets the
+//!   objects as `Upsert`s, then a `Synced` per (cluster, kind), then live changes;
+//! - on a lost stream (error, end, or no message for three heartbeat intervals) it reconnects
+//!   with capped exponential backoff and full jitter, calling the connect closure again (so
+//!   DNS is re-resolved), and resumes at the last revision it has fully delivered: it gets
+//!   exactly what it missed;
+//! - when the server answers `Reset` (the revision is older than its history), a fresh
+//!   snapshot follows; once the snapshot's `Synced{cluster, kind}` arrives, the client emits a
+//!   `Delete` for every key of that (cluster, kind) it had delivered before and the snapshot
+//!   did not contain (keys of pairs that have no `Synced` at all are swept when the snapshot
+//!   is over). The consumer never misses a delete.
+//!
+//! The client tracks the revision it resumes from only at points where everything up to that
+//! revision was delivered: a snapshot interrupted half-way is never resumed as complete.
+//! Values are passed through unconverted (the consumer decides what an invalid value means);
+//! a malformed message (an event without a kind, an unparsable cluster name, a value of
+//! another kind) is logged and skipped.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use mesh_core::ClusterName;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::convert::value_kind;
+use crate::pb::{self, mesh_client::MeshClient, watch_response::Payload};
+
+/// An error of the connect closure.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Dials the server; called for every (re)connection.
+pub type ConnectFn =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<MeshClient<Channel>, BoxError>> + Send + Sync>;
+
+/// Wraps an async closure as a [`ConnectFn`], e.g.
+/// `connect_fn(move || { let ep = ep.clone(); async move { tls::connect(&ep).await } })`.
+pub fn connect_fn<F, Fut, E>(f: F) -> ConnectFn
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<MeshClient<Channel>, E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    Arc::new(move || {
+        let fut = f();
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    })
+}
+
+/// What the consumer of a watch receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchUpdate {
+    /// A stream is open. `resumed`: it continues from `revision` (only missed changes
+    /// follow, unless a `Reset` comes next); otherwise a full snapshot follows.
+    Connected { resumed: bool, revision: i64 },
+    /// A connection attempt failed or an open stream was lost; the client retries.
+    Disconnected { error: String },
+    /// The server could not resume: a fresh snapshot follows, and what it does not contain
+    /// is deleted (by `Delete` items) when its `Synced` markers arrive.
+    Reset { reason: String },
+    /// An object was created or changed.
+    Upsert {
+        cluster: ClusterName,
+        kind: pb::Kind,
+        name: String,
+        revision: i64,
+        value: pb::event::Value,
+    },
+    /// An object was deleted (by the server, or by the sweep after a `Reset`).
+    Delete {
+        cluster: ClusterName,
+        kind: pb::Kind,
+        name: String,
+        revision: i64,
+    },
+    /// Every object of (cluster, kind) has been delivered.
+    Synced {
+        cluster: ClusterName,
+        kind: pb::Kind,
+    },
+}
+
+/// Exponential backoff with a cap and full jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+// === impl Backoff ===
+
+impl Backoff {
+    /// The upper bound of the delay before retry `attempt` (0-based):
+    /// `min(max, initial * 2^attempt)`.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// A delay drawn uniformly from `[0, ceiling(attempt)]` ("full jitter": reconnecting
+    /// clients spread out instead of stampeding a recovering server).
+    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rng.random_range(0..=nanos))
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Options of [`spawn_watch`].
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// The server's heartbeat interval: with no message for three intervals, the client
+    /// reconnects.
+    pub heartbeat_interval: Duration,
+    pub backoff: Backoff,
+    /// A stream that stayed open this long resets the backoff.
+    pub healthy_after: Duration,
+    /// Capacity of the update channel; a slow consumer slows the stream down (and, if it
+    /// falls behind the server's history, gets a `Reset`).
+    pub buffer: usize,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            backoff: Backoff::default(),
+            healthy_after: Duration::from_secs(10),
+            buffer: 1024,
+        }
+    }
+}
+
+/// Where to start: a consumer that persisted what it applied (e.g. the importer, in etcd)
+/// resumes from that revision and hands over the keys it holds, so a `Reset` sweeps them too.
+#[derive(Debug, Clone, Default)]
+pub struct ResumePoint {
+    pub revision: i64,
+    pub known: Vec<(ClusterName, pb::Kind, String)>,
+}
+
+/// Counters of a watch, readable while it runs.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    reconnects: AtomicU64,
+    revision: AtomicI64,
+    connected: AtomicBool,
+    last_message: Mutex<Option<Instant>>,
+}
+
+// === impl WatchStats ===
+
+impl WatchStats {
+    /// Connection attempts after the first one.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The revision everything up to which has been delivered (the resume point).
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Relaxed)
+    }
+
+    /// Whether a stream is open.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// When the last message (including heartbeats) arrived.
+    pub fn last_message_at(&self) -> Option<Instant> {
+        *self.last_message.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running watch: receive updates with [`Watch::recv`] or as a `Stream`. Dropping it stops
+/// the watch.
+pub struct Watch {
+    rx: mpsc::Receiver<WatchUpdate>,
+    stats: Arc<WatchStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+// === impl Watch ===
+
+impl Watch {
+    /// The next update; `None` only if the watch task ended (it does not end on errors).
+    pub async fn recv(&mut self) -> Option<WatchUpdate> {
+        self.rx.recv().await
+    }
+
+    pub fn stats(&self) -> Arc<WatchStats> {
+        self.stats.clone()
+    }
+}
+
+impl futures::Stream for Watch {
+    type Item = WatchUpdate;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchUpdate>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts watching with a fresh snapshot. `request` is the template (clusters, kinds); its
+/// `resume_revision` is ignored. Must be called within a tokio runtime.
+pub fn spawn_watch(connect: ConnectFn, request: pb::WatchRequest, options: WatchOptions) -> Watch {
+    spawn_watch_from(connect, request, options, ResumePoint::default())
+}
+
+/// Starts watching from `resume` (see [`ResumePoint`]).
+pub fn spawn_watch_from(
+    connect: ConnectFn,
+    request: pb::WatchRequest,
+    options: WatchOptions,
+    resume: ResumePoint,
+) -> Watch {
+    let (tx, rx) = mpsc::channel(options.buffer.max(1));
+    let stats = Arc::new(WatchStats::default());
+    stats.revision.store(resume.revision, Ordering::Relaxed);
+    let mut state = State {
+        revision: resume.revision,
+        ..State::default()
+    };
+    for (cluster, kind, name) in resume.known {
+        state.known.entry((cluster, kind)).or_default().insert(name);
+    }
+    let worker = Worker {
+        connect,
+        request,
+        options,
+        tx,
+        stats: stats.clone(),
+        state,
+    };
+    let task = tokio::spawn(worker.run());
+    Watch { rx, stats, task }
+}
+
+// ================================================================ the worker
+
+type Ck = (ClusterName, pb::Kind);
+
+#[derive(Default)]
+struct State {
+    /// The resume point: everything up to it has been delivered.
+    revision: i64,
+    /// Keys delivered and not deleted.
+    known: HashMap<Ck, HashSet<String>>,
+    /// Set while a snapshot is being received.
+    snapshot: Option<Snapshot>,
+}
+
+struct Snapshot {
+    /// Keys delivered before the snapshot began and not seen in it yet.
+    before: HashMap<Ck, HashSet<String>>,
+    /// A `Synced` of this snapshot arrived: the next Events or Progress ends it.
+    synced_seen: bool,
+    /// The revision of the last message of the snapshot.
+    revision: i64,
+}
+
+/// Why a session ended.
+enum End {
+    /// The consumer dropped the receiver: stop.
+    ConsumerGone,
+    /// Retry after backoff.
+    Lost { error: String, healthy: bool },
+}
+
+struct Worker {
+    connect: ConnectFn,
+    request: pb::WatchRequest,
+    options: WatchOptions,
+    tx: mpsc::Sender<WatchUpdate>,
+    stats: Arc<WatchStats>,
+    state: State,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let mut attempt: u32 = 0;
+        let mut first = true;
+        loop {
+            if !first {
+                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            first = false;
+            let end = self.session().await;
+            self.stats.connected.store(false, Ordering::Relaxed);
+            let (error, healthy) = match end {
+                End::ConsumerGone => return,
+                End::Lost { error, healthy } => (error, healthy),
+            };
+            if healthy {
+                attempt = 0;
+            }
+            let delay = self.options.backoff.delay(attempt, &mut rng);
+            attempt = attempt.saturating_add(1);
+            warn!(%error, revision = self.state.revision, ?delay, "watch stream lost; reconnecting");
+            if self
+                .tx
+                .send(WatchUpdate::Disconnected { error })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.tx.closed() => return,
+            }
+        }
+    }
+
+    fn silence_limit(&self) -> Duration {
+        self.options.heartbeat_interval.saturating_mul(3)
+    }
+
+    /// One connection: connect, open the stream, apply messages until it breaks.
+    async fn session(&mut self) -> End {
+        let lost = |error: String| End::Lost {
+            error,
+            healthy: false,
+        };
+        let connect = (self.connect)();
+        let mut client = tokio::select! {
+            r = connect => match r {
+                Ok(c) => c,
+                Err(e) => return lost(format!("connecting: {e}")),
+            },
+            _ = self.tx.closed() => return End::ConsumerGone,
+        };
+        let resume = self.state.revision;
+        let request = pb::WatchRequest {
+            resume_revision: resume,
+            ..self.request.clone()
+        };
+        let limit = self.silence_limit();
+        let mut stream = tokio::select! {
+            r = tokio::time::timeout(limit, client.watch(request)) => match r {
+                Ok(Ok(s)) => s.into_inner(),
+                Ok(Err(status)) => return lost(format!("opening the watch: {}: {}", status.code(), status.message())),
+                Err(_) => return lost(format!("opening the watch: no answer within {limit:?}")),
+            },
+            _ = self.tx.closed() => return End::ConsumerGone,
+        };
+        let started = Instant::now();
+        self.stats.connected.store(true, Ordering::Relaxed);
+        info!(resume_revision = resume, "watch stream open");
+        let resumed = resume > 0;
+        if self
+            .emit(WatchUpdate::Connected {
+                resumed,
+                revision: resume,
+            })
+            .await
+            .is_err()
+        {
+            return End::ConsumerGone;
+        }
+        if !resumed {
+            let had_keys = self.state.known.values().any(|s| !s.is_empty());
+            self.begin_snapshot();
+            if had_keys {
+                let reason = "the previous snapshot was interrupted; taking a fresh one".to_owned();
+                if self.emit(WatchUpdate::Reset { reason }).await.is_err() {
+                    return End::ConsumerGone;
+                }
+            }
+        }
+        let error = loop {
+            let next = tokio::select! {
+                r = tokio::time::timeout(limit, stream.message()) => r,
+                _ = self.tx.closed() => return End::ConsumerGone,
+            };
+            match next {
+                Err(_) => break format!("no message for {limit:?} (3 heartbeat intervals)"),
+                Ok(Err(status)) => {
+                    break format!("stream failed: {}: {}", status.code(), status.message());
+                }
+                Ok(Ok(None)) => break "stream ended by the server".to_owned(),
+                Ok(Ok(Some(response))) => {
+                    *self
+                        .stats
+                        .last_message
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    if self.apply(response).await.is_err() {
+                        return End::ConsumerGone;
+                    }
+                }
+            }
+        };
+        End::Lost {
+            error,
+            healthy: started.elapsed() >= self.options.healthy_after,
+        }
+    }
+
+    async fn emit(&self, update: WatchUpdate) -> Result<(), ()> {
+        self.tx.send(update).await.map_err(|_| ())
+    }
+
+    fn set_revision(&mut self, revision: i64) {
+        // Never go back: a server bug must not make us replay from an older point forever.
+        if revision > self.state.revision {
+            self.state.revision = revision;
+            self.stats.revision.store(revision, Ordering::Relaxed);
+        }
+    }
+
+    /// Moves every delivered key into the sweep set of a new snapshot (merging with a
+    /// snapshot already in progress).
+    fn begin_snapshot(&mut self) {
+        let known = std::mem::take(&mut self.state.known);
+        let snapshot = self.state.snapshot.get_or_insert_with(|| Snapshot {
+            before: HashMap::new(),
+            synced_seen: false,
+            revision: 0,
+        });
+        snapshot.synced_seen = false;
+        for (ck, names) in known {
+            snapshot.before.entry(ck).or_default().extend(names);
+        }
+    }
+
+    /// Ends the snapshot: deletes what it did not contain, then moves the resume point.
+    async fn finish_snapshot(&mut self) -> Result<(), ()> {
+        let Some(snapshot) = self.state.snapshot.take() else {
+            return Ok(());
+        };
+        let mut swept = 0usize;
+        for ((cluster, kind), names) in snapshot.before {
+            for name in names {
+                swept += 1;
+                self.emit(WatchUpdate::Delete {
+                    cluster: cluster.clone(),
+                    kind,
+                    name,
+                    revision: snapshot.revision,
+                })
+                .await?;
+            }
+        }
+        debug!(revision = snapshot.revision, swept, "snapshot complete");
+        self.set_revision(snapshot.revision);
+        Ok(())
+    }
+
+    async fn apply(&mut self, response: pb::WatchResponse) -> Result<(), ()> {
+        let revision = response.revision;
+        let Some(payload) = response.payload else {
+            warn!(revision, "skipping a watch message without payload");
+            return Ok(());
+        };
+        match payload {
+            Payload::Events(events) => {
+                if self.state.snapshot.as_ref().is_some_and(|s| s.synced_seen) {
+                    self.finish_snapshot().await?;
+                }
+                for event in events.events {
+                    self.apply_event(event).await?;
+                }
+                self.advance(revision);
+            }
+            Payload::Synced(synced) => {
+                let Some((cluster, kind)) = parse_ck(&synced.cluster, synced.kind) else {
+                    warn!(cluster = %synced.cluster, kind = synced.kind, "skipping a malformed Synced marker");
+                    return Ok(());
+                };
+                if let Some(snapshot) = self.state.snapshot.as_mut() {
+                    snapshot.synced_seen = true;
+                    snapshot.revision = snapshot.revision.max(revision);
+                    let gone = snapshot
+                        .before
+                        .remove(&(cluster.clone(), kind))
+                        .unwrap_or_default();
+                    for name in gone {
+                        self.emit(WatchUpdate::Delete {
+                            cluster: cluster.clone(),
+                            kind,
+                            name,
+                            revision,
+                        })
+                        .await?;
+                    }
+                }
+                self.emit(WatchUpdate::Synced { cluster, kind }).await?;
+                self.advance(revision);
+            }
+            Payload::Reset(reset) => {
+                info!(reason = %reset.reason, "server reset the watch; a fresh snapshot follows");
+                self.begin_snapshot();
+                self.emit(WatchUpdate::Reset {
+                    reason: reset.reason,
+                })
+                .await?;
+            }
+            Payload::Progress(_) => {
+                // The server is idle: any snapshot in progress is complete.
+                if let Some(s) = self.state.snapshot.as_mut() {
+                    s.revision = s.revision.max(revision);
+                }
+                self.finish_snapshot().await?;
+                self.advance(revision);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that everything up to `revision` was delivered, outside a snapshot; inside
+    /// one, only remembers it for when the snapshot completes.
+    fn advance(&mut self, revision: i64) {
+        match self.state.snapshot.as_mut() {
+            Some(s) => s.revision = s.revision.max(revision),
+            None => self.set_revision(revision),
+        }
+    }
+
+    async fn apply_event(&mut self, event: pb::Event) -> Result<(), ()> {
+        let Some((cluster, kind)) = parse_ck(&event.cluster, event.kind) else {
+            warn!(cluster = %event.cluster, kind = event.kind, name = %event.name, "skipping a malformed event");
+            return Ok(());
+        };
+        let ck = (cluster, kind);
+        if let Some(names) = self
+            .state
+            .snapshot
+            .as_mut()
+            .and_then(|s| s.before.get_mut(&ck))
+        {
+            names.remove(&event.name);
+        }
+        match event.value {
+            Some(value) => {
+                if value_kind(&value) != kind {
+                    warn!(cluster = %ck.0, ?kind, name = %event.name, value_kind = ?value_kind(&value),
+                        "skipping an event whose value is of another kind");
+                    return Ok(());
+                }
+                self.state
+                    .known
+                    .entry(ck.clone())
+                    .or_default()
+                    .insert(event.name.clone());
+                self.emit(WatchUpdate::Upsert {
+                    cluster: ck.0,
+                    kind,
+                    name: event.name,
+                    revision: event.revision,
+                    value,
+                })
+                .await
+            }
+            None => {
+                if let Some(names) = self.state.known.get_mut(&ck) {
+                    names.remove(&event.name);
+                    if names.is_empty() {
+                        self.state.known.remove(&ck);
+                    }
+                }
+                self.emit(WatchUpdate::Delete {
+                    cluster: ck.0,
+                    kind,
+                    name: event.name,
+                    revision: event.revision,
+                })
+                .await
+            }
+        }
+    }
+}
+
+fn parse_ck(cluster: &str, kind: i32) -> Option<Ck> {
+    let kind = pb::Kind::try_from(kind)
+        .ok()
+        .filter(|k| *k != pb::Kind::Unspecified)?;
+    let cluster = ClusterName::new(cluster).ok()?;
+    Some((cluster, kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        };
+        assert_eq!(b.ceiling(0), Duration::from_millis(100));
+        assert_eq!(b.ceiling(1), Duration::from_millis(200));
+        assert_eq!(b.ceiling(5), Duration::from_millis(3200));
+        assert_eq!(b.ceiling(6), Duration::from_secs(5));
+        assert_eq!(b.ceiling(u32::MAX), Duration::from_secs(5));
+
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for attempt in 0..64 {
+            let mut max_seen = Duration::ZERO;
+            for _ in 0..200 {
+                let d = b.delay(attempt, &mut rng);
+                assert!(d <= b.ceiling(attempt), "attempt {attempt}: {d:?}");
+                max_seen = max_seen.max(d);
+            }
+            // Jitter spreads over the whole range: the largest of 200 draws is near the top.
+            assert!(
+                max_seen >= b.ceiling(attempt) * 3 / 4,
+                "attempt {attempt}: {max_seen:?}"
+            );
+        }
+        // Delays are not constant.
+        let draws: HashSet<_> = (0..20).map(|_| b.delay(3, &mut rng)).collect();
+        assert!(draws.len() > 10);
+    }
+
+    #[test]
+    fn malformed_keys_are_rejected() {
+        assert!(parse_ck("east", pb::Kind::Node as i32).is_some());
+        assert!(parse_ck("east", 0).is_none());
+        assert!(parse_ck("east", 42).is_none());
+        assert!(parse_ck("East!", pb::Kind::Node as i32).is_none());
+    }
+}

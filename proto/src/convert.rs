@@ -1,0 +1,654 @@
+//! Conversions between the wire/storage types of [`crate::pb`] and the domain types of
+//! mesh-core, and the etcd value encoding (DESIGN.md sections 6 and 7).
+//!
+//! Decoding is strict: every field is validated and an error names the object and the field
+//! (`endpoint 10.0.0.x: invalid ip "10.0.0.x": ...`). Encoding cannot fail.
+
+use std::net::IpAddr;
+
+use mesh_core::cidr::parse_cidr;
+use mesh_core::{
+    Affinity, Backend, BackendConditions, ClusterConfig, ClusterId, ClusterName, Endpoint,
+    GlobalService, IdentityId, IdentityLabels, Node, Protocol, ServicePort, TrafficPolicy,
+};
+use prost::Message;
+
+use crate::pb;
+
+/// A wire or storage object that violates a domain rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: invalid {field} {value:?}: {reason}")]
+pub struct ConvertError {
+    /// The object, e.g. `endpoint 10.0.0.1` or `service east/default/web`.
+    pub object: String,
+    /// The field path, e.g. `backends[2].ports[0].port`.
+    pub field: String,
+    /// The offending value as received.
+    pub value: String,
+    pub reason: String,
+}
+
+/// An etcd value that cannot be decoded as the message of its kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("cannot decode a value of kind {kind:?}: the kind is unspecified")]
+    UnspecifiedKind { kind: pb::Kind },
+    #[error("corrupt {kind:?} value ({len} bytes): {source}")]
+    Corrupt {
+        kind: pb::Kind,
+        len: usize,
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+/// Error context for one object.
+struct Ctx(String);
+
+impl Ctx {
+    fn err(
+        &self,
+        field: impl Into<String>,
+        value: impl ToString,
+        reason: impl ToString,
+    ) -> ConvertError {
+        ConvertError {
+            object: self.0.clone(),
+            field: field.into(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn cluster(&self, field: &str, v: &str) -> Result<ClusterName, ConvertError> {
+        ClusterName::new(v).map_err(|e| self.err(field, v, e))
+    }
+
+    fn ip(&self, field: impl Into<String>, v: &str) -> Result<IpAddr, ConvertError> {
+        v.parse().map_err(|e| self.err(field, v, e))
+    }
+
+    fn ips(&self, field: &str, vs: &[String]) -> Result<Vec<IpAddr>, ConvertError> {
+        vs.iter()
+            .enumerate()
+            .map(|(i, v)| self.ip(format!("{field}[{i}]"), v))
+            .collect()
+    }
+
+    fn cidrs(&self, field: &str, vs: &[String]) -> Result<Vec<ipnet::IpNet>, ConvertError> {
+        vs.iter()
+            .enumerate()
+            .map(|(i, v)| parse_cidr(v).map_err(|e| self.err(format!("{field}[{i}]"), v, e)))
+            .collect()
+    }
+
+    fn non_empty(&self, field: &str, v: &str) -> Result<String, ConvertError> {
+        if v.is_empty() {
+            return Err(self.err(field, v, "must not be empty"));
+        }
+        Ok(v.to_owned())
+    }
+
+    fn protocol(&self, field: impl Into<String>, v: i32) -> Result<Protocol, ConvertError> {
+        match pb::Protocol::try_from(v) {
+            Ok(pb::Protocol::Tcp) => Ok(Protocol::Tcp),
+            Ok(pb::Protocol::Udp) => Ok(Protocol::Udp),
+            Ok(pb::Protocol::Sctp) => Ok(Protocol::Sctp),
+            Ok(pb::Protocol::Unspecified) => Err(self.err(field, v, "protocol is unspecified")),
+            Err(_) => Err(self.err(field, v, "unknown protocol")),
+        }
+    }
+
+    fn port(&self, field: String, v: u32) -> Result<u16, ConvertError> {
+        match u16::try_from(v) {
+            Ok(p) if p != 0 => Ok(p),
+            _ => Err(self.err(field, v, "must be in 1..=65535")),
+        }
+    }
+
+    fn ports(&self, field: &str, vs: &[pb::ServicePort]) -> Result<Vec<ServicePort>, ConvertError> {
+        vs.iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Ok(ServicePort {
+                    name: p.name.clone(),
+                    protocol: self.protocol(format!("{field}[{i}].protocol"), p.protocol)?,
+                    port: self.port(format!("{field}[{i}].port"), p.port)?,
+                })
+            })
+            .collect()
+    }
+}
+
+// === ClusterConfig ===
+
+impl TryFrom<pb::ClusterConfig> for ClusterConfig {
+    type Error = ConvertError;
+    fn try_from(c: pb::ClusterConfig) -> Result<Self, ConvertError> {
+        let ctx = Ctx(format!("cluster config {:?}", c.name));
+        Ok(ClusterConfig {
+            name: ctx.cluster("name", &c.name)?,
+            id: ClusterId::new(c.id).map_err(|e| ctx.err("id", c.id, e))?,
+            pod_cidrs: ctx.cidrs("pod_cidrs", &c.pod_cidrs)?,
+            service_cidr: c
+                .service_cidr
+                .as_deref()
+                .map(|v| parse_cidr(v).map_err(|e| ctx.err("service_cidr", v, e)))
+                .transpose()?,
+            capabilities: c.capabilities,
+            version: c.version,
+        })
+    }
+}
+
+impl From<&ClusterConfig> for pb::ClusterConfig {
+    fn from(c: &ClusterConfig) -> Self {
+        pb::ClusterConfig {
+            name: c.name.to_string(),
+            id: c.id.into(),
+            pod_cidrs: c.pod_cidrs.iter().map(|n| n.to_string()).collect(),
+            service_cidr: c.service_cidr.map(|n| n.to_string()),
+            capabilities: c.capabilities.clone(),
+            version: c.version.clone(),
+        }
+    }
+}
+
+// === Node ===
+
+impl TryFrom<pb::Node> for Node {
+    type Error = ConvertError;
+    fn try_from(n: pb::Node) -> Result<Self, ConvertError> {
+        let ctx = Ctx(format!("node {}/{}", n.cluster, n.name));
+        Ok(Node {
+            cluster: ctx.cluster("cluster", &n.cluster)?,
+            name: ctx.non_empty("name", &n.name)?,
+            internal_ips: ctx.ips("internal_ips", &n.internal_ips)?,
+            pod_cidrs: ctx.cidrs("pod_cidrs", &n.pod_cidrs)?,
+        })
+    }
+}
+
+impl From<&Node> for pb::Node {
+    fn from(n: &Node) -> Self {
+        pb::Node {
+            cluster: n.cluster.to_string(),
+            name: n.name.clone(),
+            internal_ips: n.internal_ips.iter().map(|i| i.to_string()).collect(),
+            pod_cidrs: n.pod_cidrs.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+}
+
+// === Identity ===
+
+impl TryFrom<pb::Identity> for mesh_core::model::Identity {
+    type Error = ConvertError;
+    fn try_from(i: pb::Identity) -> Result<Self, ConvertError> {
+        let ctx = Ctx(format!("identity {}", i.id));
+        if i.id == 0 {
+            return Err(ctx.err("id", 0, "identity 0 is not a valid identity"));
+        }
+        let labels = IdentityLabels::from_strings(i.labels.iter().cloned())
+            .map_err(|e| ctx.err("labels", i.labels.join(","), e))?;
+        Ok(mesh_core::model::Identity {
+            id: IdentityId(i.id),
+            labels,
+        })
+    }
+}
+
+impl From<&mesh_core::model::Identity> for pb::Identity {
+    fn from(i: &mesh_core::model::Identity) -> Self {
+        pb::Identity {
+            id: i.id.0,
+            labels: i.labels.iter().map(str::to_owned).collect(),
+        }
+    }
+}
+
+// === Endpoint ===
+
+impl TryFrom<pb::Endpoint> for Endpoint {
+    type Error = ConvertError;
+    fn try_from(e: pb::Endpoint) -> Result<Self, ConvertError> {
+        let ctx = Ctx(format!("endpoint {}", e.ip));
+        Ok(Endpoint {
+            ip: ctx.ip("ip", &e.ip)?,
+            identity: match e.identity {
+                0 => return Err(ctx.err("identity", 0, "identity 0 is not a valid identity")),
+                id => IdentityId(id),
+            },
+            host_ip: e
+                .host_ip
+                .as_deref()
+                .map(|h| ctx.ip("host_ip", h))
+                .transpose()?,
+            node: e.node,
+            namespace: e.namespace,
+            pod: e.pod,
+        })
+    }
+}
+
+impl From<&Endpoint> for pb::Endpoint {
+    fn from(e: &Endpoint) -> Self {
+        pb::Endpoint {
+            ip: e.ip.to_string(),
+            identity: e.identity.0,
+            host_ip: e.host_ip.map(|h| h.to_string()),
+            node: e.node.clone(),
+            namespace: e.namespace.clone(),
+            pod: e.pod.clone(),
+        }
+    }
+}
+
+// === enums ===
+
+impl From<Protocol> for pb::Protocol {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Tcp => pb::Protocol::Tcp,
+            Protocol::Udp => pb::Protocol::Udp,
+            Protocol::Sctp => pb::Protocol::Sctp,
+        }
+    }
+}
+
+impl From<Affinity> for pb::Affinity {
+    fn from(a: Affinity) -> Self {
+        match a {
+            Affinity::None => pb::Affinity::None,
+            Affinity::Local => pb::Affinity::Local,
+            Affinity::Remote => pb::Affinity::Remote,
+        }
+    }
+}
+
+impl From<pb::Affinity> for Affinity {
+    fn from(a: pb::Affinity) -> Self {
+        match a {
+            pb::Affinity::None => Affinity::None,
+            pb::Affinity::Local => Affinity::Local,
+            pb::Affinity::Remote => Affinity::Remote,
+        }
+    }
+}
+
+impl From<TrafficPolicy> for pb::TrafficPolicy {
+    fn from(t: TrafficPolicy) -> Self {
+        match t {
+            TrafficPolicy::Cluster => pb::TrafficPolicy::Cluster,
+            TrafficPolicy::Local => pb::TrafficPolicy::Local,
+        }
+    }
+}
+
+impl From<pb::TrafficPolicy> for TrafficPolicy {
+    fn from(t: pb::TrafficPolicy) -> Self {
+        match t {
+            pb::TrafficPolicy::Cluster => TrafficPolicy::Cluster,
+            pb::TrafficPolicy::Local => TrafficPolicy::Local,
+        }
+    }
+}
+
+impl From<&ServicePort> for pb::ServicePort {
+    fn from(p: &ServicePort) -> Self {
+        pb::ServicePort {
+            name: p.name.clone(),
+            protocol: pb::Protocol::from(p.protocol).into(),
+            port: p.port.into(),
+        }
+    }
+}
+
+// === GlobalService ===
+
+impl TryFrom<pb::GlobalService> for GlobalService {
+    type Error = ConvertError;
+    fn try_from(s: pb::GlobalService) -> Result<Self, ConvertError> {
+        let ctx = Ctx(format!("service {}/{}/{}", s.cluster, s.namespace, s.name));
+        let affinity = pb::Affinity::try_from(s.affinity)
+            .map_err(|_| ctx.err("affinity", s.affinity, "unknown affinity"))?;
+        let itp = pb::TrafficPolicy::try_from(s.internal_traffic_policy).map_err(|_| {
+            ctx.err(
+                "internal_traffic_policy",
+                s.internal_traffic_policy,
+                "unknown traffic policy",
+            )
+        })?;
+        let backends = s
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                Ok(Backend {
+                    ip: ctx.ip(format!("backends[{i}].ip"), &b.ip)?,
+                    ports: ctx.ports(&format!("backends[{i}].ports"), &b.ports)?,
+                    node: b.node.clone(),
+                    zone: b.zone.clone(),
+                    conditions: BackendConditions {
+                        ready: b.ready,
+                        serving: b.serving,
+                        terminating: b.terminating,
+                    },
+                })
+            })
+            .collect::<Result<_, ConvertError>>()?;
+        Ok(GlobalService {
+            cluster: ctx.cluster("cluster", &s.cluster)?,
+            namespace: ctx.non_empty("namespace", &s.namespace)?,
+            name: ctx.non_empty("name", &s.name)?,
+            shared: s.shared,
+            affinity: affinity.into(),
+            internal_traffic_policy: itp.into(),
+            ports: ctx.ports("ports", &s.ports)?,
+            frontends: ctx.ips("frontends", &s.frontends)?,
+            backends,
+        })
+    }
+}
+
+impl From<&GlobalService> for pb::GlobalService {
+    fn from(s: &GlobalService) -> Self {
+        pb::GlobalService {
+            cluster: s.cluster.to_string(),
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+            shared: s.shared,
+            affinity: pb::Affinity::from(s.affinity).into(),
+            internal_traffic_policy: pb::TrafficPolicy::from(s.internal_traffic_policy).into(),
+            ports: s.ports.iter().map(Into::into).collect(),
+            frontends: s.frontends.iter().map(|f| f.to_string()).collect(),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| pb::Backend {
+                    ip: b.ip.to_string(),
+                    ports: b.ports.iter().map(Into::into).collect(),
+                    node: b.node.clone(),
+                    zone: b.zone.clone(),
+                    ready: b.conditions.ready,
+                    serving: b.conditions.serving,
+                    terminating: b.conditions.terminating,
+                })
+                .collect(),
+        }
+    }
+}
+
+// ================================================================ typed objects
+
+/// A published object of any kind, as a mesh-core type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Config(ClusterConfig),
+    Node(Node),
+    Identity(mesh_core::model::Identity),
+    Endpoint(Endpoint),
+    Service(GlobalService),
+}
+
+// === impl Object ===
+
+impl Object {
+    /// The kind of the object.
+    pub fn kind(&self) -> pb::Kind {
+        match self {
+            Object::Config(_) => pb::Kind::Config,
+            Object::Node(_) => pb::Kind::Node,
+            Object::Identity(_) => pb::Kind::Identity,
+            Object::Endpoint(_) => pb::Kind::Endpoint,
+            Object::Service(_) => pb::Kind::Service,
+        }
+    }
+
+    /// The object's name within (cluster, kind), as in etcd keys and `Event.name`: node
+    /// name, identity number, endpoint IP, `<namespace>/<name>`, `""` for the config.
+    pub fn name(&self) -> String {
+        match self {
+            Object::Config(_) => String::new(),
+            Object::Node(n) => n.name.clone(),
+            Object::Identity(i) => i.id.0.to_string(),
+            Object::Endpoint(e) => e.ip.to_string(),
+            Object::Service(s) => s.key(),
+        }
+    }
+
+    /// The cluster named inside the object, for kinds that carry one.
+    pub fn cluster(&self) -> Option<&ClusterName> {
+        match self {
+            Object::Config(c) => Some(&c.name),
+            Object::Node(n) => Some(&n.cluster),
+            Object::Service(s) => Some(&s.cluster),
+            Object::Identity(_) | Object::Endpoint(_) => None,
+        }
+    }
+}
+
+impl TryFrom<pb::event::Value> for Object {
+    type Error = ConvertError;
+    fn try_from(v: pb::event::Value) -> Result<Self, ConvertError> {
+        Ok(match v {
+            pb::event::Value::Config(c) => Object::Config(c.try_into()?),
+            pb::event::Value::Node(n) => Object::Node(n.try_into()?),
+            pb::event::Value::Identity(i) => Object::Identity(i.try_into()?),
+            pb::event::Value::Endpoint(e) => Object::Endpoint(e.try_into()?),
+            pb::event::Value::Service(s) => Object::Service(s.try_into()?),
+        })
+    }
+}
+
+impl From<&Object> for pb::event::Value {
+    fn from(o: &Object) -> Self {
+        match o {
+            Object::Config(c) => pb::event::Value::Config(c.into()),
+            Object::Node(n) => pb::event::Value::Node(n.into()),
+            Object::Identity(i) => pb::event::Value::Identity(i.into()),
+            Object::Endpoint(e) => pb::event::Value::Endpoint(e.into()),
+            Object::Service(s) => pb::event::Value::Service(s.into()),
+        }
+    }
+}
+
+/// The kind of a wire value.
+pub fn value_kind(v: &pb::event::Value) -> pb::Kind {
+    match v {
+        pb::event::Value::Config(_) => pb::Kind::Config,
+        pb::event::Value::Node(_) => pb::Kind::Node,
+        pb::event::Value::Identity(_) => pb::Kind::Identity,
+        pb::event::Value::Endpoint(_) => pb::Kind::Endpoint,
+        pb::event::Value::Service(_) => pb::Kind::Service,
+    }
+}
+
+// ================================================================ etcd values
+
+/// Decodes an etcd value under `clusters/<c>/<kind>/...`: the protobuf message of `kind`.
+pub fn decode_value(kind: pb::Kind, bytes: &[u8]) -> Result<pb::event::Value, DecodeError> {
+    let corrupt = |source| DecodeError::Corrupt {
+        kind,
+        len: bytes.len(),
+        source,
+    };
+    Ok(match kind {
+        pb::Kind::Config => {
+            pb::event::Value::Config(pb::ClusterConfig::decode(bytes).map_err(corrupt)?)
+        }
+        pb::Kind::Node => pb::event::Value::Node(pb::Node::decode(bytes).map_err(corrupt)?),
+        pb::Kind::Identity => {
+            pb::event::Value::Identity(pb::Identity::decode(bytes).map_err(corrupt)?)
+        }
+        pb::Kind::Endpoint => {
+            pb::event::Value::Endpoint(pb::Endpoint::decode(bytes).map_err(corrupt)?)
+        }
+        pb::Kind::Service => {
+            pb::event::Value::Service(pb::GlobalService::decode(bytes).map_err(corrupt)?)
+        }
+        pb::Kind::Unspecified => return Err(DecodeError::UnspecifiedKind { kind }),
+    })
+}
+
+/// Encodes a value for etcd (its kind is implied by the key).
+pub fn encode_value(value: &pb::event::Value) -> Vec<u8> {
+    match value {
+        pb::event::Value::Config(m) => m.encode_to_vec(),
+        pb::event::Value::Node(m) => m.encode_to_vec(),
+        pb::event::Value::Identity(m) => m.encode_to_vec(),
+        pb::event::Value::Endpoint(m) => m.encode_to_vec(),
+        pb::event::Value::Service(m) => m.encode_to_vec(),
+    }
+}
+
+/// Encodes a domain object for etcd.
+pub fn encode_object(object: &Object) -> Vec<u8> {
+    encode_value(&object.into())
+}
+
+/// Errors of [`decode_object`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+}
+
+/// Decodes and validates an etcd value of `kind` into a domain object.
+pub fn decode_object(kind: pb::Kind, bytes: &[u8]) -> Result<Object, ObjectError> {
+    Ok(decode_value(kind, bytes)?.try_into()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> pb::GlobalService {
+        pb::GlobalService {
+            cluster: "east".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+            shared: true,
+            affinity: pb::Affinity::Local.into(),
+            internal_traffic_policy: pb::TrafficPolicy::Cluster.into(),
+            ports: vec![pb::ServicePort {
+                name: "http".into(),
+                protocol: pb::Protocol::Tcp.into(),
+                port: 80,
+            }],
+            frontends: vec!["10.96.0.10".into()],
+            backends: vec![pb::Backend {
+                ip: "10.1.0.5".into(),
+                ports: vec![pb::ServicePort {
+                    name: "http".into(),
+                    protocol: pb::Protocol::Tcp.into(),
+                    port: 8080,
+                }],
+                node: "n1".into(),
+                zone: "z".into(),
+                ready: true,
+                serving: true,
+                terminating: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn errors_name_object_and_field() {
+        let e = Endpoint::try_from(pb::Endpoint {
+            ip: "10.0.0.x".into(),
+            identity: 300,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.object, "endpoint 10.0.0.x");
+        assert!(
+            e.to_string()
+                .starts_with("endpoint 10.0.0.x: invalid ip \"10.0.0.x\""),
+            "{e}"
+        );
+
+        let mut s = svc();
+        s.backends[0].ports[0].port = 70000;
+        let e = GlobalService::try_from(s).unwrap_err();
+        assert_eq!(e.object, "service east/default/web");
+        assert_eq!(e.field, "backends[0].ports[0].port");
+        assert!(e.to_string().contains("70000"), "{e}");
+
+        let mut s = svc();
+        s.ports[0].protocol = 0;
+        let e = GlobalService::try_from(s).unwrap_err();
+        assert_eq!(e.field, "ports[0].protocol");
+
+        let mut s = svc();
+        s.affinity = 9;
+        assert_eq!(GlobalService::try_from(s).unwrap_err().field, "affinity");
+
+        let mut s = svc();
+        s.cluster = "Bad_Name".into();
+        assert_eq!(GlobalService::try_from(s).unwrap_err().field, "cluster");
+
+        let e = ClusterConfig::try_from(pb::ClusterConfig {
+            name: "east".into(),
+            id: 3,
+            pod_cidrs: vec!["10.1.0.1/16".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "pod_cidrs[0]");
+        assert!(e.to_string().contains("host bits"), "{e}");
+
+        let e = ClusterConfig::try_from(pb::ClusterConfig {
+            name: "east".into(),
+            id: 0,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "id");
+
+        let e = mesh_core::model::Identity::try_from(pb::Identity {
+            id: 70000,
+            labels: vec!["app=x".into()],
+        })
+        .unwrap_err();
+        assert_eq!(e.object, "identity 70000");
+        assert_eq!(e.field, "labels");
+    }
+
+    #[test]
+    fn service_roundtrip_and_name() {
+        let core = GlobalService::try_from(svc()).unwrap();
+        assert_eq!(core.affinity, Affinity::Local);
+        assert_eq!(core.backends[0].ports[0].port, 8080);
+        assert!(core.backends[0].conditions.ready);
+        assert_eq!(pb::GlobalService::from(&core), svc());
+        let obj = Object::Service(core);
+        assert_eq!(obj.name(), "default/web");
+        assert_eq!(obj.kind(), pb::Kind::Service);
+        let bytes = encode_object(&obj);
+        assert_eq!(decode_object(pb::Kind::Service, &bytes).unwrap(), obj);
+    }
+
+    #[test]
+    fn corrupt_values_are_reported() {
+        let err = decode_value(pb::Kind::Node, &[0xff, 0xff, 0xff]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::Corrupt {
+                    kind: pb::Kind::Node,
+                    len: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("Node"), "{err}");
+        assert!(matches!(
+            decode_value(pb::Kind::Unspecified, &[]),
+            Err(DecodeError::UnspecifiedKind { .. })
+        ));
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: lint, then every unit, integration and end-to-end test.
+# Needs root (eBPF, network namespaces, cgroups); installs system packages first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== shellcheck"
+shellcheck scripts/*.sh .ci/run
+echo "== tests"
+profile=default
+[ "${CI:-}" = "true" ] && profile=ci
+# nextest prints its summary as the last line.
+if cargo nextest --version >/dev/null 2>&1; then
+  exec cargo nextest run --workspace --profile "$profile"
+fi
+echo "cargo-nextest not found: falling back to cargo test"
+exec cargo test --workspace
