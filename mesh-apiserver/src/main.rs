@@ -1,1 +1,12 @@
-fn main() {}
+//! mesh-apiserver binary: parse flags, initialise tracing, run.
+
+use clap::Parser;
+use mesh_apiserver::Args;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    mesh_apiserver::init_tracing(&args.log);
+    mesh_apiserver::run(args).await?;
+    Ok(())
+}

@@ -232,6 +232,8 @@ pub enum SpiffeRole {
     Apiserver,
     /// `spiffe://<cluster>.mesh/agent/<node>`
     Agent { node: String },
+    /// `spiffe://<cluster>.mesh/operator/<name>`: a person or tool (meshctl) that reads.
+    Operator { name: String },
 }
 
 /// A parsed mesh SPIFFE ID.
@@ -284,9 +286,14 @@ impl SpiffeId {
                 check_node_name(node).map_err(|r| invalid(format!("node name {node:?} {r}")))?;
                 SpiffeRole::Agent { node: node.into() }
             }
+            Some(("operator", name)) => {
+                check_node_name(name)
+                    .map_err(|r| invalid(format!("operator name {name:?} {r}")))?;
+                SpiffeRole::Operator { name: name.into() }
+            }
             _ => {
                 return Err(invalid(format!(
-                    "path {path:?} is neither \"apiserver\" nor \"agent/<node>\""
+                    "path {path:?} is none of \"apiserver\", \"agent/<node>\", \"operator/<name>\""
                 )));
             }
         };
@@ -313,6 +320,13 @@ impl fmt::Display for SpiffeId {
                 write!(
                     f,
                     "spiffe://{}{TRUST_DOMAIN_SUFFIX}/agent/{node}",
+                    self.cluster
+                )
+            }
+            SpiffeRole::Operator { name } => {
+                write!(
+                    f,
+                    "spiffe://{}{TRUST_DOMAIN_SUFFIX}/operator/{name}",
                     self.cluster
                 )
             }
@@ -563,6 +577,8 @@ pub enum Role {
     Peer,
     /// Another apiserver replica of the serving cluster.
     Replica,
+    /// An operator of the serving cluster (meshctl): reads everything, writes nothing.
+    Operator { name: String },
 }
 
 impl fmt::Display for Caller {
@@ -571,6 +587,7 @@ impl fmt::Display for Caller {
             Role::Agent { node } => write!(f, "agent {node} of cluster {}", self.cluster),
             Role::Peer => write!(f, "peer apiserver of cluster {}", self.cluster),
             Role::Replica => write!(f, "apiserver replica of cluster {}", self.cluster),
+            Role::Operator { name } => write!(f, "operator {name} of cluster {}", self.cluster),
         }
     }
 }
@@ -607,7 +624,7 @@ pub enum AuthError {
         reason: String,
     },
     #[error(
-        "certificate claims {claimed}: agents may only connect to the apiserver of their own \
+        "certificate claims {claimed}: agents and operators may only connect to the apiserver of their own \
          cluster, this is cluster {serving}"
     )]
     ForeignAgent { claimed: String, serving: String },
@@ -660,6 +677,13 @@ pub fn authenticate(conn: &ConnInfo, trust: &TrustStore) -> Result<Caller, AuthE
     let role = match id.role {
         SpiffeRole::Agent { node } if &id.cluster == local => Role::Agent { node },
         SpiffeRole::Agent { .. } => {
+            return Err(AuthError::ForeignAgent {
+                claimed,
+                serving: local.to_string(),
+            });
+        }
+        SpiffeRole::Operator { name } if &id.cluster == local => Role::Operator { name },
+        SpiffeRole::Operator { .. } => {
             return Err(AuthError::ForeignAgent {
                 claimed,
                 serving: local.to_string(),
@@ -1504,7 +1528,13 @@ mod tests {
         let a = ClusterName::new("east-1").unwrap();
         for id in [
             SpiffeId::apiserver(a.clone()),
-            SpiffeId::agent(a, "node-1.zone"),
+            SpiffeId::agent(a.clone(), "node-1.zone"),
+            SpiffeId {
+                cluster: a,
+                role: SpiffeRole::Operator {
+                    name: "admin".into(),
+                },
+            },
         ] {
             assert_eq!(SpiffeId::parse(&id.uri()).unwrap(), id);
         }
@@ -1525,6 +1555,7 @@ mod tests {
             "spiffe://a.mesh/agent/",
             "spiffe://a.mesh/agent/Node_1",
             "spiffe://a.mesh/controller",
+            "spiffe://a.mesh/operator/",
             "spiffe://a.mesh/apiserver/x",
         ] {
             let err = SpiffeId::parse(bad).unwrap_err();

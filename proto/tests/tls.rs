@@ -44,6 +44,7 @@ impl Mesh for EchoCaller {
             Role::Agent { node } => ("agent", node),
             Role::Peer => ("peer", String::new()),
             Role::Replica => ("replica", String::new()),
+            Role::Operator { name } => ("operator", name),
         };
         Ok(Response::new(pb::ClusterConfig {
             name: caller.cluster.to_string(),
@@ -169,6 +170,29 @@ async fn agent_and_replica_accepted_with_correct_caller() {
         .await
         .unwrap();
     assert_eq!(info.capabilities[0], "replica");
+
+    let info = call(&server, &ca, &ca.issue("operator/admin"), "alpha")
+        .await
+        .unwrap();
+    assert_eq!(
+        info.capabilities,
+        vec!["operator".to_string(), "admin".into()]
+    );
+}
+
+#[tokio::test]
+async fn operator_of_another_cluster_refused() {
+    let alpha = TestCa::new("alpha");
+    let bravo = TestCa::new("bravo");
+    let trust = TrustStore::new(name("alpha"), certs(&alpha.cert_pem)).unwrap();
+    let tls = ServerTls::new(identity(&alpha.issue("apiserver")), trust).unwrap();
+    tls.add_peer_ca(name("bravo"), certs(&bravo.cert_pem)).unwrap();
+    let server = start_with(tls, IncomingOptions::default()).await;
+    let (code, msg) = call(&server, &alpha, &bravo.issue("operator/admin"), "alpha")
+        .await
+        .unwrap_err();
+    assert_eq!(code, Some(tonic::Code::PermissionDenied), "{msg}");
+    assert!(msg.contains("spiffe://bravo.mesh/operator/admin"), "{msg}");
 }
 
 #[tokio::test]

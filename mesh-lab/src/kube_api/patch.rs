@@ -110,6 +110,12 @@ fn is_directive(k: &str) -> bool {
 
 /// Merge key of a list field, when the list is merged by key.
 fn merge_key(field: &str, orig: &[Value], patch: &[Value]) -> Option<&'static str> {
+    // Only lists of objects merge by key: a list of strings that happens to share a name
+    // with a keyed list (EndpointSlice `endpoints[].addresses` vs Node
+    // `status.addresses`) is replaced, as the real apiserver does.
+    if orig.iter().chain(patch).any(|e| !e.is_object()) {
+        return None;
+    }
     let any_has = |k: &str| orig.iter().chain(patch).any(|e| e.get(k).is_some());
     Some(match field {
         "containers"
@@ -342,6 +348,26 @@ mod tests {
             r["spec"]["containers"][1]["env"],
             json!([{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}])
         );
+    }
+
+    #[test]
+    fn lists_of_strings_are_replaced_not_merged_by_key() {
+        // EndpointSlice endpoints[].addresses: strings, even though Node addresses merge by type.
+        let t = json!({"endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}]});
+        let r = smp(
+            t,
+            json!({"endpoints": [{"addresses": ["10.0.0.2"], "conditions": {"ready": false}}]}),
+        );
+        assert_eq!(
+            r,
+            json!({"endpoints": [{"addresses": ["10.0.0.2"], "conditions": {"ready": false}}]})
+        );
+        let node = json!({"status": {"addresses": [{"type": "InternalIP", "address": "1.1.1.1"}]}});
+        let r = smp(
+            node,
+            json!({"status": {"addresses": [{"type": "Hostname", "address": "n1"}]}}),
+        );
+        assert_eq!(r["status"]["addresses"].as_array().unwrap().len(), 2);
     }
 
     #[test]

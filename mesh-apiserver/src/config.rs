@@ -1,0 +1,518 @@
+//! Command line and environment configuration of mesh-apiserver.
+//!
+//! Every flag has a `MESH_*` environment fallback. Flag groups that other binaries reuse
+//! (TLS, etcd, kube, logging) are `#[command(flatten)]` structs defined once, here.
+//! [`Args::validate`] turns the raw flags into a [`Settings`] whose values passed the
+//! domain checks of mesh-core, with errors that name the flag and the value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, ValueEnum};
+use ipnet::IpNet;
+use mesh_core::{ClusterId, ClusterName};
+use mesh_proto::keys::Keys;
+use mesh_proto::pb;
+
+/// Errors in the configuration. Each names the flag and the offending value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--cluster-name: {0}")]
+    ClusterName(#[source] mesh_core::Error),
+    #[error("--cluster-id: {0}")]
+    ClusterId(#[source] mesh_core::Error),
+    #[error("{flag}: {source}")]
+    Cidr {
+        flag: &'static str,
+        #[source]
+        source: mesh_core::Error,
+    },
+    #[error("--etcd-endpoints: at least one endpoint is required")]
+    NoEtcdEndpoints,
+    #[error("--etcd-prefix {0:?}: must be non-empty and end with '/'")]
+    EtcdPrefix(String),
+    #[error(
+        "TLS is required: pass --tls-cert, --tls-key and --tls-ca (missing: {missing}), or \
+         --insecure for a plaintext listener on a loopback address"
+    )]
+    MissingTls { missing: String },
+    #[error(
+        "--insecure refuses to serve plaintext on {addr}: plaintext is only allowed on a \
+         loopback address (127.0.0.0/8 or ::1)"
+    )]
+    InsecureNonLoopback { addr: SocketAddr },
+    #[error("{flag}: must be greater than zero")]
+    Zero { flag: &'static str },
+}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// mesh-apiserver: publishes this cluster into etcd and serves the mesh over mutual-TLS gRPC.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "mesh-apiserver", version, about)]
+pub struct Args {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+
+    /// gRPC listen address.
+    #[arg(long, env = "MESH_LISTEN", default_value = "0.0.0.0:7443")]
+    pub listen: SocketAddr,
+
+    /// Metrics and health (/metrics, /healthz, /readyz) listen address.
+    #[arg(long, env = "MESH_METRICS_LISTEN", default_value = "127.0.0.1:9962")]
+    pub metrics_listen: SocketAddr,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
+    /// How long an identity no pod uses is kept before it is released.
+    #[arg(long, env = "MESH_IDENTITY_GC_GRACE", default_value = "5m", value_parser = parse_duration)]
+    pub identity_gc_grace: Duration,
+}
+
+/// The serving cluster's identity.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct ClusterArgs {
+    /// This cluster's name (`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`, at most 32 characters).
+    #[arg(long, env = "MESH_CLUSTER_NAME")]
+    pub cluster_name: String,
+
+    /// This cluster's ID, 1..=255, unique within the mesh.
+    #[arg(long, env = "MESH_CLUSTER_ID")]
+    pub cluster_id: u32,
+
+    /// Pod CIDRs of this cluster (repeat or comma-separate).
+    #[arg(long, env = "MESH_POD_CIDR", value_delimiter = ',', required = true)]
+    pub pod_cidr: Vec<String>,
+
+    /// Service CIDR of this cluster.
+    #[arg(long, env = "MESH_SERVICE_CIDR")]
+    pub service_cidr: Option<String>,
+}
+
+/// TLS material of a mesh component. Reused by the agent and meshctl.
+#[derive(Debug, Clone, Default, ClapArgs)]
+pub struct TlsArgs {
+    /// Certificate chain (PEM) this component presents.
+    #[arg(long, env = "MESH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert. Never logged.
+    #[arg(long, env = "MESH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The own cluster's CA bundle (PEM).
+    #[arg(long, env = "MESH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Directory of peer CAs, one `<cluster>.crt` per peer cluster; watched and applied live.
+    #[arg(long, env = "MESH_PEER_CA_DIR")]
+    pub peer_ca_dir: Option<PathBuf>,
+
+    /// Serve plaintext instead of TLS. Refused unless the listen address is loopback.
+    #[arg(long, env = "MESH_INSECURE", default_value_t = false)]
+    pub insecure: bool,
+
+    /// How often certificate files are checked for changes.
+    #[arg(long, env = "MESH_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+}
+
+/// etcd connection.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct EtcdArgs {
+    /// etcd endpoints (repeat or comma-separate), e.g. http://127.0.0.1:2379.
+    #[arg(
+        long,
+        env = "MESH_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix of every mesh key in etcd.
+    #[arg(long, env = "MESH_ETCD_PREFIX", default_value = mesh_proto::keys::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+}
+
+/// Kubernetes client. Without --kubeconfig: the in-cluster config, else the default
+/// kubeconfig.
+#[derive(Debug, Clone, Default, ClapArgs)]
+pub struct KubeArgs {
+    /// Path of a kubeconfig file.
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Context of the kubeconfig to use.
+    #[arg(long, env = "MESH_KUBE_CONTEXT")]
+    pub kube_context: Option<String>,
+}
+
+/// Log output. The level comes from `RUST_LOG` (default `info`).
+#[derive(Debug, Clone, Default, ClapArgs)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Watch serving knobs.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct ServeArgs {
+    /// Progress heartbeat interval on idle watch streams.
+    #[arg(long, env = "MESH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Recent events kept for resuming streams without a new snapshot.
+    #[arg(long, env = "MESH_HISTORY_EVENTS", default_value_t = 100_000)]
+    pub history_events: usize,
+
+    /// Batches buffered per stream before a stalled stream is cut from live delivery.
+    #[arg(long, env = "MESH_STREAM_BUFFER", default_value_t = 1024)]
+    pub stream_buffer: usize,
+
+    /// Agent status reports expire after this long without a new report.
+    #[arg(long, env = "MESH_AGENT_STATUS_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub agent_status_ttl: Duration,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            history_events: 100_000,
+            stream_buffer: 1024,
+            agent_status_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `10s`, `500ms`, `5m`, `1h`, or bare seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m, 1h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: unit must be ms, s, m or h"
+            ));
+        }
+    })
+}
+
+/// How the gRPC listener is secured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    Tls {
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+        peer_ca_dir: Option<PathBuf>,
+        reload_interval: Duration,
+    },
+    /// Plaintext on loopback (`--insecure`).
+    Insecure,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub cluster_name: ClusterName,
+    pub cluster_id: ClusterId,
+    pub pod_cidrs: Vec<IpNet>,
+    pub service_cidr: Option<IpNet>,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub security: Security,
+    pub etcd_endpoints: Vec<String>,
+    pub keys: Keys,
+    pub kube: KubeArgs,
+    pub serve: ServeArgs,
+    pub identity_gc_grace: Duration,
+}
+
+// === impl Args ===
+
+impl Args {
+    /// Checks every flag; errors name the flag and the value.
+    pub fn validate(&self) -> Result<Settings> {
+        let c = &self.cluster;
+        let cluster_name =
+            ClusterName::new(c.cluster_name.clone()).map_err(ConfigError::ClusterName)?;
+        let cluster_id = ClusterId::new(c.cluster_id).map_err(ConfigError::ClusterId)?;
+        let pod_cidrs = c
+            .pod_cidr
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                mesh_core::cidr::parse_cidr(s).map_err(|source| ConfigError::Cidr {
+                    flag: "--pod-cidr",
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let service_cidr = c
+            .service_cidr
+            .as_deref()
+            .map(|s| {
+                mesh_core::cidr::parse_cidr(s.trim()).map_err(|source| ConfigError::Cidr {
+                    flag: "--service-cidr",
+                    source,
+                })
+            })
+            .transpose()?;
+
+        let etcd_endpoints: Vec<String> = self
+            .etcd
+            .etcd_endpoints
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if etcd_endpoints.is_empty() {
+            return Err(ConfigError::NoEtcdEndpoints);
+        }
+        let prefix = &self.etcd.etcd_prefix;
+        if prefix.is_empty() || !prefix.ends_with('/') {
+            return Err(ConfigError::EtcdPrefix(prefix.clone()));
+        }
+
+        let security = self.tls.security(self.listen)?;
+
+        for (flag, d) in [
+            ("--heartbeat-interval", self.serve.heartbeat_interval),
+            ("--agent-status-ttl", self.serve.agent_status_ttl),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero { flag });
+            }
+        }
+        if self.serve.history_events == 0 {
+            return Err(ConfigError::Zero {
+                flag: "--history-events",
+            });
+        }
+        if self.serve.stream_buffer == 0 {
+            return Err(ConfigError::Zero {
+                flag: "--stream-buffer",
+            });
+        }
+
+        Ok(Settings {
+            cluster_name,
+            cluster_id,
+            pod_cidrs,
+            service_cidr,
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
+            security,
+            etcd_endpoints,
+            keys: Keys::new(prefix.clone()),
+            kube: self.kube.clone(),
+            serve: self.serve.clone(),
+            identity_gc_grace: self.identity_gc_grace,
+        })
+    }
+}
+
+// === impl TlsArgs ===
+
+impl TlsArgs {
+    /// The listener security for `listen`: TLS with all three files, or `--insecure` on a
+    /// loopback address.
+    pub fn security(&self, listen: SocketAddr) -> Result<Security> {
+        if self.insecure {
+            if !listen.ip().is_loopback() {
+                return Err(ConfigError::InsecureNonLoopback { addr: listen });
+            }
+            return Ok(Security::Insecure);
+        }
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Security::Tls {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                peer_ca_dir: self.peer_ca_dir.clone(),
+                reload_interval: self.tls_reload_interval,
+            }),
+            (cert, key, ca) => {
+                let missing: Vec<&str> = [
+                    (cert.is_none(), "--tls-cert"),
+                    (key.is_none(), "--tls-key"),
+                    (ca.is_none(), "--tls-ca"),
+                ]
+                .into_iter()
+                .filter_map(|(m, f)| m.then_some(f))
+                .collect();
+                Err(ConfigError::MissingTls {
+                    missing: missing.join(", "),
+                })
+            }
+        }
+    }
+}
+
+// === impl Settings ===
+
+impl Settings {
+    /// The serving cluster's config as mesh-core's type (for the publisher).
+    pub fn core_cluster_config(&self) -> mesh_core::ClusterConfig {
+        let pb = self.cluster_config();
+        mesh_core::ClusterConfig {
+            name: self.cluster_name.clone(),
+            id: self.cluster_id,
+            pod_cidrs: self.pod_cidrs.clone(),
+            service_cidr: self.service_cidr,
+            capabilities: pb.capabilities,
+            version: pb.version,
+        }
+    }
+
+    /// The serving cluster's config as served by `Info`.
+    pub fn cluster_config(&self) -> pb::ClusterConfig {
+        pb::ClusterConfig {
+            name: self.cluster_name.to_string(),
+            id: self.cluster_id.get().into(),
+            pod_cidrs: self.pod_cidrs.iter().map(|c| c.to_string()).collect(),
+            service_cidr: self.service_cidr.map(|c| c.to_string()),
+            capabilities: vec!["watch-resume".into(), "batched-events".into()],
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec![
+            "mesh-apiserver",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "3",
+            "--pod-cidr",
+            "10.1.0.0/16,10.2.0.0/16",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+        ];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).expect("parsing")
+    }
+
+    fn err(extra: &[&str]) -> String {
+        parse(extra).validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn valid_insecure_on_loopback() {
+        let s = parse(&["--insecure", "--listen", "127.0.0.1:7443"])
+            .validate()
+            .unwrap();
+        assert_eq!(s.security, Security::Insecure);
+        assert_eq!(s.pod_cidrs.len(), 2);
+        assert_eq!(s.keys.prefix(), "mesh/v1/");
+        assert_eq!(s.cluster_config().id, 3);
+    }
+
+    #[test]
+    fn insecure_on_non_loopback_is_refused() {
+        let e = err(&["--insecure", "--listen", "0.0.0.0:7443"]);
+        assert!(
+            e.contains("--insecure refuses to serve plaintext on 0.0.0.0:7443"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_files_are_required_without_insecure() {
+        let e = err(&["--tls-cert", "/x.crt"]);
+        assert!(e.contains("missing: --tls-key, --tls-ca"), "{e}");
+    }
+
+    #[test]
+    fn domain_checks_name_the_flag_and_value() {
+        let e = parse(&["--insecure", "--listen", "127.0.0.1:1"]);
+        let mut bad = e.clone();
+        bad.cluster.cluster_name = "Bad_Name".into();
+        let m = bad.validate().unwrap_err().to_string();
+        assert!(
+            m.starts_with("--cluster-name") && m.contains("\"Bad_Name\""),
+            "{m}"
+        );
+        let mut bad = e.clone();
+        bad.cluster.cluster_id = 0;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--cluster-id")
+        );
+        let mut bad = e.clone();
+        bad.cluster.pod_cidr = vec!["10.1.0.1/16".into()];
+        let m = bad.validate().unwrap_err().to_string();
+        assert!(
+            m.starts_with("--pod-cidr") && m.contains("10.1.0.1/16"),
+            "{m}"
+        );
+        let mut bad = e;
+        bad.etcd.etcd_prefix = "mesh".into();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--etcd-prefix")
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn env_fallback() {
+        // clap reads env at parse time; use a variable only this test sets.
+        let cmd = <Args as clap::CommandFactory>::command();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "history_events")
+            .unwrap();
+        assert_eq!(arg.get_env().unwrap(), "MESH_HISTORY_EVENTS");
+    }
+}

@@ -1,0 +1,164 @@
+//! Prometheus metrics of the serving side (DESIGN.md section 11), all named
+//! `mesh_apiserver_*`.
+//!
+//! One `Metrics` value is created at start-up, registered into the process registry and
+//! shared (it is cheap to clone: every metric is an `Arc` inside).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// `cluster`, `kind` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterKindLabels {
+    pub cluster: String,
+    pub kind: String,
+}
+
+/// `role` label (agent, peer, insecure).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: String,
+}
+
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// Serving-side metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Watch streams currently open, by caller role.
+    pub watch_streams: Family<RoleLabels, Gauge>,
+    /// Events sent on watch streams (snapshot and live).
+    pub events_sent: Counter,
+    /// Watch response messages sent.
+    pub messages_sent: Counter,
+    /// Snapshots sent (fresh watches and resets).
+    pub snapshots: Counter,
+    /// Resets sent, by reason (`too_old`, `ahead`, `etcd_reset`).
+    pub resets: Family<ReasonLabels, Counter>,
+    /// Streams that fell behind their buffer and were cut from live delivery.
+    pub slow_client_drops: Counter,
+    /// Streams resumed from the history (client reconnects and internal catch-up).
+    pub resumes: Counter,
+    /// Objects in the serving index, by cluster and kind.
+    pub index_objects: Family<ClusterKindLabels, Gauge>,
+    /// The etcd revision the index has applied.
+    pub index_revision: Gauge,
+    /// Events in the history ring.
+    pub history_events: Gauge,
+    /// Times the etcd watch was re-established, by reason (`error`, `closed`, `compacted`,
+    /// `canceled`).
+    pub etcd_watch_restarts: Family<ReasonLabels, Counter>,
+    /// Full re-lists of etcd (start, compaction).
+    pub etcd_relists: Counter,
+    /// Values or keys under `clusters/` that could not be decoded, by kind.
+    pub decode_errors: Family<ReasonLabels, Counter>,
+    /// Requests refused by authentication or authorization, by reason.
+    pub auth_refusals: Family<ReasonLabels, Counter>,
+    /// Agent status reports stored.
+    pub status_reports: Counter,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates the metrics and registers them under `mesh_apiserver_` in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("mesh_apiserver");
+        r.register(
+            "watch_streams",
+            "Watch streams currently open, by caller role",
+            m.watch_streams.clone(),
+        );
+        r.register(
+            "events_sent",
+            "Events sent on watch streams",
+            m.events_sent.clone(),
+        );
+        r.register(
+            "messages_sent",
+            "Watch response messages sent",
+            m.messages_sent.clone(),
+        );
+        r.register(
+            "snapshots",
+            "Snapshots sent to watch streams",
+            m.snapshots.clone(),
+        );
+        r.register("resets", "Resets sent, by reason", m.resets.clone());
+        r.register(
+            "slow_client_drops",
+            "Watch streams cut from live delivery because their buffer was full",
+            m.slow_client_drops.clone(),
+        );
+        r.register(
+            "resumes",
+            "Watch streams resumed from the history",
+            m.resumes.clone(),
+        );
+        r.register(
+            "index_objects",
+            "Objects in the serving index, by cluster and kind",
+            m.index_objects.clone(),
+        );
+        r.register(
+            "index_revision",
+            "etcd revision applied by the serving index",
+            m.index_revision.clone(),
+        );
+        r.register(
+            "history_events",
+            "Events held in the resume history",
+            m.history_events.clone(),
+        );
+        r.register(
+            "etcd_watch_restarts",
+            "Times the etcd watch feeding the index was re-established, by reason",
+            m.etcd_watch_restarts.clone(),
+        );
+        r.register(
+            "etcd_relists",
+            "Full lists of the clusters prefix (start-up and compaction)",
+            m.etcd_relists.clone(),
+        );
+        r.register(
+            "decode_errors",
+            "Keys or values under clusters/ that could not be decoded and were skipped",
+            m.decode_errors.clone(),
+        );
+        r.register(
+            "auth_refusals",
+            "Requests refused by authentication or authorization, by reason",
+            m.auth_refusals.clone(),
+        );
+        r.register(
+            "status_reports",
+            "Agent status reports stored",
+            m.status_reports.clone(),
+        );
+        m
+    }
+
+    /// Increments `family{reason}`.
+    pub(crate) fn inc_reason(family: &Family<ReasonLabels, Counter>, reason: &str) {
+        family
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Renders a registry in the OpenMetrics text format.
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}

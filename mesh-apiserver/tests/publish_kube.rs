@@ -1,0 +1,563 @@
+//! The publisher end to end on its side: kubectl -> the lab's Kubernetes API -> publisher ->
+//! a real etcd. Every change is made with the real kubectl.
+
+mod publish_common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+use mesh_proto::keys::Keys;
+use mesh_proto::pb;
+use mesh_testkit::etcd::Etcd;
+use publish_common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_service_and_every_later_change_reach_etcd() {
+    init_logs();
+    let etcd = Etcd::start();
+    let client = connect(&etcd).await;
+    let lab = Lab::start().await;
+    lab.namespace("shop").await;
+    lab.node("n1", "192.168.0.1", "10.0.1.0/24").await;
+    lab.global_service("shop", "web", json!({})).await;
+    lab.pod("shop", "web-1", "web", "10.0.1.1", "n1", "192.168.0.1")
+        .await;
+    lab.pod("shop", "web-2", "web", "10.0.1.2", "n1", "192.168.0.1")
+        .await;
+    lab.slice("shop", "web", &["10.0.1.1", "10.0.1.2"], "n1")
+        .await;
+
+    let _p = Running::start(
+        &client,
+        lab.client().await,
+        publisher_config("p1", Duration::from_secs(1)),
+    );
+    let prefix = format!("{PREFIX}clusters/{CLUSTER}/");
+
+    let s = wait_until(&client, &prefix, T, "the initial sync", |s| {
+        s.all_synced() && s.backend_ips("shop", "web").len() == 2 && s.endpoints().len() == 2
+    })
+    .await;
+    let cfg = s.config().expect("config");
+    assert_eq!((cfg.name.as_str(), cfg.id), (CLUSTER, CLUSTER_ID));
+    let node = s.node("n1").expect("node n1");
+    assert_eq!(node.internal_ips, vec!["192.168.0.1"]);
+    assert_eq!(node.pod_cidrs, vec!["10.0.1.0/24"]);
+    let svc = s.service("shop", "web").unwrap();
+    assert!(svc.shared);
+    assert_eq!(svc.affinity, pb::Affinity::None as i32);
+    assert_eq!(
+        svc.frontends.len(),
+        1,
+        "ClusterIP allocated by the API: {svc:?}"
+    );
+    assert_eq!(svc.ports.len(), 1);
+    assert_eq!(
+        (svc.ports[0].name.as_str(), svc.ports[0].port),
+        ("http", 80)
+    );
+    let b = &svc.backends[0];
+    assert_eq!((b.ports[0].name.as_str(), b.ports[0].port), ("http", 8080));
+    assert!(b.ready && b.serving && !b.terminating);
+    assert_eq!((b.node.as_str(), b.zone.as_str()), ("n1", "z1"));
+    let e1 = s.endpoint("10.0.1.1").unwrap();
+    let e2 = s.endpoint("10.0.1.2").unwrap();
+    assert_eq!(e1.identity, e2.identity, "same labels, same identity");
+    assert_eq!(e1.host_ip.as_deref(), Some("192.168.0.1"));
+    assert_eq!(
+        (e1.node.as_str(), e1.namespace.as_str(), e1.pod.as_str()),
+        ("n1", "shop", "web-1")
+    );
+    let ids = s.identities();
+    let web_id = e1.identity;
+    assert_eq!(ids.keys().copied().collect::<Vec<_>>(), vec![web_id]);
+    assert_eq!(web_id >> 16, CLUSTER_ID, "identity in the cluster's range");
+    assert!(ids[&web_id].labels.contains(&"k8s:app=web".to_string()));
+    assert!(
+        ids[&web_id]
+            .labels
+            .contains(&"k8s:io.kubernetes.pod.namespace=shop".to_string())
+    );
+
+    // Scale up: a third pod and its slice entry.
+    lab.pod("shop", "web-3", "web", "10.0.1.3", "n1", "192.168.0.1")
+        .await;
+    lab.slice("shop", "web", &["10.0.1.1", "10.0.1.2", "10.0.1.3"], "n1")
+        .await;
+    wait_until(&client, &prefix, T, "the third backend and endpoint", |s| {
+        s.backend_ips("shop", "web").len() == 3
+            && s.endpoint("10.0.1.3").is_some_and(|e| e.identity == web_id)
+    })
+    .await;
+
+    // shared: "false"
+    lab.kubectl(
+        &[
+            "annotate",
+            "service",
+            "web",
+            "-n",
+            "shop",
+            "service.cilium.io/shared=false",
+        ],
+        None,
+    )
+    .await;
+    wait_until(&client, &prefix, T, "shared=false", |s| {
+        s.service("shop", "web").is_some_and(|s| !s.shared)
+    })
+    .await;
+
+    // A pod with other labels gets its own identity; deleting it removes its endpoint and,
+    // after the grace period, its identity. web-1 goes too (pod and slice entry).
+    lab.pod("shop", "db-1", "db", "10.0.1.9", "n1", "192.168.0.1")
+        .await;
+    let s = wait_until(&client, &prefix, T, "the db endpoint", |s| {
+        s.endpoint("10.0.1.9").is_some()
+    })
+    .await;
+    let db_id = s.endpoint("10.0.1.9").unwrap().identity;
+    assert_ne!(db_id, web_id);
+    assert!(s.identities().contains_key(&db_id));
+    lab.kubectl(
+        &[
+            "delete",
+            "pod",
+            "db-1",
+            "web-1",
+            "-n",
+            "shop",
+            "--wait=false",
+        ],
+        None,
+    )
+    .await;
+    lab.slice("shop", "web", &["10.0.1.2", "10.0.1.3"], "n1")
+        .await;
+    let s = wait_until(
+        &client,
+        &prefix,
+        T,
+        "deleted pods gone and the unused identity collected",
+        |s| {
+            s.endpoint("10.0.1.9").is_none()
+                && s.endpoint("10.0.1.1").is_none()
+                && !s.identities().contains_key(&db_id)
+                && s.backend_ips("shop", "web") == vec!["10.0.1.2", "10.0.1.3"]
+        },
+    )
+    .await;
+    assert!(
+        s.identities().contains_key(&web_id),
+        "an identity still in use was collected"
+    );
+    let index = list(&client, &Keys::new(PREFIX).identity_index_prefix())
+        .await
+        .0;
+    assert_eq!(
+        index.len(),
+        1,
+        "the collected identity's index entry remains: {index:?}"
+    );
+
+    // Service deleted.
+    lab.kubectl(
+        &["delete", "service", "web", "-n", "shop", "--wait=false"],
+        None,
+    )
+    .await;
+    wait_until(&client, &prefix, T, "the service removed", |s| {
+        s.services().is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_publishes_exactly_the_current_state_without_blinking() {
+    init_logs();
+    let etcd = Etcd::start();
+    let client = connect(&etcd).await;
+    let lab = Lab::start().await;
+    lab.namespace("shop").await;
+    lab.node("n1", "192.168.0.1", "10.0.1.0/24").await;
+    for (svc, ip) in [("a", "10.0.1.1"), ("b", "10.0.1.2")] {
+        lab.global_service("shop", svc, json!({})).await;
+        lab.pod("shop", &format!("{svc}-1"), svc, ip, "n1", "192.168.0.1")
+            .await;
+        lab.slice("shop", svc, &[ip], "n1").await;
+    }
+    let prefix = format!("{PREFIX}clusters/{CLUSTER}/");
+    let grace = Duration::from_secs(1);
+
+    let p1 = Running::start(&client, lab.client().await, publisher_config("p1", grace));
+    let before = wait_until(&client, &prefix, T, "the first publisher's sync", |s| {
+        s.all_synced() && s.services().len() == 2 && s.endpoints().len() == 2
+    })
+    .await;
+    // Abrupt stop.
+    p1.task.abort();
+    let _ = (&mut { p1 }.task).await;
+
+    // While it is down: b's service and pod go, c arrives.
+    lab.kubectl(
+        &["delete", "service", "b", "-n", "shop", "--wait=false"],
+        None,
+    )
+    .await;
+    lab.kubectl(
+        &[
+            "delete",
+            "endpointslice",
+            "b-slice",
+            "-n",
+            "shop",
+            "--wait=false",
+        ],
+        None,
+    )
+    .await;
+    lab.kubectl(
+        &["delete", "pod", "b-1", "-n", "shop", "--wait=false"],
+        None,
+    )
+    .await;
+    lab.global_service("shop", "c", json!({})).await;
+    lab.pod("shop", "c-1", "c", "10.0.1.3", "n1", "192.168.0.1")
+        .await;
+    lab.slice("shop", "c", &["10.0.1.3"], "n1").await;
+
+    // Record every change the second publisher makes.
+    let (_, rev) = list(&client, &prefix).await;
+    let mut watch = client
+        .clone()
+        .watch(
+            prefix.clone(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
+        )
+        .await
+        .unwrap();
+
+    let _p2 = Running::start(&client, lab.client().await, publisher_config("p2", grace));
+    let b_identity = before.endpoint("10.0.1.2").unwrap().identity;
+    let after = wait_until(&client, &prefix, T, "exactly the current state", |s| {
+        s.services() == vec!["shop/a", "shop/c"]
+            && s.endpoints() == vec!["10.0.1.1", "10.0.1.3"]
+            && !s.identities().contains_key(&b_identity)
+    })
+    .await;
+
+    // Exactly the expected key set: nothing left over, nothing missing.
+    let keys = Keys::new(PREFIX);
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    expected.insert(keys.object(CLUSTER, pb::Kind::Config, ""));
+    expected.insert(keys.object(CLUSTER, pb::Kind::Node, "n1"));
+    for ip in ["10.0.1.1", "10.0.1.3"] {
+        expected.insert(keys.object(CLUSTER, pb::Kind::Endpoint, ip));
+    }
+    for svc in ["shop/a", "shop/c"] {
+        expected.insert(keys.object(CLUSTER, pb::Kind::Service, svc));
+    }
+    let a_id = after.endpoint("10.0.1.1").unwrap().identity;
+    let c_id = after.endpoint("10.0.1.3").unwrap().identity;
+    assert_ne!(a_id, c_id, "two label sets share an identity");
+    for id in [a_id, c_id] {
+        expected.insert(keys.object(CLUSTER, pb::Kind::Identity, &id.to_string()));
+    }
+    for kind in mesh_proto::keys::ALL_KINDS {
+        expected.insert(keys.synced(CLUSTER, kind));
+    }
+    let actual: BTreeSet<String> = after.raw.keys().cloned().collect();
+    assert_eq!(actual, expected, "\n{}", after.describe());
+    assert_eq!(
+        before.endpoint("10.0.1.1").unwrap().identity,
+        a_id,
+        "an identity changed across the restart"
+    );
+    let index = list(&client, &keys.identity_index_prefix()).await.0;
+    assert_eq!(index.len(), 2, "identity index: {:?}", index.keys());
+    assert_eq!(after.backend_ips("shop", "c"), vec!["10.0.1.3"]);
+
+    // No blink: nothing that still exists was deleted on the way, and unchanged objects
+    // were not even rewritten.
+    let unchanged: HashSet<String> = [
+        keys.object(CLUSTER, pb::Kind::Service, "shop/a"),
+        keys.object(CLUSTER, pb::Kind::Endpoint, "10.0.1.1"),
+        keys.object(CLUSTER, pb::Kind::Node, "n1"),
+        keys.object(CLUSTER, pb::Kind::Config, ""),
+    ]
+    .into();
+    let (_, now) = list(&client, &prefix).await;
+    let mut deleted = Vec::new();
+    'outer: loop {
+        let m = watch.message().await.unwrap().expect("watch open");
+        for e in m.events() {
+            let kv = e.kv().unwrap();
+            let key = kv.key_str().unwrap().to_string();
+            assert!(
+                !unchanged.contains(&key),
+                "unchanged {key} was written on restart ({:?})",
+                e.event_type()
+            );
+            if e.event_type() == EventType::Delete {
+                assert!(
+                    !expected.contains(&key),
+                    "{key} was deleted although it still exists (blink)"
+                );
+                deleted.push(key);
+            }
+            if kv.mod_revision() >= now {
+                break 'outer;
+            }
+        }
+        if m.header().is_some_and(|h| h.revision() >= now) {
+            break;
+        }
+    }
+    deleted.sort();
+    assert!(
+        deleted.contains(&keys.object(CLUSTER, pb::Kind::Service, "shop/b")),
+        "b's service was not swept: {deleted:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_reported_and_skipped_without_stopping_the_watch() {
+    init_logs();
+    let etcd = Etcd::start();
+    let client = connect(&etcd).await;
+    let lab = Lab::start().await;
+    lab.namespace("shop").await;
+    lab.node("n1", "192.168.0.1", "10.0.1.0/24").await;
+    lab.global_service("shop", "web", json!({"service.cilium.io/affinity": "loca"}))
+        .await;
+    // An object that does not decode as a Pod (hostNetwork is a bool), before the start (in
+    // the initial list) and after it (in the watch).
+    let store = lab.api.store();
+    let pods = mesh_lab::kube_api::resources::by_kind("v1", "Pod").unwrap();
+    let bad = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "shop", "name": name, "labels": {"app": "x"}},
+               "spec": {"hostNetwork": "yes", "containers": [{"name": "c", "image": "busybox:1"}]}})
+    };
+    store
+        .create(pods, Some("shop"), bad("broken-1"))
+        .expect("creating a malformed pod");
+    lab.pod("shop", "good-1", "web", "10.0.1.1", "n1", "192.168.0.1")
+        .await;
+
+    let p = Running::start(
+        &client,
+        lab.client().await,
+        publisher_config("p1", Duration::from_secs(60)),
+    );
+    let prefix = format!("{PREFIX}clusters/{CLUSTER}/");
+    let s = wait_until(
+        &client,
+        &prefix,
+        T,
+        "the initial sync despite a malformed pod",
+        |s| {
+            s.all_synced() && s.endpoint("10.0.1.1").is_some() && s.service("shop", "web").is_some()
+        },
+    )
+    .await;
+    let svc = s.service("shop", "web").unwrap();
+    assert_eq!(
+        svc.affinity,
+        pb::Affinity::None as i32,
+        "an invalid affinity must mean none"
+    );
+    assert!(
+        p.metrics
+            .decode_failures(mesh_apiserver::kube_source::ResourceKind::Pod)
+            >= 1
+    );
+
+    store
+        .create(pods, Some("shop"), bad("broken-2"))
+        .expect("creating a malformed pod");
+    lab.pod("shop", "good-2", "web", "10.0.1.2", "n1", "192.168.0.1")
+        .await;
+    wait_until(
+        &client,
+        &prefix,
+        T,
+        "a pod created after a malformed one",
+        |s| s.endpoint("10.0.1.2").is_some(),
+    )
+    .await;
+    assert!(
+        p.metrics
+            .decode_failures(mesh_apiserver::kube_source::ResourceKind::Pod)
+            >= 2
+    );
+    let logs = captured_logs();
+    for name in ["shop/broken-1", "shop/broken-2"] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("cannot be decoded") && l.contains(name) && l.contains("Pod")),
+            "no log line names the undecodable {name}"
+        );
+    }
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("invalid service annotation")
+                && l.contains("shop/web")
+                && l.contains("service.cilium.io/affinity")),
+        "no log line names the service and the annotation"
+    );
+
+    // A Warning Event names the annotation; it is created once, not on every change.
+    let events = || async {
+        let out = lab
+            .kubectl(&["get", "events", "-n", "shop", "-o", "json"], None)
+            .await;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "InvalidAnnotation")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    eventually(T, "the InvalidAnnotation event", || async {
+        !events().await.is_empty()
+    })
+    .await;
+    let ev = &events().await[0];
+    assert_eq!(ev["type"], "Warning");
+    assert_eq!(ev["involvedObject"]["kind"], "Service");
+    assert_eq!(ev["involvedObject"]["name"], "web");
+    let msg = ev["message"].as_str().unwrap();
+    assert!(
+        msg.contains("service.cilium.io/affinity") && msg.contains("loca"),
+        "{msg}"
+    );
+
+    lab.kubectl(
+        &["annotate", "service", "web", "-n", "shop", "unrelated=1"],
+        None,
+    )
+    .await;
+    lab.kubectl(
+        &[
+            "annotate",
+            "service",
+            "web",
+            "-n",
+            "shop",
+            "service.cilium.io/shared=false",
+        ],
+        None,
+    )
+    .await;
+    wait_until(&client, &prefix, T, "the service change", |s| {
+        s.service("shop", "web").is_some_and(|s| !s.shared)
+    })
+    .await;
+    assert_eq!(
+        events().await.len(),
+        1,
+        "the same problem was reported again"
+    );
+    assert_eq!(p.metrics.annotation_problems(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_publishes_and_a_standby_takes_over() {
+    init_logs();
+    let etcd = Etcd::start();
+    let client = connect(&etcd).await;
+    let lab = Lab::start().await;
+    lab.namespace("shop").await;
+    lab.node("n1", "192.168.0.1", "10.0.1.0/24").await;
+    lab.global_service("shop", "web", json!({})).await;
+    lab.pod("shop", "web-1", "web", "10.0.1.1", "n1", "192.168.0.1")
+        .await;
+    lab.slice("shop", "web", &["10.0.1.1"], "n1").await;
+    let prefix = format!("{PREFIX}clusters/{CLUSTER}/");
+    let grace = Duration::from_secs(60);
+
+    let mut a = Running::start(&client, lab.client().await, publisher_config("a", grace));
+    let mut b = Running::start(&client, lab.client().await, publisher_config("b", grace));
+    wait_until(&client, &prefix, T, "the leader's sync", |s| {
+        s.all_synced() && s.endpoint("10.0.1.1").is_some()
+    })
+    .await;
+    assert!(a.is_leader.get() ^ b.is_leader.get(), "exactly one leader");
+    let leader_name = if a.is_leader.get() { "a" } else { "b" };
+    let leader_key = list(&client, &Keys::new(PREFIX).leader()).await.0;
+    let holder = String::from_utf8(leader_key.values().next().unwrap().clone()).unwrap();
+    assert_eq!(holder, leader_name, "the leader key names another replica");
+    let (leader, standby) = if leader_name == "a" {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert!(leader.metrics.txns() > 0);
+    assert_eq!(standby.metrics.txns(), 0, "the standby wrote to etcd");
+
+    // Kill the leader's task: the standby takes over and publishes the next change.
+    leader.task.abort();
+    tokio::time::timeout(T, standby.is_leader.wait_for(true))
+        .await
+        .expect("the standby became leader");
+    lab.pod("shop", "web-2", "web", "10.0.1.2", "n1", "192.168.0.1")
+        .await;
+    lab.slice("shop", "web", &["10.0.1.1", "10.0.1.2"], "n1")
+        .await;
+    wait_until(
+        &client,
+        &prefix,
+        T,
+        "the change published by the new leader",
+        |s| s.endpoint("10.0.1.2").is_some() && s.backend_ips("shop", "web").len() == 2,
+    )
+    .await;
+    assert!(standby.metrics.txns() > 0);
+
+    // The new leader loses its lease behind its back: it stops, campaigns again, and the
+    // next change is still published.
+    let mut etcd_client = client.clone();
+    let leader_kv = etcd_client
+        .get(Keys::new(PREFIX).leader(), None)
+        .await
+        .unwrap();
+    let (lease, rev) = (
+        leader_kv.kvs()[0].lease(),
+        leader_kv.kvs()[0].create_revision(),
+    );
+    etcd_client.lease_revoke(lease).await.unwrap();
+    wait_until(
+        &client,
+        &Keys::new(PREFIX).leader(),
+        T,
+        "a new leader term",
+        |s| !s.raw.is_empty(),
+    )
+    .await;
+    let again = etcd_client
+        .get(Keys::new(PREFIX).leader(), None)
+        .await
+        .unwrap();
+    assert_ne!(
+        again.kvs()[0].create_revision(),
+        rev,
+        "the old term survived its lease"
+    );
+    lab.pod("shop", "web-3", "web", "10.0.1.3", "n1", "192.168.0.1")
+        .await;
+    wait_until(&client, &prefix, T, "a change after the lease loss", |s| {
+        s.endpoint("10.0.1.3").is_some()
+    })
+    .await;
+    assert!(standby.is_leader.get());
+}
