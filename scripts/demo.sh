@@ -34,7 +34,7 @@ bash scripts/setup.sh
 
 say "Building mesh"
 cargo build --quiet --bins
-bin=$root/target/debug
+bin=${CARGO_TARGET_DIR:-$root/target}/debug
 export PATH="$bin:$PATH"
 
 work=$(mktemp -d /tmp/mesh-demo.XXXXXX)

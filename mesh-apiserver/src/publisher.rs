@@ -372,7 +372,7 @@ async fn create_event(
             ..Default::default()
         },
         reason: Some(INVALID_ANNOTATION_REASON.into()),
-        message: Some(format!("{}; treated as unset", req.problem)),
+        message: Some(req.problem.to_string()),
         type_: Some("Warning".into()),
         source: Some(corev1::EventSource {
             component: Some("mesh-apiserver".into()),
@@ -891,7 +891,7 @@ impl<'a> Term<'a> {
             .retain(|(k, p)| k != key || current.contains(p));
         for problem in &svc.problems {
             if self.reported.insert((key.clone(), problem.to_string())) {
-                warn!(service = %key, problem = %problem, "invalid service annotation; treated as unset");
+                warn!(service = %key, problem = %problem, "invalid service annotation");
                 self.metrics.annotation_problems.inc();
                 self.events.report(svc, problem);
             }
