@@ -1,0 +1,155 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * mesh datapath: the map layouts shared by the eBPF programs (C) and the
+ * agent (Rust, mesh-agent/src/datapath/layout.rs). This header is the one C
+ * definition of those layouts; the Rust mirrors are checked against it by a
+ * test that compiles this header and compares sizes and offsets.
+ *
+ * Conventions:
+ *  - addresses and ports are in network byte order (as the kernel hands them
+ *    to sock_addr programs), everything else in host order;
+ *  - every struct is padded explicitly so hash keys never carry garbage bytes
+ *    and both sides agree on the layout; no bools;
+ *  - IPv4 only for now. IPv6 gets its own maps (mesh_ipcache6, mesh_services6,
+ *    ...) with 16-byte addresses, so these layouts never change meaning.
+ *
+ * The struct part is plain C (only <linux/types.h>) so that a host compiler
+ * can include it; the map definitions are only compiled for the BPF target.
+ */
+#ifndef MESH_H
+#define MESH_H
+
+#include <linux/types.h>
+
+/* Reserved identities (DESIGN.md section 4). */
+#define MESH_IDENTITY_HOST 1
+#define MESH_IDENTITY_WORLD 2
+#define MESH_IDENTITY_REMOTE_NODE 6
+
+/* Map sizes. The agent refuses to program more than these. */
+#define MESH_IPCACHE_MAX 524288
+#define MESH_SERVICES_MAX 65536
+#define MESH_BACKENDS_MAX 65536
+#define MESH_REV_NAT_MAX 262144
+#define MESH_FLOWS_MAX 65536
+
+/* mesh_ipcache: LPM trie, longest prefix wins. */
+struct mesh_ipcache_key {
+	__u32 prefixlen; /* bits of `ip4` that matter, 0..=32 */
+	__u32 ip4;       /* network order */
+};
+
+/* mesh_ipcache_value.flags */
+#define MESH_IPCACHE_F_LOCAL (1U << 0)  /* endpoint on this node */
+#define MESH_IPCACHE_F_REMOTE (1U << 1) /* endpoint of another cluster */
+
+struct mesh_ipcache_value {
+	__u32 identity;
+	__u32 tunnel_endpoint; /* node IP, network order, 0 = none */
+	__u16 cluster_id;
+	__u16 pad;
+	__u32 flags;
+};
+
+/* mesh_services: hash. Slot 0 is the master entry (count = number of backend
+ * slots, backend_id unused); slots 1..=count hold backend ids. */
+struct mesh_service_key {
+	__u32 vip;   /* network order */
+	__u16 port;  /* network order */
+	__u16 slot;  /* host order */
+	__u8 proto;  /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 pad[3];
+};
+
+struct mesh_service_value {
+	__u32 backend_id; /* slot > 0: key of mesh_backends */
+	__u16 count;      /* slot 0: number of backend slots */
+	__u16 pad;
+	__u32 flags;
+};
+
+/* mesh_backends: hash, key = backend id (__u32, host order, never 0). */
+struct mesh_backend_value {
+	__u32 ip;   /* network order */
+	__u16 port; /* network order */
+	__u8 proto;
+	__u8 pad;
+	__u16 cluster_id;
+	__u16 pad2;
+	__u32 flags;
+};
+
+/* mesh_rev_nat: LRU hash. Written when a socket's destination is rewritten to
+ * a backend; read by recvmsg4/getpeername4 to show the service address again. */
+struct mesh_rev_nat_key {
+	__u64 cookie;      /* bpf_get_socket_cookie() */
+	__u32 backend_ip;  /* network order */
+	__u16 backend_port; /* network order */
+	__u16 pad;
+};
+
+struct mesh_rev_nat_value {
+	__u32 vip;  /* network order */
+	__u16 port; /* network order */
+	__u16 pad;
+};
+
+/* mesh_flows: LRU per-CPU hash, per identity pair. */
+struct mesh_flow_key {
+	__u32 src_identity;
+	__u32 dst_identity;
+};
+
+struct mesh_flow_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#if defined(__bpf__)
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESH_IPCACHE_MAX);
+	__type(key, struct mesh_ipcache_key);
+	__type(value, struct mesh_ipcache_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_ipcache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MESH_SERVICES_MAX);
+	__type(key, struct mesh_service_key);
+	__type(value, struct mesh_service_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MESH_BACKENDS_MAX);
+	__type(key, __u32);
+	__type(value, struct mesh_backend_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MESH_REV_NAT_MAX);
+	__type(key, struct mesh_rev_nat_key);
+	__type(value, struct mesh_rev_nat_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_rev_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, MESH_FLOWS_MAX);
+	__type(key, struct mesh_flow_key);
+	__type(value, struct mesh_flow_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_flows SEC(".maps");
+
+#endif /* __bpf__ */
+
+#endif /* MESH_H */

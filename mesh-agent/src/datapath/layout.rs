@@ -1,0 +1,321 @@
+//! `#[repr(C)]` mirrors of the map layouts in `bpf/mesh.h`.
+//!
+//! These are the raw wire format of the maps: addresses and ports in network
+//! byte order, explicit padding, no bools. The rest of the agent uses the plain
+//! types in [`super::types`]; only the datapath module converts between them.
+//! `tests::c_layout_matches` compiles assertions generated from these structs
+//! against the C header, so the two definitions cannot drift apart.
+
+/// Reserved identity of addresses the ipcache does not know.
+pub const IDENTITY_WORLD: u32 = 2;
+
+/// Map sizes (`MESH_*_MAX` in bpf/mesh.h).
+pub const IPCACHE_MAX: u32 = 524_288;
+pub const SERVICES_MAX: u32 = 65_536;
+pub const BACKENDS_MAX: u32 = 65_536;
+pub const REV_NAT_MAX: u32 = 262_144;
+pub const FLOWS_MAX: u32 = 65_536;
+
+/// `struct mesh_ipcache_key`. The kernel LPM trie key: prefix length in bits,
+/// then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheKey {
+    pub prefixlen: u32,
+    /// Network order.
+    pub ip4: u32,
+}
+
+/// `struct mesh_ipcache_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    /// Node IP, network order, 0 = none.
+    pub tunnel_endpoint: u32,
+    pub cluster_id: u16,
+    pub pad: u16,
+    pub flags: u32,
+}
+
+/// `struct mesh_service_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceKey {
+    /// Network order.
+    pub vip: u32,
+    /// Network order.
+    pub port: u16,
+    pub slot: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct mesh_service_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub pad: u16,
+    pub flags: u32,
+}
+
+/// `struct mesh_backend_value` (the key is a `u32` backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendValue {
+    /// Network order.
+    pub ip: u32,
+    /// Network order.
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+    pub cluster_id: u16,
+    pub pad2: u16,
+    pub flags: u32,
+}
+
+/// `struct mesh_rev_nat_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatKey {
+    pub cookie: u64,
+    /// Network order.
+    pub backend_ip: u32,
+    /// Network order.
+    pub backend_port: u16,
+    pub pad: u16,
+}
+
+/// `struct mesh_rev_nat_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatValue {
+    /// Network order.
+    pub vip: u32,
+    /// Network order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct mesh_flow_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+}
+
+/// `struct mesh_flow_value` (one per CPU in the map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// SAFETY (all impls below): each type is `#[repr(C)]`, `Copy`, made only of
+// integers and integer arrays with explicit padding fields, so it has no
+// implicit padding bytes and every bit pattern is a valid value, which is what
+// `aya::Pod` requires to copy it to and from the kernel.
+#[allow(unsafe_code)]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for IpcacheKey {}
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+}
+
+/// (C struct name, size, [(field, offset)]) of every mirrored struct, for the
+/// layout tests.
+#[cfg(test)]
+macro_rules! layout_table {
+    ($($rust:ty => $c:literal { $($field:ident),* $(,)? }),* $(,)?) => {
+        vec![$(
+            (
+                $c,
+                std::mem::size_of::<$rust>(),
+                vec![$((stringify!($field), std::mem::offset_of!($rust, $field))),*],
+            )
+        ),*]
+    };
+}
+
+#[cfg(test)]
+type Layout = Vec<(&'static str, usize, Vec<(&'static str, usize)>)>;
+
+#[cfg(test)]
+fn layouts() -> Layout {
+    layout_table! {
+        IpcacheKey => "mesh_ipcache_key" { prefixlen, ip4 },
+        IpcacheValue => "mesh_ipcache_value" { identity, tunnel_endpoint, cluster_id, pad, flags },
+        ServiceKey => "mesh_service_key" { vip, port, slot, proto, pad },
+        ServiceValue => "mesh_service_value" { backend_id, count, pad, flags },
+        BackendValue => "mesh_backend_value" { ip, port, proto, pad, cluster_id, pad2, flags },
+        RevNatKey => "mesh_rev_nat_key" { cookie, backend_ip, backend_port, pad },
+        RevNatValue => "mesh_rev_nat_value" { vip, port, pad },
+        FlowKey => "mesh_flow_key" { src_identity, dst_identity },
+        FlowValue => "mesh_flow_value" { packets, bytes },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fmt::Write as _, mem::size_of, path::Path, process::Command};
+
+    use super::*;
+
+    /// Pins the Rust layouts: a change here is a change of the map ABI and
+    /// needs a matching change in bpf/mesh.h (and a plan for pinned maps).
+    #[test]
+    fn rust_layout_is_pinned() {
+        let expected: Layout = vec![
+            ("mesh_ipcache_key", 8, vec![("prefixlen", 0), ("ip4", 4)]),
+            (
+                "mesh_ipcache_value",
+                16,
+                vec![
+                    ("identity", 0),
+                    ("tunnel_endpoint", 4),
+                    ("cluster_id", 8),
+                    ("pad", 10),
+                    ("flags", 12),
+                ],
+            ),
+            (
+                "mesh_service_key",
+                12,
+                vec![
+                    ("vip", 0),
+                    ("port", 4),
+                    ("slot", 6),
+                    ("proto", 8),
+                    ("pad", 9),
+                ],
+            ),
+            (
+                "mesh_service_value",
+                12,
+                vec![("backend_id", 0), ("count", 4), ("pad", 6), ("flags", 8)],
+            ),
+            (
+                "mesh_backend_value",
+                16,
+                vec![
+                    ("ip", 0),
+                    ("port", 4),
+                    ("proto", 6),
+                    ("pad", 7),
+                    ("cluster_id", 8),
+                    ("pad2", 10),
+                    ("flags", 12),
+                ],
+            ),
+            (
+                "mesh_rev_nat_key",
+                16,
+                vec![
+                    ("cookie", 0),
+                    ("backend_ip", 8),
+                    ("backend_port", 12),
+                    ("pad", 14),
+                ],
+            ),
+            (
+                "mesh_rev_nat_value",
+                8,
+                vec![("vip", 0), ("port", 4), ("pad", 6)],
+            ),
+            (
+                "mesh_flow_key",
+                8,
+                vec![("src_identity", 0), ("dst_identity", 4)],
+            ),
+            ("mesh_flow_value", 16, vec![("packets", 0), ("bytes", 8)]),
+        ];
+        assert_eq!(layouts(), expected);
+        // aya's LPM key type must have the layout of mesh_ipcache_key.
+        assert_eq!(
+            size_of::<aya::maps::lpm_trie::Key<u32>>(),
+            size_of::<IpcacheKey>()
+        );
+    }
+
+    /// Compiles `_Static_assert`s generated from the Rust layouts against
+    /// bpf/mesh.h for the BPF target: clang fails, naming the struct and field,
+    /// when the C and Rust definitions disagree.
+    #[test]
+    fn c_layout_matches() {
+        let mut src = String::from("#include <stddef.h>\n#include \"mesh.h\"\n");
+        for (name, size, fields) in layouts() {
+            writeln!(
+                src,
+                "_Static_assert(sizeof(struct {name}) == {size}, \"sizeof(struct {name}) != {size} (Rust)\");"
+            )
+            .unwrap();
+            for (field, offset) in fields {
+                writeln!(
+                    src,
+                    "_Static_assert(offsetof(struct {name}, {field}) == {offset}, \
+                     \"offsetof(struct {name}, {field}) != {offset} (Rust)\");"
+                )
+                .unwrap();
+            }
+        }
+        for (name, value) in [
+            ("MESH_IDENTITY_WORLD", IDENTITY_WORLD),
+            ("MESH_IPCACHE_MAX", IPCACHE_MAX),
+            ("MESH_SERVICES_MAX", SERVICES_MAX),
+            ("MESH_BACKENDS_MAX", BACKENDS_MAX),
+            ("MESH_REV_NAT_MAX", REV_NAT_MAX),
+            ("MESH_FLOWS_MAX", FLOWS_MAX),
+        ] {
+            writeln!(
+                src,
+                "_Static_assert({name} == {value}, \"{name} != {value} (Rust)\");"
+            )
+            .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("layout_check.c");
+        std::fs::write(&file, &src).unwrap();
+        let bpf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bpf");
+        let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
+        let out = Command::new(&clang)
+            .args(["-target", "bpf", "-fsyntax-only", "-Werror"])
+            .arg("-I/usr/include/x86_64-linux-gnu")
+            .arg("-I")
+            .arg(&bpf_dir)
+            .arg(&file)
+            .output()
+            .unwrap_or_else(|e| panic!("run {clang} (install it with scripts/setup.sh): {e}"));
+        assert!(
+            out.status.success(),
+            "bpf/mesh.h and datapath/layout.rs disagree:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The check must be able to fail: a wrong offset is rejected.
+        std::fs::write(
+            &file,
+            "#include <stddef.h>\n#include \"mesh.h\"\n\
+             _Static_assert(offsetof(struct mesh_service_key, slot) == 5, \"x\");\n",
+        )
+        .unwrap();
+        let out = Command::new(&clang)
+            .args(["-target", "bpf", "-fsyntax-only"])
+            .arg("-I/usr/include/x86_64-linux-gnu")
+            .arg("-I")
+            .arg(&bpf_dir)
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a wrong offset must fail the check");
+    }
+}

@@ -1,0 +1,929 @@
+//! The eBPF datapath against the real kernel: socket load balancing in a
+//! cgroup, UDP reverse translation, pinned maps and links across a restart,
+//! and flow accounting on a veth pair.
+//!
+//! These tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and skip
+//! with a message otherwise. Each test creates its own network namespaces,
+//! cgroup and bpffs, and removes them in Drop guards, so they run in
+//! parallel and clean up when they fail.
+//!
+//! Clients and servers are this test binary re-executed in a role
+//! (`child_process_entry`), moved into the test's cgroup by `sh` and into its
+//! network namespace by `nsenter` before they run.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use mesh_agent::datapath::{
+    BackendValue, Datapath, DatapathConfig, IdentityPair, IpcacheValue, LinkState, PROTO_TCP,
+    PROTO_UDP, ServiceEntryKey, ServiceEntryValue, unpin_dir,
+};
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+const EPERM: i32 = 1;
+const ENETUNREACH: i32 = 101;
+
+// === harness ===
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!(
+                "skipping: the datapath tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+            );
+            return;
+        }
+    };
+}
+
+/// A name unique to this process and call, short enough for interfaces.
+fn unique(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{tag}{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with `lo` up, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A cgroup v2 directory, removed on drop (its processes moved out first).
+struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    fn new(tag: &str) -> Self {
+        let path = Path::new(CGROUP_ROOT).join(format!("mesh-test-{}", unique(tag)));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {path:?}: {e}"));
+        Self { path }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(Path::new(CGROUP_ROOT).join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// A temporary directory for a bpffs; on drop, unpins the node's datapath and
+/// unmounts whatever was mounted there.
+struct Bpffs {
+    dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    /// An empty directory: `Datapath::open` must mount the bpffs itself.
+    fn unmounted() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("mesh-bpffs")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    fn mounted() -> Self {
+        let fs = Self::unmounted();
+        run(
+            "mount",
+            &["-t", "bpf", "bpf", fs.dir.path().to_str().unwrap()],
+        );
+        fs
+    }
+
+    fn pin_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join("mesh").join(node)
+    }
+
+    fn is_mounted(&self) -> bool {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let dir = self.dir.path().to_str().unwrap();
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(dir) && l.starts_with("bpf "))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = unpin_dir(&self.dir.path().join("mesh").join("node"));
+        while self.is_mounted() {
+            if !Command::new("umount")
+                .arg(self.dir.path())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(self.dir.path())
+                    .status();
+                break;
+            }
+        }
+    }
+}
+
+/// This binary re-executed in a child role, in a netns (and a cgroup).
+struct Proc {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Proc {
+    fn spawn(netns: &Netns, cgroup: Option<&Cgroup>, role: &str, args: &[&str]) -> Self {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = Command::new("sh");
+        let script = match cgroup {
+            // Join the cgroup first, so the process runs in it from exec on.
+            Some(_) => {
+                r#"echo $$ > "$1" && exec nsenter --net="$2" -- "$3" --exact child_process_entry --nocapture --test-threads=1"#
+            }
+            None => {
+                r#"exec nsenter --net="$2" -- "$3" --exact child_process_entry --nocapture --test-threads=1"#
+            }
+        };
+        let procs = cgroup
+            .map(|c| c.path.join("cgroup.procs"))
+            .unwrap_or_default();
+        cmd.arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(procs)
+            .arg(netns.path())
+            .arg(exe)
+            .env("MESH_DP_CHILD", role)
+            .env("MESH_DP_ARGS", args.join(" "))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {role}: {e}"));
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Self { child, stdout }
+    }
+
+    /// A server, returned once it listens.
+    fn server(netns: &Netns, role: &str, args: &[&str]) -> Self {
+        let mut proc = Self::spawn(netns, None, role, args);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = proc.stdout.read_line(&mut line).unwrap();
+            assert!(n > 0, "{role} {args:?} exited before it was ready");
+            if line.trim() == "READY" {
+                return proc;
+            }
+        }
+    }
+
+    /// Runs a client to completion; returns its RESULT lines.
+    fn client(netns: &Netns, cgroup: Option<&Cgroup>, role: &str, args: &[&str]) -> Vec<Outcome> {
+        let mut proc = Self::spawn(netns, cgroup, role, args);
+        let mut out = String::new();
+        proc.stdout.read_to_string(&mut out).unwrap();
+        let status = proc.child.wait().unwrap();
+        assert!(status.success(), "{role} {args:?} failed: {status}\n{out}");
+        out.lines()
+            .filter_map(|l| l.strip_prefix("RESULT "))
+            .map(Outcome::parse)
+            .collect()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a client saw for one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// The server's name and the peer address the socket reports.
+    Ok {
+        name: String,
+        peer: SocketAddr,
+    },
+    Err {
+        errno: i32,
+    },
+}
+
+impl Outcome {
+    fn parse(line: &str) -> Self {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            ["ok", name, peer] => Self::Ok {
+                name: (*name).to_owned(),
+                peer: peer.parse().unwrap(),
+            },
+            ["err", errno] => Self::Err {
+                errno: errno.parse().unwrap(),
+            },
+            _ => panic!("bad child output {line:?}"),
+        }
+    }
+}
+
+// === child roles ===
+
+/// Entry point of the re-executed children; a no-op in a normal test run.
+#[test]
+fn child_process_entry() {
+    let Ok(role) = std::env::var("MESH_DP_CHILD") else {
+        return;
+    };
+    let args = std::env::var("MESH_DP_ARGS").unwrap_or_default();
+    let args: Vec<&str> = args.split_whitespace().collect();
+    // libtest has printed "test child_process_entry ... " without a newline.
+    println!();
+    child_main(&role, &args);
+    std::io::stdout().flush().unwrap();
+    std::process::exit(0);
+}
+
+fn ready() {
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+}
+
+fn report(result: std::io::Result<(String, SocketAddr)>) {
+    match result {
+        Ok((name, peer)) => println!("RESULT ok {name} {peer}"),
+        Err(e) => println!("RESULT err {}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn child_main(role: &str, args: &[&str]) {
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    match (role, args) {
+        ("tcp-server", [addr, name]) => {
+            let listener = TcpListener::bind(addr).unwrap();
+            ready();
+            for stream in listener.incoming() {
+                let _ = stream.and_then(|mut s| s.write_all(name.as_bytes()));
+            }
+        }
+        ("udp-server", [addr, name]) => {
+            let socket = UdpSocket::bind(addr).unwrap();
+            ready();
+            let mut buf = [0u8; 64];
+            loop {
+                let (_, from) = socket.recv_from(&mut buf).unwrap();
+                socket.send_to(name.as_bytes(), from).unwrap();
+            }
+        }
+        ("tcp-client", [target, count]) => {
+            let target: SocketAddr = target.parse().unwrap();
+            for _ in 0..count.parse::<u32>().unwrap() {
+                report((|| {
+                    let mut s = TcpStream::connect_timeout(&target, TIMEOUT)?;
+                    s.set_read_timeout(Some(TIMEOUT))?;
+                    let peer = s.peer_addr()?;
+                    let mut name = String::new();
+                    s.read_to_string(&mut name)?;
+                    Ok((name, peer))
+                })());
+            }
+        }
+        ("udp-client", [target, mode, count]) => {
+            let target: SocketAddr = target.parse().unwrap();
+            for _ in 0..count.parse::<u32>().unwrap() {
+                report((|| {
+                    let socket = UdpSocket::bind("0.0.0.0:0")?;
+                    socket.set_read_timeout(Some(TIMEOUT))?;
+                    let mut buf = [0u8; 64];
+                    if *mode == "connected" {
+                        socket.connect(target)?;
+                        socket.send(b"hi")?;
+                        let n = socket.recv(&mut buf)?;
+                        let peer = socket.peer_addr()?;
+                        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), peer))
+                    } else {
+                        socket.send_to(b"hi", target)?;
+                        let (n, from) = socket.recv_from(&mut buf)?;
+                        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+                    }
+                })());
+            }
+        }
+        _ => panic!("unknown child role {role} {args:?}"),
+    }
+}
+
+// === helpers ===
+
+fn program_service(
+    dp: &mut Datapath,
+    frontend: ServiceEntryKey,
+    backends: &[(u32, Ipv4Addr, u16)],
+) {
+    for &(id, ip, port) in backends {
+        dp.upsert_backend(
+            id,
+            BackendValue {
+                ip,
+                port,
+                proto: frontend.proto,
+                cluster_id: 1,
+                flags: 0,
+            },
+        )
+        .unwrap();
+    }
+    for (i, &(id, _, _)) in backends.iter().enumerate() {
+        let slot = u16::try_from(i + 1).unwrap();
+        dp.upsert_service_slot(frontend.with_slot(slot), ServiceEntryValue::backend(id))
+            .unwrap();
+    }
+    let count = u16::try_from(backends.len()).unwrap();
+    dp.upsert_service_slot(frontend, ServiceEntryValue::master(count))
+        .unwrap();
+}
+
+fn names(outcomes: &[Outcome], vip: SocketAddr) -> BTreeSet<String> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Ok { name, peer } => {
+                assert_eq!(*peer, vip, "the peer address must be the service address");
+                name.clone()
+            }
+            Outcome::Err { errno } => panic!("connect to {vip} failed with errno {errno}"),
+        })
+        .collect()
+}
+
+/// A netns with two backend addresses on lo and a TCP server on each.
+struct TwoBackends {
+    _servers: Vec<Proc>,
+    netns: Netns,
+}
+
+const BACKEND_A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+const BACKEND_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+
+impl TwoBackends {
+    fn new(tag: &str) -> Self {
+        let netns = Netns::new(tag);
+        netns.ip(&["addr", "add", "10.0.1.1/32", "dev", "lo"]);
+        netns.ip(&["addr", "add", "10.0.1.2/32", "dev", "lo"]);
+        let servers = vec![
+            Proc::server(&netns, "tcp-server", &["10.0.1.1:8080", "backend-a"]),
+            Proc::server(&netns, "tcp-server", &["10.0.1.2:8080", "backend-b"]),
+        ];
+        Self {
+            _servers: servers,
+            netns,
+        }
+    }
+}
+
+fn tcp_frontend() -> (ServiceEntryKey, SocketAddr) {
+    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    (
+        ServiceEntryKey::master(vip, 80, PROTO_TCP),
+        SocketAddr::from((vip, 80)),
+    )
+}
+
+// === tests ===
+
+#[test]
+fn tcp_connect_to_service_is_load_balanced_and_refused_without_backends() {
+    require_root!();
+    // Declared first, dropped last: processes, then datapath pins, then cgroup.
+    let cgroup = Cgroup::new("lb");
+    let bpffs = Bpffs::mounted();
+    let net = TwoBackends::new("lb");
+    let mut dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
+    assert!(
+        dp.links().iter().all(|l| l.state == LinkState::Attached),
+        "{:?}",
+        dp.links()
+    );
+
+    let (frontend, vip) = tcp_frontend();
+    program_service(
+        &mut dp,
+        frontend,
+        &[(1, BACKEND_A, 8080), (2, BACKEND_B, 8080)],
+    );
+
+    let outcomes = Proc::client(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &[&vip.to_string(), "40"],
+    );
+    assert_eq!(outcomes.len(), 40);
+    assert_eq!(
+        names(&outcomes, vip),
+        BTreeSet::from(["backend-a".to_owned(), "backend-b".to_owned()]),
+        "every connection reaches a backend and both backends are used"
+    );
+
+    // A process outside the cgroup is not load balanced: nothing routes the vip.
+    let outside = Proc::client(&net.netns, None, "tcp-client", &[&vip.to_string(), "1"]);
+    assert_eq!(outside, vec![Outcome::Err { errno: ENETUNREACH }]);
+
+    // An address that is not a frontend is left alone.
+    let direct = Proc::client(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &["10.0.1.2:8080", "1"],
+    );
+    assert_eq!(
+        direct,
+        vec![Outcome::Ok {
+            name: "backend-b".into(),
+            peer: "10.0.1.2:8080".parse().unwrap()
+        }]
+    );
+
+    // No backend left: the connect fails at once and never reaches the old ones.
+    dp.upsert_service_slot(frontend, ServiceEntryValue::master(0))
+        .unwrap();
+    let refused = Proc::client(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &[&vip.to_string(), "10"],
+    );
+    assert_eq!(refused, vec![Outcome::Err { errno: EPERM }; 10]);
+
+    // The dump shows exactly what was programmed.
+    let dump = dp.dump().unwrap();
+    assert_eq!(dump.backends.len(), 2);
+    assert_eq!(dump.backends[&2].ip, BACKEND_B);
+    assert_eq!(dump.backends[&2].port, 8080);
+    assert_eq!(dump.services.len(), 3);
+    assert_eq!(dump.services[&frontend], ServiceEntryValue::master(0));
+    assert_eq!(
+        dump.services[&frontend.with_slot(2)],
+        ServiceEntryValue::backend(2)
+    );
+
+    // Removal reports whether the entry existed.
+    assert!(dp.remove_service_slot(frontend.with_slot(2)).unwrap());
+    assert!(!dp.remove_service_slot(frontend.with_slot(2)).unwrap());
+    assert!(dp.remove_backend(2).unwrap());
+    assert!(!dp.remove_backend(2).unwrap());
+    assert_eq!(dp.backend(2).unwrap(), None);
+    assert_eq!(
+        dp.service_slot(frontend).unwrap(),
+        Some(ServiceEntryValue::master(0))
+    );
+}
+
+#[test]
+fn udp_replies_appear_to_come_from_the_service() {
+    require_root!();
+    let cgroup = Cgroup::new("udp");
+    let bpffs = Bpffs::mounted();
+    let netns = Netns::new("udp");
+    netns.ip(&["addr", "add", "10.0.2.1/32", "dev", "lo"]);
+    let _server = Proc::server(&netns, "udp-server", &["10.0.2.1:5353", "udp-a"]);
+    let mut dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
+
+    let vip = SocketAddr::from(([10, 96, 0, 20], 53));
+    let frontend = ServiceEntryKey::master(Ipv4Addr::new(10, 96, 0, 20), 53, PROTO_UDP);
+    program_service(&mut dp, frontend, &[(7, Ipv4Addr::new(10, 0, 2, 1), 5353)]);
+
+    // sendmsg4 rewrites, recvmsg4 translates the source back.
+    let unconnected = Proc::client(
+        &netns,
+        Some(&cgroup),
+        "udp-client",
+        &[&vip.to_string(), "unconnected", "3"],
+    );
+    assert_eq!(
+        unconnected,
+        vec![
+            Outcome::Ok {
+                name: "udp-a".into(),
+                peer: vip
+            };
+            3
+        ]
+    );
+    // connect4 rewrites, getpeername4 reports the service.
+    let connected = Proc::client(
+        &netns,
+        Some(&cgroup),
+        "udp-client",
+        &[&vip.to_string(), "connected", "3"],
+    );
+    assert_eq!(
+        connected,
+        vec![
+            Outcome::Ok {
+                name: "udp-a".into(),
+                peer: vip
+            };
+            3
+        ]
+    );
+
+    // A TCP frontend on the same vip and port is a different service.
+    let tcp = Proc::client(
+        &netns,
+        Some(&cgroup),
+        "tcp-client",
+        &[&vip.to_string(), "1"],
+    );
+    assert_eq!(tcp, vec![Outcome::Err { errno: ENETUNREACH }]);
+
+    // sendmsg4 refuses when the service has no backend.
+    dp.upsert_service_slot(frontend, ServiceEntryValue::master(0))
+        .unwrap();
+    let refused = Proc::client(
+        &netns,
+        Some(&cgroup),
+        "udp-client",
+        &[&vip.to_string(), "unconnected", "1"],
+    );
+    assert_eq!(refused, vec![Outcome::Err { errno: EPERM }]);
+}
+
+/// Counts the programs attached to a cgroup, as the kernel reports them.
+fn attached_programs(cgroup: &Cgroup) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&cgroup.path)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .matches("\"attach_type\"")
+        .count()
+}
+
+#[test]
+fn pinned_maps_and_links_survive_an_agent_restart() {
+    require_root!();
+    let cgroup = Cgroup::new("rs");
+    let bpffs = Bpffs::unmounted();
+    let net = TwoBackends::new("rs");
+    let config = DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path);
+    let (frontend, vip) = tcp_frontend();
+
+    let mut dp = Datapath::open(config.clone()).unwrap();
+    assert!(
+        bpffs.is_mounted(),
+        "open mounts a bpffs when the pin root is not on one"
+    );
+    program_service(
+        &mut dp,
+        frontend,
+        &[(1, BACKEND_A, 8080), (2, BACKEND_B, 8080)],
+    );
+    let before = dp.dump().unwrap();
+    dp.close();
+
+    // No Datapath object exists: the pinned programs still load balance.
+    let outcomes = Proc::client(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &[&vip.to_string(), "20"],
+    );
+    assert_eq!(names(&outcomes, vip).len(), 2, "{outcomes:?}");
+    assert_eq!(attached_programs(&cgroup), 4);
+
+    // Restart: maps reused with their content, links taken over, not doubled.
+    let mut dp = Datapath::open(config.clone()).unwrap();
+    assert_eq!(dp.links().len(), 4);
+    assert!(
+        dp.links().iter().all(|l| l.state == LinkState::Reused),
+        "{:?}",
+        dp.links()
+    );
+    assert_eq!(attached_programs(&cgroup), 4);
+    assert_eq!(dp.dump().unwrap(), before);
+    let outcomes = Proc::client(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &[&vip.to_string(), "20"],
+    );
+    assert_eq!(names(&outcomes, vip).len(), 2, "{outcomes:?}");
+
+    // The reopened handle writes the maps the attached programs read.
+    program_service(&mut dp, frontend, &[(2, BACKEND_B, 8080)]);
+    let outcomes = Proc::client(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &[&vip.to_string(), "10"],
+    );
+    assert_eq!(
+        names(&outcomes, vip),
+        BTreeSet::from(["backend-b".to_owned()])
+    );
+
+    // Teardown detaches everything and removes the pins.
+    let pin_dir = dp.pin_dir().to_path_buf();
+    dp.unpin_all().unwrap();
+    assert!(!pin_dir.exists());
+    assert_eq!(attached_programs(&cgroup), 0);
+    let outcomes = Proc::client(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &[&vip.to_string(), "1"],
+    );
+    assert_eq!(outcomes, vec![Outcome::Err { errno: ENETUNREACH }]);
+}
+
+#[test]
+fn classifier_counts_flows_per_identity_pair() {
+    require_root!();
+    let cgroup = Cgroup::new("fl");
+    let bpffs = Bpffs::mounted();
+    let a = Netns::new("fa");
+    let b = Netns::new("fb");
+    let (va, vb) = (unique("va"), unique("vb"));
+    a.ip(&[
+        "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &b.name,
+    ]);
+    a.ip(&["addr", "add", "10.1.0.1/24", "dev", &va]);
+    a.ip(&["link", "set", &va, "up"]);
+    b.ip(&["addr", "add", "10.1.0.2/24", "dev", &vb]);
+    b.ip(&["addr", "add", "10.1.0.3/24", "dev", &vb]);
+    b.ip(&["link", "set", &vb, "up"]);
+    let _udp = Proc::server(&b, "udp-server", &["10.1.0.2:9001", "udp-b"]);
+    let _tcp = Proc::server(&b, "tcp-server", &["10.1.0.3:9000", "tcp-world"]);
+
+    let config = DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)
+        .with_flow_iface(&va)
+        .with_flow_netns(a.path());
+    let mut dp = Datapath::open(config.clone()).unwrap();
+    assert_eq!(dp.links().len(), 6, "{:?}", dp.links());
+
+    let value = |identity| IpcacheValue {
+        identity,
+        tunnel_endpoint: Some(Ipv4Addr::new(192, 168, 0, 1)),
+        cluster_id: 1,
+        flags: 0,
+    };
+    dp.upsert_ipcache("10.1.0.1/32".parse().unwrap(), value(1000))
+        .unwrap();
+    dp.upsert_ipcache("10.1.0.2/32".parse().unwrap(), value(2000))
+        .unwrap();
+    dp.upsert_ipcache("10.2.0.0/16".parse().unwrap(), value(3000))
+        .unwrap();
+    assert_eq!(
+        dp.ipcache_lookup(Ipv4Addr::new(10, 1, 0, 2)).unwrap(),
+        Some(value(2000))
+    );
+    assert_eq!(
+        dp.ipcache_lookup(Ipv4Addr::new(10, 2, 3, 4)).unwrap(),
+        Some(value(3000))
+    );
+    assert_eq!(dp.ipcache_lookup(Ipv4Addr::new(10, 1, 0, 3)).unwrap(), None);
+    let dump = dp.dump().unwrap();
+    assert_eq!(dump.ipcache.len(), 3);
+    assert_eq!(dump.ipcache[&"10.2.0.0/16".parse().unwrap()], value(3000));
+
+    let ab = IdentityPair {
+        src: 1000,
+        dst: 2000,
+    };
+    let ba = IdentityPair {
+        src: 2000,
+        dst: 1000,
+    };
+    let udp = |n: &str| Proc::client(&a, None, "udp-client", &["10.1.0.2:9001", "unconnected", n]);
+
+    // One datagram each way: counted exactly once at egress and ingress.
+    let outcome = udp("1");
+    assert_eq!(outcome.len(), 1);
+    assert!(
+        matches!(&outcome[0], Outcome::Ok { name, .. } if name == "udp-b"),
+        "{outcome:?}"
+    );
+    let flows = dp.flows().unwrap();
+    assert_eq!(flows[&ab].packets, 1, "{flows:?}");
+    assert_eq!(flows[&ba].packets, 1, "{flows:?}");
+    // Ethernet + IPv4 + UDP headers and the payload ("hi" / "udp-b").
+    assert_eq!(flows[&ab].bytes, 14 + 20 + 8 + 2, "{flows:?}");
+    assert_eq!(flows[&ba].bytes, 14 + 20 + 8 + 5, "{flows:?}");
+
+    // After a restart the classifier is not attached twice: still one count
+    // per packet.
+    dp.close();
+    let dp = Datapath::open(config).unwrap();
+    assert!(
+        dp.links().iter().all(|l| l.state == LinkState::Reused),
+        "{:?}",
+        dp.links()
+    );
+    assert_eq!(udp("2").len(), 2);
+    let flows = dp.flows().unwrap();
+    assert_eq!(flows[&ab].packets, 3, "{flows:?}");
+    assert_eq!(flows[&ba].packets, 3, "{flows:?}");
+
+    // An address the ipcache does not know is "world" (2).
+    let tcp = Proc::client(&a, None, "tcp-client", &["10.1.0.3:9000", "3"]);
+    assert!(
+        tcp.iter().all(|o| matches!(o, Outcome::Ok { .. })),
+        "{tcp:?}"
+    );
+    let flows = dp.flows().unwrap();
+    let to_world = flows[&IdentityPair { src: 1000, dst: 2 }];
+    let from_world = flows[&IdentityPair { src: 2, dst: 1000 }];
+    assert!(
+        to_world.packets >= 3 && from_world.packets >= 3,
+        "{flows:?}"
+    );
+}
+
+#[test]
+fn bulk_ipcache_updates_are_all_readable() {
+    require_root!();
+    let cgroup = Cgroup::new("bk");
+    let bpffs = Bpffs::mounted();
+    let mut dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
+    const N: u32 = 100_000;
+    let value = |i: u32| IpcacheValue {
+        identity: (2 << 16) | (256 + i % 60_000),
+        tunnel_endpoint: Some(Ipv4Addr::new(192, 168, (i >> 8) as u8, i as u8)),
+        cluster_id: 2,
+        flags: 0,
+    };
+    let net = |i: u32| {
+        ipnet::IpNet::from(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a40_0000 + i), 32).unwrap())
+    };
+    let started = std::time::Instant::now();
+    for i in 0..N {
+        dp.upsert_ipcache(net(i), value(i)).unwrap();
+    }
+    let one_by_one = started.elapsed();
+    let batch: Vec<_> = (N..2 * N).map(|i| (net(i), value(i))).collect();
+    let started = std::time::Instant::now();
+    dp.upsert_ipcache_entries(&batch).unwrap();
+    let batched = started.elapsed();
+    let started = std::time::Instant::now();
+    let dump = dp.dump().unwrap();
+    let dumped = started.elapsed();
+    eprintln!(
+        "{N} ipcache entries: one by one {one_by_one:?}, batched {batched:?}; dump of {}: {dumped:?}",
+        2 * N
+    );
+    assert_eq!(dump.ipcache.len(), 2 * N as usize);
+    assert_eq!(dump.ipcache[&net(12_345)], value(12_345));
+    assert_eq!(dump.ipcache[&net(N + 12_345)], value(N + 12_345));
+
+    // Services and backends in batches, in order: the last write of a key wins.
+    let frontend = ServiceEntryKey::master(Ipv4Addr::new(10, 96, 1, 1), 443, PROTO_TCP);
+    let backends: Vec<_> = (1..=1000u32)
+        .map(|id| {
+            let b = BackendValue {
+                ip: Ipv4Addr::from(0x0a50_0000 + id),
+                port: 8443,
+                proto: PROTO_TCP,
+                cluster_id: 3,
+                flags: 0,
+            };
+            (id, b)
+        })
+        .collect();
+    dp.upsert_backends(&backends).unwrap();
+    let mut slots: Vec<_> = (1..=1000u16)
+        .map(|s| {
+            (
+                frontend.with_slot(s),
+                ServiceEntryValue::backend(u32::from(s)),
+            )
+        })
+        .collect();
+    slots.push((frontend, ServiceEntryValue::master(999)));
+    slots.push((frontend, ServiceEntryValue::master(1000)));
+    dp.upsert_service_slots(&slots).unwrap();
+    let dump = dp.dump().unwrap();
+    assert_eq!(dump.backends.len(), 1000);
+    assert_eq!(dump.backends[&77], backends[76].1);
+    assert_eq!(dump.services.len(), 1001);
+    assert_eq!(dump.services[&frontend], ServiceEntryValue::master(1000));
+
+    // IPv6 is refused before anything is written.
+    let v6 = vec![
+        (net(3 * N), value(0)),
+        ("fd00::1/128".parse().unwrap(), value(0)),
+    ];
+    assert!(dp.upsert_ipcache_entries(&v6).is_err());
+    assert_eq!(
+        dp.ipcache_lookup(Ipv4Addr::from(0x0a40_0000 + 3 * N))
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn a_pinned_map_with_another_layout_is_refused_before_attaching() {
+    require_root!();
+    let cgroup = Cgroup::new("inc");
+    let bpffs = Bpffs::mounted();
+    let maps = bpffs.pin_dir("node").join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let stale = maps.join("mesh_services");
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            stale.to_str().unwrap(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "16",
+            "name",
+            "mesh_services",
+        ],
+    );
+    let err = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("mesh_services") && msg.contains("expects"),
+        "{msg}"
+    );
+    assert_eq!(attached_programs(&cgroup), 0, "nothing is attached");
+}
