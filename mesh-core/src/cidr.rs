@@ -6,10 +6,12 @@ use crate::Error;
 
 /// Parses a CIDR such as `10.1.0.0/16`; host bits must be zero.
 pub fn parse_cidr(value: &str) -> crate::Result<IpNet> {
-    let net: IpNet = value.parse().map_err(|e: ipnet::AddrParseError| Error::InvalidCidr {
-        value: value.into(),
-        reason: e.to_string(),
-    })?;
+    let net: IpNet = value
+        .parse()
+        .map_err(|e: ipnet::AddrParseError| Error::InvalidCidr {
+            value: value.into(),
+            reason: e.to_string(),
+        })?;
     if net.trunc() != net {
         return Err(Error::InvalidCidr {
             value: value.into(),

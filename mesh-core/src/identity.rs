@@ -178,7 +178,9 @@ mod tests {
         let c = ClusterId::new(3).unwrap();
         assert!(IdentityId((3 << 16) | 256).check_range(&name, c).is_ok());
         assert!(IdentityId(RESERVED_WORLD).check_range(&name, c).is_ok());
-        let err = IdentityId((4 << 16) | 256).check_range(&name, c).unwrap_err();
+        let err = IdentityId((4 << 16) | 256)
+            .check_range(&name, c)
+            .unwrap_err();
         assert!(err.to_string().contains("east"), "{err}");
         assert!(IdentityId((3 << 16) | 7).check_range(&name, c).is_err());
     }

@@ -32,16 +32,22 @@ impl ClusterName {
             return Err(invalid("must be at most 32 characters"));
         }
         if name == "default" {
-            return Err(invalid("\"default\" is reserved: give every cluster of a mesh its own name"));
+            return Err(invalid(
+                "\"default\" is reserved: give every cluster of a mesh its own name",
+            ));
         }
         if !name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            return Err(invalid("may contain only lowercase letters, digits and '-'"));
+            return Err(invalid(
+                "may contain only lowercase letters, digits and '-'",
+            ));
         }
         if name.starts_with('-') || name.ends_with('-') {
-            return Err(invalid("must start and end with a lowercase letter or digit"));
+            return Err(invalid(
+                "must start and end with a lowercase letter or digit",
+            ));
         }
         Ok(Self(name))
     }
@@ -112,7 +118,9 @@ impl fmt::Display for ClusterId {
 impl FromStr for ClusterId {
     type Err = Error;
     fn from_str(s: &str) -> crate::Result<Self> {
-        let id = s.parse::<u32>().map_err(|_| Error::InvalidClusterId { id: 0 })?;
+        let id = s
+            .parse::<u32>()
+            .map_err(|_| Error::InvalidClusterId { id: 0 })?;
         Self::new(id)
     }
 }
@@ -139,7 +147,16 @@ mod tests {
         for ok in ["a", "c1", "east-1", "a-b-c", &"x".repeat(32)] {
             assert!(ClusterName::new(ok).is_ok(), "{ok} should be valid");
         }
-        for bad in ["", "default", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(33)] {
+        for bad in [
+            "",
+            "default",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            &"x".repeat(33),
+        ] {
             let err = ClusterName::new(bad).unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }

@@ -56,12 +56,18 @@ impl TestCa {
     }
 
     /// A leaf claiming `spiffe://<claimed_cluster>.mesh/<spiffe_path>`, signed by this CA.
-    pub fn issue_for(&self, claimed_cluster: &str, spiffe_path: &str, validity: Validity) -> TestCert {
+    pub fn issue_for(
+        &self,
+        claimed_cluster: &str,
+        spiffe_path: &str,
+        validity: Validity,
+    ) -> TestCert {
         let key = KeyPair::generate().expect("generating leaf key");
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{claimed_cluster}/{spiffe_path}"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("{claimed_cluster}/{spiffe_path}"),
+        );
         params.subject_alt_names = vec![
             SanType::URI(
                 format!("spiffe://{claimed_cluster}.mesh/{spiffe_path}")

@@ -46,7 +46,10 @@ impl Etcd {
             .expect("opening etcd log");
         let child = Command::new(&bin)
             .arg("--name=test")
-            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -80,7 +83,10 @@ impl Etcd {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("etcd did not become healthy in {timeout:?}:\n{}", self.log());
+                panic!(
+                    "etcd did not become healthy in {timeout:?}:\n{}",
+                    self.log()
+                );
             }
             // Polling a process we do not control: there is no event to await.
             std::thread::sleep(Duration::from_millis(20));

@@ -85,7 +85,12 @@ pub fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
     match cmd {
         CaCommand::Create(args) => {
             let (crt, key) = create_ca(&args.cluster, &args.out_dir, args.days, args.force)?;
-            println!("created CA of cluster {}: {} (key {})", args.cluster, crt.display(), key.display());
+            println!(
+                "created CA of cluster {}: {} (key {})",
+                args.cluster,
+                crt.display(),
+                key.display()
+            );
             Ok(())
         }
     }
@@ -139,7 +144,9 @@ fn ca_params(cluster: &ClusterName, days: i64) -> anyhow::Result<CertificatePara
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.subject_alt_names = vec![SanType::URI(
-        format!("spiffe://{cluster}.mesh").try_into().context("CA URI SAN")?,
+        format!("spiffe://{cluster}.mesh")
+            .try_into()
+            .context("CA URI SAN")?,
     )];
     set_validity(&mut params, days);
     Ok(params)
@@ -159,17 +166,18 @@ pub fn ca_cluster(ca_pem: &str) -> anyhow::Result<String> {
     let cert = pem.parse_x509().context("parsing CA certificate")?;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::URI(uri) = name {
-                if let Some(c) = uri
+            if let x509_parser::extensions::GeneralName::URI(uri) = name
+                && let Some(c) = uri
                     .strip_prefix("spiffe://")
                     .and_then(|r| r.strip_suffix(".mesh"))
-                {
-                    return Ok(c.to_string());
-                }
+            {
+                return Ok(c.to_string());
             }
         }
     }
-    bail!("CA certificate has no spiffe://<cluster>.mesh URI SAN: was it made by meshctl ca create?")
+    bail!(
+        "CA certificate has no spiffe://<cluster>.mesh URI SAN: was it made by meshctl ca create?"
+    )
 }
 
 fn spiffe_id(args: &CertIssue) -> anyhow::Result<String> {
@@ -206,7 +214,8 @@ pub fn issue(args: &CertIssue) -> anyhow::Result<(PathBuf, PathBuf)> {
     }
     let ca_crt = args.ca_dir.join("ca.crt");
     let ca_key = args.ca_dir.join("ca.key");
-    let ca_pem = fs::read_to_string(&ca_crt).with_context(|| format!("reading {}", ca_crt.display()))?;
+    let ca_pem =
+        fs::read_to_string(&ca_crt).with_context(|| format!("reading {}", ca_crt.display()))?;
     let ca_key_pem =
         fs::read_to_string(&ca_key).with_context(|| format!("reading {}", ca_key.display()))?;
     let owner = ca_cluster(&ca_pem).with_context(|| format!("reading {}", ca_crt.display()))?;
@@ -217,13 +226,18 @@ pub fn issue(args: &CertIssue) -> anyhow::Result<(PathBuf, PathBuf)> {
             args.cluster.as_str()
         );
     }
-    let ca_key = KeyPair::from_pem(&ca_key_pem).with_context(|| format!("parsing {}", ca_key.display()))?;
+    let ca_key =
+        KeyPair::from_pem(&ca_key_pem).with_context(|| format!("parsing {}", ca_key.display()))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("loading CA certificate")?;
 
     let id = spiffe_id(args)?;
     let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, id.clone());
-    params.distinguished_name.push(DnType::OrganizationName, "mesh");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, id.clone());
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "mesh");
     let mut sans = vec![SanType::URI(id.clone().try_into().context("URI SAN")?)];
     for d in &args.dns {
         sans.push(SanType::DnsName(
@@ -248,7 +262,9 @@ pub fn issue(args: &CertIssue) -> anyhow::Result<(PathBuf, PathBuf)> {
     };
     set_validity(&mut params, args.days);
     let key = KeyPair::generate().context("generating key")?;
-    let cert = params.signed_by(&key, &issuer).context("signing certificate")?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("signing certificate")?;
 
     let stem = match (&args.name, &args.agent, &args.operator) {
         (Some(n), _, _) => n.clone(),
@@ -256,7 +272,8 @@ pub fn issue(args: &CertIssue) -> anyhow::Result<(PathBuf, PathBuf)> {
         (None, None, Some(name)) => format!("operator-{name}"),
         (None, None, None) => "apiserver".into(),
     };
-    fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
+    fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
     let crt = args.out_dir.join(format!("{stem}.crt"));
     let key_path = args.out_dir.join(format!("{stem}.key"));
     write_file(&crt, cert.pem().as_bytes(), 0o644)?;
@@ -306,14 +323,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let east = ClusterName::new("east").unwrap();
         create_ca(&east, dir.path(), 10, false).unwrap();
-        let mode = fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let ca_pem = fs::read_to_string(dir.path().join("ca.crt")).unwrap();
         assert_eq!(ca_cluster(&ca_pem).unwrap(), "east");
         // A second create without --force refuses and keeps the CA.
         let err = create_ca(&east, dir.path(), 10, false).unwrap_err();
         assert!(err.to_string().contains("already holds a CA"), "{err}");
-        assert_eq!(fs::read_to_string(dir.path().join("ca.crt")).unwrap(), ca_pem);
+        assert_eq!(
+            fs::read_to_string(dir.path().join("ca.crt")).unwrap(),
+            ca_pem
+        );
 
         let (crt, key) = issue(&args(dir.path(), "east", None)).unwrap();
         assert!(fs::metadata(&key).unwrap().permissions().mode() & 0o077 == 0);
@@ -321,9 +344,24 @@ mod tests {
         let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         let cert = p.parse_x509().unwrap();
         let san = cert.subject_alternative_name().unwrap().unwrap();
-        let names: Vec<String> = san.value.general_names.iter().map(|n| n.to_string()).collect();
-        assert!(names.iter().any(|n| n.contains("spiffe://east.mesh/apiserver")), "{names:?}");
-        assert!(names.iter().any(|n| n.contains("mesh-apiserver.kube-system.svc")), "{names:?}");
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("spiffe://east.mesh/apiserver")),
+            "{names:?}"
+        );
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("mesh-apiserver.kube-system.svc")),
+            "{names:?}"
+        );
         assert!(names.iter().any(|n| n.contains("c0:00:02:0a")), "{names:?}");
         // Signed by the CA.
         let (_, cap) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).unwrap();
@@ -341,6 +379,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         create_ca(&ClusterName::new("east").unwrap(), dir.path(), 10, false).unwrap();
         let err = issue(&args(dir.path(), "west", None)).unwrap_err();
-        assert!(err.to_string().contains("belongs to cluster \"east\""), "{err}");
+        assert!(
+            err.to_string().contains("belongs to cluster \"east\""),
+            "{err}"
+        );
     }
 }

@@ -149,8 +149,12 @@ pub async fn snapshot(
         match Object::try_from(value) {
             Ok(Object::Config(c)) => snap.clusters.push(c),
             Ok(Object::Node(n)) => snap.nodes.push(n),
-            Ok(Object::Identity(identity)) => snap.identities.push(IdentityRow { cluster, identity }),
-            Ok(Object::Endpoint(endpoint)) => snap.endpoints.push(EndpointRow { cluster, endpoint }),
+            Ok(Object::Identity(identity)) => {
+                snap.identities.push(IdentityRow { cluster, identity })
+            }
+            Ok(Object::Endpoint(endpoint)) => {
+                snap.endpoints.push(EndpointRow { cluster, endpoint })
+            }
             Ok(Object::Service(s)) => snap.services.push(s),
             Err(e) => snap.invalid.push(format!("{cluster}/{name}: {e}")),
         }
@@ -183,20 +187,37 @@ pub fn render(snap: &Snapshot, what: What) -> String {
                     c.name.to_string(),
                     c.id.to_string(),
                     join(&c.pod_cidrs),
-                    c.service_cidr.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                    c.service_cidr
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     c.version.clone(),
                 ]
             })
             .collect();
-        section("Clusters", &["CLUSTER", "ID", "POD CIDRS", "SERVICE CIDR", "VERSION"], rows);
+        section(
+            "Clusters",
+            &["CLUSTER", "ID", "POD CIDRS", "SERVICE CIDR", "VERSION"],
+            rows,
+        );
     }
     if show(What::Nodes) {
         let rows = snap
             .nodes
             .iter()
-            .map(|n| vec![n.cluster.to_string(), n.name.clone(), join(&n.internal_ips), join(&n.pod_cidrs)])
+            .map(|n| {
+                vec![
+                    n.cluster.to_string(),
+                    n.name.clone(),
+                    join(&n.internal_ips),
+                    join(&n.pod_cidrs),
+                ]
+            })
             .collect();
-        section("Nodes", &["CLUSTER", "NODE", "INTERNAL IPS", "POD CIDRS"], rows);
+        section(
+            "Nodes",
+            &["CLUSTER", "NODE", "INTERNAL IPS", "POD CIDRS"],
+            rows,
+        );
     }
     if show(What::Identities) {
         let rows = snap
@@ -222,13 +243,19 @@ pub fn render(snap: &Snapshot, what: What) -> String {
                     e.cluster.clone(),
                     ep.ip.to_string(),
                     ep.identity.to_string(),
-                    ep.host_ip.map(|h| h.to_string()).unwrap_or_else(|| "-".into()),
+                    ep.host_ip
+                        .map(|h| h.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     ep.node.clone(),
                     format!("{}/{}", ep.namespace, ep.pod),
                 ]
             })
             .collect();
-        section("Endpoints", &["CLUSTER", "IP", "IDENTITY", "HOST IP", "NODE", "POD"], rows);
+        section(
+            "Endpoints",
+            &["CLUSTER", "IP", "IDENTITY", "HOST IP", "NODE", "POD"],
+            rows,
+        );
     }
     if show(What::Services) {
         let rows = snap
@@ -260,7 +287,16 @@ pub fn render(snap: &Snapshot, what: What) -> String {
             .collect();
         section(
             "Global services",
-            &["CLUSTER", "SERVICE", "SHARED", "AFFINITY", "TRAFFIC POLICY", "FRONTENDS", "PORTS", "READY/BACKENDS"],
+            &[
+                "CLUSTER",
+                "SERVICE",
+                "SHARED",
+                "AFFINITY",
+                "TRAFFIC POLICY",
+                "FRONTENDS",
+                "PORTS",
+                "READY/BACKENDS",
+            ],
             rows,
         );
     }
@@ -277,7 +313,11 @@ fn join<T: ToString>(items: &[T]) -> String {
     if items.is_empty() {
         return "-".into();
     }
-    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub async fn run(args: InspectArgs) -> anyhow::Result<()> {

@@ -9,7 +9,11 @@ mod status;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meshctl", version, about = "Operate a mesh of Kubernetes clusters")]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Operate a mesh of Kubernetes clusters"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,

@@ -45,7 +45,10 @@ mod tests {
     fn aligned_columns() {
         let t = table(
             &["NAME", "ID"],
-            &[vec!["east".into(), "1".into()], vec!["a".into(), "200".into()]],
+            &[
+                vec!["east".into(), "1".into()],
+                vec!["a".into(), "200".into()],
+            ],
         );
         assert_eq!(t, "NAME   ID\neast   1\na      200\n");
     }

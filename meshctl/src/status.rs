@@ -117,7 +117,11 @@ pub fn view(resp: &pb::StatusResponse) -> StatusView {
                 name: c.cluster.clone(),
                 id: c.id,
                 local: c.local,
-                counts: c.counts.iter().map(|k| (kind_name(k.kind), k.count)).collect(),
+                counts: c
+                    .counts
+                    .iter()
+                    .map(|k| (kind_name(k.kind), k.count))
+                    .collect(),
                 synced: unsynced.is_empty() && !c.counts.is_empty(),
                 unsynced_kinds: unsynced,
             }
@@ -131,10 +135,17 @@ pub fn view(resp: &pb::StatusResponse) -> StatusView {
                 not_ready.push(format!(
                     "peer {}: not connected{}",
                     p.cluster,
-                    if p.last_error.is_empty() { String::new() } else { format!(": {}", p.last_error) }
+                    if p.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", p.last_error)
+                    }
                 ));
             } else if !p.synced {
-                not_ready.push(format!("peer {}: connected, initial sync not complete", p.cluster));
+                not_ready.push(format!(
+                    "peer {}: connected, initial sync not complete",
+                    p.cluster
+                ));
             }
             PeerView {
                 name: p.cluster.clone(),
@@ -170,7 +181,11 @@ pub fn view(resp: &pb::StatusResponse) -> StatusView {
                     "agent {}: not synced with {}{}",
                     a.node,
                     unsynced.join(", "),
-                    if a.last_error.is_empty() { String::new() } else { format!(" (last error: {})", a.last_error) }
+                    if a.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (last error: {})", a.last_error)
+                    }
                 ));
             }
             AgentView {
@@ -184,7 +199,10 @@ pub fn view(resp: &pb::StatusResponse) -> StatusView {
             }
         })
         .collect();
-    let agents_synced = agents.iter().filter(|a| a.unsynced_clusters.is_empty()).count();
+    let agents_synced = agents
+        .iter()
+        .filter(|a| a.unsynced_clusters.is_empty())
+        .count();
     StatusView {
         cluster: local.name,
         cluster_id: local.id,
@@ -227,9 +245,17 @@ pub fn render(v: &StatusView) -> String {
             let mut row = vec![
                 c.name.clone(),
                 c.id.to_string(),
-                if c.local { "local".into() } else { "imported".into() },
+                if c.local {
+                    "local".into()
+                } else {
+                    "imported".into()
+                },
             ];
-            row.extend(kinds.iter().map(|k| c.counts.get(*k).copied().unwrap_or(0).to_string()));
+            row.extend(
+                kinds
+                    .iter()
+                    .map(|k| c.counts.get(*k).copied().unwrap_or(0).to_string()),
+            );
             row.push(if c.synced {
                 "yes".into()
             } else {
@@ -252,15 +278,30 @@ pub fn render(v: &StatusView) -> String {
                     p.address.clone(),
                     yes_no(p.connected),
                     yes_no(p.synced),
-                    p.stale_for_seconds.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into()),
+                    p.stale_for_seconds
+                        .map(|s| format!("{s}s"))
+                        .unwrap_or_else(|| "-".into()),
                     p.revision.to_string(),
                     p.reconnects.to_string(),
-                    if p.last_error.is_empty() { "-".into() } else { p.last_error.clone() },
+                    if p.last_error.is_empty() {
+                        "-".into()
+                    } else {
+                        p.last_error.clone()
+                    },
                 ]
             })
             .collect();
         s.push_str(&table(
-            &["PEER", "ADDRESS", "CONNECTED", "SYNCED", "STALE", "REVISION", "RECONNECTS", "LAST ERROR"],
+            &[
+                "PEER",
+                "ADDRESS",
+                "CONNECTED",
+                "SYNCED",
+                "STALE",
+                "REVISION",
+                "RECONNECTS",
+                "LAST ERROR",
+            ],
             &rows,
         ));
     }
@@ -287,12 +328,21 @@ pub fn render(v: &StatusView) -> String {
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect::<Vec<_>>()
                         .join(" "),
-                    a.reported_seconds_ago.map(|s| format!("{s}s ago")).unwrap_or_else(|| "-".into()),
-                    if a.last_error.is_empty() { "-".into() } else { a.last_error.clone() },
+                    a.reported_seconds_ago
+                        .map(|s| format!("{s}s ago"))
+                        .unwrap_or_else(|| "-".into()),
+                    if a.last_error.is_empty() {
+                        "-".into()
+                    } else {
+                        a.last_error.clone()
+                    },
                 ]
             })
             .collect();
-        s.push_str(&table(&["NODE", "SYNCED", "MAP ENTRIES", "REPORTED", "LAST ERROR"], &rows));
+        s.push_str(&table(
+            &["NODE", "SYNCED", "MAP ENTRIES", "REPORTED", "LAST ERROR"],
+            &rows,
+        ));
     }
     if !v.not_ready.is_empty() {
         s.push_str("\nNot ready:\n");

@@ -229,7 +229,10 @@ mod tests {
                 })
             );
         }
-        assert_eq!(k.object("a", Kind::Endpoint, "10.0.0.1"), "mesh/v1/clusters/a/endpoints/10.0.0.1");
+        assert_eq!(
+            k.object("a", Kind::Endpoint, "10.0.0.1"),
+            "mesh/v1/clusters/a/endpoints/10.0.0.1"
+        );
         assert_eq!(k.object("a", Kind::Config, ""), "mesh/v1/clusters/a/config");
     }
 

@@ -186,7 +186,8 @@ async fn operator_of_another_cluster_refused() {
     let bravo = TestCa::new("bravo");
     let trust = TrustStore::new(name("alpha"), certs(&alpha.cert_pem)).unwrap();
     let tls = ServerTls::new(identity(&alpha.issue("apiserver")), trust).unwrap();
-    tls.add_peer_ca(name("bravo"), certs(&bravo.cert_pem)).unwrap();
+    tls.add_peer_ca(name("bravo"), certs(&bravo.cert_pem))
+        .unwrap();
     let server = start_with(tls, IncomingOptions::default()).await;
     let (code, msg) = call(&server, &alpha, &bravo.issue("operator/admin"), "alpha")
         .await
