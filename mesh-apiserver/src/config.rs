@@ -44,6 +44,9 @@ pub enum ConfigError {
     InsecureNonLoopback { addr: SocketAddr },
     #[error("{flag}: must be greater than zero")]
     Zero { flag: &'static str },
+    // === peer importer (peer.rs) ===
+    #[error(transparent)]
+    Peers(#[from] crate::peer::ImporterError),
 }
 
 pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
@@ -77,6 +80,10 @@ pub struct Args {
 
     #[command(flatten)]
     pub serve: ServeArgs,
+
+    // === peer importer (peer.rs) ===
+    #[command(flatten)]
+    pub peers: crate::peer::PeerArgs,
 
     /// How long an identity no pod uses is kept before it is released.
     #[arg(long, env = "MESH_IDENTITY_GC_GRACE", default_value = "5m", value_parser = parse_duration)]
@@ -259,6 +266,8 @@ pub struct Settings {
     pub kube: KubeArgs,
     pub serve: ServeArgs,
     pub identity_gc_grace: Duration,
+    /// Peer importer flags (peer.rs).
+    pub peers: crate::peer::PeerArgs,
 }
 
 // === impl Args ===
@@ -329,6 +338,10 @@ impl Args {
             });
         }
 
+        // === peer importer (peer.rs) ===
+        self.peers.options()?;
+        self.peers.source(None)?;
+
         Ok(Settings {
             cluster_name,
             cluster_id,
@@ -342,6 +355,7 @@ impl Args {
             kube: self.kube.clone(),
             serve: self.serve.clone(),
             identity_gc_grace: self.identity_gc_grace,
+            peers: self.peers.clone(),
         })
     }
 }

@@ -17,6 +17,7 @@ pub mod index;
 pub mod kube_source;
 pub mod leader;
 pub mod metrics;
+pub mod peer;
 pub mod publisher;
 pub mod store;
 
@@ -363,6 +364,44 @@ pub async fn start(
         let (tx, rx) = watch::channel(false);
         (rx, Some(tx))
     };
+
+    // === peer importer (peer.rs): needs TLS (its client identity is the serving cert);
+    // peers come from --peers-dir, else from the Secret when Kubernetes is configured.
+    if let (Security::Tls { cert, key, .. }, Some(tls)) = (&settings.security, &server_tls) {
+        let kube = match (&settings.peers.peers_dir, opts.publisher) {
+            (None, true) => Some(kube_client(&settings.kube).await?),
+            _ => None,
+        };
+        let source = settings
+            .peers
+            .source(kube)
+            .map_err(config::ConfigError::from)?;
+        if let Some(source) = source {
+            let cfg = peer::ImporterConfig {
+                etcd: etcd.clone(),
+                keys: settings.keys.clone(),
+                local: settings.core_cluster_config(),
+                server_tls: Some(tls.clone()),
+                identity: peer::ClientIdentity {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                source,
+                is_leader: leader_rx.clone(),
+                options: settings
+                    .peers
+                    .options()
+                    .map_err(config::ConfigError::from)?,
+            };
+            let importer = peer::Importer::spawn(cfg, &mut registry, shutdown.clone());
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                stop.cancelled().await;
+                importer.shutdown().await;
+                Ok(())
+            });
+        }
+    }
 
     let mut serve_cfg = ServeConfig::new(settings.cluster_config(), settings.keys.clone());
     serve_cfg.heartbeat_interval = settings.serve.heartbeat_interval;
