@@ -12,6 +12,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== shellcheck"
 shellcheck scripts/*.sh .ci/run
+# -x: the kind scripts source multicluster-kind/lib.sh.
+shellcheck -x multicluster-kind/*.sh
 echo "== tests"
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci

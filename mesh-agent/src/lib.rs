@@ -1,4 +1,481 @@
-//! mesh-agent: from the local apiserver to eBPF maps.
+//! mesh-agent: from the local apiserver to eBPF maps (DESIGN.md sections 5 and 9).
+//!
+//! [`run`] wires the parts together:
+//!
+//! - the resumable watch of the local mesh-apiserver (`mesh_proto::client`), feeding
+//!   [`state::MeshState`] (every cluster's config, nodes, identities, endpoints, services);
+//! - after a batch of updates (debounced by `--debounce`), [`desired::compute`] over the
+//!   clusters that are synced, then [`reconcile::Reconciler`] applies the difference to the
+//!   pinned maps and [`routes::RouteTable`] to the agent's routes;
+//! - status reports to the apiserver (`ReportStatus`), `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Nothing is programmed before the local cluster is synced and, until
+//! `--initial-sync-timeout`, every cluster seen in the snapshot: after a restart the pinned
+//! maps keep serving the last state until the new one is known, then only the difference is
+//! applied.
 
+pub mod config;
 pub mod datapath;
 pub mod desired;
+pub mod metrics;
+pub mod reconcile;
+pub mod routes;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mesh_core::ClusterName;
+use mesh_proto::client::{WatchOptions, WatchUpdate, connect_fn, spawn_watch};
+use mesh_proto::pb::{self, mesh_client::MeshClient};
+use mesh_proto::tls::{self, ClientEndpoint};
+use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+pub use config::{Args, Settings};
+
+use crate::datapath::{Datapath, DatapathConfig};
+use crate::desired::DropReason;
+use crate::metrics::{
+    ClusterLabels, KindLabels, MapLabels, Metrics, OpLabels, Readiness, ReasonLabels,
+};
+use crate::reconcile::Reconciler;
+use crate::routes::RouteTable;
+use crate::state::{Applied, MeshState};
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("datapath: {0}")]
+    Datapath(#[from] datapath::Error),
+    #[error(transparent)]
+    Metrics(#[from] metrics::Error),
+    #[error("routes: {0}")]
+    Routes(#[from] routes::Error),
+    #[error("the watch of the local apiserver ended")]
+    WatchEnded,
+}
+
+/// Runs the agent until `shutdown` is cancelled. The pinned maps, links and routes stay
+/// when it returns: the datapath keeps serving the last state.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let readiness = Readiness::default();
+    readiness.set(false, "starting");
+    metrics::serve(
+        settings.metrics_listen,
+        Arc::new(registry),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+
+    let mut dp_config = DatapathConfig::new(&settings.pin_dir, &settings.cgroup_path);
+    dp_config.flow_iface = settings.flow_iface.clone();
+    let dp = Datapath::open(dp_config)?;
+    info!(node = %settings.node, cluster = %settings.cluster, pin_dir = %settings.pin_dir.display(),
+        links = ?dp.links(), "datapath ready");
+
+    let status = Arc::new(Mutex::new(pb::AgentStatus {
+        node: settings.node.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..Default::default()
+    }));
+    let report_now = Arc::new(Notify::new());
+    tokio::spawn(
+        report_loop(
+            settings.endpoint.clone(),
+            status.clone(),
+            report_now.clone(),
+            settings.status_interval,
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("status_report")),
+    );
+
+    let endpoint = settings.endpoint.clone();
+    let connect = connect_fn(move || {
+        let endpoint = endpoint.clone();
+        async move { tls::connect(&endpoint).await.map(max_message_size) }
+    });
+    let options = WatchOptions {
+        heartbeat_interval: settings.heartbeat_interval,
+        ..WatchOptions::default()
+    };
+    let watch = spawn_watch(connect, pb::WatchRequest::default(), options);
+
+    let routes = match settings.routing {
+        config::Routing::Native => Some(RouteTable::new()?),
+        config::Routing::None => None,
+    };
+    let mut agent = Agent {
+        routes,
+        settings,
+        state: MeshState::default(),
+        reconciler: Reconciler::new(dp),
+        metrics,
+        readiness,
+        status,
+        report_now,
+        programmed: false,
+        last_error: None,
+        failures: 0,
+    };
+    agent.run(watch, shutdown).await
+}
+
+fn max_message_size(c: MeshClient<Channel>) -> MeshClient<Channel> {
+    c.max_decoding_message_size(256 * 1024 * 1024)
+}
+
+struct Agent {
+    settings: Settings,
+    state: MeshState,
+    reconciler: Reconciler<Datapath>,
+    routes: Option<RouteTable>,
+    metrics: Metrics,
+    readiness: Readiness,
+    status: Arc<Mutex<pb::AgentStatus>>,
+    report_now: Arc<Notify>,
+    /// The initial sync gate passed: the maps are being programmed.
+    programmed: bool,
+    last_error: Option<String>,
+    /// Consecutive failed reconciles (for the retry backoff).
+    failures: u32,
+}
+
+// === impl Agent ===
+
+impl Agent {
+    async fn run(
+        &mut self,
+        mut watch: mesh_proto::client::Watch,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let stats = watch.stats();
+        let started = Instant::now();
+        let initial_deadline = started + self.settings.initial_sync_timeout;
+        let mut due: Option<Instant> = None;
+        let mut timed_out = false;
+        let mut resync = tokio::time::interval_at(
+            started + self.settings.resync_interval,
+            self.settings.resync_interval,
+        );
+        let mut reconnects = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    info!("shutting down; the pinned datapath keeps serving");
+                    return Ok(());
+                }
+                update = watch.recv() => {
+                    let Some(update) = update else { return Err(Error::WatchEnded) };
+                    if self.on_update(update) {
+                        due.get_or_insert_with(|| Instant::now() + self.settings.debounce);
+                    }
+                    let r = stats.reconnects();
+                    if r > reconnects {
+                        self.metrics.watch_reconnects.inc_by(r - reconnects);
+                        reconnects = r;
+                    }
+                }
+                _ = sleep_until(due) => {
+                    due = None;
+                    if let Err(retry_in) = self.reconcile(started).await {
+                        due = Some(Instant::now() + retry_in);
+                    }
+                }
+                _ = tokio::time::sleep_until(initial_deadline), if !self.programmed && !timed_out => {
+                    // Program what is synced, even if some cluster never finishes its sync.
+                    timed_out = true;
+                    due.get_or_insert_with(Instant::now);
+                }
+                _ = resync.tick() => {
+                    debug!("periodic resync: re-reading the maps and routes");
+                    self.reconciler.invalidate();
+                    if let Some(table) = &mut self.routes {
+                        table.invalidate();
+                    }
+                    due.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+    }
+
+    /// Applies one update; returns whether a reconcile is needed.
+    fn on_update(&mut self, update: WatchUpdate) -> bool {
+        match &update {
+            WatchUpdate::Connected { resumed, revision } => {
+                info!(resumed, revision, "watching the local apiserver");
+            }
+            WatchUpdate::Disconnected { error } => {
+                warn!(%error, "lost the local apiserver; the datapath keeps its state");
+            }
+            WatchUpdate::Reset { reason } => {
+                info!(%reason, "watch reset: a fresh snapshot follows");
+            }
+            _ => {}
+        }
+        match self.state.apply(update) {
+            Applied::Changed => true,
+            Applied::ClusterSynced(cluster) => {
+                self.metrics
+                    .cluster_synced
+                    .get_or_create(&ClusterLabels {
+                        cluster: cluster.to_string(),
+                    })
+                    .set(1);
+                true
+            }
+            Applied::Unchanged => false,
+            Applied::Rejected { kind, .. } => {
+                self.metrics
+                    .rejected_objects
+                    .get_or_create(&KindLabels {
+                        kind: state::kind_name(kind).to_owned(),
+                    })
+                    .inc();
+                false
+            }
+        }
+    }
+
+    /// Recomputes and applies the desired datapath; `Err(delay)` asks for a retry.
+    async fn reconcile(&mut self, started: Instant) -> Result<(), Duration> {
+        let local = self.settings.cluster.clone();
+        let local_synced = self.state.cluster(&local).is_some_and(|c| c.ever_synced);
+        if !self.programmed {
+            let timed_out = started.elapsed() >= self.settings.initial_sync_timeout;
+            let waiting = if !local_synced {
+                Some(format!("waiting for the initial sync of cluster {local}"))
+            } else if !self.state.all_synced() && !timed_out {
+                Some("waiting for the initial sync of every cluster".to_owned())
+            } else {
+                None
+            };
+            if let Some(reason) = waiting {
+                // Nothing is programmed yet: the pinned maps keep their state.
+                self.update_status(Some(reason), false);
+                return Ok(());
+            }
+            info!(
+                clusters = self.state.clusters().len(),
+                all_synced = self.state.all_synced(),
+                "initial sync done: programming the datapath"
+            );
+            self.programmed = true;
+        }
+
+        let t0 = Instant::now();
+        let clusters = self.state.programmable();
+        let (desired, dropped) = desired::compute(&clusters, &local, &self.settings.node);
+        self.record_dropped(&dropped);
+        let mut error = None;
+        match self.reconciler.reconcile(&desired) {
+            Ok(counts) => {
+                for (op, n) in counts {
+                    self.metrics
+                        .map_operations
+                        .get_or_create(&OpLabels { op: op.to_owned() })
+                        .inc_by(n);
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "reconciling the maps failed; retrying");
+                self.metrics.reconcile_errors.inc();
+                error = Some(format!("maps: {e}"));
+            }
+        }
+        if let Some(table) = &mut self.routes {
+            let want = routes::desired_routes(&clusters, &local, &self.settings.node);
+            match table.reconcile(&want).await {
+                Ok(changes) if changes.errors.is_empty() => {}
+                Ok(changes) => {
+                    self.metrics
+                        .route_errors
+                        .inc_by(changes.errors.len() as u64);
+                    let errors: Vec<String> =
+                        changes.errors.iter().map(ToString::to_string).collect();
+                    error.get_or_insert(format!("routes: {}", errors.join("; ")));
+                }
+                Err(e) => {
+                    self.metrics.route_errors.inc();
+                    error.get_or_insert(format!("routes: {e}"));
+                }
+            }
+            if let Some(current) = table.current() {
+                self.metrics.routes.set(current.len() as i64);
+            }
+        }
+        self.metrics
+            .reconcile_duration
+            .observe(t0.elapsed().as_secs_f64());
+        let failed = error.is_some();
+        if failed {
+            self.failures += 1;
+        } else {
+            self.failures = 0;
+        }
+        let changed_error = self.last_error != error;
+        self.last_error = error;
+        self.update_status(None, changed_error);
+        if failed {
+            Err(Duration::from_millis(100 << self.failures.min(7)))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn record_dropped(&self, dropped: &[desired::Dropped]) {
+        let mut by_reason: BTreeMap<&str, i64> = BTreeMap::new();
+        for d in dropped {
+            let reason = match d.reason {
+                DropReason::IdentityOutOfRange(_) => "identity_out_of_range",
+                DropReason::ConfigUnknown => "config_unknown",
+                DropReason::DuplicateIp { .. } => "duplicate_ip",
+            };
+            debug!(entry = %d, "dropped");
+            *by_reason.entry(reason).or_default() += 1;
+        }
+        self.metrics.dropped_entries.clear();
+        for (reason, n) in by_reason {
+            self.metrics
+                .dropped_entries
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .set(n);
+        }
+    }
+
+    /// Refreshes the status report, readiness and entry gauges; reports at once when the
+    /// sync state or the error changed.
+    fn update_status(&mut self, waiting: Option<String>, changed_error: bool) {
+        let mut entries = BTreeMap::new();
+        if let Some(m) = self.reconciler.mirror() {
+            let (services, backends, ipcache) = m.entries();
+            entries.insert("services".to_owned(), services as u64);
+            entries.insert("backends".to_owned(), backends as u64);
+            entries.insert("ipcache".to_owned(), ipcache as u64);
+        }
+        if let Some(r) = self.routes.as_ref().and_then(|t| t.current()) {
+            entries.insert("routes".to_owned(), r.len() as u64);
+        }
+        for (map, n) in &entries {
+            self.metrics
+                .map_entries
+                .get_or_create(&MapLabels { map: map.clone() })
+                .set(*n as i64);
+        }
+        let clusters: Vec<pb::ClusterSync> = self
+            .state
+            .clusters()
+            .iter()
+            .map(|(name, c)| pb::ClusterSync {
+                cluster: name.to_string(),
+                synced: c.synced(),
+                endpoints: c.state.endpoints.len() as u64,
+                services: c.state.services.len() as u64,
+            })
+            .collect();
+        let unsynced: Vec<&ClusterName> = self
+            .state
+            .clusters()
+            .iter()
+            .filter(|(_, c)| !c.synced())
+            .map(|(n, _)| n)
+            .collect();
+        for (name, c) in self.state.clusters() {
+            self.metrics
+                .cluster_synced
+                .get_or_create(&ClusterLabels {
+                    cluster: name.to_string(),
+                })
+                .set(i64::from(c.synced()));
+        }
+        let unsynced: Vec<&str> = unsynced.iter().map(|c| c.as_str()).collect();
+        match (waiting, &self.last_error) {
+            (Some(reason), _) => self.readiness.set(false, reason),
+            (None, Some(e)) => self
+                .readiness
+                .set(false, format!("last reconcile failed: {e}")),
+            (None, None) if !unsynced.is_empty() => self.readiness.set(
+                false,
+                format!("clusters not synced: {}", unsynced.join(", ")),
+            ),
+            (None, None) => self.readiness.set(true, ""),
+        }
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let sync_changed = status.clusters != clusters;
+        status.clusters = clusters;
+        status.map_entries = entries.into_iter().collect();
+        status.last_error = self.last_error.clone().unwrap_or_default();
+        drop(status);
+        if sync_changed || changed_error {
+            self.report_now.notify_one();
+        }
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends the status every `interval` and whenever `now` is notified.
+async fn report_loop(
+    endpoint: ClientEndpoint,
+    status: Arc<Mutex<pb::AgentStatus>>,
+    now: Arc<Notify>,
+    interval: Duration,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let mut client: Option<MeshClient<Channel>> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            _ = now.notified() => {}
+        }
+        let mut report = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        report.reported_at_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        if client.is_none() {
+            match tls::connect(&endpoint).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    warn!(error = %e, "cannot reach the apiserver to report status");
+                    metrics.status_report_errors.inc();
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_mut() else { continue };
+        match tokio::time::timeout(Duration::from_secs(10), c.report_status(report)).await {
+            Ok(Ok(_)) => {
+                debug!("status reported");
+                metrics.status_reports.inc();
+            }
+            Ok(Err(status)) => {
+                warn!(code = ?status.code(), message = status.message(), "status report refused");
+                metrics.status_report_errors.inc();
+            }
+            Err(_) => {
+                warn!("status report timed out");
+                metrics.status_report_errors.inc();
+                client = None;
+            }
+        }
+    }
+}

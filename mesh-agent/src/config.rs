@@ -1,0 +1,293 @@
+//! Command line and environment configuration of mesh-agent.
+//!
+//! Every flag has a `MESH_*` environment fallback. [`Args::validate`] turns the raw flags into
+//! [`Settings`], with errors that name the flag and the value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use mesh_core::ClusterName;
+use mesh_proto::tls::{ClientEndpoint, ClientTls, TlsError};
+
+/// Errors in the configuration. Each names the flag and the offending value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--cluster-name: {0}")]
+    ClusterName(#[source] mesh_core::Error),
+    #[error("--node-name {0:?}: must be non-empty, without '/', at most 253 characters")]
+    NodeName(String),
+    #[error(
+        "TLS is required: pass --tls-ca, --tls-cert and --tls-key (missing: {missing}), or \
+         --insecure to reach a mesh-apiserver on a loopback address in plaintext"
+    )]
+    MissingTls { missing: String },
+    #[error("TLS material for --apiserver {address}: {source}")]
+    Tls {
+        address: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("{flag}: must be greater than zero")]
+    Zero { flag: &'static str },
+}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// How the agent routes traffic to pods on other nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Routing {
+    /// A route per remote pod CIDR via its node's IP (netlink, in the agent's network
+    /// namespace).
+    #[default]
+    Native,
+    /// Something else routes pod traffic; the agent installs no route.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// mesh-agent: watches the local mesh-apiserver and programs the node's eBPF maps.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "mesh-agent", version, about)]
+pub struct Args {
+    /// Name of this node (as in the cluster's Node objects).
+    #[arg(long, env = "MESH_NODE_NAME")]
+    pub node_name: String,
+
+    /// Name of this node's cluster.
+    #[arg(long, env = "MESH_CLUSTER_NAME")]
+    pub cluster_name: String,
+
+    /// Address (`host:port`) of the local mesh-apiserver.
+    #[arg(long, env = "MESH_APISERVER")]
+    pub apiserver: String,
+
+    /// Name the apiserver's certificate is verified against (default: the host of
+    /// --apiserver).
+    #[arg(long, env = "MESH_APISERVER_SERVER_NAME")]
+    pub apiserver_server_name: Option<String>,
+
+    /// CA bundle (PEM) of the local cluster.
+    #[arg(long, env = "MESH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Agent certificate (PEM), `spiffe://<cluster>.mesh/agent/<node>`.
+    #[arg(long, env = "MESH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert. Never logged.
+    #[arg(long, env = "MESH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Talk plaintext to the apiserver; refused unless it is on a loopback address.
+    #[arg(long, env = "MESH_INSECURE", default_value_t = false)]
+    pub insecure: bool,
+
+    /// cgroup v2 directory whose processes get socket load balancing.
+    #[arg(long, env = "MESH_CGROUP_PATH", default_value = "/sys/fs/cgroup")]
+    pub cgroup_path: PathBuf,
+
+    /// bpffs directory for this node's pinned maps and links
+    /// (default `/sys/fs/bpf/mesh/<node>`).
+    #[arg(long, env = "MESH_BPFFS_DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+
+    /// Interface to count flows per identity pair on (ingress and egress).
+    #[arg(long, env = "MESH_FLOW_IFACE")]
+    pub flow_iface: Option<String>,
+
+    /// Routing mode.
+    #[arg(long, env = "MESH_ROUTING", value_enum, default_value_t = Routing::Native)]
+    pub routing: Routing,
+
+    /// /metrics, /healthz, /readyz listen address.
+    #[arg(long, env = "MESH_METRICS_LISTEN", default_value = "127.0.0.1:9964")]
+    pub metrics_listen: SocketAddr,
+
+    /// How often the agent reports its status to the apiserver.
+    #[arg(long, env = "MESH_STATUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub status_interval: Duration,
+
+    /// Updates arriving within this delay of each other are applied in one reconcile.
+    #[arg(long, env = "MESH_DEBOUNCE", default_value = "5ms", value_parser = parse_duration)]
+    pub debounce: Duration,
+
+    /// Re-read the maps from the kernel and repair any drift this often.
+    #[arg(long, env = "MESH_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// After this long, the agent programs the clusters that are synced even if some
+    /// cluster it has seen data of is not (the local cluster must always be synced).
+    #[arg(long, env = "MESH_INITIAL_SYNC_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub initial_sync_timeout: Duration,
+
+    /// The apiserver's watch heartbeat interval (no message for three: reconnect).
+    #[arg(long, env = "MESH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Log format; the level comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: String,
+    pub cluster: ClusterName,
+    pub endpoint: ClientEndpoint,
+    pub pin_dir: PathBuf,
+    pub cgroup_path: PathBuf,
+    pub flow_iface: Option<String>,
+    pub routing: Routing,
+    pub metrics_listen: SocketAddr,
+    pub status_interval: Duration,
+    pub debounce: Duration,
+    pub resync_interval: Duration,
+    pub initial_sync_timeout: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+// === impl Args ===
+
+impl Args {
+    pub fn validate(&self) -> Result<Settings> {
+        let cluster: ClusterName = self
+            .cluster_name
+            .parse()
+            .map_err(ConfigError::ClusterName)?;
+        let node = self.node_name.clone();
+        if node.is_empty() || node.contains('/') || node.len() > 253 {
+            return Err(ConfigError::NodeName(node));
+        }
+        for (flag, d) in [
+            ("--status-interval", self.status_interval),
+            ("--resync-interval", self.resync_interval),
+            ("--heartbeat-interval", self.heartbeat_interval),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero { flag });
+            }
+        }
+        let mut endpoint = if self.insecure {
+            ClientEndpoint::plaintext(self.apiserver.clone())
+        } else {
+            let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key)
+            else {
+                let missing: Vec<&str> = [
+                    ("--tls-ca", self.tls_ca.is_none()),
+                    ("--tls-cert", self.tls_cert.is_none()),
+                    ("--tls-key", self.tls_key.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(f, m)| m.then_some(f))
+                .collect();
+                return Err(ConfigError::MissingTls {
+                    missing: missing.join(", "),
+                });
+            };
+            let tls =
+                ClientTls::from_files(ca, cert, key, Some(cluster.clone())).map_err(|source| {
+                    ConfigError::Tls {
+                        address: self.apiserver.clone(),
+                        source,
+                    }
+                })?;
+            ClientEndpoint::new(self.apiserver.clone(), tls)
+        };
+        endpoint.server_name = self.apiserver_server_name.clone();
+        let pin_dir = self
+            .bpffs_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&node));
+        Ok(Settings {
+            node,
+            cluster,
+            endpoint,
+            pin_dir,
+            cgroup_path: self.cgroup_path.clone(),
+            flow_iface: self.flow_iface.clone(),
+            routing: self.routing,
+            metrics_listen: self.metrics_listen,
+            status_interval: self.status_interval,
+            debounce: self.debounce,
+            resync_interval: self.resync_interval,
+            initial_sync_timeout: self.initial_sync_timeout,
+            heartbeat_interval: self.heartbeat_interval,
+        })
+    }
+}
+
+/// Parses `500ms`, `10s`, `5m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m, 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "invalid duration unit {unit:?} in {s:?}: use ms, s, m or h"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec![
+            "mesh-agent",
+            "--node-name",
+            "node-1",
+            "--cluster-name",
+            "east",
+            "--apiserver",
+            "127.0.0.1:7443",
+        ];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn tls_is_required_unless_insecure() {
+        let err = args(&["--tls-ca", "/x"]).validate().unwrap_err();
+        assert!(err.to_string().contains("--tls-cert, --tls-key"), "{err}");
+        let s = args(&["--insecure"]).validate().unwrap();
+        assert!(s.endpoint.tls.is_none());
+        assert_eq!(s.pin_dir, PathBuf::from("/sys/fs/bpf/mesh/node-1"));
+        assert_eq!(s.routing, Routing::Native);
+    }
+
+    #[test]
+    fn bad_names_and_durations_are_refused() {
+        let mut a = args(&["--insecure"]);
+        a.cluster_name = "Bad_Name".into();
+        assert!(
+            a.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--cluster-name")
+        );
+        let mut a = args(&["--insecure"]);
+        a.node_name = "a/b".into();
+        assert!(matches!(a.validate(), Err(ConfigError::NodeName(_))));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("3d").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+}

@@ -1,0 +1,250 @@
+//! Prometheus metrics of the agent (DESIGN.md section 11), all named `mesh_agent_*`, and the
+//! `/metrics`, `/healthz`, `/readyz` endpoints.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding the metrics listener {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+/// The agent's metrics; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// Entries per map (`services`, `backends`, `ipcache`) after the last reconcile.
+    pub map_entries: Family<MapLabels, Gauge>,
+    pub reconcile_duration: Histogram,
+    pub reconcile_errors: Counter,
+    /// Map operations applied, by kind (`backend_upsert`, `slot_delete`, ...).
+    pub map_operations: Family<OpLabels, Counter>,
+    /// Entries left out of the desired state by the last computation, by reason.
+    pub dropped_entries: Family<ReasonLabels, Gauge>,
+    /// Watched values that could not be used, by kind.
+    pub rejected_objects: Family<KindLabels, Counter>,
+    pub watch_reconnects: Counter,
+    /// 1 when every kind of the cluster is synced.
+    pub cluster_synced: Family<ClusterLabels, Gauge>,
+    /// Routes the agent owns.
+    pub routes: Gauge,
+    pub route_errors: Counter,
+    pub status_reports: Counter,
+    pub status_report_errors: Counter,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            map_entries: Family::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            reconcile_errors: Counter::default(),
+            map_operations: Family::default(),
+            dropped_entries: Family::default(),
+            rejected_objects: Family::default(),
+            watch_reconnects: Counter::default(),
+            cluster_synced: Family::default(),
+            routes: Gauge::default(),
+            route_errors: Counter::default(),
+            status_reports: Counter::default(),
+            status_report_errors: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("mesh_agent");
+        r.register("map_entries", "Entries per eBPF map", m.map_entries.clone());
+        r.register(
+            "reconcile_duration_seconds",
+            "Time to compute and apply the desired datapath",
+            m.reconcile_duration.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Failed reconciles",
+            m.reconcile_errors.clone(),
+        );
+        r.register(
+            "map_operations",
+            "Map operations applied, by kind",
+            m.map_operations.clone(),
+        );
+        r.register(
+            "dropped_entries",
+            "Entries left out of the desired state, by reason",
+            m.dropped_entries.clone(),
+        );
+        r.register(
+            "rejected_objects",
+            "Watched values that could not be used, by kind",
+            m.rejected_objects.clone(),
+        );
+        r.register(
+            "watch_reconnects",
+            "Reconnects of the watch of the local apiserver",
+            m.watch_reconnects.clone(),
+        );
+        r.register(
+            "cluster_synced",
+            "1 when every kind of the cluster is synced",
+            m.cluster_synced.clone(),
+        );
+        r.register("routes", "Routes owned by the agent", m.routes.clone());
+        r.register(
+            "route_errors",
+            "Routes that could not be applied",
+            m.route_errors.clone(),
+        );
+        r.register(
+            "status_reports",
+            "Status reports sent",
+            m.status_reports.clone(),
+        );
+        r.register(
+            "status_report_errors",
+            "Status reports that failed",
+            m.status_report_errors.clone(),
+        );
+        m
+    }
+}
+
+/// Readiness: every cluster synced and the last reconcile succeeded.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness {
+    ready: Arc<AtomicBool>,
+    reason: Arc<std::sync::Mutex<String>>,
+}
+
+// === impl Readiness ===
+
+impl Readiness {
+    pub fn set(&self, ready: bool, reason: impl Into<String>) {
+        self.ready.store(ready, Ordering::Relaxed);
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.into();
+    }
+
+    pub fn get(&self) -> (bool, String) {
+        (
+            self.ready.load(Ordering::Relaxed),
+            self.reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    ready: Readiness,
+}
+
+pub fn router(registry: Arc<Registry>, ready: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { registry, ready })
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &st.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    match st.ready.get() {
+        (true, _) => (StatusCode::OK, "ready\n".to_owned()).into_response(),
+        (false, reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// Binds `addr` and serves until `shutdown`; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, Error> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    info!(addr = %local, "serving /metrics, /healthz, /readyz");
+    let app = router(registry, ready);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+        {
+            warn!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(local)
+}

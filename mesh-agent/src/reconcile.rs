@@ -1,0 +1,593 @@
+//! Reconciling the pinned maps with a desired state (DESIGN.md section 9).
+//!
+//! The [`Reconciler`] keeps a mirror of what the maps hold ([`DatapathState`]); the first
+//! reconcile (and every one after an error or a periodic resync) reads the maps from the
+//! kernel instead. Each reconcile plans the difference with [`desired::plan`] and applies
+//! it op by op, in the plan's order, keeping the mirror current: a failure stops the plan
+//! where it failed, and the next attempt re-reads the maps.
+//!
+//! The maps are IPv4 only for now: IPv6 entries are dropped from the desired state (and
+//! cannot appear in the maps), so a plan never tries to write them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use mesh_core::Protocol;
+use tracing::{debug, warn};
+
+use crate::datapath::{
+    self, BackendValue, Datapath, DatapathDump, IpcacheValue, ServiceEntryKey, ServiceEntryValue,
+};
+use crate::desired::{
+    self, BackendEntry, BackendInfo, BackendKey, DatapathState, DesiredState, IpcacheInfo, Op,
+    ServiceKey,
+};
+
+/// `MESH_IPCACHE_F_LOCAL` of bpf/mesh.h: the endpoint is on this node.
+pub const IPCACHE_F_LOCAL: u32 = 1 << 0;
+/// `MESH_IPCACHE_F_REMOTE` of bpf/mesh.h: the endpoint is in another cluster.
+pub const IPCACHE_F_REMOTE: u32 = 1 << 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading the maps: {0}")]
+    Dump(#[source] datapath::Error),
+    #[error("applying {op:?}: {source}")]
+    Apply {
+        op: Box<Op>,
+        #[source]
+        source: datapath::Error,
+    },
+    #[error("removing entry {what} the agent cannot represent: {source}")]
+    Foreign {
+        what: String,
+        #[source]
+        source: datapath::Error,
+    },
+    #[error("{op:?} holds an IPv6 address: the maps are IPv4 only")]
+    NotIpv4 { op: Box<Op> },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A map entry that cannot be expressed as a [`DatapathState`] (e.g. an unknown protocol
+/// number, left by another version): removed on the next reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Foreign {
+    ServiceSlot(ServiceEntryKey),
+    Backend(u32),
+}
+
+/// The maps as the reconciler reads and writes them; implemented by [`Datapath`], and by
+/// fakes in tests.
+pub trait Maps {
+    fn dump(&self) -> Result<DatapathDump, datapath::Error>;
+    fn apply(&mut self, op: &Op) -> Result<()>;
+    /// Applies consecutive operations of one kind ([`op_kind`]), in order; on error, a
+    /// prefix of them may have been applied.
+    fn apply_batch(&mut self, ops: &[Op]) -> Result<()> {
+        ops.iter().try_for_each(|op| self.apply(op))
+    }
+    fn remove_foreign(&mut self, entry: Foreign) -> Result<(), datapath::Error>;
+}
+
+/// Number of operations of a reconcile, by kind (metric label values).
+pub type OpCounts = BTreeMap<&'static str, u64>;
+
+/// The label of an op kind.
+pub fn op_kind(op: &Op) -> &'static str {
+    match op {
+        Op::IpcacheUpsert { .. } => "ipcache_upsert",
+        Op::IpcacheDelete { .. } => "ipcache_delete",
+        Op::BackendUpsert { .. } => "backend_upsert",
+        Op::BackendDelete { .. } => "backend_delete",
+        Op::SlotUpsert { .. } => "slot_upsert",
+        Op::SlotDelete { .. } => "slot_delete",
+        Op::MasterUpsert { .. } => "master_upsert",
+        Op::MasterDelete { .. } => "master_delete",
+    }
+}
+
+/// Keeps the maps equal to the desired state.
+#[derive(Debug)]
+pub struct Reconciler<M> {
+    maps: M,
+    mirror: Option<DatapathState>,
+}
+
+// === impl Reconciler ===
+
+impl<M: Maps> Reconciler<M> {
+    pub fn new(maps: M) -> Self {
+        Self { maps, mirror: None }
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// The maps as last read or written; `None` until the first reconcile.
+    pub fn mirror(&self) -> Option<&DatapathState> {
+        self.mirror.as_ref()
+    }
+
+    /// Forgets the mirror: the next reconcile reads the maps from the kernel.
+    pub fn invalidate(&mut self) {
+        self.mirror = None;
+    }
+
+    /// Brings the maps to `desired` (IPv6 entries are ignored); returns the operations
+    /// applied, by kind.
+    pub fn reconcile(&mut self, desired: &DesiredState) -> Result<OpCounts> {
+        let desired = ipv4_only(desired);
+        let mut counts = OpCounts::new();
+        let mut current = match self.mirror.take() {
+            Some(m) => m,
+            None => {
+                let dump = self.maps.dump().map_err(Error::Dump)?;
+                let (state, foreign) = from_dump(&dump);
+                for entry in foreign {
+                    warn!(?entry, "removing a map entry the agent cannot represent");
+                    self.maps
+                        .remove_foreign(entry)
+                        .map_err(|source| Error::Foreign {
+                            what: format!("{entry:?}"),
+                            source,
+                        })?;
+                    *counts.entry("foreign_delete").or_default() += 1;
+                }
+                state
+            }
+        };
+        let ops = desired::plan(&current, &desired);
+        // The plan is grouped by kind, in order: each group is one batch.
+        for batch in ops.chunk_by(|a, b| op_kind(a) == op_kind(b)) {
+            // On failure the mirror stays `None`: the next attempt re-reads the maps.
+            self.maps.apply_batch(batch)?;
+            for op in batch {
+                current.apply(op);
+            }
+            *counts.entry(op_kind(&batch[0])).or_default() += batch.len() as u64;
+        }
+        debug!(ops = ops.len(), "reconciled");
+        self.mirror = Some(current);
+        Ok(counts)
+    }
+}
+
+/// `desired` without IPv6 frontends, backends and prefixes.
+pub fn ipv4_only(desired: &DesiredState) -> DesiredState {
+    DesiredState {
+        services: desired
+            .services
+            .iter()
+            .filter(|(k, _)| k.vip.is_ipv4())
+            .map(|(k, b)| (*k, b.iter().filter(|b| b.ip.is_ipv4()).copied().collect()))
+            .collect(),
+        backends: desired
+            .backends
+            .iter()
+            .filter(|(k, _)| k.ip.is_ipv4())
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+        ipcache: desired
+            .ipcache
+            .iter()
+            .filter(|(k, _)| matches!(k, ipnet::IpNet::V4(_)))
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+    }
+}
+
+/// The maps' content as a [`DatapathState`], and the entries it cannot express.
+pub fn from_dump(dump: &DatapathDump) -> (DatapathState, Vec<Foreign>) {
+    let mut state = DatapathState::default();
+    let mut foreign = Vec::new();
+    for (k, v) in &dump.services {
+        let Some(proto) = Protocol::from_number(k.proto) else {
+            foreign.push(Foreign::ServiceSlot(*k));
+            continue;
+        };
+        let key = ServiceKey {
+            vip: IpAddr::V4(k.vip),
+            port: k.port,
+            proto,
+        };
+        let slots = state.services.entry(key).or_default();
+        if k.slot == 0 {
+            slots.count = Some(v.count);
+        } else {
+            slots.slots.insert(k.slot, v.backend_id);
+        }
+    }
+    for (&id, v) in &dump.backends {
+        let Some(proto) = Protocol::from_number(v.proto) else {
+            foreign.push(Foreign::Backend(id));
+            continue;
+        };
+        state.backends.insert(
+            id,
+            BackendEntry {
+                key: BackendKey {
+                    ip: IpAddr::V4(v.ip),
+                    port: v.port,
+                    proto,
+                },
+                // An id the agent would never write (> 255) reads as 0, so the plan
+                // rewrites it unless 0 is wanted.
+                info: BackendInfo {
+                    cluster_id: u8::try_from(v.cluster_id).unwrap_or(0),
+                },
+            },
+        );
+    }
+    for (&net, v) in &dump.ipcache {
+        state.ipcache.insert(
+            net,
+            IpcacheInfo {
+                identity: v.identity,
+                host_ip: v.tunnel_endpoint.map(IpAddr::V4),
+                cluster_id: u8::try_from(v.cluster_id).unwrap_or(0),
+                local_node: v.flags & IPCACHE_F_LOCAL != 0,
+                remote_cluster: v.flags & IPCACHE_F_REMOTE != 0,
+            },
+        );
+    }
+    (state, foreign)
+}
+
+fn v4(ip: IpAddr, op: &Op) -> Result<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v) => Ok(v),
+        IpAddr::V6(_) => Err(Error::NotIpv4 { op: Box::new(*op) }),
+    }
+}
+
+fn service_key(service: &ServiceKey, slot: u16, op: &Op) -> Result<ServiceEntryKey> {
+    Ok(ServiceEntryKey {
+        vip: v4(service.vip, op)?,
+        port: service.port,
+        proto: service.proto.number(),
+        slot,
+    })
+}
+
+// === impl Maps for Datapath ===
+
+impl Maps for Datapath {
+    fn dump(&self) -> Result<DatapathDump, datapath::Error> {
+        Datapath::dump(self)
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<()> {
+        let err = |source| Error::Apply {
+            op: Box::new(*op),
+            source,
+        };
+        match *op {
+            Op::IpcacheUpsert { prefix, info } => self
+                .upsert_ipcache(prefix, ipcache_value(&info))
+                .map_err(err),
+            Op::IpcacheDelete { prefix } => self.remove_ipcache(prefix).map(drop).map_err(err),
+            Op::BackendUpsert { id, backend } => {
+                let value = backend_value(&backend, op)?;
+                self.upsert_backend(id, value).map_err(err)
+            }
+            Op::BackendDelete { id } => self.remove_backend(id).map(drop).map_err(err),
+            Op::SlotUpsert {
+                service,
+                slot,
+                backend_id,
+            } => {
+                let key = service_key(&service, slot, op)?;
+                self.upsert_service_slot(key, ServiceEntryValue::backend(backend_id))
+                    .map_err(err)
+            }
+            Op::MasterUpsert { service, count } => {
+                let key = service_key(&service, 0, op)?;
+                self.upsert_service_slot(key, ServiceEntryValue::master(count))
+                    .map_err(err)
+            }
+            Op::SlotDelete { service, slot } => {
+                let key = service_key(&service, slot, op)?;
+                self.remove_service_slot(key).map(drop).map_err(err)
+            }
+            Op::MasterDelete { service } => {
+                let key = service_key(&service, 0, op)?;
+                self.remove_service_slot(key).map(drop).map_err(err)
+            }
+        }
+    }
+
+    fn apply_batch(&mut self, ops: &[Op]) -> Result<()> {
+        let Some(first) = ops.first() else {
+            return Ok(());
+        };
+        // Batch updates where the datapath has them; deletes one by one.
+        let err = |source| Error::Apply {
+            op: Box::new(*first),
+            source,
+        };
+        match first {
+            Op::IpcacheUpsert { .. } => {
+                let entries = ops
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::IpcacheUpsert { prefix, info } => Some((prefix, ipcache_value(&info))),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>();
+                self.upsert_ipcache_entries(&entries).map_err(err)
+            }
+            Op::BackendUpsert { .. } => {
+                let entries = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        Op::BackendUpsert { id, backend } => {
+                            Some(backend_value(backend, op).map(|v| (*id, v)))
+                        }
+                        _ => None,
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                self.upsert_backends(&entries).map_err(err)
+            }
+            Op::SlotUpsert { .. } | Op::MasterUpsert { .. } => {
+                let entries = ops
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::SlotUpsert {
+                            service,
+                            slot,
+                            backend_id,
+                        } => Some(
+                            service_key(&service, slot, op)
+                                .map(|k| (k, ServiceEntryValue::backend(backend_id))),
+                        ),
+                        Op::MasterUpsert { service, count } => Some(
+                            service_key(&service, 0, op)
+                                .map(|k| (k, ServiceEntryValue::master(count))),
+                        ),
+                        _ => None,
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                self.upsert_service_slots(&entries).map_err(err)
+            }
+            _ => ops.iter().try_for_each(|op| self.apply(op)),
+        }
+    }
+
+    fn remove_foreign(&mut self, entry: Foreign) -> Result<(), datapath::Error> {
+        match entry {
+            Foreign::ServiceSlot(k) => self.remove_service_slot(k).map(drop),
+            Foreign::Backend(id) => self.remove_backend(id).map(drop),
+        }
+    }
+}
+
+fn ipcache_value(info: &IpcacheInfo) -> IpcacheValue {
+    let tunnel_endpoint = match info.host_ip {
+        Some(IpAddr::V4(ip)) => Some(ip),
+        _ => None,
+    };
+    let mut flags = 0;
+    if info.local_node {
+        flags |= IPCACHE_F_LOCAL;
+    }
+    if info.remote_cluster {
+        flags |= IPCACHE_F_REMOTE;
+    }
+    IpcacheValue {
+        identity: info.identity,
+        tunnel_endpoint,
+        cluster_id: u16::from(info.cluster_id),
+        flags,
+    }
+}
+
+fn backend_value(backend: &BackendEntry, op: &Op) -> Result<BackendValue> {
+    Ok(BackendValue {
+        ip: v4(backend.key.ip, op)?,
+        port: backend.key.port,
+        proto: backend.key.proto.number(),
+        cluster_id: u16::from(backend.info.cluster_id),
+        flags: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipnet::IpNet;
+
+    /// Maps in memory, in the datapath's own types, with an optional failure injected.
+    #[derive(Default)]
+    struct FakeMaps {
+        dump: DatapathDump,
+        fail_at: Option<usize>,
+        applied: usize,
+        dumps: std::cell::Cell<usize>,
+        batches: Vec<(&'static str, usize)>,
+    }
+
+    impl Maps for FakeMaps {
+        fn dump(&self) -> Result<DatapathDump, datapath::Error> {
+            self.dumps.set(self.dumps.get() + 1);
+            Ok(self.dump.clone())
+        }
+        fn apply(&mut self, op: &Op) -> Result<()> {
+            if self.fail_at == Some(self.applied) {
+                self.fail_at = None;
+                return Err(Error::NotIpv4 { op: Box::new(*op) });
+            }
+            self.applied += 1;
+            // Mirror what the datapath writes, through the same conversion as a dump.
+            let (mut state, _) = from_dump(&self.dump);
+            state.apply(op);
+            self.dump = to_dump(&state);
+            Ok(())
+        }
+        fn apply_batch(&mut self, ops: &[Op]) -> Result<()> {
+            assert!(
+                ops.iter().all(|op| op_kind(op) == op_kind(&ops[0])),
+                "{ops:?}"
+            );
+            self.batches.push((op_kind(&ops[0]), ops.len()));
+            ops.iter().try_for_each(|op| self.apply(op))
+        }
+        fn remove_foreign(&mut self, entry: Foreign) -> Result<(), datapath::Error> {
+            match entry {
+                Foreign::ServiceSlot(k) => self.dump.services.remove(&k),
+                Foreign::Backend(id) => self.dump.backends.remove(&id).map(|_| Default::default()),
+            };
+            Ok(())
+        }
+    }
+
+    fn to_dump(s: &DatapathState) -> DatapathDump {
+        let mut d = DatapathDump::default();
+        for (k, slots) in &s.services {
+            let IpAddr::V4(vip) = k.vip else { panic!() };
+            let master = ServiceEntryKey::master(vip, k.port, k.proto.number());
+            if let Some(c) = slots.count {
+                d.services.insert(master, ServiceEntryValue::master(c));
+            }
+            for (&slot, &id) in &slots.slots {
+                d.services
+                    .insert(master.with_slot(slot), ServiceEntryValue::backend(id));
+            }
+        }
+        for (&id, b) in &s.backends {
+            let IpAddr::V4(ip) = b.key.ip else { panic!() };
+            d.backends.insert(
+                id,
+                BackendValue {
+                    ip,
+                    port: b.key.port,
+                    proto: b.key.proto.number(),
+                    cluster_id: b.info.cluster_id.into(),
+                    flags: 0,
+                },
+            );
+        }
+        for (&net, i) in &s.ipcache {
+            d.ipcache.insert(
+                net,
+                IpcacheValue {
+                    identity: i.identity,
+                    tunnel_endpoint: i.host_ip.map(|ip| match ip {
+                        IpAddr::V4(v) => v,
+                        IpAddr::V6(_) => panic!(),
+                    }),
+                    cluster_id: i.cluster_id.into(),
+                    flags: u32::from(i.local_node) | (u32::from(i.remote_cluster) << 1),
+                },
+            );
+        }
+        d
+    }
+
+    fn desired(backends: &[&str], v6: bool) -> DesiredState {
+        let mut d = DesiredState::default();
+        let mut vips = vec!["10.96.0.10".parse::<IpAddr>().unwrap()];
+        if v6 {
+            vips.push("fd00::10".parse().unwrap());
+        }
+        for vip in vips {
+            let key = ServiceKey {
+                vip,
+                port: 80,
+                proto: Protocol::Tcp,
+            };
+            let mut list = Vec::new();
+            for b in backends {
+                let bk = BackendKey {
+                    ip: b.parse().unwrap(),
+                    port: 8080,
+                    proto: Protocol::Tcp,
+                };
+                d.backends.insert(bk, BackendInfo { cluster_id: 1 });
+                list.push(bk);
+            }
+            d.services.insert(key, list);
+        }
+        for (net, id) in [("10.1.0.5/32", 65_792u32), ("fd00::5/128", 65_793)] {
+            d.ipcache.insert(
+                net.parse::<IpNet>().unwrap(),
+                IpcacheInfo {
+                    identity: id,
+                    host_ip: Some("192.168.0.2".parse().unwrap()),
+                    cluster_id: 1,
+                    local_node: true,
+                    remote_cluster: false,
+                },
+            );
+        }
+        d
+    }
+
+    #[test]
+    fn converges_ignores_ipv6_and_reads_the_maps_only_when_needed() {
+        let mut r = Reconciler::new(FakeMaps::default());
+        let want = desired(&["10.1.0.5", "10.1.0.6", "fd00::5"], true);
+        let counts = r.reconcile(&want).unwrap();
+        assert_eq!(counts["backend_upsert"], 2);
+        assert_eq!(counts["slot_upsert"], 2);
+        assert_eq!(counts["master_upsert"], 1);
+        assert_eq!(counts["ipcache_upsert"], 1);
+        let (state, foreign) = from_dump(&r.maps().dump);
+        assert!(foreign.is_empty());
+        assert_eq!(Some(&state), r.mirror());
+        assert!(desired::plan(&state, &ipv4_only(&want)).is_empty());
+        // A second reconcile of the same state is a no-op, even with IPv6 in it.
+        assert!(r.reconcile(&want).unwrap().is_empty());
+        assert_eq!(r.maps().applied, 6);
+        // One batch per kind, in the order of the plan.
+        assert_eq!(
+            r.maps().batches,
+            [
+                ("ipcache_upsert", 1),
+                ("backend_upsert", 2),
+                ("slot_upsert", 2),
+                ("master_upsert", 1)
+            ]
+        );
+        assert_eq!(
+            r.maps().dumps.get(),
+            1,
+            "the mirror spares re-reading the maps"
+        );
+        r.invalidate();
+        assert!(r.reconcile(&want).unwrap().is_empty());
+        assert_eq!(r.maps().dumps.get(), 2);
+    }
+
+    #[test]
+    fn a_failed_op_leaves_a_consistent_prefix_and_the_retry_re_reads_the_maps() {
+        let mut r = Reconciler::new(FakeMaps::default());
+        r.reconcile(&desired(&["10.1.0.5"], false)).unwrap();
+        r.maps.fail_at = Some(r.maps.applied + 1);
+        let want = desired(&["10.1.0.6", "10.1.0.7"], false);
+        assert!(r.reconcile(&want).is_err());
+        assert!(r.mirror().is_none());
+        r.reconcile(&want).unwrap();
+        assert_eq!(r.maps().dumps.get(), 2, "the retry re-read the maps");
+        let (state, _) = from_dump(&r.maps().dump);
+        assert!(desired::plan(&state, &ipv4_only(&want)).is_empty());
+        assert_eq!(
+            state.backends.len(),
+            2,
+            "the old backend is gone: {state:?}"
+        );
+    }
+
+    #[test]
+    fn entries_with_unknown_protocols_are_removed() {
+        let mut maps = FakeMaps::default();
+        let k = ServiceEntryKey::master(Ipv4Addr::new(10, 96, 0, 99), 80, 99);
+        maps.dump.services.insert(k, ServiceEntryValue::master(0));
+        let mut r = Reconciler::new(maps);
+        let counts = r.reconcile(&DesiredState::default()).unwrap();
+        assert_eq!(counts["foreign_delete"], 1);
+        assert!(r.maps().dump.services.is_empty());
+    }
+}

@@ -1,0 +1,370 @@
+//! What the agent knows about every cluster, fed by the watch of the local apiserver.
+//!
+//! One writer ([`MeshState::apply`]), synchronous. Values arrive as wire values and are
+//! converted to mesh-core types here; a value that does not convert (or whose name does not
+//! match its key) is logged with its key, counted, and skipped: the last good value of that
+//! key, if any, stays. A cluster is *synced* once every kind of it has its `Synced` marker;
+//! only clusters that have been synced at least once are programmed (see [`MeshState::
+//! programmable`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use mesh_core::ClusterName;
+use mesh_core::model::Identity;
+use mesh_proto::client::WatchUpdate;
+use mesh_proto::convert::Object;
+use mesh_proto::pb::{self, Kind};
+use tracing::{debug, info, warn};
+
+use crate::desired::ClusterState;
+
+/// The kinds a cluster publishes; a cluster is synced when all of them are.
+pub const KINDS: [Kind; 5] = [
+    Kind::Config,
+    Kind::Node,
+    Kind::Identity,
+    Kind::Endpoint,
+    Kind::Service,
+];
+
+/// Why a watched value was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RejectError {
+    #[error("{key}: invalid value: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("{key}: the object names {inner:?}, not its key")]
+    NameMismatch { key: String, inner: String },
+    #[error("{key}: the object belongs to cluster {inner}")]
+    ClusterMismatch { key: String, inner: String },
+    #[error("{key}: unparsable name of a {kind:?} delete")]
+    BadName { key: String, kind: Kind },
+}
+
+/// One cluster as the agent holds it.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterData {
+    pub state: ClusterState,
+    pub identities: BTreeMap<u32, Identity>,
+    /// Kinds whose `Synced` marker arrived.
+    pub synced_kinds: BTreeSet<i32>,
+    /// Set once every kind was synced; stays set across reconnects and resets (the watch
+    /// client keeps the state consistent through them).
+    pub ever_synced: bool,
+}
+
+// === impl ClusterData ===
+
+impl ClusterData {
+    pub fn synced(&self) -> bool {
+        KINDS
+            .iter()
+            .all(|k| self.synced_kinds.contains(&(*k as i32)))
+    }
+}
+
+/// What an update did to the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The state changed: the desired datapath must be recomputed.
+    Changed,
+    /// A cluster became synced for the first time (also a change).
+    ClusterSynced(ClusterName),
+    Unchanged,
+    Rejected {
+        kind: Kind,
+        error: RejectError,
+    },
+}
+
+/// Every cluster's state.
+#[derive(Debug, Clone, Default)]
+pub struct MeshState {
+    clusters: BTreeMap<ClusterName, ClusterData>,
+}
+
+// === impl MeshState ===
+
+impl MeshState {
+    pub fn clusters(&self) -> &BTreeMap<ClusterName, ClusterData> {
+        &self.clusters
+    }
+
+    pub fn cluster(&self, name: &ClusterName) -> Option<&ClusterData> {
+        self.clusters.get(name)
+    }
+
+    /// The clusters to program: those synced at least once.
+    pub fn programmable(&self) -> BTreeMap<ClusterName, ClusterState> {
+        self.clusters
+            .iter()
+            .filter(|(_, c)| c.ever_synced)
+            .map(|(n, c)| (n.clone(), c.state.clone()))
+            .collect()
+    }
+
+    /// Whether every cluster seen so far has been synced at least once.
+    pub fn all_synced(&self) -> bool {
+        self.clusters.values().all(|c| c.ever_synced)
+    }
+
+    pub fn apply(&mut self, update: WatchUpdate) -> Applied {
+        match update {
+            WatchUpdate::Upsert {
+                cluster,
+                kind,
+                name,
+                value,
+                ..
+            } => {
+                let key = format!("{cluster}/{}/{name}", kind_name(kind));
+                match self.upsert(&cluster, kind, &name, value, &key) {
+                    Ok(changed) => {
+                        debug!(%key, changed, "upsert");
+                        if changed {
+                            Applied::Changed
+                        } else {
+                            Applied::Unchanged
+                        }
+                    }
+                    Err(error) => {
+                        warn!(%error, "skipping an object the agent cannot use");
+                        Applied::Rejected { kind, error }
+                    }
+                }
+            }
+            WatchUpdate::Delete {
+                cluster,
+                kind,
+                name,
+                ..
+            } => {
+                let key = format!("{cluster}/{}/{name}", kind_name(kind));
+                match self.delete(&cluster, kind, &name, &key) {
+                    Ok(true) => {
+                        debug!(%key, "delete");
+                        Applied::Changed
+                    }
+                    Ok(false) => Applied::Unchanged,
+                    Err(error) => {
+                        warn!(%error, "skipping a delete the agent cannot use");
+                        Applied::Rejected { kind, error }
+                    }
+                }
+            }
+            WatchUpdate::Synced { cluster, kind } => {
+                let data = self.clusters.entry(cluster.clone()).or_default();
+                data.synced_kinds.insert(kind as i32);
+                if !data.ever_synced && data.synced() {
+                    data.ever_synced = true;
+                    info!(%cluster, nodes = data.state.nodes.len(),
+                        endpoints = data.state.endpoints.len(),
+                        services = data.state.services.len(), "cluster synced");
+                    Applied::ClusterSynced(cluster)
+                } else {
+                    Applied::Unchanged
+                }
+            }
+            WatchUpdate::Connected { .. }
+            | WatchUpdate::Disconnected { .. }
+            | WatchUpdate::Reset { .. } => Applied::Unchanged,
+        }
+    }
+
+    fn upsert(
+        &mut self,
+        cluster: &ClusterName,
+        kind: Kind,
+        name: &str,
+        value: pb::event::Value,
+        key: &str,
+    ) -> Result<bool, RejectError> {
+        let object = Object::try_from(value).map_err(|e| RejectError::Invalid {
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if object.kind() != kind {
+            return Err(RejectError::Invalid {
+                key: key.to_owned(),
+                reason: format!("a {:?} value under a {kind:?} key", object.kind()),
+            });
+        }
+        if object.name() != name {
+            return Err(RejectError::NameMismatch {
+                key: key.to_owned(),
+                inner: object.name(),
+            });
+        }
+        if let Some(inner) = object.cluster()
+            && inner != cluster
+        {
+            return Err(RejectError::ClusterMismatch {
+                key: key.to_owned(),
+                inner: inner.to_string(),
+            });
+        }
+        let c = &mut self.clusters.entry(cluster.clone()).or_default();
+        let s = &mut c.state;
+        Ok(match object {
+            Object::Config(v) => replace(&mut s.config, Some(v)),
+            Object::Node(v) => insert(&mut s.nodes, v.name.clone(), v),
+            Object::Endpoint(v) => insert(&mut s.endpoints, v.ip, v),
+            Object::Service(v) => insert(&mut s.services, (v.namespace.clone(), v.name.clone()), v),
+            Object::Identity(v) => insert(&mut c.identities, v.id.0, v),
+        })
+    }
+
+    fn delete(
+        &mut self,
+        cluster: &ClusterName,
+        kind: Kind,
+        name: &str,
+        key: &str,
+    ) -> Result<bool, RejectError> {
+        let bad = || RejectError::BadName {
+            key: key.to_owned(),
+            kind,
+        };
+        let Some(c) = self.clusters.get_mut(cluster) else {
+            return Ok(false);
+        };
+        let s = &mut c.state;
+        Ok(match kind {
+            Kind::Config => s.config.take().is_some(),
+            Kind::Node => s.nodes.remove(name).is_some(),
+            Kind::Endpoint => {
+                let ip: IpAddr = name.parse().map_err(|_| bad())?;
+                s.endpoints.remove(&ip).is_some()
+            }
+            Kind::Service => {
+                let (ns, n) = name.split_once('/').ok_or_else(bad)?;
+                s.services.remove(&(ns.to_owned(), n.to_owned())).is_some()
+            }
+            Kind::Identity => {
+                let id: u32 = name.parse().map_err(|_| bad())?;
+                c.identities.remove(&id).is_some()
+            }
+            Kind::Unspecified => return Err(bad()),
+        })
+    }
+}
+
+fn replace<T: PartialEq>(slot: &mut Option<T>, v: Option<T>) -> bool {
+    if *slot == v {
+        false
+    } else {
+        *slot = v;
+        true
+    }
+}
+
+fn insert<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, k: K, v: V) -> bool {
+    if map.get(&k) == Some(&v) {
+        false
+    } else {
+        map.insert(k, v);
+        true
+    }
+}
+
+/// The kind's key segment, for logs and metric labels.
+pub fn kind_name(kind: Kind) -> &'static str {
+    mesh_proto::keys::kind_segment(kind).unwrap_or("unspecified")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn east() -> ClusterName {
+        "east".parse().unwrap()
+    }
+
+    fn node(cluster: &str, name: &str) -> pb::event::Value {
+        pb::event::Value::Node(pb::Node {
+            cluster: cluster.into(),
+            name: name.into(),
+            internal_ips: vec!["192.168.0.2".into()],
+            pod_cidrs: vec!["10.1.2.0/24".into()],
+        })
+    }
+
+    fn upsert(kind: Kind, name: &str, value: pb::event::Value) -> WatchUpdate {
+        WatchUpdate::Upsert {
+            cluster: east(),
+            kind,
+            name: name.into(),
+            revision: 1,
+            value,
+        }
+    }
+
+    #[test]
+    fn objects_are_converted_and_bad_ones_skipped() {
+        let mut s = MeshState::default();
+        assert_eq!(
+            s.apply(upsert(Kind::Node, "n2", node("east", "n2"))),
+            Applied::Changed
+        );
+        assert_eq!(
+            s.apply(upsert(Kind::Node, "n2", node("east", "n2"))),
+            Applied::Unchanged
+        );
+        // Wrong name, wrong cluster, garbage address: rejected, the good value stays.
+        assert!(matches!(
+            s.apply(upsert(Kind::Node, "n3", node("east", "n2"))),
+            Applied::Rejected {
+                error: RejectError::NameMismatch { .. },
+                ..
+            }
+        ));
+        assert!(matches!(
+            s.apply(upsert(Kind::Node, "n2", node("west", "n2"))),
+            Applied::Rejected {
+                error: RejectError::ClusterMismatch { .. },
+                ..
+            }
+        ));
+        let mut bad = node("east", "n2");
+        if let pb::event::Value::Node(n) = &mut bad {
+            n.internal_ips = vec!["not-an-ip".into()];
+        }
+        let r = s.apply(upsert(Kind::Node, "n2", bad));
+        let Applied::Rejected { error, kind } = r else {
+            panic!("expected a rejection, got {r:?}")
+        };
+        assert_eq!(kind, Kind::Node);
+        assert!(error.to_string().starts_with("east/nodes/n2"), "{error}");
+        assert_eq!(s.cluster(&east()).unwrap().state.nodes.len(), 1);
+
+        let del = WatchUpdate::Delete {
+            cluster: east(),
+            kind: Kind::Node,
+            name: "n2".into(),
+            revision: 2,
+        };
+        assert_eq!(s.apply(del.clone()), Applied::Changed);
+        assert_eq!(s.apply(del), Applied::Unchanged);
+    }
+
+    #[test]
+    fn a_cluster_is_programmable_once_every_kind_is_synced() {
+        let mut s = MeshState::default();
+        s.apply(upsert(Kind::Node, "n2", node("east", "n2")));
+        for (i, kind) in KINDS.iter().enumerate() {
+            assert!(s.programmable().is_empty());
+            assert!(!s.all_synced());
+            let r = s.apply(WatchUpdate::Synced {
+                cluster: east(),
+                kind: *kind,
+            });
+            if i + 1 == KINDS.len() {
+                assert_eq!(r, Applied::ClusterSynced(east()));
+            } else {
+                assert_eq!(r, Applied::Unchanged);
+            }
+        }
+        assert!(s.all_synced());
+        assert_eq!(s.programmable()[&east()].nodes.len(), 1);
+    }
+}
