@@ -88,7 +88,8 @@ for c in "${CLUSTERS[@]}"; do
 done
 
 say "Connecting the clusters"
-run meshctl connect --context "$(context cluster1)" --destination-context "$(context cluster2)"
+run meshctl connect --context "$(context cluster1)" --destination-context "$(context cluster2)" \
+  --namespace "$NAMESPACE" --peers-secret "$NAMESPACE/mesh-peers"
 
 say "Waiting until every agent is synced with every cluster"
 for c in "${CLUSTERS[@]}"; do

@@ -1,9 +1,12 @@
 //! meshctl: the operator's CLI. One module per subcommand; `main` only parses and dispatches.
 
+mod bpf;
 mod cert;
 mod conn;
+mod connect;
 mod inspect;
 mod output;
+mod service;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +34,18 @@ enum Command {
     Status(status::StatusArgs),
     /// What an apiserver publishes: clusters, nodes, identities, endpoints, services.
     Inspect(inspect::InspectArgs),
+    /// Connect two clusters: exchange their apiservers' addresses and CAs (peer Secrets).
+    Connect(connect::ConnectArgs),
+    /// Disconnect two clusters: remove each one's entry from the other's peer Secret.
+    Disconnect(connect::DisconnectArgs),
+    /// Global services per cluster, and why a node selects (or leaves out) each backend.
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
+    /// What is in this node's eBPF maps (read-only, run as root on the node).
+    #[command(subcommand)]
+    Bpf(bpf::BpfCommand),
+    /// Flow counters per (source, destination) identity pair from this node's maps.
+    Flows(bpf::PinArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +55,11 @@ fn main() -> anyhow::Result<()> {
         Command::Cert(cmd) => cert::run_cert(cmd),
         Command::Status(a) => runtime()?.block_on(status::run(a)),
         Command::Inspect(a) => runtime()?.block_on(inspect::run(a)),
+        Command::Connect(a) => runtime()?.block_on(connect::run_connect(a)),
+        Command::Disconnect(a) => runtime()?.block_on(connect::run_disconnect(a)),
+        Command::Service(c) => runtime()?.block_on(service::run(c)),
+        Command::Bpf(c) => bpf::run(c),
+        Command::Flows(a) => bpf::run_flows(a),
     }
 }
 

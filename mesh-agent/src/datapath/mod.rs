@@ -556,68 +556,96 @@ impl Datapath {
     /// Reads every entry of the service, backend and ipcache maps (batched
     /// lookups where the kernel offers them, else one entry at a time).
     pub fn dump(&self) -> Result<DatapathDump> {
-        let mut dump = DatapathDump::default();
-        let services = read_all(&self.batch_fds.services, MAP_SERVICES, || {
-            self.services.iter().collect()
-        })?;
-        for (k, v) in services {
-            dump.services.insert(k.into(), v.into());
-        }
-        let backends = read_all(&self.batch_fds.backends, MAP_BACKENDS, || {
-            self.backends.iter().collect()
-        })?;
-        for (k, v) in backends {
-            dump.backends.insert(k, v.into());
-        }
-        let ipcache = read_all(&self.batch_fds.ipcache, MAP_IPCACHE, || {
-            self.ipcache
-                .iter()
-                .map(|r| {
-                    r.map(|(k, v)| {
-                        (
-                            layout::IpcacheKey {
-                                prefixlen: k.prefix_len(),
-                                ip4: k.data(),
-                            },
-                            v,
-                        )
-                    })
-                })
-                .collect()
-        })?;
-        for (k, v) in ipcache {
-            let net = u8::try_from(k.prefixlen)
-                .ok()
-                .and_then(|len| Ipv4Net::new(types::ip_from_raw(k.ip4), len).ok())
-                .ok_or_else(|| Error::InvalidEntry {
-                    map: MAP_IPCACHE,
-                    detail: format!("prefix length {} of {:?}", k.prefixlen, k.ip4),
-                })?;
-            dump.ipcache.insert(IpNet::V4(net), v.into());
-        }
-        Ok(dump)
+        dump_maps(
+            &self.services,
+            &self.backends,
+            &self.ipcache,
+            &self.batch_fds,
+        )
     }
 
     /// Flow counters per identity pair, summed over CPUs.
     pub fn flows(&self) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
-        let mut out = BTreeMap::new();
-        for entry in self.flows.iter() {
-            let (k, per_cpu) = entry.map_err(map_err(MAP_FLOWS))?;
-            let sum = per_cpu
-                .iter()
-                .fold(FlowCounters::default(), |acc, v| FlowCounters {
-                    packets: acc.packets + v.packets,
-                    bytes: acc.bytes + v.bytes,
-                });
-            out.insert(
-                IdentityPair {
-                    src: k.src_identity,
-                    dst: k.dst_identity,
-                },
-                sum,
-            );
+        sum_flows(&self.flows)
+    }
+}
+
+/// Read-only handles on a node's pinned maps (`meshctl bpf`, `meshctl flows`): no program
+/// is loaded and nothing is attached or written.
+pub struct PinnedMaps {
+    services: HashMap<MapData, layout::ServiceKey, layout::ServiceValue>,
+    backends: HashMap<MapData, u32, layout::BackendValue>,
+    ipcache: LpmTrie<MapData, u32, layout::IpcacheValue>,
+    flows: PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
+    batch_fds: BatchFds,
+}
+
+impl std::fmt::Debug for PinnedMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedMaps").finish_non_exhaustive()
+    }
+}
+
+/// Opens the maps pinned under `<pin_dir>/maps` by an agent, to read them.
+pub fn open_pinned_readonly(pin_dir: &Path) -> Result<PinnedMaps> {
+    let maps_dir = pin_dir.join("maps");
+    fn typed<M>(maps_dir: &Path, map: &'static str) -> Result<M>
+    where
+        M: TryFrom<aya::maps::Map, Error = MapError>,
+    {
+        let path = maps_dir.join(map);
+        if !path.exists() {
+            return Err(Error::PinDir {
+                path,
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no pinned map (is an agent running on this node?)",
+                ),
+            });
         }
-        Ok(out)
+        let data = MapData::from_pin(&path).map_err(map_err(map))?;
+        let raw = aya::maps::Map::from_map_data(data).map_err(map_err(map))?;
+        M::try_from(raw).map_err(map_err(map))
+    }
+    let batch_fd = |map: &'static str| {
+        let path = maps_dir.join(map);
+        match sys::obj_get(&path) {
+            Ok(fd) => Ok(BatchFd {
+                fd,
+                supported: true,
+            }),
+            Err(source) => Err(Error::PinDir { path, source }),
+        }
+    };
+    Ok(PinnedMaps {
+        services: typed(&maps_dir, MAP_SERVICES)?,
+        backends: typed(&maps_dir, MAP_BACKENDS)?,
+        ipcache: typed(&maps_dir, MAP_IPCACHE)?,
+        flows: typed(&maps_dir, MAP_FLOWS)?,
+        batch_fds: BatchFds {
+            services: batch_fd(MAP_SERVICES)?,
+            backends: batch_fd(MAP_BACKENDS)?,
+            ipcache: batch_fd(MAP_IPCACHE)?,
+        },
+    })
+}
+
+// === impl PinnedMaps ===
+
+impl PinnedMaps {
+    /// Every entry of the service, backend and ipcache maps.
+    pub fn dump(&self) -> Result<DatapathDump> {
+        dump_maps(
+            &self.services,
+            &self.backends,
+            &self.ipcache,
+            &self.batch_fds,
+        )
+    }
+
+    /// Flow counters per identity pair, summed over CPUs.
+    pub fn flows(&self) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
+        sum_flows(&self.flows)
     }
 }
 
@@ -656,6 +684,79 @@ struct BatchFd {
     fd: OwnedFd,
     /// Cleared the first time the kernel refuses a batch call on this map.
     supported: bool,
+}
+
+/// Reads the service, backend and ipcache maps into a [`DatapathDump`].
+fn dump_maps(
+    services: &HashMap<MapData, layout::ServiceKey, layout::ServiceValue>,
+    backends: &HashMap<MapData, u32, layout::BackendValue>,
+    ipcache: &LpmTrie<MapData, u32, layout::IpcacheValue>,
+    batch_fds: &BatchFds,
+) -> Result<DatapathDump> {
+    let mut dump = DatapathDump::default();
+    let services = read_all(&batch_fds.services, MAP_SERVICES, || {
+        services.iter().collect()
+    })?;
+    for (k, v) in services {
+        dump.services.insert(k.into(), v.into());
+    }
+    let backends = read_all(&batch_fds.backends, MAP_BACKENDS, || {
+        backends.iter().collect()
+    })?;
+    for (k, v) in backends {
+        dump.backends.insert(k, v.into());
+    }
+    let ipcache = read_all(&batch_fds.ipcache, MAP_IPCACHE, || {
+        ipcache
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    (
+                        layout::IpcacheKey {
+                            prefixlen: k.prefix_len(),
+                            ip4: k.data(),
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect()
+    })?;
+    for (k, v) in ipcache {
+        let net = u8::try_from(k.prefixlen)
+            .ok()
+            .and_then(|len| Ipv4Net::new(types::ip_from_raw(k.ip4), len).ok())
+            .ok_or_else(|| Error::InvalidEntry {
+                map: MAP_IPCACHE,
+                detail: format!("prefix length {} of {:?}", k.prefixlen, k.ip4),
+            })?;
+        dump.ipcache.insert(IpNet::V4(net), v.into());
+    }
+    Ok(dump)
+}
+
+/// Flow counters per identity pair, summed over CPUs.
+fn sum_flows(
+    flows: &PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
+) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
+    let mut out = BTreeMap::new();
+    for entry in flows.iter() {
+        let (k, per_cpu) = entry.map_err(map_err(MAP_FLOWS))?;
+        let sum = per_cpu
+            .iter()
+            .fold(FlowCounters::default(), |acc, v| FlowCounters {
+                packets: acc.packets + v.packets,
+                bytes: acc.bytes + v.bytes,
+            });
+        out.insert(
+            IdentityPair {
+                src: k.src_identity,
+                dst: k.dst_identity,
+            },
+            sum,
+        );
+    }
+    Ok(out)
 }
 
 /// Reads a whole map with batched lookups, or with `iterate` when the kernel
