@@ -924,26 +924,34 @@ impl Default for IncomingOptions {
     }
 }
 
-/// A server-side TLS connection with its [`ConnInfo`].
-pub struct TlsConn {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
+/// An accepted connection with its [`ConnInfo`], so handlers look the caller up the same
+/// way whether the listener speaks TLS or (`--insecure`, loopback only) plaintext.
+pub struct Conn<S> {
+    stream: S,
     info: ConnInfo,
 }
 
-impl TlsConn {
+/// A server-side TLS connection.
+pub type TlsConn = Conn<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// A plaintext connection (`--insecure`, loopback only): its [`ConnInfo`] has no
+/// certificates.
+pub type PlainConn = Conn<TcpStream>;
+
+impl<S> Conn<S> {
     pub fn info(&self) -> &ConnInfo {
         &self.info
     }
 }
 
-impl Connected for TlsConn {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connected for Conn<S> {
     type ConnectInfo = ConnInfo;
     fn connect_info(&self) -> ConnInfo {
         self.info.clone()
     }
 }
 
-impl AsyncRead for TlsConn {
+impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -953,7 +961,7 @@ impl AsyncRead for TlsConn {
     }
 }
 
-impl AsyncWrite for TlsConn {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1091,46 +1099,6 @@ pub fn check_insecure_bind(addr: SocketAddr) -> Result<()> {
         Ok(())
     } else {
         Err(TlsError::InsecureNonLoopback { addr })
-    }
-}
-
-/// A plaintext connection (`--insecure`, loopback only), with a [`ConnInfo`] without
-/// certificates so handlers look connection info up the same way in both modes.
-pub struct PlainConn {
-    stream: TcpStream,
-    info: ConnInfo,
-}
-
-impl Connected for PlainConn {
-    type ConnectInfo = ConnInfo;
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for PlainConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for PlainConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
