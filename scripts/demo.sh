@@ -1,33 +1,36 @@
 #!/usr/bin/env bash
-# The mesh demo on one machine: sets the machine up, builds mesh, starts one cluster
-# (mesh-lab's Kubernetes API, a real etcd, a mesh-apiserver over mutual TLS), creates a
-# global Service with kubectl and shows what the apiserver publishes, then cleans up.
+# The Cluster Mesh demo on one machine. Sets the machine up, builds mesh, starts a lab of two
+# clusters (east, west: each a Kubernetes-compatible API, a real etcd, a mesh-apiserver
+# behind a LoadBalancer address, two nodes as network namespaces with a real mesh-agent
+# each), connects them with meshctl, then walks through Cilium's Cluster Mesh demo with
+# kubectl, counting the replies per cluster of a bounded number of requests sent from an
+# x-wing pod to rebel-base after each change:
+#   1. a plain Service answers only from the local cluster;
+#   2. service.cilium.io/global=true on both sides: both clusters answer;
+#   3. service.cilium.io/affinity=local: only the local cluster answers;
+#   4. the local rebel-base scaled to 0: the remote cluster answers (failover), and back;
+#   5. service.cilium.io/affinity=remote: only the remote cluster answers;
+#   6. internalTrafficPolicy: echo-1 (Cluster) answers from both nodes, echo-2 (Local)
+#      only from the client's node.
+# Each step waits (bounded) until the replies match, prints the counts, and fails if they
+# never do. The lab is removed at the end (KEEP=1 leaves it running: `mesh-lab down`).
 #
-# Usage: bash scripts/demo.sh        (as root on Debian; set KEEP=1 to leave it running)
+# Usage: bash scripts/demo.sh   (as root on Debian; REQUESTS=20 per round, STEP_TIMEOUT=60)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+
+REQUESTS=${REQUESTS:-20}
+STEP_TIMEOUT=${STEP_TIMEOUT:-60}
+LAB=${LAB:-demo}
 
 bold=$(printf '\033[1m'); dim=$(printf '\033[2m'); off=$(printf '\033[0m')
 [ -t 1 ] || { bold=""; dim=""; off=""; }
 say() { printf '\n%s==> %s%s\n' "$bold" "$*" "$off"; }
 run() { printf '%s$ %s%s\n' "$dim" "$*" "$off"; "$@"; }
+die() { echo "demo: $*" >&2; exit 1; }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_for() { # wait_for DESCRIPTION SECONDS COMMAND...
-  local what=$1 secs=$2; shift 2
-  local deadline=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    if [ $SECONDS -ge $deadline ]; then
-      echo "demo: timed out waiting for $what" >&2
-      return 1
-    fi
-    sleep 0.2
-  done
-}
+[ "$(id -u)" = 0 ] || die "run as root: the lab creates network namespaces, cgroups and eBPF programs"
 
 say "Installing system packages (scripts/setup.sh)"
 bash scripts/setup.sh
@@ -37,87 +40,106 @@ cargo build --quiet --bins
 bin=${CARGO_TARGET_DIR:-$root/target}/debug
 export PATH="$bin:$PATH"
 
-work=$(mktemp -d /tmp/mesh-demo.XXXXXX)
-pids=()
 cleanup() {
+  local rc=$?
   if [ "${KEEP:-}" = "1" ]; then
-    echo "KEEP=1: leaving processes ${pids[*]} and $work in place"
+    echo "KEEP=1: the lab stays up; remove it with: mesh-lab down --name $LAB"
     return
   fi
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
+  if [ $rc -ne 0 ] && [ -d "/run/mesh-lab/$LAB" ]; then
+    local logs=${TMPDIR:-/tmp}/mesh-lab-$LAB-logs
+    rm -rf "$logs" && mkdir -p "$logs"
+    (cd "/run/mesh-lab/$LAB" && find . -name '*.log' -exec cp --parents {} "$logs" \;)
+    echo "demo: failed; the lab's logs are copied to $logs; removing the lab" >&2
+  fi
+  mesh-lab down --name "$LAB" >/dev/null 2>&1 || mesh-lab down --name "$LAB"
 }
+
+say "Starting a lab of two clusters with two nodes each"
+mesh-lab down --name "$LAB" >/dev/null 2>&1 || true
 trap cleanup EXIT
+run mesh-lab up --name "$LAB" --clusters 2 --nodes 2
+KUBECONFIG=$(mesh-lab kubeconfig --name "$LAB")
+export KUBECONFIG
+CLUSTERS=(east west)
+kc() { local c=$1; shift; run kubectl --context "$LAB-$c" "$@"; }
+kq() { local c=$1; shift; kubectl --context "$LAB-$c" "$@"; }
+run kubectl config get-contexts
+run mesh-lab status --name "$LAB"
 
-etcd_port=$(free_port); etcd_peer=$(free_port); kube_port=$(free_port)
-grpc_port=$(free_port); metrics_port=$(free_port)
+# replies CLUSTER SERVICE: REQUESTS requests from x-wing, one JSON reply per line.
+replies() {
+  mesh-lab exec --name "$LAB" "$1" -n demo deploy/x-wing -- sh -c \
+    "i=0; while [ \$i -lt $REQUESTS ]; do i=\$((i+1)); curl -s --max-time 2 http://$2.demo/ || echo '{\"cluster\":\"(failed)\",\"node\":\"(failed)\"}'; echo; done"
+}
 
-say "Starting etcd on 127.0.0.1:$etcd_port"
-etcd --name demo --data-dir "$work/etcd" \
-  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-  --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
-  --initial-cluster "demo=http://127.0.0.1:$etcd_peer" --log-level warn >"$work/etcd.log" 2>&1 &
-pids+=($!)
-wait_for etcd 20 curl -sf "http://127.0.0.1:$etcd_port/health"
+# check CLUSTER SERVICE FIELD EXPECTED...: repeats rounds of requests until the distinct
+# values of FIELD in the replies are exactly EXPECTED; prints the counts of the last round.
+check() {
+  local c=$1 svc=$2 field=$3; shift 3
+  local want got out deadline=$((SECONDS + STEP_TIMEOUT))
+  want=$(printf '%s\n' "$@" | sort -u | tr '\n' ' ')
+  while :; do
+    out=$(replies "$c" "$svc" | grep -o "\"$field\":\"[^\"]*\"" | cut -d'"' -f4 || true)
+    got=$(sort -u <<<"$out" | tr '\n' ' ')
+    if [ "$got" = "$want" ] || [ $SECONDS -ge "$deadline" ]; then break; fi
+    sleep 0.5
+  done
+  echo "  x-wing in $c -> $svc, $REQUESTS requests, replies per $field:"
+  sort <<<"$out" | uniq -c | sed 's/^/   /'
+  [ "$got" = "$want" ] ||
+    die "expected replies from: $want; got: $got(after ${STEP_TIMEOUT}s)"
+  echo "  ok: $want"
+}
 
-say "Starting mesh-lab's Kubernetes API for cluster east on 127.0.0.1:$kube_port"
-mesh-lab kube-api --listen "127.0.0.1:$kube_port" --dir "$work/kube" --cluster east \
-  --context lab-east --service-cidr 10.96.0.0/16 >"$work/kube-api.log" 2>&1 &
-pids+=($!)
-export KUBECONFIG=$work/kube/kubeconfig
-wait_for "the Kubernetes API" 30 test -s "$KUBECONFIG"
-wait_for "the Kubernetes API" 30 kubectl get --raw /readyz
-kctl() { run kubectl --cache-dir "$work/kube-cache" "$@"; }
-
-say "Creating the cluster's CA and certificates with meshctl"
-run meshctl ca create --cluster east --out-dir "$work/pki"
-run meshctl cert issue --ca-dir "$work/pki" --cluster east --apiserver \
-  --dns localhost --ip 127.0.0.1 --out-dir "$work/pki"
-run meshctl cert issue --ca-dir "$work/pki" --cluster east --operator admin --out-dir "$work/pki"
-
-say "Starting mesh-apiserver for cluster east (gRPC 127.0.0.1:$grpc_port, mutual TLS)"
-mesh-apiserver --cluster-name east --cluster-id 1 --pod-cidr 10.1.0.0/16 \
-  --service-cidr 10.96.0.0/16 --etcd-endpoints "http://127.0.0.1:$etcd_port" \
-  --kubeconfig "$KUBECONFIG" --listen "127.0.0.1:$grpc_port" \
-  --metrics-listen "127.0.0.1:$metrics_port" \
-  --tls-cert "$work/pki/apiserver.crt" --tls-key "$work/pki/apiserver.key" \
-  --tls-ca "$work/pki/ca.crt" >"$work/apiserver.log" 2>&1 &
-pids+=($!)
-wait_for "mesh-apiserver /readyz" 30 curl -sf "http://127.0.0.1:$metrics_port/readyz"
-
-export MESH_SERVER=127.0.0.1:$grpc_port MESH_TLS_CA=$work/pki/ca.crt \
-  MESH_TLS_CERT=$work/pki/operator-admin.crt MESH_TLS_KEY=$work/pki/operator-admin.key
-
-say "Creating nodes, pods and a global Service with kubectl"
-kctl apply -f examples/single-cluster.yaml
-# No kubelet in this single-cluster demo: report node addresses and pod status as one would.
-for n in 1 2; do
-  kctl patch node "node-$n" --subresource=status --type=merge \
-    -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"192.168.50.$n\"}]}}"
+say "Deploying rebel-base and x-wing in both clusters, echo in east"
+for c in "${CLUSTERS[@]}"; do
+  kc "$c" apply -f examples/lab-demo/rebel-base.yaml -f examples/lab-demo/x-wing.yaml
 done
-for p in rebel-base-1:1:10 rebel-base-2:2:10 x-wing:1:20; do
-  IFS=: read -r name node ip <<<"$p"
-  kctl -n demo patch pod "$name" --subresource=status --type=merge -p "{\"status\":{\"phase\":\"Running\",\"hostIP\":\"192.168.50.$node\",\"podIP\":\"10.1.$node.$ip\",\"podIPs\":[{\"ip\":\"10.1.$node.$ip\"}],\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\"}]}}"
+kc east apply -f examples/lab-demo/echo.yaml
+for c in "${CLUSTERS[@]}"; do
+  kc "$c" -n demo rollout status deployment/rebel-base --timeout=60s
+  kc "$c" -n demo rollout status deployment/x-wing --timeout=60s
 done
-kctl get nodes,pods,svc -A
+kc east -n demo rollout status deployment/echo --timeout=60s
+kc east -n demo get pods -o wide
 
-say "What mesh-apiserver publishes (read over its mutual-TLS gRPC watch)"
-wait_for "the service to be published" 30 sh -c "meshctl inspect services | grep -q rebel-base"
-run meshctl inspect
+say "1. A plain Service: each cluster answers only itself"
+check east rebel-base cluster east
+check west rebel-base cluster west
 
-say "Affinity local: kubectl annotate, and the published service follows"
-kctl -n demo annotate svc rebel-base service.cilium.io/affinity=local
-wait_for "affinity local" 30 sh -c "meshctl inspect services | grep -q local"
-run meshctl inspect services
+say "2. service.cilium.io/global=true in both clusters: both clusters answer"
+for c in "${CLUSTERS[@]}"; do
+  kc "$c" -n demo annotate service rebel-base service.cilium.io/global=true --overwrite
+done
+check east rebel-base cluster east west
+check west rebel-base cluster east west
 
-say "A malformed annotation is reported (log, Event, metric) and treated as none"
-kctl -n demo annotate --overwrite svc rebel-base service.cilium.io/affinity=loca
-wait_for "the Warning event" 30 sh -c "kubectl --cache-dir '$work/kube-cache' -n demo get events | grep -q InvalidAnnotation"
-kctl -n demo get events
-run meshctl inspect services
+say "3. service.cilium.io/affinity=local in east: only east answers its x-wing"
+kc east -n demo annotate service rebel-base service.cilium.io/affinity=local --overwrite
+check east rebel-base cluster east
 
-say "Status of the mesh as this apiserver sees it"
+say "4. Failover: east's rebel-base scaled to 0, west answers; then back"
+kc east -n demo scale deployment rebel-base --replicas=0
+check east rebel-base cluster west
+kc east -n demo scale deployment rebel-base --replicas=2
+kc east -n demo rollout status deployment/rebel-base --timeout=60s
+check east rebel-base cluster east
+
+say "5. service.cilium.io/affinity=remote in east: only west answers east's x-wing"
+kc east -n demo annotate service rebel-base service.cilium.io/affinity=remote --overwrite
+check east rebel-base cluster west
+
+say "6. internalTrafficPolicy: echo-1 (Cluster) spreads over nodes, echo-2 (Local) stays on x-wing's node"
+xwing_node=$(kq east -n demo get pods -l app=x-wing -o jsonpath='{.items[0].spec.nodeName}')
+mapfile -t echo_nodes < <(kq east -n demo get pods -l app=echo -o jsonpath='{range .items[*]}{.spec.nodeName}{"\n"}{end}' | sort -u)
+echo "  x-wing runs on $xwing_node; echo pods on ${echo_nodes[*]}"
+check east echo-1 node "${echo_nodes[@]}"
+check east echo-2 node "$xwing_node"
+
+say "The mesh as east's apiserver sees it"
+eval "$(mesh-lab env --name "$LAB" east)"
 run meshctl status
+run meshctl service explain demo/rebel-base --node "$xwing_node"
 
-say "Done. Everything started here is stopped and removed on exit."
+say "Done.${KEEP:+ The lab stays up (KEEP=1).}"

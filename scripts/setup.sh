@@ -8,6 +8,7 @@ packages=(
   clang llvm libbpf-dev bpftool  # eBPF programs in C (bpf/), built by mesh-agent's build.rs
   protobuf-compiler              # protoc for mesh-proto and etcd-client
   iproute2 iputils-ping curl     # network namespaces, veth, routes; probes
+  nftables                       # mesh-lab: kube-proxy rules and node NAT inside node netns
   jq shellcheck                  # demo scripts and their lint
   ca-certificates git pkg-config
 )

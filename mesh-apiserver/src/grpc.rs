@@ -14,7 +14,12 @@
 //! - `Progress` with the stream's revision when nothing was sent for a heartbeat interval.
 //! - A stream whose buffer fills up (the client does not read) is cut from live delivery
 //!   and resumes from its own last revision when it drains: from the history without loss,
-//!   or with `Reset` and a new snapshot when it fell behind the history.
+//!   or, when it fell behind the history, with the difference between etcd at its revision
+//!   and the index now (see below).
+//! - A resume older than the index's history (the server restarted, or the history was
+//!   trimmed) reads the stream's keys from etcd at that revision (keys only) and sends one
+//!   ordinary batch at the current revision: deletes for keys that are gone, upserts for
+//!   objects modified after it. Only a revision etcd compacted gets `Reset` and a snapshot.
 //!
 //! Roles: agents and replicas of the serving cluster read every cluster; a peer reads only
 //! the serving cluster's own data and sees `shared: false` services as absent.
@@ -480,6 +485,9 @@ struct WatchStream {
 
 type ItemResult = Result<pb::WatchResponse, Status>;
 
+/// Keys per page when a resume reads etcd's past (keys only, so pages can be large).
+const HISTORY_READ_PAGE: i64 = 10_000;
+
 impl WatchStream {
     /// Messages for a snapshot: optional reset, chunks, the closing revision, Synced.
     fn snapshot_messages(
@@ -596,12 +604,25 @@ impl WatchStream {
         resume: i64,
     ) -> Result<(Subscription, Vec<pb::WatchResponse>), Status> {
         let filter = self.filter.clone();
+        let keys = &self.svc.inner.cfg.keys;
+        // Where a resume older than the history reads etcd's past: only the clusters this
+        // stream may see.
+        let prefixes: Vec<String> = match &filter.clusters {
+            None => vec![keys.clusters_prefix()],
+            Some(clusters) => clusters.iter().map(|c| keys.cluster_prefix(c)).collect(),
+        };
         let accept = move |c: &str, k: Kind| filter.accepts(c, k);
         let mut sub = self
             .svc
             .inner
             .index
-            .subscribe(resume, &accept)
+            .subscribe_resuming(
+                &self.svc.inner.etcd,
+                &prefixes,
+                HISTORY_READ_PAGE,
+                resume,
+                &accept,
+            )
             .await
             .map_err(|_| Status::from(ServeError::ShuttingDown))?;
         let start = std::mem::replace(

@@ -8,7 +8,12 @@
 //! or the missed part of the history under the same lock as their registration, so no
 //! change falls between the two, and then receive `Arc<Batch>`es through a bounded channel.
 //! A subscriber whose channel is full is cut off (never waited for) and told so; it resumes
-//! from its last revision, from the history if it is still there, else with a reset.
+//! from its last revision, from the history if it is still there.
+//!
+//! A subscriber older than the history (the server restarted, or the history was trimmed)
+//! is resumed with the difference between etcd at its revision (a keys-only historical
+//! read, [`read_keys_at`]) and the index now ([`State::subscribe_diff`]); only when etcd
+//! compacted that revision does it get a reset and a snapshot.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
@@ -157,6 +162,13 @@ pub enum ResetReason {
     TooOld { requested: i64, oldest: i64 },
     /// The requested revision is newer than the index (etcd was restored or replaced).
     Ahead { requested: i64, current: i64 },
+    /// The requested revision is older than the history and etcd could not be read at it
+    /// (compacted, or etcd failed), so the difference cannot be computed.
+    Unreadable {
+        requested: i64,
+        oldest: i64,
+        error: String,
+    },
 }
 
 impl ResetReason {
@@ -164,6 +176,7 @@ impl ResetReason {
         match self {
             ResetReason::TooOld { .. } => "too_old",
             ResetReason::Ahead { .. } => "ahead",
+            ResetReason::Unreadable { .. } => "compacted",
         }
     }
 }
@@ -178,6 +191,14 @@ impl fmt::Display for ResetReason {
             ResetReason::Ahead { requested, current } => write!(
                 f,
                 "resume revision {requested} is ahead of the server's revision {current} (etcd was replaced or restored)"
+            ),
+            ResetReason::Unreadable {
+                requested,
+                oldest,
+                error,
+            } => write!(
+                f,
+                "resume revision {requested} is older than the server's history (oldest resumable revision {oldest}) and etcd cannot be read at it: {error}"
             ),
         }
     }
@@ -720,6 +741,120 @@ impl State {
         Subscription { start, rx, lagged }
     }
 
+    /// Whether a subscriber resuming at `resume_revision` needs the difference computed
+    /// from etcd: it is older than the history but not ahead of the index.
+    pub fn needs_diff(&self, resume_revision: i64) -> bool {
+        resume_revision > 0
+            && resume_revision < self.history_start
+            && resume_revision <= self.revision
+    }
+
+    /// Starts a subscription for a subscriber at `from`, older than the history, given
+    /// the keys (and their mod revisions) etcd held at `from` (`keys_at_from`, a historical
+    /// keys-only read). The subscriber gets one ordinary batch at the current revision:
+    /// a delete for every key it had that no longer exists, an upsert for every object
+    /// written after `from`; then live batches. Registration and diff happen under the
+    /// same borrow, like [`State::subscribe`]. Falls back to `subscribe` when the history
+    /// covers `from` after all or `from` is ahead.
+    pub fn subscribe_diff(
+        &mut self,
+        from: i64,
+        keys_at_from: &[(Vec<u8>, i64)],
+        filter: Filter<'_>,
+    ) -> Subscription {
+        if !self.needs_diff(from) {
+            return self.subscribe(from, filter);
+        }
+        let (tx, rx) = mpsc::channel(self.subscriber_buffer);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let mut changes = Vec::new();
+        let mut before = BTreeSet::new();
+        for (key, _) in keys_at_from {
+            let Ok(key) = std::str::from_utf8(key) else {
+                continue;
+            };
+            if let Some(ClusterKey::Object {
+                cluster,
+                kind,
+                name,
+            }) = self.keys.parse(key)
+                && filter(&cluster, kind)
+            {
+                let k = ObjKey {
+                    cluster,
+                    kind: kind as i32,
+                    name,
+                };
+                if !self.objects.contains_key(&k) {
+                    changes.push(Change::Object(Self::event(&k, self.revision, None)));
+                }
+                before.insert(k);
+            }
+        }
+        for (k, ev) in &self.objects {
+            if filter(&k.cluster, kind_of(k.kind)) && ev.revision > from {
+                changes.push(Change::Object(ev.clone()));
+            }
+        }
+        info!(
+            from,
+            revision = self.revision,
+            keys_at_from = before.len(),
+            changes = changes.len(),
+            "resuming from etcd's history: sending the difference"
+        );
+        let batch = Arc::new(Batch {
+            revision: self.revision,
+            changes,
+        });
+        let start = Start::Resume {
+            from,
+            missed: vec![batch],
+            synced: self.synced_for(filter),
+            revision: self.revision,
+        };
+        self.subscribers.push(Subscriber {
+            tx,
+            lagged: lagged.clone(),
+        });
+        Subscription { start, rx, lagged }
+    }
+
+    /// Whether the index holds exactly the objects (same mod revisions) and synced markers
+    /// of `keys` (a keys-only listing of the clusters prefix). Keys of an unknown shape are
+    /// ignored; a key whose value the index could not decode makes it a mismatch.
+    pub fn matches_keys(&self, keys: &[(Vec<u8>, i64)]) -> bool {
+        let mut objects = 0usize;
+        let mut synced = BTreeSet::new();
+        for (key, mod_revision) in keys {
+            let Ok(key) = std::str::from_utf8(key) else {
+                continue;
+            };
+            match self.keys.parse(key) {
+                None => {}
+                Some(ClusterKey::Synced { cluster, kind }) => {
+                    synced.insert((cluster, kind as i32));
+                }
+                Some(ClusterKey::Object {
+                    cluster,
+                    kind,
+                    name,
+                }) => {
+                    let k = ObjKey {
+                        cluster,
+                        kind: kind as i32,
+                        name,
+                    };
+                    match self.objects.get(&k) {
+                        Some(ev) if ev.revision == *mod_revision => objects += 1,
+                        _ => return false,
+                    }
+                }
+            }
+        }
+        objects == self.objects.len() && synced.iter().eq(self.synced.keys())
+    }
+
     /// Per-cluster counts and synced flags, for `Status`.
     pub fn counts(&self) -> BTreeMap<String, ClusterCounts> {
         let mut clusters: BTreeSet<&str> = self.counts.keys().map(|(c, _)| c.as_str()).collect();
@@ -872,6 +1007,96 @@ impl Index {
     pub fn counts(&self) -> BTreeMap<String, ClusterCounts> {
         self.lock().counts()
     }
+
+    /// Subscribes like [`Index::subscribe`], except that a subscriber older than the
+    /// history is resumed with the difference between etcd at its revision (a keys-only
+    /// historical read of `prefixes`) and the index now, instead of a reset and a
+    /// snapshot. Only when etcd cannot be read at that revision (compacted) does it get
+    /// `Reset` ([`ResetReason::Unreadable`]).
+    pub async fn subscribe_resuming(
+        &self,
+        etcd: &etcd_client::Client,
+        prefixes: &[String],
+        page_size: i64,
+        resume_revision: i64,
+        filter: Filter<'_>,
+    ) -> Result<Subscription> {
+        self.wait_loaded().await?;
+        {
+            let mut st = self.lock();
+            if !st.needs_diff(resume_revision) {
+                return Ok(st.subscribe(resume_revision, filter));
+            }
+        }
+        let mut keys = Vec::new();
+        let mut failure = None;
+        for prefix in prefixes {
+            match read_keys_at(etcd, prefix, resume_revision, page_size).await {
+                Ok(mut k) => keys.append(&mut k),
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        let mut st = self.lock();
+        Ok(match failure {
+            None => st.subscribe_diff(resume_revision, &keys, filter),
+            Some(error) => {
+                let mut sub = st.subscribe(resume_revision, filter);
+                if let Start::Snapshot {
+                    reset: reset @ Some(ResetReason::TooOld { .. }),
+                    ..
+                } = &mut sub.start
+                {
+                    let oldest = st.history_start;
+                    *reset = Some(ResetReason::Unreadable {
+                        requested: resume_revision,
+                        oldest,
+                        error: error.to_string(),
+                    });
+                }
+                sub
+            }
+        })
+    }
+}
+
+/// The keys (with their mod revisions) under `prefix` at `revision`, read keys-only in
+/// pages. Fails when etcd compacted past `revision`.
+pub async fn read_keys_at(
+    etcd: &etcd_client::Client,
+    prefix: &str,
+    revision: i64,
+    page_size: i64,
+) -> Result<Vec<(Vec<u8>, i64)>, etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut kv = etcd.kv_client();
+    let mut start = prefix.as_bytes().to_vec();
+    let mut out = Vec::new();
+    loop {
+        let opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(page_size.max(1))
+            .with_keys_only()
+            .with_revision(revision);
+        let resp = kv.get(start.clone(), Some(opts)).await?;
+        let more = resp.more();
+        out.extend(
+            resp.kvs()
+                .iter()
+                .map(|kv| (kv.key().to_vec(), kv.mod_revision())),
+        );
+        match (more, out.last()) {
+            (true, Some((last, _))) => {
+                let mut next = last.clone();
+                next.push(0);
+                start = next;
+            }
+            _ => break,
+        }
+    }
+    Ok(out)
 }
 
 /// Feeds the index from etcd: list at R, watch from R+1, re-establish with backoff,
@@ -1073,6 +1298,16 @@ impl Feeder {
         tick.tick().await;
         // Progress requests sent since the last response; 3 unanswered = stalled.
         let mut unanswered = 0u32;
+        // etcd 3.4 answers a progress request with its current revision even while this
+        // watch is still replaying older events (etcd-io/etcd#15220). A watch created at
+        // etcd revision T that starts at or before T is replaying until an event at T or
+        // later arrives, or until a keys-only read at T shows the index already holds
+        // exactly etcd's state at T; until then progress answers are not applied, so the
+        // index revision never runs ahead of what it holds.
+        let mut replay_until: Option<i64> = None;
+        // After such a check passed, replayed events at or before this revision are
+        // already reflected in the index and are skipped.
+        let mut skip_through = 0i64;
         loop {
             let msg = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(WatchEnd::Shutdown),
@@ -1101,23 +1336,53 @@ impl Feeder {
             if resp.created() {
                 self.inner_etcd_ok(true);
                 backoff.reset();
-                debug!(from, "etcd watch established");
+                let created_at = resp.header().map(|h| h.revision()).unwrap_or(0);
+                if created_at >= from {
+                    replay_until = Some(created_at);
+                }
+                debug!(from, created_at, "etcd watch established");
                 if resp.events().is_empty() {
                     continue;
                 }
             }
             if resp.events().is_empty() {
-                // A progress notification: every event up to the header revision has been
-                // delivered on this (synced) watch.
-                if let Some(h) = resp.header() {
-                    let rev = h.revision();
-                    self.index.with_state(|st| st.advance(rev));
+                let Some(rev) = resp.header().map(|h| h.revision()) else {
+                    continue;
+                };
+                match replay_until {
+                    // A progress notification on a watch past its replay: every event up
+                    // to the header revision has been delivered.
+                    None => self.index.with_state(|st| st.advance(rev)),
+                    Some(target) => {
+                        if self.holds_state_at(target).await {
+                            debug!(target, "the index holds etcd's state; replay is over");
+                            self.index.with_state(|st| st.advance(target));
+                            skip_through = target;
+                            replay_until = None;
+                        } else {
+                            debug!(
+                                target,
+                                progress = rev,
+                                "progress answer during replay not applied"
+                            );
+                        }
+                    }
                 }
                 continue;
+            }
+            if let Some(target) = replay_until
+                && resp
+                    .events()
+                    .iter()
+                    .filter_map(|e| e.kv())
+                    .any(|kv| kv.mod_revision() >= target)
+            {
+                replay_until = None;
             }
             let events: Vec<RawEvent> = resp
                 .events()
                 .iter()
+                .filter(|e| e.kv().is_some_and(|kv| kv.mod_revision() > skip_through))
                 .filter_map(|e| {
                     let kv = e.kv()?;
                     Some(RawEvent {
@@ -1130,7 +1395,21 @@ impl Feeder {
                     })
                 })
                 .collect();
-            self.index.with_state(|st| st.apply(events));
+            if !events.is_empty() {
+                self.index.with_state(|st| st.apply(events));
+            }
+        }
+    }
+
+    /// Whether the index holds exactly etcd's state of the clusters prefix at `revision`
+    /// (keys and mod revisions, read keys-only). A failed read counts as no.
+    async fn holds_state_at(&self, revision: i64) -> bool {
+        match read_keys_at(&self.etcd, &self.prefix, revision, self.cfg.list_page_size).await {
+            Ok(keys) => self.index.with_state(|st| st.matches_keys(&keys)),
+            Err(error) => {
+                debug!(%error, revision, "cannot check the index against etcd");
+                false
+            }
         }
     }
 }
@@ -1249,6 +1528,86 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn key_at(cluster: &str, name: &str, rev: i64) -> (Vec<u8>, i64) {
+        (
+            Keys::default()
+                .object(cluster, Kind::Node, name)
+                .into_bytes(),
+            rev,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_older_than_the_history_gets_the_difference_as_one_batch() {
+        let mut st = State::new(&cfg(100, 16), Metrics::default());
+        // Loaded at 20 (a restarted server): history starts at 20.
+        st.reset(
+            20,
+            vec![
+                node_put("a", "kept", 3),
+                node_put("a", "changed", 12),
+                node_put("a", "added", 15),
+                node_put("b", "other", 18),
+            ],
+        );
+        // What etcd held at revision 10.
+        let at_10 = [
+            key_at("a", "kept", 3),
+            key_at("a", "changed", 5),
+            key_at("a", "gone", 7),
+            key_at("b", "other-gone", 8),
+        ];
+        assert!(st.needs_diff(10));
+        let only_a = |c: &str, _: Kind| c == "a";
+        let sub = st.subscribe_diff(10, &at_10, &only_a);
+        let Start::Resume {
+            from,
+            missed,
+            revision,
+            ..
+        } = &sub.start
+        else {
+            panic!("expected a resume, got {:?}", sub.start)
+        };
+        assert_eq!((*from, *revision), (10, 20));
+        assert_eq!(missed.len(), 1);
+        assert_eq!(missed[0].revision, 20);
+        let mut got: Vec<String> = missed[0]
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Object(e) => format!("{}:{}", e.name, e.value.is_some()),
+                Change::Synced { .. } => panic!("no synced in the diff"),
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, ["added:true", "changed:true", "gone:false"]);
+        assert_eq!(st.subscribers(), 1);
+        // Inside the history, or ahead: the ordinary paths.
+        assert!(!st.needs_diff(20));
+        assert!(!st.needs_diff(21));
+        assert!(!st.needs_diff(0));
+    }
+
+    #[test]
+    fn matches_keys_compares_keys_and_mod_revisions() {
+        let mut st = State::new(&cfg(100, 16), Metrics::default());
+        st.reset(9, vec![node_put("a", "n1", 3), node_put("a", "n2", 9)]);
+        assert!(st.matches_keys(&[key_at("a", "n1", 3), key_at("a", "n2", 9)]));
+        assert!(!st.matches_keys(&[key_at("a", "n1", 3), key_at("a", "n2", 10)]));
+        assert!(
+            !st.matches_keys(&[key_at("a", "n1", 3)]),
+            "a delete not applied"
+        );
+        assert!(!st.matches_keys(&[
+            key_at("a", "n1", 3),
+            key_at("a", "n2", 9),
+            key_at("a", "n3", 11)
+        ]));
+        let synced = (Keys::default().synced("a", Kind::Node).into_bytes(), 5);
+        assert!(!st.matches_keys(&[key_at("a", "n1", 3), key_at("a", "n2", 9), synced]));
     }
 
     #[tokio::test]

@@ -253,7 +253,12 @@ async fn peer_cannot_read_relayed_data() {
         .await
         .expect_err("a peer must not read a third cluster's data");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
-    assert!(err.message().contains('c'), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("may only read the data of cluster a, not of cluster c"),
+        "{}",
+        err.message()
+    );
 
     let (_tx, rx) = watch::channel(Some(peers(&[a.spec()])));
     let importer = b.importer(rx, test_options(None)).await;

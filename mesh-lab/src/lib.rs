@@ -1,5 +1,14 @@
 //! mesh-lab: whole meshes on one Linux machine.
 //!
-//! [`kube_api`] is the Kubernetes-compatible API server each lab cluster runs.
+//! [`kube_api`] is the Kubernetes-compatible API server each lab cluster runs;
+//! [`controllers`] play the Deployment/EndpointSlice/LoadBalancer controllers, the scheduler
+//! and the kubelet on its store; [`proxy_rules`] is the lab's kube-proxy (nftables), [`dns`]
+//! the cluster DNS, and [`workload`] the HTTP server every lab pod runs; [`lab`] is the lab runtime (netns,
+//! cgroups, the supervisor and the `up`/`down`/fault commands).
 
+pub mod controllers;
+pub mod dns;
 pub mod kube_api;
+pub mod lab;
+pub mod proxy_rules;
+pub mod workload;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use mesh_lab::kube_api::{KubeApi, KubeApiConfig};
+use mesh_lab::lab;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,6 +37,45 @@ struct LogArgs {
 enum Command {
     /// Run a Kubernetes-compatible API server and write its kubeconfig.
     KubeApi(KubeApiArgs),
+    /// Build a lab: clusters of nodes (network namespaces) with etcd, mesh-apiserver and agents.
+    Up(lab::cli::UpArgs),
+    /// Remove everything a lab made (also after a crash). Idempotent.
+    Down(lab::cli::NameArg),
+    /// What runs in a lab.
+    Status(lab::cli::StatusArgs),
+    /// Print the path of the lab's kubeconfig (one context per cluster: <lab>-<cluster>).
+    Kubeconfig(lab::cli::NameArg),
+    /// Print shell exports pointing kubectl and meshctl at one cluster of the lab.
+    Env(lab::cli::EnvArgs),
+    /// Run a command inside a pod (its network namespace, cgroup and resolv.conf).
+    Exec(lab::cli::ExecArgs),
+    /// Kill a component: apiserver, etcd or agent/NODE (it stays down until `start`).
+    Kill(lab::cli::ComponentArgs),
+    /// Start a killed component again.
+    Start(lab::cli::ComponentArgs),
+    /// Cut traffic (control plane and pods) between two clusters.
+    Partition(lab::cli::PartitionArgs),
+    /// Remove every partition.
+    Heal(lab::cli::NameArg),
+    /// The lab's supervisor (started by `up`).
+    #[command(hide = true)]
+    Supervise(lab::cli::NameArg),
+    /// Join a netns/cgroup/mount namespace and exec a command (used by the supervisor).
+    #[command(hide = true)]
+    Enter(lab::cli::EnterArgs),
+    /// The HTTP workload every lab pod runs (answers with JSON naming the pod).
+    #[command(hide = true)]
+    Workload(WorkloadArgs),
+}
+
+#[derive(Args, Debug)]
+struct WorkloadArgs {
+    /// Address to serve on (repeat for every container port).
+    #[arg(long, default_value = "0.0.0.0:80")]
+    listen: Vec<SocketAddr>,
+    /// The reply (JSON when it parses, else a string); MESH_LAB_REPLY when absent.
+    #[arg(last = true)]
+    reply: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -113,15 +153,52 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::KubeApi(args) => run_kube_api(args).await,
-    }
+async fn run_workload(args: WorkloadArgs) -> anyhow::Result<()> {
+    let id = mesh_lab::workload::Identity::from_env(&args.reply);
+    let stop = async {
+        if let Err(error) = wait_for_signal().await {
+            tracing::warn!(%error, "signal handling failed");
+            std::future::pending::<()>().await;
+        }
+    };
+    mesh_lab::workload::serve(&args.listen, id, stop)
+        .await
+        .context("workload")
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // `enter` execs another program: no runtime, no threads (unshare needs a lone thread).
+    if let Command::Enter(args) = cli.command {
+        return lab::cli::enter(args);
+    }
     init_logging(&cli.log);
-    run(cli).await
+    match cli.command {
+        Command::KubeApi(args) => runtime()?.block_on(run_kube_api(args)),
+        Command::Up(a) => lab::cli::up(a),
+        Command::Down(a) => lab::cli::down(a),
+        Command::Status(a) => lab::cli::status(a),
+        Command::Kubeconfig(a) => lab::cli::kubeconfig(a),
+        Command::Env(a) => lab::cli::env(a),
+        Command::Exec(a) => {
+            let code = lab::cli::exec(a)?;
+            std::process::exit(code)
+        }
+        Command::Kill(a) => lab::cli::kill(a),
+        Command::Start(a) => lab::cli::start(a),
+        Command::Partition(a) => lab::cli::partition(a),
+        Command::Heal(a) => lab::cli::heal(a),
+        Command::Supervise(a) => runtime()?.block_on(lab::supervisor::run(&a.name)),
+        Command::Enter(_) => unreachable!("handled above"),
+        Command::Workload(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(run_workload(a)),
+    }
 }

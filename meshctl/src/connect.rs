@@ -25,10 +25,19 @@
 //! destination's peer Secret; those clusters are found by probing every context of the
 //! kubeconfig for its cluster name.
 //!
-//! Connect does not wait for the apiservers to sync: run `meshctl status --wait` after it.
+//! `--wait [--timeout]`: after writing, reads each side's `Status` until each reports the
+//! other (and, on the source, every cluster it was connected to) connected and synced,
+//! printing progress on stderr; on timeout it prints what is still missing and why and
+//! fails. Reading `Status` needs an operator certificate of each cluster: it comes from
+//! `--source-tls-dir` / `--destination-tls-dir`, each holding `ca.crt` (the cluster's CA),
+//! `tls.crt` and `tls.key` (an operator certificate of that cluster, e.g.
+//! `meshctl cert issue --operator NAME --name tls --out-dir DIR`), the layout of a
+//! `kubernetes.io/tls` Secret. The apiserver is reached at the address written into the
+//! peer entries. Missing or unreadable files are reported before anything is written.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, ValueEnum};
@@ -40,6 +49,11 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use mesh_apiserver::peer::source::{PeerSpec, parse_entry, render_entry};
 use mesh_core::validate::check_compatible;
 use mesh_core::{ClusterConfig, ClusterId, ClusterName};
+use mesh_proto::pb;
+use mesh_proto::tls::{ClientEndpoint, ClientTls};
+
+use crate::conn::parse_duration;
+use crate::status::peer_ready;
 
 const ENTRY_EXTS: [&str; 3] = [".yaml", ".yml", ".json"];
 
@@ -87,6 +101,20 @@ pub struct ConnectArgs {
     destination_endpoint: Option<String>,
     #[arg(long, value_enum, default_value_t = ConnectionMode::Direct)]
     connection_mode: ConnectionMode,
+    /// After writing the peer Secrets, wait until each side reports the other connected
+    /// and synced (needs --source-tls-dir and --destination-tls-dir).
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long (with --wait).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Directory with ca.crt, tls.crt and tls.key: the source cluster's CA and an operator
+    /// certificate of that cluster, to read its apiserver's Status (with --wait).
+    #[arg(long, env = "MESH_SOURCE_TLS_DIR")]
+    source_tls_dir: Option<PathBuf>,
+    /// Like --source-tls-dir, for the destination cluster.
+    #[arg(long, env = "MESH_DESTINATION_TLS_DIR")]
+    destination_tls_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -484,6 +512,39 @@ pub async fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // With --wait, the operator certificates must load before anything is written.
+    let mut waits = Vec::new();
+    if a.wait {
+        let mut targets: Vec<String> = all[1..].iter().map(|c| c.config.name.to_string()).collect();
+        targets.sort();
+        for (side, dir, flag, peers) in [
+            (&source, &a.source_tls_dir, "--source-tls-dir", targets),
+            (
+                &dest,
+                &a.destination_tls_dir,
+                "--destination-tls-dir",
+                vec![source.config.name.to_string()],
+            ),
+        ] {
+            match (dir, &side.entry) {
+                (None, _) => problems.push(format!(
+                    "--wait needs {flag} (ca.crt, tls.crt, tls.key of an operator certificate of {}) to read its Status",
+                    describe(side)
+                )),
+                (Some(dir), Ok(entry)) => match status_endpoint(dir, &side.config.name, &entry.address) {
+                    Ok(endpoint) => waits.push(WaitSide {
+                        name: side.config.name.to_string(),
+                        endpoint,
+                        peers,
+                        client: None,
+                    }),
+                    Err(e) => problems.push(format!("{flag} for {}: {e:#}", describe(side))),
+                },
+                // The missing entry is already a problem.
+                (Some(_), Err(_)) => {}
+            }
+        }
+    }
     if !problems.is_empty() {
         bail!(
             "cannot connect; nothing was written:\n  {}",
@@ -513,8 +574,119 @@ pub async fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
             address_of(t),
         );
     }
+    if a.wait {
+        return wait_connected(waits, a.timeout).await;
+    }
     println!("run `meshctl status --wait` against either apiserver to wait until they are synced");
     Ok(())
+}
+
+/// One apiserver `--wait` reads, and the peers it must report connected and synced.
+struct WaitSide {
+    name: String,
+    endpoint: ClientEndpoint,
+    peers: Vec<String>,
+    client: Option<pb::mesh_client::MeshClient<tonic::transport::Channel>>,
+}
+
+/// The endpoint of a cluster's apiserver with the operator certificate in `dir`.
+fn status_endpoint(
+    dir: &Path,
+    cluster: &ClusterName,
+    address: &str,
+) -> anyhow::Result<ClientEndpoint> {
+    let files = ["ca.crt", "tls.crt", "tls.key"].map(|f| dir.join(f));
+    for f in &files {
+        if !f.is_file() {
+            bail!("{} not found", f.display());
+        }
+    }
+    let tls = ClientTls::from_files(&files[0], &files[1], &files[2], Some(cluster.clone()))
+        .with_context(|| format!("loading the TLS files of {}", dir.display()))?;
+    let mut ep = ClientEndpoint::new(address.to_owned(), tls);
+    ep.connect_timeout = Duration::from_secs(5);
+    Ok(ep)
+}
+
+/// What is still missing on one side: empty when it reports every peer connected and synced.
+async fn missing(side: &mut WaitSide) -> Vec<String> {
+    const CALL: Duration = Duration::from_secs(5);
+    if side.client.is_none() {
+        match mesh_proto::tls::connect(&side.endpoint).await {
+            Ok(c) => side.client = Some(c),
+            Err(e) => {
+                return vec![format!(
+                    "{}: cannot reach its apiserver at {}: {e}",
+                    side.name, side.endpoint.address
+                )];
+            }
+        }
+    }
+    let Some(client) = side.client.as_mut() else {
+        return Vec::new();
+    };
+    let resp = match tokio::time::timeout(CALL, client.status(pb::StatusRequest {})).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(status)) => {
+            side.client = None;
+            return vec![format!(
+                "{}: Status failed: {}: {}",
+                side.name,
+                status.code(),
+                status.message()
+            )];
+        }
+        Err(_) => {
+            side.client = None;
+            return vec![format!(
+                "{}: Status did not answer within {CALL:?}",
+                side.name
+            )];
+        }
+    };
+    side.peers
+        .iter()
+        .filter_map(|p| peer_ready(&resp, p).err())
+        .collect()
+}
+
+/// Polls every side's Status until nothing is missing or `timeout` passes; progress goes
+/// to stderr, one line each time what is missing changes.
+async fn wait_connected(mut sides: Vec<WaitSide>, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut last = Vec::new();
+    loop {
+        let mut now_missing = Vec::new();
+        for side in &mut sides {
+            now_missing.extend(missing(side).await);
+        }
+        let elapsed = started.elapsed().as_secs();
+        if now_missing.is_empty() {
+            let pairs: Vec<String> = sides
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} sees {} connected and synced",
+                        s.name,
+                        s.peers.join(", ")
+                    )
+                })
+                .collect();
+            println!("synced after {elapsed}s: {}", pairs.join("; "));
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            bail!(
+                "timed out after {timeout:?} waiting for the clusters to connect and sync; still missing:\n  - {}",
+                now_missing.join("\n  - ")
+            );
+        }
+        if now_missing != last {
+            eprintln!("waiting ({elapsed}s): {}", now_missing.join("; "));
+            last = now_missing;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 pub async fn run_disconnect(a: DisconnectArgs) -> anyhow::Result<()> {

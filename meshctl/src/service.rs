@@ -379,6 +379,17 @@ mod tests {
         terminating: false,
     };
 
+    const TERMINATING_SERVING: BackendConditions = BackendConditions {
+        ready: false,
+        serving: true,
+        terminating: true,
+    };
+    const TERMINATING: BackendConditions = BackendConditions {
+        ready: false,
+        serving: false,
+        terminating: true,
+    };
+
     fn backend(ip: &str, node: &str, conditions: BackendConditions) -> Backend {
         Backend {
             ip: ip.parse().unwrap(),
@@ -516,6 +527,27 @@ mod tests {
                 node: "e1",
                 selected: vec![("east", "10.1.0.1:8080")],
                 excluded: vec![("west", "10.2.0.1", "no port named \"http\" with protocol")],
+            },
+            Case {
+                name: "terminating: not serving, and serving but not needed",
+                services: vec![svc(
+                    "east",
+                    vec![
+                        backend("10.1.0.1", "e1", READY),
+                        backend("10.1.0.2", "e1", TERMINATING_SERVING),
+                        backend("10.1.0.3", "e1", TERMINATING),
+                    ],
+                )],
+                node: "e1",
+                selected: vec![("east", "10.1.0.1:8080")],
+                excluded: vec![
+                    (
+                        "east",
+                        "10.1.0.2",
+                        "terminating: used only when no backend is ready",
+                    ),
+                    ("east", "10.1.0.3", "terminating and not serving"),
+                ],
             },
             Case {
                 name: "affinity local fails over to remote",

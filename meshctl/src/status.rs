@@ -60,6 +60,10 @@ pub struct PeerView {
     pub stale_for_seconds: Option<u64>,
     pub revision: i64,
     pub reconnects: u64,
+    /// Full snapshots this importer took from the peer since it started.
+    pub snapshots: u64,
+    /// Reconnections that resumed from the last imported revision (no snapshot).
+    pub resumes: u64,
     pub last_error: String,
 }
 
@@ -156,6 +160,8 @@ pub fn view(resp: &pb::StatusResponse) -> StatusView {
                     .then(|| ((now - p.stale_since_unix_ms).max(0) / 1000) as u64),
                 revision: p.revision,
                 reconnects: p.reconnects,
+                snapshots: p.snapshots,
+                resumes: p.resumes,
                 last_error: p.last_error.clone(),
             }
         })
@@ -213,6 +219,31 @@ pub fn view(resp: &pb::StatusResponse) -> StatusView {
         agents,
         agents_synced,
         not_ready,
+    }
+}
+
+/// Whether `resp` (one apiserver's Status) shows `peer` connected and synced; otherwise
+/// what is missing and why.
+pub fn peer_ready(resp: &pb::StatusResponse, peer: &str) -> Result<(), String> {
+    let local = resp.local.as_ref().map(|l| l.name.as_str()).unwrap_or("?");
+    let Some(p) = resp.peers.iter().find(|p| p.cluster == peer) else {
+        return Err(format!(
+            "{local} does not list peer {peer} yet (its apiserver has not picked up the peer Secret)"
+        ));
+    };
+    let error = if p.last_error.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", p.last_error)
+    };
+    if !p.connected {
+        Err(format!("{local} is not connected to {peer}{error}"))
+    } else if !p.synced {
+        Err(format!(
+            "{local} is connected to {peer}, initial sync not complete{error}"
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -283,6 +314,8 @@ pub fn render(v: &StatusView) -> String {
                         .unwrap_or_else(|| "-".into()),
                     p.revision.to_string(),
                     p.reconnects.to_string(),
+                    p.snapshots.to_string(),
+                    p.resumes.to_string(),
                     if p.last_error.is_empty() {
                         "-".into()
                     } else {
@@ -300,6 +333,8 @@ pub fn render(v: &StatusView) -> String {
                 "STALE",
                 "REVISION",
                 "RECONNECTS",
+                "SNAPSHOTS",
+                "RESUMES",
                 "LAST ERROR",
             ],
             &rows,

@@ -1000,6 +1000,8 @@ impl Worker {
             last_error: self.stats.last_error.clone(),
             revision: self.stats.revision,
             reconnects: self.stats.reconnects,
+            snapshots: self.stats.snapshots,
+            resumes: self.stats.resumes,
             last_event_age_ms: stats
                 .last_message_at()
                 .map(|t| t.elapsed().as_millis() as i64)

@@ -42,7 +42,7 @@ mod server;
 pub mod store;
 mod table;
 mod tls;
-mod util;
+pub(crate) mod util;
 mod validate;
 
 use std::net::SocketAddr;

@@ -1,0 +1,289 @@
+//! mesh-bench: the benchmarks of DESIGN.md section 12, run on the project's real
+//! components (etcd, mesh-apiserver and mesh-agent processes, the lab Kubernetes API, the
+//! kernel's eBPF maps). Each prints distributions and figures beside their targets; none
+//! asserts a speed.
+//!
+//! - [`propagation`]: pod ready in cluster A -> backend in the service map of a node of B,
+//!   and (`failover`) B's last local backend not ready -> remote backends in the map.
+//! - [`initial_sync`]: a large synthetic peer in an apiserver's etcd -> a fresh agent's
+//!   maps; RSS per endpoint of the agent and the apiserver.
+//! - [`fanout`]: one apiserver feeding N watch streams vs N clients watching etcd directly.
+
+pub mod cluster;
+pub mod env;
+pub mod fanout;
+pub mod initial_sync;
+pub mod propagation;
+pub mod report;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::env::Components;
+use crate::report::{Machine, Output, Report};
+
+/// mesh-bench: benchmarks of the mesh on this machine (root; etcd installed).
+#[derive(Debug, Parser)]
+#[command(name = "mesh-bench", version, about)]
+pub struct Cli {
+    /// Output format of the results (progress goes to stderr).
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+
+    /// Directory holding the mesh-apiserver and mesh-agent binaries (default: next to
+    /// mesh-bench if both are there, else mesh-bench re-executes itself per component).
+    #[arg(long, env = "MESH_BENCH_BIN_DIR", global = true)]
+    pub bin_dir: Option<PathBuf>,
+
+    /// Run the components as mesh-bench re-executed (same library code as the binaries).
+    #[arg(long, global = true)]
+    pub self_exec: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Every benchmark with its default sizes.
+    All,
+    /// Pod ready in cluster A -> backend in the service map of a node of cluster B.
+    Propagation(propagation::Opts),
+    /// B's last local backend not ready -> A's backends in the map (affinity local).
+    Failover(propagation::Opts),
+    /// A large peer cluster from etcd into a fresh agent's maps; memory per endpoint.
+    InitialSync(initial_sync::Opts),
+    /// One apiserver feeding N watch streams, vs N clients watching etcd directly.
+    Fanout(fanout::Opts),
+    /// Runs a component (used when no binaries are next to mesh-bench).
+    #[command(hide = true)]
+    Component {
+        role: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The binary's entry point.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Component { role, args } = &cli.command {
+        return match run_component(role, args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        // Ctrl-C or SIGTERM drops the benchmark's future: its guards stop every process
+        // and remove every namespace, cgroup, pin and directory it made.
+        tokio::select! {
+            r = run(cli) => match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            s = interrupted() => {
+                eprintln!("\n{s}: stopping and cleaning up");
+                ExitCode::from(130)
+            }
+        }
+    });
+    // Tasks still holding guards are dropped with the runtime.
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    code
+}
+
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "interrupted",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
+    }
+}
+
+/// Runs the benchmarks named by the command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    env::check_preconditions()?;
+    let components = Components::resolve(cli.bin_dir.clone(), cli.self_exec)?;
+    let machine = Machine::detect(components.describe());
+    let mut reports = Vec::new();
+    let emit = |r: &Report| {
+        if cli.output == Output::Table {
+            println!("{}", r.render_table());
+        }
+    };
+    match cli.command {
+        Command::All => {
+            for f in [propagation::Kind::Propagation, propagation::Kind::Failover] {
+                let r = propagation::run(f, &propagation::Opts::default(), &components, &machine)
+                    .await?;
+                emit(&r);
+                reports.push(r);
+            }
+            let r =
+                initial_sync::run(&initial_sync::Opts::default(), &components, &machine).await?;
+            emit(&r);
+            reports.push(r);
+            let r = fanout::run(&fanout::Opts::default(), &components, &machine).await?;
+            emit(&r);
+            reports.push(r);
+        }
+        Command::Propagation(o) => {
+            let r =
+                propagation::run(propagation::Kind::Propagation, &o, &components, &machine).await?;
+            emit(&r);
+            reports.push(r);
+        }
+        Command::Failover(o) => {
+            let r =
+                propagation::run(propagation::Kind::Failover, &o, &components, &machine).await?;
+            emit(&r);
+            reports.push(r);
+        }
+        Command::InitialSync(o) => {
+            let r = initial_sync::run(&o, &components, &machine).await?;
+            emit(&r);
+            reports.push(r);
+        }
+        Command::Fanout(o) => {
+            let r = fanout::run(&o, &components, &machine).await?;
+            emit(&r);
+            reports.push(r);
+        }
+        Command::Component { .. } => unreachable!("handled in main"),
+    }
+    if cli.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reports).context("encoding the results")?
+        );
+    }
+    Ok(())
+}
+
+/// `mesh-bench component apiserver|agent -- ARGS`: the component's own `main`.
+fn run_component(role: &str, args: &[String]) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    match role {
+        "apiserver" => {
+            let args = mesh_apiserver::Args::parse_from(
+                std::iter::once("mesh-apiserver".to_owned()).chain(args.iter().cloned()),
+            );
+            mesh_apiserver::init_tracing(&args.log);
+            runtime.block_on(mesh_apiserver::run(args))?;
+        }
+        "agent" => {
+            let args = mesh_agent::Args::parse_from(
+                std::iter::once("mesh-agent".to_owned()).chain(args.iter().cloned()),
+            );
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_ansi(false)
+                .try_init();
+            let settings = args.validate().context("invalid configuration")?;
+            runtime.block_on(async {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    interrupted().await;
+                    stop.cancel();
+                });
+                mesh_agent::run(settings, shutdown).await
+            })?;
+        }
+        other => anyhow::bail!("unknown component {other:?}: expected apiserver or agent"),
+    }
+    Ok(())
+}
+
+/// Progress on stderr: one rewritten line on a terminal, a line per tenth otherwise.
+pub struct Progress {
+    label: String,
+    total: usize,
+    tty: bool,
+    last_tenth: usize,
+    started: Instant,
+}
+
+impl Progress {
+    pub fn new(label: &str, total: usize) -> Self {
+        let p = Progress {
+            label: label.to_owned(),
+            total,
+            tty: std::io::stderr().is_terminal(),
+            last_tenth: 0,
+            started: Instant::now(),
+        };
+        if !p.tty {
+            eprintln!("{label}: 0/{total}");
+        }
+        p
+    }
+
+    pub fn set(&mut self, done: usize) {
+        if self.tty {
+            eprint!(
+                "\r{}: {done}/{} ({:.1}s)   ",
+                self.label,
+                self.total,
+                self.started.elapsed().as_secs_f64()
+            );
+        } else {
+            let tenth = done * 10 / self.total.max(1);
+            if tenth > self.last_tenth {
+                self.last_tenth = tenth;
+                eprintln!("{}: {done}/{}", self.label, self.total);
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        if self.tty {
+            eprintln!(
+                "\r{}: {}/{} done in {:.1}s   ",
+                self.label,
+                self.total,
+                self.total,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// A step message on stderr.
+pub fn step(msg: &str) {
+    eprintln!("-- {msg}");
+}

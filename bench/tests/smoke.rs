@@ -1,0 +1,125 @@
+//! Keeps the benchmarks compiling and working: each runs at a tiny size through the real
+//! binary (`-o json`, components re-executed from it) and must report the number of
+//! samples, entries and events it was asked for. No timing is checked.
+//!
+//! Root and etcd are needed (skips otherwise, with a message).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn can_run() -> bool {
+    if !mesh_testkit::is_root() {
+        eprintln!("skipping: the benchmarks need root (eBPF, bpffs, cgroups)");
+        return false;
+    }
+    let etcd = std::env::var("MESH_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+    if Command::new(&etcd).arg("--version").output().is_err() {
+        eprintln!("skipping: etcd is not installed");
+        return false;
+    }
+    true
+}
+
+/// Runs `mesh-bench --self-exec -o json ARGS` and returns its one report.
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-bench"))
+        .args(["--self-exec", "-o", "json"])
+        .args(args)
+        .output()
+        .expect("running mesh-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "mesh-bench {args:?} failed:\n{stderr}"
+    );
+    let reports: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "mesh-bench {args:?} printed no JSON ({e}):\n{}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let reports = reports.as_array().expect("a list of reports");
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    reports[0].clone()
+}
+
+fn figure(report: &Value, name: &str) -> f64 {
+    report["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("no figure {name:?} in {report:#}"))["value"]
+        .as_f64()
+        .unwrap()
+}
+
+/// Every distribution accounts for every sample (completed or timed out).
+fn assert_samples(report: &Value, samples: u64) {
+    let dists = report["distributions"].as_array().unwrap();
+    assert_eq!(dists.len(), 2, "{report:#}");
+    for d in dists {
+        let done = d["count"].as_u64().unwrap();
+        let timeouts = d["timeouts"].as_u64().unwrap();
+        assert_eq!(done + timeouts, samples, "{d:#}");
+        assert!(d["p50_ms"].as_f64().unwrap() <= d["max_ms"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn propagation_reports_every_sample() {
+    if !can_run() {
+        return;
+    }
+    let r = bench(&["propagation", "--samples", "3"]);
+    assert_eq!(r["benchmark"], "propagation");
+    assert_samples(&r, 3);
+    assert!(
+        r["distributions"][0]["target"]
+            .as_str()
+            .unwrap()
+            .contains("p99 <= 50 ms")
+    );
+}
+
+#[test]
+fn failover_reports_every_sample() {
+    if !can_run() {
+        return;
+    }
+    let r = bench(&["failover", "--samples", "3"]);
+    assert_eq!(r["benchmark"], "failover");
+    assert_samples(&r, 3);
+}
+
+#[test]
+fn initial_sync_fills_the_maps_at_a_tiny_scale() {
+    if !can_run() {
+        return;
+    }
+    // 100 endpoints, 10 identities, 10 services, 512 ipcache entries. The benchmark itself
+    // fails unless the agent's pinned maps hold exactly the expected entries.
+    let r = bench(&["initial-sync", "--scale", "0.001"]);
+    assert_eq!(r["params"]["peer_endpoints"], 100);
+    assert_eq!(r["params"]["peer_services"], 10);
+    assert_eq!(r["params"]["ipcache_entries"], 512);
+    assert!(figure(&r, "agent RSS after case 2") > 0.0);
+    assert!(figure(&r, "apiserver RSS per cached endpoint (case 2)") > 0.0);
+}
+
+#[test]
+fn fanout_delivers_every_event_to_every_stream() {
+    if !can_run() {
+        return;
+    }
+    let r = bench(&["fanout", "--streams", "3", "--events", "50"]);
+    for side in ["apiserver", "direct etcd"] {
+        assert_eq!(
+            figure(&r, &format!("{side}: streams that received every event")),
+            3.0,
+            "{r:#}"
+        );
+        assert_eq!(figure(&r, &format!("{side}: events delivered")), 150.0);
+    }
+}

@@ -1,0 +1,182 @@
+//! The Cluster Mesh demo (scripts/demo.sh), every step asserted on the replies x-wing gets
+//! from rebel-base: a two-cluster lab driven with kubectl and the mesh-lab CLI.
+
+mod e2e_support;
+mod lab_support;
+
+use std::time::Duration;
+
+use e2e_support::{Lab, root_or_skip};
+
+const STEP: Duration = Duration::from_secs(60);
+
+#[test]
+fn cluster_mesh_demo() {
+    let Some(()) = root_or_skip("cluster_mesh_demo") else {
+        return;
+    };
+    let lab = Lab::up("e2edemo", 2, 2);
+    assert_eq!(lab.clusters, ["east", "west"]);
+    for c in ["east", "west"] {
+        lab.apply_example(c, "rebel-base.yaml");
+        lab.apply_example(c, "x-wing.yaml");
+    }
+    lab.apply_example("east", "echo.yaml");
+    for c in ["east", "west"] {
+        lab.rollout(c, "rebel-base");
+        lab.rollout(c, "x-wing");
+    }
+    lab.rollout("east", "echo");
+
+    // 1. A plain Service: the cluster's own service proxy, local backends only.
+    lab.converge("east", "rebel-base", "cluster", &["east"], STEP);
+    lab.converge("west", "rebel-base", "cluster", &["west"], STEP);
+    // Both local pods answer, so the plain Service really balances.
+    let pods = lab.pods("east", "rebel-base");
+    assert_eq!(pods.len(), 2);
+    let by_pod = lab.converge(
+        "east",
+        "rebel-base",
+        "pod",
+        &pods.iter().map(String::as_str).collect::<Vec<_>>(),
+        STEP,
+    );
+    assert_eq!(by_pod.values().sum::<usize>(), 20);
+
+    // 2. Global on both sides: both clusters answer, from both sides.
+    for c in ["east", "west"] {
+        lab.kubectl(
+            c,
+            &[
+                "-n",
+                "demo",
+                "annotate",
+                "service",
+                "rebel-base",
+                "service.cilium.io/global=true",
+                "--overwrite",
+            ],
+        );
+    }
+    lab.converge("east", "rebel-base", "cluster", &["east", "west"], STEP);
+    lab.converge("west", "rebel-base", "cluster", &["east", "west"], STEP);
+
+    // 3. Affinity local in east: only east answers east's x-wing; west still sees both.
+    lab.kubectl(
+        "east",
+        &[
+            "-n",
+            "demo",
+            "annotate",
+            "service",
+            "rebel-base",
+            "service.cilium.io/affinity=local",
+            "--overwrite",
+        ],
+    );
+    lab.converge("east", "rebel-base", "cluster", &["east"], STEP);
+    lab.converge("west", "rebel-base", "cluster", &["east", "west"], STEP);
+
+    // 4. Failover: east's rebel-base scaled to 0 with kubectl, west answers; and back.
+    lab.kubectl(
+        "east",
+        &[
+            "-n",
+            "demo",
+            "scale",
+            "deployment",
+            "rebel-base",
+            "--replicas=0",
+        ],
+    );
+    lab.converge("east", "rebel-base", "cluster", &["west"], STEP);
+    lab.kubectl(
+        "east",
+        &[
+            "-n",
+            "demo",
+            "scale",
+            "deployment",
+            "rebel-base",
+            "--replicas=2",
+        ],
+    );
+    lab.rollout("east", "rebel-base");
+    lab.converge("east", "rebel-base", "cluster", &["east"], STEP);
+
+    // 5. Affinity remote in east: only west answers east's x-wing.
+    lab.kubectl(
+        "east",
+        &[
+            "-n",
+            "demo",
+            "annotate",
+            "service",
+            "rebel-base",
+            "service.cilium.io/affinity=remote",
+            "--overwrite",
+        ],
+    );
+    lab.converge("east", "rebel-base", "cluster", &["west"], STEP);
+
+    // 6. internalTrafficPolicy: echo-1 (Cluster) spreads over both nodes, echo-2 (Local)
+    //    answers only from x-wing's node.
+    let echo_nodes = lab.pod_nodes("east", "echo");
+    assert_eq!(echo_nodes.len(), 2, "one echo pod per node: {echo_nodes:?}");
+    let xwing_node = lab
+        .pod_nodes("east", "x-wing")
+        .into_iter()
+        .next()
+        .expect("x-wing's node");
+    lab.converge(
+        "east",
+        "echo-1",
+        "node",
+        &echo_nodes.iter().map(String::as_str).collect::<Vec<_>>(),
+        STEP,
+    );
+    lab.converge("east", "echo-2", "node", &[xwing_node.as_str()], STEP);
+
+    // The operator's view: status green, and explain names why west's... and east's
+    // backends are selected or left out under affinity remote.
+    let env = lab.lab(&["env", "east"]);
+    let env = String::from_utf8_lossy(&env.stdout).into_owned();
+    let status = meshctl(&env, &["status"]);
+    assert!(
+        status.contains("west"),
+        "meshctl status names the peer: {status}"
+    );
+    let explain = meshctl(
+        &env,
+        &[
+            "service",
+            "explain",
+            "demo/rebel-base",
+            "--node",
+            &xwing_node,
+        ],
+    );
+    assert!(
+        explain.contains("west") && explain.contains("affinity"),
+        "explain: {explain}"
+    );
+}
+
+/// Runs meshctl with the environment `mesh-lab env` printed (`export K=V` lines).
+fn meshctl(env: &str, args: &[&str]) -> String {
+    let bin = e2e_support::mesh_lab().with_file_name("meshctl");
+    let mut cmd = std::process::Command::new(bin);
+    for line in env.lines() {
+        if let Some((k, v)) = line.trim().trim_start_matches("export ").split_once('=') {
+            cmd.env(k, v.trim_matches('\'').trim_matches('"'));
+        }
+    }
+    let out = cmd.args(args).output().expect("running meshctl");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "meshctl {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -1,0 +1,180 @@
+//! Faults on a two-cluster lab, each driven with the mesh-lab CLI and kubectl: an agent
+//! restarted during traffic (no failed request), a peer apiserver killed while its cluster
+//! changes (converges, no stale backend), and a partition between the clusters (peer shown
+//! disconnected and stale, then converged after heal).
+
+mod e2e_support;
+mod lab_support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use e2e_support::{Lab, counts, root_or_skip};
+
+const STEP: Duration = Duration::from_secs(60);
+
+fn annotate(lab: &Lab, cluster: &str, kv: &str) {
+    lab.kubectl(
+        cluster,
+        &[
+            "-n",
+            "demo",
+            "annotate",
+            "service",
+            "rebel-base",
+            kv,
+            "--overwrite",
+        ],
+    );
+}
+
+fn scale(lab: &Lab, cluster: &str, replicas: u32) {
+    lab.kubectl(
+        cluster,
+        &[
+            "-n",
+            "demo",
+            "scale",
+            "deployment",
+            "rebel-base",
+            &format!("--replicas={replicas}"),
+        ],
+    );
+}
+
+fn peer_status(lab: &Lab, cluster: &str, peer: &str) -> serde_json::Value {
+    let env = lab.lab(&["env", cluster]);
+    let env = String::from_utf8_lossy(&env.stdout).into_owned();
+    let bin = e2e_support::mesh_lab().with_file_name("meshctl");
+    let mut cmd = std::process::Command::new(bin);
+    for line in env.lines() {
+        if let Some((k, v)) = line.trim().trim_start_matches("export ").split_once('=') {
+            cmd.env(k, v.trim_matches('\'').trim_matches('"'));
+        }
+    }
+    let out = cmd
+        .args(["status", "-o", "json"])
+        .output()
+        .expect("meshctl status");
+    assert!(
+        out.status.success(),
+        "meshctl status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    v["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == peer).cloned())
+        .unwrap_or_else(|| panic!("{cluster} has no peer {peer}: {v}"))
+}
+
+#[test]
+fn faults_agent_apiserver_partition() {
+    let Some(()) = root_or_skip("faults_agent_apiserver_partition") else {
+        return;
+    };
+    let lab = Lab::up("e2efault", 2, 2);
+    for c in ["east", "west"] {
+        lab.apply_example(c, "rebel-base.yaml");
+        lab.apply_example(c, "x-wing.yaml");
+        annotate(&lab, c, "service.cilium.io/global=true");
+    }
+    for c in ["east", "west"] {
+        lab.rollout(c, "rebel-base");
+        lab.rollout(c, "x-wing");
+    }
+    lab.converge("east", "rebel-base", "cluster", &["east", "west"], STEP);
+
+    // Agent restart on x-wing's node during traffic: not one request fails.
+    let node = lab
+        .pod_nodes("east", "x-wing")
+        .into_iter()
+        .next()
+        .expect("x-wing's node");
+    let agent = format!("agent/{node}");
+    std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let r = lab.replies("east", "rebel-base", "cluster", 400);
+            (r, Instant::now())
+        });
+        lab.lab(&["kill", "east", &agent]);
+        lab.lab(&["start", "east", &agent]);
+        let restarted = Instant::now();
+        let (replies, finished) = traffic.join().expect("traffic thread");
+        let c = counts(&replies);
+        assert!(
+            finished > restarted,
+            "the traffic outlasted the agent restart"
+        );
+        assert!(
+            !c.contains_key("(failed)"),
+            "no failed request across the agent restart: {c:?}"
+        );
+        eprintln!("400 requests across an agent restart: {c:?}");
+    });
+
+    // West's apiserver killed; west changes while it is down; east converges after the
+    // restart to exactly west's pods, with no stale backend (a request to one would fail).
+    annotate(&lab, "east", "service.cilium.io/affinity=remote");
+    lab.converge("east", "rebel-base", "cluster", &["west"], STEP);
+    lab.lab(&["kill", "west", "apiserver"]);
+    scale(&lab, "west", 1);
+    let west_pods = wait_pods(&lab, "west", 1);
+    lab.lab(&["start", "west", "apiserver"]);
+    let want: Vec<&str> = west_pods.iter().map(String::as_str).collect();
+    lab.converge("east", "rebel-base", "pod", &want, STEP);
+
+    // Partition: east sees west disconnected and stale; west scales up meanwhile; after
+    // heal east converges to exactly west's new pods.
+    lab.lab(&["partition", "east", "west"]);
+    let deadline = Instant::now() + STEP;
+    loop {
+        let p = peer_status(&lab, "east", "west");
+        if p["connected"] == false && p["stale_for_seconds"].is_u64() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "west never shown disconnected and stale: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    scale(&lab, "west", 2);
+    lab.rollout("west", "rebel-base");
+    let west_pods = wait_pods(&lab, "west", 2);
+    lab.lab(&["heal"]);
+    // The importer reconnects with capped exponential backoff (at most 30 s plus jitter).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let p = peer_status(&lab, "east", "west");
+        if p["connected"] == true && p["synced"] == true {
+            eprintln!("after heal: {p}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "west never connected again after heal: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let want: Vec<&str> = west_pods.iter().map(String::as_str).collect();
+    lab.converge("east", "rebel-base", "pod", &want, STEP);
+    let p = peer_status(&lab, "east", "west");
+    assert_eq!(p["connected"], true, "west still connected: {p}");
+}
+
+/// Waits until the cluster has exactly `n` rebel-base pods and returns their names.
+fn wait_pods(lab: &Lab, cluster: &str, n: usize) -> BTreeSet<String> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let pods = lab.pods(cluster, "rebel-base");
+        if pods.len() == n {
+            return pods;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{cluster}: rebel-base pods {pods:?}, want {n}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs the benchmarks of DESIGN.md section 12 on this machine with release builds of
+# mesh-bench, mesh-apiserver and mesh-agent: every benchmark, or the one named.
+#
+#   bash scripts/bench.sh                         # all, default sizes
+#   bash scripts/bench.sh propagation --samples 500
+#   bash scripts/bench.sh initial-sync --scale 2 -o json
+#   bash scripts/bench.sh fanout --streams 400 --events 5000
+#
+# Benchmarks print distributions and figures beside their targets; they never fail on a
+# speed. Everything a benchmark starts (etcd, apiservers, agents, cgroups, bpffs pins,
+# temporary directories) is removed when it ends, also on Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+benches="propagation failover initial-sync fanout"
+usage() {
+    echo "usage: bash scripts/bench.sh [all|${benches// /|}] [FLAGS...]" >&2
+    echo "       flags of one benchmark: bash scripts/bench.sh BENCH --help" >&2
+}
+
+name="${1:-all}"
+case "$name" in
+    -h|--help) usage; exit 0 ;;
+    -*) name=all ;;
+    all|propagation|failover|initial-sync|fanout) shift || true ;;
+    *) echo "unknown benchmark \"$name\"" >&2; usage; exit 2 ;;
+esac
+
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/bench.sh must run as root: the agent loads eBPF programs, mounts a bpffs and creates cgroups (try: sudo bash scripts/bench.sh)" >&2
+    exit 1
+fi
+etcd_bin="${MESH_ETCD_BIN:-etcd}"
+if ! command -v "$etcd_bin" >/dev/null 2>&1; then
+    echo "etcd is not installed (no \"$etcd_bin\" in PATH): run bash scripts/setup.sh, which installs Debian's etcd-server, or set MESH_ETCD_BIN" >&2
+    exit 1
+fi
+
+echo "building release binaries (mesh-bench, mesh-apiserver, mesh-agent)..." >&2
+cargo build --release -p mesh-bench -p mesh-apiserver -p mesh-agent >&2
+bin_dir="${CARGO_TARGET_DIR:-target}/release"
+
+exec "$bin_dir/mesh-bench" --bin-dir "$bin_dir" "$name" "$@"
