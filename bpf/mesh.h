@@ -28,8 +28,8 @@
 
 /* Map sizes. The agent refuses to program more than these. */
 #define MESH_IPCACHE_MAX 524288
-#define MESH_SERVICES_MAX 65536
-#define MESH_BACKENDS_MAX 65536
+#define MESH_SERVICES_MAX 262144
+#define MESH_BACKENDS_MAX 262144
 #define MESH_REV_NAT_MAX 262144
 #define MESH_FLOWS_MAX 65536
 
@@ -120,6 +120,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MESH_SERVICES_MAX);
 	__type(key, struct mesh_service_key);
 	__type(value, struct mesh_service_value);
@@ -128,6 +129,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MESH_BACKENDS_MAX);
 	__type(key, __u32);
 	__type(value, struct mesh_backend_value);

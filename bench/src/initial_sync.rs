@@ -36,9 +36,9 @@ pub struct Opts {
     /// etcd transactions in flight while writing the data.
     #[arg(long, default_value_t = 4)]
     pub parallel_txns: usize,
-    /// Backends (endpoints of the peer) per service. The agent's service and backend maps
-    /// hold 65536 entries each (bpf/mesh.h): 10k services need at most 5 to fit.
-    #[arg(long, default_value_t = 5)]
+    /// Backends (endpoints of the peer) per service: 10k services x 10 = the 100k endpoints.
+    /// The agent's service and backend maps hold 262144 entries each (bpf/mesh.h).
+    #[arg(long, default_value_t = 10)]
     pub backends_per_service: usize,
 }
 
@@ -49,7 +49,7 @@ impl Default for Opts {
             skip_ipcache: false,
             endpoints_per_node: 100,
             parallel_txns: 4,
-            backends_per_service: 5,
+            backends_per_service: 10,
         }
     }
 }

@@ -11,8 +11,8 @@ pub const IDENTITY_WORLD: u32 = 2;
 
 /// Map sizes (`MESH_*_MAX` in bpf/mesh.h).
 pub const IPCACHE_MAX: u32 = 524_288;
-pub const SERVICES_MAX: u32 = 65_536;
-pub const BACKENDS_MAX: u32 = 65_536;
+pub const SERVICES_MAX: u32 = 262_144;
+pub const BACKENDS_MAX: u32 = 262_144;
 pub const REV_NAT_MAX: u32 = 262_144;
 pub const FLOWS_MAX: u32 = 65_536;
 

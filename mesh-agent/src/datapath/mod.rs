@@ -978,7 +978,7 @@ fn check_pinned_maps(maps_dir: &Path) -> Result<()> {
                 size_of::<layout::ServiceKey>(),
                 size_of::<layout::ServiceValue>(),
                 layout::SERVICES_MAX,
-                0,
+                NO_PREALLOC,
             ),
         ),
         (
@@ -988,7 +988,7 @@ fn check_pinned_maps(maps_dir: &Path) -> Result<()> {
                 size_of::<u32>(),
                 size_of::<layout::BackendValue>(),
                 layout::BACKENDS_MAX,
-                0,
+                NO_PREALLOC,
             ),
         ),
         (

@@ -505,8 +505,8 @@ fn print_summary(spec: &LabSpec, files: &LabFiles, p: &Progress) {
     println!("  kubectl --context {} get nodes", spec.context(c0));
     println!("  mesh-lab status --name {}", spec.name);
     println!(
-        "  meshctl status {}",
-        meshctl_conn(spec, files, c0).join(" ")
+        "  eval \"$(mesh-lab env --name {} {c0})\" && meshctl status",
+        spec.name
     );
     println!(
         "  mesh-lab exec --name {} {c0} deploy/NAME -- curl -s http://SERVICE",
