@@ -40,6 +40,10 @@ pub struct ClusterSpec<'a> {
     pub pod_cidr: &'a str,
     /// Service CIDR of the lab Kubernetes API (ClusterIPs).
     pub service_cidr: &'a str,
+    /// Serve gRPC in plaintext (`--insecure`, loopback only) instead of mutual TLS. Only
+    /// for benchmarks that compare transports: agents and peers of such a cluster must
+    /// connect in plaintext too.
+    pub insecure: bool,
 }
 
 /// One cluster: mesh-apiserver process, lab Kubernetes API, etcd.
@@ -56,7 +60,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts etcd, the lab Kubernetes API and the apiserver (publisher, index, gRPC over
-    /// mutual TLS, importer reading `<dir>/peers`, peer CAs from `<dir>/peer-cas`), and
+    /// mutual TLS or, with `spec.insecure`, plaintext on loopback, importer reading `<dir>/peers`, peer CAs from `<dir>/peer-cas`), and
     /// waits for its `/healthz`.
     pub async fn start(ctx: &Ctx, spec: ClusterSpec<'_>) -> Result<Self> {
         let dir = ctx.dir.path().join(spec.name);
@@ -86,20 +90,24 @@ impl Cluster {
             .args(["--metrics-listen", &metrics.to_string()])
             .arg("--kubeconfig")
             .arg(kube.kubeconfig_path())
-            .arg("--tls-cert")
-            .arg(&cert)
-            .arg("--tls-key")
-            .arg(&key)
-            .arg("--tls-ca")
-            .arg(&ca_path)
             .arg("--peers-dir")
             .arg(dir.join("peers"))
             .args(["--peers-dir-interval", "200ms"])
-            .arg("--peer-ca-dir")
-            .arg(dir.join("peer-cas"))
-            .args(["--tls-reload-interval", "200ms"])
             .args(["--heartbeat-interval", "1s"])
             .env("RUST_LOG", "warn");
+        if spec.insecure {
+            cmd.arg("--insecure");
+        } else {
+            cmd.arg("--tls-cert")
+                .arg(&cert)
+                .arg("--tls-key")
+                .arg(&key)
+                .arg("--tls-ca")
+                .arg(&ca_path)
+                .arg("--peer-ca-dir")
+                .arg(dir.join("peer-cas"))
+                .args(["--tls-reload-interval", "200ms"]);
+        }
         let apiserver = Proc::spawn(
             &format!("mesh-apiserver {}", spec.name),
             cmd,

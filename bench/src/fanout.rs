@@ -1,8 +1,13 @@
-//! `fanout`: N watch streams of one mesh-apiserver (mesh-proto's resumable client, one TLS
-//! connection and agent certificate each) while a writer puts E new endpoint keys into its
-//! etcd; then, side by side, the same N clients each watching etcd directly (etcd-client
-//! watch on the prefix, one connection each: Cilium's original design) with the same
-//! writer, against a fresh etcd.
+//! `fanout`: N watch streams of one mesh-apiserver (mesh-proto's resumable client, one
+//! connection each) while a writer puts E new endpoint keys into its etcd, run three times
+//! side by side, each against fresh processes:
+//!
+//! - `apiserver (mTLS)`: streams over mutual TLS with an agent certificate each, as agents
+//!   connect;
+//! - `apiserver (plaintext)`: the same apiserver with `--insecure` on loopback, the same
+//!   transport as the direct side;
+//! - `direct etcd`: the same N clients each watching etcd directly (etcd-client watch on
+//!   the prefix, plaintext, one connection each: Cilium's original design).
 //!
 //! Every stream must receive every event: each counts the distinct endpoints it saw
 //! (a bitset), and the run reports how many streams got all E. CPU is user + system time
@@ -199,9 +204,20 @@ async fn drive(
     })
 }
 
-async fn via_apiserver(opts: &Opts, components: &Components) -> Result<(Side, String)> {
+async fn via_apiserver(
+    opts: &Opts,
+    components: &Components,
+    insecure: bool,
+) -> Result<(Side, String)> {
+    let label = if insecure {
+        "apiserver (plaintext)"
+    } else {
+        "apiserver (mTLS)"
+    };
     let ctx = Ctx::new(components.clone())?;
-    step("apiserver side: starting etcd, lab Kubernetes API, mesh-apiserver");
+    step(&format!(
+        "{label}: starting etcd, lab Kubernetes API, mesh-apiserver"
+    ));
     let mut cluster = Cluster::start(
         &ctx,
         ClusterSpec {
@@ -209,6 +225,7 @@ async fn via_apiserver(opts: &Opts, components: &Components) -> Result<(Side, St
             id: 1,
             pod_cidr: "10.1.0.0/16",
             service_cidr: "10.96.0.0/16",
+            insecure,
         },
     )
     .await?;
@@ -235,22 +252,23 @@ async fn via_apiserver(opts: &Opts, components: &Components) -> Result<(Side, St
     }
     put_batched(&etcd, init, 1, |_| {}).await?;
 
-    step(&format!(
-        "apiserver side: opening {} watch streams",
-        opts.streams
-    ));
+    step(&format!("{label}: opening {} watch streams", opts.streams));
     let ca = tls::parse_certs(cluster.ca.cert_pem.as_bytes(), "ca")?;
     let delivered = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(opts.streams);
     let mut streams = JoinSet::new();
     let mut progress = Progress::new("streams synced", opts.streams);
     for n in 0..opts.streams {
-        let cert = cluster.ca.issue(&format!("agent/node-{n}"));
-        let id = TlsIdentity::from_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())?;
-        let ep = ClientEndpoint::new(
-            cluster.grpc.to_string(),
-            ClientTls::new(ca.clone(), id, Some(cluster.name.parse()?))?,
-        );
+        let ep = if insecure {
+            ClientEndpoint::plaintext(cluster.grpc.to_string())
+        } else {
+            let cert = cluster.ca.issue(&format!("agent/node-{n}"));
+            let id = TlsIdentity::from_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())?;
+            ClientEndpoint::new(
+                cluster.grpc.to_string(),
+                ClientTls::new(ca.clone(), id, Some(cluster.name.parse()?))?,
+            )
+        };
         let mut watch = spawn_watch(
             connect_fn(move || {
                 let ep = ep.clone();
@@ -320,7 +338,7 @@ async fn via_apiserver(opts: &Opts, components: &Components) -> Result<(Side, St
     cluster.apiserver.check_running()?;
     let etcd_pid = env::etcd_pid(cluster.etcd.data_dir())?;
     let side = drive(
-        "via apiserver",
+        label,
         &etcd,
         &keys,
         opts,
@@ -341,7 +359,7 @@ async fn via_apiserver(opts: &Opts, components: &Components) -> Result<(Side, St
             .sum()
     };
     let notes = format!(
-        "apiserver counters during the run: slow-client drops {}, resets {}, resumes {}",
+        "{label}: apiserver counters during the run: slow-client drops {}, resets {}, resumes {}",
         sum("mesh_apiserver_slow_client_drops_total"),
         sum("mesh_apiserver_resets_total"),
         sum("mesh_apiserver_resumes_total"),
@@ -417,16 +435,19 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     if opts.streams == 0 || opts.events == 0 {
         bail!("--streams and --events must be at least 1");
     }
-    let (a, notes) = via_apiserver(opts, components).await?;
-    let d = direct_etcd(opts).await?;
+    let (tls, tls_notes) = via_apiserver(opts, components, false).await?;
+    let (plain, plain_notes) = via_apiserver(opts, components, true).await?;
+    let direct = direct_etcd(opts).await?;
     let total = (opts.streams * opts.events) as f64;
     let mut report = Report::new(
         "fanout",
         machine.clone(),
-        "wall clock from the first etcd write to the last stream receiving its last event; \
-         each stream counts the distinct endpoints it received; CPU = utime + stime of the \
-         processes (/proc/<pid>/stat, 10 ms ticks) over that window, divided by the events \
-         delivered (streams x events)",
+        "three runs against fresh processes: apiserver streams over mutual TLS, the same over \
+         plaintext (--insecure on loopback), and the same number of clients each watching \
+         etcd directly (plaintext); wall clock from the first etcd write to the last stream \
+         receiving its last event; each stream counts the distinct endpoints it received; \
+         CPU = utime + stime of each process (/proc/<pid>/stat, 10 ms ticks) over that \
+         window, divided by the events delivered (streams x events)",
     );
     report.param("streams", opts.streams);
     report.param("events", opts.events);
@@ -439,7 +460,14 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
         }
     };
     let rate = |s: &Side| s.delivered as f64 / s.elapsed.as_secs_f64().max(1e-9);
-    for (label, s) in [("apiserver", &a), ("direct etcd", &d)] {
+    let d_cpu = us_per(direct.etcd_cpu, direct.delivered);
+    let sides = [
+        ("apiserver (mTLS)", &tls),
+        ("apiserver (plaintext)", &plain),
+        ("direct etcd", &direct),
+    ];
+    for (label, s) in sides {
+        let via_apiserver = label != "direct etcd";
         report.figures.push(
             Figure::new(
                 &format!("{label}: streams that received every event"),
@@ -461,59 +489,54 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
             s.write.as_secs_f64() * 1e3,
             "ms",
         ));
-        let f = Figure::new(
-            &format!("{label}: delivery rate, total"),
-            rate(s),
-            "events/s",
+        report.figures.push(
+            Figure::new(
+                &format!("{label}: delivery rate, total"),
+                rate(s),
+                "events/s",
+            )
+            .with_target_if(via_apiserver, Target::AtLeast(50_000.0)),
         );
-        report.figures.push(if label == "apiserver" {
-            f.with_target(Target::AtLeast(50_000.0))
-        } else {
-            f
-        });
-    }
-    let a_cpu = us_per(a.server_cpu + a.etcd_cpu, a.delivered);
-    let d_cpu = us_per(d.etcd_cpu, d.delivered);
-    report.figures.push(Figure::new(
-        "apiserver side: apiserver CPU per event",
-        us_per(a.server_cpu, a.delivered),
-        "us",
-    ));
-    report.figures.push(Figure::new(
-        "apiserver side: etcd CPU per event",
-        us_per(a.etcd_cpu, a.delivered),
-        "us",
-    ));
-    report.figures.push(
-        Figure::new(
-            "apiserver side: apiserver + etcd CPU per event",
-            a_cpu,
+        if via_apiserver {
+            report.figures.push(Figure::new(
+                &format!("{label}: apiserver CPU per event"),
+                us_per(s.server_cpu, s.delivered),
+                "us",
+            ));
+        }
+        let e_cpu = us_per(s.etcd_cpu, s.delivered);
+        report.figures.push(Figure::new(
+            &format!("{label}: etcd CPU per event"),
+            e_cpu,
             "us",
-        )
-        .with_target_text(&format!("< direct etcd ({d_cpu:.3} us)"), a_cpu < d_cpu),
-    );
-    report
-        .figures
-        .push(Figure::new("direct side: etcd CPU per event", d_cpu, "us"));
-    report.figures.push(Figure::new(
-        "apiserver side: clients' CPU per event (mesh-bench)",
-        us_per(a.client_cpu, a.delivered),
-        "us",
-    ));
-    report.figures.push(Figure::new(
-        "direct side: clients' CPU per event (mesh-bench)",
-        us_per(d.client_cpu, d.delivered),
-        "us",
-    ));
-    report.notes.push(notes);
+        ));
+        if via_apiserver {
+            let both = us_per(s.server_cpu + s.etcd_cpu, s.delivered);
+            report.figures.push(
+                Figure::new(
+                    &format!("{label}: apiserver + etcd CPU per event"),
+                    both,
+                    "us",
+                )
+                .with_target_text(&format!("< direct etcd ({d_cpu:.3} us)"), both < d_cpu),
+            );
+        }
+        report.figures.push(Figure::new(
+            &format!("{label}: clients' CPU per event (mesh-bench)"),
+            us_per(s.client_cpu, s.delivered),
+            "us",
+        ));
+    }
+    report.notes.push(tls_notes);
+    report.notes.push(plain_notes);
     report.notes.push(
         "clients and the writer run in mesh-bench itself (one tokio runtime); their CPU \
-         includes the writer and TLS on the apiserver side"
+         includes the writer, and TLS on the mTLS side"
             .into(),
     );
     report.notes.push(
-        "the apiserver's streams use mutual TLS (as agents do); the direct etcd clients \
-         use plaintext (the lab's etcd has no TLS), which favours the direct side"
+        "the direct etcd clients use plaintext (the lab's etcd has no TLS): compare it with \
+         the plaintext apiserver side for the same transport"
             .into(),
     );
     Ok(report)

@@ -373,6 +373,7 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
             id: 1,
             pod_cidr: "10.1.0.0/16",
             service_cidr: "10.96.0.0/12",
+            insecure: false,
         },
     )
     .await?;

@@ -214,6 +214,7 @@ async fn setup(kind: Kind, opts: &Opts, components: &Components) -> Result<(Topo
             id: 1,
             pod_cidr: "10.1.0.0/16",
             service_cidr: "10.96.0.0/16",
+            insecure: false,
         },
     )
     .await?;
@@ -225,6 +226,7 @@ async fn setup(kind: Kind, opts: &Opts, components: &Components) -> Result<(Topo
             id: 2,
             pod_cidr: "10.2.0.0/16",
             service_cidr: "10.96.0.0/16",
+            insecure: false,
         },
     )
     .await?;

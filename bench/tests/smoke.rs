@@ -114,7 +114,7 @@ fn fanout_delivers_every_event_to_every_stream() {
         return;
     }
     let r = bench(&["fanout", "--streams", "3", "--events", "50"]);
-    for side in ["apiserver", "direct etcd"] {
+    for side in ["apiserver (mTLS)", "apiserver (plaintext)", "direct etcd"] {
         assert_eq!(
             figure(&r, &format!("{side}: streams that received every event")),
             3.0,

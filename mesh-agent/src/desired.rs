@@ -15,6 +15,7 @@
 //! across recomputations and agent restarts, and an id is never reused while a slot may still
 //! point at it.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -119,8 +120,10 @@ impl fmt::Display for Dropped {
 /// those of the frontend's address family). Ipcache: node IPs (host identity for this node,
 /// remote-node for every other node) and endpoints of every cluster whose config is known
 /// and whose identity lies in its cluster's range.
-pub fn compute(
-    clusters: &BTreeMap<ClusterName, ClusterState>,
+/// The clusters are owned or borrowed (the agent passes references to its state, never
+/// a copy of it).
+pub fn compute<S: Borrow<ClusterState>>(
+    clusters: &BTreeMap<ClusterName, S>,
     local_cluster: &ClusterName,
     node: &str,
 ) -> (DesiredState, Vec<Dropped>) {
@@ -129,7 +132,7 @@ pub fn compute(
     let cluster_id = |name: &ClusterName| -> u8 {
         clusters
             .get(name)
-            .and_then(|c| c.config.as_ref())
+            .and_then(|c| c.borrow().config.as_ref())
             .map_or(0, |c| c.id.get())
     };
 
@@ -139,14 +142,14 @@ pub fn compute(
         if name == local_cluster {
             continue;
         }
-        for svc in cluster.services.values() {
+        for svc in cluster.borrow().services.values() {
             remotes
                 .entry((svc.namespace.as_str(), svc.name.as_str()))
                 .or_default()
                 .push(svc);
         }
     }
-    let local_services = clusters.get(local_cluster).map(|c| &c.services);
+    let local_services = clusters.get(local_cluster).map(|c| &c.borrow().services);
     for local in local_services.into_iter().flat_map(|s| s.values()) {
         let remotes = remotes
             .get(&(local.namespace.as_str(), local.name.as_str()))
@@ -199,6 +202,7 @@ pub fn compute(
         .chain(clusters.iter().filter(|(n, _)| *n != local_cluster));
     let mut owner: BTreeMap<IpNet, &ClusterName> = BTreeMap::new();
     for (name, cluster) in order {
+        let cluster: &ClusterState = cluster.borrow();
         let Some(config) = &cluster.config else {
             dropped.extend(cluster.endpoints.keys().map(|ip| Dropped {
                 cluster: name.clone(),

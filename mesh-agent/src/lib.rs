@@ -251,6 +251,7 @@ impl Agent {
     async fn reconcile(&mut self, started: Instant) -> Result<(), Duration> {
         let local = self.settings.cluster.clone();
         let local_synced = self.state.cluster(&local).is_some_and(|c| c.ever_synced);
+        let first = !self.programmed;
         if !self.programmed {
             let timed_out = started.elapsed() >= self.settings.initial_sync_timeout;
             let waiting = if !local_synced {
@@ -276,10 +277,21 @@ impl Agent {
         let t0 = Instant::now();
         let clusters = self.state.programmable();
         let (desired, dropped) = desired::compute(&clusters, &local, &self.settings.node);
+        let computed = t0.elapsed();
         self.record_dropped(&dropped);
         let mut error = None;
         match self.reconciler.reconcile(&desired) {
             Ok(counts) => {
+                if first {
+                    info!(
+                        compute_ms = computed.as_millis() as u64,
+                        maps_ms = (t0.elapsed() - computed).as_millis() as u64,
+                        ipcache = desired.ipcache.len(),
+                        services = desired.services.len(),
+                        backends = desired.backends.len(),
+                        "datapath programmed"
+                    );
+                }
                 for (op, n) in counts {
                     self.metrics
                         .map_operations

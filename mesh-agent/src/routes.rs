@@ -57,8 +57,8 @@ pub type Routes = BTreeMap<IpNet, IpAddr>;
 /// The routes node `node` of `local_cluster` needs: every pod CIDR of every other node (of
 /// any cluster), via that node's first internal IP of the CIDR's family. A CIDR claimed by
 /// two nodes keeps the first (local cluster first, then by cluster and node name).
-pub fn desired_routes(
-    clusters: &BTreeMap<ClusterName, ClusterState>,
+pub fn desired_routes<S: std::borrow::Borrow<ClusterState>>(
+    clusters: &BTreeMap<ClusterName, S>,
     local_cluster: &ClusterName,
     node: &str,
 ) -> Routes {
@@ -68,7 +68,7 @@ pub fn desired_routes(
         .into_iter()
         .chain(clusters.iter().filter(|(n, _)| *n != local_cluster));
     for (cluster, state) in order {
-        for n in state.nodes.values() {
+        for n in state.borrow().nodes.values() {
             if cluster == local_cluster && n.name == node {
                 continue;
             }

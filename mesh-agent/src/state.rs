@@ -7,6 +7,7 @@
 //! only clusters that have been synced at least once are programmed (see [`MeshState::
 //! programmable`]).
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -94,12 +95,12 @@ impl MeshState {
         self.clusters.get(name)
     }
 
-    /// The clusters to program: those synced at least once.
-    pub fn programmable(&self) -> BTreeMap<ClusterName, ClusterState> {
+    /// The clusters to program: those synced at least once (borrowed, not copied).
+    pub fn programmable(&self) -> BTreeMap<ClusterName, &ClusterState> {
         self.clusters
             .iter()
             .filter(|(_, c)| c.ever_synced)
-            .map(|(n, c)| (n.clone(), c.state.clone()))
+            .map(|(n, c)| (n.clone(), &c.state))
             .collect()
     }
 
@@ -116,42 +117,36 @@ impl MeshState {
                 name,
                 value,
                 ..
-            } => {
-                let key = format!("{cluster}/{}/{name}", kind_name(kind));
-                match self.upsert(&cluster, kind, &name, value, &key) {
-                    Ok(changed) => {
-                        debug!(%key, changed, "upsert");
-                        if changed {
-                            Applied::Changed
-                        } else {
-                            Applied::Unchanged
-                        }
-                    }
-                    Err(error) => {
-                        warn!(%error, "skipping an object the agent cannot use");
-                        Applied::Rejected { kind, error }
+            } => match self.upsert(&cluster, kind, &name, value) {
+                Ok(changed) => {
+                    debug!(%cluster, kind = kind_name(kind), %name, changed, "upsert");
+                    if changed {
+                        Applied::Changed
+                    } else {
+                        Applied::Unchanged
                     }
                 }
-            }
+                Err(error) => {
+                    warn!(%error, "skipping an object the agent cannot use");
+                    Applied::Rejected { kind, error }
+                }
+            },
             WatchUpdate::Delete {
                 cluster,
                 kind,
                 name,
                 ..
-            } => {
-                let key = format!("{cluster}/{}/{name}", kind_name(kind));
-                match self.delete(&cluster, kind, &name, &key) {
-                    Ok(true) => {
-                        debug!(%key, "delete");
-                        Applied::Changed
-                    }
-                    Ok(false) => Applied::Unchanged,
-                    Err(error) => {
-                        warn!(%error, "skipping a delete the agent cannot use");
-                        Applied::Rejected { kind, error }
-                    }
+            } => match self.delete(&cluster, kind, &name) {
+                Ok(true) => {
+                    debug!(%cluster, kind = kind_name(kind), %name, "delete");
+                    Applied::Changed
                 }
-            }
+                Ok(false) => Applied::Unchanged,
+                Err(error) => {
+                    warn!(%error, "skipping a delete the agent cannot use");
+                    Applied::Rejected { kind, error }
+                }
+            },
             WatchUpdate::Synced { cluster, kind } => {
                 let data = self.clusters.entry(cluster.clone()).or_default();
                 data.synced_kinds.insert(kind as i32);
@@ -177,21 +172,22 @@ impl MeshState {
         kind: Kind,
         name: &str,
         value: pb::event::Value,
-        key: &str,
     ) -> Result<bool, RejectError> {
+        // The key is only formatted for an error (the hot path never allocates it).
+        let key = || key_of(cluster, kind, name);
         let object = Object::try_from(value).map_err(|e| RejectError::Invalid {
-            key: key.to_owned(),
+            key: key(),
             reason: e.to_string(),
         })?;
         if object.kind() != kind {
             return Err(RejectError::Invalid {
-                key: key.to_owned(),
+                key: key(),
                 reason: format!("a {:?} value under a {kind:?} key", object.kind()),
             });
         }
-        if object.name() != name {
+        if !name_matches(&object, name) {
             return Err(RejectError::NameMismatch {
-                key: key.to_owned(),
+                key: key(),
                 inner: object.name(),
             });
         }
@@ -199,7 +195,7 @@ impl MeshState {
             && inner != cluster
         {
             return Err(RejectError::ClusterMismatch {
-                key: key.to_owned(),
+                key: key(),
                 inner: inner.to_string(),
             });
         }
@@ -219,10 +215,9 @@ impl MeshState {
         cluster: &ClusterName,
         kind: Kind,
         name: &str,
-        key: &str,
     ) -> Result<bool, RejectError> {
         let bad = || RejectError::BadName {
-            key: key.to_owned(),
+            key: key_of(cluster, kind, name),
             kind,
         };
         let Some(c) = self.clusters.get_mut(cluster) else {
@@ -249,6 +244,25 @@ impl MeshState {
     }
 }
 
+/// `<cluster>/<kind>/<name>`, as errors name an object.
+fn key_of(cluster: &ClusterName, kind: Kind, name: &str) -> String {
+    format!("{cluster}/{}/{name}", kind_name(kind))
+}
+
+/// Whether the object's own name is `name` (its key's last segment), without formatting
+/// the common cases: an IPv4 endpoint compares as an address (Rust's parser accepts only
+/// the canonical dotted form, so this equals comparing `ip.to_string()`), a node by name.
+fn name_matches(object: &Object, name: &str) -> bool {
+    match object {
+        Object::Endpoint(e) => match (e.ip, name.parse::<std::net::Ipv4Addr>()) {
+            (IpAddr::V4(ip), Ok(n)) => ip == n,
+            _ => object.name() == name,
+        },
+        Object::Node(n) => n.name == name,
+        _ => object.name() == name,
+    }
+}
+
 fn replace<T: PartialEq>(slot: &mut Option<T>, v: Option<T>) -> bool {
     if *slot == v {
         false
@@ -258,12 +272,18 @@ fn replace<T: PartialEq>(slot: &mut Option<T>, v: Option<T>) -> bool {
     }
 }
 
+/// Inserts or replaces; whether the map changed. One search of the map.
 fn insert<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, k: K, v: V) -> bool {
-    if map.get(&k) == Some(&v) {
-        false
-    } else {
-        map.insert(k, v);
-        true
+    match map.entry(k) {
+        Entry::Occupied(o) if *o.get() == v => false,
+        Entry::Occupied(mut o) => {
+            o.insert(v);
+            true
+        }
+        Entry::Vacant(e) => {
+            e.insert(v);
+            true
+        }
     }
 }
 

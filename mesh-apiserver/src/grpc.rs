@@ -24,6 +24,7 @@
 //! Roles: agents and replicas of the serving cluster read every cluster; a peer reads only
 //! the serving cluster's own data and sees `shared: false` services as absent.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -41,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, info_span, warn};
 
-use crate::index::{Batch, Change, Index, Start, Subscription, Update};
+use crate::index::{Batch, Change, Index, Obj, Start, Subscription, Update};
 use crate::metrics::{Metrics, RoleLabels};
 
 /// Largest request the server decodes (an agent's status report is the biggest).
@@ -249,28 +250,21 @@ impl StreamFilter {
             && (self.kinds.is_empty() || self.kinds.contains(&(kind as i32)))
     }
 
-    /// The event as this stream sees it: `None` when filtered out; a delete when a peer
-    /// must not see the object.
-    fn present(&self, ev: &pb::Event) -> Option<pb::Event> {
+    /// The encoded event as this stream sees it: `None` when filtered out; a delete when
+    /// a peer must not see the object (the only case that encodes anything per stream).
+    fn present<'a>(&self, obj: &'a Obj) -> Option<Cow<'a, [u8]>> {
         if !self.accepts(
-            &ev.cluster,
-            Kind::try_from(ev.kind).unwrap_or(Kind::Unspecified),
+            &obj.cluster,
+            Kind::try_from(obj.kind).unwrap_or(Kind::Unspecified),
         ) {
             return None;
         }
-        if self.peer
-            && let Some(pb::event::Value::Service(s)) = &ev.value
-            && !s.shared
-        {
-            return Some(pb::Event {
-                kind: ev.kind,
-                cluster: ev.cluster.clone(),
-                name: ev.name.clone(),
-                revision: ev.revision,
-                value: None,
-            });
+        if self.peer && obj.unshared {
+            let mut ev = obj.event();
+            ev.value = None;
+            return Some(Cow::Owned(ev.encode_to_vec()));
         }
-        Some(ev.clone())
+        Some(Cow::Borrowed(&obj.wire))
     }
 }
 
@@ -281,20 +275,126 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn msg(revision: i64, payload: pb::watch_response::Payload) -> pb::WatchResponse {
-    pb::WatchResponse {
+fn msg(revision: i64, payload: pb::watch_response::Payload) -> WireMsg {
+    WireMsg::of(&pb::WatchResponse {
         revision,
         payload: Some(payload),
+    })
+}
+
+/// `WatchResponse.revision` (field 1, varint) and `payload.events` (field 2, bytes).
+const TAG_REVISION: u8 = 1 << 3;
+const TAG_EVENTS: u8 = (2 << 3) | 2;
+/// `Events.events` (field 1, length-delimited).
+const TAG_EVENT: u8 = (1 << 3) | 2;
+
+/// One encoded `WatchResponse`, the item of a watch stream on the wire. `Events`
+/// messages are assembled from the index's pre-encoded events (a header, then the
+/// events' bytes copied once into `body`); the others are encoded by prost.
+#[derive(Debug, Clone, Default)]
+pub struct WireMsg {
+    head: Vec<u8>,
+    body: Vec<u8>,
+    /// Events in the message (for metrics).
+    events: usize,
+}
+
+impl WireMsg {
+    fn of(m: &pb::WatchResponse) -> Self {
+        WireMsg {
+            head: m.encode_to_vec(),
+            body: Vec::new(),
+            events: match &m.payload {
+                Some(pb::watch_response::Payload::Events(e)) => e.events.len(),
+                _ => 0,
+            },
+        }
+    }
+
+    /// An `Events` message at `revision` whose `Events` body (framed events) is `body`.
+    fn events(revision: i64, body: Vec<u8>, events: usize) -> Self {
+        let mut head = Vec::with_capacity(16);
+        if revision != 0 {
+            head.push(TAG_REVISION);
+            prost::encoding::encode_varint(revision as u64, &mut head);
+        }
+        head.push(TAG_EVENTS);
+        prost::encoding::encode_varint(body.len() as u64, &mut head);
+        WireMsg { head, body, events }
+    }
+
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The message decoded (tests, and the typed `Mesh::watch`).
+    pub fn decode(&self) -> Result<pb::WatchResponse, prost::DecodeError> {
+        pb::WatchResponse::decode(bytes::Buf::chain(&self.head[..], &self.body[..]))
     }
 }
 
-/// Packs events into `Events` messages bounded by count and encoded size.
+/// The gRPC codec of the wire watch stream: decodes `WatchRequest`s with prost, writes
+/// [`WireMsg`]s as they are.
+#[derive(Debug, Clone, Copy, Default)]
+struct WireCodec;
+
+impl tonic::codec::Codec for WireCodec {
+    type Encode = WireMsg;
+    type Decode = pb::WatchRequest;
+    type Encoder = WireCodec;
+    type Decoder = WireCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WireCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        WireCodec
+    }
+}
+
+impl tonic::codec::Encoder for WireCodec {
+    type Item = WireMsg;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: WireMsg,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        use bytes::BufMut;
+        dst.reserve(item.len());
+        dst.put_slice(&item.head);
+        dst.put_slice(&item.body);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for WireCodec {
+    type Item = pb::WatchRequest;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<pb::WatchRequest>, Status> {
+        pb::WatchRequest::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("decoding a WatchRequest: {e}")))
+    }
+}
+
+/// Packs encoded events into `Events` bodies bounded by count and encoded size.
 struct Chunker {
     max_events: usize,
     max_bytes: usize,
-    events: Vec<pb::Event>,
-    bytes: usize,
-    out: Vec<Vec<pb::Event>>,
+    body: Vec<u8>,
+    events: usize,
+    out: Vec<(Vec<u8>, usize)>,
 }
 
 impl Chunker {
@@ -302,27 +402,33 @@ impl Chunker {
         Self {
             max_events: cfg.max_events_per_message.max(1),
             max_bytes: cfg.max_message_bytes.max(1),
-            events: Vec::new(),
-            bytes: 0,
+            body: Vec::new(),
+            events: 0,
             out: Vec::new(),
         }
     }
 
-    fn push(&mut self, ev: pb::Event) {
-        let len = ev.encoded_len() + 4;
-        if !self.events.is_empty()
-            && (self.events.len() >= self.max_events || self.bytes + len > self.max_bytes)
+    /// Appends one encoded `pb::Event`, framed as an element of `Events.events`.
+    fn push(&mut self, ev: &[u8]) {
+        let len = 1 + prost::encoding::encoded_len_varint(ev.len() as u64) + ev.len();
+        if self.events > 0
+            && (self.events >= self.max_events || self.body.len() + len > self.max_bytes)
         {
-            self.out.push(std::mem::take(&mut self.events));
-            self.bytes = 0;
+            self.out.push((std::mem::take(&mut self.body), self.events));
+            self.events = 0;
         }
-        self.bytes += len;
-        self.events.push(ev);
+        if self.body.is_empty() {
+            self.body.reserve(len.max(self.max_bytes.min(16 * 1024)));
+        }
+        self.body.push(TAG_EVENT);
+        prost::encoding::encode_varint(ev.len() as u64, &mut self.body);
+        self.body.extend_from_slice(ev);
+        self.events += 1;
     }
 
-    fn finish(mut self) -> Vec<Vec<pb::Event>> {
-        if !self.events.is_empty() {
-            self.out.push(self.events);
+    fn finish(mut self) -> Vec<(Vec<u8>, usize)> {
+        if self.events > 0 {
+            self.out.push((self.body, self.events));
         }
         self.out
     }
@@ -353,11 +459,16 @@ impl MeshService {
         }
     }
 
-    /// The tonic server for this service with message size limits.
-    pub fn into_server(self) -> mesh_server::MeshServer<Self> {
-        mesh_server::MeshServer::new(self)
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+    /// The tonic server for this service with message size limits: `Watch` is served
+    /// with [`WireCodec`] (events encoded once in the index), the other methods by the
+    /// generated server.
+    pub fn into_server(self) -> MeshGrpc {
+        MeshGrpc {
+            typed: mesh_server::MeshServer::new(self.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            svc: self,
+        }
     }
 
     fn local_cluster(&self) -> &str {
@@ -484,6 +595,7 @@ struct WatchStream {
 }
 
 type ItemResult = Result<pb::WatchResponse, Status>;
+type WireResult = Result<WireMsg, Status>;
 
 /// Keys per page when a resume reads etcd's past (keys only, so pages can be large).
 const HISTORY_READ_PAGE: i64 = 10_000;
@@ -494,7 +606,7 @@ impl WatchStream {
         &self,
         snapshot: crate::index::Snapshot,
         reset: Option<crate::index::ResetReason>,
-    ) -> Vec<pb::WatchResponse> {
+    ) -> Vec<WireMsg> {
         let cfg = &self.svc.inner.cfg;
         let metrics = &self.svc.inner.metrics;
         let mut out = Vec::new();
@@ -510,29 +622,29 @@ impl WatchStream {
         }
         metrics.snapshots.inc();
         let mut chunker = Chunker::new(cfg);
-        for ev in &snapshot.objects {
+        for obj in &snapshot.objects {
             // A peer never sees non-shared services: absent from its snapshot.
-            if let Some(e) = self.filter.present(ev).filter(|e| e.value.is_some()) {
-                chunker.push(e);
+            if obj.deleted || (self.filter.peer && obj.unshared) {
+                continue;
+            }
+            if let Some(e) = self.filter.present(obj) {
+                chunker.push(&e);
             }
         }
         let mut chunks = chunker.finish();
         if chunks.is_empty() {
-            chunks.push(Vec::new());
+            chunks.push((Vec::new(), 0));
         }
         let n = chunks.len();
-        for (i, events) in chunks.into_iter().enumerate() {
+        for (i, (body, events)) in chunks.into_iter().enumerate() {
             let rev = if i + 1 == n { snapshot.revision } else { 0 };
-            out.push(msg(
-                rev,
-                pb::watch_response::Payload::Events(pb::Events { events }),
-            ));
+            out.push(WireMsg::events(rev, body, events));
         }
         out.extend(self.synced_messages(&snapshot.synced, snapshot.revision));
         out
     }
 
-    fn synced_messages(&self, synced: &[(String, Kind)], revision: i64) -> Vec<pb::WatchResponse> {
+    fn synced_messages(&self, synced: &[(String, Kind)], revision: i64) -> Vec<WireMsg> {
         synced
             .iter()
             .filter(|(c, k)| self.filter.accepts(c, *k))
@@ -551,31 +663,28 @@ impl WatchStream {
     /// Messages for consecutive batches: events coalesced across batches (each message
     /// ends on a batch boundary carrying that batch's revision when possible), Synced
     /// markers after the events of their batch.
-    fn batch_messages(&mut self, batches: &[Arc<Batch>]) -> Vec<pb::WatchResponse> {
+    fn batch_messages(&mut self, batches: &[Arc<Batch>]) -> Vec<WireMsg> {
         let cfg = &self.svc.inner.cfg;
         let mut out = Vec::new();
         let mut chunker = Chunker::new(cfg);
         let mut synced = Vec::new();
         let mut pending_rev = self.revision;
-        let flush = |chunker: Chunker, out: &mut Vec<pb::WatchResponse>, from: i64, to: i64| {
+        let flush = |chunker: Chunker, out: &mut Vec<WireMsg>, from: i64, to: i64| {
             let chunks = chunker.finish();
             let n = chunks.len();
-            for (i, events) in chunks.into_iter().enumerate() {
+            for (i, (body, events)) in chunks.into_iter().enumerate() {
                 // Only the last chunk completes the batch(es): earlier chunks carry the
                 // revision the client had before them.
                 let rev = if i + 1 == n { to } else { from };
-                out.push(msg(
-                    rev,
-                    pb::watch_response::Payload::Events(pb::Events { events }),
-                ));
+                out.push(WireMsg::events(rev, body, events));
             }
         };
         for b in batches {
             for c in &b.changes {
                 match c {
-                    Change::Object(ev) => {
-                        if let Some(e) = self.filter.present(ev) {
-                            chunker.push(e);
+                    Change::Object(obj) => {
+                        if let Some(e) = self.filter.present(obj) {
+                            chunker.push(&e);
                         }
                     }
                     Change::Synced { cluster, kind } => synced.push((cluster.clone(), *kind)),
@@ -599,10 +708,7 @@ impl WatchStream {
     }
 
     /// Subscribes (or re-subscribes after lagging) and returns the start messages.
-    async fn start(
-        &mut self,
-        resume: i64,
-    ) -> Result<(Subscription, Vec<pb::WatchResponse>), Status> {
+    async fn start(&mut self, resume: i64) -> Result<(Subscription, Vec<WireMsg>), Status> {
         let filter = self.filter.clone();
         let keys = &self.svc.inner.cfg.keys;
         // Where a resume older than the history reads etcd's past: only the clusters this
@@ -662,7 +768,7 @@ impl WatchStream {
         Ok((sub, msgs))
     }
 
-    fn into_stream(mut self, resume: i64) -> impl Stream<Item = ItemResult> + Send + 'static {
+    fn into_stream(mut self, resume: i64) -> impl Stream<Item = WireResult> + Send + 'static {
         let metrics = self.svc.inner.metrics.clone();
         let shutdown = self.svc.inner.shutdown.clone();
         let heartbeat = self.svc.inner.cfg.heartbeat_interval;
@@ -731,10 +837,10 @@ impl WatchStream {
     }
 }
 
-fn count(metrics: &Metrics, m: &pb::WatchResponse) {
+fn count(metrics: &Metrics, m: &WireMsg) {
     metrics.messages_sent.inc();
-    if let Some(pb::watch_response::Payload::Events(e)) = &m.payload {
-        metrics.events_sent.inc_by(e.events.len() as u64);
+    if m.events > 0 {
+        metrics.events_sent.inc_by(m.events as u64);
     }
 }
 
@@ -756,20 +862,11 @@ impl Drop for OpenStream {
 }
 
 type WatchResult = Pin<Box<dyn Stream<Item = ItemResult> + Send + 'static>>;
+type WireStream = Pin<Box<dyn Stream<Item = WireResult> + Send + 'static>>;
 
-#[tonic::async_trait]
-impl mesh_server::Mesh for MeshService {
-    async fn info(
-        &self,
-        req: Request<pb::InfoRequest>,
-    ) -> Result<Response<pb::ClusterConfig>, Status> {
-        self.access(&req)?;
-        Ok(Response::new(self.inner.cfg.local.clone()))
-    }
-
-    type WatchStream = WatchResult;
-
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchResult>, Status> {
+impl MeshService {
+    /// Opens a watch stream of encoded messages (see [`WireMsg`]).
+    fn watch_wire(&self, req: Request<pb::WatchRequest>) -> Result<WireStream, Status> {
         let access = self.access(&req)?;
         let remote = ConnInfo::of(&req)
             .and_then(|c| c.remote_addr)
@@ -802,11 +899,106 @@ impl mesh_server::Mesh for MeshService {
             revision: 0,
         }
         .into_stream(body.resume_revision);
-        Ok(Response::new(Box::pin(SpannedStream {
+        Ok(Box::pin(SpannedStream {
             inner: Box::pin(inner),
             span,
             _guard: guard,
-        })))
+        }))
+    }
+}
+
+/// The served `mesh.v1.Mesh`: `Watch` through [`WireCodec`], every other method through
+/// the generated server.
+#[derive(Clone)]
+pub struct MeshGrpc {
+    typed: mesh_server::MeshServer<MeshService>,
+    svc: MeshService,
+}
+
+impl std::fmt::Debug for MeshGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshGrpc").field("svc", &self.svc).finish()
+    }
+}
+
+impl tonic::server::NamedService for MeshGrpc {
+    const NAME: &'static str =
+        <mesh_server::MeshServer<MeshService> as tonic::server::NamedService>::NAME;
+}
+
+/// `Watch` as a tonic streaming service of [`WireMsg`]s.
+struct WatchWire(MeshService);
+
+impl tonic::server::ServerStreamingService<pb::WatchRequest> for WatchWire {
+    type Response = WireMsg;
+    type ResponseStream = WireStream;
+    type Future = tonic::codegen::BoxFuture<Response<WireStream>, Status>;
+
+    fn call(&mut self, request: Request<pb::WatchRequest>) -> Self::Future {
+        let r = self.0.watch_wire(request).map(Response::new);
+        Box::pin(async move { r })
+    }
+}
+
+impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for MeshGrpc
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        if req.uri().path() == WATCH_PATH {
+            let svc = WatchWire(self.svc.clone());
+            Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(WireCodec).apply_max_message_size_config(
+                    Some(MAX_REQUEST_BYTES),
+                    Some(MAX_RESPONSE_BYTES),
+                );
+                Ok(grpc.server_streaming(svc, req).await)
+            })
+        } else {
+            self.typed.call(req)
+        }
+    }
+}
+
+/// The path of the `Watch` method.
+const WATCH_PATH: &str = "/mesh.v1.Mesh/Watch";
+
+#[tonic::async_trait]
+impl mesh_server::Mesh for MeshService {
+    async fn info(
+        &self,
+        req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::ClusterConfig>, Status> {
+        self.access(&req)?;
+        Ok(Response::new(self.inner.cfg.local.clone()))
+    }
+
+    type WatchStream = WatchResult;
+
+    /// The typed form of the wire stream ([`MeshGrpc`] serves `Watch` without it): each
+    /// message decoded from its bytes.
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchResult>, Status> {
+        use futures::StreamExt;
+        let wire = self.watch_wire(req)?;
+        let typed = wire.map(|r| {
+            r.and_then(|m| {
+                m.decode()
+                    .map_err(|e| Status::internal(format!("re-decoding a watch message: {e}")))
+            })
+        });
+        Ok(Response::new(Box::pin(typed)))
     }
 
     async fn status(
@@ -922,17 +1114,17 @@ impl mesh_server::Mesh for MeshService {
 
 /// A watch stream that enters its span while polled and counts itself open while alive.
 struct SpannedStream {
-    inner: WatchResult,
+    inner: WireStream,
     span: tracing::Span,
     _guard: OpenStream,
 }
 
 impl Stream for SpannedStream {
-    type Item = ItemResult;
+    type Item = WireResult;
     fn poll_next(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<ItemResult>> {
+    ) -> std::task::Poll<Option<WireResult>> {
         let this = &mut *self;
         let _e = this.span.enter();
         this.inner.as_mut().poll_next(cx)
@@ -1007,6 +1199,10 @@ mod tests {
 
     async fn next(s: &mut WatchResult) -> pb::WatchResponse {
         s.next().await.expect("stream open").expect("message")
+    }
+
+    fn decoded(msgs: &[WireMsg]) -> Vec<pb::WatchResponse> {
+        msgs.iter().map(|m| m.decode().expect("decodes")).collect()
     }
 
     fn events(m: &pb::WatchResponse) -> Vec<String> {
@@ -1132,6 +1328,7 @@ mod tests {
             revision: 0,
         };
         let (mut sub, msgs) = ws.start(0).await.unwrap();
+        let msgs = decoded(&msgs);
         assert_eq!(msgs.iter().flat_map(events).collect::<Vec<_>>(), ["e1"]);
         index.with_state(|st| {
             st.apply(vec![put(
@@ -1157,11 +1354,55 @@ mod tests {
         let Update::Batch(b2) = sub.next().await else {
             panic!()
         };
-        let msgs = ws.batch_messages(&[b1, b2]);
+        let msgs = decoded(&ws.batch_messages(&[b1, b2]));
         assert_eq!(
             msgs.iter().flat_map(events).collect::<Vec<_>>(),
             ["ns/web", "ns/web-"]
         );
+    }
+
+    #[test]
+    fn assembled_events_messages_are_the_prost_encoding() {
+        let evs: Vec<pb::Event> = (0..3)
+            .map(|i| pb::Event {
+                kind: Kind::Node as i32,
+                cluster: "east".into(),
+                name: format!("n{i}"),
+                revision: 300 + i,
+                value: (i != 1).then(|| {
+                    pb::event::Value::Node(pb::Node {
+                        cluster: "east".into(),
+                        name: format!("n{i}"),
+                        ..Default::default()
+                    })
+                }),
+            })
+            .collect();
+        for (revision, n) in [(0, 0), (0, 3), (1 << 40, 3), (7, 1)] {
+            let mut chunker = Chunker::new(&ServeConfig::new(
+                pb::ClusterConfig::default(),
+                Keys::default(),
+            ));
+            for ev in &evs[..n] {
+                chunker.push(&ev.encode_to_vec());
+            }
+            let (body, count) = chunker.finish().pop().unwrap_or_default();
+            let wire = WireMsg::events(revision, body, count);
+            let typed = pb::WatchResponse {
+                revision,
+                payload: Some(Payload::Events(pb::Events {
+                    events: evs[..n].to_vec(),
+                })),
+            };
+            let mut bytes = wire.head.clone();
+            bytes.extend_from_slice(&wire.body);
+            assert_eq!(
+                bytes,
+                typed.encode_to_vec(),
+                "revision {revision}, {n} events"
+            );
+            assert_eq!((wire.events, wire.decode().unwrap()), (n, typed));
+        }
     }
 
     #[test]

@@ -121,19 +121,73 @@ impl IndexConfig {
 
 /// One object's identity in the index. Ordered by cluster, then kind in the order of
 /// `pb::Kind` (config, nodes, identities, endpoints, services: the order a consumer
-/// applies a snapshot in), then name.
+/// applies a snapshot in), then name. The cluster name is shared by every key and
+/// object of that cluster.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjKey {
-    pub cluster: String,
+    pub cluster: Arc<str>,
     pub kind: i32,
     pub name: String,
+}
+
+/// One object (or its delete) as the index stores it and fans it out: what streams
+/// filter on, and the `pb::Event` encoded once. Streams copy these bytes into their
+/// messages; nothing is decoded, cloned or re-encoded per stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Obj {
+    pub cluster: Arc<str>,
+    pub kind: i32,
+    /// etcd mod revision of this change.
+    pub revision: i64,
+    /// A service with `shared: false`: peers see it as absent.
+    pub unshared: bool,
+    /// A delete: the event has no value.
+    pub deleted: bool,
+    /// The encoded `pb::Event` (kind, cluster, name, revision, value).
+    pub wire: Box<[u8]>,
+}
+
+impl Obj {
+    /// Encodes the event of `key` at `revision` (`None`: a delete).
+    pub fn new(key: &ObjKey, revision: i64, value: Option<pb::event::Value>) -> Self {
+        let unshared = matches!(&value, Some(pb::event::Value::Service(s)) if !s.shared);
+        let deleted = value.is_none();
+        let ev = pb::Event {
+            kind: key.kind,
+            cluster: key.cluster.to_string(),
+            name: key.name.clone(),
+            revision,
+            value,
+        };
+        Obj {
+            cluster: key.cluster.clone(),
+            kind: key.kind,
+            revision,
+            unshared,
+            deleted,
+            wire: ev.encode_to_vec().into_boxed_slice(),
+        }
+    }
+
+    /// The event, decoded from the stored bytes (status, tests and the rare paths that
+    /// need a field; never the fan-out).
+    pub fn event(&self) -> pb::Event {
+        // The bytes were encoded by `Obj::new` from a valid event: decoding cannot fail
+        // short of memory corruption, and an empty event is the only sane fallback.
+        pb::Event::decode(&*self.wire).unwrap_or_default()
+    }
+
+    /// The object's name within (cluster, kind).
+    pub fn name(&self) -> String {
+        self.event().name
+    }
 }
 
 /// One change as fanned out to subscribers.
 #[derive(Debug, Clone)]
 pub enum Change {
-    /// An upsert, or a delete when `value` is `None`, as a ready-to-send wire event.
-    Object(Arc<pb::Event>),
+    /// An upsert, or a delete, encoded once.
+    Object(Arc<Obj>),
     /// The synced marker of `(cluster, kind)` appeared.
     Synced { cluster: String, kind: Kind },
 }
@@ -209,7 +263,7 @@ impl fmt::Display for ResetReason {
 pub struct Snapshot {
     pub revision: i64,
     /// Objects in `ObjKey` order.
-    pub objects: Vec<Arc<pb::Event>>,
+    pub objects: Vec<Arc<Obj>>,
     /// `(cluster, kind)` whose synced marker exists at `revision`.
     pub synced: Vec<(String, Kind)>,
 }
@@ -284,9 +338,11 @@ pub struct State {
     subscriber_buffer: usize,
     loaded: bool,
     revision: i64,
-    objects: BTreeMap<ObjKey, Arc<pb::Event>>,
+    objects: BTreeMap<ObjKey, Arc<Obj>>,
+    /// Every cluster name seen, shared by the keys and objects of that cluster.
+    cluster_names: BTreeSet<Arc<str>>,
     synced: BTreeMap<(String, i32), i64>,
-    counts: HashMap<(String, i32), u64>,
+    counts: HashMap<(Arc<str>, i32), u64>,
     history: VecDeque<Arc<Batch>>,
     history_len: usize,
     /// The oldest revision a subscriber can resume from: every change after it is in
@@ -313,8 +369,21 @@ fn kind_of(k: i32) -> Kind {
 }
 
 enum Decoded {
-    Object(ObjKey, Option<pb::event::Value>),
+    Object {
+        cluster: String,
+        kind: Kind,
+        name: String,
+        value: Option<pb::event::Value>,
+    },
     Synced(String, Kind),
+}
+
+/// A full list of the clusters prefix, decoded page by page (the raw pages are dropped
+/// as soon as they are decoded), before [`State::reset_listed`] swaps it in.
+#[derive(Debug, Default)]
+pub struct Listing {
+    objects: BTreeMap<ObjKey, Arc<Obj>>,
+    synced: BTreeMap<(String, i32), i64>,
 }
 
 fn decode_value(kind: Kind, key: &str, v: &[u8]) -> Result<pb::event::Value, DecodeError> {
@@ -354,6 +423,7 @@ impl State {
             loaded: false,
             revision: 0,
             objects: BTreeMap::new(),
+            cluster_names: BTreeSet::new(),
             synced: BTreeMap::new(),
             counts: HashMap::new(),
             history: VecDeque::new(),
@@ -388,7 +458,7 @@ impl State {
     }
 
     /// The current object at `(cluster, kind, name)`.
-    pub fn get(&self, cluster: &str, kind: Kind, name: &str) -> Option<Arc<pb::Event>> {
+    pub fn get(&self, cluster: &str, kind: Kind, name: &str) -> Option<Arc<Obj>> {
         self.objects
             .get(&ObjKey {
                 cluster: cluster.into(),
@@ -415,15 +485,31 @@ impl State {
                     None => None,
                     Some(v) => Some(decode_value(kind, key, v)?),
                 };
-                Ok(Decoded::Object(
-                    ObjKey {
-                        cluster,
-                        kind: kind as i32,
-                        name,
-                    },
+                Ok(Decoded::Object {
+                    cluster,
+                    kind,
+                    name,
                     value,
-                ))
+                })
             }
+        }
+    }
+
+    /// The key of `(cluster, kind, name)`, the cluster name shared with every other key
+    /// of that cluster.
+    fn key(&mut self, cluster: String, kind: Kind, name: String) -> ObjKey {
+        let cluster = match self.cluster_names.get(cluster.as_str()) {
+            Some(c) => c.clone(),
+            None => {
+                let c: Arc<str> = cluster.into();
+                self.cluster_names.insert(c.clone());
+                c
+            }
+        };
+        ObjKey {
+            cluster,
+            kind: kind as i32,
+            name,
         }
     }
 
@@ -442,20 +528,14 @@ impl State {
         self.metrics
             .index_objects
             .get_or_create(&ClusterKindLabels {
-                cluster: key.cluster.clone(),
+                cluster: key.cluster.to_string(),
                 kind: kind_name(kind_of(key.kind)).into(),
             })
             .set(v as i64);
     }
 
-    fn event(key: &ObjKey, revision: i64, value: Option<pb::event::Value>) -> Arc<pb::Event> {
-        Arc::new(pb::Event {
-            kind: key.kind,
-            cluster: key.cluster.clone(),
-            name: key.name.clone(),
-            revision,
-            value,
-        })
+    fn event(key: &ObjKey, revision: i64, value: Option<pb::event::Value>) -> Arc<Obj> {
+        Arc::new(Obj::new(key, revision, value))
     }
 
     /// Puts or deletes one object; returns the change when something changed.
@@ -494,7 +574,13 @@ impl State {
         let mut changes = Vec::with_capacity(events.len());
         for raw in events {
             match self.decode(&raw) {
-                Ok(Decoded::Object(key, value)) => {
+                Ok(Decoded::Object {
+                    cluster,
+                    kind,
+                    name,
+                    value,
+                }) => {
+                    let key = self.key(cluster, kind, name);
                     if let Some(c) = self.set(key, raw.mod_revision, value) {
                         changes.push(c);
                     }
@@ -521,11 +607,7 @@ impl State {
                             name,
                         }) = self.keys.parse(key)
                     {
-                        let k = ObjKey {
-                            cluster,
-                            kind: kind as i32,
-                            name,
-                        };
+                        let k = self.key(cluster, kind, name);
                         if let Some(c) = self.set(k, raw.mod_revision, None) {
                             changes.push(c);
                         }
@@ -547,24 +629,40 @@ impl State {
     /// index; later calls (after a compaction) diff the list against the index and publish
     /// the difference, deletes included, as one batch at `revision`.
     pub fn reset(&mut self, revision: i64, kvs: Vec<RawEvent>) {
-        self.metrics.etcd_relists.inc();
-        let mut objects = BTreeMap::new();
-        let mut synced = BTreeMap::new();
+        let mut listing = Listing::default();
+        self.list_page(&mut listing, kvs);
+        self.reset_listed(revision, listing);
+    }
+
+    /// Decodes one page of a list into `listing` (see [`State::reset_listed`]).
+    pub fn list_page(&mut self, listing: &mut Listing, kvs: Vec<RawEvent>) {
         for raw in kvs {
             match self.decode(&raw) {
-                Ok(Decoded::Object(key, Some(value))) => {
-                    objects.insert(
-                        key.clone(),
-                        Self::event(&key, raw.mod_revision, Some(value)),
-                    );
+                Ok(Decoded::Object {
+                    cluster,
+                    kind,
+                    name,
+                    value: Some(value),
+                }) => {
+                    let key = self.key(cluster, kind, name);
+                    let obj = Self::event(&key, raw.mod_revision, Some(value));
+                    listing.objects.insert(key, obj);
                 }
-                Ok(Decoded::Object(_, None)) => {}
+                Ok(Decoded::Object { value: None, .. }) => {}
                 Ok(Decoded::Synced(cluster, kind)) => {
-                    synced.insert((cluster, kind as i32), raw.mod_revision);
+                    listing
+                        .synced
+                        .insert((cluster, kind as i32), raw.mod_revision);
                 }
                 Err(err) => self.skip(&err),
             }
         }
+    }
+
+    /// [`State::reset`] with a list decoded by [`State::list_page`].
+    pub fn reset_listed(&mut self, revision: i64, listing: Listing) {
+        self.metrics.etcd_relists.inc();
+        let Listing { objects, synced } = listing;
 
         if !self.loaded || revision < self.revision {
             if self.loaded {
@@ -781,7 +879,7 @@ impl State {
                 && filter(&cluster, kind)
             {
                 let k = ObjKey {
-                    cluster,
+                    cluster: cluster.into(),
                     kind: kind as i32,
                     name,
                 };
@@ -841,7 +939,7 @@ impl State {
                     name,
                 }) => {
                     let k = ObjKey {
-                        cluster,
+                        cluster: cluster.into(),
                         kind: kind as i32,
                         name,
                     };
@@ -857,7 +955,7 @@ impl State {
 
     /// Per-cluster counts and synced flags, for `Status`.
     pub fn counts(&self) -> BTreeMap<String, ClusterCounts> {
-        let mut clusters: BTreeSet<&str> = self.counts.keys().map(|(c, _)| c.as_str()).collect();
+        let mut clusters: BTreeSet<&str> = self.counts.keys().map(|(c, _)| &**c).collect();
         clusters.extend(self.synced.keys().map(|(c, _)| c.as_str()));
         clusters
             .into_iter()
@@ -866,16 +964,17 @@ impl State {
                     .iter()
                     .map(|k| {
                         let key = (c.to_owned(), *k as i32);
-                        (
-                            *k,
-                            self.counts.get(&key).copied().unwrap_or(0),
-                            self.synced.contains_key(&key),
-                        )
+                        let count = self
+                            .counts
+                            .get(&(Arc::from(c), *k as i32))
+                            .copied()
+                            .unwrap_or(0);
+                        (*k, count, self.synced.contains_key(&key))
                     })
                     .collect();
                 let id = self
                     .get(c, Kind::Config, "")
-                    .and_then(|ev| match &ev.value {
+                    .and_then(|obj| match obj.event().value {
                         Some(pb::event::Value::Config(cfg)) => Some(cfg.id),
                         _ => None,
                     });
@@ -1168,8 +1267,8 @@ impl Feeder {
             }
             if need_list {
                 match self.list().await {
-                    Ok((rev, kvs)) => {
-                        self.index.with_state(|st| st.reset(rev, kvs));
+                    Ok((rev, listing)) => {
+                        self.index.with_state(|st| st.reset_listed(rev, listing));
                         need_list = false;
                     }
                     Err(error) => {
@@ -1226,13 +1325,14 @@ impl Feeder {
         }
     }
 
-    /// Lists the clusters prefix at one revision, in pages.
-    async fn list(&mut self) -> Result<(i64, Vec<RawEvent>)> {
+    /// Lists the clusters prefix at one revision, in pages, each decoded as it arrives.
+    async fn list(&mut self) -> Result<(i64, Listing)> {
         let end = prefix_end(self.prefix.as_bytes());
         let mut kv = self.etcd.kv_client();
         let mut start = self.prefix.as_bytes().to_vec();
         let mut revision = 0;
-        let mut out = Vec::new();
+        let mut listing = Listing::default();
+        let mut keys = 0usize;
         loop {
             let mut opts = GetOptions::new()
                 .with_range(end.clone())
@@ -1253,15 +1353,20 @@ impl Feeder {
             let more = resp.more();
             let kvs = resp.take_kvs();
             let last = kvs.last().map(|k| k.key().to_vec());
-            out.extend(kvs.into_iter().map(|kv| {
-                let mod_revision = kv.mod_revision();
-                let (key, value) = kv.into_key_value();
-                RawEvent {
-                    key,
-                    value: Some(value),
-                    mod_revision,
-                }
-            }));
+            keys += kvs.len();
+            let page = kvs
+                .into_iter()
+                .map(|kv| {
+                    let mod_revision = kv.mod_revision();
+                    let (key, value) = kv.into_key_value();
+                    RawEvent {
+                        key,
+                        value: Some(value),
+                        mod_revision,
+                    }
+                })
+                .collect();
+            self.index.lock().list_page(&mut listing, page);
             match (more, last) {
                 (true, Some(mut last)) => {
                     last.push(0);
@@ -1271,8 +1376,8 @@ impl Feeder {
             }
         }
         self.inner_etcd_ok(true);
-        debug!(revision, keys = out.len(), "listed etcd");
-        Ok((revision, out))
+        debug!(revision, keys, "listed etcd");
+        Ok((revision, listing))
     }
 
     /// Watches from `from` until the watch breaks (Err), etcd compacted past `from`, or
@@ -1456,8 +1561,8 @@ mod tests {
         true
     }
 
-    fn names(objs: &[Arc<pb::Event>]) -> Vec<String> {
-        objs.iter().map(|e| e.name.clone()).collect()
+    fn names(objs: &[Arc<Obj>]) -> Vec<String> {
+        objs.iter().map(|e| e.name()).collect()
     }
 
     fn batch_of(u: Update) -> Arc<Batch> {
@@ -1486,7 +1591,7 @@ mod tests {
         let Change::Object(ev) = &b.changes[1] else {
             panic!()
         };
-        assert_eq!((ev.name.as_str(), ev.value.is_none()), ("n1", true));
+        assert_eq!((ev.name().as_str(), ev.deleted), ("n1", true));
     }
 
     #[tokio::test]
@@ -1578,7 +1683,7 @@ mod tests {
             .changes
             .iter()
             .map(|c| match c {
-                Change::Object(e) => format!("{}:{}", e.name, e.value.is_some()),
+                Change::Object(e) => format!("{}:{}", e.name(), !e.deleted),
                 Change::Synced { .. } => panic!("no synced in the diff"),
             })
             .collect();
@@ -1646,7 +1751,7 @@ mod tests {
             .changes
             .iter()
             .map(|c| match c {
-                Change::Object(e) => (e.name.clone(), e.value.is_some()),
+                Change::Object(e) => (e.name(), !e.deleted),
                 Change::Synced { .. } => panic!("unexpected synced"),
             })
             .collect();
@@ -1683,7 +1788,7 @@ mod tests {
             .changes
             .iter()
             .map(|c| match c {
-                Change::Object(e) => format!("{}:{}", e.name, e.value.is_some()),
+                Change::Object(e) => format!("{}:{}", e.name(), !e.deleted),
                 Change::Synced { cluster, kind } => format!("synced {cluster} {kind:?}"),
             })
             .collect();
