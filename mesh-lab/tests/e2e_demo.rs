@@ -15,7 +15,7 @@ fn cluster_mesh_demo() {
     let Some(()) = root_or_skip("cluster_mesh_demo") else {
         return;
     };
-    let lab = Lab::up("e2edemo", 2, 2);
+    let lab = Lab::up('d', 2, 2);
     assert_eq!(lab.clusters, ["east", "west"]);
     for c in ["east", "west"] {
         lab.apply_example(c, "rebel-base.yaml");
@@ -139,15 +139,13 @@ fn cluster_mesh_demo() {
 
     // The operator's view: status green, and explain names why west's... and east's
     // backends are selected or left out under affinity remote.
-    let env = lab.lab(&["env", "east"]);
-    let env = String::from_utf8_lossy(&env.stdout).into_owned();
-    let status = meshctl(&env, &["status"]);
+    let status = lab.meshctl("east", &["status"]);
     assert!(
         status.contains("west"),
         "meshctl status names the peer: {status}"
     );
-    let explain = meshctl(
-        &env,
+    let explain = lab.meshctl(
+        "east",
         &[
             "service",
             "explain",
@@ -160,23 +158,4 @@ fn cluster_mesh_demo() {
         explain.contains("west") && explain.contains("affinity"),
         "explain: {explain}"
     );
-}
-
-/// Runs meshctl with the environment `mesh-lab env` printed (`export K=V` lines).
-fn meshctl(env: &str, args: &[&str]) -> String {
-    let bin = e2e_support::mesh_lab().with_file_name("meshctl");
-    let mut cmd = std::process::Command::new(bin);
-    for line in env.lines() {
-        if let Some((k, v)) = line.trim().trim_start_matches("export ").split_once('=') {
-            cmd.env(k, v.trim_matches('\'').trim_matches('"'));
-        }
-    }
-    let out = cmd.args(args).output().expect("running meshctl");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "meshctl {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }

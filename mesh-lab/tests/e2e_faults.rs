@@ -43,25 +43,9 @@ fn scale(lab: &Lab, cluster: &str, replicas: u32) {
 }
 
 fn peer_status(lab: &Lab, cluster: &str, peer: &str) -> serde_json::Value {
-    let env = lab.lab(&["env", cluster]);
-    let env = String::from_utf8_lossy(&env.stdout).into_owned();
-    let bin = e2e_support::mesh_lab().with_file_name("meshctl");
-    let mut cmd = std::process::Command::new(bin);
-    for line in env.lines() {
-        if let Some((k, v)) = line.trim().trim_start_matches("export ").split_once('=') {
-            cmd.env(k, v.trim_matches('\'').trim_matches('"'));
-        }
-    }
-    let out = cmd
-        .args(["status", "-o", "json"])
-        .output()
-        .expect("meshctl status");
-    assert!(
-        out.status.success(),
-        "meshctl status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(cluster, &["status", "-o", "json"]))
+            .expect("status JSON");
     v["peers"]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == peer).cloned())
@@ -73,7 +57,7 @@ fn faults_agent_apiserver_partition() {
     let Some(()) = root_or_skip("faults_agent_apiserver_partition") else {
         return;
     };
-    let lab = Lab::up("e2efault", 2, 2);
+    let lab = Lab::up('f', 2, 2);
     for c in ["east", "west"] {
         lab.apply_example(c, "rebel-base.yaml");
         lab.apply_example(c, "x-wing.yaml");

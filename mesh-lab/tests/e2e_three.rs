@@ -29,7 +29,7 @@ fn three_clusters_remote_affinity_failover() {
     let Some(()) = root_or_skip("three_clusters_remote_affinity_failover") else {
         return;
     };
-    let lab = Lab::up("e2e3", 3, 1);
+    let lab = Lab::up('t', 3, 1);
     assert_eq!(lab.clusters, ["east", "north", "west"]);
     for c in ["east", "west", "north"] {
         lab.apply_example(c, "rebel-base.yaml");

@@ -3,14 +3,12 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::process::{Command, Output};
+
+use crate::lab_support::mesh_lab;
 use std::time::{Duration, Instant};
 
-/// The `mesh-lab` binary of this build; meshctl, mesh-apiserver and mesh-agent sit beside it.
-pub fn mesh_lab() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mesh-lab"))
-}
+use crate::lab_support::{LabGuard, lab_name};
 
 fn text(o: &Output) -> String {
     format!(
@@ -31,93 +29,66 @@ pub fn root_or_skip(test: &str) -> Option<()> {
     }
 }
 
-/// A running lab; `mesh-lab down` on drop, also when the test fails.
+/// A running lab ([`LabGuard`]: `mesh-lab down` on drop, also when the test fails) and the
+/// demo's requests and checks on top of it.
 pub struct Lab {
-    pub name: String,
+    pub guard: LabGuard,
     pub clusters: Vec<String>,
-    kubeconfig: String,
-    cache: tempfile::TempDir,
 }
 
 impl Lab {
-    /// `mesh-lab up --name NAME --clusters N --nodes M` (after removing leftovers of an
-    /// earlier run with the same name).
-    pub fn up(name: &str, clusters: usize, nodes: usize) -> Lab {
-        crate::lab_support::ensure_binaries();
-        let _ = Command::new(mesh_lab())
-            .args(["down", "--name", name])
-            .output();
-        let out = Command::new(mesh_lab())
-            .args(["up", "--name", name, "--underlay", "auto"])
-            .args([
+    /// `mesh-lab up --clusters N --nodes M` under a lab name unique to this test process.
+    pub fn up(tag: char, clusters: usize, nodes: usize) -> Lab {
+        let guard = LabGuard::up(
+            &lab_name(tag),
+            &[
                 "--clusters",
                 &clusters.to_string(),
                 "--nodes",
                 &nodes.to_string(),
-            ])
+            ],
+        );
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(guard.kubeconfig())
+            .args(["config", "get-contexts", "-o", "name"])
             .output()
-            .expect("running mesh-lab up");
-        let mut lab = Lab {
-            name: name.to_string(),
-            clusters: Vec::new(),
-            kubeconfig: String::new(),
-            cache: tempfile::tempdir().expect("kubectl cache dir"),
-        };
-        assert!(out.status.success(), "mesh-lab up failed: {}", text(&out));
-        let kc = lab.lab(&["kubeconfig"]);
-        lab.kubeconfig = String::from_utf8_lossy(&kc.stdout).trim().to_string();
-        let contexts = lab.kubectl_raw(&["config", "get-contexts", "-o", "name"]);
-        let prefix = format!("{name}-");
-        lab.clusters = String::from_utf8_lossy(&contexts.stdout)
+            .expect("running kubectl");
+        let contexts = String::from_utf8_lossy(&out.stdout).into_owned();
+        let prefix = format!("{}-", guard.name);
+        let clusters_found: Vec<String> = contexts
             .lines()
             .filter_map(|c| c.strip_prefix(&prefix).map(str::to_string))
             .collect();
-        assert_eq!(
-            lab.clusters.len(),
-            clusters,
-            "contexts: {}",
-            text(&contexts)
-        );
-        lab
+        assert_eq!(clusters_found.len(), clusters, "contexts: {contexts}");
+        Lab {
+            guard,
+            clusters: clusters_found,
+        }
     }
 
-    /// Runs `mesh-lab <args> --name NAME`, asserting success.
-    pub fn lab(&self, args: &[&str]) -> Output {
-        let out = self.lab_raw(args);
-        assert!(out.status.success(), "mesh-lab {args:?}: {}", text(&out));
-        out
-    }
-
-    pub fn lab_raw(&self, args: &[&str]) -> Output {
-        // `--name` right after the subcommand: after `--` it would belong to the command.
-        Command::new(mesh_lab())
-            .args(&args[..1])
-            .args(["--name", &self.name])
-            .args(&args[1..])
-            .output()
-            .expect("running mesh-lab")
-    }
-
-    fn kubectl_raw(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(self.cache.path())
-            .arg("--request-timeout=20s")
-            .args(args)
-            .env_remove("KUBECONFIG")
-            .output()
-            .expect("running kubectl")
+    /// Runs `mesh-lab ARGS...` for this lab, asserting success; returns stdout.
+    pub fn lab(&self, args: &[&str]) -> String {
+        self.guard.lab_ok(args)
     }
 
     /// kubectl against one cluster (context `<lab>-<cluster>`), asserting success.
     pub fn kubectl(&self, cluster: &str, args: &[&str]) -> String {
-        let ctx = format!("--context={}-{cluster}", self.name);
-        let mut all = vec![ctx.as_str()];
-        all.extend_from_slice(args);
-        let out = self.kubectl_raw(&all);
-        assert!(out.status.success(), "kubectl {all:?}: {}", text(&out));
+        self.guard.kubectl_ok(cluster, args)
+    }
+
+    /// Runs meshctl against a cluster's apiserver with the environment `mesh-lab env`
+    /// prints (`export K='V'` lines), asserting success; returns stdout.
+    pub fn meshctl(&self, cluster: &str, args: &[&str]) -> String {
+        let env = self.lab(&["env", cluster]);
+        let mut cmd = Command::new(mesh_lab().with_file_name("meshctl"));
+        for line in env.lines() {
+            if let Some((k, v)) = line.trim().trim_start_matches("export ").split_once('=') {
+                cmd.env(k, v.trim_matches('\''));
+            }
+        }
+        let out = cmd.args(args).output().expect("running meshctl");
+        assert!(out.status.success(), "meshctl {args:?}: {}", text(&out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -148,7 +119,7 @@ impl Lab {
             "i=0; while [ $i -lt {n} ]; do i=$((i+1)); \
              curl -s --max-time 2 http://{service}.demo/ || printf '{{\"failed\":true}}'; echo; done"
         );
-        let out = self.lab(&[
+        let stdout = self.lab(&[
             "exec",
             cluster,
             "-n",
@@ -159,7 +130,6 @@ impl Lab {
             "-c",
             &script,
         ]);
-        let stdout = String::from_utf8_lossy(&out.stdout);
         let values: Vec<String> = stdout
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -240,19 +210,6 @@ impl Lab {
         .lines()
         .map(|l| l.trim_start_matches("pod/").to_string())
         .collect()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let out = Command::new(mesh_lab())
-            .args(["down", "--name", &self.name])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("mesh-lab down {}: {}", self.name, text(&o)),
-            Err(e) => eprintln!("mesh-lab down {}: {e}", self.name),
-        }
     }
 }
 
