@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   etcd-server etcd-client        # real etcd for the apiserver, the lab and the tests
   clang llvm libbpf-dev bpftool  # eBPF programs in C (bpf/), built by mesh-agent's build.rs
-  protobuf-compiler              # protoc for mesh-proto and etcd-client
+  protobuf-compiler libprotobuf-dev  # protoc and its well-known .proto files (etcd-client needs descriptor.proto)
   iproute2 iputils-ping curl     # network namespaces, veth, routes; probes
   nftables                       # mesh-lab: kube-proxy rules and node NAT inside node netns
   jq shellcheck                  # demo scripts and their lint
