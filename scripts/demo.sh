@@ -36,7 +36,14 @@ say "Installing system packages (scripts/setup.sh)"
 bash scripts/setup.sh
 
 say "Building mesh"
-cargo build --quiet --bins
+# A first build compiles about 400 crates and the eBPF programs: 4-8 minutes on 2 cores
+# (later builds take seconds). cargo's own progress bar shows how far it is.
+if [ -d "${CARGO_TARGET_DIR:-$root/target}/debug/.fingerprint" ]; then
+  echo "cargo build --bins (incremental: usually under a minute)"
+else
+  echo "cargo build --bins (first build: about 4-8 minutes on 2 cores; progress below)"
+fi
+cargo build --bins --color "$([ -t 2 ] && echo always || echo never)"
 bin=${CARGO_TARGET_DIR:-$root/target}/debug
 export PATH="$bin:$PATH"
 
@@ -70,17 +77,25 @@ run mesh-lab status --name "$LAB"
 # replies CLUSTER SERVICE: REQUESTS requests from x-wing, one JSON reply per line.
 replies() {
   mesh-lab exec --name "$LAB" "$1" -n demo deploy/x-wing -- sh -c \
-    "i=0; while [ \$i -lt $REQUESTS ]; do i=\$((i+1)); curl -s --max-time 2 http://$2.demo/ || echo '{\"cluster\":\"(failed)\",\"node\":\"(failed)\"}'; echo; done"
+    "i=0; while [ \$i -lt $REQUESTS ]; do i=\$((i+1)); curl -s --max-time 2 http://$2.demo/ || echo '{\"cluster\":\"(failed)\",\"node\":\"(failed)\",\"pod\":\"(failed)\"}'; echo; done"
 }
 
 # check CLUSTER SERVICE FIELD EXPECTED...: repeats rounds of requests until the distinct
 # values of FIELD in the replies are exactly EXPECTED; prints the counts of the last round.
+# Every request of every round counts: no step of this demo may fail a request (failover
+# included), so one failed request in any round stops the demo.
 check() {
   local c=$1 svc=$2 field=$3; shift 3
-  local want got out deadline=$((SECONDS + STEP_TIMEOUT))
+  local want got out failed rounds=0 deadline=$((SECONDS + STEP_TIMEOUT))
   want=$(printf '%s\n' "$@" | sort -u | tr '\n' ' ')
   while :; do
+    rounds=$((rounds + 1))
     out=$(replies "$c" "$svc" | grep -o "\"$field\":\"[^\"]*\"" | cut -d'"' -f4 || true)
+    failed=$(grep -c '^(failed)$' <<<"$out" || true)
+    if [ "$failed" -gt 0 ]; then
+      sort <<<"$out" | uniq -c | sed 's/^/   /'
+      die "$failed of $REQUESTS requests from x-wing in $c to $svc failed in round $rounds"
+    fi
     got=$(sort -u <<<"$out" | tr '\n' ' ')
     if [ "$got" = "$want" ] || [ $SECONDS -ge "$deadline" ]; then break; fi
     sleep 0.5
@@ -89,7 +104,7 @@ check() {
   sort <<<"$out" | uniq -c | sed 's/^/   /'
   [ "$got" = "$want" ] ||
     die "expected replies from: $want; got: $got(after ${STEP_TIMEOUT}s)"
-  echo "  ok: $want"
+  echo "  ok: $want ($rounds rounds, $((rounds * REQUESTS)) requests, none failed)"
 }
 
 say "Deploying rebel-base and x-wing in both clusters, echo in east"

@@ -42,9 +42,40 @@ if ! grep -q cgroup2 /proc/mounts; then
   echo "setup.sh: warning: no cgroup v2 mount found; mesh-agent needs one (--cgroup-path)" >&2
 fi
 
-for tool in etcd etcdctl clang protoc ip kubectl; do
-  if ! command -v "$tool" >/dev/null 2>&1; then
-    echo "setup.sh: warning: $tool not on PATH" >&2
-  fi
+missing_tools=()
+for tool in etcd etcdctl clang protoc ip nft; do
+  command -v "$tool" >/dev/null 2>&1 || missing_tools+=("$tool")
 done
+if [ ${#missing_tools[@]} -gt 0 ]; then
+  echo "setup.sh: ${missing_tools[*]} still not on PATH after installing the packages above" >&2
+  exit 1
+fi
+
+# kubectl: the demo and the tests use it as a real client of the lab's Kubernetes API.
+# Debian has no usable kubectl (bookworm's kubernetes-client is 1.20), so it is not installed
+# here; say exactly what to do instead.
+kubectl_help() {
+  cat >&2 <<'HELP'
+setup.sh: kubectl 1.28 or newer is needed (the demo and the tests drive the lab with it).
+Debian ships no usable version. Install it from the Kubernetes project's apt repository:
+  apt-get install -y gpg
+  mkdir -p /etc/apt/keyrings
+  curl -fsSL https://pkgs.k8s.io/core:/stable:/v1.32/deb/Release.key \
+    | gpg --dearmor -o /etc/apt/keyrings/kubernetes-apt-keyring.gpg
+  echo 'deb [signed-by=/etc/apt/keyrings/kubernetes-apt-keyring.gpg] https://pkgs.k8s.io/core:/stable:/v1.32/deb/ /' \
+    > /etc/apt/sources.list.d/kubernetes.list
+  apt-get update && apt-get install -y kubectl
+or put any kubectl >= 1.28 binary on PATH, then run this script again.
+HELP
+}
+if ! command -v kubectl >/dev/null 2>&1; then
+  kubectl_help
+  exit 1
+fi
+minor=$(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | head -1)
+if [ -z "$minor" ] || [ "$minor" -lt 28 ]; then
+  echo "setup.sh: kubectl on PATH is too old or unreadable (client minor version '${minor:-?}')" >&2
+  kubectl_help
+  exit 1
+fi
 echo "setup.sh: ok"

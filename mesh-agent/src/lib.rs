@@ -85,6 +85,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let status = Arc::new(Mutex::new(pb::AgentStatus {
         node: settings.node.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
         ..Default::default()
     }));
     let report_now = Arc::new(Notify::new());

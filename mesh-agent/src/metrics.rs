@@ -113,6 +113,11 @@ impl Metrics {
             "Map operations applied, by kind",
             m.map_operations.clone(),
         );
+        for op in crate::reconcile::OP_KINDS {
+            let _ = m
+                .map_operations
+                .get_or_create(&OpLabels { op: op.to_owned() });
+        }
         r.register(
             "dropped_entries",
             "Entries left out of the desired state, by reason",

@@ -74,6 +74,19 @@ pub trait Maps {
 /// Number of operations of a reconcile, by kind (metric label values).
 pub type OpCounts = BTreeMap<&'static str, u64>;
 
+/// Every label value of [`op_kind`], so the metric shows each series from the start (at 0)
+/// and a reader can tell "none yet" from "no such series".
+pub const OP_KINDS: [&str; 8] = [
+    "ipcache_upsert",
+    "ipcache_delete",
+    "backend_upsert",
+    "backend_delete",
+    "slot_upsert",
+    "slot_delete",
+    "master_upsert",
+    "master_delete",
+];
+
 /// The label of an op kind.
 pub fn op_kind(op: &Op) -> &'static str {
     match op {

@@ -13,7 +13,7 @@ use mesh_agent::datapath::IpcacheValue;
 use mesh_agent::reconcile::{IPCACHE_F_LOCAL, IPCACHE_F_REMOTE};
 use mesh_proto::pb::{self, Kind};
 
-#[test]
+#[ctor::ctor(unsafe)]
 fn child_process_entry() {
     agent_support::child_entry();
 }

@@ -13,7 +13,7 @@ use agent_support::{
 };
 use mesh_proto::pb;
 
-#[test]
+#[ctor::ctor(unsafe)]
 fn child_process_entry() {
     agent_support::child_entry();
 }

@@ -16,7 +16,7 @@ use agent_support::{
 use ipnet::IpNet;
 use mesh_proto::pb::{self, Kind};
 
-#[test]
+#[ctor::ctor(unsafe)]
 fn child_process_entry() {
     agent_support::child_entry();
 }
@@ -109,8 +109,9 @@ async fn kill_and_restart_keeps_serving_and_converges_to_exactly_the_desired_sta
     // The restarted agent wrote only the difference: one backend in, one out, one slot
     // rewritten, one ipcache entry in and one out; the master entry was never touched.
     let ops = |op: &str| {
-        mesh.metric(&format!("mesh_agent_map_operations_total{{op=\"{op}\"}}"))
-            .unwrap_or(0.0)
+        let series = format!("mesh_agent_map_operations_total{{op=\"{op}\"}}");
+        mesh.metric(&series)
+            .unwrap_or_else(|| panic!("the agent exports no {series}"))
     };
     assert_eq!(ops("backend_upsert"), 1.0);
     assert_eq!(ops("backend_delete"), 1.0);

@@ -2,14 +2,14 @@
 //! cgroup, UDP reverse translation, pinned maps and links across a restart,
 //! and flow accounting on a veth pair.
 //!
-//! These tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and skip
-//! with a message otherwise. Each test creates its own network namespaces,
+//! These tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and fail
+//! with a message otherwise (`--profile unprivileged` leaves them out). Each test creates its own network namespaces,
 //! cgroup and bpffs, and removes them in Drop guards, so they run in
 //! parallel and clean up when they fail.
 //!
-//! Clients and servers are this test binary re-executed in a role
-//! (`child_process_entry`), moved into the test's cgroup by `sh` and into its
-//! network namespace by `nsenter` before they run.
+//! Clients and servers are this test binary re-executed in a role (picked up
+//! by `child_process_entry` before the test harness starts), moved into the
+//! test's cgroup by `sh` and into its network namespace by `nsenter`.
 
 use std::{
     collections::BTreeSet,
@@ -32,25 +32,9 @@ const ENETUNREACH: i32 = 101;
 
 // === harness ===
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!(
-                "skipping: the datapath tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
-            );
-            return;
-        }
+        mesh_testkit::require_root("the datapath tests")
     };
 }
 
@@ -203,12 +187,8 @@ impl Proc {
         let mut cmd = Command::new("sh");
         let script = match cgroup {
             // Join the cgroup first, so the process runs in it from exec on.
-            Some(_) => {
-                r#"echo $$ > "$1" && exec nsenter --net="$2" -- "$3" --exact child_process_entry --nocapture --test-threads=1"#
-            }
-            None => {
-                r#"exec nsenter --net="$2" -- "$3" --exact child_process_entry --nocapture --test-threads=1"#
-            }
+            Some(_) => r#"echo $$ > "$1" && exec nsenter --net="$2" -- "$3""#,
+            None => r#"exec nsenter --net="$2" -- "$3""#,
         };
         let procs = cgroup
             .map(|c| c.path.join("cgroup.procs"))
@@ -295,16 +275,16 @@ impl Outcome {
 
 // === child roles ===
 
-/// Entry point of the re-executed children; a no-op in a normal test run.
-#[test]
+/// Entry point of the re-executed children. It runs before libtest's `main` (an ELF
+/// constructor), so a child never starts the test harness and the entry is not a test;
+/// in a normal test run (no `MESH_DP_CHILD`) it returns at once.
+#[ctor::ctor(unsafe)]
 fn child_process_entry() {
     let Ok(role) = std::env::var("MESH_DP_CHILD") else {
         return;
     };
     let args = std::env::var("MESH_DP_ARGS").unwrap_or_default();
     let args: Vec<&str> = args.split_whitespace().collect();
-    // libtest has printed "test child_process_entry ... " without a newline.
-    println!();
     child_main(&role, &args);
     std::io::stdout().flush().unwrap();
     std::process::exit(0);

@@ -6,15 +6,13 @@ mod lab_support;
 
 use std::time::Duration;
 
-use e2e_support::{Lab, root_or_skip};
+use e2e_support::{Failures, Lab, require_root};
 
 const STEP: Duration = Duration::from_secs(60);
 
 #[test]
 fn cluster_mesh_demo() {
-    let Some(()) = root_or_skip("cluster_mesh_demo") else {
-        return;
-    };
+    require_root("cluster_mesh_demo");
     let lab = Lab::up('d', 2, 2);
     assert_eq!(lab.clusters, ["east", "west"]);
     for c in ["east", "west"] {
@@ -29,8 +27,22 @@ fn cluster_mesh_demo() {
     lab.rollout("east", "echo");
 
     // 1. A plain Service: the cluster's own service proxy, local backends only.
-    lab.converge("east", "rebel-base", "cluster", &["east"], STEP);
-    lab.converge("west", "rebel-base", "cluster", &["west"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["east"],
+        STEP,
+        Failures::Forbidden,
+    );
+    lab.converge(
+        "west",
+        "rebel-base",
+        "cluster",
+        &["west"],
+        STEP,
+        Failures::Forbidden,
+    );
     // Both local pods answer, so the plain Service really balances.
     let pods = lab.pods("east", "rebel-base");
     assert_eq!(pods.len(), 2);
@@ -40,8 +52,9 @@ fn cluster_mesh_demo() {
         "pod",
         &pods.iter().map(String::as_str).collect::<Vec<_>>(),
         STEP,
+        Failures::Forbidden,
     );
-    assert_eq!(by_pod.values().sum::<usize>(), 20);
+    assert_eq!(by_pod.counts.values().sum::<usize>(), 20);
 
     // 2. Global on both sides: both clusters answer, from both sides.
     for c in ["east", "west"] {
@@ -58,8 +71,22 @@ fn cluster_mesh_demo() {
             ],
         );
     }
-    lab.converge("east", "rebel-base", "cluster", &["east", "west"], STEP);
-    lab.converge("west", "rebel-base", "cluster", &["east", "west"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["east", "west"],
+        STEP,
+        Failures::Forbidden,
+    );
+    lab.converge(
+        "west",
+        "rebel-base",
+        "cluster",
+        &["east", "west"],
+        STEP,
+        Failures::Forbidden,
+    );
 
     // 3. Affinity local in east: only east answers east's x-wing; west still sees both.
     lab.kubectl(
@@ -74,8 +101,22 @@ fn cluster_mesh_demo() {
             "--overwrite",
         ],
     );
-    lab.converge("east", "rebel-base", "cluster", &["east"], STEP);
-    lab.converge("west", "rebel-base", "cluster", &["east", "west"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["east"],
+        STEP,
+        Failures::Forbidden,
+    );
+    lab.converge(
+        "west",
+        "rebel-base",
+        "cluster",
+        &["east", "west"],
+        STEP,
+        Failures::Forbidden,
+    );
 
     // 4. Failover: east's rebel-base scaled to 0 with kubectl, west answers; and back.
     lab.kubectl(
@@ -89,7 +130,14 @@ fn cluster_mesh_demo() {
             "--replicas=0",
         ],
     );
-    lab.converge("east", "rebel-base", "cluster", &["west"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["west"],
+        STEP,
+        Failures::Forbidden,
+    );
     lab.kubectl(
         "east",
         &[
@@ -102,7 +150,14 @@ fn cluster_mesh_demo() {
         ],
     );
     lab.rollout("east", "rebel-base");
-    lab.converge("east", "rebel-base", "cluster", &["east"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["east"],
+        STEP,
+        Failures::Forbidden,
+    );
 
     // 5. Affinity remote in east: only west answers east's x-wing.
     lab.kubectl(
@@ -117,7 +172,14 @@ fn cluster_mesh_demo() {
             "--overwrite",
         ],
     );
-    lab.converge("east", "rebel-base", "cluster", &["west"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["west"],
+        STEP,
+        Failures::Forbidden,
+    );
 
     // 6. internalTrafficPolicy: echo-1 (Cluster) spreads over both nodes, echo-2 (Local)
     //    answers only from x-wing's node.
@@ -134,8 +196,16 @@ fn cluster_mesh_demo() {
         "node",
         &echo_nodes.iter().map(String::as_str).collect::<Vec<_>>(),
         STEP,
+        Failures::Forbidden,
     );
-    lab.converge("east", "echo-2", "node", &[xwing_node.as_str()], STEP);
+    lab.converge(
+        "east",
+        "echo-2",
+        "node",
+        &[xwing_node.as_str()],
+        STEP,
+        Failures::Forbidden,
+    );
 
     // The operator's view: status green, and explain names why west's... and east's
     // backends are selected or left out under affinity remote.

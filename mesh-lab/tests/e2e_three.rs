@@ -6,7 +6,7 @@ mod lab_support;
 
 use std::time::Duration;
 
-use e2e_support::{Lab, root_or_skip};
+use e2e_support::{Failures, Lab, require_root};
 
 const STEP: Duration = Duration::from_secs(60);
 
@@ -26,9 +26,7 @@ fn scale(lab: &Lab, cluster: &str, replicas: u32) {
 
 #[test]
 fn three_clusters_remote_affinity_failover() {
-    let Some(()) = root_or_skip("three_clusters_remote_affinity_failover") else {
-        return;
-    };
+    require_root("three_clusters_remote_affinity_failover");
     let lab = Lab::up('t', 3, 1);
     assert_eq!(lab.clusters, ["east", "north", "west"]);
     for c in ["east", "west", "north"] {
@@ -56,6 +54,7 @@ fn three_clusters_remote_affinity_failover() {
         "cluster",
         &["east", "west", "north"],
         STEP,
+        Failures::Forbidden,
     );
 
     lab.kubectl(
@@ -69,15 +68,43 @@ fn three_clusters_remote_affinity_failover() {
             "service.cilium.io/affinity=remote",
         ],
     );
-    lab.converge("east", "rebel-base", "cluster", &["west", "north"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["west", "north"],
+        STEP,
+        Failures::Forbidden,
+    );
 
     // One remote without ready backends: the other remote takes all.
     scale(&lab, "west", 0);
-    lab.converge("east", "rebel-base", "cluster", &["north"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["north"],
+        STEP,
+        Failures::Forbidden,
+    );
     // Both remotes empty: failover to the local cluster.
     scale(&lab, "north", 0);
-    lab.converge("east", "rebel-base", "cluster", &["east"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["east"],
+        STEP,
+        Failures::Forbidden,
+    );
     // A remote comes back: remote again.
     scale(&lab, "west", 2);
-    lab.converge("east", "rebel-base", "cluster", &["west"], STEP);
+    lab.converge(
+        "east",
+        "rebel-base",
+        "cluster",
+        &["west"],
+        STEP,
+        Failures::Forbidden,
+    );
 }

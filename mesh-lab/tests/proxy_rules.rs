@@ -78,13 +78,6 @@ ports: [{name: http, port: 8080, protocol: TCP}]
     assert!(rx.try_recv().is_err());
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-}
-
 /// A network namespace removed on drop (with the processes the test started in it).
 struct Netns {
     name: String,
@@ -164,10 +157,7 @@ fn run(args: &[&str]) {
 
 #[test]
 fn nft_applies_atomically_and_dnats_in_a_netns() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
-        return;
-    }
+    mesh_testkit::require_root("the nft DNAT test (network namespaces)");
     let mut ns = Netns::new();
     let services = vec![
         json!({"metadata": {"name": "web", "namespace": "n"},

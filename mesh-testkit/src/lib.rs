@@ -15,6 +15,23 @@ pub fn free_port() -> u16 {
         .expect("binding a loopback port")
 }
 
+/// Fails the calling test unless the process runs as root.
+///
+/// A test that cannot run must not report a pass: privileged tests (netns, cgroups, eBPF,
+/// whole labs) panic here with what is missing. A developer without root skips them
+/// explicitly with `cargo nextest run --profile unprivileged`, whose filter leaves them out,
+/// so nextest reports them as skipped.
+#[track_caller]
+pub fn require_root(what: &str) {
+    if !is_root() {
+        panic!(
+            "{what} needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN: network namespaces, \
+             cgroups, eBPF). Run the suite as root (bash scripts/test.sh), or leave the \
+             privileged tests out explicitly: cargo nextest run --profile unprivileged"
+        );
+    }
+}
+
 /// Whether the current process runs as root (needed for netns, cgroups and eBPF tests).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

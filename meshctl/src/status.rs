@@ -75,6 +75,9 @@ pub struct AgentView {
     pub map_entries: BTreeMap<String, u64>,
     pub last_error: String,
     pub reported_seconds_ago: Option<u64>,
+    /// When the agent process started (Unix ms), so a restart is visible.
+    pub started_at_unix_ms: Option<i64>,
+    pub uptime_seconds: Option<u64>,
 }
 
 pub fn kind_name(kind: i32) -> String {
@@ -202,6 +205,9 @@ pub fn view(resp: &pb::StatusResponse) -> StatusView {
                 last_error: a.last_error.clone(),
                 reported_seconds_ago: (a.reported_at_unix_ms > 0)
                     .then(|| ((now - a.reported_at_unix_ms).max(0) / 1000) as u64),
+                started_at_unix_ms: (a.started_at_unix_ms > 0).then_some(a.started_at_unix_ms),
+                uptime_seconds: (a.started_at_unix_ms > 0)
+                    .then(|| ((now - a.started_at_unix_ms).max(0) / 1000) as u64),
             }
         })
         .collect();
@@ -366,6 +372,9 @@ pub fn render(v: &StatusView) -> String {
                     a.reported_seconds_ago
                         .map(|s| format!("{s}s ago"))
                         .unwrap_or_else(|| "-".into()),
+                    a.uptime_seconds
+                        .map(|s| format!("{s}s"))
+                        .unwrap_or_else(|| "-".into()),
                     if a.last_error.is_empty() {
                         "-".into()
                     } else {
@@ -375,7 +384,14 @@ pub fn render(v: &StatusView) -> String {
             })
             .collect();
         s.push_str(&table(
-            &["NODE", "SYNCED", "MAP ENTRIES", "REPORTED", "LAST ERROR"],
+            &[
+                "NODE",
+                "SYNCED",
+                "MAP ENTRIES",
+                "REPORTED",
+                "UP",
+                "LAST ERROR",
+            ],
             &rows,
         ));
     }

@@ -2,7 +2,7 @@
 //! pinned maps: a Datapath is opened on a temporary bpffs with a temporary cgroup, a service,
 //! backends and ipcache entries are programmed, and the real meshctl binary reads them.
 //!
-//! Needs root (CAP_BPF, CAP_SYS_ADMIN); skips with a message otherwise.
+//! Needs root (CAP_BPF, CAP_SYS_ADMIN); fails with a message otherwise.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -14,17 +14,6 @@ use mesh_agent::datapath::{
 };
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 struct Cgroup {
     path: PathBuf,
@@ -105,10 +94,7 @@ fn rows(table: &str) -> Vec<Vec<String>> {
 
 #[test]
 fn bpf_lb_ipcache_and_flows_read_pinned_maps() {
-    if !is_root() {
-        eprintln!("skipping: meshctl bpf tests need root (CAP_BPF, CAP_SYS_ADMIN)");
-        return;
-    }
+    mesh_testkit::require_root("the meshctl bpf tests");
     let cgroup = Cgroup::new();
     let bpffs = Bpffs::mounted();
     let pin = bpffs.pin_dir();

@@ -26,8 +26,9 @@ const CHILD_ENV: &str = "MESH_E2E_APISERVER_ARGV";
 /// The longest any single expected state may take to appear.
 const T: Duration = Duration::from_secs(60);
 
-/// Not a test: the mesh-apiserver process of `Apiserver::spawn` (returns at once otherwise).
-#[test]
+/// Not a test: the mesh-apiserver process of `Apiserver::spawn`, run from an ELF constructor
+/// before libtest's `main` (returns at once in a test run, where `CHILD_ENV` is unset).
+#[ctor::ctor(unsafe)]
 fn apiserver_process() {
     let Ok(argv) = std::env::var(CHILD_ENV) else {
         return;
@@ -43,6 +44,8 @@ fn apiserver_process() {
         .unwrap()
         .block_on(mesh_apiserver::run(args))
         .expect("mesh-apiserver failed");
+    // Never fall through into the test harness.
+    std::process::exit(0);
 }
 
 /// A mesh-apiserver process; killed (SIGKILL) on drop.
@@ -61,12 +64,6 @@ impl Apiserver {
             .open(&log)
             .unwrap();
         let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "apiserver_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
             .env(CHILD_ENV, serde_json::to_string(&full).unwrap())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -39,26 +39,10 @@ pub const CONVERGE: Duration = Duration::from_secs(20);
 
 // === small helpers ===
 
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !agent_support::is_root() {
-            eprintln!(
-                "skipping: the agent tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
-            );
-            return;
-        }
+        mesh_testkit::require_root("the agent tests")
     };
 }
 
@@ -204,12 +188,8 @@ impl Proc {
     pub fn spawn(netns: &Netns, cgroup: Option<&Cgroup>, role: &str, args: &[&str]) -> Self {
         let exe = std::env::current_exe().unwrap();
         let script = match cgroup {
-            Some(_) => {
-                r#"echo $$ > "$1" && exec nsenter --net="$2" -- "$3" --exact child_process_entry --nocapture --test-threads=1"#
-            }
-            None => {
-                r#"exec nsenter --net="$2" -- "$3" --exact child_process_entry --nocapture --test-threads=1"#
-            }
+            Some(_) => r#"echo $$ > "$1" && exec nsenter --net="$2" -- "$3""#,
+            None => r#"exec nsenter --net="$2" -- "$3""#,
         };
         let procs = cgroup
             .map(|c| c.path.join("cgroup.procs"))
@@ -240,8 +220,7 @@ impl Proc {
             line.clear();
             let n = proc.stdout.read_line(&mut line).unwrap();
             assert!(n > 0, "server {name} on {addr} exited before it was ready");
-            // libtest prints "test child_process_entry ... " before the child's output.
-            if line.trim_end().ends_with("READY") {
+            if line.trim_end() == "READY" {
                 return proc;
             }
         }
@@ -346,7 +325,9 @@ pub fn answered(outcomes: &[Outcome]) -> BTreeSet<String> {
         .collect()
 }
 
-/// Entry point of the re-executed children: call from a `#[test] fn child_process_entry`.
+/// Entry point of the re-executed children: call from an ELF constructor of each test binary
+/// (`#[ctor::ctor(unsafe)] fn child_process_entry()`), so a child runs its role before
+/// libtest's `main` and the entry is never counted as a test. Returns at once in a test run.
 pub fn child_entry() {
     let Ok(role) = std::env::var("MESH_AGENT_TEST_CHILD") else {
         return;

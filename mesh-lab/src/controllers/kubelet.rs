@@ -544,6 +544,14 @@ async fn pod_worker(ctx: Arc<Ctx>, pod: Value, mut stop: watch::Receiver<bool>) 
         loop {
             tokio::select! {
                 _ = stop.changed() => {
+                    // As kubelet: the preStop hooks run before the containers are stopped,
+                    // while the pod is already Terminating (its endpoints no longer ready),
+                    // so clients move to other backends before this one goes away.
+                    let delay = pre_stop_sleep(&containers, &pod_spec);
+                    if !delay.is_zero() {
+                        tracing::info!(seconds = delay.as_secs_f64(), "preStop sleep");
+                        tokio::time::sleep(delay).await;
+                    }
                     stop_pod(&ctx, &key).await;
                     return;
                 }
@@ -655,6 +663,24 @@ async fn pod_worker(ctx: Arc<Ctx>, pod: Value, mut stop: watch::Receiver<bool>) 
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// How long the containers' preStop hooks keep a deleted pod running: the longest
+/// `lifecycle.preStop.sleep.seconds` (Kubernetes 1.30's sleep action), capped by the pod's
+/// `terminationGracePeriodSeconds` as kubelet caps hooks. Exec and HTTP hooks are not run
+/// by the lab (they would need a container runtime); they count as no delay.
+fn pre_stop_sleep(containers: &[Value], pod_spec: &Value) -> Duration {
+    let grace = pod_spec
+        .get("terminationGracePeriodSeconds")
+        .and_then(Value::as_u64)
+        .unwrap_or(30);
+    let longest = containers
+        .iter()
+        .filter_map(|c| c.pointer("/lifecycle/preStop/sleep/seconds"))
+        .filter_map(Value::as_u64)
+        .max()
+        .unwrap_or(0);
+    Duration::from_secs(longest.min(grace))
 }
 
 /// `false` when told to stop.
@@ -836,6 +862,20 @@ fn publish(ctx: &Ctx, key: &PodKey, pod: &Value, containers: &[Value], obs: &Obs
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pre_stop_sleep_is_the_longest_hook_capped_by_the_grace_period() {
+        let c = |secs: u64| json!({"name": "c", "lifecycle": {"preStop": {"sleep": {"seconds": secs}}}});
+        let plain = json!({"name": "p"});
+        let spec = json!({});
+        assert_eq!(pre_stop_sleep(std::slice::from_ref(&plain), &spec), Duration::ZERO);
+        assert_eq!(
+            pre_stop_sleep(&[c(2), plain, c(5)], &spec),
+            Duration::from_secs(5)
+        );
+        let short = json!({"terminationGracePeriodSeconds": 3});
+        assert_eq!(pre_stop_sleep(&[c(10)], &short), Duration::from_secs(3));
+    }
 
     #[test]
     fn probes_resolve_named_ports_and_defaults() {

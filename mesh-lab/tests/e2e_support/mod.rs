@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 
 use crate::lab_support::mesh_lab;
 use std::time::{Duration, Instant};
@@ -19,14 +20,9 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Skips (returns `None`) when not root: a lab needs namespaces, cgroups and eBPF.
-pub fn root_or_skip(test: &str) -> Option<()> {
-    if mesh_testkit::is_root() {
-        Some(())
-    } else {
-        eprintln!("{test}: skipped, needs root (network namespaces, cgroups, eBPF)");
-        None
-    }
+/// Fails the test unless it runs as root: a lab needs namespaces, cgroups and eBPF.
+pub fn require_root(test: &str) {
+    mesh_testkit::require_root(test);
 }
 
 /// A running lab ([`LabGuard`]: `mesh-lab down` on drop, also when the test fails) and the
@@ -112,41 +108,64 @@ impl Lab {
         );
     }
 
-    /// Sends `n` requests from x-wing in `cluster` to `http://<service>.demo/` and returns
-    /// the value of `field` in each reply (`(failed)` for a request that got no reply).
-    pub fn replies(&self, cluster: &str, service: &str, field: &str, n: usize) -> Vec<String> {
+    /// Starts `n` requests from x-wing in `cluster` to `http://<service>.demo/`, one after
+    /// the other; their outcomes are read as they happen from the returned stream.
+    pub fn spawn_requests(&self, cluster: &str, service: &str, n: usize) -> RequestStream {
         let script = format!(
             "i=0; while [ $i -lt {n} ]; do i=$((i+1)); \
-             curl -s --max-time 2 http://{service}.demo/ || printf '{{\"failed\":true}}'; echo; done"
+             curl -s --max-time 2 http://{service}.demo/ || printf '{{\"failed\":true}}'; \
+             printf ' %s\\n' \"$(date +%s%3N)\"; done"
         );
-        let stdout = self.lab(&[
-            "exec",
-            cluster,
-            "-n",
-            "demo",
-            "deploy/x-wing",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ]);
-        let values: Vec<String> = stdout
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
-                Ok(v) if v.get("failed").is_none() => {
-                    v[field].as_str().unwrap_or("(none)").to_string()
-                }
-                _ => "(failed)".to_string(),
-            })
-            .collect();
-        assert_eq!(values.len(), n, "one line per request: {stdout}");
-        values
+        let mut child = Command::new(mesh_lab())
+            .args([
+                "exec",
+                cluster,
+                "-n",
+                "demo",
+                "deploy/x-wing",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(&script)
+            .env("MESH_LAB_NAME", &self.guard.name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running mesh-lab exec");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        RequestStream {
+            child,
+            stdout,
+            expected: n,
+            read: 0,
+        }
     }
 
-    /// Repeats rounds of `n` requests until the replies come from exactly `want` (every
+    /// Sends `n` requests from x-wing in `cluster` to `http://<service>.demo/` and returns
+    /// each one's outcome: the value of `field` in the reply (`None` for a request that got
+    /// no reply) and when it ended, on the pod's clock (the host's).
+    pub fn requests(&self, cluster: &str, service: &str, field: &str, n: usize) -> Vec<Reply> {
+        self.spawn_requests(cluster, service, n).finish(field)
+    }
+
+    /// The values of `field` of `n` requests (`(failed)` for a request without a reply).
+    pub fn replies(&self, cluster: &str, service: &str, field: &str, n: usize) -> Vec<String> {
+        self.requests(cluster, service, field, n)
+            .into_iter()
+            .map(|r| r.value.unwrap_or_else(|| FAILED.to_string()))
+            .collect()
+    }
+
+    /// Repeats rounds of 20 requests until the replies come from exactly `want` (every
     /// reply from one of them, each of them at least once, no failure), or panics with the
-    /// counts of the last round after `timeout`. Returns the counts of the matching round.
+    /// counts of the last round after `timeout`.
+    ///
+    /// Every request of every round is counted. With [`Failures::Forbidden`] (the step
+    /// claims no request fails, e.g. a failover or a change of affinity) a failed request in
+    /// *any* round fails the test at once; with [`Failures::Tolerated`] (a cluster lost on
+    /// purpose) failures are counted and printed, and only the final round must be clean.
     pub fn converge(
         &self,
         cluster: &str,
@@ -154,19 +173,42 @@ impl Lab {
         field: &str,
         want: &[&str],
         timeout: Duration,
-    ) -> BTreeMap<String, usize> {
+        failures: Failures,
+    ) -> Converged {
         let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
         let deadline = Instant::now() + timeout;
+        let (mut rounds, mut requests, mut failed) = (0usize, 0usize, 0usize);
         loop {
-            let counts = counts(&self.replies(cluster, service, field, 20));
+            let round = self.replies(cluster, service, field, 20);
+            rounds += 1;
+            requests += round.len();
+            let counts = counts(&round);
+            let round_failed = counts.get(FAILED).copied().unwrap_or(0);
+            failed += round_failed;
+            if round_failed > 0 && failures == Failures::Forbidden {
+                panic!(
+                    "x-wing in {cluster} -> {service}: {round_failed} of 20 requests failed in \
+                     round {rounds} where no failure is allowed (replies by {field}: {counts:?}; \
+                     want {want:?})"
+                );
+            }
             let got: BTreeSet<String> = counts.keys().cloned().collect();
             if got == want {
-                eprintln!("{cluster} -> {service}: {counts:?}");
-                return counts;
+                eprintln!(
+                    "{cluster} -> {service}: {counts:?} ({rounds} rounds, {requests} requests, \
+                     {failed} failed)"
+                );
+                return Converged {
+                    counts,
+                    rounds,
+                    requests,
+                    failed,
+                };
             }
             assert!(
                 Instant::now() < deadline,
-                "x-wing in {cluster} -> {service}: replies by {field} {counts:?}, want exactly {want:?}"
+                "x-wing in {cluster} -> {service}: replies by {field} {counts:?}, want exactly \
+                 {want:?} ({rounds} rounds, {failed} of {requests} requests failed)"
             );
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -211,6 +253,103 @@ impl Lab {
         .map(|l| l.trim_start_matches("pod/").to_string())
         .collect()
     }
+}
+
+/// The value a request without a reply counts as.
+pub const FAILED: &str = "(failed)";
+
+/// One request x-wing sent.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The reply's field, `None` when the request failed.
+    pub value: Option<String>,
+    /// When the request ended (Unix ms).
+    pub at_ms: u64,
+}
+
+/// Whether a step may see failed requests on its way to the expected replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failures {
+    /// The step claims no request fails (failover, affinity, restart): one fails the test.
+    Forbidden,
+    /// A fault the step injects on purpose may fail requests: counted, not asserted.
+    Tolerated,
+}
+
+/// Requests in flight in a pod ([`Lab::spawn_requests`]), read line by line.
+pub struct RequestStream {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    expected: usize,
+    read: usize,
+}
+
+impl RequestStream {
+    /// The next request's outcome, once it has ended; `None` after the last one.
+    pub fn next_reply(&mut self, field: &str) -> Option<Reply> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self
+                .stdout
+                .read_line(&mut line)
+                .expect("reading mesh-lab exec");
+            if n == 0 {
+                return None;
+            }
+            if !line.trim().is_empty() {
+                break;
+            }
+        }
+        self.read += 1;
+        let (body, at) = line
+            .trim_end()
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no timestamp on the line {line:?}"));
+        let at_ms: u64 = at
+            .parse()
+            .unwrap_or_else(|e| panic!("bad timestamp {at:?} ({e}) on the line {line:?}"));
+        let value = match serde_json::from_str::<serde_json::Value>(body) {
+            Ok(v) if v.get("failed").is_none() => {
+                Some(v[field].as_str().unwrap_or("(none)").to_string())
+            }
+            _ => None,
+        };
+        Some(Reply { value, at_ms })
+    }
+
+    /// Every remaining outcome; asserts the exec succeeded and each request printed a line.
+    pub fn finish(mut self, field: &str) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        while let Some(r) = self.next_reply(field) {
+            replies.push(r);
+        }
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let status = self.child.wait().expect("waiting for mesh-lab exec");
+        assert!(status.success(), "mesh-lab exec: {status}\n{err}");
+        assert_eq!(self.read, self.expected, "one line per request\n{err}");
+        replies
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        // Only when a test fails half-way; finish() has already reaped the child.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What [`Lab::converge`] saw: the matching round's counts and every request on the way.
+#[derive(Debug, Clone)]
+pub struct Converged {
+    pub counts: BTreeMap<String, usize>,
+    pub rounds: usize,
+    pub requests: usize,
+    pub failed: usize,
 }
 
 pub fn counts(values: &[String]) -> BTreeMap<String, usize> {

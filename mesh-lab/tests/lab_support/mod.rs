@@ -66,6 +66,7 @@ pub struct LabGuard {
 impl LabGuard {
     /// `mesh-lab up --name NAME --underlay auto ARGS...`; panics with the output on failure.
     pub fn up(name: &str, args: &[&str]) -> LabGuard {
+        mesh_testkit::require_root("a lab (mesh-lab up)");
         ensure_binaries();
         let guard = LabGuard {
             name: name.to_owned(),
