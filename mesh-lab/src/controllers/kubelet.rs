@@ -868,7 +868,10 @@ mod tests {
         let c = |secs: u64| json!({"name": "c", "lifecycle": {"preStop": {"sleep": {"seconds": secs}}}});
         let plain = json!({"name": "p"});
         let spec = json!({});
-        assert_eq!(pre_stop_sleep(std::slice::from_ref(&plain), &spec), Duration::ZERO);
+        assert_eq!(
+            pre_stop_sleep(std::slice::from_ref(&plain), &spec),
+            Duration::ZERO
+        );
         assert_eq!(
             pre_stop_sleep(&[c(2), plain, c(5)], &spec),
             Duration::from_secs(5)

@@ -113,8 +113,8 @@ impl Lab {
     pub fn spawn_requests(&self, cluster: &str, service: &str, n: usize) -> RequestStream {
         let script = format!(
             "i=0; while [ $i -lt {n} ]; do i=$((i+1)); \
-             curl -s --max-time 2 http://{service}.demo/ || printf '{{\"failed\":true}}'; \
-             printf ' %s\\n' \"$(date +%s%3N)\"; done"
+             r=$(curl -s --max-time 2 http://{service}.demo/) || r='{{\"failed\":true}}'; \
+             printf '%s %s\\n' \"$r\" \"$(date +%s%3N)\"; done"
         );
         let mut child = Command::new(mesh_lab())
             .args([
