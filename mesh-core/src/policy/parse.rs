@@ -259,10 +259,10 @@ impl Parser<'_> {
         };
         let mut requirements = Vec::new();
         let mut unsupported = None;
-        let mut map_key = |p: &mut Self, k: &str| match key(k) {
+        let mut map_key = |p: &mut Self, k: &str, kpath: &str| match key(k) {
             Ok(k) => Some(k),
             Err(reason) => {
-                p.problem(path, reason.clone());
+                p.problem(kpath, reason.clone());
                 unsupported.get_or_insert(reason);
                 None
             }
@@ -275,7 +275,7 @@ impl Parser<'_> {
                     let Some(v) = self.string(v, &vpath) else {
                         continue;
                     };
-                    if let Some(k) = map_key(self, k) {
+                    if let Some(k) = map_key(self, k, &vpath) {
                         requirements.push(Requirement::equals(k, v));
                     }
                 }
@@ -343,7 +343,7 @@ impl Parser<'_> {
                 _ => {}
             }
             if let (Some(k), Some(op)) = (k, op)
-                && let Some(k) = map_key(self, k)
+                && let Some(k) = map_key(self, k, &format!("{path}.key"))
             {
                 requirements.push(Requirement { key: k, op });
             }
