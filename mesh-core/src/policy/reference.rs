@@ -108,7 +108,7 @@ fn not_enforced() -> Decision {
     }
 }
 
-fn rule_matches(
+pub(crate) fn rule_matches(
     rule: &Rule,
     section: Verdict,
     identities: &IdentityTable,
