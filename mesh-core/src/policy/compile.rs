@@ -63,6 +63,31 @@ pub struct Decision {
     pub reason: Reason,
 }
 
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Rule(r) => write!(f, "{r}"),
+            Reason::DefaultDeny { enforced_by } => {
+                f.write_str("default deny, enforced by ")?;
+                for (i, p) in enforced_by.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{p}")?;
+                }
+                Ok(())
+            }
+            Reason::NotEnforced => f.write_str("no policy enforces this direction"),
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.verdict, self.reason)
+    }
+}
+
 /// One entry of a verdict table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct PolicyEntry {

@@ -24,6 +24,8 @@ pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
 pub const CIDR_IDENTITY_BASE: u32 = 1 << 24;
 /// Last CIDR identity.
 pub const CIDR_IDENTITY_MAX: u32 = (1 << 25) - 1;
+// The highest identity of any cluster is (255 << 16) | 65535.
+const _: () = assert!(CIDR_IDENTITY_BASE > (255 << 16 | crate::identity::LOCAL_MAX));
 
 /// A named container port of an identity (`containers[].ports[]` of its pods).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -277,7 +279,7 @@ mod tests {
         CidrIdentities::apply_to(&first, &mut table);
         assert_eq!(first.added.len(), 2);
         let id8 = alloc.get(&p("10.0.0.0/8")).unwrap();
-        assert!(id8.0 >= CIDR_IDENTITY_BASE && id8.0 > 0xFF_FFFF);
+        assert!((CIDR_IDENTITY_BASE..=CIDR_IDENTITY_MAX).contains(&id8.0));
         let second = alloc
             .sync(&[p("10.0.0.0/8"), p("192.168.0.0/16")].into())
             .unwrap();

@@ -22,16 +22,18 @@ struct World {
     ids: BTreeMap<String, IdentityId>,
 }
 
+/// (cluster, cluster id, namespace, name, pod labels, named ports)
+type Pod = (
+    &'static str,
+    u8,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static [(&'static str, Protocol, u16)],
+);
+
 fn world() -> World {
-    // (cluster, cluster id, namespace, name, pod labels, named ports)
-    let pods: &[(
-        &str,
-        u8,
-        &str,
-        &str,
-        &[(&str, &str)],
-        &[(&str, Protocol, u16)],
-    )] = &[
+    let pods: &[Pod] = &[
         (
             "east",
             1,
@@ -284,6 +286,16 @@ spec:
     assert_eq!(
         c.reason("east/default/web", Egress, "world", "443/TCP"),
         Reason::NotEnforced
+    );
+    assert_eq!(
+        c.decide("east/default/web", Ingress, "east/default/client", "80/TCP")
+            .to_string(),
+        "allow (NetworkPolicy east/default/allow-client spec.ingress[0])"
+    );
+    assert_eq!(
+        c.decide("east/default/web", Ingress, "world", "80/TCP")
+            .to_string(),
+        "deny (default deny, enforced by NetworkPolicy east/default/allow-client)"
     );
     match c.reason("east/default/web", Ingress, "world", "80/TCP") {
         Reason::DefaultDeny { enforced_by } => {
