@@ -1,12 +1,14 @@
 //! Measures `policy::compile` at DESIGN.md section 14's scale: 10k identities x 500 rules.
 //!
-//! `cargo run -p mesh-core --release --example policy_compile [identities] [rules]`
+//! `cargo run -p mesh-core --release --example policy_compile [identities] [rules] [--broad]`
 //!
 //! Identities: 4 clusters x namespaces x apps (a quarter local). Rules, written as users
 //! write them and parsed with `parse_policy`: a clusterwide default deny with the DNS
 //! allowance selecting every pod, then CiliumNetworkPolicies allowing an app from a
 //! neighbour app (same namespace, any namespace, or any cluster), NetworkPolicies with
-//! namespaceSelectors, deny rules and CIDR rules. Prints times; asserts nothing.
+//! namespaceSelectors, deny rules and CIDR rules. `--broad` adds an allow from the `cluster`
+//! entity to every endpoint (every table then lists every local identity). Prints times;
+//! asserts nothing.
 
 use std::time::{Duration, Instant};
 
@@ -17,11 +19,14 @@ use mesh_core::{ClusterId, ClusterName, IdentityId, IdentityLabels, Protocol};
 use serde_json::json;
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let broad = raw.iter().any(|a| a == "--broad");
+    let args: Vec<usize> = raw
+        .iter()
+        .filter(|a| *a != "--broad")
         .map(|a| {
             a.parse()
-                .expect("usage: policy_compile [identities] [rules]")
+                .expect("usage: policy_compile [identities] [rules] [--broad]")
         })
         .collect();
     let identities = args.first().copied().unwrap_or(10_000);
@@ -78,13 +83,20 @@ fn main() {
     );
 
     // Policies, as JSON objects users apply.
+    // --broad: the default deny also allows every endpoint of the cluster on one port, so
+    // every table holds an entry per local identity (the worst case for table size).
+    let default_ingress = if broad {
+        json!([{"fromEntities": ["cluster"], "toPorts": [{"ports": [{"port": "9090", "protocol": "TCP"}]}]}])
+    } else {
+        json!([{}])
+    };
     let mut objects = vec![json!({
         "apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
         "metadata": {"name": "default-deny"},
         "spec": {
             "endpointSelector": {"matchExpressions": [
                 {"key": "io.kubernetes.pod.namespace", "operator": "NotIn", "values": ["kube-system"]}]},
-            "ingress": [{}],
+            "ingress": default_ingress,
             "egress": [{"toEndpoints": [{"matchLabels": {
                 "io.kubernetes.pod.namespace": "kube-system", "k8s-app": "kube-dns"}}],
                 "toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}]}]}],
@@ -171,16 +183,13 @@ fn main() {
         .collect();
     times.sort();
 
-    let tables: std::collections::HashSet<*const _> = compiled
-        .identities
-        .values()
-        .flat_map(|p| {
-            [
-                std::sync::Arc::as_ptr(&p.ingress),
-                std::sync::Arc::as_ptr(&p.egress),
-            ]
-        })
-        .collect();
+    let mut tables = std::collections::HashMap::new();
+    for p in compiled.identities.values() {
+        for t in [&p.ingress, &p.egress] {
+            tables.insert(std::sync::Arc::as_ptr(t), t.entries.len());
+        }
+    }
+    let distinct_entries: usize = tables.values().sum();
     let prefixes: usize = compiled
         .identities
         .values()
@@ -214,9 +223,10 @@ fn main() {
         ms(times[4])
     );
     println!(
-        "  output: {} local identities, {} distinct tables, {} entries ({} port prefixes)",
+        "  output: {} local identities, {} distinct tables holding {} entries; per identity (what the map holds): {} entries, {} port prefixes",
         compiled.identities.len(),
         tables.len(),
+        distinct_entries,
         compiled.entry_count(),
         prefixes
     );

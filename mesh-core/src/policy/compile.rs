@@ -643,8 +643,7 @@ impl<'a> Compiler<'a> {
         enforced_by.sort();
         enforced_by.dedup();
         let enforced = !enforced_by.is_empty();
-        type Raw = Vec<(PortRange, Verdict, u32)>;
-        let mut raw: HashMap<(Option<IdentityId>, Option<Protocol>), Raw> = HashMap::new();
+        let mut raw: Vec<RawEntry> = Vec::new();
         for &s in specs {
             let spec: &'a PolicySpec = self.specs[s as usize].spec;
             let rules = spec.direction(d);
@@ -660,8 +659,13 @@ impl<'a> Compiler<'a> {
                 }
             }
         }
-        let mut entries = Vec::new();
-        for ((remote, protocol), intervals) in raw {
+        // Group by (remote, protocol) with one sort rather than a map of vectors: tables of
+        // broad rules hold an entry per identity.
+        raw.sort_unstable_by_key(|e| (e.0, e.1));
+        let mut entries = Vec::with_capacity(raw.len());
+        for group in raw.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let (remote, protocol) = (group[0].0, group[0].1);
+            let intervals = group.iter().map(|e| (e.2, e.3, e.4)).collect();
             for (ports, verdict, rule) in normalize(intervals) {
                 entries.push(PolicyEntry {
                     remote,
@@ -672,7 +676,7 @@ impl<'a> Compiler<'a> {
                 });
             }
         }
-        entries.sort_by_key(|e| (e.remote, e.protocol, e.ports.start));
+        debug_assert!(entries.is_sorted_by_key(|e| (e.remote, e.protocol, e.ports.start)));
         DirectionPolicy {
             enforced,
             enforced_by,
@@ -680,7 +684,6 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    #[allow(clippy::type_complexity)]
     fn rule_entries(
         &mut self,
         d: Direction,
@@ -688,15 +691,13 @@ impl<'a> Compiler<'a> {
         section: Verdict,
         rid: u32,
         local_ports: &[NamedPort],
-        raw: &mut HashMap<(Option<IdentityId>, Option<Protocol>), Vec<(PortRange, Verdict, u32)>>,
+        raw: &mut Vec<RawEntry>,
     ) {
         if rule.unenforceable.is_some() {
             // Fail closed: an unenforceable allow allows nothing, an unenforceable deny
             // denies everything.
             if section == Verdict::Deny {
-                raw.entry((None, None))
-                    .or_default()
-                    .push((PortRange::ALL, section, rid));
+                raw.push((None, None, PortRange::ALL, section, rid));
             }
             return;
         }
@@ -706,7 +707,7 @@ impl<'a> Compiler<'a> {
             RemoteSet::Set(b) => b.iter().map(|i| Some(self.ids[i])).collect(),
         };
         let mut push = |r: Option<IdentityId>, p: Option<Protocol>, range: PortRange| {
-            raw.entry((r, p)).or_default().push((range, section, rid));
+            raw.push((r, p, range, section, rid));
         };
         if rule.ports.is_empty() {
             for r in &remote_ids {
@@ -768,6 +769,15 @@ impl<'a> Compiler<'a> {
         }
     }
 }
+
+/// An entry before normalization: remote, protocol, ports, verdict, rule id.
+type RawEntry = (
+    Option<IdentityId>,
+    Option<Protocol>,
+    PortRange,
+    Verdict,
+    u32,
+);
 
 /// Makes one `(remote, protocol)` group's ranges disjoint: on each stretch of ports, Deny if
 /// any deny covers it, else Allow; the rule is the smallest among those of that verdict that
