@@ -1,4 +1,4 @@
-//! Domain model and pure logic of mesh (DESIGN.md section 4 and 5).
+//! Domain model and pure logic of mesh (DESIGN.md sections 4, 5 and 14).
 //!
 //! Nothing in this crate performs IO: no async runtime, no Kubernetes, gRPC, etcd or eBPF
 //! types. Adapters convert their wire and storage types to and from these.
@@ -8,6 +8,7 @@ pub mod cidr;
 pub mod identity;
 pub mod model;
 pub mod names;
+pub mod policy;
 pub mod select;
 pub mod validate;
 
