@@ -11,7 +11,8 @@
 //! - Namespaces, Pods, Services, Nodes, Secrets, ConfigMaps, Endpoints, ServiceAccounts,
 //!   Events (core; `events.k8s.io/v1` is a view of the same objects), EndpointSlices,
 //!   Deployments and ReplicaSets (scale subresource), Leases; status subresources.
-//! - get, list (label and field selectors on any field), watch (one global resourceVersion,
+//! - get, list (label and field selectors on any field; `limit`/`continue` paging over a
+//!   consistent snapshot, see [`paging`]), watch (one global resourceVersion,
 //!   resume from a bounded history, 410 Expired as an ERROR event, bookmarks, streaming
 //!   lists), create (generateName, uid, timestamps, generation), update with optimistic
 //!   concurrency, merge / JSON / strategic merge patches and server-side apply (creates when
@@ -29,12 +30,13 @@
 //! in it at once), server-side apply field ownership (apply merges like a
 //! strategic merge patch and never removes fields), OpenAPI schemas (no `kubectl explain`,
 //! no unknown-field errors), protobuf (it reports version 1.31 so the kubectl dispatcher runs
-//! a JSON-speaking kubectl), pagination (`limit` returns everything), controllers
+//! a JSON-speaking kubectl), controllers
 //! (Deployments do not create pods: the lab plays controllers through the store).
 
 mod discovery;
 mod error;
 mod events_view;
+pub mod paging;
 pub mod patch;
 pub mod resources;
 pub mod selector;
@@ -62,7 +64,9 @@ pub use error::{ApiError, FieldError};
 pub use patch::PatchType;
 pub use resources::{ResourceType, Subresource};
 pub use selector::{FieldSelector, LabelSelector};
-pub use store::{Event, EventType, Store, StoreConfig, Watch, WatchEvent, WatchOptions};
+pub use store::{
+    Event, EventType, Page, PageRequest, Store, StoreConfig, Watch, WatchEvent, WatchOptions,
+};
 
 /// Failures to start the API server.
 #[derive(Debug, thiserror::Error)]

@@ -19,10 +19,11 @@ use tracing::Instrument;
 use super::discovery;
 use super::error::{ApiError, Result};
 use super::events_view;
+use super::paging::{ContinueToken, Scope};
 use super::patch::{self, PatchType};
 use super::resources::{self as r, ResourceType, Subresource};
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{Store, Watch, WatchEvent, WatchOptions};
+use super::store::{Page, PageRequest, Store, Watch, WatchEvent, WatchOptions};
 use super::table::{self, IncludeObject};
 use super::util;
 
@@ -295,15 +296,16 @@ impl Server {
                 if query.flag("watch") {
                     return self.watch(rt, ns, labels, fields, &query, accept);
                 }
-                let (items, rv) = store.list(srt, ns, &labels, &fields);
-                let items: Vec<Value> = items.into_iter().map(out).collect();
+                let (page, meta) = list_page(store, srt, ns, &labels, &fields, &query)?;
+                let items: Vec<Value> = page.items.into_iter().map(out).collect();
                 if wants_table(accept) {
-                    let tab = table::table(
+                    let mut tab = table::table(
                         rt,
                         &items,
-                        Some(rv),
+                        None,
                         IncludeObject::parse(query.get("includeObject")),
                     );
+                    tab["metadata"] = meta;
                     return Ok(json_response(StatusCode::OK, &tab));
                 }
                 Ok(json_response(
@@ -311,7 +313,7 @@ impl Server {
                     &json!({
                         "kind": format!("{}List", rt.kind),
                         "apiVersion": rt.api_version(),
-                        "metadata": {"resourceVersion": rv.to_string()},
+                        "metadata": meta,
                         "items": items,
                     }),
                 ))
@@ -478,6 +480,115 @@ impl Server {
             .body(StreamBody::new(stream).boxed_unsync())
             .expect("valid response"))
     }
+}
+
+/// Reads the page of a list a request asks for (`limit`, `continue`, `resourceVersion`,
+/// `resourceVersionMatch`) and its ListMeta (`resourceVersion`, `continue`,
+/// `remainingItemCount`), as kube-apiserver pages.
+fn list_page(
+    store: &Store,
+    rt: &'static ResourceType,
+    ns: Option<&str>,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+    query: &Query,
+) -> Result<(Page, Value)> {
+    let limit = match query.get("limit").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => {
+            let n = s.parse::<i64>().map_err(|_| {
+                ApiError::bad_request(format!("invalid limit {s:?}: must be an integer"))
+            })?;
+            // As the real server: zero or a negative limit means no limit.
+            usize::try_from(n).ok().filter(|n| *n > 0)
+        }
+    };
+    let scope = match ns {
+        None if rt.namespaced => Scope::AllNamespaces,
+        other => Scope::Namespace(other.unwrap_or_default()),
+    };
+    let rv_param = query.get("resourceVersion").unwrap_or_default();
+    let rv_match = query.get("resourceVersionMatch").unwrap_or_default();
+    let page = match query.get("continue").filter(|s| !s.is_empty()) {
+        Some(token) => {
+            if !rv_param.is_empty() && rv_param != "0" {
+                return Err(ApiError::bad_request(
+                    "specifying resource version is not allowed when using continue",
+                ));
+            }
+            if !rv_match.is_empty() {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch is forbidden when continue is provided",
+                ));
+            }
+            let token = ContinueToken::decode(token, scope)?;
+            let req = PageRequest {
+                limit,
+                after: Some(token.after.clone()),
+                at: token.rv,
+            };
+            match store.list_page(rt, ns, labels, fields, &req) {
+                Err(e) if e.code == 410 => {
+                    return Err(ApiError::continue_expired(ContinueToken::encode(
+                        None,
+                        &token.after,
+                        scope,
+                    )));
+                }
+                other => other?,
+            }
+        }
+        None => {
+            let at = match (rv_param, rv_match) {
+                ("" | "0", "Exact") => {
+                    return Err(ApiError::bad_request(
+                        "resourceVersionMatch \"Exact\" needs a resourceVersion other than 0",
+                    ));
+                }
+                ("" | "0", _) => None,
+                (s, m) => {
+                    let rv = s.parse::<u64>().map_err(|_| {
+                        ApiError::bad_request(format!(
+                            "invalid resourceVersion {s:?}: must be an unsigned integer"
+                        ))
+                    })?;
+                    let current = store.resource_version();
+                    match m {
+                        "Exact" => Some(rv),
+                        "" | "NotOlderThan" if rv <= current => None,
+                        "" | "NotOlderThan" => {
+                            return Err(ApiError::too_large_resource_version(rv, current));
+                        }
+                        other => {
+                            return Err(ApiError::bad_request(format!(
+                                "unsupported resourceVersionMatch {other:?}: supported values are \"Exact\" and \"NotOlderThan\""
+                            )));
+                        }
+                    }
+                }
+            };
+            store.list_page(
+                rt,
+                ns,
+                labels,
+                fields,
+                &PageRequest {
+                    limit,
+                    after: None,
+                    at,
+                },
+            )?
+        }
+    };
+    let mut meta = json!({"resourceVersion": page.rv.to_string()});
+    if let Some(last) = &page.more {
+        meta["continue"] = json!(ContinueToken::encode(Some(page.rv), last, scope));
+        // Like the real server, only an unfiltered list knows how many items remain.
+        if labels.is_empty() && fields.is_empty() {
+            meta["remainingItemCount"] = json!(page.remaining);
+        }
+    }
+    Ok((page, meta))
 }
 
 /// A patch of an `events.k8s.io/v1` Event: applied to the v1 view of the stored core
