@@ -620,3 +620,117 @@ async fn server_dry_run_and_diff_change_nothing() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_pages_with_chunk_size() {
+    let lab = Lab::start().await;
+    let store = lab.api.store();
+    let mut want = Vec::new();
+    for ns in ["pg-a", "pg-b"] {
+        lab.namespace(ns);
+        for i in 0..4 {
+            let name = format!("cm{i}");
+            store
+                .create(
+                    &r::CONFIGMAPS,
+                    Some(ns),
+                    json!({"metadata": {"name": name, "labels": {"even": (i % 2 == 0).to_string()}}}),
+                )
+                .unwrap();
+            want.push(format!("{ns}/{name}"));
+        }
+    }
+    // Every object exactly once, over one request per chunk, in the table and in -o name.
+    let requests = |stderr: &str| -> Vec<String> {
+        stderr
+            .lines()
+            .filter(|l| l.contains("GET https://") && l.contains("/configmaps?"))
+            .map(String::from)
+            .collect()
+    };
+    let out = lab.kubectl(&["get", "configmaps", "-A", "--chunk-size=1", "-v=6"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(headers(&stdout), ["NAMESPACE", "NAME", "DATA", "AGE"]);
+    let mut rows: Vec<String> = stdout
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            format!("{}/{}", c[0], c[1])
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(rows, want, "every object once:\n{stdout}");
+    let reqs = requests(&stderr);
+    assert_eq!(reqs.len(), 8, "one request per object: {reqs:#?}");
+    assert_eq!(
+        reqs.iter().filter(|l| l.contains("continue=")).count(),
+        7,
+        "{reqs:#?}"
+    );
+
+    let out = lab.kubectl(&[
+        "get",
+        "configmaps",
+        "-n",
+        "pg-b",
+        "--chunk-size=3",
+        "-o",
+        "name",
+        "-v=6",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            "configmap/cm0",
+            "configmap/cm1",
+            "configmap/cm2",
+            "configmap/cm3"
+        ]
+    );
+    assert_eq!(requests(&stderr).len(), 2, "{stderr}");
+
+    // Selectors apply before paging: chunks of matching objects only.
+    let out = lab.kubectl(&[
+        "get",
+        "configmaps",
+        "-A",
+        "-l",
+        "even=true",
+        "--chunk-size=1",
+        "-o",
+        "name",
+        "-v=6",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            "configmap/cm0",
+            "configmap/cm2",
+            "configmap/cm0",
+            "configmap/cm2"
+        ]
+    );
+    assert_eq!(requests(&stderr).len(), 4, "{stderr}");
+
+    // --chunk-size=0 turns paging off: one request.
+    let out = lab.kubectl(&["get", "configmaps", "-A", "--chunk-size=0", "-v=6"]);
+    assert_eq!(
+        requests(&String::from_utf8_lossy(&out.stderr)).len(),
+        1,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
