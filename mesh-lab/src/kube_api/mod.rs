@@ -24,6 +24,7 @@
 //!   Deployments, Secrets (`stringData`), Namespaces.
 //! - Aggregated and legacy discovery, minimal OpenAPI v3 (enough for `kubectl apply`),
 //!   Tables for `kubectl get`.
+//! - Pod logs (`kubectl logs [-f]`) from the files of a registered [`LogSource`].
 //!
 //! What it does not do: persistence (objects live in memory), graceful deletion (without
 //! finalizers a delete is immediate, pods included; a namespace delete removes everything
@@ -36,6 +37,7 @@
 mod discovery;
 mod error;
 mod events_view;
+pub mod logs;
 pub mod paging;
 pub mod patch;
 pub mod resources;
@@ -61,6 +63,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
 pub use error::{ApiError, FieldError};
+pub use logs::LogSource;
 pub use patch::PatchType;
 pub use resources::{ResourceType, Subresource};
 pub use selector::{FieldSelector, LabelSelector};
@@ -189,8 +192,10 @@ impl KubeApi {
         bootstrap(&store, &config, addr)?;
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let log_source = Arc::new(std::sync::RwLock::new(None));
         let server = Arc::new(server::Server {
             store: store.clone(),
+            log_source: log_source.clone(),
             token: material.token.clone(),
             bookmark_interval: config.bookmark_interval,
             shutdown: shutdown_rx.clone(),
@@ -208,6 +213,7 @@ impl KubeApi {
             ca_pem: material.ca_pem,
             token: material.token,
             store,
+            log_source,
             shutdown: shutdown_tx,
             task: Some(task),
         })
@@ -299,11 +305,18 @@ pub struct KubeApiHandle {
     ca_pem: String,
     token: String,
     store: Arc<Store>,
+    log_source: server::LogSourceSlot,
     shutdown: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
 
 impl KubeApiHandle {
+    /// Where pod logs are (the runtime that starts the pods): `GET .../pods/NAME/log` reads
+    /// them. Without one, a log request says the container has no log.
+    pub fn set_log_source(&self, source: Arc<dyn LogSource>) {
+        *self.log_source.write().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use super::discovery;
 use super::error::{ApiError, Result};
 use super::events_view;
+use super::logs::{self, LogOptions, LogReader, LogSource, Renderer};
 use super::paging::{ContinueToken, Scope};
 use super::patch::{self, PatchType};
 use super::resources::{self as r, ResourceType, Subresource};
@@ -34,8 +35,12 @@ const MAX_BODY: usize = 3 * 1024 * 1024;
 /// Watch duration when the client gives no `timeoutSeconds`.
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
 
+/// The pod runtime's logs, set after the server starts (the runtime comes later).
+pub(crate) type LogSourceSlot = Arc<std::sync::RwLock<Option<Arc<dyn LogSource>>>>;
+
 pub(crate) struct Server {
     pub store: Arc<Store>,
+    pub log_source: LogSourceSlot,
     pub token: String,
     pub bookmark_interval: Duration,
     pub shutdown: watch::Receiver<bool>,
@@ -167,6 +172,9 @@ impl Server {
             ["openapi", "v3"] if get => discovery_reply(Some(discovery::openapi_v3_root())),
             ["openapi", "v3", rest @ ..] if get => {
                 discovery_reply(discovery::openapi_v3_doc(&rest.join("/")))
+            }
+            ["api", "v1", "namespaces", ns, "pods", name, "log"] if get => {
+                self.pod_log(ns, name, &query)
             }
             ["api", v, rest @ ..] => {
                 let t = Self::target(&path, "", v, rest)?;
@@ -422,6 +430,79 @@ impl Server {
                 ),
             )),
         }
+    }
+
+    /// `GET .../pods/NAME/log`: the container's log, followed until the pod is deleted.
+    fn pod_log(&self, ns: &str, name: &str, query: &Query) -> Result<Response<Body>> {
+        let pod = self.store.get(&r::PODS, Some(ns), name)?;
+        let opts = LogOptions::parse(|k| query.get(k), name)?;
+        let container = logs::pick_container(&pod, name, opts.container.as_deref())?;
+        if opts.previous {
+            return Err(ApiError::bad_request(format!(
+                "previous terminated container \"{container}\" in pod \"{name}\" not found"
+            )));
+        }
+        let uid = pod
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let source = self
+            .log_source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let path = source
+            .and_then(|s| s.container_log(ns, name, &uid, &container))
+            .filter(|p| p.exists())
+            .ok_or_else(|| {
+                // The real server's answer for a container that has not started (no log yet).
+                ApiError::bad_request(format!(
+                    "container \"{container}\" in pod \"{name}\" is waiting to start: ContainerCreating"
+                ))
+            })?;
+        let mut reader = LogReader::new(&path);
+        let mut renderer = Renderer::new(&opts);
+        let lines = reader.read_lines();
+        let first = renderer.render(lines.iter().map(String::as_str), opts.tail_lines);
+        let text = |body: Body| {
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "text/plain")
+                .header(header::CACHE_CONTROL, "no-cache, private")
+                .body(body)
+                .expect("valid response")
+        };
+        if !opts.follow || renderer.done() {
+            return Ok(text(full(first)));
+        }
+        let from_rv = pod
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| self.store.resource_version());
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        if !first.is_empty() {
+            tx.try_send(Bytes::from(first))
+                .expect("a fresh channel has room");
+        }
+        let span = tracing::debug_span!("log", namespace = ns, pod = name, container);
+        tokio::spawn(
+            logs::follow(
+                self.store.clone(),
+                ns.to_string(),
+                name.to_string(),
+                uid,
+                from_rv,
+                reader,
+                renderer,
+                tx,
+                self.shutdown.clone(),
+            )
+            .instrument(span),
+        );
+        let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+        Ok(text(StreamBody::new(stream).boxed_unsync()))
     }
 
     fn watch(

@@ -16,6 +16,27 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// `2024-05-01T12:00:00.123456789Z` (Go's RFC3339Nano with all nine digits, as the CRI log
+/// format writes timestamps).
+pub fn rfc3339_nanos(t: SystemTime) -> String {
+    let whole = rfc3339(t);
+    let nanos = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    format!("{}.{nanos:09}Z", whole.trim_end_matches('Z'))
+}
+
+/// `2024-05-01T12:00:00.123Z` (millisecond precision, for log lines people read).
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let whole = rfc3339(t);
+    let millis = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_millis();
+    format!("{}.{millis:03}Z", whole.trim_end_matches('Z'))
+}
+
 pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
