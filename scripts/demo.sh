@@ -6,7 +6,9 @@
 # kubectl, counting the replies per cluster of a bounded number of requests sent from an
 # x-wing pod to rebel-base after each change:
 #   1. a plain Service answers only from the local cluster;
-#   2. service.cilium.io/global=true on both sides: both clusters answer;
+#   2. service.cilium.io/global=true on both sides: both clusters answer; the service map
+#      of x-wing's node (meshctl bpf lb list) holds backends of both clusters, and kubectl
+#      logs shows the requests rebel-base served;
 #   3. service.cilium.io/affinity=local: only the local cluster answers;
 #   4. the local rebel-base scaled to 0: the remote cluster answers (failover), and back;
 #   5. service.cilium.io/affinity=remote: only the remote cluster answers;
@@ -115,6 +117,27 @@ done
 check east rebel-base cluster east west
 check west rebel-base cluster east west
 
+say "   The service map of x-wing's node: rebel-base's ClusterIP with local and remote backends"
+eval "$(mesh-lab env --name "$LAB" east)"
+xwing_node=$(kq east -n demo get pods -l app=x-wing -o jsonpath='{.items[0].spec.nodeName}')
+vip=$(kq east -n demo get service rebel-base -o jsonpath='{.spec.clusterIP}')
+declare -A cluster_of
+for c in "${CLUSTERS[@]}"; do
+  cluster_of[$(kq "$c" -n mesh-system get configmap mesh-config -o jsonpath='{.data.MESH_CLUSTER_ID}')]=$c
+done
+printf '%s$ meshctl bpf lb list --node %s   (rows of %s)%s\n' "$dim" "$xwing_node" "$vip" "$off"
+meshctl bpf lb list --node "$xwing_node" | awk -v vip="$vip:" 'NR == 1 || index($1, vip) == 1'
+mapfile -t ids < <(meshctl bpf lb list --node "$xwing_node" -o json |
+  jq -r --arg svc "$vip:80/TCP" '[.[] | select(.service == $svc and .cluster_id != null) | .cluster_id] | unique | .[]')
+names=()
+for id in "${ids[@]}"; do names+=("${cluster_of[$id]:-id $id}"); done
+echo "  backends of $vip:80 on $xwing_node come from clusters: ${names[*]}"
+[ "${names[*]}" = "east west" ] || die "expected backends of east and west in the service map; got: ${names[*]}"
+echo "  ok: east west"
+
+say "   What rebel-base in west served (kubectl logs: one line per request, client address first)"
+kc west -n demo logs deploy/rebel-base --tail=3
+
 say "3. service.cilium.io/affinity=local in east: only east answers its x-wing"
 kc east -n demo annotate service rebel-base service.cilium.io/affinity=local --overwrite
 check east rebel-base cluster east
@@ -131,14 +154,12 @@ kc east -n demo annotate service rebel-base service.cilium.io/affinity=remote --
 check east rebel-base cluster west
 
 say "6. internalTrafficPolicy: echo-1 (Cluster) spreads over nodes, echo-2 (Local) stays on x-wing's node"
-xwing_node=$(kq east -n demo get pods -l app=x-wing -o jsonpath='{.items[0].spec.nodeName}')
 mapfile -t echo_nodes < <(kq east -n demo get pods -l app=echo -o jsonpath='{range .items[*]}{.spec.nodeName}{"\n"}{end}' | sort -u)
 echo "  x-wing runs on $xwing_node; echo pods on ${echo_nodes[*]}"
 check east echo-1 node "${echo_nodes[@]}"
 check east echo-2 node "$xwing_node"
 
 say "The mesh as east's apiserver sees it"
-eval "$(mesh-lab env --name "$LAB" east)"
 run meshctl status
 run meshctl service explain demo/rebel-base --node "$xwing_node"
 
