@@ -112,7 +112,10 @@ pub async fn serve(
         tracing::info!(addr = %bound, "workload listening");
         shared.log.record(
             bound.port(),
-            &format!("{} serving {bound}", crate::kube_api::util::now_rfc3339()),
+            &format!(
+                "{} serving {bound}",
+                crate::kube_api::util::rfc3339_millis(std::time::SystemTime::now())
+            ),
         );
         accept.spawn(accept_loop(l, shared.clone()));
     }

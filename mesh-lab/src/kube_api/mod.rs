@@ -93,8 +93,9 @@ pub enum KubeApiError {
     #[error("creating built-in object {name}: {source}")]
     Bootstrap {
         name: String,
+        // Boxed: an inline ApiError makes every Result of this enum large.
         #[source]
-        source: ApiError,
+        source: Box<ApiError>,
     },
 }
 
@@ -230,7 +231,7 @@ fn bootstrap(store: &Store, config: &KubeApiConfig, addr: SocketAddr) -> Result<
             )
             .map_err(|source| KubeApiError::Bootstrap {
                 name: ns.into(),
-                source,
+                source: Box::new(source),
             })?;
     }
     let first_ip = config
@@ -247,7 +248,7 @@ fn bootstrap(store: &Store, config: &KubeApiConfig, addr: SocketAddr) -> Result<
         .create(&resources::SERVICES, Some("default"), svc)
         .map_err(|source| KubeApiError::Bootstrap {
             name: "default/kubernetes".into(),
-            source,
+            source: Box::new(source),
         })?;
     Ok(())
 }
