@@ -135,8 +135,13 @@ echo "  backends of $vip:80 on $xwing_node come from clusters: ${names[*]}"
 [ "${names[*]}" = "east west" ] || die "expected backends of east and west in the service map; got: ${names[*]}"
 echo "  ok: east west"
 
-say "   What rebel-base in west served (kubectl logs: one line per request, client address first)"
-kc west -n demo logs deploy/rebel-base --tail=3
+say "   What west's rebel-base served to east's x-wing (kubectl logs: time, client, request, status, reply)"
+xwing_ip=$(kq east -n demo get pods -l app=x-wing -o jsonpath='{.items[0].status.podIP}')
+printf '%s$ kubectl --context %s -n demo logs -l app=rebel-base --prefix --tail=-1 | grep -F " %s:" | tail -3%s\n' \
+  "$dim" "$LAB-west" "$xwing_ip" "$off"
+served=$(kq west -n demo logs -l app=rebel-base --prefix --tail=-1 | grep -F " $xwing_ip:" || true)
+[ -n "$served" ] || die "west's rebel-base logged no request from east's x-wing ($xwing_ip)"
+tail -3 <<<"$served"
 
 say "3. service.cilium.io/affinity=local in east: only east answers its x-wing"
 kc east -n demo annotate service rebel-base service.cilium.io/affinity=local --overwrite
@@ -163,4 +168,4 @@ say "The mesh as east's apiserver sees it"
 run meshctl status
 run meshctl service explain demo/rebel-base --node "$xwing_node"
 
-say "Done.${KEEP:+ The lab stays up (KEEP=1).}"
+if [ "${KEEP:-}" = "1" ]; then say "Done. The lab stays up (KEEP=1)."; else say "Done."; fi
