@@ -6,7 +6,9 @@
 # kubectl, counting the replies per cluster of a bounded number of requests sent from an
 # x-wing pod to rebel-base after each change:
 #   1. a plain Service answers only from the local cluster;
-#   2. service.cilium.io/global=true on both sides: both clusters answer;
+#   2. service.cilium.io/global=true on both sides: both clusters answer; the service map
+#      of x-wing's node (meshctl bpf lb list) holds backends of both clusters, and kubectl
+#      logs shows the requests rebel-base served;
 #   3. service.cilium.io/affinity=local: only the local cluster answers;
 #   4. the local rebel-base scaled to 0: the remote cluster answers (failover), and back;
 #   5. service.cilium.io/affinity=remote: only the remote cluster answers;
@@ -130,6 +132,32 @@ done
 check east rebel-base cluster east west
 check west rebel-base cluster east west
 
+say "   The service map of x-wing's node: rebel-base's ClusterIP with local and remote backends"
+eval "$(mesh-lab env --name "$LAB" east)"
+xwing_node=$(kq east -n demo get pods -l app=x-wing -o jsonpath='{.items[0].spec.nodeName}')
+vip=$(kq east -n demo get service rebel-base -o jsonpath='{.spec.clusterIP}')
+declare -A cluster_of
+for c in "${CLUSTERS[@]}"; do
+  cluster_of[$(kq "$c" -n mesh-system get configmap mesh-config -o jsonpath='{.data.MESH_CLUSTER_ID}')]=$c
+done
+printf '%s$ meshctl bpf lb list --node %s   (rows of %s)%s\n' "$dim" "$xwing_node" "$vip" "$off"
+meshctl bpf lb list --node "$xwing_node" | awk -v vip="$vip:" 'NR == 1 || index($1, vip) == 1'
+mapfile -t ids < <(meshctl bpf lb list --node "$xwing_node" -o json |
+  jq -r --arg svc "$vip:80/TCP" '[.[] | select(.service == $svc and .cluster_id != null) | .cluster_id] | unique | .[]')
+names=()
+for id in "${ids[@]}"; do names+=("${cluster_of[$id]:-id $id}"); done
+echo "  backends of $vip:80 on $xwing_node come from clusters: ${names[*]}"
+[ "${names[*]}" = "east west" ] || die "expected backends of east and west in the service map; got: ${names[*]}"
+echo "  ok: east west"
+
+say "   What west's rebel-base served to east's x-wing (kubectl logs: time, client, request, status, reply)"
+xwing_ip=$(kq east -n demo get pods -l app=x-wing -o jsonpath='{.items[0].status.podIP}')
+printf '%s$ kubectl --context %s -n demo logs -l app=rebel-base --prefix --tail=-1 | grep -F " %s:" | tail -3%s\n' \
+  "$dim" "$LAB-west" "$xwing_ip" "$off"
+served=$(kq west -n demo logs -l app=rebel-base --prefix --tail=-1 | grep -F " $xwing_ip:" || true)
+[ -n "$served" ] || die "west's rebel-base logged no request from east's x-wing ($xwing_ip)"
+tail -3 <<<"$served"
+
 say "3. service.cilium.io/affinity=local in east: only east answers its x-wing"
 kc east -n demo annotate service rebel-base service.cilium.io/affinity=local --overwrite
 check east rebel-base cluster east
@@ -146,15 +174,13 @@ kc east -n demo annotate service rebel-base service.cilium.io/affinity=remote --
 check east rebel-base cluster west
 
 say "6. internalTrafficPolicy: echo-1 (Cluster) spreads over nodes, echo-2 (Local) stays on x-wing's node"
-xwing_node=$(kq east -n demo get pods -l app=x-wing -o jsonpath='{.items[0].spec.nodeName}')
 mapfile -t echo_nodes < <(kq east -n demo get pods -l app=echo -o jsonpath='{range .items[*]}{.spec.nodeName}{"\n"}{end}' | sort -u)
 echo "  x-wing runs on $xwing_node; echo pods on ${echo_nodes[*]}"
 check east echo-1 node "${echo_nodes[@]}"
 check east echo-2 node "$xwing_node"
 
 say "The mesh as east's apiserver sees it"
-eval "$(mesh-lab env --name "$LAB" east)"
 run meshctl status
 run meshctl service explain demo/rebel-base --node "$xwing_node"
 
-say "Done.${KEEP:+ The lab stays up (KEEP=1).}"
+if [ "${KEEP:-}" = "1" ]; then say "Done. The lab stays up (KEEP=1)."; else say "Done."; fi

@@ -73,6 +73,14 @@ struct WorkloadArgs {
     /// Address to serve on (repeat for every container port).
     #[arg(long, default_value = "0.0.0.0:80")]
     listen: Vec<SocketAddr>,
+    /// Directory of the pod's container logs: one request log per container
+    /// (`<dir>/<container>.log`, CRI format); no request log without it.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// A container and its ports, `NAME=PORT[,PORT...]` (repeat per container): a request is
+    /// logged to the container whose port it arrived on, else to the first container.
+    #[arg(long = "container", value_parser = mesh_lab::pod_logs::parse_container_arg)]
+    containers: Vec<(String, Vec<u16>)>,
     /// The reply (JSON when it parses, else a string); MESH_LAB_REPLY when absent.
     #[arg(last = true)]
     reply: Vec<String>,
@@ -161,7 +169,19 @@ async fn run_workload(args: WorkloadArgs) -> anyhow::Result<()> {
             std::future::pending::<()>().await;
         }
     };
-    mesh_lab::workload::serve(&args.listen, id, stop)
+    let log = match &args.log_dir {
+        Some(dir) => {
+            let mut containers = args.containers.clone();
+            if containers.is_empty() {
+                let ports = args.listen.iter().map(|a| a.port()).collect();
+                containers.push(("workload".to_string(), ports));
+            }
+            mesh_lab::workload::RequestLog::open(dir, &containers)
+                .with_context(|| format!("opening the container logs in {}", dir.display()))?
+        }
+        None => mesh_lab::workload::RequestLog::disabled(),
+    };
+    mesh_lab::workload::serve(&args.listen, id, log, stop)
         .await
         .context("workload")
 }

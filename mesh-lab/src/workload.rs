@@ -6,6 +6,10 @@
 //! `GET /healthz` answers 200 (503 after `POST /healthz/fail`, 200 again after
 //! `POST /healthz/ok`), for readiness probes and for tests and demos that need a backend to
 //! turn unready without dying.
+//!
+//! Every request except a `GET`/`HEAD /healthz` (the kubelet probes every second; those lines
+//! would bury the traffic) is logged to its container's log ([`RequestLog`]) as
+//! `<time> <client address> "<METHOD> <path>" <status> <reply>`: what `kubectl logs` shows.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+
+pub use crate::pod_logs::RequestLog;
 
 /// Failures of the workload server.
 #[derive(Debug, thiserror::Error)]
@@ -75,12 +81,15 @@ pub fn parse_reply(raw: &str) -> Value {
 struct Shared {
     id: Identity,
     healthy: AtomicBool,
+    log: RequestLog,
 }
 
 /// Serves on every address until `shutdown` completes, then stops accepting and returns.
+/// Requests are logged to `log`.
 pub async fn serve(
     listen: &[SocketAddr],
     id: Identity,
+    log: RequestLog,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkloadError> {
     if listen.is_empty() {
@@ -89,6 +98,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         id,
         healthy: AtomicBool::new(true),
+        log,
     });
     let mut accept = JoinSet::new();
     for addr in listen {
@@ -98,7 +108,15 @@ pub async fn serve(
                 addr: *addr,
                 source,
             })?;
-        tracing::info!(addr = %l.local_addr().unwrap_or(*addr), "workload listening");
+        let bound = l.local_addr().unwrap_or(*addr);
+        tracing::info!(addr = %bound, "workload listening");
+        shared.log.record(
+            bound.port(),
+            &format!(
+                "{} serving {bound}",
+                crate::kube_api::util::rfc3339_millis(std::time::SystemTime::now())
+            ),
+        );
         accept.spawn(accept_loop(l, shared.clone()));
     }
     shutdown.await;
@@ -111,7 +129,7 @@ async fn accept_loop(l: TcpListener, shared: Arc<Shared>) {
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        let (tcp, _) = match l.accept().await {
+        let (tcp, peer) = match l.accept().await {
             Ok(x) => x,
             Err(error) => {
                 tracing::debug!(%error, "accept failed");
@@ -124,7 +142,7 @@ async fn accept_loop(l: TcpListener, shared: Arc<Shared>) {
         conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(respond(&shared, local, req)) }
+                async move { Ok::<_, Infallible>(respond(&shared, local, peer, req)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -136,13 +154,42 @@ async fn accept_loop(l: TcpListener, shared: Arc<Shared>) {
 fn respond(
     shared: &Shared,
     local: Option<SocketAddr>,
+    peer: SocketAddr,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
+    let (resp, body) = reply(shared, local, &req);
+    let probe =
+        matches!(*req.method(), Method::GET | Method::HEAD) && req.uri().path() == "/healthz";
+    if !probe {
+        let t = std::time::SystemTime::now();
+        shared.log.record(
+            local.map_or(0, |a| a.port()),
+            &format!(
+                "{} {peer} \"{} {}\" {} {}",
+                crate::kube_api::util::rfc3339_millis(t),
+                req.method(),
+                req.uri(),
+                resp.status().as_u16(),
+                body.trim_end()
+            ),
+        );
+    }
+    resp
+}
+
+/// The response and its body text (for the log).
+fn reply(
+    shared: &Shared,
+    local: Option<SocketAddr>,
+    req: &Request<hyper::body::Incoming>,
+) -> (Response<Full<Bytes>>, String) {
     let text = |code: StatusCode, body: &str| {
+        let body = format!("{body}\n");
         Response::builder()
             .status(code)
             .header("content-type", "text/plain")
-            .body(Full::new(Bytes::from(format!("{body}\n"))))
+            .body(Full::new(Bytes::from(body.clone())))
+            .map(|r| (r, body))
             .expect("valid response")
     };
     match (req.method(), req.uri().path()) {
@@ -178,10 +225,12 @@ fn respond(
                 "ip": ip,
                 "reply": id.reply,
             });
+            let body = format!("{body}\n");
             Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(format!("{body}\n"))))
+                .body(Full::new(Bytes::from(body.clone())))
+                .map(|r| (r, body))
                 .expect("valid response")
         }
     }

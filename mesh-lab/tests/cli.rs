@@ -72,3 +72,55 @@ fn kube_api_command_serves_kubectl_and_stops_on_sigterm() {
     let status = child.0.wait().unwrap();
     assert!(status.success(), "exits cleanly on SIGTERM: {status}");
 }
+
+/// `mesh-lab env CLUSTER` from a lab's `lab.json`: where meshctl's apiserver, certificates
+/// and `bpf` pin directories are, and the kubeconfig.
+#[test]
+fn env_points_meshctl_and_kubectl_at_a_cluster() {
+    let state = tempfile::tempdir().unwrap();
+    let spec =
+        mesh_lab::lab::topology::LabSpec::new("envt", 2, 2, "172.30.0.0/16".parse().unwrap())
+            .unwrap();
+    let dir = state.path().join("envt");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("lab.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    let env = |cluster: &str| {
+        Command::new(env!("CARGO_BIN_EXE_mesh-lab"))
+            .args(["env", "--name", "envt", cluster])
+            .env("MESH_LAB_STATE_DIR", state.path())
+            .output()
+            .unwrap()
+    };
+    let out = env("west");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let vars: std::collections::BTreeMap<&str, &str> = text
+        .lines()
+        .map(|l| {
+            let (k, v) = l.strip_prefix("export ").unwrap().split_once('=').unwrap();
+            (k, v.trim_matches('\''))
+        })
+        .collect();
+    assert_eq!(
+        vars["MESH_BPFFS_ROOT"], "/sys/fs/bpf/mesh-lab/envt/west",
+        "{text}"
+    );
+    assert_eq!(vars["MESH_SERVER"], "172.30.2.2:7443", "{text}");
+    assert_eq!(vars["MESH_CLUSTER_NAME"], "west");
+    assert_eq!(
+        vars["KUBECONFIG"],
+        dir.join("kubeconfig").display().to_string()
+    );
+    // An unknown cluster is named, with the ones that exist.
+    let out = env("nowhere");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"nowhere\"") && err.contains("east, west"),
+        "{err}"
+    );
+}

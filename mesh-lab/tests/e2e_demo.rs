@@ -88,6 +88,60 @@ fn cluster_mesh_demo() {
         Failures::Forbidden,
     );
 
+    // The service map of x-wing's node, read with meshctl in the environment of
+    // `mesh-lab env east` (MESH_BPFFS_ROOT): rebel-base's ClusterIP has backends of both
+    // clusters (east is cluster 1, west 2). The replies above came through this map.
+    let xwing_node = lab
+        .pod_nodes("east", "x-wing")
+        .into_iter()
+        .next()
+        .expect("x-wing's node");
+    let vip = lab.kubectl(
+        "east",
+        &[
+            "-n",
+            "demo",
+            "get",
+            "service",
+            "rebel-base",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+    );
+    let rows: serde_json::Value = serde_json::from_str(&lab.meshctl(
+        "east",
+        &["bpf", "lb", "list", "--node", &xwing_node, "-o", "json"],
+    ))
+    .expect("meshctl bpf lb list -o json");
+    let frontend = format!("{}:80/TCP", vip.trim());
+    let clusters: std::collections::BTreeSet<u64> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["service"] == frontend.as_str())
+        .filter_map(|r| r["cluster_id"].as_u64())
+        .collect();
+    assert_eq!(
+        clusters,
+        [1, 2].into(),
+        "backends of {frontend} on {xwing_node}: {rows:#}"
+    );
+
+    // kubectl logs of lab pods: west's rebel-base logged the requests of east's x-wing
+    // (its client address is in east's pod CIDR 10.1.0.0/16).
+    let west_logs: Vec<String> = lab
+        .pods("west", "rebel-base")
+        .iter()
+        .map(|p| lab.kubectl("west", &["-n", "demo", "logs", p]))
+        .collect();
+    assert!(
+        west_logs.iter().flat_map(|l| l.lines()).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 4 && f[1].starts_with("10.1.") && f[2..5] == ["\"GET", "/\"", "200"]
+        }),
+        "no request of east's x-wing in west's rebel-base logs: {west_logs:#?}"
+    );
+
     // 3. Affinity local in east: only east answers east's x-wing; west still sees both.
     lab.kubectl(
         "east",
@@ -185,11 +239,6 @@ fn cluster_mesh_demo() {
     //    answers only from x-wing's node.
     let echo_nodes = lab.pod_nodes("east", "echo");
     assert_eq!(echo_nodes.len(), 2, "one echo pod per node: {echo_nodes:?}");
-    let xwing_node = lab
-        .pod_nodes("east", "x-wing")
-        .into_iter()
-        .next()
-        .expect("x-wing's node");
     lab.converge(
         "east",
         "echo-1",

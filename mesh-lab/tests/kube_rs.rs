@@ -9,7 +9,7 @@ use common::Lab;
 use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use mesh_lab::kube_api::resources as r;
 use serde_json::{Value, json};
@@ -727,5 +727,175 @@ async fn recorder_events_are_core_events() {
     assert!(
         out.contains("InvalidAnnotation") && out.contains("sideways"),
         "{out}"
+    );
+}
+
+/// Go's `base64.RawURLEncoding` decode, written here independently of the server's.
+fn base64url_decode(s: &str) -> Vec<u8> {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
+    for c in s.bytes() {
+        let v = A
+            .iter()
+            .position(|&a| a == c)
+            .unwrap_or_else(|| panic!("{c:?} in {s}"));
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn lists_page_with_limit_and_continue() {
+    let lab = Lab::start_with(|c| c.watch_history = 8).await;
+    lab.namespace("pages");
+    let client = lab.client().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "pages");
+    let cm = |name: &str, tier: &str| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": {"tier": tier}}}))
+            .unwrap()
+    };
+    for (name, tier) in [
+        ("a", "web"),
+        ("b", "db"),
+        ("c", "web"),
+        ("d", "web"),
+        ("e", "db"),
+    ] {
+        cms.create(&PostParams::default(), &cm(name, tier))
+            .await
+            .unwrap();
+    }
+    let names = |l: &kube::core::ObjectList<ConfigMap>| -> Vec<String> {
+        l.items
+            .iter()
+            .map(|c| c.metadata.name.clone().unwrap())
+            .collect()
+    };
+
+    // The official Kubernetes Python client's case: asked for 2, gets 2 and a token.
+    let first = cms.list(&ListParams::default().limit(2)).await.unwrap();
+    assert_eq!(names(&first), ["a", "b"]);
+    let token = first.metadata.continue_.clone().expect("a continue token");
+    assert_eq!(first.metadata.remaining_item_count, Some(3));
+    let rv = first.metadata.resource_version.clone().unwrap();
+    // The token is kube-apiserver's: base64 (URL-safe, unpadded) JSON of rv and start key.
+    let decoded: Value = serde_json::from_slice(&base64url_decode(&token)).unwrap();
+    assert_eq!(
+        decoded,
+        json!({"v": "meta.k8s.io/v1", "rv": rv.parse::<i64>().unwrap(), "start": "b\u{0}"})
+    );
+
+    // Changes after the first page do not show in the rest of the list.
+    cms.delete("c", &DeleteParams::default()).await.unwrap();
+    cms.create(&PostParams::default(), &cm("bb", "web"))
+        .await
+        .unwrap();
+    let second = cms
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(names(&second), ["c", "d"], "the snapshot of the first page");
+    assert_eq!(
+        second.metadata.resource_version.as_deref(),
+        Some(rv.as_str())
+    );
+    assert_eq!(second.metadata.remaining_item_count, Some(1));
+    let third = cms
+        .list(
+            &ListParams::default()
+                .limit(2)
+                .continue_token(second.metadata.continue_.as_deref().unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&third), ["e"]);
+    assert_eq!(third.metadata.continue_, None, "the last page has no token");
+    assert_eq!(third.metadata.remaining_item_count, None);
+
+    // Selectors apply before the limit; a filtered list does not count what remains.
+    let web = cms
+        .list(&ListParams::default().labels("tier=web").limit(2))
+        .await
+        .unwrap();
+    assert_eq!(names(&web), ["a", "bb"]);
+    assert_eq!(web.metadata.remaining_item_count, None);
+    let web2 = cms
+        .list(
+            &ListParams::default()
+                .labels("tier=web")
+                .limit(2)
+                .continue_token(web.metadata.continue_.as_deref().unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&web2), ["d"]);
+
+    // No limit: everything, no token.
+    let all = cms.list(&ListParams::default()).await.unwrap();
+    assert_eq!(names(&all), ["a", "b", "bb", "d", "e"]);
+    assert_eq!(all.metadata.continue_, None);
+
+    // A malformed token: 400 naming the parameter.
+    let e = api_err(
+        cms.list(&ListParams::default().limit(2).continue_token("not-a-token"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (400, "BadRequest"));
+    assert!(
+        e.message.starts_with("invalid continue token:"),
+        "{}",
+        e.message
+    );
+    let e = api_err(
+        client
+            .request_text(get(&format!(
+                "/api/v1/namespaces/pages/configmaps?limit=2&continue={token}&resourceVersion={rv}"
+            )))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 400);
+    assert!(e.message.contains("resource version"), "{}", e.message);
+
+    // More changes than the history keeps: the first page's version cannot be served any
+    // more. 410 Expired, with a token that continues (inconsistently) at the latest version.
+    for i in 0..10 {
+        cms.create(&PostParams::default(), &cm(&format!("z{i}"), "db"))
+            .await
+            .unwrap();
+    }
+    let e = api_err(
+        cms.list(&ListParams::default().limit(2).continue_token(&token))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (410, "Expired"));
+    assert!(
+        e.message.contains("too old to display a consistent list"),
+        "{}",
+        e.message
+    );
+    let fresh = e
+        .metadata
+        .and_then(|m| m.continue_)
+        .expect("a continue-at-latest token in the Status");
+    let latest = cms
+        .list(&ListParams::default().limit(2).continue_token(&fresh))
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&latest),
+        ["bb", "d"],
+        "continues after b, at the latest version"
+    );
+    assert_ne!(
+        latest.metadata.resource_version.as_deref(),
+        Some(rv.as_str())
     );
 }

@@ -620,3 +620,270 @@ async fn server_dry_run_and_diff_change_nothing() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_pages_with_chunk_size() {
+    let lab = Lab::start().await;
+    let store = lab.api.store();
+    let mut want = Vec::new();
+    for ns in ["pg-a", "pg-b"] {
+        lab.namespace(ns);
+        for i in 0..4 {
+            let name = format!("cm{i}");
+            store
+                .create(
+                    &r::CONFIGMAPS,
+                    Some(ns),
+                    json!({"metadata": {"name": name, "labels": {"even": (i % 2 == 0).to_string()}}}),
+                )
+                .unwrap();
+            want.push(format!("{ns}/{name}"));
+        }
+    }
+    // Every object exactly once, over one request per chunk, in the table and in -o name.
+    let requests = |stderr: &str| -> Vec<String> {
+        stderr
+            .lines()
+            .filter(|l| l.contains("GET https://") && l.contains("/configmaps?"))
+            .map(String::from)
+            .collect()
+    };
+    let out = lab.kubectl(&["get", "configmaps", "-A", "--chunk-size=1", "-v=6"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(headers(&stdout), ["NAMESPACE", "NAME", "DATA", "AGE"]);
+    let mut rows: Vec<String> = stdout
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            format!("{}/{}", c[0], c[1])
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(rows, want, "every object once:\n{stdout}");
+    let reqs = requests(&stderr);
+    assert_eq!(reqs.len(), 8, "one request per object: {reqs:#?}");
+    assert_eq!(
+        reqs.iter().filter(|l| l.contains("continue=")).count(),
+        7,
+        "{reqs:#?}"
+    );
+
+    let out = lab.kubectl(&[
+        "get",
+        "configmaps",
+        "-n",
+        "pg-b",
+        "--chunk-size=3",
+        "-o",
+        "name",
+        "-v=6",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            "configmap/cm0",
+            "configmap/cm1",
+            "configmap/cm2",
+            "configmap/cm3"
+        ]
+    );
+    assert_eq!(requests(&stderr).len(), 2, "{stderr}");
+
+    // Selectors apply before paging: chunks of matching objects only.
+    let out = lab.kubectl(&[
+        "get",
+        "configmaps",
+        "-A",
+        "-l",
+        "even=true",
+        "--chunk-size=1",
+        "-o",
+        "name",
+        "-v=6",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            "configmap/cm0",
+            "configmap/cm2",
+            "configmap/cm0",
+            "configmap/cm2"
+        ]
+    );
+    assert_eq!(requests(&stderr).len(), 4, "{stderr}");
+
+    // --chunk-size=0 turns paging off: one request.
+    let out = lab.kubectl(&["get", "configmaps", "-A", "--chunk-size=0", "-v=6"]);
+    assert_eq!(
+        requests(&String::from_utf8_lossy(&out.stderr)).len(),
+        1,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `GET path` on `addr` over plain HTTP/1.1; the whole response.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_of_lab_pods() {
+    use mesh_lab::controllers::{self, ControllersConfig, ProcessRuntime};
+    let lab = Lab::start().await;
+    let store = lab.api.store().clone();
+    store
+        .create(
+            &r::NODES,
+            None,
+            json!({"metadata": {"name": "n1", "labels": {"kubernetes.io/hostname": "n1"}}}),
+        )
+        .unwrap();
+    let runtime = std::sync::Arc::new(ProcessRuntime::with_random_net(env!(
+        "CARGO_BIN_EXE_mesh-lab"
+    )));
+    lab.api.set_log_source(runtime.clone());
+    let mut cfg = ControllersConfig::new("test", runtime.clone());
+    cfg.nodes = vec!["n1".into()];
+    let _controllers = controllers::spawn_all(store.clone(), cfg);
+
+    lab.ok(&["create", "namespace", "logs"]);
+    lab.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: logs}
+spec:
+  containers:
+  - name: web
+    image: any
+    args: ["hello"]
+    ports: [{containerPort: 8080}]
+  - name: side
+    image: any
+    ports: [{containerPort: 9090}]
+"#,
+        &[],
+    );
+    lab.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/p",
+        "-n",
+        "logs",
+        "--timeout=60s",
+    ]);
+    let ip: std::net::IpAddr = store.get(&r::PODS, Some("logs"), "p").unwrap()["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let reply = http_get((ip, 8080).into(), "/first");
+    assert!(reply.contains(r#""reply":"hello""#), "{reply}");
+    http_get((ip, 8080).into(), "/second");
+
+    // One line per request: time, client address, request, status and the reply.
+    let out = lab.ok(&["logs", "p", "-n", "logs", "-c", "web"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].ends_with(&format!("serving {ip}:8080")), "{out}");
+    let f: Vec<&str> = lines[1].split_whitespace().collect();
+    assert!(
+        f[0].len() == 24 && f[0].as_bytes()[10] == b'T' && f[0].ends_with('Z'),
+        "a time first (RFC 3339, milliseconds): {}",
+        lines[1]
+    );
+    assert!(f[1].starts_with("127."), "the client address: {}", lines[1]);
+    assert_eq!(f[2..5], ["\"GET", "/first\"", "200"], "{}", lines[1]);
+    assert!(lines[1].contains(r#""reply":"hello""#), "{}", lines[1]);
+    assert!(lines[2].contains("\"GET /second\" 200"), "{out}");
+
+    // kubectl picks the first container itself and says so.
+    let all = lab.kubectl(&["logs", "p", "-n", "logs"]);
+    assert!(all.status.success());
+    assert_eq!(String::from_utf8_lossy(&all.stdout), out);
+    assert!(
+        String::from_utf8_lossy(&all.stderr).contains("Defaulted container \"web\""),
+        "{}",
+        String::from_utf8_lossy(&all.stderr)
+    );
+    // --tail and --timestamps.
+    let tail = lab.ok(&["logs", "p", "-n", "logs", "-c", "web", "--tail=1"]);
+    assert_eq!(tail, format!("{}\n", lines[2]));
+    let stamped = lab.ok(&["logs", "p", "-n", "logs", "-c", "web", "--timestamps"]);
+    let first = stamped.lines().next().unwrap();
+    let (ts, rest) = first.split_once(' ').unwrap();
+    assert!(ts.ends_with('Z') && ts.len() == 30, "RFC3339Nano: {first}");
+    assert_eq!(rest, lines[0]);
+    let limited = lab.ok(&["logs", "p", "-n", "logs", "-c", "web", "--limit-bytes=5"]);
+    assert_eq!(limited, &out[..5]);
+    // The other container has only its own traffic.
+    assert_eq!(
+        lab.ok(&["logs", "p", "-n", "logs", "-c", "side"])
+            .lines()
+            .count(),
+        1
+    );
+
+    // Errors: an unknown pod (404 naming it), an unknown container, no container for the raw API.
+    let err = lab.fail(&["logs", "nope", "-n", "logs"]);
+    assert!(err.contains(r#"pods "nope" not found"#), "{err}");
+    let err = lab.fail(&["logs", "p", "-n", "logs", "-c", "nope"]);
+    assert!(
+        err.contains("container nope is not valid for pod p"),
+        "{err}"
+    );
+    let client = lab.client().await;
+    let e = client
+        .request_text(
+            http::Request::get("/api/v1/namespaces/logs/pods/p/log")
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    match e {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 400);
+            assert_eq!(
+                s.message,
+                "a container name must be specified for pod p, choose one of: [web side]"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // -f: the existing lines, then a line written after it started, until the pod is deleted.
+    let mut follow = lab.spawn_lines(&["logs", "-f", "p", "-n", "logs", "-c", "side"]);
+    follow.wait_line(Duration::from_secs(30), |l| l.contains("serving"));
+    http_get((ip, 9090).into(), "/while-following");
+    follow.wait_line(Duration::from_secs(30), |l| {
+        l.contains("\"GET /while-following\" 200")
+    });
+    lab.ok(&["delete", "pod", "p", "-n", "logs", "--wait=false"]);
+    let (rest, ok) = follow.wait_exit(Duration::from_secs(30));
+    assert!(ok, "kubectl logs -f ends cleanly when the pod is deleted");
+    assert!(rest.is_empty(), "{rest:?}");
+}

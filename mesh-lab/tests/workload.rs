@@ -128,3 +128,83 @@ fn reply_from_env_as_string_and_ip_from_the_socket() {
     assert_eq!(v["reply"], "hello from the lab");
     assert_eq!(v["ip"], "127.0.0.1");
 }
+
+/// The request log `kubectl logs` shows: one CRI line per request, in the log of the
+/// container whose port it arrived on; readiness probes (`GET /healthz`) are left out.
+#[test]
+fn requests_are_logged_per_container() {
+    let (web, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mesh-lab"))
+        .args([
+            "workload",
+            "--listen",
+            &format!("127.0.0.1:{web}"),
+            "--listen",
+            &format!("127.0.0.1:{admin}"),
+            "--log-dir",
+            dir.path().to_str().unwrap(),
+            "--container",
+            &format!("web={web}"),
+            "--container",
+            &format!("admin={admin}"),
+            "--",
+            "hi",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Proc(child);
+    wait_listening(web);
+    wait_listening(admin);
+    assert!(curl(&[&format!("http://127.0.0.1:{web}/a?b=c")]).0);
+    assert!(curl(&[&format!("http://127.0.0.1:{web}/healthz")]).0);
+    assert!(
+        curl(&[
+            "-X",
+            "POST",
+            &format!("http://127.0.0.1:{admin}/healthz/fail")
+        ])
+        .0
+    );
+    let messages = |container: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.path().join(format!("{container}.log")))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                // `<RFC3339Nano> stdout F <message>`
+                let f: Vec<&str> = l.splitn(4, ' ').collect();
+                assert_eq!((f[0].len(), &f[1..3]), (30, &["stdout", "F"][..]), "{l}");
+                f[3].to_string()
+            })
+            .collect()
+    };
+    let web_log = messages("web");
+    assert_eq!(
+        web_log.len(),
+        2,
+        "serving line and one request: {web_log:#?}"
+    );
+    assert!(
+        web_log[0].ends_with(&format!("serving 127.0.0.1:{web}")),
+        "{web_log:#?}"
+    );
+    let f: Vec<&str> = web_log[1].splitn(5, ' ').collect();
+    assert!(
+        f[1].starts_with("127.0.0.1:"),
+        "client address: {}",
+        web_log[1]
+    );
+    assert_eq!(f[2..4], ["\"GET", "/a?b=c\""], "{}", web_log[1]);
+    assert!(
+        f[4].starts_with("200 {") && f[4].contains(r#""reply":"hi""#),
+        "{}",
+        web_log[1]
+    );
+    let admin_log = messages("admin");
+    assert_eq!(admin_log.len(), 2, "{admin_log:#?}");
+    assert!(
+        admin_log[1].contains("\"POST /healthz/fail\" 200 failing"),
+        "{admin_log:#?}"
+    );
+}

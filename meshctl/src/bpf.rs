@@ -15,10 +15,14 @@ use crate::output::{Format, table};
 
 #[derive(Args, Clone)]
 pub struct PinArgs {
-    /// The node's pin directory (holds `maps/`); default /sys/fs/bpf/mesh/<node>.
+    /// The node's pin directory (holds `maps/`); overrides --bpffs-root and --node.
     #[arg(long)]
     bpffs_dir: Option<PathBuf>,
-    /// The node whose maps to read (its pin directory under /sys/fs/bpf/mesh).
+    /// Where nodes' pin directories are: `--node N` reads `<root>/<N>`. In a mesh-lab lab,
+    /// `eval "$(mesh-lab env CLUSTER)"` sets it to `/sys/fs/bpf/mesh-lab/<LAB>/<CLUSTER>`.
+    #[arg(long, env = "MESH_BPFFS_ROOT", default_value = "/sys/fs/bpf/mesh")]
+    bpffs_root: PathBuf,
+    /// The node whose maps to read (its pin directory under --bpffs-root).
     #[arg(long, env = "NODE_NAME")]
     node: Option<String>,
     /// Output format.
@@ -30,12 +34,42 @@ impl PinArgs {
     fn open(&self) -> anyhow::Result<PinnedMaps> {
         let dir = match (&self.bpffs_dir, &self.node) {
             (Some(d), _) => d.clone(),
-            (None, Some(n)) => PathBuf::from("/sys/fs/bpf/mesh").join(n),
-            (None, None) => anyhow::bail!("give --bpffs-dir DIR or --node NAME"),
+            (None, Some(n)) => self.bpffs_root.join(n),
+            (None, None) => anyhow::bail!("give --node NAME (or --bpffs-dir DIR)"),
         };
-        open_pinned_readonly(&dir)
-            .with_context(|| format!("opening the pinned maps under {}", dir.display()))
+        open_pinned_readonly(&dir).with_context(|| {
+            let mut msg = format!("opening the pinned maps under {}", dir.display());
+            if self.bpffs_dir.is_none() {
+                let nodes = node_dirs(&self.bpffs_root);
+                msg += &if nodes.is_empty() {
+                    format!(
+                        "; no node pin directories under {} (in a lab: eval \"$(mesh-lab env CLUSTER)\" sets MESH_BPFFS_ROOT)",
+                        self.bpffs_root.display()
+                    )
+                } else {
+                    format!(
+                        "; nodes under {}: {}",
+                        self.bpffs_root.display(),
+                        nodes.join(", ")
+                    )
+                };
+            }
+            msg
+        })
     }
+}
+
+/// The node directories under a bpffs root (those holding `maps/`), sorted.
+fn node_dirs(root: &std::path::Path) -> Vec<String> {
+    let mut nodes: Vec<String> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("maps").is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    nodes.sort();
+    nodes
 }
 
 #[derive(Subcommand)]
@@ -73,9 +107,15 @@ pub fn run(cmd: BpfCommand) -> anyhow::Result<()> {
             emit(p.output, &rows, || {
                 let cells: Vec<Vec<String>> = rows
                     .iter()
-                    .map(|r| vec![r.service.clone(), r.backend.clone()])
+                    .map(|r| {
+                        let cluster = r.cluster_id.map_or("-".into(), |c| c.to_string());
+                        vec![r.service.clone(), r.backend.clone(), cluster]
+                    })
                     .collect();
-                table(&["SERVICE ADDRESS", "BACKEND ADDRESS"], &cells)
+                table(
+                    &["SERVICE ADDRESS", "BACKEND ADDRESS", "CLUSTER ID"],
+                    &cells,
+                )
             })
         }
         BpfCommand::Ipcache(IpcacheCommand::List(p)) => {
@@ -153,10 +193,12 @@ fn emit<T: Serialize>(
 pub struct LbRow {
     /// `vip:port/proto`
     pub service: String,
-    /// `ip:port (backend id) [cluster id]`, or `N (master)` / `(refused: no backend)`.
+    /// `ip:port (backend id)`, or `N (master)` / `(refused: no backend)`.
     pub backend: String,
     pub slot: u16,
     pub backend_id: Option<u32>,
+    /// The backend's cluster (its ClusterId: the maps hold no names, and reading them from
+    /// an apiserver would make this command need one).
     pub cluster_id: Option<u16>,
 }
 
@@ -190,7 +232,7 @@ pub fn lb_rows(dump: &DatapathDump) -> Vec<LbRow> {
                 };
             }
             let backend = match dump.backends.get(&v.backend_id) {
-                Some(b) => format!("{}:{} ({}) [{}]", b.ip, b.port, v.backend_id, b.cluster_id),
+                Some(b) => format!("{}:{} ({})", b.ip, b.port, v.backend_id),
                 None => format!("missing backend ({})", v.backend_id),
             };
             LbRow {

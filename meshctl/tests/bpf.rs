@@ -152,12 +152,16 @@ fn bpf_lb_ipcache_and_flows_read_pinned_maps() {
 
     let lb = meshctl(&["bpf", "lb", "list", "--bpffs-dir", dir]);
     let lb_rows = rows(&lb);
-    assert_eq!(lb_rows[0], ["SERVICE ADDRESS", "BACKEND ADDRESS"], "{lb}");
+    assert_eq!(
+        lb_rows[0],
+        ["SERVICE ADDRESS", "BACKEND ADDRESS", "CLUSTER ID"],
+        "{lb}"
+    );
     for want in [
-        ["10.96.0.10:80/TCP", "2 (master)"],
-        ["10.96.0.10:80/TCP", "10.1.0.1:8080 (7) [1]"],
-        ["10.96.0.10:80/TCP", "10.2.0.1:8080 (8) [2]"],
-        ["10.96.0.11:443/TCP", "0 (master): refused, no backend"],
+        ["10.96.0.10:80/TCP", "2 (master)", "-"],
+        ["10.96.0.10:80/TCP", "10.1.0.1:8080 (7)", "1"],
+        ["10.96.0.10:80/TCP", "10.2.0.1:8080 (8)", "2"],
+        ["10.96.0.11:443/TCP", "0 (master): refused, no backend", "-"],
     ] {
         assert!(
             lb_rows.iter().any(|r| r == &want),
@@ -176,6 +180,45 @@ fn bpf_lb_ipcache_and_flows_read_pinned_maps() {
     ]))
     .unwrap();
     assert_eq!(json.as_array().unwrap().len(), 4, "{json}");
+    let mut clusters: Vec<u64> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["cluster_id"].as_u64())
+        .collect();
+    clusters.sort();
+    assert_eq!(clusters, [1, 2], "{json}");
+
+    // --node reads <bpffs root>/<node>; the root comes from MESH_BPFFS_ROOT (what
+    // `mesh-lab env` exports) or --bpffs-root.
+    let root = pin.parent().unwrap().to_str().unwrap();
+    let by_env = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["bpf", "lb", "list", "--node", "node"])
+        .env("MESH_BPFFS_ROOT", root)
+        .output()
+        .unwrap();
+    assert!(
+        by_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_env.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&by_env.stdout), lb);
+    assert_eq!(
+        meshctl(&["bpf", "lb", "list", "--bpffs-root", root, "--node", "node"]),
+        lb
+    );
+    // A node that has no pins there: the error names the directory and the nodes that do.
+    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["bpf", "lb", "list", "--bpffs-root", root, "--node", "other"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{root}/other"))
+            && err.contains(&format!("nodes under {root}: node")),
+        "{err}"
+    );
 
     let ipc = meshctl(&["bpf", "ipcache", "list", "--bpffs-dir", dir]);
     let ipc_rows = rows(&ipc);

@@ -47,6 +47,17 @@ pub struct ContainerSpec {
     pub ports: Vec<(Option<String>, u16, String /*protocol*/)>,
 }
 
+impl ContainerSpec {
+    /// The container's TCP ports (an empty protocol is TCP, as the API defaults it).
+    pub fn tcp_ports(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .filter(|(_, _, proto)| proto.is_empty() || proto.eq_ignore_ascii_case("TCP"))
+            .map(|(_, port, _)| *port)
+            .collect()
+    }
+}
+
 /// What the runtime needs to start a pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodSandboxSpec {

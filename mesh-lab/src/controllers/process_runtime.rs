@@ -21,6 +21,8 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 use super::kubelet::{PodKey, PodRuntime, PodSandboxSpec, Probe, StartedPod};
+use crate::kube_api::LogSource;
+use crate::pod_logs;
 
 struct Running {
     child: Child,
@@ -42,17 +44,41 @@ pub struct ProcessRuntime {
     /// Pod addresses are `127.<net>.<y>.<z>`.
     net: u8,
     state: Arc<Mutex<State>>,
+    /// Container logs: `<log_root>/<ns>_<pod>_<uid>/<container>.log` ([`crate::pod_logs`]).
+    log_root: PathBuf,
+    /// Whether `log_root` is ours to remove on drop.
+    owns_log_root: bool,
 }
 
 impl ProcessRuntime {
     /// `binary` is the `mesh-lab` executable; pod addresses come from `127.<net>.0.0/16`
     /// (pick different `net`s for runtimes that run side by side).
+    ///
+    /// Container logs go to a fresh directory under the system temp dir, removed when the
+    /// runtime is dropped ([`with_log_root`](Self::with_log_root) to choose one).
     pub fn new(binary: impl Into<PathBuf>, net: u8) -> Self {
         ProcessRuntime {
             binary: binary.into(),
             net,
             state: Arc::default(),
+            log_root: std::env::temp_dir().join(format!(
+                "mesh-lab-pod-logs-{}-{}",
+                std::process::id(),
+                crate::kube_api::util::random_hex(6)
+            )),
+            owns_log_root: true,
         }
+    }
+
+    /// Container logs under `dir` (kept when the runtime is dropped).
+    pub fn with_log_root(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.log_root = dir.into();
+        self.owns_log_root = false;
+        self
+    }
+
+    fn pod_log_dir(&self, namespace: &str, pod: &str, uid: &str) -> PathBuf {
+        pod_logs::pod_dir(&self.log_root, namespace, pod, uid)
     }
 
     /// A runtime on a random /16 of 127/8 (not 127.0/16), for tests running in parallel.
@@ -105,6 +131,7 @@ impl PodRuntime for ProcessRuntime {
         let ip = self.address_for(&pod.key);
         let binary = self.binary.clone();
         let state = self.state.clone();
+        let log_dir = self.pod_log_dir(&pod.key.namespace, &pod.key.name, &pod.key.uid);
         async move {
             let ip = ip?;
             let mut listen: Vec<String> = pod
@@ -120,9 +147,12 @@ impl PodRuntime for ProcessRuntime {
                 listen.push(SocketAddr::from((ip, 80)).to_string());
             }
             let mut cmd = Command::new(&binary);
-            cmd.arg("workload");
+            cmd.arg("workload").arg("--log-dir").arg(&log_dir);
             for l in &listen {
                 cmd.arg("--listen").arg(l);
+            }
+            for c in &pod.containers {
+                cmd.arg("--container").arg(pod_logs::container_arg(&c.name, &c.tcp_ports()));
             }
             if let Some(c) = pod.containers.iter().find(|c| !c.args.is_empty()) {
                 cmd.arg("--").args(&c.args);
@@ -209,6 +239,31 @@ impl PodRuntime for ProcessRuntime {
 
     fn release(&self, key: &PodKey) {
         self.lock().ips.remove(key);
+        // The pod is gone: so are its logs (kubelet removes a deleted pod's log directory).
+        let _ = std::fs::remove_dir_all(self.pod_log_dir(&key.namespace, &key.name, &key.uid));
+    }
+}
+
+impl LogSource for ProcessRuntime {
+    fn container_log(
+        &self,
+        namespace: &str,
+        pod: &str,
+        uid: &str,
+        container: &str,
+    ) -> Option<PathBuf> {
+        Some(pod_logs::container_file(
+            &self.pod_log_dir(namespace, pod, uid),
+            container,
+        ))
+    }
+}
+
+impl Drop for ProcessRuntime {
+    fn drop(&mut self) {
+        if self.owns_log_root {
+            let _ = std::fs::remove_dir_all(&self.log_root);
+        }
     }
 }
 

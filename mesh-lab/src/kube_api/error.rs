@@ -16,6 +16,9 @@ pub struct ApiError {
     pub reason: &'static str,
     pub message: String,
     pub details: Option<Value>,
+    /// `metadata.continue` of the Status: the token a client may continue an expired paged
+    /// list with (410 for a compacted continue token, as kube-apiserver answers).
+    pub continue_token: Option<String>,
 }
 
 // === impl ApiError ===
@@ -27,6 +30,7 @@ impl ApiError {
             reason,
             message: message.into(),
             details: None,
+            continue_token: None,
         }
     }
 
@@ -163,6 +167,29 @@ impl ApiError {
         )
     }
 
+    /// A paged list's continue token whose resourceVersion is no longer kept: 410 Expired
+    /// with a token that continues at the latest version (kube-apiserver's answer).
+    pub fn continue_expired(fresh_token: String) -> Self {
+        let mut e = Self::new(410, "Expired", super::paging::INCONSISTENT_CONTINUE);
+        e.continue_token = Some(fresh_token);
+        e
+    }
+
+    /// A resourceVersion the server has not reached yet (kube-apiserver's 504 `Timeout`
+    /// "Too large resource version", with a retry hint).
+    pub fn too_large_resource_version(requested: u64, current: u64) -> Self {
+        let mut e = Self::new(
+            504,
+            "Timeout",
+            format!("Too large resource version: {requested}, current: {current}"),
+        );
+        e.details = Some(json!({
+            "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+            "retryAfterSeconds": 1,
+        }));
+        e
+    }
+
     /// 422 without field causes (e.g. a JSON patch whose `test` fails).
     pub fn unprocessable(message: impl Into<String>) -> Self {
         Self::new(422, "Invalid", message)
@@ -185,6 +212,9 @@ impl ApiError {
         });
         if let Some(d) = &self.details {
             s["details"] = d.clone();
+        }
+        if let Some(t) = &self.continue_token {
+            s["metadata"]["continue"] = json!(t);
         }
         s
     }

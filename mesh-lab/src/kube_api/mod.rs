@@ -11,7 +11,8 @@
 //! - Namespaces, Pods, Services, Nodes, Secrets, ConfigMaps, Endpoints, ServiceAccounts,
 //!   Events (core; `events.k8s.io/v1` is a view of the same objects), EndpointSlices,
 //!   Deployments and ReplicaSets (scale subresource), Leases; status subresources.
-//! - get, list (label and field selectors on any field), watch (one global resourceVersion,
+//! - get, list (label and field selectors on any field; `limit`/`continue` paging over a
+//!   consistent snapshot, see [`paging`]), watch (one global resourceVersion,
 //!   resume from a bounded history, 410 Expired as an ERROR event, bookmarks, streaming
 //!   lists), create (generateName, uid, timestamps, generation), update with optimistic
 //!   concurrency, merge / JSON / strategic merge patches and server-side apply (creates when
@@ -23,18 +24,21 @@
 //!   Deployments, Secrets (`stringData`), Namespaces.
 //! - Aggregated and legacy discovery, minimal OpenAPI v3 (enough for `kubectl apply`),
 //!   Tables for `kubectl get`.
+//! - Pod logs (`kubectl logs [-f]`) from the files of a registered [`LogSource`].
 //!
 //! What it does not do: persistence (objects live in memory), graceful deletion (without
 //! finalizers a delete is immediate, pods included; a namespace delete removes everything
 //! in it at once), server-side apply field ownership (apply merges like a
 //! strategic merge patch and never removes fields), OpenAPI schemas (no `kubectl explain`,
 //! no unknown-field errors), protobuf (it reports version 1.31 so the kubectl dispatcher runs
-//! a JSON-speaking kubectl), pagination (`limit` returns everything), controllers
+//! a JSON-speaking kubectl), controllers
 //! (Deployments do not create pods: the lab plays controllers through the store).
 
 mod discovery;
 mod error;
 mod events_view;
+pub mod logs;
+pub mod paging;
 pub mod patch;
 pub mod resources;
 pub mod selector;
@@ -59,10 +63,13 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
 pub use error::{ApiError, FieldError};
+pub use logs::LogSource;
 pub use patch::PatchType;
 pub use resources::{ResourceType, Subresource};
 pub use selector::{FieldSelector, LabelSelector};
-pub use store::{Event, EventType, Store, StoreConfig, Watch, WatchEvent, WatchOptions};
+pub use store::{
+    Event, EventType, Page, PageRequest, Store, StoreConfig, Watch, WatchEvent, WatchOptions,
+};
 
 /// Failures to start the API server.
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +93,9 @@ pub enum KubeApiError {
     #[error("creating built-in object {name}: {source}")]
     Bootstrap {
         name: String,
+        // Boxed: an inline ApiError makes every Result of this enum large.
         #[source]
-        source: ApiError,
+        source: Box<ApiError>,
     },
 }
 
@@ -185,8 +193,10 @@ impl KubeApi {
         bootstrap(&store, &config, addr)?;
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let log_source = Arc::new(std::sync::RwLock::new(None));
         let server = Arc::new(server::Server {
             store: store.clone(),
+            log_source: log_source.clone(),
             token: material.token.clone(),
             bookmark_interval: config.bookmark_interval,
             shutdown: shutdown_rx.clone(),
@@ -204,6 +214,7 @@ impl KubeApi {
             ca_pem: material.ca_pem,
             token: material.token,
             store,
+            log_source,
             shutdown: shutdown_tx,
             task: Some(task),
         })
@@ -220,7 +231,7 @@ fn bootstrap(store: &Store, config: &KubeApiConfig, addr: SocketAddr) -> Result<
             )
             .map_err(|source| KubeApiError::Bootstrap {
                 name: ns.into(),
-                source,
+                source: Box::new(source),
             })?;
     }
     let first_ip = config
@@ -237,7 +248,7 @@ fn bootstrap(store: &Store, config: &KubeApiConfig, addr: SocketAddr) -> Result<
         .create(&resources::SERVICES, Some("default"), svc)
         .map_err(|source| KubeApiError::Bootstrap {
             name: "default/kubernetes".into(),
-            source,
+            source: Box::new(source),
         })?;
     Ok(())
 }
@@ -295,11 +306,18 @@ pub struct KubeApiHandle {
     ca_pem: String,
     token: String,
     store: Arc<Store>,
+    log_source: server::LogSourceSlot,
     shutdown: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
 
 impl KubeApiHandle {
+    /// Where pod logs are (the runtime that starts the pods): `GET .../pods/NAME/log` reads
+    /// them. Without one, a log request says the container has no log.
+    pub fn set_log_source(&self, source: Arc<dyn LogSource>) {
+        *self.log_source.write().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

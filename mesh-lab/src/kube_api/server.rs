@@ -19,10 +19,12 @@ use tracing::Instrument;
 use super::discovery;
 use super::error::{ApiError, Result};
 use super::events_view;
+use super::logs::{self, LogOptions, LogReader, LogSource, Renderer};
+use super::paging::{ContinueToken, Scope};
 use super::patch::{self, PatchType};
 use super::resources::{self as r, ResourceType, Subresource};
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{Store, Watch, WatchEvent, WatchOptions};
+use super::store::{Page, PageRequest, Store, Watch, WatchEvent, WatchOptions};
 use super::table::{self, IncludeObject};
 use super::util;
 
@@ -33,8 +35,12 @@ const MAX_BODY: usize = 3 * 1024 * 1024;
 /// Watch duration when the client gives no `timeoutSeconds`.
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
 
+/// The pod runtime's logs, set after the server starts (the runtime comes later).
+pub(crate) type LogSourceSlot = Arc<std::sync::RwLock<Option<Arc<dyn LogSource>>>>;
+
 pub(crate) struct Server {
     pub store: Arc<Store>,
+    pub log_source: LogSourceSlot,
     pub token: String,
     pub bookmark_interval: Duration,
     pub shutdown: watch::Receiver<bool>,
@@ -167,6 +173,9 @@ impl Server {
             ["openapi", "v3", rest @ ..] if get => {
                 discovery_reply(discovery::openapi_v3_doc(&rest.join("/")))
             }
+            ["api", "v1", "namespaces", ns, "pods", name, "log"] if get => {
+                self.pod_log(ns, name, &query)
+            }
             ["api", v, rest @ ..] => {
                 let t = Self::target(&path, "", v, rest)?;
                 self.resource(req, t, query, &accept).await
@@ -295,15 +304,16 @@ impl Server {
                 if query.flag("watch") {
                     return self.watch(rt, ns, labels, fields, &query, accept);
                 }
-                let (items, rv) = store.list(srt, ns, &labels, &fields);
-                let items: Vec<Value> = items.into_iter().map(out).collect();
+                let (page, meta) = list_page(store, srt, ns, &labels, &fields, &query)?;
+                let items: Vec<Value> = page.items.into_iter().map(out).collect();
                 if wants_table(accept) {
-                    let tab = table::table(
+                    let mut tab = table::table(
                         rt,
                         &items,
-                        Some(rv),
+                        None,
                         IncludeObject::parse(query.get("includeObject")),
                     );
+                    tab["metadata"] = meta;
                     return Ok(json_response(StatusCode::OK, &tab));
                 }
                 Ok(json_response(
@@ -311,7 +321,7 @@ impl Server {
                     &json!({
                         "kind": format!("{}List", rt.kind),
                         "apiVersion": rt.api_version(),
-                        "metadata": {"resourceVersion": rv.to_string()},
+                        "metadata": meta,
                         "items": items,
                     }),
                 ))
@@ -422,6 +432,79 @@ impl Server {
         }
     }
 
+    /// `GET .../pods/NAME/log`: the container's log, followed until the pod is deleted.
+    fn pod_log(&self, ns: &str, name: &str, query: &Query) -> Result<Response<Body>> {
+        let pod = self.store.get(&r::PODS, Some(ns), name)?;
+        let opts = LogOptions::parse(|k| query.get(k), name)?;
+        let container = logs::pick_container(&pod, name, opts.container.as_deref())?;
+        if opts.previous {
+            return Err(ApiError::bad_request(format!(
+                "previous terminated container \"{container}\" in pod \"{name}\" not found"
+            )));
+        }
+        let uid = pod
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let source = self
+            .log_source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let path = source
+            .and_then(|s| s.container_log(ns, name, &uid, &container))
+            .filter(|p| p.exists())
+            .ok_or_else(|| {
+                // The real server's answer for a container that has not started (no log yet).
+                ApiError::bad_request(format!(
+                    "container \"{container}\" in pod \"{name}\" is waiting to start: ContainerCreating"
+                ))
+            })?;
+        let mut reader = LogReader::new(&path);
+        let mut renderer = Renderer::new(&opts);
+        let lines = reader.read_lines();
+        let first = renderer.render(lines.iter().map(String::as_str), opts.tail_lines);
+        let text = |body: Body| {
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "text/plain")
+                .header(header::CACHE_CONTROL, "no-cache, private")
+                .body(body)
+                .expect("valid response")
+        };
+        if !opts.follow || renderer.done() {
+            return Ok(text(full(first)));
+        }
+        let from_rv = pod
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| self.store.resource_version());
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        if !first.is_empty() {
+            tx.try_send(Bytes::from(first))
+                .expect("a fresh channel has room");
+        }
+        let span = tracing::debug_span!("log", namespace = ns, pod = name, container);
+        tokio::spawn(
+            logs::follow(
+                self.store.clone(),
+                ns.to_string(),
+                name.to_string(),
+                uid,
+                from_rv,
+                reader,
+                renderer,
+                tx,
+                self.shutdown.clone(),
+            )
+            .instrument(span),
+        );
+        let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+        Ok(text(StreamBody::new(stream).boxed_unsync()))
+    }
+
     fn watch(
         &self,
         rt: &'static ResourceType,
@@ -478,6 +561,115 @@ impl Server {
             .body(StreamBody::new(stream).boxed_unsync())
             .expect("valid response"))
     }
+}
+
+/// Reads the page of a list a request asks for (`limit`, `continue`, `resourceVersion`,
+/// `resourceVersionMatch`) and its ListMeta (`resourceVersion`, `continue`,
+/// `remainingItemCount`), as kube-apiserver pages.
+fn list_page(
+    store: &Store,
+    rt: &'static ResourceType,
+    ns: Option<&str>,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+    query: &Query,
+) -> Result<(Page, Value)> {
+    let limit = match query.get("limit").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => {
+            let n = s.parse::<i64>().map_err(|_| {
+                ApiError::bad_request(format!("invalid limit {s:?}: must be an integer"))
+            })?;
+            // As the real server: zero or a negative limit means no limit.
+            usize::try_from(n).ok().filter(|n| *n > 0)
+        }
+    };
+    let scope = match ns {
+        None if rt.namespaced => Scope::AllNamespaces,
+        other => Scope::Namespace(other.unwrap_or_default()),
+    };
+    let rv_param = query.get("resourceVersion").unwrap_or_default();
+    let rv_match = query.get("resourceVersionMatch").unwrap_or_default();
+    let page = match query.get("continue").filter(|s| !s.is_empty()) {
+        Some(token) => {
+            if !rv_param.is_empty() && rv_param != "0" {
+                return Err(ApiError::bad_request(
+                    "specifying resource version is not allowed when using continue",
+                ));
+            }
+            if !rv_match.is_empty() {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch is forbidden when continue is provided",
+                ));
+            }
+            let token = ContinueToken::decode(token, scope)?;
+            let req = PageRequest {
+                limit,
+                after: Some(token.after.clone()),
+                at: token.rv,
+            };
+            match store.list_page(rt, ns, labels, fields, &req) {
+                Err(e) if e.code == 410 => {
+                    return Err(ApiError::continue_expired(ContinueToken::encode(
+                        None,
+                        &token.after,
+                        scope,
+                    )));
+                }
+                other => other?,
+            }
+        }
+        None => {
+            let at = match (rv_param, rv_match) {
+                ("" | "0", "Exact") => {
+                    return Err(ApiError::bad_request(
+                        "resourceVersionMatch \"Exact\" needs a resourceVersion other than 0",
+                    ));
+                }
+                ("" | "0", _) => None,
+                (s, m) => {
+                    let rv = s.parse::<u64>().map_err(|_| {
+                        ApiError::bad_request(format!(
+                            "invalid resourceVersion {s:?}: must be an unsigned integer"
+                        ))
+                    })?;
+                    let current = store.resource_version();
+                    match m {
+                        "Exact" => Some(rv),
+                        "" | "NotOlderThan" if rv <= current => None,
+                        "" | "NotOlderThan" => {
+                            return Err(ApiError::too_large_resource_version(rv, current));
+                        }
+                        other => {
+                            return Err(ApiError::bad_request(format!(
+                                "unsupported resourceVersionMatch {other:?}: supported values are \"Exact\" and \"NotOlderThan\""
+                            )));
+                        }
+                    }
+                }
+            };
+            store.list_page(
+                rt,
+                ns,
+                labels,
+                fields,
+                &PageRequest {
+                    limit,
+                    after: None,
+                    at,
+                },
+            )?
+        }
+    };
+    let mut meta = json!({"resourceVersion": page.rv.to_string()});
+    if let Some(last) = &page.more {
+        meta["continue"] = json!(ContinueToken::encode(Some(page.rv), last, scope));
+        // Like the real server, only an unfiltered list knows how many items remain.
+        if labels.is_empty() && fields.is_empty() {
+            meta["remainingItemCount"] = json!(page.remaining);
+        }
+    }
+    Ok((page, meta))
 }
 
 /// A patch of an `events.k8s.io/v1` Event: applied to the v1 view of the stored core

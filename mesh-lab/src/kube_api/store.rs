@@ -7,6 +7,7 @@
 //! so a watch that subscribes while holding it sees exactly the events after its snapshot.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::IpNet;
@@ -38,7 +39,8 @@ pub struct Event {
     pub name: String,
     /// The object after the change (for deletes: its last state, with the delete's rv).
     pub object: Arc<Value>,
-    /// The object before the change, for modifications.
+    /// The object before the change, for modifications and deletes (paged lists read the
+    /// state at an older resourceVersion by undoing the history).
     pub previous: Option<Arc<Value>>,
 }
 
@@ -84,6 +86,29 @@ pub struct Store {
     history: usize,
     /// Bumped to end every open watch (fault injection, shutdown).
     close: watch::Sender<u64>,
+}
+
+/// Which page of a list to read ([`Store::list_page`]).
+#[derive(Clone, Debug, Default)]
+pub struct PageRequest {
+    /// At most this many items; `None`: all.
+    pub limit: Option<usize>,
+    /// Start after this `(namespace, name)` key (namespace empty for cluster-scoped types).
+    pub after: Option<(String, String)>,
+    /// Read the state at this resourceVersion; `None`: the latest.
+    pub at: Option<u64>,
+}
+
+/// A page of a list.
+#[derive(Clone, Debug)]
+pub struct Page {
+    pub items: Vec<Value>,
+    /// The resourceVersion the page was read at.
+    pub rv: u64,
+    /// The last key returned, when matching items remain after it.
+    pub more: Option<(String, String)>,
+    /// How many matching items remain after this page.
+    pub remaining: u64,
 }
 
 /// What a watch selects and where it starts.
@@ -324,6 +349,92 @@ impl Store {
             .map(|(_, o)| (**o).clone())
             .collect();
         (items, st.rv)
+    }
+
+    /// One page of a list, as kube-apiserver pages: items in key order (namespace, then
+    /// name) after `req.after`, selectors applied before the limit, read at `req.at` (the
+    /// first page's resourceVersion, for a consistent snapshot across pages) or at the
+    /// latest version. A resourceVersion older than the history is 410 Expired; one not
+    /// reached yet is 504 Timeout.
+    pub fn list_page(
+        &self,
+        rt: &'static ResourceType,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        req: &PageRequest,
+    ) -> Result<Page> {
+        let st = self.lock();
+        let id = rt.id();
+        let ns = ns.filter(|_| rt.namespaced);
+        let in_scope = |n: &str| ns.is_none_or(|want| n == want);
+        let lo = match &req.after {
+            Some(k) => Bound::Excluded((id, k.0.clone(), k.1.clone())),
+            None => Bound::Included((id, ns.unwrap_or_default().to_string(), String::new())),
+        };
+        let current = st
+            .objects
+            .range((lo, Bound::Unbounded))
+            .take_while(|((i, n, _), _)| *i == id && in_scope(n))
+            .map(|((_, n, name), o)| ((n.clone(), name.clone()), o.clone()));
+        let rv = req.at.unwrap_or(st.rv);
+        let snapshot: Vec<((String, String), Arc<Value>)> = if rv == st.rv {
+            current.collect()
+        } else {
+            if rv > st.rv {
+                return Err(ApiError::too_large_resource_version(rv, st.rv));
+            }
+            if rv < st.compacted {
+                return Err(ApiError::expired(rv, st.compacted));
+            }
+            // The state at `rv`: every key changed after `rv` takes its state from before
+            // its first change after `rv` (absent when that change created it).
+            let mut at: BTreeMap<(String, String), Arc<Value>> = current.collect();
+            let mut decided = std::collections::HashSet::new();
+            for ev in st.history.iter().filter(|e| e.rv > rv) {
+                if !std::ptr::eq(ev.resource, rt) || !in_scope(&ev.namespace) {
+                    continue;
+                }
+                let key = (ev.namespace.clone(), ev.name.clone());
+                if req.after.as_ref().is_some_and(|a| &key <= a) || !decided.insert(key.clone()) {
+                    continue;
+                }
+                match (ev.event_type, &ev.previous) {
+                    (EventType::Modified | EventType::Deleted, Some(before)) => {
+                        at.insert(key, before.clone());
+                    }
+                    _ => {
+                        at.remove(&key);
+                    }
+                }
+            }
+            at.into_iter().collect()
+        };
+        let mut matching = snapshot
+            .into_iter()
+            .filter(|(_, o)| labels.matches(o) && fields.matches(o));
+        let mut items = Vec::new();
+        let mut last = None;
+        for (k, o) in matching.by_ref() {
+            if req.limit.is_some_and(|l| items.len() >= l) {
+                // One more exists: the page is full and a continue token is due.
+                let rest = 1 + matching.count();
+                return Ok(Page {
+                    items,
+                    rv,
+                    more: last,
+                    remaining: rest as u64,
+                });
+            }
+            items.push((*o).clone());
+            last = Some(k);
+        }
+        Ok(Page {
+            items,
+            rv,
+            more: None,
+            remaining: 0,
+        })
     }
 
     /// Creates an object. For namespaced types the namespace comes from `ns`, or from the
@@ -717,7 +828,13 @@ impl Store {
         if std::ptr::eq(rt, &r::SERVICES) {
             st.alloc.release_service(old);
         }
-        self.commit(st, rt, EventType::Deleted, (**old).clone(), None)
+        self.commit(
+            st,
+            rt,
+            EventType::Deleted,
+            (**old).clone(),
+            Some(old.clone()),
+        )
     }
 
     /// Deletes every object of a type matching the selectors (`deletecollection`).
@@ -1082,6 +1199,133 @@ mod tests {
         assert_eq!(e.code, 409);
         let gone = s.delete(&r::CONFIGMAPS, Some("a"), "x", None).unwrap();
         assert_eq!(rv_of(&gone), Some((rv + 2).to_string().as_str()));
+    }
+
+    #[test]
+    fn pages_read_a_consistent_snapshot() {
+        let s = store(100, 100);
+        s.create(&r::NAMESPACES, None, json!({"metadata": {"name": "b"}}))
+            .unwrap();
+        for (ns, name, app) in [("a", "c1", "x"), ("a", "c2", "y"), ("a", "c3", "x")] {
+            s.create(&r::CONFIGMAPS, Some(ns), cm(name, json!({"app": app})))
+                .unwrap();
+        }
+        s.create(&r::CONFIGMAPS, Some("b"), cm("c0", json!({"app": "x"})))
+            .unwrap();
+        let all = (LabelSelector::default(), FieldSelector::default());
+        let names = |p: &Page| -> Vec<String> {
+            p.items
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{}/{}",
+                        o["metadata"]["namespace"].as_str().unwrap(),
+                        o["metadata"]["name"].as_str().unwrap()
+                    )
+                })
+                .collect()
+        };
+        let req = |limit, after: Option<(&str, &str)>, at| PageRequest {
+            limit: Some(limit),
+            after: after.map(|(a, b)| (a.to_string(), b.to_string())),
+            at,
+        };
+        let first = s
+            .list_page(&r::CONFIGMAPS, None, &all.0, &all.1, &req(2, None, None))
+            .unwrap();
+        assert_eq!(names(&first), ["a/c1", "a/c2"]);
+        assert_eq!(first.more, Some(("a".into(), "c2".into())));
+        assert_eq!((first.rv, first.remaining), (s.resource_version(), 2));
+
+        // Changes after the first page do not show in the rest of the paged list.
+        s.create(&r::CONFIGMAPS, Some("a"), cm("c2a", json!({})))
+            .unwrap();
+        s.delete(&r::CONFIGMAPS, Some("a"), "c3", None).unwrap();
+        s.patch(
+            &r::CONFIGMAPS,
+            Some("b"),
+            "c0",
+            PatchType::Merge,
+            br#"{"data":{"k":"changed"}}"#,
+        )
+        .unwrap();
+        s.delete(&r::CONFIGMAPS, Some("b"), "c0", None).unwrap();
+        s.create(&r::CONFIGMAPS, Some("b"), cm("c0", json!({"app": "new"})))
+            .unwrap();
+        let rest = s
+            .list_page(
+                &r::CONFIGMAPS,
+                None,
+                &all.0,
+                &all.1,
+                &req(5, Some(("a", "c2")), Some(first.rv)),
+            )
+            .unwrap();
+        assert_eq!(names(&rest), ["a/c3", "b/c0"]);
+        assert_eq!(
+            rest.items[1]["data"]["k"], "v",
+            "the version as of the first page"
+        );
+        assert_eq!(rest.items[1]["metadata"]["labels"]["app"], "x");
+        assert_eq!((rest.more, rest.rv), (None, first.rv));
+
+        // Selectors apply before the limit: a page holds `limit` matching items.
+        let x = LabelSelector::parse("app=x").unwrap();
+        let p = s
+            .list_page(
+                &r::CONFIGMAPS,
+                None,
+                &x,
+                &all.1,
+                &req(1, None, Some(first.rv)),
+            )
+            .unwrap();
+        assert_eq!((names(&p), p.remaining), (vec!["a/c1".to_string()], 2));
+        let p = s
+            .list_page(
+                &r::CONFIGMAPS,
+                None,
+                &x,
+                &all.1,
+                &req(1, Some(("a", "c1")), Some(first.rv)),
+            )
+            .unwrap();
+        assert_eq!(names(&p), ["a/c3"]);
+        // One namespace only.
+        let p = s
+            .list_page(
+                &r::CONFIGMAPS,
+                Some("b"),
+                &all.0,
+                &all.1,
+                &req(5, None, None),
+            )
+            .unwrap();
+        assert_eq!(names(&p), ["b/c0"]);
+        assert_eq!(p.items[0]["metadata"]["labels"]["app"], "new");
+
+        // A version newer than the store, and one older than the history.
+        let e = s
+            .list_page(
+                &r::CONFIGMAPS,
+                None,
+                &all.0,
+                &all.1,
+                &req(1, None, Some(s.resource_version() + 5)),
+            )
+            .unwrap_err();
+        assert_eq!((e.code, e.reason), (504, "Timeout"));
+        s.compact();
+        let e = s
+            .list_page(
+                &r::CONFIGMAPS,
+                None,
+                &all.0,
+                &all.1,
+                &req(1, None, Some(first.rv)),
+            )
+            .unwrap_err();
+        assert_eq!((e.code, e.reason), (410, "Expired"));
     }
 
     #[tokio::test]

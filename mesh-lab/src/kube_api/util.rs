@@ -16,6 +16,27 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// `2024-05-01T12:00:00.123456789Z` (Go's RFC3339Nano with all nine digits, as the CRI log
+/// format writes timestamps).
+pub fn rfc3339_nanos(t: SystemTime) -> String {
+    let whole = rfc3339(t);
+    let nanos = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    format!("{}.{nanos:09}Z", whole.trim_end_matches('Z'))
+}
+
+/// `2024-05-01T12:00:00.123Z` (millisecond precision, for log lines people read).
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let whole = rfc3339(t);
+    let millis = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_millis();
+    format!("{}.{millis:03}Z", whole.trim_end_matches('Z'))
+}
+
 pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
@@ -162,6 +183,35 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Unpadded URL-safe base64 (Go's `base64.RawURLEncoding`, used for continue tokens).
+pub fn base64url_encode(data: &[u8]) -> String {
+    base64_encode(data)
+        .trim_end_matches('=')
+        .chars()
+        .map(|c| match c {
+            '+' => '-',
+            '/' => '_',
+            c => c,
+        })
+        .collect()
+}
+
+/// Decodes unpadded URL-safe base64; `None` on anything else (padding, `+`, `/` included).
+pub fn base64url_decode(s: &str) -> Option<Vec<u8>> {
+    if s.contains(['+', '/', '=']) || s.len() % 4 == 1 {
+        return None;
+    }
+    let std: String = s
+        .chars()
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    base64_decode(&std)
+}
+
 /// A random RFC 4122 version 4 UUID.
 pub fn uuid_v4() -> String {
     let mut b: [u8; 16] = rand::random();
@@ -267,6 +317,14 @@ mod tests {
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64_encode(b"fo"), "Zm8=");
         assert!(base64_decode("!!").is_none());
+        for s in [&b""[..], b"f", b"fo", b"\xfb\xff", b"\xfb\xff\xbf"] {
+            let e = base64url_encode(s);
+            assert!(!e.contains(['=', '+', '/']), "{e}");
+            assert_eq!(base64url_decode(&e).unwrap(), s);
+        }
+        assert_eq!(base64url_encode(b"\xfb\xff"), "-_8");
+        assert!(base64url_decode("Zm8=").is_none());
+        assert!(base64url_decode("+/8").is_none());
     }
 
     #[test]

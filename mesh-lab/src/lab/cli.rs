@@ -776,8 +776,9 @@ pub struct EnvArgs {
 }
 
 /// Prints `export` lines that point meshctl at a cluster of the lab (its apiserver's
-/// LoadBalancer address and the lab operator's certificate) and kubectl at the lab's
-/// kubeconfig, for `eval "$(mesh-lab env east)"`.
+/// LoadBalancer address and the lab operator's certificate, and `meshctl bpf` at the
+/// cluster's pin directories) and kubectl at the lab's kubeconfig, for
+/// `eval "$(mesh-lab env east)"`.
 pub fn env(a: EnvArgs) -> anyhow::Result<()> {
     topology::check_name(&a.name.name)?;
     let files = LabFiles::new(&a.name.name);
@@ -814,6 +815,14 @@ pub fn env(a: EnvArgs) -> anyhow::Result<()> {
         ("MESH_TLS_CERT", flag("--tls-cert")),
         ("MESH_TLS_KEY", flag("--tls-key")),
         ("MESH_CLUSTER_NAME", a.cluster.clone()),
+        // `meshctl bpf ... --node N` reads `<root>/<N>`: the lab pins per lab and cluster.
+        (
+            "MESH_BPFFS_ROOT",
+            topology::lab_bpffs(&a.name.name)
+                .join(&a.cluster)
+                .display()
+                .to_string(),
+        ),
     ] {
         println!("export {k}={}", quote(&v));
     }

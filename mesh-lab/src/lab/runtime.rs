@@ -21,6 +21,8 @@ use super::process::{self, ChildSpec};
 use super::sys::{self, Enter};
 use super::topology::{LabSpec, pod_veth};
 use crate::controllers::{PodKey, PodRuntime, PodSandboxSpec, Probe, StartedPod};
+use crate::kube_api::LogSource;
+use crate::pod_logs;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -48,8 +50,11 @@ struct Inner {
     spec: Arc<LabSpec>,
     cluster: String,
     cgroup2: PathBuf,
-    /// `<state dir>/<cluster>/pods`: resolv.conf and logs of each pod.
+    /// `<state dir>/<cluster>/pods`: resolv.conf and process output of each pod.
     pods_dir: PathBuf,
+    /// `<state dir>/<cluster>/pod-logs`: container logs ([`crate::pod_logs`]), kept across
+    /// container restarts, removed when the pod is deleted.
+    logs_dir: PathBuf,
     /// By (namespace, name).
     pods: Mutex<BTreeMap<(String, String), PodEntry>>,
 }
@@ -65,6 +70,7 @@ impl NetnsRuntime {
         NetnsRuntime {
             inner: Arc::new(Inner {
                 pods_dir: state_dir.join(cluster).join("pods"),
+                logs_dir: state_dir.join(cluster).join("pod-logs"),
                 spec,
                 cluster: cluster.to_owned(),
                 cgroup2,
@@ -176,6 +182,14 @@ impl Inner {
         let mut args = vec!["workload".to_owned()];
         for p in &ports {
             args.extend(["--listen".to_owned(), format!("0.0.0.0:{p}")]);
+        }
+        let log_dir = pod_logs::pod_dir(&self.logs_dir, &place.namespace, &place.name, &place.uid);
+        args.extend(["--log-dir".to_owned(), log_dir.display().to_string()]);
+        for c in &pod.containers {
+            args.extend([
+                "--container".to_owned(),
+                pod_logs::container_arg(&c.name, &c.tcp_ports()),
+            ]);
         }
         let mut env: Vec<(String, String)> = pod
             .containers
@@ -405,5 +419,24 @@ impl PodRuntime for NetnsRuntime {
         let pods = self.inner.pods.lock().expect("pods lock");
         let e = pods.get(&(key.namespace.clone(), key.name.clone()))?;
         *e.exit_code.lock().expect("exit code lock")
+    }
+
+    fn release(&self, key: &PodKey) {
+        // The pod is deleted: its logs go with it (kept across container restarts until then).
+        let dir = pod_logs::pod_dir(&self.inner.logs_dir, &key.namespace, &key.name, &key.uid);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+impl LogSource for NetnsRuntime {
+    fn container_log(
+        &self,
+        namespace: &str,
+        pod: &str,
+        uid: &str,
+        container: &str,
+    ) -> Option<PathBuf> {
+        let dir = pod_logs::pod_dir(&self.inner.logs_dir, namespace, pod, uid);
+        Some(pod_logs::container_file(&dir, container))
     }
 }

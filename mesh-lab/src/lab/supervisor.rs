@@ -202,6 +202,7 @@ async fn start_cluster(
         cgroup2.to_path_buf(),
         files.dir.clone(),
     );
+    api.set_log_source(Arc::new(runtime.clone()));
     let [a, b, _, _] = spec.underlay.network().octets();
     let mut ccfg = ControllersConfig::new(&c.name, Arc::new(runtime.clone())).with_lb_range(
         std::net::Ipv4Addr::new(a, b, c.id, 200),

@@ -182,6 +182,27 @@ impl LineChild {
     }
 }
 
+impl LineChild {
+    /// Waits for the process to close its stdout and exit; returns the lines it printed
+    /// meanwhile and whether it succeeded. Panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (Vec<String>, bool) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => seen.push(l),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("still running after {timeout:?}; printed {seen:#?}")
+                }
+            }
+        }
+        let status = self.child.wait().expect("waiting for the child");
+        (seen, status.success())
+    }
+}
+
 impl Drop for LineChild {
     fn drop(&mut self) {
         let _ = self.child.kill();
