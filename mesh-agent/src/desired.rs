@@ -139,14 +139,7 @@ pub fn compute<S: Borrow<ClusterState>>(
     };
 
     // Services.
-    let view = MeshView {
-        local_cluster,
-        clusters: clusters
-            .iter()
-            .map(|(name, c)| (name, &c.borrow().services))
-            .collect(),
-    };
-    let plan = plan_node(&view, node);
+    let plan = plan_node(&mesh_view(clusters, local_cluster), node);
     for (frontend, selected) in plan.programmed() {
         let proto = frontend.protocol;
         let mut backends = Vec::new();
@@ -241,6 +234,21 @@ pub fn compute<S: Borrow<ClusterState>>(
         }
     }
     (desired, dropped)
+}
+
+/// The view of the mesh that [`plan_node`] takes: the services of `clusters` (the ones the
+/// sync gate lets in). `meshctl service explain` builds it with this function too.
+pub fn mesh_view<'a, S: Borrow<ClusterState>>(
+    clusters: &'a BTreeMap<ClusterName, S>,
+    local_cluster: &'a ClusterName,
+) -> MeshView<'a> {
+    MeshView {
+        local_cluster,
+        clusters: clusters
+            .iter()
+            .map(|(name, c)| (name, &c.borrow().services))
+            .collect(),
+    }
 }
 
 // === the maps as they are ===

@@ -127,7 +127,8 @@ impl ServicePlan {
             .flat_map(|p| &p.backends)
     }
 
-    fn claimant(&self, f: &FrontendPlan) -> Claimant {
+    /// The claim `f` of this service makes: this service and `f`'s port.
+    pub fn claimant(&self, f: &FrontendPlan) -> Claimant {
         Claimant {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
