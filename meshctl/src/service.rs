@@ -893,4 +893,299 @@ mod tests {
         );
         assert!(t.contains("1/2"), "{t}");
     }
+
+    /// The agent's maps and `service explain` agree on generated meshes: the same watch
+    /// stream goes to the agent's state (as its watch loop applies it), its sync gate and
+    /// `desired::compute`, and to `explain`; every frontend the agent programs is explained
+    /// with exactly the backends it programs, and nothing else is.
+    mod agreement {
+        use std::collections::BTreeSet;
+
+        use mesh_agent::desired::{self, BackendKey};
+        use mesh_core::select::Frontend;
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const CLUSTERS: [&str; 4] = ["local", "east", "west", "north"];
+        const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+        const SERVICES: [(&str, &str); 3] = [("a", "web"), ("b", "web"), ("a", "api")];
+        /// Two ports of one protocol and number under different names, to collide.
+        const PORTS: [(&str, Protocol, u16); 3] = [
+            ("http", Protocol::Tcp, 80),
+            ("alt", Protocol::Tcp, 80),
+            ("dns", Protocol::Udp, 53),
+        ];
+
+        fn vips() -> Vec<IpAddr> {
+            ["10.96.0.1", "10.96.0.2", "fd00:96::1"]
+                .iter()
+                .map(|v| v.parse().unwrap())
+                .collect()
+        }
+
+        fn conditions() -> impl Strategy<Value = BackendConditions> {
+            (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+                |(ready, serving, terminating)| BackendConditions {
+                    ready,
+                    serving,
+                    terminating,
+                },
+            )
+        }
+
+        fn service_ports(target: bool) -> impl Strategy<Value = Vec<ServicePort>> {
+            proptest::sample::subsequence(PORTS.to_vec(), 0..=3).prop_flat_map(move |ps| {
+                ps.into_iter()
+                    .map(|(n, proto, port)| {
+                        let ports = if target {
+                            8000u16..8003
+                        } else {
+                            port..port + 1
+                        };
+                        ports.prop_map(move |p| ServicePort {
+                            name: n.into(),
+                            protocol: proto,
+                            port: p,
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+        }
+
+        /// Backends of cluster number `c`: a small address pool (duplicates and IPv6
+        /// happen; the first cluster's pool overlaps the second's).
+        fn backends(c: u8) -> impl Strategy<Value = Vec<Backend>> {
+            proptest::collection::vec(
+                (
+                    0u8..5,
+                    any::<bool>(),
+                    proptest::sample::select(NODES.to_vec()),
+                    conditions(),
+                    service_ports(true),
+                ),
+                0..5,
+            )
+            .prop_map(move |v| {
+                v.into_iter()
+                    .map(|(host, v6, node, conditions, ports)| Backend {
+                        ip: if v6 {
+                            format!("fd00:{}::{host}", c / 2 + 1).parse().unwrap()
+                        } else {
+                            IpAddr::from([10, c / 2 + 1, 0, host])
+                        },
+                        ports,
+                        node: node.into(),
+                        zone: String::new(),
+                        conditions,
+                    })
+                    .collect()
+            })
+        }
+
+        fn service(
+            c: u8,
+            ns: &'static str,
+            name: &'static str,
+        ) -> impl Strategy<Value = GlobalService> {
+            (
+                any::<bool>(),
+                proptest::sample::select(vec![Affinity::None, Affinity::Local, Affinity::Remote]),
+                proptest::sample::select(vec![TrafficPolicy::Cluster, TrafficPolicy::Local]),
+                service_ports(false),
+                proptest::sample::subsequence(vips(), 0..=3),
+                backends(c),
+            )
+                .prop_map(
+                    move |(shared, affinity, policy, ports, frontends, backends)| GlobalService {
+                        cluster: ClusterName::new(CLUSTERS[usize::from(c)]).unwrap(),
+                        namespace: ns.into(),
+                        name: name.into(),
+                        shared,
+                        affinity,
+                        internal_traffic_policy: policy,
+                        ports,
+                        frontends,
+                        backends,
+                    },
+                )
+        }
+
+        /// One cluster: its services (a subset of the pool) and which kinds synced.
+        fn cluster(c: u8) -> impl Strategy<Value = (Vec<GlobalService>, Vec<pb::Kind>)> {
+            let services = SERVICES.map(|(ns, n)| proptest::option::of(service(c, ns, n)));
+            let synced = prop_oneof![
+                3 => Just(KINDS.to_vec()),
+                1 => proptest::sample::subsequence(KINDS.to_vec(), 0..KINDS.len()),
+            ];
+            (services, synced).prop_map(|(s, synced)| (s.into_iter().flatten().collect(), synced))
+        }
+
+        #[derive(Debug, Clone)]
+        struct Mesh {
+            clusters: Vec<(Vec<GlobalService>, Vec<pb::Kind>)>,
+            node: &'static str,
+            deadline_passed: bool,
+            programming: bool,
+        }
+
+        fn mesh() -> impl Strategy<Value = Mesh> {
+            (
+                proptest::collection::vec(any::<()>(), 1..=4)
+                    .prop_flat_map(|v| (0..v.len() as u8).map(cluster).collect::<Vec<_>>()),
+                proptest::sample::select(NODES.to_vec()),
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(|(clusters, node, deadline_passed, programming)| Mesh {
+                    clusters,
+                    node,
+                    deadline_passed,
+                    programming,
+                })
+        }
+
+        /// The watch stream an apiserver sends for `mesh`: a snapshot of every service,
+        /// then the Synced markers.
+        fn stream(mesh: &Mesh) -> Vec<pb::WatchResponse> {
+            let events = mesh
+                .clusters
+                .iter()
+                .flat_map(|(services, _)| services)
+                .map(|s| pb::Event {
+                    kind: pb::Kind::Service as i32,
+                    cluster: s.cluster.to_string(),
+                    name: s.key(),
+                    revision: 1,
+                    value: Some(pb::event::Value::Service(s.into())),
+                })
+                .collect();
+            let mut msgs = vec![pb::WatchResponse {
+                revision: 1,
+                payload: Some(pb::watch_response::Payload::Events(pb::Events { events })),
+            }];
+            for (c, (_, kinds)) in mesh.clusters.iter().enumerate() {
+                for kind in kinds {
+                    msgs.push(pb::WatchResponse {
+                        revision: 1,
+                        payload: Some(pb::watch_response::Payload::Synced(pb::Synced {
+                            cluster: CLUSTERS[c].into(),
+                            kind: *kind as i32,
+                        })),
+                    });
+                }
+            }
+            msgs
+        }
+
+        /// What the agent's watch loop hands its state for `msgs` (as the resumable client
+        /// turns them into updates).
+        fn updates(msgs: &[pb::WatchResponse]) -> Vec<WatchUpdate> {
+            let mut out = Vec::new();
+            for m in msgs {
+                match &m.payload {
+                    Some(pb::watch_response::Payload::Events(evs)) => {
+                        for e in &evs.events {
+                            out.push(WatchUpdate::Upsert {
+                                cluster: ClusterName::new(e.cluster.clone()).unwrap(),
+                                kind: pb::Kind::try_from(e.kind).unwrap(),
+                                name: e.name.clone(),
+                                revision: e.revision,
+                                value: e.value.clone().unwrap(),
+                            });
+                        }
+                    }
+                    Some(pb::watch_response::Payload::Synced(s)) => {
+                        out.push(WatchUpdate::Synced {
+                            cluster: ClusterName::new(s.cluster.clone()).unwrap(),
+                            kind: pb::Kind::try_from(s.kind).unwrap(),
+                        });
+                    }
+                    _ => unreachable!("the generated stream has only events and markers"),
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn explain_reports_what_the_agent_programs(mesh in mesh()) {
+                let local = ClusterName::new("local").unwrap();
+                let gate = GateInput {
+                    local_cluster: &local,
+                    deadline_passed: mesh.deadline_passed,
+                    programming: mesh.programming,
+                };
+                let msgs = stream(&mesh);
+
+                // The agent.
+                let mut state = MeshState::default();
+                for u in updates(&msgs) {
+                    let applied = state.apply(u);
+                    prop_assert!(!matches!(applied, Applied::Rejected { .. }), "{applied:?}");
+                }
+                let agent = state
+                    .programmable(&gate)
+                    .map(|clusters| desired::compute(&clusters, &local, mesh.node).0);
+
+                // meshctl.
+                let mut watched = Watched::default();
+                for m in msgs {
+                    prop_assert!(watched.apply(m));
+                }
+                let mut explained: BTreeMap<String, BTreeSet<(IpAddr, u16)>> = BTreeMap::new();
+                for (ns, name) in SERVICES {
+                    let key = format!("{ns}/{name}");
+                    let exists = mesh.clusters[0].0.iter().any(|s| s.key() == key);
+                    let e = match explain(&watched, mesh.node, &key, &gate) {
+                        Ok(e) => e,
+                        Err(err) => {
+                            // Only a service that is not local, or whose cluster the gate
+                            // leaves out (so the agent has no frontend from it).
+                            let err = err.to_string();
+                            prop_assert!(
+                                !exists || (err.contains("is not synced")
+                                    && agent.as_ref().is_ok_and(|d| d.services.is_empty())),
+                                "{key}: {err}"
+                            );
+                            continue;
+                        }
+                    };
+                    prop_assert!(exists, "{key} explained but not local");
+                    let waiting = agent.as_ref().err().map(ToString::to_string);
+                    prop_assert_eq!(&e.waiting, &waiting);
+                    for f in &e.programmed {
+                        let backends: BTreeSet<(IpAddr, u16)> =
+                            f.backends.iter().map(|b| (b.ip, b.port)).collect();
+                        if let Some(before) = explained.insert(f.frontend.clone(), backends.clone()) {
+                            // Another service's explanation of the same frontend (a loser's
+                            // shows the holder's backends): the same.
+                            prop_assert_eq!(before, backends, "{}", f.frontend);
+                        }
+                    }
+                }
+                let Ok(desired) = agent else {
+                    return Ok(());
+                };
+                let programmed: BTreeMap<String, BTreeSet<(IpAddr, u16)>> = desired
+                    .services
+                    .iter()
+                    .map(|(k, v)| {
+                        let f = Frontend { vip: k.vip, port: k.port, protocol: k.proto };
+                        let b: BTreeSet<(IpAddr, u16)> = v
+                            .iter()
+                            .map(|b: &BackendKey| {
+                                assert_eq!(b.proto, k.proto);
+                                (b.ip, b.port)
+                            })
+                            .collect();
+                        (f.to_string(), b)
+                    })
+                    .collect();
+                prop_assert_eq!(explained, programmed);
+            }
+        }
+    }
 }
