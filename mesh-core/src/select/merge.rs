@@ -94,10 +94,15 @@ mod tests {
         }
     }
 
-    fn copy(ip: &str, node: &str, conditions: BackendConditions, ports: &[ServicePort]) -> Backend {
+    fn copy(
+        ip: &str,
+        node: &str,
+        conditions: BackendConditions,
+        ports: Vec<ServicePort>,
+    ) -> Backend {
         Backend {
             ip: ip.parse().unwrap(),
-            ports: ports.to_vec(),
+            ports,
             node: node.into(),
             zone: format!("zone-{node}"),
             conditions,
@@ -131,16 +136,26 @@ mod tests {
         let http2 = port("http", Protocol::Tcp, 9090);
         let dns = port("dns", Protocol::Udp, 53);
         let copies = vec![
-            copy("10.0.0.2", "n2", cond(false, false, true), &[http.clone()]),
-            copy("10.0.0.1", "n1", cond(true, true, false), &[http.clone()]),
+            copy(
+                "10.0.0.2",
+                "n2",
+                cond(false, false, true),
+                vec![http.clone()],
+            ),
+            copy(
+                "10.0.0.1",
+                "n1",
+                cond(true, true, false),
+                vec![http.clone()],
+            ),
             copy(
                 "10.0.0.2",
                 "n3",
                 cond(true, true, false),
-                &[http2, dns.clone()],
+                vec![http2, dns.clone()],
             ),
             // A tie: the first ready copy stays.
-            copy("10.0.0.2", "n4", cond(true, true, false), &[]),
+            copy("10.0.0.2", "n4", cond(true, true, false), vec![]),
         ];
         let merged = merge_addresses(copies.into_iter().map(Cow::Owned));
         let got: Vec<(String, &str, &str, BackendConditions, &[ServicePort])> = merged
@@ -181,11 +196,31 @@ mod tests {
     fn borrowed_copies_are_cloned_only_when_merged() {
         let http = port("http", Protocol::Tcp, 8080);
         let copies = [
-            copy("10.0.0.1", "n1", cond(true, true, false), &[http.clone()]),
-            copy("10.0.0.2", "n2", cond(false, false, false), &[http.clone()]),
-            copy("10.0.0.2", "n2", cond(false, false, false), &[http.clone()]),
-            copy("10.0.0.3", "n3", cond(false, false, false), &[http.clone()]),
-            copy("10.0.0.3", "n4", cond(true, true, false), &[http]),
+            copy(
+                "10.0.0.1",
+                "n1",
+                cond(true, true, false),
+                vec![http.clone()],
+            ),
+            copy(
+                "10.0.0.2",
+                "n2",
+                cond(false, false, false),
+                vec![http.clone()],
+            ),
+            copy(
+                "10.0.0.2",
+                "n2",
+                cond(false, false, false),
+                vec![http.clone()],
+            ),
+            copy(
+                "10.0.0.3",
+                "n3",
+                cond(false, false, false),
+                vec![http.clone()],
+            ),
+            copy("10.0.0.3", "n4", cond(true, true, false), vec![http]),
         ];
         let merged = merge_addresses(copies.iter().map(Cow::Borrowed));
         let owned: Vec<bool> = merged.iter().map(|b| matches!(b, Cow::Owned(_))).collect();
