@@ -870,6 +870,107 @@ mod tests {
     }
 
     #[test]
+    fn explain_names_who_holds_each_frontend_and_what_it_forwards_to() {
+        let east = ClusterName::new("east").unwrap();
+        let mut a = svc("east", vec![backend("10.1.0.1", "e1", READY)]);
+        a.namespace = "a".into();
+        a.frontends.push("fd00:96::10".parse().unwrap());
+        a.backends.push(backend("fd00:1::1", "e1", READY));
+        let mut b = svc("east", vec![backend("10.1.0.2", "e1", READY)]);
+        b.namespace = "b".into();
+        let w = watched(&[a, b]);
+        let gate = agent_gate(&east);
+
+        let e = explain(&w, "e1", "a/web", &gate).unwrap();
+        let rows: Vec<(&str, bool, &str, Vec<String>)> = e
+            .programmed
+            .iter()
+            .map(|f| {
+                let backends = f
+                    .backends
+                    .iter()
+                    .map(|b| SocketAddr::new(b.ip, b.port).to_string())
+                    .collect();
+                (f.frontend.as_str(), f.held, f.held_by.as_str(), backends)
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (
+                    "10.96.0.10:80/TCP",
+                    true,
+                    "a/web port \"http\" 80/TCP",
+                    vec!["10.1.0.1:8080".to_string()]
+                ),
+                (
+                    "[fd00:96::10]:80/TCP",
+                    true,
+                    "a/web port \"http\" 80/TCP",
+                    vec!["[fd00:1::1]:8080".to_string()]
+                ),
+            ]
+        );
+        assert_eq!(e.programmed[0].losers, ["b/web port \"http\" 80/TCP"]);
+        assert_eq!(e.programmed[0].other_family, ["east/fd00:1::1:8080"]);
+        let text = render_explain(&e);
+        assert!(
+            text.contains("also claimed by b/web port \"http\" 80/TCP: first Service wins"),
+            "{text}"
+        );
+        assert!(
+            text.contains("left out for their address family: east/fd00:1::1:8080"),
+            "{text}"
+        );
+
+        // The loser: held by a/web, forwarding to a/web's backends, not its own.
+        let e = explain(&w, "e1", "b/web", &gate).unwrap();
+        let f = &e.programmed[0];
+        assert!(!f.held);
+        assert_eq!(f.held_by, "a/web port \"http\" 80/TCP");
+        assert_eq!(f.backends.len(), 1);
+        assert_eq!(f.backends[0].ip.to_string(), "10.1.0.1");
+        // Its own selection is still shown.
+        assert_eq!(e.ports[0].backends[0].address, "10.1.0.2:8080");
+        let text = render_explain(&e);
+        assert!(
+            text.contains(
+                "Frontend 10.96.0.10:80/TCP is held by a/web port \"http\" 80/TCP (first Service wins a ClusterIP)"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn explain_reports_the_sync_gate() {
+        let east = ClusterName::new("east").unwrap();
+        let mut w = watched(&[
+            svc("east", vec![backend("10.1.0.1", "e1", READY)]),
+            svc("west", vec![backend("10.2.0.1", "w1", READY)]),
+        ]);
+        // west never finished its sync: left out, named.
+        w.synced.retain(|(c, _)| c != "west");
+        let e = explain(&w, "e1", "default/web", &agent_gate(&east)).unwrap();
+        assert_eq!(e.waiting, None);
+        assert_eq!(e.clusters_left_out, ["west"]);
+        assert_eq!(e.programmed[0].backends.len(), 1, "{e:?}");
+        assert!(render_explain(&e).contains("Clusters left out (never synced): west"));
+
+        // The local cluster not synced: the agent waits, and says for what.
+        w.synced.clear();
+        let e = explain(&w, "e1", "default/web", &agent_gate(&east)).unwrap();
+        assert_eq!(
+            e.waiting.as_deref(),
+            Some("waiting for the initial sync of cluster east")
+        );
+        let text = render_explain(&e);
+        assert!(
+            text.contains("Not programmed yet: waiting for the initial sync of cluster east"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn list_one_row_per_service_and_cluster() {
         let services = vec![
             svc("west", vec![backend("10.2.0.1", "w1", READY)]),
