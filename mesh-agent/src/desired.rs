@@ -2,7 +2,8 @@
 //! there (DESIGN.md sections 5 and 9). Pure: no aya, no IO.
 //!
 //! - [`compute`] turns what the agent knows about every cluster into a [`DesiredState`]:
-//!   frontends with their selected backends ([`mesh_core::select`]) and the ipcache.
+//!   the frontends and backends of mesh-core's node plan ([`mesh_core::select::plan_node`],
+//!   the same function `meshctl service explain` calls) and the ipcache.
 //! - [`plan`] diffs the maps as they are ([`DatapathState`]) against a desired state and
 //!   returns the [`Op`]s to apply, in an order that never leaves a service slot pointing at
 //!   a missing backend and never shows an empty backend set for a service that has backends
@@ -22,8 +23,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use mesh_core::identity::{RESERVED_HOST, RESERVED_REMOTE_NODE};
-use mesh_core::select::{SelectInput, select};
-use mesh_core::{ClusterConfig, ClusterName, Endpoint, GlobalService, Node, Protocol};
+use mesh_core::select::{MeshView, Services, plan_node};
+use mesh_core::{ClusterConfig, ClusterName, Endpoint, Node, Protocol};
 
 /// What the agent knows about one cluster (its own or a remote one).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,7 +35,7 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, Node>,
     pub endpoints: BTreeMap<IpAddr, Endpoint>,
     /// Global services by `(namespace, name)`.
-    pub services: BTreeMap<(String, String), GlobalService>,
+    pub services: Services,
 }
 
 /// A frontend: one ClusterIP, port and protocol of a global service.
@@ -116,8 +117,9 @@ impl fmt::Display for Dropped {
 
 /// Computes the desired maps of node `node` of `local_cluster`.
 ///
-/// Services: every global service of the local cluster, with backends from [`select`] (only
-/// those of the frontend's address family). Ipcache: node IPs (host identity for this node,
+/// Services: exactly the programmed frontends of mesh-core's [`plan_node`] (the decision
+/// `meshctl service explain` prints: selection, "first Service wins a ClusterIP", address
+/// family), turned into map keys. Ipcache: node IPs (host identity for this node,
 /// remote-node for every other node) and endpoints of every cluster whose config is known
 /// and whose identity lies in its cluster's range.
 /// The clusters are owned or borrowed (the agent passes references to its state, never
@@ -137,61 +139,29 @@ pub fn compute<S: Borrow<ClusterState>>(
     };
 
     // Services.
-    let mut remotes: BTreeMap<(&str, &str), Vec<&GlobalService>> = BTreeMap::new();
-    for (name, cluster) in clusters {
-        if name == local_cluster {
-            continue;
+    let plan = plan_node(&mesh_view(clusters, local_cluster), node);
+    for (frontend, selected) in plan.programmed() {
+        let proto = frontend.protocol;
+        let mut backends = Vec::new();
+        for b in selected {
+            let bk = BackendKey {
+                ip: b.ip,
+                port: b.port,
+                proto,
+            };
+            desired.backends.entry(bk).or_insert_with(|| BackendInfo {
+                cluster_id: cluster_id(&b.cluster),
+            });
+            backends.push(bk);
         }
-        for svc in cluster.borrow().services.values() {
-            remotes
-                .entry((svc.namespace.as_str(), svc.name.as_str()))
-                .or_default()
-                .push(svc);
-        }
-    }
-    let local_services = clusters.get(local_cluster).map(|c| &c.borrow().services);
-    for local in local_services.into_iter().flat_map(|s| s.values()) {
-        let remotes = remotes
-            .get(&(local.namespace.as_str(), local.name.as_str()))
-            .map_or(&[][..], Vec::as_slice);
-        let selection = select(&SelectInput {
-            local_cluster,
-            node,
-            local,
-            remotes,
-        });
-        for port in &selection.ports {
-            let proto = port.frontend.protocol;
-            for &vip in &selection.frontends {
-                let key = ServiceKey {
-                    vip,
-                    port: port.frontend.port,
-                    proto,
-                };
-                if desired.services.contains_key(&key) {
-                    // Two Services claiming one ClusterIP: the first (by namespace/name) wins.
-                    continue;
-                }
-                let mut backends = Vec::with_capacity(port.backends.len());
-                for b in &port.backends {
-                    if b.ip.is_ipv4() != vip.is_ipv4() {
-                        continue;
-                    }
-                    let bk = BackendKey {
-                        ip: b.ip,
-                        port: b.port,
-                        proto,
-                    };
-                    desired.backends.entry(bk).or_insert_with(|| BackendInfo {
-                        cluster_id: cluster_id(&b.cluster),
-                    });
-                    backends.push(bk);
-                }
-                backends.sort();
-                backends.dedup();
-                desired.services.insert(key, backends);
-            }
-        }
+        backends.sort();
+        backends.dedup();
+        let key = ServiceKey {
+            vip: frontend.vip,
+            port: frontend.port,
+            proto,
+        };
+        desired.services.insert(key, backends);
     }
 
     // Ipcache: the local cluster first, so its entries win a conflict.
@@ -264,6 +234,21 @@ pub fn compute<S: Borrow<ClusterState>>(
         }
     }
     (desired, dropped)
+}
+
+/// The view of the mesh that [`plan_node`] takes: the services of `clusters` (the ones the
+/// sync gate lets in). `meshctl service explain` builds it with this function too.
+pub fn mesh_view<'a, S: Borrow<ClusterState>>(
+    clusters: &'a BTreeMap<ClusterName, S>,
+    local_cluster: &'a ClusterName,
+) -> MeshView<'a> {
+    MeshView {
+        local_cluster,
+        clusters: clusters
+            .iter()
+            .map(|(name, c)| (name, &c.borrow().services))
+            .collect(),
+    }
 }
 
 // === the maps as they are ===
@@ -585,7 +570,8 @@ fn assign_slots(cur: &ServiceSlots, want: &[u32]) -> BTreeMap<u16, u32> {
 mod tests {
     use super::*;
     use mesh_core::{
-        Affinity, Backend, BackendConditions, ClusterId, IdentityId, ServicePort, TrafficPolicy,
+        Affinity, Backend, BackendConditions, ClusterId, GlobalService, IdentityId, ServicePort,
+        TrafficPolicy,
     };
 
     const NODE: &str = "node-a";

@@ -10,9 +10,9 @@
 //! - status reports to the apiserver (`ReportStatus`), `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Nothing is programmed before the local cluster is synced and, until
-//! `--initial-sync-timeout`, every cluster seen in the snapshot: after a restart the pinned
-//! maps keep serving the last state until the new one is known, then only the difference is
-//! applied.
+//! `--initial-sync-timeout`, every cluster seen in the snapshot (mesh-core's sync gate,
+//! `mesh_core::select::sync_gate`): after a restart the pinned maps keep serving the last
+//! state until the new one is known, then only the difference is applied.
 
 pub mod config;
 pub mod datapath;
@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_core::ClusterName;
+use mesh_core::select::GateInput;
 use mesh_proto::client::{WatchOptions, WatchUpdate, connect_fn, spawn_watch};
 use mesh_proto::pb::{self, mesh_client::MeshClient};
 use mesh_proto::tls::{self, ClientEndpoint};
@@ -253,22 +254,21 @@ impl Agent {
     /// Recomputes and applies the desired datapath; `Err(delay)` asks for a retry.
     async fn reconcile(&mut self, started: Instant) -> Result<(), Duration> {
         let local = self.settings.cluster.clone();
-        let local_synced = self.state.cluster(&local).is_some_and(|c| c.ever_synced);
         let first = !self.programmed;
-        if !self.programmed {
-            let timed_out = started.elapsed() >= self.settings.initial_sync_timeout;
-            let waiting = if !local_synced {
-                Some(format!("waiting for the initial sync of cluster {local}"))
-            } else if !self.state.all_synced() && !timed_out {
-                Some("waiting for the initial sync of every cluster".to_owned())
-            } else {
-                None
-            };
-            if let Some(reason) = waiting {
+        let gate = GateInput {
+            local_cluster: &local,
+            deadline_passed: started.elapsed() >= self.settings.initial_sync_timeout,
+            programming: self.programmed,
+        };
+        let clusters = match self.state.programmable(&gate) {
+            Ok(clusters) => clusters,
+            Err(waiting) => {
                 // Nothing is programmed yet: the pinned maps keep their state.
-                self.update_status(Some(reason), false);
+                self.update_status(Some(waiting.to_string()), false);
                 return Ok(());
             }
+        };
+        if first {
             info!(
                 clusters = self.state.clusters().len(),
                 all_synced = self.state.all_synced(),
@@ -278,7 +278,6 @@ impl Agent {
         }
 
         let t0 = Instant::now();
-        let clusters = self.state.programmable();
         let (desired, dropped) = desired::compute(&clusters, &local, &self.settings.node);
         let computed = t0.elapsed();
         self.record_dropped(&dropped);

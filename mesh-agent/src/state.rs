@@ -4,8 +4,8 @@
 //! converted to mesh-core types here; a value that does not convert (or whose name does not
 //! match its key) is logged with its key, counted, and skipped: the last good value of that
 //! key, if any, stays. A cluster is *synced* once every kind of it has its `Synced` marker;
-//! only clusters that have been synced at least once are programmed (see [`MeshState::
-//! programmable`]).
+//! which clusters are programmed is mesh-core's sync gate over these facts (see
+//! [`MeshState::programmable`]).
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 use mesh_core::ClusterName;
 use mesh_core::model::Identity;
+use mesh_core::select::{GateInput, SyncGate, Waiting, sync_gate};
 use mesh_proto::client::WatchUpdate;
 use mesh_proto::convert::Object;
 use mesh_proto::pb::{self, Kind};
@@ -95,13 +96,27 @@ impl MeshState {
         self.clusters.get(name)
     }
 
-    /// The clusters to program: those synced at least once (borrowed, not copied).
-    pub fn programmable(&self) -> BTreeMap<ClusterName, &ClusterState> {
-        self.clusters
-            .iter()
-            .filter(|(_, c)| c.ever_synced)
-            .map(|(n, c)| (n.clone(), &c.state))
-            .collect()
+    /// mesh-core's [`sync_gate`] over every cluster seen (synced at least once or not).
+    pub fn sync_gate(&self, input: &GateInput<'_>) -> SyncGate {
+        sync_gate(input, self.clusters.iter().map(|(n, c)| (n, c.ever_synced)))
+    }
+
+    /// The clusters to program (borrowed, not copied), or why nothing is programmed yet:
+    /// the [sync gate](Self::sync_gate)'s decision.
+    pub fn programmable(
+        &self,
+        input: &GateInput<'_>,
+    ) -> Result<BTreeMap<ClusterName, &ClusterState>, Waiting> {
+        match self.sync_gate(input) {
+            SyncGate::Wait(waiting) => Err(waiting),
+            SyncGate::Program { clusters, .. } => Ok(clusters
+                .into_iter()
+                .filter_map(|n| {
+                    let state = &self.clusters.get(&n)?.state;
+                    Some((n, state))
+                })
+                .collect()),
+        }
     }
 
     /// Whether every cluster seen so far has been synced at least once.
@@ -371,8 +386,22 @@ mod tests {
     fn a_cluster_is_programmable_once_every_kind_is_synced() {
         let mut s = MeshState::default();
         s.apply(upsert(Kind::Node, "n2", node("east", "n2")));
+        // Seen from another cluster that is already programming (so the gate is open).
+        let local = "west".parse().unwrap();
+        let gate = GateInput {
+            local_cluster: &local,
+            deadline_passed: false,
+            programming: true,
+        };
+        let programmable = |s: &MeshState| {
+            s.programmable(&gate)
+                .unwrap()
+                .into_iter()
+                .map(|(n, c)| (n, c.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
         for (i, kind) in KINDS.iter().enumerate() {
-            assert!(s.programmable().is_empty());
+            assert!(programmable(&s).is_empty());
             assert!(!s.all_synced());
             let r = s.apply(WatchUpdate::Synced {
                 cluster: east(),
@@ -385,6 +414,23 @@ mod tests {
             }
         }
         assert!(s.all_synced());
-        assert_eq!(s.programmable()[&east()].nodes.len(), 1);
+        assert_eq!(programmable(&s)[&east()].nodes.len(), 1);
+        // A fresh agent of east waits for nothing more; one of west waits for west.
+        assert!(
+            s.programmable(&GateInput {
+                local_cluster: &east(),
+                deadline_passed: false,
+                programming: false,
+            })
+            .is_ok()
+        );
+        assert_eq!(
+            s.programmable(&GateInput {
+                programming: false,
+                ..gate
+            })
+            .unwrap_err(),
+            Waiting::LocalCluster(local.clone())
+        );
     }
 }

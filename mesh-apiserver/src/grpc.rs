@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use etcd_client::{GetOptions, PutOptions};
 use futures::Stream;
 use mesh_core::ClusterName;
+use mesh_core::select::{Reader, service_presented};
 use mesh_proto::keys::Keys;
 use mesh_proto::pb::{self, Kind, mesh_server};
 use mesh_proto::tls::{AuthError, Caller, ConnInfo, Role, ServerTls};
@@ -240,8 +241,9 @@ struct StreamFilter {
     clusters: Option<BTreeSet<String>>,
     /// Empty = every kind.
     kinds: BTreeSet<i32>,
-    /// Peers see `shared: false` services as absent.
-    peer: bool,
+    /// Who reads: a peer sees `shared: false` services as absent
+    /// ([`service_presented`]).
+    reader: Reader,
 }
 
 impl StreamFilter {
@@ -250,8 +252,14 @@ impl StreamFilter {
             && (self.kinds.is_empty() || self.kinds.contains(&(kind as i32)))
     }
 
+    /// Whether the reader sees `obj` as it is (not a service the reader must see as absent).
+    fn presented(&self, obj: &Obj) -> bool {
+        obj.service_shared
+            .is_none_or(|shared| service_presented(shared, self.reader))
+    }
+
     /// The encoded event as this stream sees it: `None` when filtered out; a delete when
-    /// a peer must not see the object (the only case that encodes anything per stream).
+    /// the reader must not see the object (the only case that encodes anything per stream).
     fn present<'a>(&self, obj: &'a Obj) -> Option<Cow<'a, [u8]>> {
         if !self.accepts(
             &obj.cluster,
@@ -259,7 +267,7 @@ impl StreamFilter {
         ) {
             return None;
         }
-        if self.peer && obj.unshared {
+        if !self.presented(obj) {
             let mut ev = obj.event();
             ev.value = None;
             return Some(Cow::Owned(ev.encode_to_vec()));
@@ -544,8 +552,11 @@ impl MeshService {
             }
         }
         let local = self.local_cluster();
-        let (clusters, peer) = match access {
-            Access::Local { .. } => ((!clusters.is_empty()).then_some(clusters), false),
+        let (clusters, reader) = match access {
+            Access::Local { .. } => (
+                (!clusters.is_empty()).then_some(clusters),
+                Reader::OwnCluster,
+            ),
             Access::Peer { who } => {
                 if let Some(other) = clusters.iter().find(|c| c.as_str() != local) {
                     return Err(ServeError::ForeignCluster {
@@ -554,13 +565,13 @@ impl MeshService {
                         requested: other.clone(),
                     });
                 }
-                (Some(BTreeSet::from([local.to_owned()])), true)
+                (Some(BTreeSet::from([local.to_owned()])), Reader::Peer)
             }
         };
         Ok(StreamFilter {
             clusters,
             kinds,
-            peer,
+            reader,
         })
     }
 
@@ -624,7 +635,7 @@ impl WatchStream {
         let mut chunker = Chunker::new(cfg);
         for obj in &snapshot.objects {
             // A peer never sees non-shared services: absent from its snapshot.
-            if obj.deleted || (self.filter.peer && obj.unshared) {
+            if obj.deleted || !self.filter.presented(obj) {
                 continue;
             }
             if let Some(e) = self.filter.present(obj) {
@@ -1320,7 +1331,7 @@ mod tests {
         let filter = StreamFilter {
             clusters: Some(BTreeSet::from(["east".to_string()])),
             kinds: BTreeSet::new(),
-            peer: true,
+            reader: Reader::Peer,
         };
         let mut ws = WatchStream {
             svc: service,

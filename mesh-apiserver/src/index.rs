@@ -139,8 +139,9 @@ pub struct Obj {
     pub kind: i32,
     /// etcd mod revision of this change.
     pub revision: i64,
-    /// A service with `shared: false`: peers see it as absent.
-    pub unshared: bool,
+    /// A service's `shared` flag (`None`: not a service), for the gRPC edge: a peer sees a
+    /// non-shared service as absent (`mesh_core::select::service_presented`).
+    pub service_shared: Option<bool>,
     /// A delete: the event has no value.
     pub deleted: bool,
     /// The encoded `pb::Event` (kind, cluster, name, revision, value).
@@ -150,7 +151,10 @@ pub struct Obj {
 impl Obj {
     /// Encodes the event of `key` at `revision` (`None`: a delete).
     pub fn new(key: &ObjKey, revision: i64, value: Option<pb::event::Value>) -> Self {
-        let unshared = matches!(&value, Some(pb::event::Value::Service(s)) if !s.shared);
+        let service_shared = match &value {
+            Some(pb::event::Value::Service(s)) => Some(s.shared),
+            _ => None,
+        };
         let deleted = value.is_none();
         let ev = pb::Event {
             kind: key.kind,
@@ -163,7 +167,7 @@ impl Obj {
             cluster: key.cluster.clone(),
             kind: key.kind,
             revision,
-            unshared,
+            service_shared,
             deleted,
             wire: ev.encode_to_vec().into_boxed_slice(),
         }

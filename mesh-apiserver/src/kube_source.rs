@@ -10,6 +10,7 @@
 //! relist (`Init` .. `InitDone`) and replaces a kind's contents at once on `InitDone`, and
 //! records which mesh objects each change may have touched (the dirty sets).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -23,6 +24,7 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use mesh_core::annotations::{AnnotationProblem, ServiceAnnotations, parse_service_annotations};
+use mesh_core::select::merge_addresses;
 use mesh_core::{
     Backend, BackendConditions, ClusterName, Endpoint, GlobalService, IdentityId, IdentityLabels,
     Node, Protocol, ServicePort, TrafficPolicy,
@@ -550,18 +552,10 @@ pub fn build_node(cluster: &ClusterName, node: &NodeInfo) -> Node {
     }
 }
 
-fn condition_rank(c: &BackendConditions) -> u8 {
-    match (c.ready, c.serving, c.terminating) {
-        (true, _, false) => 3,
-        (true, _, true) => 2,
-        (false, true, _) => 1,
-        _ => 0,
-    }
-}
-
 /// Builds the global service of `svc` from its EndpointSlices, or `None` when the Service is
 /// not global. An address listed by two slices (as happens while the slice controller
-/// moves endpoints) is one backend: the best conditions win and the ports are merged.
+/// moves endpoints) is one backend ([`mesh_core::select::merge_addresses`]: the best
+/// conditions win and the ports are merged).
 pub fn build_service<'a>(
     cluster: &ClusterName,
     svc: &ServiceInfo,
@@ -570,53 +564,31 @@ pub fn build_service<'a>(
     if !svc.annotations.global {
         return None;
     }
-    let mut backends: BTreeMap<IpAddr, Backend> = BTreeMap::new();
-    for slice in slices {
-        for ep in &slice.endpoints {
-            for ip in &ep.addresses {
-                let ports: Vec<ServicePort> = slice
-                    .ports
-                    .iter()
-                    .map(|p| ServicePort {
-                        name: p.name.clone(),
-                        protocol: p.protocol,
-                        port: p.port,
-                    })
-                    .collect();
-                match backends.get_mut(ip) {
-                    None => {
-                        backends.insert(
-                            *ip,
-                            Backend {
-                                ip: *ip,
-                                ports,
-                                node: ep.node.clone(),
-                                zone: ep.zone.clone(),
-                                conditions: ep.conditions,
-                            },
-                        );
-                    }
-                    Some(b) => {
-                        if condition_rank(&ep.conditions) > condition_rank(&b.conditions) {
-                            b.conditions = ep.conditions;
-                            b.node = ep.node.clone();
-                            b.zone = ep.zone.clone();
-                        }
-                        for p in ports {
-                            if !b
-                                .ports
-                                .iter()
-                                .any(|q| q.name == p.name && q.protocol == p.protocol)
-                            {
-                                b.ports.push(p);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let mut backends: Vec<Backend> = backends.into_values().collect();
+    let copies = slices.into_iter().flat_map(|slice| {
+        slice.endpoints.iter().flat_map(move |ep| {
+            ep.addresses.iter().map(move |ip| {
+                Cow::Owned(Backend {
+                    ip: *ip,
+                    ports: slice
+                        .ports
+                        .iter()
+                        .map(|p| ServicePort {
+                            name: p.name.clone(),
+                            protocol: p.protocol,
+                            port: p.port,
+                        })
+                        .collect(),
+                    node: ep.node.clone(),
+                    zone: ep.zone.clone(),
+                    conditions: ep.conditions,
+                })
+            })
+        })
+    });
+    let mut backends: Vec<Backend> = merge_addresses(copies)
+        .into_iter()
+        .map(Cow::into_owned)
+        .collect();
     for b in &mut backends {
         b.ports.sort();
     }

@@ -72,13 +72,56 @@ pub struct EndpointRow {
     pub endpoint: mesh_core::Endpoint,
 }
 
-/// Reads a snapshot: every object, until each (cluster, kind) the apiserver reports as
-/// synced has sent its Synced marker (or the timeout passes).
-pub async fn snapshot(
+/// What one read of the Watch stream delivered: the objects as they stand after it, and
+/// the `Synced` markers received. [`Watched::apply`] is fed the stream's messages in order.
+#[derive(Debug, Default)]
+pub struct Watched {
+    pub revision: i64,
+    /// Values by (cluster, kind, name) as sent (not yet decoded).
+    pub objects: BTreeMap<(String, i32, String), pb::event::Value>,
+    /// (cluster, kind) whose `Synced` marker arrived.
+    pub synced: BTreeSet<(String, i32)>,
+}
+
+// === impl Watched ===
+
+impl Watched {
+    /// Applies one message; `false` once the server is idle (a `Progress` heartbeat: the
+    /// snapshot is over, and what has not synced will not soon).
+    pub fn apply(&mut self, msg: pb::WatchResponse) -> bool {
+        self.revision = msg.revision;
+        match msg.payload {
+            Some(Payload::Events(evs)) => {
+                for e in evs.events {
+                    let key = (e.cluster, e.kind, e.name);
+                    match e.value {
+                        Some(v) => self.objects.insert(key, v),
+                        None => self.objects.remove(&key),
+                    };
+                }
+            }
+            Some(Payload::Synced(s)) => {
+                self.synced.insert((s.cluster, s.kind));
+            }
+            Some(Payload::Progress(_)) => return false,
+            Some(Payload::Reset(_)) => {
+                self.objects.clear();
+                self.synced.clear();
+            }
+            None => {}
+        }
+        true
+    }
+}
+
+/// Reads the Watch stream until each (cluster, kind) the apiserver reports as synced has sent
+/// its Synced marker (or the server goes idle, or the timeout passes). Returns what was read
+/// and the (cluster, kind) pairs still expected.
+pub async fn read_watch(
     conn: &ConnArgs,
     clusters: Vec<String>,
     timeout: Duration,
-) -> anyhow::Result<Snapshot> {
+) -> anyhow::Result<(Watched, BTreeSet<(String, i32)>)> {
     let mut client = conn.connect().await?;
     let status = client
         .status(pb::StatusRequest {})
@@ -107,32 +150,18 @@ pub async fn snapshot(
         .map_err(|s| anyhow::anyhow!("watch on {}: {}", conn.server, s.message()))?
         .into_inner();
 
-    let mut objects: BTreeMap<(String, i32, String), pb::event::Value> = BTreeMap::new();
-    let mut snap = Snapshot::default();
+    let mut watched = Watched::default();
     let read = async {
         while !expected.is_empty() {
             let Some(msg) = stream.next().await else {
                 anyhow::bail!("the apiserver closed the watch before the snapshot was complete");
             };
             let msg = msg.map_err(|s| anyhow::anyhow!("watch: {}", s.message()))?;
-            snap.revision = msg.revision;
-            match msg.payload {
-                Some(Payload::Events(evs)) => {
-                    for e in evs.events {
-                        let key = (e.cluster.clone(), e.kind, e.name.clone());
-                        match e.value {
-                            Some(v) => objects.insert(key, v),
-                            None => objects.remove(&key),
-                        };
-                    }
-                }
-                Some(Payload::Synced(s)) => {
-                    expected.remove(&(s.cluster, s.kind));
-                }
-                // Idle heartbeat: the snapshot is over; what has not synced will not soon.
-                Some(Payload::Progress(_)) => break,
-                Some(Payload::Reset(_)) => objects.clear(),
-                None => {}
+            if let Some(Payload::Synced(s)) = &msg.payload {
+                expected.remove(&(s.cluster.clone(), s.kind));
+            }
+            if !watched.apply(msg) {
+                break;
             }
         }
         Ok(())
@@ -141,11 +170,26 @@ pub async fn snapshot(
         Ok(r) => r?,
         Err(_) => eprintln!("warning: snapshot not complete after {timeout:?}"),
     }
+    Ok((watched, expected))
+}
+
+/// Reads a snapshot: every object, until each (cluster, kind) the apiserver reports as
+/// synced has sent its Synced marker (or the timeout passes).
+pub async fn snapshot(
+    conn: &ConnArgs,
+    clusters: Vec<String>,
+    timeout: Duration,
+) -> anyhow::Result<Snapshot> {
+    let (watched, expected) = read_watch(conn, clusters, timeout).await?;
+    let mut snap = Snapshot {
+        revision: watched.revision,
+        ..Snapshot::default()
+    };
     snap.unsynced = expected
         .iter()
         .map(|(c, k)| format!("{c}/{}", kind_name(*k)))
         .collect();
-    for ((cluster, _, name), value) in objects {
+    for ((cluster, _, name), value) in watched.objects {
         match Object::try_from(value) {
             Ok(Object::Config(c)) => snap.clusters.push(c),
             Ok(Object::Node(n)) => snap.nodes.push(n),

@@ -1,17 +1,31 @@
 //! `meshctl service list` and `meshctl service explain NS/NAME [--node N]`: global services
-//! as every cluster publishes them, and which backends a node's agent selects for one of
-//! them (mesh-core's `select`, DESIGN.md section 5) with the reason for each left-out one.
+//! as every cluster publishes them, and what a node's agent programs for one of them, with
+//! the reason for each left-out backend.
+//!
+//! `explain` is the agent's decision, not a copy of it: the watched objects go into the
+//! agent's own state (`mesh_agent::state::MeshState`), through its sync gate
+//! (`MeshState::programmable`), and into the same `mesh_core::select::plan_node` on the same
+//! `MeshView` (`mesh_agent::desired::mesh_view`) from which `desired::compute` programs the
+//! maps.
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use mesh_core::select::{Excluded, SelectInput, Selection, select};
+use mesh_agent::desired::{ClusterState, mesh_view};
+use mesh_agent::state::{Applied, MeshState};
+use mesh_core::select::{
+    Claim, Excluded, FrontendPlan, GateInput, NodePlan, SelectedBackend, ServicePlan, SyncGate,
+    plan_node,
+};
 use mesh_core::{ClusterName, GlobalService};
+use mesh_proto::client::WatchUpdate;
 use mesh_proto::pb;
 use serde::Serialize;
 
 use crate::conn::{ConnArgs, parse_duration};
-use crate::inspect::snapshot;
+use crate::inspect::{Watched, read_watch, snapshot};
 use crate::output::{Format, table};
 
 #[derive(Subcommand)]
@@ -83,8 +97,8 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
             };
             let local = ClusterName::new(local.clone())
                 .map_err(|e| anyhow::anyhow!("invalid cluster name {local:?}: {e}"))?;
-            let snap = snapshot(&a.conn, vec![], a.timeout).await?;
-            let report = explain(&snap.services, &local, &a.node, &a.service)?;
+            let (watched, _) = read_watch(&a.conn, vec![], a.timeout).await?;
+            let report = explain(&watched, &a.node, &a.service, &agent_gate(&local))?;
             match a.output {
                 Format::Table => print!("{}", render_explain(&report)),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -92,6 +106,19 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The sync gate as `explain` assumes it: an agent started more than
+/// `--initial-sync-timeout` ago that has not programmed yet, so it programs every synced
+/// cluster once its own cluster is synced, and otherwise says what it waits for. (An agent
+/// that programmed before and whose own cluster is no longer in the snapshot keeps what it
+/// programmed; meshctl cannot see that.)
+pub fn agent_gate(local: &ClusterName) -> GateInput<'_> {
+    GateInput {
+        local_cluster: local,
+        deadline_passed: true,
+        programming: false,
     }
 }
 
@@ -180,8 +207,18 @@ pub struct Explanation {
     pub frontends: Vec<String>,
     pub affinity: String,
     pub internal_traffic_policy: String,
+    /// Why the node's agent programs nothing yet (its sync gate); the selection shown is
+    /// then over every cluster seen, and the maps keep what they held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Clusters seen but never synced: the agent leaves their backends out.
+    pub clusters_left_out: Vec<String>,
     pub ports: Vec<ExplainedPort>,
     pub excluded: Vec<ExcludedRow>,
+    /// Every (ClusterIP, port) of the service and what the node's maps hold for it.
+    pub programmed: Vec<ProgrammedFrontend>,
+    /// Values the agent rejects (and so does not use), with the reason.
+    pub invalid: Vec<String>,
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
@@ -208,22 +245,117 @@ pub struct ExcludedRow {
     pub reason: String,
 }
 
-/// Runs selection for `NS/NAME` on `node` of `local` over every cluster's services.
+/// One frontend (ClusterIP, port, protocol) of the service.
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct ProgrammedFrontend {
+    /// `IP:PORT/PROTOCOL` (`[IP]:PORT/PROTOCOL` for IPv6).
+    pub frontend: String,
+    /// Whether this service holds the frontend (first Service wins a ClusterIP).
+    pub held: bool,
+    /// The claim holding it: `NS/NAME port ...`.
+    pub held_by: String,
+    /// Later claims on the same frontend, not programmed (when this service holds it).
+    pub losers: Vec<String>,
+    /// What the frontend forwards to: the holder's selected backends of the frontend's
+    /// address family. Empty: connections are refused.
+    pub backends: Vec<MapBackend>,
+    /// This service's selected backends left out of this frontend for their address family.
+    pub other_family: Vec<String>,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct MapBackend {
+    pub cluster: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub node: String,
+}
+
+/// Feeds what the watch delivered into the agent's own state, as the agent's watch would;
+/// returns it with the values it rejects.
+pub fn agent_state(watched: &Watched) -> (MeshState, Vec<String>) {
+    let mut state = MeshState::default();
+    let mut invalid = Vec::new();
+    let parse = |cluster: &str, kind: i32| {
+        let cluster = ClusterName::new(cluster).ok()?;
+        let kind = pb::Kind::try_from(kind)
+            .ok()
+            .filter(|k| *k != pb::Kind::Unspecified)?;
+        Some((cluster, kind))
+    };
+    for ((cluster, kind, name), value) in &watched.objects {
+        let Some((cluster, kind)) = parse(cluster, *kind) else {
+            invalid.push(format!("{cluster}/{kind}/{name}: unknown cluster or kind"));
+            continue;
+        };
+        let update = WatchUpdate::Upsert {
+            cluster,
+            kind,
+            name: name.clone(),
+            revision: watched.revision,
+            value: value.clone(),
+        };
+        if let Applied::Rejected { error, .. } = state.apply(update) {
+            invalid.push(error.to_string());
+        }
+    }
+    for (cluster, kind) in &watched.synced {
+        if let Some((cluster, kind)) = parse(cluster, *kind) {
+            state.apply(WatchUpdate::Synced { cluster, kind });
+        }
+    }
+    (state, invalid)
+}
+
+/// Explains `NS/NAME` on `node` of `gate.local_cluster`: the node plan the agent programs
+/// from what was watched, under the sync gate `gate`.
 pub fn explain(
-    services: &[GlobalService],
-    local: &ClusterName,
+    watched: &Watched,
     node: &str,
     key: &str,
+    gate: &GateInput<'_>,
 ) -> anyhow::Result<Explanation> {
     let Some((ns, name)) = key.split_once('/') else {
         anyhow::bail!("expected NAMESPACE/NAME, got {key:?}");
     };
-    let matching: Vec<&GlobalService> = services
-        .iter()
-        .filter(|s| s.namespace == ns && s.name == name)
-        .collect();
-    let Some(local_svc) = matching.iter().find(|s| s.cluster == *local) else {
-        let elsewhere: Vec<String> = matching.iter().map(|s| s.cluster.to_string()).collect();
+    let local = gate.local_cluster;
+    let (state, invalid) = agent_state(watched);
+    let clusters_left_out = match state.sync_gate(gate) {
+        SyncGate::Program { left_out, .. } => left_out.iter().map(ToString::to_string).collect(),
+        SyncGate::Wait(_) => Vec::new(),
+    };
+    // While the gate waits nothing new is programmed; show the selection over everything
+    // seen, so the operator sees what the agent will do once it opens.
+    let (clusters, waiting): (BTreeMap<ClusterName, &ClusterState>, _) =
+        match state.programmable(gate) {
+            Ok(clusters) => (clusters, None),
+            Err(waiting) => (
+                state
+                    .clusters()
+                    .iter()
+                    .map(|(n, c)| (n.clone(), &c.state))
+                    .collect(),
+                Some(waiting.to_string()),
+            ),
+        };
+    let plan = plan_node(&mesh_view(&clusters, local), node);
+    let Some(svc_plan) = plan.service(ns, name) else {
+        let id = (ns.to_owned(), name.to_owned());
+        if state
+            .cluster(local)
+            .is_some_and(|c| c.state.services.contains_key(&id))
+        {
+            anyhow::bail!(
+                "global service {key} exists in cluster {local}, but cluster {local} is not \
+                 synced: the agent programs nothing from it yet"
+            );
+        }
+        let elsewhere: Vec<String> = state
+            .clusters()
+            .iter()
+            .filter(|(_, c)| c.state.services.contains_key(&id))
+            .map(|(n, _)| n.to_string())
+            .collect();
         if elsewhere.is_empty() {
             anyhow::bail!("global service {key} does not exist in any cluster");
         }
@@ -234,18 +366,18 @@ pub fn explain(
             elsewhere.join(", ")
         );
     };
-    let remotes: Vec<&GlobalService> = matching
-        .iter()
-        .copied()
-        .filter(|s| s.cluster != *local)
-        .collect();
-    let sel = select(&SelectInput {
-        local_cluster: local,
-        node,
-        local: local_svc,
-        remotes: &remotes,
-    });
-    Ok(explanation(key, local, node, local_svc, &sel))
+    let svc = &clusters[local].services[&(ns.to_owned(), name.to_owned())];
+    Ok(Explanation {
+        waiting,
+        clusters_left_out,
+        programmed: svc_plan
+            .frontends
+            .iter()
+            .map(|f| programmed_frontend(&plan, svc_plan, f))
+            .collect(),
+        invalid,
+        ..explanation(key, local, node, svc, svc_plan)
+    })
 }
 
 fn explanation(
@@ -253,8 +385,9 @@ fn explanation(
     local: &ClusterName,
     node: &str,
     svc: &GlobalService,
-    sel: &Selection,
+    plan: &ServicePlan,
 ) -> Explanation {
+    let sel = &plan.selection;
     Explanation {
         service: key.to_string(),
         local_cluster: local.to_string(),
@@ -262,6 +395,8 @@ fn explanation(
         frontends: sel.frontends.iter().map(|f| f.to_string()).collect(),
         affinity: svc.affinity.to_string(),
         internal_traffic_policy: svc.internal_traffic_policy.to_string(),
+        waiting: None,
+        clusters_left_out: Vec::new(),
         ports: sel
             .ports
             .iter()
@@ -281,6 +416,42 @@ fn explanation(
             })
             .collect(),
         excluded: sel.excluded.iter().map(excluded_row).collect(),
+        programmed: Vec::new(),
+        invalid: Vec::new(),
+    }
+}
+
+fn programmed_frontend(plan: &NodePlan, svc: &ServicePlan, f: &FrontendPlan) -> ProgrammedFrontend {
+    let map_backend = |b: &SelectedBackend| MapBackend {
+        cluster: b.cluster.to_string(),
+        ip: b.ip,
+        port: b.port,
+        node: b.node.clone(),
+    };
+    let (held_by, losers, backends) = match &f.claim {
+        Claim::Won { losers } => (
+            svc.claimant(f).to_string(),
+            losers.iter().map(ToString::to_string).collect(),
+            svc.backends(f).map(map_backend).collect(),
+        ),
+        Claim::Lost { winner } => {
+            let backends = plan
+                .owner(&f.frontend)
+                .map(|(o, of)| o.backends(of).map(map_backend).collect())
+                .unwrap_or_default();
+            (winner.to_string(), Vec::new(), backends)
+        }
+    };
+    ProgrammedFrontend {
+        frontend: f.frontend.to_string(),
+        held: matches!(f.claim, Claim::Won { .. }),
+        held_by,
+        losers,
+        backends,
+        other_family: svc
+            .other_family(f)
+            .map(|b| format!("{}/{}:{}", b.cluster, b.ip, b.port))
+            .collect(),
     }
 }
 
@@ -298,6 +469,17 @@ pub fn render_explain(e: &Explanation) -> String {
         "Service {} as node {:?} of cluster {} selects it (affinity {}, internalTrafficPolicy {})\n",
         e.service, e.node, e.local_cluster, e.affinity, e.internal_traffic_policy
     );
+    if let Some(waiting) = &e.waiting {
+        s.push_str(&format!(
+            "Not programmed yet: {waiting}; the node's maps keep what they held\n"
+        ));
+    }
+    if !e.clusters_left_out.is_empty() {
+        s.push_str(&format!(
+            "Clusters left out (never synced): {}\n",
+            e.clusters_left_out.join(", ")
+        ));
+    }
     s.push_str(&format!("Frontends: {}\n", dash(e.frontends.join(", "))));
     for p in &e.ports {
         s.push('\n');
@@ -329,6 +511,40 @@ pub fn render_explain(e: &Explanation) -> String {
             s.push('\n');
         }
     }
+    for f in &e.programmed {
+        s.push('\n');
+        let backends = if f.backends.is_empty() {
+            "no backend: connections are refused".to_string()
+        } else {
+            f.backends
+                .iter()
+                .map(|b| format!("{}/{}", b.cluster, SocketAddr::new(b.ip, b.port)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if f.held {
+            s.push_str(&format!("Frontend {} forwards to {backends}\n", f.frontend));
+            for l in &f.losers {
+                s.push_str(&format!(
+                    "  also claimed by {l}: first Service wins a ClusterIP, that claim is not programmed\n"
+                ));
+            }
+        } else {
+            s.push_str(&format!(
+                "Frontend {} is held by {} (first Service wins a ClusterIP): it forwards to {backends}, not to this service's selection\n",
+                f.frontend, f.held_by
+            ));
+        }
+        if !f.other_family.is_empty() {
+            s.push_str(&format!(
+                "  left out for their address family: {}\n",
+                f.other_family.join(", ")
+            ));
+        }
+    }
+    for i in &e.invalid {
+        s.push_str(&format!("Invalid value skipped: {i}\n"));
+    }
     s.push('\n');
     if e.excluded.is_empty() {
         s.push_str("No backend left out.\n");
@@ -358,6 +574,7 @@ pub fn render_explain(e: &Explanation) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_agent::state::KINDS;
     use mesh_core::{Affinity, Backend, BackendConditions, Protocol, ServicePort, TrafficPolicy};
 
     fn port(name: &str, protocol: Protocol, port: u16) -> ServicePort {
@@ -398,6 +615,22 @@ mod tests {
             zone: String::new(),
             conditions,
         }
+    }
+
+    /// What a watch of an apiserver holding `services` delivers: each service, and every
+    /// kind of every cluster synced.
+    fn watched(services: &[GlobalService]) -> Watched {
+        let mut w = Watched::default();
+        for s in services {
+            w.objects.insert(
+                (s.cluster.to_string(), pb::Kind::Service as i32, s.key()),
+                pb::event::Value::Service(s.into()),
+            );
+            for kind in KINDS {
+                w.synced.insert((s.cluster.to_string(), kind as i32));
+            }
+        }
+        w
     }
 
     fn svc(cluster: &str, backends: Vec<Backend>) -> GlobalService {
@@ -565,8 +798,13 @@ mod tests {
         ];
         let east = ClusterName::new("east").unwrap();
         for c in cases {
-            let e = explain(&c.services, &east, c.node, "default/web")
-                .unwrap_or_else(|err| panic!("{}: {err:#}", c.name));
+            let e = explain(
+                &watched(&c.services),
+                c.node,
+                "default/web",
+                &agent_gate(&east),
+            )
+            .unwrap_or_else(|err| panic!("{}: {err:#}", c.name));
             assert_eq!(e.ports.len(), 1, "{}", c.name);
             let selected: Vec<(String, String)> = e.ports[0]
                 .backends
@@ -615,19 +853,121 @@ mod tests {
     #[test]
     fn explain_names_a_service_missing_locally() {
         let east = ClusterName::new("east").unwrap();
-        let services = vec![svc("west", vec![backend("10.2.0.1", "w1", READY)])];
-        let err = explain(&services, &east, "e1", "default/web")
+        let services = watched(&[svc("west", vec![backend("10.2.0.1", "w1", READY)])]);
+        let gate = agent_gate(&east);
+        let err = explain(&services, "e1", "default/web", &gate)
             .unwrap_err()
             .to_string();
         assert!(err.contains("default/web"), "{err}");
         assert!(err.contains("does not exist in cluster east"), "{err}");
         assert!(err.contains("only in west"), "{err}");
         assert!(err.contains("not reachable by ClusterIP"), "{err}");
-        let err = explain(&services, &east, "e1", "default/nope")
+        let err = explain(&services, "e1", "default/nope", &gate)
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not exist in any cluster"), "{err}");
-        assert!(explain(&services, &east, "e1", "nope").is_err());
+        assert!(explain(&services, "e1", "nope", &gate).is_err());
+    }
+
+    #[test]
+    fn explain_names_who_holds_each_frontend_and_what_it_forwards_to() {
+        let east = ClusterName::new("east").unwrap();
+        let mut a = svc("east", vec![backend("10.1.0.1", "e1", READY)]);
+        a.namespace = "a".into();
+        a.frontends.push("fd00:96::10".parse().unwrap());
+        a.backends.push(backend("fd00:1::1", "e1", READY));
+        let mut b = svc("east", vec![backend("10.1.0.2", "e1", READY)]);
+        b.namespace = "b".into();
+        let w = watched(&[a, b]);
+        let gate = agent_gate(&east);
+
+        let e = explain(&w, "e1", "a/web", &gate).unwrap();
+        let rows: Vec<(&str, bool, &str, Vec<String>)> = e
+            .programmed
+            .iter()
+            .map(|f| {
+                let backends = f
+                    .backends
+                    .iter()
+                    .map(|b| SocketAddr::new(b.ip, b.port).to_string())
+                    .collect();
+                (f.frontend.as_str(), f.held, f.held_by.as_str(), backends)
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (
+                    "10.96.0.10:80/TCP",
+                    true,
+                    "a/web port \"http\" 80/TCP",
+                    vec!["10.1.0.1:8080".to_string()]
+                ),
+                (
+                    "[fd00:96::10]:80/TCP",
+                    true,
+                    "a/web port \"http\" 80/TCP",
+                    vec!["[fd00:1::1]:8080".to_string()]
+                ),
+            ]
+        );
+        assert_eq!(e.programmed[0].losers, ["b/web port \"http\" 80/TCP"]);
+        assert_eq!(e.programmed[0].other_family, ["east/fd00:1::1:8080"]);
+        let text = render_explain(&e);
+        assert!(
+            text.contains("also claimed by b/web port \"http\" 80/TCP: first Service wins"),
+            "{text}"
+        );
+        assert!(
+            text.contains("left out for their address family: east/fd00:1::1:8080"),
+            "{text}"
+        );
+
+        // The loser: held by a/web, forwarding to a/web's backends, not its own.
+        let e = explain(&w, "e1", "b/web", &gate).unwrap();
+        let f = &e.programmed[0];
+        assert!(!f.held);
+        assert_eq!(f.held_by, "a/web port \"http\" 80/TCP");
+        assert_eq!(f.backends.len(), 1);
+        assert_eq!(f.backends[0].ip.to_string(), "10.1.0.1");
+        // Its own selection is still shown.
+        assert_eq!(e.ports[0].backends[0].address, "10.1.0.2:8080");
+        let text = render_explain(&e);
+        assert!(
+            text.contains(
+                "Frontend 10.96.0.10:80/TCP is held by a/web port \"http\" 80/TCP (first Service wins a ClusterIP)"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn explain_reports_the_sync_gate() {
+        let east = ClusterName::new("east").unwrap();
+        let mut w = watched(&[
+            svc("east", vec![backend("10.1.0.1", "e1", READY)]),
+            svc("west", vec![backend("10.2.0.1", "w1", READY)]),
+        ]);
+        // west never finished its sync: left out, named.
+        w.synced.retain(|(c, _)| c != "west");
+        let e = explain(&w, "e1", "default/web", &agent_gate(&east)).unwrap();
+        assert_eq!(e.waiting, None);
+        assert_eq!(e.clusters_left_out, ["west"]);
+        assert_eq!(e.programmed[0].backends.len(), 1, "{e:?}");
+        assert!(render_explain(&e).contains("Clusters left out (never synced): west"));
+
+        // The local cluster not synced: the agent waits, and says for what.
+        w.synced.clear();
+        let e = explain(&w, "e1", "default/web", &agent_gate(&east)).unwrap();
+        assert_eq!(
+            e.waiting.as_deref(),
+            Some("waiting for the initial sync of cluster east")
+        );
+        let text = render_explain(&e);
+        assert!(
+            text.contains("Not programmed yet: waiting for the initial sync of cluster east"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -653,5 +993,300 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("1/2"), "{t}");
+    }
+
+    /// The agent's maps and `service explain` agree on generated meshes: the same watch
+    /// stream goes to the agent's state (as its watch loop applies it), its sync gate and
+    /// `desired::compute`, and to `explain`; every frontend the agent programs is explained
+    /// with exactly the backends it programs, and nothing else is.
+    mod agreement {
+        use std::collections::BTreeSet;
+
+        use mesh_agent::desired::{self, BackendKey};
+        use mesh_core::select::Frontend;
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const CLUSTERS: [&str; 4] = ["local", "east", "west", "north"];
+        const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+        const SERVICES: [(&str, &str); 3] = [("a", "web"), ("b", "web"), ("a", "api")];
+        /// Two ports of one protocol and number under different names, to collide.
+        const PORTS: [(&str, Protocol, u16); 3] = [
+            ("http", Protocol::Tcp, 80),
+            ("alt", Protocol::Tcp, 80),
+            ("dns", Protocol::Udp, 53),
+        ];
+
+        fn vips() -> Vec<IpAddr> {
+            ["10.96.0.1", "10.96.0.2", "fd00:96::1"]
+                .iter()
+                .map(|v| v.parse().unwrap())
+                .collect()
+        }
+
+        fn conditions() -> impl Strategy<Value = BackendConditions> {
+            (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+                |(ready, serving, terminating)| BackendConditions {
+                    ready,
+                    serving,
+                    terminating,
+                },
+            )
+        }
+
+        fn service_ports(target: bool) -> impl Strategy<Value = Vec<ServicePort>> {
+            proptest::sample::subsequence(PORTS.to_vec(), 0..=3).prop_flat_map(move |ps| {
+                ps.into_iter()
+                    .map(|(n, proto, port)| {
+                        let ports = if target {
+                            8000u16..8003
+                        } else {
+                            port..port + 1
+                        };
+                        ports.prop_map(move |p| ServicePort {
+                            name: n.into(),
+                            protocol: proto,
+                            port: p,
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+        }
+
+        /// Backends of cluster number `c`: a small address pool (duplicates and IPv6
+        /// happen; the first cluster's pool overlaps the second's).
+        fn backends(c: u8) -> impl Strategy<Value = Vec<Backend>> {
+            proptest::collection::vec(
+                (
+                    0u8..5,
+                    any::<bool>(),
+                    proptest::sample::select(NODES.to_vec()),
+                    conditions(),
+                    service_ports(true),
+                ),
+                0..5,
+            )
+            .prop_map(move |v| {
+                v.into_iter()
+                    .map(|(host, v6, node, conditions, ports)| Backend {
+                        ip: if v6 {
+                            format!("fd00:{}::{host}", c / 2 + 1).parse().unwrap()
+                        } else {
+                            IpAddr::from([10, c / 2 + 1, 0, host])
+                        },
+                        ports,
+                        node: node.into(),
+                        zone: String::new(),
+                        conditions,
+                    })
+                    .collect()
+            })
+        }
+
+        fn service(
+            c: u8,
+            ns: &'static str,
+            name: &'static str,
+        ) -> impl Strategy<Value = GlobalService> {
+            (
+                any::<bool>(),
+                proptest::sample::select(vec![Affinity::None, Affinity::Local, Affinity::Remote]),
+                proptest::sample::select(vec![TrafficPolicy::Cluster, TrafficPolicy::Local]),
+                service_ports(false),
+                proptest::sample::subsequence(vips(), 0..=3),
+                backends(c),
+            )
+                .prop_map(
+                    move |(shared, affinity, policy, ports, frontends, backends)| GlobalService {
+                        cluster: ClusterName::new(CLUSTERS[usize::from(c)]).unwrap(),
+                        namespace: ns.into(),
+                        name: name.into(),
+                        shared,
+                        affinity,
+                        internal_traffic_policy: policy,
+                        ports,
+                        frontends,
+                        backends,
+                    },
+                )
+        }
+
+        /// One cluster: its services (a subset of the pool) and which kinds synced.
+        fn cluster(c: u8) -> impl Strategy<Value = (Vec<GlobalService>, Vec<pb::Kind>)> {
+            let services = SERVICES.map(|(ns, n)| proptest::option::of(service(c, ns, n)));
+            let synced = prop_oneof![
+                3 => Just(KINDS.to_vec()),
+                1 => proptest::sample::subsequence(KINDS.to_vec(), 0..KINDS.len()),
+            ];
+            (services, synced).prop_map(|(s, synced)| (s.into_iter().flatten().collect(), synced))
+        }
+
+        #[derive(Debug, Clone)]
+        struct Mesh {
+            clusters: Vec<(Vec<GlobalService>, Vec<pb::Kind>)>,
+            node: &'static str,
+            deadline_passed: bool,
+            programming: bool,
+        }
+
+        fn mesh() -> impl Strategy<Value = Mesh> {
+            (
+                proptest::collection::vec(any::<()>(), 1..=4)
+                    .prop_flat_map(|v| (0..v.len() as u8).map(cluster).collect::<Vec<_>>()),
+                proptest::sample::select(NODES.to_vec()),
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(|(clusters, node, deadline_passed, programming)| Mesh {
+                    clusters,
+                    node,
+                    deadline_passed,
+                    programming,
+                })
+        }
+
+        /// The watch stream an apiserver sends for `mesh`: a snapshot of every service,
+        /// then the Synced markers.
+        fn stream(mesh: &Mesh) -> Vec<pb::WatchResponse> {
+            let events = mesh
+                .clusters
+                .iter()
+                .flat_map(|(services, _)| services)
+                .map(|s| pb::Event {
+                    kind: pb::Kind::Service as i32,
+                    cluster: s.cluster.to_string(),
+                    name: s.key(),
+                    revision: 1,
+                    value: Some(pb::event::Value::Service(s.into())),
+                })
+                .collect();
+            let mut msgs = vec![pb::WatchResponse {
+                revision: 1,
+                payload: Some(pb::watch_response::Payload::Events(pb::Events { events })),
+            }];
+            for (c, (_, kinds)) in mesh.clusters.iter().enumerate() {
+                for kind in kinds {
+                    msgs.push(pb::WatchResponse {
+                        revision: 1,
+                        payload: Some(pb::watch_response::Payload::Synced(pb::Synced {
+                            cluster: CLUSTERS[c].into(),
+                            kind: *kind as i32,
+                        })),
+                    });
+                }
+            }
+            msgs
+        }
+
+        /// What the agent's watch loop hands its state for `msgs` (as the resumable client
+        /// turns them into updates).
+        fn updates(msgs: &[pb::WatchResponse]) -> Vec<WatchUpdate> {
+            let mut out = Vec::new();
+            for m in msgs {
+                match &m.payload {
+                    Some(pb::watch_response::Payload::Events(evs)) => {
+                        for e in &evs.events {
+                            out.push(WatchUpdate::Upsert {
+                                cluster: ClusterName::new(e.cluster.clone()).unwrap(),
+                                kind: pb::Kind::try_from(e.kind).unwrap(),
+                                name: e.name.clone(),
+                                revision: e.revision,
+                                value: e.value.clone().unwrap(),
+                            });
+                        }
+                    }
+                    Some(pb::watch_response::Payload::Synced(s)) => {
+                        out.push(WatchUpdate::Synced {
+                            cluster: ClusterName::new(s.cluster.clone()).unwrap(),
+                            kind: pb::Kind::try_from(s.kind).unwrap(),
+                        });
+                    }
+                    _ => unreachable!("the generated stream has only events and markers"),
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn explain_reports_what_the_agent_programs(mesh in mesh()) {
+                let local = ClusterName::new("local").unwrap();
+                let gate = GateInput {
+                    local_cluster: &local,
+                    deadline_passed: mesh.deadline_passed,
+                    programming: mesh.programming,
+                };
+                let msgs = stream(&mesh);
+
+                // The agent.
+                let mut state = MeshState::default();
+                for u in updates(&msgs) {
+                    let applied = state.apply(u);
+                    prop_assert!(!matches!(applied, Applied::Rejected { .. }), "{applied:?}");
+                }
+                let agent = state
+                    .programmable(&gate)
+                    .map(|clusters| desired::compute(&clusters, &local, mesh.node).0);
+
+                // meshctl.
+                let mut watched = Watched::default();
+                for m in msgs {
+                    prop_assert!(watched.apply(m));
+                }
+                let mut explained: BTreeMap<String, BTreeSet<(IpAddr, u16)>> = BTreeMap::new();
+                for (ns, name) in SERVICES {
+                    let key = format!("{ns}/{name}");
+                    let exists = mesh.clusters[0].0.iter().any(|s| s.key() == key);
+                    let e = match explain(&watched, mesh.node, &key, &gate) {
+                        Ok(e) => e,
+                        Err(err) => {
+                            // Only a service that is not local, or whose cluster the gate
+                            // leaves out (so the agent has no frontend from it).
+                            let err = err.to_string();
+                            prop_assert!(
+                                !exists || (err.contains("is not synced")
+                                    && agent.as_ref().is_ok_and(|d| d.services.is_empty())),
+                                "{key}: {err}"
+                            );
+                            continue;
+                        }
+                    };
+                    prop_assert!(exists, "{key} explained but not local");
+                    let waiting = agent.as_ref().err().map(ToString::to_string);
+                    prop_assert_eq!(&e.waiting, &waiting);
+                    for f in &e.programmed {
+                        let backends: BTreeSet<(IpAddr, u16)> =
+                            f.backends.iter().map(|b| (b.ip, b.port)).collect();
+                        if let Some(before) = explained.insert(f.frontend.clone(), backends.clone()) {
+                            // Another service's explanation of the same frontend (a loser's
+                            // shows the holder's backends): the same.
+                            prop_assert_eq!(before, backends, "{}", f.frontend);
+                        }
+                    }
+                }
+                let Ok(desired) = agent else {
+                    return Ok(());
+                };
+                let programmed: BTreeMap<String, BTreeSet<(IpAddr, u16)>> = desired
+                    .services
+                    .iter()
+                    .map(|(k, v)| {
+                        let f = Frontend { vip: k.vip, port: k.port, protocol: k.proto };
+                        let b: BTreeSet<(IpAddr, u16)> = v
+                            .iter()
+                            .map(|b: &BackendKey| {
+                                assert_eq!(b.proto, k.proto);
+                                (b.ip, b.port)
+                            })
+                            .collect();
+                        (f.to_string(), b)
+                    })
+                    .collect();
+                prop_assert_eq!(explained, programmed);
+            }
+        }
     }
 }

@@ -1,5 +1,14 @@
-//! Backend selection (DESIGN.md section 5): which backends a node's agent programs for one
-//! global service, and why every other backend is left out.
+//! Backend selection (DESIGN.md section 5): which backends a node's agent programs, and why
+//! every other backend is left out. Every decision between the watched state and the maps
+//! lives here, once, so the agent and `meshctl service explain` cannot disagree:
+//!
+//! - [`merge_addresses`]: one backend per address (the apiserver merges EndpointSlices with
+//!   it, [`select`] its inputs);
+//! - [`service_presented`]: a non-shared service is absent for peers (the gRPC edge);
+//! - [`sync_gate`]: which clusters are programmed (the agent's state);
+//! - [`select`]: one global service's backends;
+//! - [`plan_node`]: every frontend of a node, with "first Service wins a ClusterIP" and the
+//!   address-family filter (the agent's `desired::compute`, `meshctl service explain`).
 //!
 //! [`select`] is a pure function of the local Service, the same Service as the other
 //! clusters publish it, and the node it runs for. Its output is sorted, so the agent can diff
@@ -21,11 +30,27 @@
 //!   preference. When nothing is left the port has no backend, and the datapath refuses
 //!   connections to it rather than using a stale backend.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::{Affinity, BackendConditions, ClusterName, GlobalService, ServicePort, TrafficPolicy};
+use crate::{
+    Affinity, Backend, BackendConditions, ClusterName, GlobalService, ServicePort, TrafficPolicy,
+};
+
+mod export;
+mod gate;
+mod merge;
+mod node;
+
+pub use export::{Reader, service_presented};
+pub use gate::{GateInput, SyncGate, Waiting, sync_gate};
+pub use merge::{condition_rank, merge_addresses};
+pub use node::{
+    Claim, Claimant, Frontend, FrontendPlan, MeshView, NodePlan, ServicePlan, Services, plan_node,
+    same_family,
+};
 
 /// What [`select`] decides from.
 #[derive(Debug, Clone, Copy)]
@@ -183,7 +208,7 @@ pub fn select(input: &SelectInput<'_>) -> Selection {
     for r in input.remotes {
         let reason = if r.cluster == *input.local_cluster || seen[&r.cluster] > 1 {
             Reason::DuplicateCluster
-        } else if !r.shared {
+        } else if !service_presented(r.shared, Reader::Peer) {
             Reason::NotShared
         } else {
             candidates.extend(merge_backends(&r.cluster, r, false));
@@ -219,10 +244,7 @@ pub fn select(input: &SelectInput<'_>) -> Selection {
 #[derive(Debug)]
 struct Candidate<'a> {
     cluster: &'a ClusterName,
-    ip: IpAddr,
-    node: &'a str,
-    ports: Vec<&'a ServicePort>,
-    conditions: BackendConditions,
+    backend: Cow<'a, Backend>,
     local: bool,
 }
 
@@ -230,12 +252,13 @@ struct Candidate<'a> {
 
 impl Candidate<'_> {
     fn class(&self) -> Tier {
-        class(self.conditions)
+        class(self.backend.conditions)
     }
 
     /// Why a backend of class `Tier::None` is not used.
     fn unusable_reason(&self) -> Reason {
-        if self.conditions.terminating && !self.conditions.serving {
+        let c = self.backend.conditions;
+        if c.terminating && !c.serving {
             Reason::NotServing
         } else {
             Reason::NotReady
@@ -253,39 +276,21 @@ fn class(c: BackendConditions) -> Tier {
     }
 }
 
-/// The backends of one service, one per IP. A service may list an IP twice (two
-/// EndpointSlices during a change): the copy in the best condition wins, ports are merged
-/// (the first copy's target port wins for a port name).
+/// The backends of one service, one per IP ([`merge_addresses`]: a service may list an IP
+/// twice, e.g. from two EndpointSlices during a change).
 fn merge_backends<'a>(
     cluster: &'a ClusterName,
     svc: &'a GlobalService,
     local: bool,
 ) -> Vec<Candidate<'a>> {
-    let mut by_ip: BTreeMap<IpAddr, Candidate<'a>> = BTreeMap::new();
-    for b in &svc.backends {
-        let c = by_ip.entry(b.ip).or_insert_with(|| Candidate {
+    merge_addresses(svc.backends.iter().map(Cow::Borrowed))
+        .into_iter()
+        .map(|backend| Candidate {
             cluster,
-            ip: b.ip,
-            node: &b.node,
-            ports: Vec::new(),
-            conditions: b.conditions,
+            backend,
             local,
-        });
-        if class(b.conditions) > c.class() {
-            c.conditions = b.conditions;
-            c.node = &b.node;
-        }
-        for p in &b.ports {
-            if !c
-                .ports
-                .iter()
-                .any(|q| q.name == p.name && q.protocol == p.protocol)
-            {
-                c.ports.push(p);
-            }
-        }
-    }
-    by_ip.into_values().collect()
+        })
+        .collect()
 }
 
 fn select_port(
@@ -298,7 +303,7 @@ fn select_port(
     let mut exclude = |c: &Candidate<'_>, reason: Reason| {
         excluded.insert(Excluded {
             cluster: c.cluster.clone(),
-            ip: c.ip,
+            ip: c.backend.ip,
             port: Some(fp.clone()),
             reason,
         });
@@ -308,6 +313,7 @@ fn select_port(
     let mut eligible = Vec::new();
     for c in candidates {
         let Some(target) = c
+            .backend
             .ports
             .iter()
             .find(|p| p.name == fp.name && p.protocol == fp.protocol)
@@ -317,11 +323,11 @@ fn select_port(
         };
         if policy_local && !c.local {
             exclude(c, Reason::InternalTrafficPolicyLocalRemote);
-        } else if policy_local && c.node != input.node {
+        } else if policy_local && c.backend.node != input.node {
             exclude(
                 c,
                 Reason::InternalTrafficPolicyLocal {
-                    backend_node: c.node.to_owned(),
+                    backend_node: c.backend.node.clone(),
                 },
             );
         } else {
@@ -378,9 +384,9 @@ fn select_port(
         } else {
             backends.push(SelectedBackend {
                 cluster: c.cluster.clone(),
-                ip: c.ip,
+                ip: c.backend.ip,
                 port,
-                node: c.node.to_owned(),
+                node: c.backend.node.clone(),
                 local: c.local,
             });
         }
