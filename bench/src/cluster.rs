@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use etcd_client::{Txn, TxnOp};
-use mesh_apiserver::peer::PeerSpec;
-use mesh_apiserver::peer::source::render_entry;
 use mesh_lab::kube_api::{KubeApi, KubeApiConfig, KubeApiHandle};
+use mesh_proto::peer_entry::PeerSpec;
+use mesh_proto::peer_entry::render_entry;
 use mesh_testkit::certs::TestCa;
 use mesh_testkit::etcd::Etcd;
 

@@ -342,7 +342,7 @@ async fn time_agent_sync(
     };
     progress.finish();
     // Check the kernel's maps, not only the agent's account of them.
-    let maps = mesh_agent::datapath::open_pinned_readonly(agent.bpffs.pin_dir())?;
+    let maps = mesh_maps::open_pinned_readonly(agent.bpffs.pin_dir())?;
     let dump = maps.dump().context("dumping the agent's maps")?;
     let got = Expected {
         services: dump.services.len() as u64,

@@ -17,8 +17,8 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mesh_agent::datapath::{DatapathDump, PROTO_TCP, PinnedMaps, ServiceEntryKey};
 use mesh_lab::kube_api::{PatchType, Store, resources};
+use mesh_maps::{DatapathDump, PROTO_TCP, PinnedMaps, ServiceEntryKey};
 use serde_json::json;
 
 use crate::cluster::{AgentNode, Cluster, ClusterSpec, Ctx};
@@ -299,7 +299,7 @@ pub async fn run(
         Kind::Failover => "failover",
     };
     let (mut topo, vip) = setup(kind, opts, components).await?;
-    let maps = mesh_agent::datapath::open_pinned_readonly(topo.agent.bpffs.pin_dir())
+    let maps = mesh_maps::open_pinned_readonly(topo.agent.bpffs.pin_dir())
         .context("opening the agent's pinned maps")?;
     let interval = Duration::from_micros(opts.poll_interval_us);
     let timeout = Duration::from_millis(opts.timeout_ms);

@@ -23,20 +23,10 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use mesh_core::identity::{RESERVED_HOST, RESERVED_REMOTE_NODE};
-use mesh_core::select::{MeshView, Services, plan_node};
-use mesh_core::{ClusterConfig, ClusterName, Endpoint, Node, Protocol};
+use mesh_core::select::plan_node;
+use mesh_core::{ClusterName, Protocol};
 
-/// What the agent knows about one cluster (its own or a remote one).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClusterState {
-    /// `None` until the cluster's config is known: its endpoints are then left out of the
-    /// ipcache (their identities cannot be checked) and its backends carry cluster id 0.
-    pub config: Option<ClusterConfig>,
-    pub nodes: BTreeMap<String, Node>,
-    pub endpoints: BTreeMap<IpAddr, Endpoint>,
-    /// Global services by `(namespace, name)`.
-    pub services: Services,
-}
+pub use mesh_proto::state::{ClusterState, mesh_view};
 
 /// A frontend: one ClusterIP, port and protocol of a global service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -234,21 +224,6 @@ pub fn compute<S: Borrow<ClusterState>>(
         }
     }
     (desired, dropped)
-}
-
-/// The view of the mesh that [`plan_node`] takes: the services of `clusters` (the ones the
-/// sync gate lets in). `meshctl service explain` builds it with this function too.
-pub fn mesh_view<'a, S: Borrow<ClusterState>>(
-    clusters: &'a BTreeMap<ClusterName, S>,
-    local_cluster: &'a ClusterName,
-) -> MeshView<'a> {
-    MeshView {
-        local_cluster,
-        clusters: clusters
-            .iter()
-            .map(|(name, c)| (name, &c.borrow().services))
-            .collect(),
-    }
 }
 
 // === the maps as they are ===
@@ -570,8 +545,8 @@ fn assign_slots(cur: &ServiceSlots, want: &[u32]) -> BTreeMap<u16, u32> {
 mod tests {
     use super::*;
     use mesh_core::{
-        Affinity, Backend, BackendConditions, ClusterId, GlobalService, IdentityId, ServicePort,
-        TrafficPolicy,
+        Affinity, Backend, BackendConditions, ClusterConfig, ClusterId, Endpoint, GlobalService,
+        IdentityId, Node, ServicePort, TrafficPolicy,
     };
 
     const NODE: &str = "node-a";

@@ -20,7 +20,8 @@ pub mod desired;
 pub mod metrics;
 pub mod reconcile;
 pub mod routes;
-pub mod state;
+/// The watched state of every cluster: mesh-proto's, shared with `meshctl service explain`.
+pub use mesh_proto::state;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use mesh_apiserver::peer::PeerSpec;
-use mesh_apiserver::peer::source::render_entry;
 use mesh_apiserver::{Args, Running, StartOptions};
 use mesh_core::ClusterName;
 use mesh_proto::client::{WatchOptions, WatchUpdate, connect_fn, spawn_watch};
 use mesh_proto::pb;
+use mesh_proto::peer_entry::render_entry;
 use mesh_proto::tls::{self, ClientEndpoint, ClientTls, TlsIdentity};
 use mesh_testkit::certs::TestCa;
 use mesh_testkit::etcd::Etcd;

@@ -7,10 +7,10 @@ mod peer_support;
 
 use std::time::Duration;
 
-use mesh_apiserver::peer::source::render_entry;
 use mesh_apiserver::peer::{PeerSource, PeerSpec};
 use mesh_lab::kube_api::{KubeApi, KubeApiConfig, KubeApiHandle};
 use mesh_proto::pb::Kind;
+use mesh_proto::peer_entry::render_entry;
 use peer_support::*;
 
 struct Lab {

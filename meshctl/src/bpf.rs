@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ipnet::IpNet;
-use mesh_agent::datapath::{DatapathDump, PROTO_TCP, PROTO_UDP, PinnedMaps, open_pinned_readonly};
+use mesh_maps::{DatapathDump, PROTO_TCP, PROTO_UDP, PinnedMaps, open_pinned_readonly};
 use serde::Serialize;
 
 use crate::output::{Format, table};

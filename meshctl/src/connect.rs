@@ -16,7 +16,7 @@
 //! Before writing anything, every pair of clusters is checked: distinct names, distinct IDs,
 //! no overlapping pod CIDRs (`mesh_core::validate::check_compatible`), an address and a CA
 //! on each side. Then the entry of each cluster (`<name>.yaml`, see
-//! `mesh_apiserver::peer::source`) is written into the other's peer Secret (`--peers-secret`,
+//! `mesh_proto::peer_entry`) is written into the other's peer Secret (`--peers-secret`,
 //! default `kube-system/mesh-peers` like the apiserver's flag; deploy/ uses
 //! `mesh-system/mesh-peers`). The Secret's `data` is replaced (update with the read
 //! resourceVersion), so removed keys disappear.
@@ -46,10 +46,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use mesh_apiserver::peer::source::{PeerSpec, parse_entry, render_entry};
 use mesh_core::validate::check_compatible;
 use mesh_core::{ClusterConfig, ClusterId, ClusterName};
 use mesh_proto::pb;
+use mesh_proto::peer_entry::{PeerSpec, parse_entry, render_entry};
 use mesh_proto::tls::{ClientEndpoint, ClientTls};
 
 use crate::conn::parse_duration;

@@ -3,9 +3,9 @@
 //! the reason for each left-out backend.
 //!
 //! `explain` is the agent's decision, not a copy of it: the watched objects go into the
-//! agent's own state (`mesh_agent::state::MeshState`), through its sync gate
+//! agent's own state (`mesh_proto::state::MeshState`), through its sync gate
 //! (`MeshState::programmable`), and into the same `mesh_core::select::plan_node` on the same
-//! `MeshView` (`mesh_agent::desired::mesh_view`) from which `desired::compute` programs the
+//! `MeshView` (`mesh_proto::state::mesh_view`) from which `desired::compute` programs the
 //! maps.
 
 use std::collections::BTreeMap;
@@ -13,8 +13,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use mesh_agent::desired::{ClusterState, mesh_view};
-use mesh_agent::state::{Applied, MeshState};
 use mesh_core::select::{
     Claim, Excluded, FrontendPlan, GateInput, NodePlan, SelectedBackend, ServicePlan, SyncGate,
     plan_node,
@@ -22,6 +20,7 @@ use mesh_core::select::{
 use mesh_core::{ClusterName, GlobalService};
 use mesh_proto::client::WatchUpdate;
 use mesh_proto::pb;
+use mesh_proto::state::{Applied, ClusterState, MeshState, mesh_view};
 use serde::Serialize;
 
 use crate::conn::{ConnArgs, parse_duration};
@@ -574,8 +573,8 @@ pub fn render_explain(e: &Explanation) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_agent::state::KINDS;
     use mesh_core::{Affinity, Backend, BackendConditions, Protocol, ServicePort, TrafficPolicy};
+    use mesh_proto::state::KINDS;
 
     fn port(name: &str, protocol: Protocol, port: u16) -> ServicePort {
         ServicePort {

@@ -8,8 +8,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use mesh_apiserver::peer::source::parse_entry;
 use mesh_lab::kube_api::{KubeApi, KubeApiConfig, KubeApiHandle};
+use mesh_proto::peer_entry::parse_entry;
 use serde_json::json;
 
 const PEERS_NS: &str = "mesh-system";

@@ -1,9 +1,12 @@
 //! The mesh wire contract (DESIGN.md section 7): generated protobuf types and service,
-//! conversions to and from mesh-core, the resumable watch client, and rustls helpers.
+//! conversions to and from mesh-core, the resumable watch client, rustls helpers, and the
+//! peer entry format (`peer_entry`) shared by the apiserver's importer and meshctl.
 
 pub mod client;
 pub mod convert;
 pub mod keys;
+pub mod peer_entry;
+pub mod state;
 pub mod tls;
 
 #[allow(clippy::all, unreachable_pub, missing_docs, rustdoc::invalid_html_tags)]

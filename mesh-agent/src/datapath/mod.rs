@@ -16,14 +16,13 @@
 //! never detaches. A pinned link whose target is gone or differs from the
 //! configuration (other cgroup, other interface) is replaced.
 //!
-//! Map updates are one syscall per entry: aya 0.14 has no batch operations.
-//!
-//! This module holds all the `unsafe` code of the workspace (`layout` for the
-//! `Pod` impls, `sys` for the raw syscalls aya does not wrap).
+//! The map layouts, the plain entry types, the bpf(2) calls aya 0.14 lacks
+//! (batch updates and lookups, link info and update) and the dump come from
+//! mesh-maps, which meshctl shares without this crate's eBPF build; this
+//! module loads, attaches and writes. Its only `unsafe` is in `sys` (host
+//! syscalls other than bpf(2)).
 
-pub mod layout;
 mod sys;
-mod types;
 
 use std::{
     collections::BTreeMap,
@@ -38,7 +37,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, lpm_trie::Key},
+    maps::{HashMap, MapData, MapError, PerCpuHashMap, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError},
@@ -46,8 +45,14 @@ use aya::{
     },
     sys::SyscallError,
 };
-use ipnet::{IpNet, Ipv4Net};
-pub use types::{
+use ipnet::IpNet;
+pub use mesh_maps::layout;
+use mesh_maps::{
+    BATCH_CHUNK, LbMaps, LbRawMaps, MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE, MAP_REV_NAT,
+    MAP_SERVICES,
+    sys::{self as bpf, Access, BatchError, RawMap},
+};
+pub use mesh_maps::{
     BackendValue, DatapathDump, FlowCounters, IdentityPair, IpcacheValue, PROTO_TCP, PROTO_UDP,
     ServiceEntryKey, ServiceEntryValue,
 };
@@ -55,30 +60,24 @@ pub use types::{
 static SOCK_LB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.bpf.o"));
 static FLOWS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flows.bpf.o"));
 
-const MAP_IPCACHE: &str = "mesh_ipcache";
-const MAP_SERVICES: &str = "mesh_services";
-const MAP_BACKENDS: &str = "mesh_backends";
-const MAP_REV_NAT: &str = "mesh_rev_nat";
-const MAP_FLOWS: &str = "mesh_flows";
-
 /// The cgroup sock_addr programs: (program name in sock_lb.bpf.c, attach type).
 const SOCK_PROGRAMS: &[(&str, u32)] = &[
-    ("mesh_connect4", sys::BPF_CGROUP_INET4_CONNECT),
-    ("mesh_sendmsg4", sys::BPF_CGROUP_UDP4_SENDMSG),
-    ("mesh_recvmsg4", sys::BPF_CGROUP_UDP4_RECVMSG),
-    ("mesh_getpeername4", sys::BPF_CGROUP_INET4_GETPEERNAME),
+    ("mesh_connect4", bpf::BPF_CGROUP_INET4_CONNECT),
+    ("mesh_sendmsg4", bpf::BPF_CGROUP_UDP4_SENDMSG),
+    ("mesh_recvmsg4", bpf::BPF_CGROUP_UDP4_RECVMSG),
+    ("mesh_getpeername4", bpf::BPF_CGROUP_INET4_GETPEERNAME),
 ];
 const FLOWS_PROGRAM: &str = "mesh_flows_tc";
 const FLOWS_LINKS: &[(&str, TcAttachType, u32)] = &[
     (
         "mesh_flows_tc_ingress",
         TcAttachType::Ingress,
-        sys::BPF_TCX_INGRESS,
+        bpf::BPF_TCX_INGRESS,
     ),
     (
         "mesh_flows_tc_egress",
         TcAttachType::Egress,
-        sys::BPF_TCX_EGRESS,
+        bpf::BPF_TCX_EGRESS,
     ),
 ];
 
@@ -181,6 +180,9 @@ pub enum Error {
     },
     #[error("{net} is not an IPv4 prefix: the IPv6 maps do not exist yet")]
     NotIpv4 { net: IpNet },
+    /// Opening or reading the maps (shared with `meshctl`), or a batch call.
+    #[error(transparent)]
+    Maps(#[from] mesh_maps::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -248,13 +250,11 @@ pub struct LinkStatus {
 /// tears everything down.
 pub struct Datapath {
     pin_dir: PathBuf,
-    services: HashMap<MapData, layout::ServiceKey, layout::ServiceValue>,
-    backends: HashMap<MapData, u32, layout::BackendValue>,
-    ipcache: LpmTrie<MapData, u32, layout::IpcacheValue>,
+    /// Services, backends and ipcache: typed handles and raw ones for batches.
+    lb: LbMaps,
     flows: PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
     _rev_nat: HashMap<MapData, layout::RevNatKey, layout::RevNatValue>,
-    /// Second handles on the maps above, for the batch syscalls aya lacks.
-    batch_fds: BatchFds,
+    batch: BatchSupport,
     links: Vec<LinkStatus>,
     // The loaded objects; their programs stay attached through the pinned
     // links, these only keep the program file descriptors for our lifetime.
@@ -328,7 +328,7 @@ impl Datapath {
             let prog_fd = program_fd(name, prog.fd())?;
             let pin = links_dir.join(name);
             let expect = ExpectedLink {
-                link_type: sys::BPF_LINK_TYPE_CGROUP,
+                link_type: bpf::BPF_LINK_TYPE_CGROUP,
                 target: cgroup_id,
                 attach_type,
             };
@@ -372,32 +372,25 @@ impl Datapath {
         }
 
         objects.push(sock_lb);
-        let batch_fd = |map: &'static str| {
-            let path = maps_dir.join(map);
-            match sys::obj_get(&path) {
-                Ok(fd) => Ok(BatchFd {
-                    fd,
-                    supported: true,
-                }),
-                Err(source) => Err(Error::PinDir { path, source }),
-            }
-        };
-        let batch_fds = BatchFds {
-            services: batch_fd(MAP_SERVICES)?,
-            backends: batch_fd(MAP_BACKENDS)?,
-            ipcache: batch_fd(MAP_IPCACHE)?,
-        };
+        let raw = LbRawMaps::open_pinned(&maps_dir, Access::ReadWrite)?;
 
         tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_path.display(),
             flow_iface = ?flow_iface, ?links, "datapath open");
         Ok(Self {
             pin_dir,
-            services,
-            backends,
-            ipcache,
+            lb: LbMaps {
+                services,
+                backends,
+                ipcache,
+                raw,
+            },
             flows,
             _rev_nat: rev_nat,
-            batch_fds,
+            batch: BatchSupport {
+                services: true,
+                backends: true,
+                ipcache: true,
+            },
             links,
             _objects: objects,
         })
@@ -433,7 +426,8 @@ impl Datapath {
         key: ServiceEntryKey,
         value: ServiceEntryValue,
     ) -> Result<()> {
-        self.services
+        self.lb
+            .services
             .insert(
                 layout::ServiceKey::from(key),
                 layout::ServiceValue::from(value),
@@ -444,13 +438,13 @@ impl Datapath {
 
     /// Removes one slot; `Ok(false)` if it did not exist.
     pub fn remove_service_slot(&mut self, key: ServiceEntryKey) -> Result<bool> {
-        removed(self.services.remove(&layout::ServiceKey::from(key)))
+        removed(self.lb.services.remove(&layout::ServiceKey::from(key)))
             .map_err(entry_err(MAP_SERVICES, &key))
     }
 
     /// One slot of `mesh_services`, if present.
     pub fn service_slot(&self, key: ServiceEntryKey) -> Result<Option<ServiceEntryValue>> {
-        found(self.services.get(&layout::ServiceKey::from(key), 0))
+        found(self.lb.services.get(&layout::ServiceKey::from(key), 0))
             .map(|v| v.map(ServiceEntryValue::from))
             .map_err(entry_err(MAP_SERVICES, &key))
     }
@@ -459,19 +453,20 @@ impl Datapath {
 
     /// Inserts or replaces backend `id` (never 0).
     pub fn upsert_backend(&mut self, id: u32, value: BackendValue) -> Result<()> {
-        self.backends
+        self.lb
+            .backends
             .insert(id, layout::BackendValue::from(value), 0)
             .map_err(entry_err(MAP_BACKENDS, &id))
     }
 
     /// Removes backend `id`; `Ok(false)` if it did not exist.
     pub fn remove_backend(&mut self, id: u32) -> Result<bool> {
-        removed(self.backends.remove(&id)).map_err(entry_err(MAP_BACKENDS, &id))
+        removed(self.lb.backends.remove(&id)).map_err(entry_err(MAP_BACKENDS, &id))
     }
 
     /// Backend `id`, if present.
     pub fn backend(&self, id: u32) -> Result<Option<BackendValue>> {
-        found(self.backends.get(&id, 0))
+        found(self.lb.backends.get(&id, 0))
             .map(|v| v.map(BackendValue::from))
             .map_err(entry_err(MAP_BACKENDS, &id))
     }
@@ -481,7 +476,8 @@ impl Datapath {
     /// Inserts or replaces the ipcache entry of a prefix (IPv4 only for now).
     pub fn upsert_ipcache(&mut self, net: IpNet, value: IpcacheValue) -> Result<()> {
         let key = ipcache_key(net)?;
-        self.ipcache
+        self.lb
+            .ipcache
             .insert(&key, layout::IpcacheValue::from(value), 0)
             .map_err(entry_err(MAP_IPCACHE, &net))
     }
@@ -489,13 +485,13 @@ impl Datapath {
     /// Removes the ipcache entry of exactly this prefix; `Ok(false)` if absent.
     pub fn remove_ipcache(&mut self, net: IpNet) -> Result<bool> {
         let key = ipcache_key(net)?;
-        removed(self.ipcache.remove(&key)).map_err(entry_err(MAP_IPCACHE, &net))
+        removed(self.lb.ipcache.remove(&key)).map_err(entry_err(MAP_IPCACHE, &net))
     }
 
     /// Longest-prefix match of an address, as the programs see it.
     pub fn ipcache_lookup(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>> {
-        let key = Key::new(32, types::ip_to_raw(ip));
-        found(self.ipcache.get(&key, 0))
+        let key = Key::new(32, mesh_maps::ip_to_raw(ip));
+        found(self.lb.ipcache.get(&key, 0))
             .map(|v| v.map(IpcacheValue::from))
             .map_err(entry_err(MAP_IPCACHE, &ip))
     }
@@ -508,13 +504,18 @@ impl Datapath {
     pub fn upsert_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<()> {
         let keys: Vec<u32> = entries.iter().map(|(id, _)| *id).collect();
         let values: Vec<layout::BackendValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
-        let BatchFd { fd, supported } = &mut self.batch_fds.backends;
-        let backends = &mut self.backends;
-        batch_update(supported, fd.as_fd(), MAP_BACKENDS, &keys, &values, |i| {
-            backends
-                .insert(keys[i], values[i], 0)
-                .map_err(entry_err(MAP_BACKENDS, &keys[i]))
-        })
+        let LbMaps { backends, raw, .. } = &mut self.lb;
+        batch_update(
+            &mut self.batch.backends,
+            &raw.backends,
+            &keys,
+            &values,
+            |i| {
+                backends
+                    .insert(keys[i], values[i], 0)
+                    .map_err(entry_err(MAP_BACKENDS, &keys[i]))
+            },
+        )
     }
 
     /// Inserts or replaces many service slots, in order (see [`Self::upsert_backends`]).
@@ -524,13 +525,18 @@ impl Datapath {
     ) -> Result<()> {
         let keys: Vec<layout::ServiceKey> = entries.iter().map(|(k, _)| (*k).into()).collect();
         let values: Vec<layout::ServiceValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
-        let BatchFd { fd, supported } = &mut self.batch_fds.services;
-        let services = &mut self.services;
-        batch_update(supported, fd.as_fd(), MAP_SERVICES, &keys, &values, |i| {
-            services
-                .insert(keys[i], values[i], 0)
-                .map_err(entry_err(MAP_SERVICES, &entries[i].0))
-        })
+        let LbMaps { services, raw, .. } = &mut self.lb;
+        batch_update(
+            &mut self.batch.services,
+            &raw.services,
+            &keys,
+            &values,
+            |i| {
+                services
+                    .insert(keys[i], values[i], 0)
+                    .map_err(entry_err(MAP_SERVICES, &entries[i].0))
+            },
+        )
     }
 
     /// Inserts or replaces many ipcache entries, in order (see
@@ -542,9 +548,8 @@ impl Datapath {
             .map(|(net, _)| ipcache_key(*net))
             .collect::<Result<Vec<Key<u32>>>>()?;
         let values: Vec<layout::IpcacheValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
-        let BatchFd { fd, supported } = &mut self.batch_fds.ipcache;
-        let ipcache = &mut self.ipcache;
-        batch_update(supported, fd.as_fd(), MAP_IPCACHE, &keys, &values, |i| {
+        let LbMaps { ipcache, raw, .. } = &mut self.lb;
+        batch_update(&mut self.batch.ipcache, &raw.ipcache, &keys, &values, |i| {
             ipcache
                 .insert(&keys[i], values[i], 0)
                 .map_err(entry_err(MAP_IPCACHE, &entries[i].0))
@@ -556,96 +561,12 @@ impl Datapath {
     /// Reads every entry of the service, backend and ipcache maps (batched
     /// lookups where the kernel offers them, else one entry at a time).
     pub fn dump(&self) -> Result<DatapathDump> {
-        dump_maps(
-            &self.services,
-            &self.backends,
-            &self.ipcache,
-            &self.batch_fds,
-        )
+        Ok(self.lb.dump()?)
     }
 
     /// Flow counters per identity pair, summed over CPUs.
     pub fn flows(&self) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
-        sum_flows(&self.flows)
-    }
-}
-
-/// Read-only handles on a node's pinned maps (`meshctl bpf`, `meshctl flows`): no program
-/// is loaded and nothing is attached or written.
-pub struct PinnedMaps {
-    services: HashMap<MapData, layout::ServiceKey, layout::ServiceValue>,
-    backends: HashMap<MapData, u32, layout::BackendValue>,
-    ipcache: LpmTrie<MapData, u32, layout::IpcacheValue>,
-    flows: PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
-    batch_fds: BatchFds,
-}
-
-impl std::fmt::Debug for PinnedMaps {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PinnedMaps").finish_non_exhaustive()
-    }
-}
-
-/// Opens the maps pinned under `<pin_dir>/maps` by an agent, to read them.
-pub fn open_pinned_readonly(pin_dir: &Path) -> Result<PinnedMaps> {
-    let maps_dir = pin_dir.join("maps");
-    fn typed<M>(maps_dir: &Path, map: &'static str) -> Result<M>
-    where
-        M: TryFrom<aya::maps::Map, Error = MapError>,
-    {
-        let path = maps_dir.join(map);
-        if !path.exists() {
-            return Err(Error::PinDir {
-                path,
-                source: io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "no pinned map (is an agent running on this node?)",
-                ),
-            });
-        }
-        let data = MapData::from_pin(&path).map_err(map_err(map))?;
-        let raw = aya::maps::Map::from_map_data(data).map_err(map_err(map))?;
-        M::try_from(raw).map_err(map_err(map))
-    }
-    let batch_fd = |map: &'static str| {
-        let path = maps_dir.join(map);
-        match sys::obj_get(&path) {
-            Ok(fd) => Ok(BatchFd {
-                fd,
-                supported: true,
-            }),
-            Err(source) => Err(Error::PinDir { path, source }),
-        }
-    };
-    Ok(PinnedMaps {
-        services: typed(&maps_dir, MAP_SERVICES)?,
-        backends: typed(&maps_dir, MAP_BACKENDS)?,
-        ipcache: typed(&maps_dir, MAP_IPCACHE)?,
-        flows: typed(&maps_dir, MAP_FLOWS)?,
-        batch_fds: BatchFds {
-            services: batch_fd(MAP_SERVICES)?,
-            backends: batch_fd(MAP_BACKENDS)?,
-            ipcache: batch_fd(MAP_IPCACHE)?,
-        },
-    })
-}
-
-// === impl PinnedMaps ===
-
-impl PinnedMaps {
-    /// Every entry of the service, backend and ipcache maps.
-    pub fn dump(&self) -> Result<DatapathDump> {
-        dump_maps(
-            &self.services,
-            &self.backends,
-            &self.ipcache,
-            &self.batch_fds,
-        )
-    }
-
-    /// Flow counters per identity pair, summed over CPUs.
-    pub fn flows(&self) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
-        sum_flows(&self.flows)
+        Ok(mesh_maps::sum_flows(&self.flows)?)
     }
 }
 
@@ -674,145 +595,47 @@ pub fn unpin_dir(pin_dir: &Path) -> Result<()> {
 
 // === helpers ===
 
-struct BatchFds {
-    services: BatchFd,
-    backends: BatchFd,
-    ipcache: BatchFd,
+/// Per map: whether the kernel took batch updates so far (cleared the first
+/// time it refuses one, so later writes go entry by entry at once).
+struct BatchSupport {
+    services: bool,
+    backends: bool,
+    ipcache: bool,
 }
-
-struct BatchFd {
-    fd: OwnedFd,
-    /// Cleared the first time the kernel refuses a batch call on this map.
-    supported: bool,
-}
-
-/// Reads the service, backend and ipcache maps into a [`DatapathDump`].
-fn dump_maps(
-    services: &HashMap<MapData, layout::ServiceKey, layout::ServiceValue>,
-    backends: &HashMap<MapData, u32, layout::BackendValue>,
-    ipcache: &LpmTrie<MapData, u32, layout::IpcacheValue>,
-    batch_fds: &BatchFds,
-) -> Result<DatapathDump> {
-    let mut dump = DatapathDump::default();
-    let services = read_all(&batch_fds.services, MAP_SERVICES, || {
-        services.iter().collect()
-    })?;
-    for (k, v) in services {
-        dump.services.insert(k.into(), v.into());
-    }
-    let backends = read_all(&batch_fds.backends, MAP_BACKENDS, || {
-        backends.iter().collect()
-    })?;
-    for (k, v) in backends {
-        dump.backends.insert(k, v.into());
-    }
-    let ipcache = read_all(&batch_fds.ipcache, MAP_IPCACHE, || {
-        ipcache
-            .iter()
-            .map(|r| {
-                r.map(|(k, v)| {
-                    (
-                        layout::IpcacheKey {
-                            prefixlen: k.prefix_len(),
-                            ip4: k.data(),
-                        },
-                        v,
-                    )
-                })
-            })
-            .collect()
-    })?;
-    for (k, v) in ipcache {
-        let net = u8::try_from(k.prefixlen)
-            .ok()
-            .and_then(|len| Ipv4Net::new(types::ip_from_raw(k.ip4), len).ok())
-            .ok_or_else(|| Error::InvalidEntry {
-                map: MAP_IPCACHE,
-                detail: format!("prefix length {} of {:?}", k.prefixlen, k.ip4),
-            })?;
-        dump.ipcache.insert(IpNet::V4(net), v.into());
-    }
-    Ok(dump)
-}
-
-/// Flow counters per identity pair, summed over CPUs.
-fn sum_flows(
-    flows: &PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
-) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
-    let mut out = BTreeMap::new();
-    for entry in flows.iter() {
-        let (k, per_cpu) = entry.map_err(map_err(MAP_FLOWS))?;
-        let sum = per_cpu
-            .iter()
-            .fold(FlowCounters::default(), |acc, v| FlowCounters {
-                packets: acc.packets + v.packets,
-                bytes: acc.bytes + v.bytes,
-            });
-        out.insert(
-            IdentityPair {
-                src: k.src_identity,
-                dst: k.dst_identity,
-            },
-            sum,
-        );
-    }
-    Ok(out)
-}
-
-/// Reads a whole map with batched lookups, or with `iterate` when the kernel
-/// does not offer them for this map type.
-fn read_all<K: Copy + Default, V: Copy + Default>(
-    batch: &BatchFd,
-    map: &'static str,
-    iterate: impl FnOnce() -> Result<Vec<(K, V)>, MapError>,
-) -> Result<Vec<(K, V)>> {
-    match sys::map_lookup_all(batch.fd.as_fd(), BATCH_CHUNK) {
-        Ok(entries) => Ok(entries),
-        Err(e) if sys::batch_unsupported(&e) => {
-            tracing::debug!(map, error = %e, "no batch lookups; iterating");
-            iterate().map_err(map_err(map))
-        }
-        Err(e) => Err(Error::Map {
-            map,
-            source: Box::new(MapError::SyscallError(SyscallError {
-                call: "bpf_map_lookup_batch",
-                io_error: e,
-            })),
-        }),
-    }
-}
-
-/// Entries per `BPF_MAP_UPDATE_BATCH` call.
-const BATCH_CHUNK: usize = 8192;
 
 /// Writes `keys[i] -> values[i]` in chunks with `BPF_MAP_UPDATE_BATCH`;
 /// per entry with `single(i)` when the kernel does not offer batches.
-fn batch_update<K: Copy, V: Copy>(
+fn batch_update<K: aya::Pod, V: aya::Pod>(
     supported: &mut bool,
-    fd: std::os::fd::BorrowedFd<'_>,
-    map: &'static str,
+    raw: &RawMap,
     keys: &[K],
     values: &[V],
     mut single: impl FnMut(usize) -> Result<()>,
 ) -> Result<()> {
+    let map = raw.name();
     let mut start = 0;
     let mut batching = *supported;
     while batching && start < keys.len() {
         let end = (start + BATCH_CHUNK).min(keys.len());
-        match sys::map_update_batch(fd, &keys[start..end], &values[start..end]) {
+        match raw.update_batch(&keys[start..end], &values[start..end]) {
             Ok(()) => start = end,
-            Err((0, e)) if sys::batch_unsupported(&e) => {
+            Err(e) if e.is_unsupported() => {
                 tracing::debug!(map, error = %e, "no batch updates; writing entry by entry");
                 *supported = false;
                 batching = false;
             }
-            Err((done, e)) => {
+            Err(BatchError::Kernel {
+                done, source: e, ..
+            }) => {
                 // Go on entry by entry: the failing entry gets an error that
                 // names it, or succeeds (e.g. memory was short) and we go on.
                 tracing::debug!(map, error = %e, done, "batch update stopped");
                 start += done;
                 batching = false;
             }
+            // A layout mismatch is a bug of this build: writing entry by
+            // entry would not fix it.
+            Err(e) => return Err(mesh_maps::Error::from(e).into()),
         }
     }
     for i in start..keys.len() {
@@ -842,7 +665,7 @@ fn attach_flows(flows: &mut Ebpf, iface: &str, links_dir: &Path) -> Result<Vec<L
     for &(name, tc_type, attach_type) in FLOWS_LINKS {
         let pin = links_dir.join(name);
         let expect = ExpectedLink {
-            link_type: sys::BPF_LINK_TYPE_TCX,
+            link_type: bpf::BPF_LINK_TYPE_TCX,
             target: u64::from(ifindex),
             attach_type,
         };
@@ -884,14 +707,14 @@ fn ensure_link(
         path: pin.to_path_buf(),
         source,
     };
-    match sys::obj_get(pin) {
+    match bpf::obj_get(pin, Access::ReadWrite) {
         Ok(link) => {
-            let info = sys::link_info(link.as_fd()).map_err(link_err)?;
+            let info = bpf::link_info(link.as_fd()).map_err(link_err)?;
             if info.link_type == expect.link_type
                 && info.target == expect.target
                 && info.attach_type == expect.attach_type
             {
-                sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(link_err)?;
+                bpf::link_update(link.as_fd(), prog_fd.as_fd()).map_err(link_err)?;
                 return Ok(LinkState::Reused);
             }
             tracing::info!(pin = %pin.display(), ?info, ?expect,
@@ -947,82 +770,13 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
 /// Refuses to reuse a pinned map whose type, sizes or flags differ from what
 /// this build's programs expect (e.g. left by an agent with another layout).
 fn check_pinned_maps(maps_dir: &Path) -> Result<()> {
-    use std::mem::size_of;
-    const HASH: u32 = 1;
-    const LRU_HASH: u32 = 9;
-    const LRU_PERCPU_HASH: u32 = 10;
-    const LPM_TRIE: u32 = 11;
-    const NO_PREALLOC: u32 = 1;
-    let shape = |map_type, key: usize, value: usize, max_entries, map_flags| sys::MapShape {
-        map_type,
-        key_size: key as u32,
-        value_size: value as u32,
-        max_entries,
-        map_flags,
-    };
-    let expected = [
-        (
-            MAP_IPCACHE,
-            shape(
-                LPM_TRIE,
-                size_of::<layout::IpcacheKey>(),
-                size_of::<layout::IpcacheValue>(),
-                layout::IPCACHE_MAX,
-                NO_PREALLOC,
-            ),
-        ),
-        (
-            MAP_SERVICES,
-            shape(
-                HASH,
-                size_of::<layout::ServiceKey>(),
-                size_of::<layout::ServiceValue>(),
-                layout::SERVICES_MAX,
-                NO_PREALLOC,
-            ),
-        ),
-        (
-            MAP_BACKENDS,
-            shape(
-                HASH,
-                size_of::<u32>(),
-                size_of::<layout::BackendValue>(),
-                layout::BACKENDS_MAX,
-                NO_PREALLOC,
-            ),
-        ),
-        (
-            MAP_REV_NAT,
-            shape(
-                LRU_HASH,
-                size_of::<layout::RevNatKey>(),
-                size_of::<layout::RevNatValue>(),
-                layout::REV_NAT_MAX,
-                0,
-            ),
-        ),
-        (
-            MAP_FLOWS,
-            shape(
-                LRU_PERCPU_HASH,
-                size_of::<layout::FlowKey>(),
-                size_of::<layout::FlowValue>(),
-                layout::FLOWS_MAX,
-                0,
-            ),
-        ),
-    ];
-    for (map, want) in expected {
+    for (map, want) in layout::expected_shapes() {
         let path = maps_dir.join(map);
-        let fd = match sys::obj_get(&path) {
-            Ok(fd) => fd,
+        let found = match RawMap::open_pinned(&path, map, Access::ReadOnly) {
+            Ok(raw) => raw.shape(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(source) => return Err(Error::PinDir { path, source }),
         };
-        let found = sys::map_shape(fd.as_fd()).map_err(|source| Error::PinDir {
-            path: path.clone(),
-            source,
-        })?;
         if found != want {
             return Err(Error::IncompatibleMap {
                 path,
@@ -1072,7 +826,7 @@ fn ipcache_key(net: IpNet) -> Result<Key<u32>> {
     match net {
         IpNet::V4(v4) => Ok(Key::new(
             u32::from(v4.prefix_len()),
-            types::ip_to_raw(v4.network()),
+            mesh_maps::ip_to_raw(v4.network()),
         )),
         IpNet::V6(_) => Err(Error::NotIpv4 { net }),
     }

@@ -50,8 +50,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+pub use mesh_proto::peer_entry::{PeerSet, PeerSpec};
 pub use metrics::PeerMetrics;
-pub use source::{PeerSet, PeerSource, PeerSpec};
+pub use source::PeerSource;
 pub use worker::PeerError;
 
 use crate::config::parse_duration;

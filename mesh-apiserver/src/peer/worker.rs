@@ -27,9 +27,9 @@ use tonic::transport::Channel;
 use tracing::{debug, error, info, warn};
 
 use super::metrics::{PeerKindLabels, PeerMetrics, kind_label};
-use super::source::{PeerSpec, split_address};
 use super::{ClientIdentity, ImporterOptions, PeerStats};
 use crate::store::MAX_TXN_BYTES;
+use mesh_proto::peer_entry::{PeerSpec, split_address};
 
 /// Why a connection to a peer failed or the peer was refused. Each names the peer.
 #[derive(Debug, thiserror::Error)]

@@ -1,10 +1,18 @@
 //! `#[repr(C)]` mirrors of the map layouts in `bpf/mesh.h`.
 //!
 //! These are the raw wire format of the maps: addresses and ports in network
-//! byte order, explicit padding, no bools. The rest of the agent uses the plain
-//! types in [`super::types`]; only the datapath module converts between them.
+//! byte order, explicit padding, no bools. Everything else uses the plain
+//! types of the crate root (`ServiceEntryKey`, ...), converted with `From`.
 //! `tests::c_layout_matches` compiles assertions generated from these structs
 //! against the C header, so the two definitions cannot drift apart.
+
+use std::mem::size_of;
+
+use crate::sys::{
+    BPF_F_NO_PREALLOC, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH,
+    BPF_MAP_TYPE_LRU_PERCPU_HASH, MapShape,
+};
+use crate::{MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE, MAP_REV_NAT, MAP_SERVICES};
 
 /// Reserved identity of addresses the ipcache does not know.
 pub const IDENTITY_WORLD: u32 = 2;
@@ -115,6 +123,70 @@ pub struct FlowValue {
     pub bytes: u64,
 }
 
+/// Every map of bpf/mesh.h with the type, sizes and flags its definition
+/// gives it: what a pinned map must be for this build to use it.
+pub fn expected_shapes() -> [(&'static str, MapShape); 5] {
+    let shape = |map_type, key: usize, value: usize, max_entries, map_flags| MapShape {
+        map_type,
+        key_size: key as u32,
+        value_size: value as u32,
+        max_entries,
+        map_flags,
+    };
+    [
+        (
+            MAP_IPCACHE,
+            shape(
+                BPF_MAP_TYPE_LPM_TRIE,
+                size_of::<IpcacheKey>(),
+                size_of::<IpcacheValue>(),
+                IPCACHE_MAX,
+                BPF_F_NO_PREALLOC,
+            ),
+        ),
+        (
+            MAP_SERVICES,
+            shape(
+                BPF_MAP_TYPE_HASH,
+                size_of::<ServiceKey>(),
+                size_of::<ServiceValue>(),
+                SERVICES_MAX,
+                BPF_F_NO_PREALLOC,
+            ),
+        ),
+        (
+            MAP_BACKENDS,
+            shape(
+                BPF_MAP_TYPE_HASH,
+                size_of::<u32>(),
+                size_of::<BackendValue>(),
+                BACKENDS_MAX,
+                BPF_F_NO_PREALLOC,
+            ),
+        ),
+        (
+            MAP_REV_NAT,
+            shape(
+                BPF_MAP_TYPE_LRU_HASH,
+                size_of::<RevNatKey>(),
+                size_of::<RevNatValue>(),
+                REV_NAT_MAX,
+                0,
+            ),
+        ),
+        (
+            MAP_FLOWS,
+            shape(
+                BPF_MAP_TYPE_LRU_PERCPU_HASH,
+                size_of::<FlowKey>(),
+                size_of::<FlowValue>(),
+                FLOWS_MAX,
+                0,
+            ),
+        ),
+    ]
+}
+
 // SAFETY (all impls below): each type is `#[repr(C)]`, `Copy`, made only of
 // integers and integer arrays with explicit padding fields, so it has no
 // implicit padding bytes and every bit pattern is a valid value, which is what
@@ -168,7 +240,7 @@ fn layouts() -> Layout {
 
 #[cfg(test)]
 mod tests {
-    use std::{fmt::Write as _, mem::size_of, path::Path, process::Command};
+    use std::{fmt::Write as _, path::Path, process::Command};
 
     use super::*;
 
@@ -298,7 +370,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("run {clang} (install it with scripts/setup.sh): {e}"));
         assert!(
             out.status.success(),
-            "bpf/mesh.h and datapath/layout.rs disagree:\n{}",
+            "bpf/mesh.h and mesh-maps/src/layout.rs disagree:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         // The check must be able to fail: a wrong offset is rejected.

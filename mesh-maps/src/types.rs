@@ -1,12 +1,12 @@
 //! Plain Rust views of the map entries, in host types (`Ipv4Addr`, host-order
-//! ports). This is what the desired-state planner produces and what
-//! [`super::Datapath::dump`] returns, so the two can be diffed directly.
+//! ports). This is what the agent's desired-state planner produces and what a
+//! dump returns, so the two can be diffed directly.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnet::IpNet;
 
-use super::layout;
+use crate::layout;
 
 /// IP protocol numbers used in service keys.
 pub const PROTO_TCP: u8 = 6;
@@ -118,11 +118,12 @@ pub struct DatapathDump {
 // === conversions to and from the raw layouts ===
 
 /// Network-order `u32` (as stored in the maps) of an address.
-pub(crate) fn ip_to_raw(ip: Ipv4Addr) -> u32 {
+pub fn ip_to_raw(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-pub(crate) fn ip_from_raw(raw: u32) -> Ipv4Addr {
+/// The address of a network-order `u32` read from a map.
+pub fn ip_from_raw(raw: u32) -> Ipv4Addr {
     Ipv4Addr::from(raw.to_ne_bytes())
 }
 

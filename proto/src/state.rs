@@ -1,4 +1,7 @@
-//! What the agent knows about every cluster, fed by the watch of the local apiserver.
+//! What an agent knows about every cluster, fed by the watch of its local apiserver; in
+//! mesh-proto (not the agent) so `meshctl service explain` runs the very same code on the
+//! same watch stream: the agent's validation, its sync gate and the `MeshView` the node plan
+//! takes.
 //!
 //! One writer ([`MeshState::apply`]), synchronous. Values arrive as wire values and are
 //! converted to mesh-core types here; a value that does not convert (or whose name does not
@@ -7,19 +10,19 @@
 //! which clusters are programmed is mesh-core's sync gate over these facts (see
 //! [`MeshState::programmable`]).
 
+use std::borrow::Borrow;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use mesh_core::ClusterName;
 use mesh_core::model::Identity;
-use mesh_core::select::{GateInput, SyncGate, Waiting, sync_gate};
-use mesh_proto::client::WatchUpdate;
-use mesh_proto::convert::Object;
-use mesh_proto::pb::{self, Kind};
-use tracing::{debug, info, warn};
+use mesh_core::select::{GateInput, MeshView, Services, SyncGate, Waiting, sync_gate};
+use mesh_core::{ClusterConfig, ClusterName, Endpoint, Node};
 
-use crate::desired::ClusterState;
+use crate::client::WatchUpdate;
+use crate::convert::Object;
+use crate::pb::{self, Kind};
+use tracing::{debug, info, warn};
 
 /// The kinds a cluster publishes; a cluster is synced when all of them are.
 pub const KINDS: [Kind; 5] = [
@@ -304,7 +307,36 @@ fn insert<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, k: K, v: V) -> bool {
 
 /// The kind's key segment, for logs and metric labels.
 pub fn kind_name(kind: Kind) -> &'static str {
-    mesh_proto::keys::kind_segment(kind).unwrap_or("unspecified")
+    crate::keys::kind_segment(kind).unwrap_or("unspecified")
+}
+
+// === cluster state ===
+
+/// What the agent knows about one cluster (its own or a remote one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    /// `None` until the cluster's config is known: its endpoints are then left out of the
+    /// ipcache (their identities cannot be checked) and its backends carry cluster id 0.
+    pub config: Option<ClusterConfig>,
+    pub nodes: BTreeMap<String, Node>,
+    pub endpoints: BTreeMap<IpAddr, Endpoint>,
+    /// Global services by `(namespace, name)`.
+    pub services: Services,
+}
+
+/// The view of the mesh that [`plan_node`] takes: the services of `clusters` (the ones the
+/// sync gate lets in). `meshctl service explain` builds it with this function too.
+pub fn mesh_view<'a, S: Borrow<ClusterState>>(
+    clusters: &'a BTreeMap<ClusterName, S>,
+    local_cluster: &'a ClusterName,
+) -> MeshView<'a> {
+    MeshView {
+        local_cluster,
+        clusters: clusters
+            .iter()
+            .map(|(name, c)| (name, &c.borrow().services))
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,243 @@
+//! Handles on a node's maps and the whole-map reads: the dump of the service,
+//! backend and ipcache maps (shared by the agent's `Datapath` and the
+//! read-only [`PinnedMaps`]) and the flow counters.
+
+use std::{collections::BTreeMap, io, path::Path, path::PathBuf};
+
+use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuHashMap};
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::sys::{Access, BatchError, RawMap};
+use crate::{
+    DatapathDump, FlowCounters, IdentityPair, MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE, MAP_SERVICES,
+    ip_from_raw, layout,
+};
+
+/// Errors of opening and reading maps. Each names the map or the path.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("map {map} holds an invalid entry: {detail}")]
+    InvalidEntry { map: &'static str, detail: String },
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Entries per batch syscall.
+pub const BATCH_CHUNK: usize = 8192;
+
+/// The load-balancing maps and the ipcache: typed handles (aya) for single
+/// entries and iteration, raw ones for the batch calls aya 0.14 lacks.
+pub struct LbMaps {
+    pub services: HashMap<MapData, layout::ServiceKey, layout::ServiceValue>,
+    pub backends: HashMap<MapData, u32, layout::BackendValue>,
+    pub ipcache: LpmTrie<MapData, u32, layout::IpcacheValue>,
+    pub raw: LbRawMaps,
+}
+
+/// Second handles on the maps of [`LbMaps`], for the batch calls.
+pub struct LbRawMaps {
+    pub services: RawMap,
+    pub backends: RawMap,
+    pub ipcache: RawMap,
+}
+
+impl LbRawMaps {
+    /// Opens the three maps pinned under `maps_dir`.
+    pub fn open_pinned(maps_dir: &Path, access: Access) -> Result<Self> {
+        let open = |map: &'static str| {
+            let path = maps_dir.join(map);
+            RawMap::open_pinned(&path, map, access).map_err(|source| Error::PinDir { path, source })
+        };
+        Ok(Self {
+            services: open(MAP_SERVICES)?,
+            backends: open(MAP_BACKENDS)?,
+            ipcache: open(MAP_IPCACHE)?,
+        })
+    }
+}
+
+// === impl LbMaps ===
+
+impl LbMaps {
+    /// Every entry of the service, backend and ipcache maps (batched lookups
+    /// where the kernel offers them, else one entry at a time), in that
+    /// order: a dump that overlaps an update can see a slot whose backend was
+    /// just removed.
+    pub fn dump(&self) -> Result<DatapathDump> {
+        let mut dump = DatapathDump::default();
+        let services = read_all(&self.raw.services, || self.services.iter().collect())?;
+        for (k, v) in services {
+            dump.services.insert(k.into(), v.into());
+        }
+        let backends = read_all(&self.raw.backends, || self.backends.iter().collect())?;
+        for (k, v) in backends {
+            dump.backends.insert(k, v.into());
+        }
+        let ipcache = read_all(&self.raw.ipcache, || {
+            self.ipcache
+                .iter()
+                .map(|r| {
+                    r.map(|(k, v)| {
+                        (
+                            layout::IpcacheKey {
+                                prefixlen: k.prefix_len(),
+                                ip4: k.data(),
+                            },
+                            v,
+                        )
+                    })
+                })
+                .collect()
+        })?;
+        for (k, v) in ipcache {
+            let net = u8::try_from(k.prefixlen)
+                .ok()
+                .and_then(|len| Ipv4Net::new(ip_from_raw(k.ip4), len).ok())
+                .ok_or_else(|| Error::InvalidEntry {
+                    map: MAP_IPCACHE,
+                    detail: format!("prefix length {} of {:?}", k.prefixlen, k.ip4),
+                })?;
+            dump.ipcache.insert(IpNet::V4(net), v.into());
+        }
+        Ok(dump)
+    }
+}
+
+/// Flow counters per identity pair, summed over CPUs.
+pub fn sum_flows(
+    flows: &PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
+) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
+    let mut out = BTreeMap::new();
+    for entry in flows.iter() {
+        let (k, per_cpu) = entry.map_err(map_err(MAP_FLOWS))?;
+        let sum = per_cpu
+            .iter()
+            .fold(FlowCounters::default(), |acc, v| FlowCounters {
+                packets: acc.packets + v.packets,
+                bytes: acc.bytes + v.bytes,
+            });
+        out.insert(
+            IdentityPair {
+                src: k.src_identity,
+                dst: k.dst_identity,
+            },
+            sum,
+        );
+    }
+    Ok(out)
+}
+
+/// Reads a whole map with batched lookups, or with `iterate` when the kernel
+/// does not offer them for this map type.
+fn read_all<K: aya::Pod + Default, V: aya::Pod + Default>(
+    raw: &RawMap,
+    iterate: impl FnOnce() -> Result<Vec<(K, V)>, MapError>,
+) -> Result<Vec<(K, V)>> {
+    match raw.lookup_all(BATCH_CHUNK) {
+        Ok(entries) => Ok(entries),
+        Err(e) if e.is_unsupported() => {
+            tracing::debug!(map = raw.name(), error = %e, "no batch lookups; iterating");
+            iterate().map_err(map_err(raw.name()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `MapError` of `map` as an [`Error`].
+pub(crate) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// Read-only handles on a node's pinned maps (`meshctl bpf`, `meshctl flows`, the
+/// benchmarks): every fd is opened with `BPF_F_RDONLY`, so the kernel refuses any
+/// write through them; no program is loaded and nothing is attached.
+pub struct PinnedMaps {
+    pub(crate) lb: LbMaps,
+    pub(crate) flows: PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
+}
+
+impl std::fmt::Debug for PinnedMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedMaps").finish_non_exhaustive()
+    }
+}
+
+/// Opens the maps pinned under `<pin_dir>/maps` by an agent, read-only.
+pub fn open_pinned_readonly(pin_dir: &Path) -> Result<PinnedMaps> {
+    let maps_dir = pin_dir.join("maps");
+    let open = |map: &'static str| {
+        let path = maps_dir.join(map);
+        if !path.exists() {
+            return Err(Error::PinDir {
+                path,
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no pinned map (is an agent running on this node?)",
+                ),
+            });
+        }
+        RawMap::open_pinned(&path, map, Access::ReadOnly)
+            .map_err(|source| Error::PinDir { path, source })
+    };
+    // aya's typed handle on a duplicate of the read-only fd (aya checks the
+    // key and value sizes against the map's info).
+    fn typed<M>(raw: &RawMap) -> Result<M>
+    where
+        M: TryFrom<aya::maps::Map, Error = MapError>,
+    {
+        let map = raw.name();
+        let fd = raw
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| map_err(map)(MapError::IoError(e)))?;
+        let data = MapData::from_fd(fd).map_err(map_err(map))?;
+        let any = aya::maps::Map::from_map_data(data).map_err(map_err(map))?;
+        M::try_from(any).map_err(map_err(map))
+    }
+    let raw = LbRawMaps {
+        services: open(MAP_SERVICES)?,
+        backends: open(MAP_BACKENDS)?,
+        ipcache: open(MAP_IPCACHE)?,
+    };
+    let flows_raw = open(MAP_FLOWS)?;
+    Ok(PinnedMaps {
+        lb: LbMaps {
+            services: typed(&raw.services)?,
+            backends: typed(&raw.backends)?,
+            ipcache: typed(&raw.ipcache)?,
+            raw,
+        },
+        flows: typed(&flows_raw)?,
+    })
+}
+
+// === impl PinnedMaps ===
+
+impl PinnedMaps {
+    /// Every entry of the service, backend and ipcache maps.
+    pub fn dump(&self) -> Result<DatapathDump> {
+        self.lb.dump()
+    }
+
+    /// Flow counters per identity pair, summed over CPUs.
+    pub fn flows(&self) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
+        sum_flows(&self.flows)
+    }
+}
