@@ -120,10 +120,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         config::Routing::Native => Some(RouteTable::new()?),
         config::Routing::None => None,
     };
+    let state = MeshState::new(settings.cluster.clone());
     let mut agent = Agent {
         routes,
         settings,
-        state: MeshState::default(),
+        state,
         reconciler: Reconciler::new(dp),
         metrics,
         readiness,
@@ -395,7 +396,7 @@ impl Agent {
             .iter()
             .map(|(name, c)| pb::ClusterSync {
                 cluster: name.to_string(),
-                synced: c.synced(),
+                synced: self.state.is_synced(name),
                 endpoints: c.state.endpoints.len() as u64,
                 services: c.state.services.len() as u64,
             })
@@ -404,16 +405,16 @@ impl Agent {
             .state
             .clusters()
             .iter()
-            .filter(|(_, c)| !c.synced())
+            .filter(|(n, _)| !self.state.is_synced(n))
             .map(|(n, _)| n)
             .collect();
-        for (name, c) in self.state.clusters() {
+        for name in self.state.clusters().keys() {
             self.metrics
                 .cluster_synced
                 .get_or_create(&ClusterLabels {
                     cluster: name.to_string(),
                 })
-                .set(i64::from(c.synced()));
+                .set(i64::from(self.state.is_synced(name)));
         }
         let unsynced: Vec<&str> = unsynced.iter().map(|c| c.as_str()).collect();
         match (waiting, &self.last_error) {

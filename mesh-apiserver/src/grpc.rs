@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use etcd_client::{GetOptions, PutOptions};
 use futures::Stream;
 use mesh_core::ClusterName;
-use mesh_core::select::{Reader, service_presented};
+use mesh_core::select::{Reader, policy_presented, service_presented};
 use mesh_proto::keys::Keys;
 use mesh_proto::pb::{self, Kind, mesh_server};
 use mesh_proto::tls::{AuthError, Caller, ConnInfo, Role, ServerTls};
@@ -247,9 +247,12 @@ struct StreamFilter {
 }
 
 impl StreamFilter {
+    /// Whether the stream carries objects and Synced markers of (cluster, kind). A peer
+    /// never gets policies, even when it asks for the kind ([`policy_presented`]).
     fn accepts(&self, cluster: &str, kind: Kind) -> bool {
         self.clusters.as_ref().is_none_or(|c| c.contains(cluster))
             && (self.kinds.is_empty() || self.kinds.contains(&(kind as i32)))
+            && (kind != Kind::Policy || policy_presented(self.reader))
     }
 
     /// Whether the reader sees `obj` as it is (not a service the reader must see as absent).
@@ -1370,6 +1373,116 @@ mod tests {
             msgs.iter().flat_map(events).collect::<Vec<_>>(),
             ["ns/web", "ns/web-"]
         );
+    }
+
+    /// DESIGN.md section 14: policies are for the cluster's own agents only. A peer gets no
+    /// policy object and no policy Synced marker, in its snapshot or live, even when it asks
+    /// for the kind; the cluster's own readers get both.
+    #[tokio::test(start_paused = true)]
+    async fn peers_never_receive_policies_even_when_they_ask_for_the_kind() {
+        let index = Index::new(&IndexConfig::new(Keys::default()), Metrics::default());
+        let name = "networkpolicies/shop/deny-all";
+        let policy = |rev| {
+            let value = pb::Policy {
+                cluster: "east".into(),
+                kind: pb::PolicyKind::NetworkPolicy as i32,
+                namespace: "shop".into(),
+                name: "deny-all".into(),
+                object: format!(r#"{{"rev":{rev}}}"#),
+            };
+            put("east", Kind::Policy, name, value.encode_to_vec(), rev)
+        };
+        let synced = |kind, rev| RawEvent {
+            key: Keys::default().synced("east", kind).into_bytes(),
+            value: Some(pb::SyncedMarker { at_unix_ms: 1 }.encode_to_vec()),
+            mod_revision: rev,
+        };
+        index.with_state(|st| {
+            st.reset(
+                3,
+                vec![
+                    policy(2),
+                    node("east", "e1", 2),
+                    synced(Kind::Node, 3),
+                    synced(Kind::Policy, 3),
+                ],
+            )
+        });
+        let (service, _stop) = svc(&index, |_| {});
+        let all = BTreeSet::new();
+        let policies = BTreeSet::from([Kind::Policy as i32]);
+        let both = BTreeSet::from([Kind::Policy as i32, Kind::Node as i32]);
+        let mut rev = 3;
+        for (reader, kinds, sees) in [
+            (Reader::Peer, &all, false),
+            (Reader::Peer, &policies, false),
+            (Reader::Peer, &both, false),
+            (Reader::OwnCluster, &all, true),
+            (Reader::OwnCluster, &policies, true),
+        ] {
+            let case = format!("{reader:?} asking for {kinds:?}");
+            let mut ws = WatchStream {
+                svc: service.clone(),
+                filter: StreamFilter {
+                    clusters: Some(BTreeSet::from(["east".to_string()])),
+                    kinds: kinds.clone(),
+                    reader,
+                },
+                revision: 0,
+            };
+            let (mut sub, msgs) = ws.start(0).await.unwrap();
+            let received = |msgs: &[pb::WatchResponse]| {
+                let mut objects = Vec::new();
+                let mut markers = Vec::new();
+                for m in msgs {
+                    match &m.payload {
+                        Some(Payload::Events(e)) => {
+                            objects.extend(e.events.iter().map(|e| (e.kind, e.name.clone())))
+                        }
+                        Some(Payload::Synced(s)) => markers.push(s.kind),
+                        _ => {}
+                    }
+                }
+                (objects, markers)
+            };
+            let (objects, markers) = received(&decoded(&msgs));
+            let policy_objects = objects.iter().filter(|(k, _)| *k == Kind::Policy as i32);
+            assert_eq!(
+                policy_objects.count(),
+                usize::from(sees),
+                "{case}: {objects:?}"
+            );
+            assert_eq!(
+                markers.contains(&(Kind::Policy as i32)),
+                sees,
+                "{case}: {markers:?}"
+            );
+            // A later change, then a delete, of the policy.
+            rev += 1;
+            index.with_state(|st| st.apply(vec![policy(rev)]));
+            rev += 1;
+            index.with_state(|st| {
+                st.apply(vec![RawEvent {
+                    value: None,
+                    ..policy(rev)
+                }])
+            });
+            let Update::Batch(b1) = sub.next().await else {
+                panic!("{case}: expected a batch")
+            };
+            let Update::Batch(b2) = sub.next().await else {
+                panic!("{case}: expected a batch")
+            };
+            let (objects, _) = received(&decoded(&ws.batch_messages(&[b1, b2])));
+            let expected = if sees {
+                vec![(Kind::Policy as i32, name.to_string()); 2]
+            } else {
+                vec![]
+            };
+            assert_eq!(objects, expected, "{case}");
+            index.with_state(|st| st.apply(vec![policy(rev + 1)]));
+            rev += 1;
+        }
     }
 
     #[test]

@@ -407,6 +407,7 @@ fn decode_value(kind: Kind, key: &str, v: &[u8]) -> Result<pb::event::Value, Dec
         Kind::Service => {
             Value::Service(pb::GlobalService::decode(v).map_err(err("GlobalService"))?)
         }
+        Kind::Policy => Value::Policy(pb::Policy::decode(v).map_err(err("Policy"))?),
         Kind::Unspecified => {
             return Err(DecodeError::UnknownKey {
                 key: key.to_owned(),
@@ -964,7 +965,7 @@ impl State {
         clusters
             .into_iter()
             .map(|c| {
-                let kinds = mesh_proto::keys::ALL_KINDS
+                let kinds = mesh_proto::keys::PUBLISHED_KINDS
                     .iter()
                     .map(|k| {
                         let key = (c.to_owned(), *k as i32);

@@ -1,5 +1,6 @@
-//! The Kubernetes side of the publisher: watchers for Services, EndpointSlices, Pods, Nodes
-//! and Namespaces, the slim objects they produce, the synchronous cluster model they feed,
+//! The Kubernetes side of the publisher: watchers for Services, EndpointSlices, Pods, Nodes,
+//! Namespaces and network policies (NetworkPolicy, CiliumNetworkPolicy,
+//! CiliumClusterwideNetworkPolicy), the slim objects they produce, the synchronous cluster model they feed,
 //! and the pure functions that build mesh-core objects out of that model.
 //!
 //! Objects are watched as [`DynamicObject`]s and decoded one by one into the typed
@@ -9,6 +10,11 @@
 //! The model has one writer (the publisher task). It applies watcher events, buffers a
 //! relist (`Init` .. `InitDone`) and replaces a kind's contents at once on `InitDone`, and
 //! records which mesh objects each change may have touched (the dirty sets).
+//!
+//! A policy resource type the API does not serve (a CRD not installed, or an API without
+//! NetworkPolicy) is an empty list, not a failure: the watcher logs it once, reports the
+//! kind listed (so the policy kind still gets its Synced marker and agents are not held
+//! back), and keeps retrying with backoff, so objects are published once the type appears.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -24,6 +30,7 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use mesh_core::annotations::{AnnotationProblem, ServiceAnnotations, parse_service_annotations};
+use mesh_core::policy::PolicyKind;
 use mesh_core::select::merge_addresses;
 use mesh_core::{
     Backend, BackendConditions, ClusterName, Endpoint, GlobalService, IdentityId, IdentityLabels,
@@ -66,16 +73,63 @@ pub enum ResourceKind {
     Pod,
     Node,
     Namespace,
+    NetworkPolicy,
+    CiliumNetworkPolicy,
+    CiliumClusterwideNetworkPolicy,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 5] = [
+    pub const ALL: [ResourceKind; 8] = [
         ResourceKind::Service,
         ResourceKind::EndpointSlice,
         ResourceKind::Pod,
         ResourceKind::Node,
         ResourceKind::Namespace,
+        ResourceKind::NetworkPolicy,
+        ResourceKind::CiliumNetworkPolicy,
+        ResourceKind::CiliumClusterwideNetworkPolicy,
     ];
+
+    /// The policy kinds: the inputs of the published policy kind.
+    pub const POLICIES: [ResourceKind; 3] = [
+        ResourceKind::NetworkPolicy,
+        ResourceKind::CiliumNetworkPolicy,
+        ResourceKind::CiliumClusterwideNetworkPolicy,
+    ];
+
+    pub fn policy_kind(self) -> Option<PolicyKind> {
+        Some(match self {
+            ResourceKind::NetworkPolicy => PolicyKind::NetworkPolicy,
+            ResourceKind::CiliumNetworkPolicy => PolicyKind::CiliumNetworkPolicy,
+            ResourceKind::CiliumClusterwideNetworkPolicy => {
+                PolicyKind::CiliumClusterwideNetworkPolicy
+            }
+            _ => return None,
+        })
+    }
+
+    pub fn of_policy(kind: PolicyKind) -> Self {
+        match kind {
+            PolicyKind::NetworkPolicy => ResourceKind::NetworkPolicy,
+            PolicyKind::CiliumNetworkPolicy => ResourceKind::CiliumNetworkPolicy,
+            PolicyKind::CiliumClusterwideNetworkPolicy => {
+                ResourceKind::CiliumClusterwideNetworkPolicy
+            }
+        }
+    }
+
+    /// `apiVersion` of the kind's objects.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            ResourceKind::Service | ResourceKind::Pod | ResourceKind::Node => "v1",
+            ResourceKind::Namespace => "v1",
+            ResourceKind::EndpointSlice => "discovery.k8s.io/v1",
+            ResourceKind::NetworkPolicy => "networking.k8s.io/v1",
+            ResourceKind::CiliumNetworkPolicy | ResourceKind::CiliumClusterwideNetworkPolicy => {
+                "cilium.io/v2"
+            }
+        }
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -84,6 +138,9 @@ impl ResourceKind {
             ResourceKind::Pod => "Pod",
             ResourceKind::Node => "Node",
             ResourceKind::Namespace => "Namespace",
+            ResourceKind::NetworkPolicy => "NetworkPolicy",
+            ResourceKind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
+            ResourceKind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
         }
     }
 
@@ -94,6 +151,23 @@ impl ResourceKind {
             ResourceKind::Pod => ApiResource::erase::<corev1::Pod>(&()),
             ResourceKind::Node => ApiResource::erase::<corev1::Node>(&()),
             ResourceKind::Namespace => ApiResource::erase::<corev1::Namespace>(&()),
+            ResourceKind::NetworkPolicy => {
+                ApiResource::erase::<k8s_openapi::api::networking::v1::NetworkPolicy>(&())
+            }
+            ResourceKind::CiliumNetworkPolicy => ApiResource {
+                group: "cilium.io".into(),
+                version: "v2".into(),
+                api_version: "cilium.io/v2".into(),
+                kind: "CiliumNetworkPolicy".into(),
+                plural: "ciliumnetworkpolicies".into(),
+            },
+            ResourceKind::CiliumClusterwideNetworkPolicy => ApiResource {
+                group: "cilium.io".into(),
+                version: "v2".into(),
+                api_version: "cilium.io/v2".into(),
+                kind: "CiliumClusterwideNetworkPolicy".into(),
+                plural: "ciliumclusterwidenetworkpolicies".into(),
+            },
         }
     }
 }
@@ -202,6 +276,18 @@ pub struct NamespaceInfo {
     pub labels: BTreeMap<String, String>,
 }
 
+/// What the mesh needs of a policy object: the object itself, slimmed to what
+/// `mesh_core::policy::parse_policy` reads (apiVersion, kind, name, namespace, `spec`,
+/// `specs`). The publisher parses it (it knows the cluster) and publishes exactly this JSON,
+/// so agents re-parse what was validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyInfo {
+    pub kind: PolicyKind,
+    pub key: ObjKey,
+    pub uid: Option<String>,
+    pub object: serde_json::Value,
+}
+
 /// A slim Kubernetes object of one of the watched kinds.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
@@ -210,6 +296,7 @@ pub enum Object {
     Pod(PodInfo),
     Node(NodeInfo),
     Namespace(NamespaceInfo),
+    Policy(PolicyInfo),
 }
 
 impl Object {
@@ -220,6 +307,7 @@ impl Object {
             Object::Pod(_) => ResourceKind::Pod,
             Object::Node(_) => ResourceKind::Node,
             Object::Namespace(_) => ResourceKind::Namespace,
+            Object::Policy(p) => ResourceKind::of_policy(p.kind),
         }
     }
 
@@ -230,6 +318,7 @@ impl Object {
             Object::Pod(p) => p.key.clone(),
             Object::Node(n) => ObjKey::new("", n.name.clone()),
             Object::Namespace(n) => ObjKey::new("", n.name.clone()),
+            Object::Policy(p) => p.key.clone(),
         }
     }
 }
@@ -341,7 +430,48 @@ pub fn decode(kind: ResourceKind, obj: DynamicObject) -> Result<Object, DecodeEr
                 labels: ns.metadata.labels.unwrap_or_default(),
             })
         }
+        ResourceKind::NetworkPolicy
+        | ResourceKind::CiliumNetworkPolicy
+        | ResourceKind::CiliumClusterwideNetworkPolicy => Object::Policy(slim_policy(kind, value)),
     })
+}
+
+/// Slims a policy object to what `parse_policy` reads. `apiVersion` and `kind` are set
+/// from the watched resource (list items may come without them).
+pub fn slim_policy(kind: ResourceKind, value: serde_json::Value) -> PolicyInfo {
+    let policy_kind = kind.policy_kind().expect("a policy resource kind");
+    let str_at =
+        |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|s| s.as_str()).map(str::to_owned);
+    let name = str_at(&value, "/metadata/name").unwrap_or_default();
+    let namespace = str_at(&value, "/metadata/namespace").unwrap_or_default();
+    let uid = str_at(&value, "/metadata/uid");
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("name".into(), name.clone().into());
+    if policy_kind.is_namespaced() {
+        metadata.insert("namespace".into(), namespace.clone().into());
+    }
+    let mut object = serde_json::Map::new();
+    object.insert("apiVersion".into(), kind.api_version().into());
+    object.insert("kind".into(), kind.as_str().into());
+    object.insert("metadata".into(), metadata.into());
+    for field in ["spec", "specs"] {
+        if let Some(v) = value.get(field) {
+            object.insert(field.into(), v.clone());
+        }
+    }
+    PolicyInfo {
+        kind: policy_kind,
+        key: ObjKey::new(
+            if policy_kind.is_namespaced() {
+                namespace
+            } else {
+                String::new()
+            },
+            name,
+        ),
+        uid,
+        object: object.into(),
+    }
 }
 
 fn meta_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
@@ -524,10 +654,20 @@ pub fn pod_is_endpoint(pod: &PodInfo) -> bool {
     !pod.host_network && !pod.ips.is_empty() && pod.phase != "Succeeded" && pod.phase != "Failed"
 }
 
-pub fn pod_identity_labels(cluster: &ClusterName, pod: &PodInfo) -> IdentityLabels {
-    IdentityLabels::for_pod(
+/// The identity labels of a pod: its own, its namespace, its cluster, and its Namespace's
+/// labels (`io.cilium.k8s.namespace.labels.*`; `namespace` is `None` when the Namespace is
+/// not known).
+pub fn pod_identity_labels(
+    cluster: &ClusterName,
+    pod: &PodInfo,
+    namespace: Option<&NamespaceInfo>,
+) -> IdentityLabels {
+    IdentityLabels::for_pod_in_namespace(
         cluster,
         &pod.key.namespace,
+        namespace
+            .into_iter()
+            .flat_map(|n| n.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
         pod.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )
 }
@@ -613,11 +753,15 @@ pub struct Dirty {
     pub services: BTreeSet<ObjKey>,
     pub endpoints: BTreeSet<IpAddr>,
     pub nodes: BTreeSet<String>,
+    pub policies: BTreeSet<(PolicyKind, ObjKey)>,
 }
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.endpoints.is_empty() && self.nodes.is_empty()
+        self.services.is_empty()
+            && self.endpoints.is_empty()
+            && self.nodes.is_empty()
+            && self.policies.is_empty()
     }
 }
 
@@ -632,6 +776,7 @@ pub struct ClusterModel {
     pods_by_ip: HashMap<IpAddr, BTreeSet<ObjKey>>,
     nodes: BTreeMap<String, NodeInfo>,
     namespaces: BTreeMap<String, NamespaceInfo>,
+    policies: BTreeMap<(PolicyKind, ObjKey), PolicyInfo>,
     synced: HashSet<ResourceKind>,
     relists: HashMap<ResourceKind, Vec<Object>>,
     dirty: Dirty,
@@ -676,6 +821,19 @@ impl ClusterModel {
         self.dirty.services.extend(self.services.keys().cloned());
         self.dirty.endpoints.extend(self.pods_by_ip.keys().copied());
         self.dirty.nodes.extend(self.nodes.keys().cloned());
+        self.dirty.policies.extend(self.policies.keys().cloned());
+    }
+
+    /// Marks the endpoints of every pod of `namespace` dirty: their identities carry the
+    /// Namespace's labels.
+    fn namespace_changed(&mut self, namespace: &str) {
+        let from = ObjKey::new(namespace, "");
+        for (key, pod) in self.pods.range(from..) {
+            if key.namespace != namespace {
+                break;
+            }
+            self.dirty.endpoints.extend(pod.ips.iter().copied());
+        }
     }
 
     pub fn apply(&mut self, obj: Object) {
@@ -711,7 +869,17 @@ impl ClusterModel {
                 self.nodes.insert(n.name.clone(), n);
             }
             Object::Namespace(n) => {
-                self.namespaces.insert(n.name.clone(), n);
+                let name = n.name.clone();
+                let changed = self.namespaces.get(&name).map(|o| &o.labels) != Some(&n.labels);
+                self.namespaces.insert(name.clone(), n);
+                if changed {
+                    self.namespace_changed(&name);
+                }
+            }
+            Object::Policy(p) => {
+                let k = (p.kind, key);
+                self.dirty.policies.insert(k.clone());
+                self.policies.insert(k, p);
             }
         }
     }
@@ -732,7 +900,18 @@ impl ClusterModel {
                 }
             }
             ResourceKind::Namespace => {
-                self.namespaces.remove(&key.name);
+                if self.namespaces.remove(&key.name).is_some() {
+                    self.namespace_changed(&key.name);
+                }
+            }
+            ResourceKind::NetworkPolicy
+            | ResourceKind::CiliumNetworkPolicy
+            | ResourceKind::CiliumClusterwideNetworkPolicy => {
+                let kind = kind.policy_kind().expect("a policy kind");
+                let k = (kind, key.clone());
+                if self.policies.remove(&k).is_some() {
+                    self.dirty.policies.insert(k);
+                }
             }
         }
     }
@@ -757,6 +936,16 @@ impl ClusterModel {
                 .keys()
                 .map(|n| ObjKey::new("", n.clone()))
                 .collect(),
+            ResourceKind::NetworkPolicy
+            | ResourceKind::CiliumNetworkPolicy
+            | ResourceKind::CiliumClusterwideNetworkPolicy => {
+                let pk = kind.policy_kind();
+                self.policies
+                    .keys()
+                    .filter(|(k, _)| Some(*k) == pk)
+                    .map(|(_, key)| key.clone())
+                    .collect()
+            }
         };
         for key in old_keys.iter().filter(|k| !new_keys.contains(*k)) {
             self.delete(kind, key);
@@ -856,13 +1045,39 @@ impl ClusterModel {
         self.namespaces.get(name)
     }
 
-    pub fn counts(&self) -> [(ResourceKind, usize); 5] {
+    /// The identity labels of `pod` with its Namespace's labels.
+    pub fn identity_labels(&self, cluster: &ClusterName, pod: &PodInfo) -> IdentityLabels {
+        pod_identity_labels(cluster, pod, self.namespace(&pod.key.namespace))
+    }
+
+    pub fn policy(&self, kind: PolicyKind, key: &ObjKey) -> Option<&PolicyInfo> {
+        self.policies.get(&(kind, key.clone()))
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &PolicyInfo> {
+        self.policies.values()
+    }
+
+    pub fn counts(&self) -> [(ResourceKind, usize); 8] {
+        let policies = |k: PolicyKind| self.policies.keys().filter(|(pk, _)| *pk == k).count();
         [
             (ResourceKind::Service, self.services.len()),
             (ResourceKind::EndpointSlice, self.slices.len()),
             (ResourceKind::Pod, self.pods.len()),
             (ResourceKind::Node, self.nodes.len()),
             (ResourceKind::Namespace, self.namespaces.len()),
+            (
+                ResourceKind::NetworkPolicy,
+                policies(PolicyKind::NetworkPolicy),
+            ),
+            (
+                ResourceKind::CiliumNetworkPolicy,
+                policies(PolicyKind::CiliumNetworkPolicy),
+            ),
+            (
+                ResourceKind::CiliumClusterwideNetworkPolicy,
+                policies(PolicyKind::CiliumClusterwideNetworkPolicy),
+            ),
         ]
     }
 }
@@ -905,6 +1120,8 @@ async fn watch_kind(
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
+    // A policy type the API does not serve is an empty list, logged once (module docs).
+    let mut absent = false;
     let decode_one = |obj: DynamicObject| -> Option<Object> {
         let key = key_of(&obj);
         match decode(kind, obj) {
@@ -917,6 +1134,9 @@ async fn watch_kind(
         }
     };
     while let Some(event) = stream.next().await {
+        if event.is_ok() {
+            absent = false;
+        }
         let out = match event {
             Ok(Event::Apply(obj)) => decode_one(obj).map(SourceEvent::Apply),
             Ok(Event::InitApply(obj)) => decode_one(obj).map(SourceEvent::InitApply),
@@ -929,6 +1149,22 @@ async fn watch_kind(
                 debug!(%kind, "list done");
                 Some(SourceEvent::InitDone(kind))
             }
+            Err(error) if kind.policy_kind().is_some() && not_served(&error) => {
+                if absent {
+                    debug!(%kind, "still not served");
+                    None
+                } else {
+                    absent = true;
+                    warn!(%kind, %error,
+                        "the API does not serve this policy type (CRD not installed?): treating it as empty and retrying with backoff");
+                    // An empty relist: removes what a vanished type held and lets the
+                    // policy kind be marked synced.
+                    if tx.send(SourceEvent::Init(kind)).await.is_err() {
+                        return;
+                    }
+                    Some(SourceEvent::InitDone(kind))
+                }
+            }
             Err(error) => {
                 metrics.watch_error(kind);
                 warn!(%kind, %error, "watch failed; retrying with backoff");
@@ -940,6 +1176,17 @@ async fn watch_kind(
         {
             return;
         }
+    }
+}
+
+/// Whether a watcher error says the resource type is not served (HTTP 404 on list/watch).
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.is_not_found(),
+        watcher::Error::WatchError(s) => s.is_not_found(),
+        _ => false,
     }
 }
 
@@ -1118,6 +1365,67 @@ mod tests {
         assert!(!build_service(&cluster(), &svc, []).unwrap().shared);
     }
 
+    /// A Namespace label change re-labels the identities of its pods (and only its pods).
+    #[test]
+    fn a_namespace_label_change_dirties_the_endpoints_of_its_pods() {
+        let mut m = ClusterModel::new();
+        m.apply(Object::Pod(pod("a", "10.0.0.1", "Running", false)));
+        let mut other = pod("b", "10.0.0.2", "Running", false);
+        other.key.namespace = "other".into();
+        m.apply(Object::Pod(other));
+        let ns = |team: &str| {
+            Object::Namespace(NamespaceInfo {
+                name: "ns".into(),
+                labels: BTreeMap::from([("team".to_string(), team.to_string())]),
+            })
+        };
+        m.apply(ns("blue"));
+        m.take_dirty();
+        m.apply(ns("blue"));
+        assert!(m.take_dirty().is_empty(), "same labels: nothing to redo");
+        m.apply(ns("red"));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(m.take_dirty().endpoints, BTreeSet::from([ip]));
+        let pod = m.endpoint_pod(&ip).unwrap().clone();
+        assert_eq!(
+            m.identity_labels(&cluster(), &pod)
+                .get("io.cilium.k8s.namespace.labels.team"),
+            Some("red")
+        );
+        m.delete(ResourceKind::Namespace, &ObjKey::new("", "ns"));
+        assert_eq!(m.take_dirty().endpoints, BTreeSet::from([ip]));
+    }
+
+    #[test]
+    fn policies_are_slimmed_to_what_the_parser_reads() {
+        let obj = dynobj(json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"namespace": "shop", "name": "p", "uid": "u1",
+                          "managedFields": [{"manager": "kubectl"}], "annotations": {"a": "b"}},
+            "spec": {"endpointSelector": {}, "ingress": [{}]}
+        }));
+        let Object::Policy(p) = decode(ResourceKind::CiliumNetworkPolicy, obj).unwrap() else {
+            panic!("not a policy")
+        };
+        assert_eq!(p.key, ObjKey::new("shop", "p"));
+        assert_eq!(p.uid.as_deref(), Some("u1"));
+        assert_eq!(
+            p.object,
+            json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                   "metadata": {"namespace": "shop", "name": "p"},
+                   "spec": {"endpointSelector": {}, "ingress": [{}]}})
+        );
+        let mut m = ClusterModel::new();
+        m.apply(Object::Policy(p.clone()));
+        assert_eq!(
+            m.take_dirty().policies,
+            BTreeSet::from([(PolicyKind::CiliumNetworkPolicy, p.key.clone())])
+        );
+        m.reset(ResourceKind::CiliumNetworkPolicy, vec![]);
+        assert!(m.policy(PolicyKind::CiliumNetworkPolicy, &p.key).is_none());
+        assert!(m.is_synced(ResourceKind::CiliumNetworkPolicy));
+    }
+
     #[test]
     fn pods_as_endpoints() {
         assert!(pod_is_endpoint(&pod("a", "10.0.0.1", "Running", false)));
@@ -1125,10 +1433,20 @@ mod tests {
         assert!(!pod_is_endpoint(&pod("a", "10.0.0.1", "Failed", false)));
         assert!(!pod_is_endpoint(&pod("a", "192.168.0.1", "Running", true)));
         let p = pod("a", "10.0.0.1", "Running", false);
-        let labels = pod_identity_labels(&cluster(), &p);
+        let labels = pod_identity_labels(&cluster(), &p, None);
         assert_eq!(
             labels.canonical(),
-            "k8s:app=web;k8s:io.cilium.k8s.policy.cluster=east;k8s:io.kubernetes.pod.namespace=ns"
+            "k8s:app=web;k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=ns;\
+             k8s:io.cilium.k8s.policy.cluster=east;k8s:io.kubernetes.pod.namespace=ns"
+        );
+        let ns = NamespaceInfo {
+            name: "ns".into(),
+            labels: BTreeMap::from([("team".to_string(), "blue".to_string())]),
+        };
+        let labels = pod_identity_labels(&cluster(), &p, Some(&ns));
+        assert_eq!(
+            labels.get("io.cilium.k8s.namespace.labels.team"),
+            Some("blue")
         );
         let ep = build_endpoint(&p, p.ips[0], IdentityId(0x10100));
         assert_eq!(ep.host_ip, Some("192.168.0.1".parse().unwrap()));

@@ -10,6 +10,14 @@
 //!    the keys of that kind that no longer exist (the sweep), and write
 //!    `clusters/<c>/synced/<kind>`; from then on publish only what changed.
 //!
+//! Network policies are parsed with `mesh_core::policy::parse_policy` (the function agents
+//! and meshctl re-parse them with) and published as the object's slim JSON. An invalid one
+//! is reported (Warning Event `InvalidPolicy`, metric, log) and not published; if an earlier
+//! version of the object was valid, that version **stays published** (fail-safe, as Cilium
+//! keeps the previous revision when an update fails to import) until the object is fixed or
+//! deleted. Unenforceable parts (`Policy::problems`) are published (they fail closed) and
+//! reported as `PolicyNotFullyEnforced`.
+//!
 //! Nothing is deleted before the initial sync, and a value equal to the one in etcd is not
 //! rewritten, so a restart neither makes objects blink nor produces write churn.
 
@@ -21,7 +29,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1 as corev1;
 use kube::api::{Api, PostParams};
 use mesh_core::annotations::AnnotationProblem;
+use mesh_core::policy::{PolicyKind, parse_policy};
 use mesh_core::{ClusterConfig, ClusterName, IdentityId};
+use mesh_proto::convert::PolicyObject;
 use mesh_proto::keys::{ClusterKey, Keys};
 use mesh_proto::pb;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -36,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::identity::{self, IdentityAllocator};
-use crate::kube_source::{self, ClusterModel, ObjKey, ResourceKind, ServiceInfo};
+use crate::kube_source::{self, ClusterModel, ObjKey, PolicyInfo, ResourceKind, ServiceInfo};
 use crate::leader::{self, Elector, IsLeader, LeaderConfig, LeaderSignal};
 use crate::store::{self, Change, EtcdStore, Fence};
 
@@ -116,6 +126,12 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyProblemLabels {
+    kind: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WriteLabels {
     kind: String,
     op: String,
@@ -128,6 +144,7 @@ pub struct PublisherMetrics {
     writes: Family<WriteLabels, Counter>,
     txns: Counter,
     annotation_problems: Counter,
+    policy_problems: Family<PolicyProblemLabels, Counter>,
     decode_failures: Family<KindLabel, Counter>,
     watch_errors: Family<KindLabel, Counter>,
     synced: Family<KindLabel, Gauge>,
@@ -164,6 +181,13 @@ impl PublisherMetrics {
             "annotation_problems",
             "Invalid Cilium service annotations found (each distinct problem once)",
             m.annotation_problems.clone(),
+        );
+        r.register(
+            "policy_problems",
+            "Network policy problems reported (each distinct problem of an object once), by \
+             policy kind and reason (InvalidPolicy: not applied; PolicyNotFullyEnforced: \
+             published, the unenforceable part fails closed)",
+            m.policy_problems.clone(),
         );
         r.register(
             "decode_failures",
@@ -242,6 +266,15 @@ impl PublisherMetrics {
         self.annotation_problems.get()
     }
 
+    pub fn policy_problems(&self, kind: PolicyKind, reason: &str) -> u64 {
+        self.policy_problems
+            .get_or_create(&PolicyProblemLabels {
+                kind: kind.as_str().into(),
+                reason: reason.into(),
+            })
+            .get()
+    }
+
     pub fn txns(&self) -> u64 {
         self.txns.get()
     }
@@ -284,12 +317,26 @@ mod encode {
     }
 }
 
-// ===== Kubernetes Events for invalid annotations =====
+// ===== Kubernetes Events for invalid annotations and policies =====
 
+/// A Warning Event to create about one object.
 struct EventRequest {
-    service: ObjKey,
-    uid: Option<String>,
-    problem: AnnotationProblem,
+    /// Where the Event lives: the object's namespace, `default` for a cluster-scoped one
+    /// (as kube-apiserver's own components do).
+    namespace: String,
+    object: corev1::ObjectReference,
+    reason: &'static str,
+    message: String,
+}
+
+impl EventRequest {
+    fn describe(&self) -> String {
+        format!(
+            "{} {}",
+            self.object.kind.as_deref().unwrap_or_default(),
+            self.object.name.as_deref().unwrap_or_default()
+        )
+    }
 }
 
 /// Creates Kubernetes Events off the publishing path (a slow API server never delays etcd
@@ -320,7 +367,7 @@ impl EventReporter {
                         }
                         Err(error) => {
                             metrics.kube_event_failures.inc();
-                            warn!(service = %req.service, %error, "creating a Kubernetes Event failed");
+                            warn!(object = %req.describe(), %error, "creating a Kubernetes Event failed");
                         }
                     };
                 }
@@ -335,17 +382,53 @@ impl EventReporter {
     }
 
     fn report(&self, service: &ServiceInfo, problem: &AnnotationProblem) {
+        self.send(EventRequest {
+            namespace: service.key.namespace.clone(),
+            object: corev1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Service".into()),
+                namespace: Some(service.key.namespace.clone()),
+                name: Some(service.key.name.clone()),
+                uid: service.uid.clone(),
+                ..Default::default()
+            },
+            reason: INVALID_ANNOTATION_REASON,
+            message: problem.to_string(),
+        });
+    }
+
+    fn report_policy(&self, policy: &PolicyInfo, reason: &'static str, message: String) {
+        let resource = ResourceKind::of_policy(policy.kind);
+        let namespace = (!policy.key.namespace.is_empty()).then(|| policy.key.namespace.clone());
+        self.send(EventRequest {
+            namespace: namespace.clone().unwrap_or_else(|| "default".into()),
+            object: corev1::ObjectReference {
+                api_version: Some(resource.api_version().into()),
+                kind: Some(resource.as_str().into()),
+                namespace,
+                name: Some(policy.key.name.clone()),
+                uid: policy.uid.clone(),
+                ..Default::default()
+            },
+            reason,
+            message,
+        });
+    }
+
+    fn send(&self, req: EventRequest) {
         let Some(tx) = &self.tx else { return };
-        let req = EventRequest {
-            service: service.key.clone(),
-            uid: service.uid.clone(),
-            problem: problem.clone(),
-        };
+        let object = req.describe();
         if tx.try_send(req).is_err() {
-            warn!(service = %service.key, "Kubernetes Event queue full; event dropped");
+            warn!(%object, "Kubernetes Event queue full; event dropped");
         }
     }
 }
+
+/// Reason of the Warning Event for a policy object that does not parse (not applied).
+pub const INVALID_POLICY_REASON: &str = "InvalidPolicy";
+/// Reason of the Warning Event for a policy with parts mesh cannot enforce (published; those
+/// parts fail closed).
+pub const POLICY_NOT_FULLY_ENFORCED_REASON: &str = "PolicyNotFullyEnforced";
 
 /// Reason of the Warning Event for an invalid Cilium annotation.
 pub const INVALID_ANNOTATION_REASON: &str = "InvalidAnnotation";
@@ -356,23 +439,20 @@ async fn create_event(
     req: &EventRequest,
 ) -> Result<(), kube::Error> {
     let now = k8s_openapi::jiff::Timestamp::now();
-    let api: Api<corev1::Event> = Api::namespaced(client.clone(), &req.service.namespace);
+    let api: Api<corev1::Event> = Api::namespaced(client.clone(), &req.namespace);
     let ev = corev1::Event {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: Some(format!("{}.{:x}", req.service.name, now.as_nanosecond())),
-            namespace: Some(req.service.namespace.clone()),
+            name: Some(format!(
+                "{}.{:x}",
+                req.object.name.as_deref().unwrap_or("object"),
+                now.as_nanosecond()
+            )),
+            namespace: Some(req.namespace.clone()),
             ..Default::default()
         },
-        involved_object: corev1::ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Service".into()),
-            namespace: Some(req.service.namespace.clone()),
-            name: Some(req.service.name.clone()),
-            uid: req.uid.clone(),
-            ..Default::default()
-        },
-        reason: Some(INVALID_ANNOTATION_REASON.into()),
-        message: Some(req.problem.to_string()),
+        involved_object: req.object.clone(),
+        reason: Some(req.reason.into()),
+        message: Some(req.message.clone()),
         type_: Some("Warning".into()),
         source: Some(corev1::EventSource {
             component: Some("mesh-apiserver".into()),
@@ -478,7 +558,7 @@ async fn run_terms(
     } else {
         EventReporter::disabled()
     };
-    let mut reported: HashSet<(ObjKey, String)> = HashSet::new();
+    let mut reported = Reported::default();
     let mut delay = Duration::from_millis(200);
     loop {
         let Some(leadership) = elector.campaign(&shutdown).await else {
@@ -505,7 +585,7 @@ async fn run_terms(
         term_token.cancel();
         linker.abort();
         metrics.leader.set(0);
-        for kind in mesh_proto::keys::ALL_KINDS {
+        for kind in mesh_proto::keys::PUBLISHED_KINDS {
             metrics
                 .synced
                 .get_or_create(&KindLabel {
@@ -544,6 +624,7 @@ fn inputs(kind: pb::Kind) -> &'static [ResourceKind] {
         pb::Kind::Node => &[ResourceKind::Node],
         pb::Kind::Endpoint | pb::Kind::Identity => &[ResourceKind::Pod, ResourceKind::Namespace],
         pb::Kind::Service => &[ResourceKind::Service, ResourceKind::EndpointSlice],
+        pb::Kind::Policy => &ResourceKind::POLICIES,
         pb::Kind::Config | pb::Kind::Unspecified => &[],
     }
 }
@@ -555,6 +636,14 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// flood while still coalescing bursts).
 const MAX_EVENTS_PER_BATCH: usize = 8192;
 
+/// Problems already reported (log, metric, Event), kept across terms so a new term does not
+/// repeat them: per Service, and per policy object.
+#[derive(Default)]
+struct Reported {
+    services: HashSet<(ObjKey, String)>,
+    policies: HashSet<(PolicyKind, ObjKey, String)>,
+}
+
 /// One leadership term.
 struct Term<'a> {
     cfg: &'a PublisherConfig,
@@ -562,7 +651,7 @@ struct Term<'a> {
     cluster: ClusterName,
     metrics: Arc<PublisherMetrics>,
     events: EventReporter,
-    reported: &'a mut HashSet<(ObjKey, String)>,
+    reported: &'a mut Reported,
     model: ClusterModel,
     /// Endpoints this term published, with the identity each holds a reference on.
     endpoints: HashMap<IpAddr, IdentityId>,
@@ -578,7 +667,7 @@ impl<'a> Term<'a> {
         keys: &'a Keys,
         metrics: Arc<PublisherMetrics>,
         events: EventReporter,
-        reported: &'a mut HashSet<(ObjKey, String)>,
+        reported: &'a mut Reported,
     ) -> Self {
         Self {
             cfg,
@@ -782,6 +871,29 @@ impl<'a> Term<'a> {
             self.metrics.identities.set(alloc.len() as i64);
         }
 
+        // Policies.
+        if self.ready(pb::Kind::Policy) {
+            let first = !self.synced.contains(&pb::Kind::Policy);
+            let policies: Vec<(PolicyKind, ObjKey)> = if first {
+                self.model
+                    .policies()
+                    .map(|p| (p.kind, p.key.clone()))
+                    .collect()
+            } else {
+                dirty.policies.iter().cloned().collect()
+            };
+            let mut desired = HashSet::new();
+            for (kind, key) in &policies {
+                if let Some(k) = self.publish_policy(store, &cluster, *kind, key) {
+                    desired.insert(k);
+                }
+            }
+            if first {
+                self.sweep(store, pb::Kind::Policy, &desired);
+                newly_synced.push(pb::Kind::Policy);
+            }
+        }
+
         // Services.
         if self.ready(pb::Kind::Service) {
             let first = !self.synced.contains(&pb::Kind::Service);
@@ -816,7 +928,12 @@ impl<'a> Term<'a> {
             }
             self.flush(store, token).await?;
         }
-        for kind in [pb::Kind::Node, pb::Kind::Endpoint, pb::Kind::Service] {
+        for kind in [
+            pb::Kind::Node,
+            pb::Kind::Endpoint,
+            pb::Kind::Service,
+            pb::Kind::Policy,
+        ] {
             self.metrics
                 .objects
                 .get_or_create(&KindLabel {
@@ -852,7 +969,7 @@ impl<'a> Term<'a> {
             }
             return Ok(());
         };
-        let labels = kube_source::pod_identity_labels(&self.cluster, pod);
+        let labels = self.model.identity_labels(&self.cluster, pod);
         let known = alloc.lookup(&labels).is_some();
         let id = match alloc.allocate(&labels).await {
             Ok(id) => id,
@@ -880,17 +997,97 @@ impl<'a> Term<'a> {
         Ok(())
     }
 
+    /// Publishes (or removes) one policy object; returns its etcd key when the key is to be
+    /// kept (a valid object, or the last valid version of one that became invalid).
+    fn publish_policy(
+        &mut self,
+        store: &mut EtcdStore,
+        cluster: &str,
+        kind: PolicyKind,
+        key: &ObjKey,
+    ) -> Option<String> {
+        let namespace = (!key.namespace.is_empty()).then_some(key.namespace.as_str());
+        let name = mesh_proto::keys::policy_name(kind, namespace, &key.name);
+        let etcd_key = self.keys.object(cluster, pb::Kind::Policy, &name);
+        let Some(info) = self.model.policy(kind, key).cloned() else {
+            store.remove(&etcd_key);
+            self.reported
+                .policies
+                .retain(|(k, o, _)| (*k, o) != (kind, key));
+            return None;
+        };
+        match parse_policy(&info.object, &self.cluster) {
+            Ok(policy) => {
+                let findings = policy
+                    .problems
+                    .iter()
+                    .map(|p| {
+                        (
+                            POLICY_NOT_FULLY_ENFORCED_REASON,
+                            format!("{p} (this part fails closed)"),
+                        )
+                    })
+                    .collect();
+                self.report_policy(&info, findings);
+                let value = PolicyObject {
+                    object: info.object.to_string(),
+                    policy,
+                };
+                store.set(etcd_key.clone(), pb::Policy::from(&value).encode_to_vec());
+                Some(etcd_key)
+            }
+            Err(error) => {
+                let kept = store.contains(&etcd_key);
+                let message = if kept {
+                    format!("{error} (not applied; the last valid version stays enforced)")
+                } else {
+                    format!("{error} (not applied)")
+                };
+                self.report_policy(&info, vec![(INVALID_POLICY_REASON, message)]);
+                kept.then_some(etcd_key)
+            }
+        }
+    }
+
+    /// Reports each distinct finding of a policy object once: log, metric, Warning Event.
+    fn report_policy(&mut self, info: &PolicyInfo, findings: Vec<(&'static str, String)>) {
+        let current: HashSet<String> = findings.iter().map(|(r, m)| format!("{r}: {m}")).collect();
+        // A fixed problem may be reported again if it comes back.
+        self.reported
+            .policies
+            .retain(|(k, o, p)| (*k, o) != (info.kind, &info.key) || current.contains(p));
+        for (reason, message) in findings {
+            let id = (info.kind, info.key.clone(), format!("{reason}: {message}"));
+            if self.reported.policies.insert(id) {
+                warn!(kind = %info.kind, object = %info.key, reason, %message, "network policy problem");
+                self.metrics
+                    .policy_problems
+                    .get_or_create(&PolicyProblemLabels {
+                        kind: info.kind.as_str().into(),
+                        reason: reason.into(),
+                    })
+                    .inc();
+                self.events.report_policy(info, reason, message);
+            }
+        }
+    }
+
     fn report_problems(&mut self, key: &ObjKey) {
         let Some(svc) = self.model.service(key) else {
-            self.reported.retain(|(k, _)| k != key);
+            self.reported.services.retain(|(k, _)| k != key);
             return;
         };
         let current: HashSet<String> = svc.problems.iter().map(ToString::to_string).collect();
         // A fixed problem may be reported again if it comes back.
         self.reported
+            .services
             .retain(|(k, p)| k != key || current.contains(p));
         for problem in &svc.problems {
-            if self.reported.insert((key.clone(), problem.to_string())) {
+            if self
+                .reported
+                .services
+                .insert((key.clone(), problem.to_string()))
+            {
                 warn!(service = %key, problem = %problem, "invalid service annotation");
                 self.metrics.annotation_problems.inc();
                 self.events.report(svc, problem);

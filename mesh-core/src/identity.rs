@@ -22,6 +22,8 @@ pub const LOCAL_MAX: u32 = 65535;
 pub const LABEL_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 /// Label key carrying the cluster of a pod.
 pub const LABEL_CLUSTER: &str = "io.cilium.k8s.policy.cluster";
+/// The label Kubernetes puts on every Namespace, holding its name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// A numeric security identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -108,6 +110,29 @@ impl IdentityLabels {
         Self(set)
     }
 
+    /// [`for_pod`](Self::for_pod) plus the labels of the pod's Namespace as
+    /// `k8s:io.cilium.k8s.namespace.labels.<key>=<value>` (DESIGN.md section 14), so a
+    /// namespaceSelector is a selector over identities in every cluster.
+    /// `kubernetes.io/metadata.name=<namespace>` is always among them: Kubernetes sets it on
+    /// every Namespace, and a pod seen before its Namespace still gets it.
+    pub fn for_pod_in_namespace<'a>(
+        cluster: &ClusterName,
+        namespace: &str,
+        namespace_labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+        pod_labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        let mut ids = Self::for_pod(cluster, namespace, pod_labels);
+        let prefix = crate::policy::NAMESPACE_LABELS_PREFIX;
+        ids.0
+            .insert(format!("k8s:{prefix}{NAMESPACE_NAME_LABEL}={namespace}"));
+        for (k, v) in namespace_labels {
+            if k != NAMESPACE_NAME_LABEL {
+                ids.0.insert(format!("k8s:{prefix}{k}={v}"));
+            }
+        }
+        ids
+    }
+
     /// Parses labels as stored (`k8s:key=value`), checking their form.
     pub fn from_strings(labels: impl IntoIterator<Item = String>) -> crate::Result<Self> {
         let mut set = BTreeSet::new();
@@ -192,6 +217,28 @@ mod tests {
         let b = IdentityLabels::for_pod(&c, "ns", [("app", "x"), ("pod-template-hash", "def")]);
         assert_eq!(a, b);
         assert_eq!(a.get(LABEL_NAMESPACE), Some("ns"));
+        let n = IdentityLabels::for_pod_in_namespace(
+            &c,
+            "ns",
+            [("team", "blue"), (NAMESPACE_NAME_LABEL, "ns")],
+            [("app", "web")],
+        );
+        assert_eq!(
+            n.get("io.cilium.k8s.namespace.labels.team"),
+            Some("blue"),
+            "{n:?}"
+        );
+        assert_eq!(
+            n.get("io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name"),
+            Some("ns")
+        );
+        assert_eq!(n.get("app"), Some("web"));
+        // Without a known Namespace the name label is still there.
+        let bare = IdentityLabels::for_pod_in_namespace(&c, "ns", [], [("app", "web")]);
+        assert_eq!(
+            bare.get("io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name"),
+            Some("ns")
+        );
         assert_eq!(a.get(LABEL_CLUSTER), Some("east"));
         assert_eq!(
             a.canonical(),

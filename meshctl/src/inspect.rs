@@ -1,5 +1,6 @@
 //! `meshctl inspect [KIND]`: what an apiserver publishes, read over its gRPC Watch: a
-//! snapshot of every cluster's nodes, identities, endpoints and global services.
+//! snapshot of every cluster's nodes, identities, endpoints and global services, and the
+//! serving cluster's network policies.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub enum What {
     Identities,
     Endpoints,
     Services,
+    Policies,
 }
 
 #[derive(Args)]
@@ -52,6 +54,8 @@ pub struct Snapshot {
     pub identities: Vec<IdentityRow>,
     pub endpoints: Vec<EndpointRow>,
     pub services: Vec<mesh_core::GlobalService>,
+    /// Network policies (only the serving cluster's own: peers never serve theirs).
+    pub policies: Vec<mesh_core::policy::PolicyRef>,
     /// (cluster, kind) pairs whose initial sync was not complete.
     pub unsynced: Vec<String>,
     /// Values that could not be decoded, with the reason.
@@ -200,6 +204,7 @@ pub async fn snapshot(
                 snap.endpoints.push(EndpointRow { cluster, endpoint })
             }
             Ok(Object::Service(s)) => snap.services.push(s),
+            Ok(Object::Policy(p)) => snap.policies.push(p.policy.reference),
             Err(e) => snap.invalid.push(format!("{cluster}/{name}: {e}")),
         }
     }
@@ -343,6 +348,14 @@ pub fn render(snap: &Snapshot, what: What) -> String {
             ],
             rows,
         );
+    }
+    if show(What::Policies) {
+        let rows = snap
+            .policies
+            .iter()
+            .map(|p| vec![p.cluster.to_string(), p.kind.to_string(), p.object()])
+            .collect();
+        section("Network policies", &["CLUSTER", "KIND", "POLICY"], rows);
     }
     if !snap.unsynced.is_empty() {
         out.push_str(&format!("Not synced yet: {}\n", snap.unsynced.join(", ")));

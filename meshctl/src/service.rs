@@ -270,10 +270,10 @@ pub struct MapBackend {
     pub node: String,
 }
 
-/// Feeds what the watch delivered into the agent's own state, as the agent's watch would;
-/// returns it with the values it rejects.
-pub fn agent_state(watched: &Watched) -> (MeshState, Vec<String>) {
-    let mut state = MeshState::default();
+/// Feeds what the watch delivered into the state of an agent of `local`, as the agent's
+/// watch would; returns it with the values it rejects.
+pub fn agent_state(watched: &Watched, local: &ClusterName) -> (MeshState, Vec<String>) {
+    let mut state = MeshState::new(local.clone());
     let mut invalid = Vec::new();
     let parse = |cluster: &str, kind: i32| {
         let cluster = ClusterName::new(cluster).ok()?;
@@ -318,7 +318,7 @@ pub fn explain(
         anyhow::bail!("expected NAMESPACE/NAME, got {key:?}");
     };
     let local = gate.local_cluster;
-    let (state, invalid) = agent_state(watched);
+    let (state, invalid) = agent_state(watched, local);
     let clusters_left_out = match state.sync_gate(gate) {
         SyncGate::Program { left_out, .. } => left_out.iter().map(ToString::to_string).collect(),
         SyncGate::Wait(_) => Vec::new(),
@@ -574,7 +574,9 @@ pub fn render_explain(e: &Explanation) -> String {
 mod tests {
     use super::*;
     use mesh_core::{Affinity, Backend, BackendConditions, Protocol, ServicePort, TrafficPolicy};
-    use mesh_proto::state::KINDS;
+    // Every kind a cluster's own readers get (the policy marker of a remote cluster is
+    // simply not needed).
+    use mesh_proto::state::LOCAL_KINDS as KINDS;
 
     fn port(name: &str, protocol: Protocol, port: u16) -> ServicePort {
         ServicePort {
@@ -1221,7 +1223,7 @@ mod tests {
                 let msgs = stream(&mesh);
 
                 // The agent.
-                let mut state = MeshState::default();
+                let mut state = MeshState::new(local.clone());
                 for u in updates(&msgs) {
                     let applied = state.apply(u);
                     prop_assert!(!matches!(applied, Applied::Rejected { .. }), "{applied:?}");

@@ -7,6 +7,7 @@
 use std::net::IpAddr;
 
 use mesh_core::cidr::parse_cidr;
+use mesh_core::policy::{Policy, PolicyError, PolicyKind, parse_policy};
 use mesh_core::{
     Affinity, Backend, BackendConditions, ClusterConfig, ClusterId, ClusterName, Endpoint,
     GlobalService, IdentityId, IdentityLabels, Node, Protocol, ServicePort, TrafficPolicy,
@@ -379,6 +380,107 @@ impl From<&GlobalService> for pb::GlobalService {
     }
 }
 
+// === Policy ===
+
+/// A published network policy: the object as applied (JSON, what the publisher validated)
+/// and what [`parse_policy`] makes of it. Readers re-parse the JSON with the same function
+/// instead of receiving a second encoding of the model, so the publisher, the agent and
+/// meshctl cannot disagree on what a policy means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyObject {
+    /// The Kubernetes object, compact JSON.
+    pub object: String,
+    pub policy: Policy,
+}
+
+// === impl PolicyObject ===
+
+impl PolicyObject {
+    /// Parses `object` as a policy of `cluster`.
+    pub fn parse(object: String, cluster: &ClusterName) -> Result<Self, PolicyObjectError> {
+        let json: serde_json::Value =
+            serde_json::from_str(&object).map_err(|e| PolicyObjectError::Json(e.to_string()))?;
+        let policy = parse_policy(&json, cluster).map_err(PolicyObjectError::Policy)?;
+        Ok(Self { object, policy })
+    }
+
+    /// The name within (cluster, `Kind::Policy`): `<policy kind>/<namespace>/<name>`.
+    pub fn name(&self) -> String {
+        let r = &self.policy.reference;
+        crate::keys::policy_name(r.kind, r.namespace.as_deref(), &r.name)
+    }
+}
+
+/// Why a policy object does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyObjectError {
+    #[error("not JSON: {0}")]
+    Json(String),
+    #[error(transparent)]
+    Policy(PolicyError),
+}
+
+fn policy_kind_to_pb(k: PolicyKind) -> pb::PolicyKind {
+    match k {
+        PolicyKind::NetworkPolicy => pb::PolicyKind::NetworkPolicy,
+        PolicyKind::CiliumNetworkPolicy => pb::PolicyKind::CiliumNetworkPolicy,
+        PolicyKind::CiliumClusterwideNetworkPolicy => {
+            pb::PolicyKind::CiliumClusterwideNetworkPolicy
+        }
+    }
+}
+
+impl TryFrom<pb::Policy> for PolicyObject {
+    type Error = ConvertError;
+    fn try_from(p: pb::Policy) -> Result<Self, ConvertError> {
+        let ctx = Ctx(format!(
+            "policy {}/{}/{}",
+            p.cluster,
+            if p.namespace.is_empty() {
+                "_"
+            } else {
+                &p.namespace
+            },
+            p.name
+        ));
+        let cluster = ctx.cluster("cluster", &p.cluster)?;
+        let parsed = PolicyObject::parse(p.object, &cluster)
+            .map_err(|e| ctx.err("object", "<the policy object>", e))?;
+        let r = &parsed.policy.reference;
+        // The fields readers filter and delete by must say what the object says.
+        if p.kind != policy_kind_to_pb(r.kind) as i32 {
+            return Err(ctx.err("kind", p.kind, format!("the object is a {}", r.kind)));
+        }
+        if p.namespace != r.namespace.as_deref().unwrap_or_default() {
+            return Err(ctx.err(
+                "namespace",
+                &p.namespace,
+                format!(
+                    "the object's namespace is {:?}",
+                    r.namespace.as_deref().unwrap_or("")
+                ),
+            ));
+        }
+        if p.name != r.name {
+            return Err(ctx.err("name", &p.name, format!("the object is named {:?}", r.name)));
+        }
+        Ok(parsed)
+    }
+}
+
+impl From<&PolicyObject> for pb::Policy {
+    fn from(p: &PolicyObject) -> Self {
+        let r = &p.policy.reference;
+        pb::Policy {
+            cluster: r.cluster.to_string(),
+            kind: policy_kind_to_pb(r.kind) as i32,
+            namespace: r.namespace.clone().unwrap_or_default(),
+            name: r.name.clone(),
+            object: p.object.clone(),
+        }
+    }
+}
+
 // ================================================================ typed objects
 
 /// A published object of any kind, as a mesh-core type.
@@ -389,6 +491,7 @@ pub enum Object {
     Identity(mesh_core::model::Identity),
     Endpoint(Endpoint),
     Service(GlobalService),
+    Policy(PolicyObject),
 }
 
 // === impl Object ===
@@ -402,6 +505,7 @@ impl Object {
             Object::Identity(_) => pb::Kind::Identity,
             Object::Endpoint(_) => pb::Kind::Endpoint,
             Object::Service(_) => pb::Kind::Service,
+            Object::Policy(_) => pb::Kind::Policy,
         }
     }
 
@@ -414,6 +518,7 @@ impl Object {
             Object::Identity(i) => i.id.0.to_string(),
             Object::Endpoint(e) => e.ip.to_string(),
             Object::Service(s) => s.key(),
+            Object::Policy(p) => p.name(),
         }
     }
 
@@ -423,6 +528,7 @@ impl Object {
             Object::Config(c) => Some(&c.name),
             Object::Node(n) => Some(&n.cluster),
             Object::Service(s) => Some(&s.cluster),
+            Object::Policy(p) => Some(&p.policy.reference.cluster),
             Object::Identity(_) | Object::Endpoint(_) => None,
         }
     }
@@ -437,6 +543,7 @@ impl TryFrom<pb::event::Value> for Object {
             pb::event::Value::Identity(i) => Object::Identity(i.try_into()?),
             pb::event::Value::Endpoint(e) => Object::Endpoint(e.try_into()?),
             pb::event::Value::Service(s) => Object::Service(s.try_into()?),
+            pb::event::Value::Policy(p) => Object::Policy(p.try_into()?),
         })
     }
 }
@@ -449,6 +556,7 @@ impl From<&Object> for pb::event::Value {
             Object::Identity(i) => pb::event::Value::Identity(i.into()),
             Object::Endpoint(e) => pb::event::Value::Endpoint(e.into()),
             Object::Service(s) => pb::event::Value::Service(s.into()),
+            Object::Policy(p) => pb::event::Value::Policy(p.into()),
         }
     }
 }
@@ -461,6 +569,7 @@ pub fn value_kind(v: &pb::event::Value) -> pb::Kind {
         pb::event::Value::Identity(_) => pb::Kind::Identity,
         pb::event::Value::Endpoint(_) => pb::Kind::Endpoint,
         pb::event::Value::Service(_) => pb::Kind::Service,
+        pb::event::Value::Policy(_) => pb::Kind::Policy,
     }
 }
 
@@ -487,6 +596,7 @@ pub fn decode_value(kind: pb::Kind, bytes: &[u8]) -> Result<pb::event::Value, De
         pb::Kind::Service => {
             pb::event::Value::Service(pb::GlobalService::decode(bytes).map_err(corrupt)?)
         }
+        pb::Kind::Policy => pb::event::Value::Policy(pb::Policy::decode(bytes).map_err(corrupt)?),
         pb::Kind::Unspecified => return Err(DecodeError::UnspecifiedKind { kind }),
     })
 }
@@ -499,6 +609,7 @@ pub fn encode_value(value: &pb::event::Value) -> Vec<u8> {
         pb::event::Value::Identity(m) => m.encode_to_vec(),
         pb::event::Value::Endpoint(m) => m.encode_to_vec(),
         pb::event::Value::Service(m) => m.encode_to_vec(),
+        pb::event::Value::Policy(m) => m.encode_to_vec(),
     }
 }
 

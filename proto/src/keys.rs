@@ -6,6 +6,7 @@
 //! <prefix>clusters/<cluster>/identities/<numeric id>
 //! <prefix>clusters/<cluster>/endpoints/<ip>
 //! <prefix>clusters/<cluster>/services/<namespace>/<name>
+//! <prefix>clusters/<cluster>/policies/<policy kind>/<namespace>/<name>   (own readers only)
 //! <prefix>clusters/<cluster>/synced/<kind>
 //! <prefix>peers/<cluster>/status
 //! <prefix>identity-index/<hash of labels>
@@ -15,6 +16,8 @@
 //!
 //! Values under `clusters/` are the protobuf messages of `pb` for their kind
 //! (`SyncedMarker` for `synced/`).
+
+use mesh_core::policy::PolicyKind;
 
 use crate::pb::Kind;
 
@@ -29,6 +32,7 @@ pub fn kind_segment(kind: Kind) -> Option<&'static str> {
         Kind::Identity => "identities",
         Kind::Endpoint => "endpoints",
         Kind::Service => "services",
+        Kind::Policy => "policies",
         Kind::Unspecified => return None,
     })
 }
@@ -41,12 +45,14 @@ pub fn kind_from_segment(seg: &str) -> Option<Kind> {
         "identities" => Kind::Identity,
         "endpoints" => Kind::Endpoint,
         "services" => Kind::Service,
+        "policies" => Kind::Policy,
         _ => return None,
     })
 }
 
-/// All kinds a cluster publishes, in the order a consumer should apply a snapshot
-/// (config first, services last so their backends' identities and nodes are known).
+/// The kinds every cluster publishes *and its peers import*, in the order a consumer should
+/// apply a snapshot (config first, services last so their backends' identities and nodes
+/// are known). A peer is synced once it has sent the markers of all of them.
 pub const ALL_KINDS: [Kind; 5] = [
     Kind::Config,
     Kind::Node,
@@ -54,6 +60,66 @@ pub const ALL_KINDS: [Kind; 5] = [
     Kind::Endpoint,
     Kind::Service,
 ];
+
+/// Kinds a cluster publishes for its own readers only (agents, operators, its apiserver
+/// replicas): never served to a peer (`mesh_core::select::policy_presented`), never imported.
+pub const LOCAL_ONLY_KINDS: [Kind; 1] = [Kind::Policy];
+
+/// Every kind a cluster publishes under its own `clusters/<c>/`: [`ALL_KINDS`] then
+/// [`LOCAL_ONLY_KINDS`]. The publisher writes a Synced marker for each.
+pub const PUBLISHED_KINDS: [Kind; 6] = [
+    Kind::Config,
+    Kind::Node,
+    Kind::Identity,
+    Kind::Endpoint,
+    Kind::Service,
+    Kind::Policy,
+];
+
+/// The path segment of a policy kind inside a policy's name (the plural resource name).
+pub fn policy_kind_segment(kind: PolicyKind) -> &'static str {
+    match kind {
+        PolicyKind::NetworkPolicy => "networkpolicies",
+        PolicyKind::CiliumNetworkPolicy => "ciliumnetworkpolicies",
+        PolicyKind::CiliumClusterwideNetworkPolicy => "ciliumclusterwidenetworkpolicies",
+    }
+}
+
+fn policy_kind_from_segment(seg: &str) -> Option<PolicyKind> {
+    [
+        PolicyKind::NetworkPolicy,
+        PolicyKind::CiliumNetworkPolicy,
+        PolicyKind::CiliumClusterwideNetworkPolicy,
+    ]
+    .into_iter()
+    .find(|k| policy_kind_segment(*k) == seg)
+}
+
+/// The namespace segment of a clusterwide policy: `_` is not a valid namespace name, so it
+/// cannot collide with one, and keeps every policy name three segments long.
+pub const CLUSTERWIDE_NAMESPACE: &str = "_";
+
+/// A policy's name within (cluster, `Kind::Policy`): `<policy kind>/<namespace>/<name>`.
+pub fn policy_name(kind: PolicyKind, namespace: Option<&str>, name: &str) -> String {
+    format!(
+        "{}/{}/{name}",
+        policy_kind_segment(kind),
+        namespace.unwrap_or(CLUSTERWIDE_NAMESPACE)
+    )
+}
+
+/// Parses a policy name made by [`policy_name`]: kind, namespace (None for clusterwide),
+/// name. A namespaced kind without a namespace, or a clusterwide one with one, is `None`.
+pub fn parse_policy_name(s: &str) -> Option<(PolicyKind, Option<&str>, &str)> {
+    let mut parts = s.split('/');
+    let (kind, ns, name) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || ns.is_empty() || name.is_empty() {
+        return None;
+    }
+    let kind = policy_kind_from_segment(kind)?;
+    let ns = (ns != CLUSTERWIDE_NAMESPACE).then_some(ns);
+    (kind.is_namespaced() == ns.is_some()).then_some((kind, ns, name))
+}
 
 /// A parsed key under `<prefix>clusters/`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -183,6 +249,9 @@ impl Keys {
         if kind == Kind::Service && name.split('/').count() != 2 {
             return None;
         }
+        if kind == Kind::Policy && parse_policy_name(name).is_none() {
+            return None;
+        }
         Some(ClusterKey::Object {
             cluster: cluster.into(),
             kind,
@@ -204,10 +273,11 @@ mod tests {
     #[test]
     fn roundtrip() {
         let k = Keys::default();
-        for kind in ALL_KINDS {
+        for kind in PUBLISHED_KINDS {
             let name = match kind {
                 Kind::Config => "",
                 Kind::Service => "ns/svc",
+                Kind::Policy => "networkpolicies/ns/deny-all",
                 _ => "x",
             };
             let key = k.object("east", kind, name);
@@ -237,6 +307,26 @@ mod tests {
     }
 
     #[test]
+    fn policy_names_roundtrip() {
+        for (kind, ns) in [
+            (PolicyKind::NetworkPolicy, Some("shop")),
+            (PolicyKind::CiliumNetworkPolicy, Some("default")),
+            (PolicyKind::CiliumClusterwideNetworkPolicy, None),
+        ] {
+            let n = policy_name(kind, ns, "p1");
+            assert_eq!(parse_policy_name(&n), Some((kind, ns, "p1")), "{n}");
+        }
+        assert_eq!(
+            Keys::default().object(
+                "a",
+                Kind::Policy,
+                &policy_name(PolicyKind::CiliumClusterwideNetworkPolicy, None, "x")
+            ),
+            "mesh/v1/clusters/a/policies/ciliumclusterwidenetworkpolicies/_/x"
+        );
+    }
+
+    #[test]
     fn rejects_unknown_shapes() {
         let k = Keys::default();
         for bad in [
@@ -246,6 +336,11 @@ mod tests {
             "mesh/v1/clusters/a/nodes/",
             "mesh/v1/clusters//config",
             "mesh/v1/clusters/a/synced/bogus",
+            "mesh/v1/clusters/a/policies/ns/name",
+            "mesh/v1/clusters/a/policies/bogus/ns/name",
+            "mesh/v1/clusters/a/policies/networkpolicies/_/name",
+            "mesh/v1/clusters/a/policies/ciliumclusterwidenetworkpolicies/ns/name",
+            "mesh/v1/clusters/a/policies/networkpolicies/ns/name/extra",
         ] {
             assert_eq!(k.parse(bad), None, "{bad}");
         }

@@ -6,9 +6,13 @@
 //! One writer ([`MeshState::apply`]), synchronous. Values arrive as wire values and are
 //! converted to mesh-core types here; a value that does not convert (or whose name does not
 //! match its key) is logged with its key, counted, and skipped: the last good value of that
-//! key, if any, stays. A cluster is *synced* once every kind of it has its `Synced` marker;
+//! key, if any, stays. A cluster is *synced* once every kind of it has its `Synced` marker
+//! (for the local cluster that includes its network policies, which peers never serve);
 //! which clusters are programmed is mesh-core's sync gate over these facts (see
 //! [`MeshState::programmable`]).
+//!
+//! Network policies are kept for the local cluster only, parsed with mesh-core's
+//! `parse_policy` from the object JSON the publisher validated with the same function.
 
 use std::borrow::Borrow;
 use std::collections::btree_map::Entry;
@@ -16,22 +20,27 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use mesh_core::model::Identity;
+use mesh_core::policy::{
+    CidrIdentities, CidrIdentitiesExhausted, CompiledPolicy, IdentityTable, PolicyRef, PolicySet,
+    compile,
+};
 use mesh_core::select::{GateInput, MeshView, Services, SyncGate, Waiting, sync_gate};
 use mesh_core::{ClusterConfig, ClusterName, Endpoint, Node};
 
 use crate::client::WatchUpdate;
 use crate::convert::Object;
+use crate::keys::parse_policy_name;
 use crate::pb::{self, Kind};
 use tracing::{debug, info, warn};
 
-/// The kinds a cluster publishes; a cluster is synced when all of them are.
-pub const KINDS: [Kind; 5] = [
-    Kind::Config,
-    Kind::Node,
-    Kind::Identity,
-    Kind::Endpoint,
-    Kind::Service,
-];
+/// The kinds every cluster serves (to peers too); a remote cluster is synced when all of
+/// them are.
+pub const KINDS: [Kind; 5] = crate::keys::ALL_KINDS;
+
+/// The kinds of the local cluster: [`KINDS`] and its policies. The local cluster is synced
+/// when all of them are, so an agent never programs before it knows the policies (a node
+/// that programmed services first would open a window where policy is not enforced).
+pub const LOCAL_KINDS: [Kind; 6] = crate::keys::PUBLISHED_KINDS;
 
 /// Why a watched value was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +53,8 @@ pub enum RejectError {
     ClusterMismatch { key: String, inner: String },
     #[error("{key}: unparsable name of a {kind:?} delete")]
     BadName { key: String, kind: Kind },
+    #[error("{key}: a policy of another cluster (policies are never served to peers)")]
+    ForeignPolicy { key: String },
 }
 
 /// One cluster as the agent holds it.
@@ -61,8 +72,11 @@ pub struct ClusterData {
 // === impl ClusterData ===
 
 impl ClusterData {
-    pub fn synced(&self) -> bool {
-        KINDS
+    /// Whether every kind of the cluster has its marker: [`LOCAL_KINDS`] for the local
+    /// cluster, [`KINDS`] for the others.
+    pub fn synced(&self, local: bool) -> bool {
+        let kinds: &[Kind] = if local { &LOCAL_KINDS } else { &KINDS };
+        kinds
             .iter()
             .all(|k| self.synced_kinds.contains(&(*k as i32)))
     }
@@ -86,11 +100,33 @@ pub enum Applied {
 #[derive(Debug, Clone, Default)]
 pub struct MeshState {
     clusters: BTreeMap<ClusterName, ClusterData>,
+    /// The reader's own cluster: its policies are kept and required for its sync. `None`
+    /// (`Default`): a reader of services only, for which no cluster needs policies and every
+    /// policy is rejected.
+    local: Option<ClusterName>,
 }
 
 // === impl MeshState ===
 
 impl MeshState {
+    /// The state of a reader (agent, meshctl) of `local`'s apiserver.
+    pub fn new(local: ClusterName) -> Self {
+        Self {
+            clusters: BTreeMap::new(),
+            local: Some(local),
+        }
+    }
+
+    pub fn local_cluster(&self) -> Option<&ClusterName> {
+        self.local.as_ref()
+    }
+
+    /// The local cluster's policies (empty before any arrived, or without a local cluster).
+    pub fn policies(&self) -> Option<&PolicySet> {
+        let local = self.local.as_ref()?;
+        self.clusters.get(local).map(|c| &c.state.policies)
+    }
+
     pub fn clusters(&self) -> &BTreeMap<ClusterName, ClusterData> {
         &self.clusters
     }
@@ -120,6 +156,14 @@ impl MeshState {
                 })
                 .collect()),
         }
+    }
+
+    /// Whether every kind of `cluster` has its marker now (policies included for the local
+    /// cluster).
+    pub fn is_synced(&self, cluster: &ClusterName) -> bool {
+        self.clusters
+            .get(cluster)
+            .is_some_and(|c| c.synced(self.local.as_ref() == Some(cluster)))
     }
 
     /// Whether every cluster seen so far has been synced at least once.
@@ -166,13 +210,15 @@ impl MeshState {
                 }
             },
             WatchUpdate::Synced { cluster, kind } => {
+                let local = self.local.as_ref() == Some(&cluster);
                 let data = self.clusters.entry(cluster.clone()).or_default();
                 data.synced_kinds.insert(kind as i32);
-                if !data.ever_synced && data.synced() {
+                if !data.ever_synced && data.synced(local) {
                     data.ever_synced = true;
                     info!(%cluster, nodes = data.state.nodes.len(),
                         endpoints = data.state.endpoints.len(),
-                        services = data.state.services.len(), "cluster synced");
+                        services = data.state.services.len(),
+                        policies = data.state.policies.len(), "cluster synced");
                     Applied::ClusterSynced(cluster)
                 } else {
                     Applied::Unchanged
@@ -193,6 +239,9 @@ impl MeshState {
     ) -> Result<bool, RejectError> {
         // The key is only formatted for an error (the hot path never allocates it).
         let key = || key_of(cluster, kind, name);
+        if kind == Kind::Policy && self.local.as_ref() != Some(cluster) {
+            return Err(RejectError::ForeignPolicy { key: key() });
+        }
         let object = Object::try_from(value).map_err(|e| RejectError::Invalid {
             key: key(),
             reason: e.to_string(),
@@ -225,6 +274,14 @@ impl MeshState {
             Object::Endpoint(v) => insert(&mut s.endpoints, v.ip, v),
             Object::Service(v) => insert(&mut s.services, (v.namespace.clone(), v.name.clone()), v),
             Object::Identity(v) => insert(&mut c.identities, v.id.0, v),
+            Object::Policy(p) => {
+                if s.policies.get(&p.policy.reference) == Some(&p.policy) {
+                    false
+                } else {
+                    s.policies.upsert(p.policy);
+                    true
+                }
+            }
         })
     }
 
@@ -257,8 +314,72 @@ impl MeshState {
                 let id: u32 = name.parse().map_err(|_| bad())?;
                 c.identities.remove(&id).is_some()
             }
+            Kind::Policy => {
+                let (kind, namespace, name) = parse_policy_name(name).ok_or_else(bad)?;
+                s.policies
+                    .remove(&PolicyRef {
+                        kind,
+                        cluster: cluster.clone(),
+                        namespace: namespace.map(str::to_owned),
+                        name: name.to_owned(),
+                    })
+                    .is_some()
+            }
             Kind::Unspecified => return Err(bad()),
         })
+    }
+}
+
+/// The inputs and output of policy compilation for the local cluster.
+#[derive(Debug, Clone)]
+pub struct PolicyView {
+    /// Endpoint identities of the clusters compiled against, and the CIDR identities.
+    pub identities: IdentityTable,
+    pub compiled: CompiledPolicy,
+}
+
+// === policy ===
+
+impl MeshState {
+    /// Compiles the local cluster's policies against the identities of `clusters` (the ones
+    /// the sync gate lets in) and CIDR identities for every prefix the policies name
+    /// (`cidr` is synced to them: the agent keeps one allocator across compiles, meshctl a
+    /// fresh one; verdicts do not depend on the numbers). Named ports resolve to nothing
+    /// yet (endpoints do not carry container ports), so a rule naming one fails closed. The
+    /// one path from the watched
+    /// state to `mesh_core::policy::compile`: the agent programs its result, `meshctl policy
+    /// list|check` print it. `None` without a local cluster.
+    pub fn compile_policy<'a>(
+        &self,
+        clusters: impl IntoIterator<Item = &'a ClusterName>,
+        cidr: &mut CidrIdentities,
+    ) -> Option<Result<PolicyView, CidrIdentitiesExhausted>> {
+        let local = self.local.as_ref()?;
+        let empty = PolicySet::new();
+        let policies = self.policies().unwrap_or(&empty);
+        let mut identities = IdentityTable::new();
+        for name in clusters {
+            if let Some(c) = self.clusters.get(name) {
+                for identity in c.identities.values() {
+                    identities.insert(identity.id, identity.labels.clone());
+                }
+            }
+        }
+        let prefixes = policies.cidr_prefixes(local);
+        if let Err(e) = cidr.sync(&prefixes) {
+            return Some(Err(e));
+        }
+        // A fresh table: every allocated prefix, not only this sync's changes.
+        for p in &prefixes {
+            if let Some(id) = cidr.get(p) {
+                identities.insert_cidr(*p, id);
+            }
+        }
+        let compiled = compile(policies, &identities, local);
+        Some(Ok(PolicyView {
+            identities,
+            compiled,
+        }))
     }
 }
 
@@ -322,6 +443,8 @@ pub struct ClusterState {
     pub endpoints: BTreeMap<IpAddr, Endpoint>,
     /// Global services by `(namespace, name)`.
     pub services: Services,
+    /// Network policies (the local cluster's only: peers never serve theirs).
+    pub policies: PolicySet,
 }
 
 /// The view of the mesh that [`plan_node`] takes: the services of `clusters` (the ones the
@@ -464,5 +587,155 @@ mod tests {
             .unwrap_err(),
             Waiting::LocalCluster(local.clone())
         );
+    }
+
+    fn policy_value(
+        cluster: &str,
+        ns: &str,
+        name: &str,
+        object: serde_json::Value,
+    ) -> pb::event::Value {
+        pb::event::Value::Policy(pb::Policy {
+            cluster: cluster.into(),
+            kind: pb::PolicyKind::CiliumNetworkPolicy as i32,
+            namespace: ns.into(),
+            name: name.into(),
+            object: object.to_string(),
+        })
+    }
+
+    fn cnp(ns: &str, name: &str, spec: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"namespace": ns, "name": name},
+            "spec": spec,
+        })
+    }
+
+    #[test]
+    fn local_policies_are_parsed_and_bad_or_foreign_ones_rejected() {
+        let mut s = MeshState::new(east());
+        let name = "ciliumnetworkpolicies/shop/allow-web";
+        let spec = serde_json::json!({"endpointSelector": {"matchLabels": {"app": "web"}},
+                                       "ingress": [{"fromEndpoints": [{}]}]});
+        let good = policy_value("east", "shop", "allow-web", cnp("shop", "allow-web", spec));
+        assert_eq!(
+            s.apply(upsert(Kind::Policy, name, good.clone())),
+            Applied::Changed
+        );
+        assert_eq!(
+            s.apply(upsert(Kind::Policy, name, good)),
+            Applied::Unchanged
+        );
+        let set = s.policies().unwrap();
+        assert_eq!(set.len(), 1);
+        let p = set.iter().next().unwrap();
+        assert_eq!(p.reference.object(), "shop/allow-web");
+        assert_eq!(p.reference.cluster, east());
+
+        // Malformed: a port that is not one. Rejected; the good version stays.
+        let bad = policy_value(
+            "east",
+            "shop",
+            "allow-web",
+            cnp(
+                "shop",
+                "allow-web",
+                serde_json::json!({"endpointSelector": {},
+                    "ingress": [{"toPorts": [{"ports": [{"port": "http x"}]}]}]}),
+            ),
+        );
+        let r = s.apply(upsert(Kind::Policy, name, bad));
+        let Applied::Rejected { error, .. } = r else {
+            panic!("expected a rejection, got {r:?}")
+        };
+        assert!(
+            error
+                .to_string()
+                .contains("spec.ingress[0].toPorts[0].ports[0].port"),
+            "{error}"
+        );
+        // Fields that disagree with the object are rejected too.
+        let renamed = policy_value(
+            "east",
+            "shop",
+            "other",
+            cnp("shop", "allow-web", serde_json::json!({})),
+        );
+        assert!(matches!(
+            s.apply(upsert(
+                Kind::Policy,
+                "ciliumnetworkpolicies/shop/other",
+                renamed
+            )),
+            Applied::Rejected { .. }
+        ));
+        assert_eq!(s.policies().unwrap().len(), 1);
+
+        // Another cluster's policy: never served to peers, so never accepted.
+        let foreign = WatchUpdate::Upsert {
+            cluster: "west".parse().unwrap(),
+            kind: Kind::Policy,
+            name: name.into(),
+            revision: 1,
+            value: policy_value(
+                "west",
+                "shop",
+                "allow-web",
+                cnp("shop", "allow-web", serde_json::json!({})),
+            ),
+        };
+        assert!(matches!(
+            s.apply(foreign),
+            Applied::Rejected {
+                error: RejectError::ForeignPolicy { .. },
+                ..
+            }
+        ));
+
+        let del = WatchUpdate::Delete {
+            cluster: east(),
+            kind: Kind::Policy,
+            name: name.into(),
+            revision: 3,
+        };
+        assert_eq!(s.apply(del), Applied::Changed);
+        assert!(s.policies().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_local_cluster_waits_for_its_policies_and_remote_ones_do_not() {
+        let mut s = MeshState::new(east());
+        let west: ClusterName = "west".parse().unwrap();
+        for cluster in [east(), west.clone()] {
+            for kind in KINDS {
+                s.apply(WatchUpdate::Synced {
+                    cluster: cluster.clone(),
+                    kind,
+                });
+            }
+        }
+        assert!(s.is_synced(&west), "a peer serves no policies");
+        assert!(
+            !s.is_synced(&east()),
+            "the local cluster's policies are not synced yet"
+        );
+        let gate = GateInput {
+            local_cluster: &east(),
+            deadline_passed: false,
+            programming: false,
+        };
+        assert_eq!(
+            s.programmable(&gate).unwrap_err(),
+            Waiting::LocalCluster(east())
+        );
+        assert_eq!(
+            s.apply(WatchUpdate::Synced {
+                cluster: east(),
+                kind: Kind::Policy
+            }),
+            Applied::ClusterSynced(east())
+        );
+        assert_eq!(s.programmable(&gate).unwrap().len(), 2);
     }
 }

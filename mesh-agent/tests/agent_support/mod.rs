@@ -679,13 +679,9 @@ impl Mesh {
     }
 
     pub async fn unmark_synced(&mut self, cluster: &str) {
-        for kind in [
-            Kind::Config,
-            Kind::Node,
-            Kind::Identity,
-            Kind::Endpoint,
-            Kind::Service,
-        ] {
+        // Every kind a cluster publishes for its own agents (policies included; a remote
+        // cluster's policy marker is simply not needed).
+        for kind in mesh_proto::keys::PUBLISHED_KINDS {
             self.kv
                 .delete(self.keys.synced(cluster, kind), None)
                 .await
@@ -694,13 +690,9 @@ impl Mesh {
     }
 
     pub async fn mark_synced(&mut self, cluster: &str) {
-        for kind in [
-            Kind::Config,
-            Kind::Node,
-            Kind::Identity,
-            Kind::Endpoint,
-            Kind::Service,
-        ] {
+        // Every kind a cluster publishes for its own agents (policies included; a remote
+        // cluster's policy marker is simply not needed).
+        for kind in mesh_proto::keys::PUBLISHED_KINDS {
             self.kv
                 .put(
                     self.keys.synced(cluster, kind),

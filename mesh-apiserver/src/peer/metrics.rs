@@ -43,7 +43,7 @@ pub struct PeerMetrics {
     /// Refusals of the peer, by reason (`duplicate_id`, `duplicate_name`,
     /// `overlapping_pod_cidrs`, `name_mismatch`, `invalid_config`, `certificate`).
     pub refusals: Family<PeerReasonLabels, Counter>,
-    /// Objects dropped instead of imported, by reason (`identity_out_of_range`,
+    /// Objects dropped instead of imported, by reason (`policy`, `identity_out_of_range`,
     /// `foreign_cluster`, `invalid`).
     pub dropped: Family<PeerReasonLabels, Counter>,
     /// Full snapshots taken (first import, server reset, after a withdrawal).

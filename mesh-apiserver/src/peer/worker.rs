@@ -723,21 +723,32 @@ impl Worker {
                 value,
                 ..
             } => {
-                let checked = if cluster != self.spec.name {
-                    Err((
-                        "foreign_cluster",
-                        format!(
-                            "sent as cluster {cluster} on the stream of peer {}",
-                            self.peer()
-                        ),
-                    ))
-                } else if let pb::event::Value::Config(c) = &value
-                    && let Err(message) = self.recheck_config(c)
-                {
-                    Err(("conflict", message))
-                } else {
-                    self.check_object(&value)
-                };
+                let checked =
+                    if kind == pb::Kind::Policy || matches!(value, pb::event::Value::Policy(_)) {
+                        // DESIGN.md section 14: a policy applies only in its own cluster, and a
+                        // conforming peer never serves one (`policy_presented`).
+                        Err((
+                            "policy",
+                            format!(
+                                "network policies are never imported (sent by peer {})",
+                                self.peer()
+                            ),
+                        ))
+                    } else if cluster != self.spec.name {
+                        Err((
+                            "foreign_cluster",
+                            format!(
+                                "sent as cluster {cluster} on the stream of peer {}",
+                                self.peer()
+                            ),
+                        ))
+                    } else if let pb::event::Value::Config(c) = &value
+                        && let Err(message) = self.recheck_config(c)
+                    {
+                        Err(("conflict", message))
+                    } else {
+                        self.check_object(&value)
+                    };
                 match checked {
                     Ok(()) => self.stage(kind, name, Some(encode_value(&value))),
                     Err((reason, message)) => {
@@ -750,7 +761,7 @@ impl Worker {
                         self.stats.dropped += 1;
                         // An earlier valid version must not linger, except a config that
                         // changed into a conflict: the accepted one stays with the data.
-                        if cluster == self.spec.name && reason != "conflict" {
+                        if cluster == self.spec.name && reason != "conflict" && reason != "policy" {
                             self.stage(kind, name, None);
                         }
                     }
@@ -762,12 +773,13 @@ impl Worker {
                 name,
                 ..
             } => {
-                if cluster == self.spec.name {
+                if cluster == self.spec.name && kind != pb::Kind::Policy {
                     self.stage(kind, name, None);
                 }
             }
             WatchUpdate::Synced { cluster, kind } => {
-                if cluster != self.spec.name {
+                // No policy marker either: nothing of the kind is imported.
+                if cluster != self.spec.name || kind == pb::Kind::Policy {
                     return;
                 }
                 if !self.markers.contains(&kind) {

@@ -226,6 +226,7 @@ pub fn encode_value(ev: &pb::Event) -> Vec<u8> {
         Value::Identity(v) => v.encode_to_vec(),
         Value::Endpoint(v) => v.encode_to_vec(),
         Value::Service(v) => v.encode_to_vec(),
+        Value::Policy(v) => v.encode_to_vec(),
     }
 }
 

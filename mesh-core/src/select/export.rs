@@ -5,6 +5,10 @@
 //! to a *peer* as absent: the gRPC edge sends a peer a delete for it (so a change to
 //! `shared: "false"` reaches the peer as a delete), and [`select`](super::select) ignores
 //! a remote copy that says it is not shared (input that did not pass through that edge).
+//!
+//! Network policies are never exported (DESIGN.md section 14: a policy applies in the
+//! cluster it was applied to, as in Cilium): [`policy_presented`] is false for a peer, for
+//! the objects and their Synced markers alike, whatever kinds the peer asks for.
 
 /// Who reads a cluster's published objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -24,6 +28,15 @@ pub fn service_presented(shared: bool, reader: Reader) -> bool {
     }
 }
 
+/// Whether a network policy of the serving cluster is presented to `reader`: only to the
+/// cluster's own readers. A peer neither receives policies nor learns they exist.
+pub fn policy_presented(reader: Reader) -> bool {
+    match reader {
+        Reader::OwnCluster => true,
+        Reader::Peer => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,5 +47,11 @@ mod tests {
         assert!(!service_presented(false, Reader::Peer));
         assert!(service_presented(true, Reader::OwnCluster));
         assert!(service_presented(false, Reader::OwnCluster));
+    }
+
+    #[test]
+    fn policies_stay_in_their_cluster() {
+        assert!(policy_presented(Reader::OwnCluster));
+        assert!(!policy_presented(Reader::Peer));
     }
 }

@@ -44,7 +44,7 @@ mod gate;
 mod merge;
 mod node;
 
-pub use export::{Reader, service_presented};
+pub use export::{Reader, policy_presented, service_presented};
 pub use gate::{GateInput, SyncGate, Waiting, sync_gate};
 pub use merge::{condition_rank, merge_addresses};
 pub use node::{
