@@ -6,6 +6,7 @@ mod conn;
 mod connect;
 mod inspect;
 mod output;
+mod policy;
 mod service;
 mod status;
 
@@ -41,6 +42,9 @@ enum Command {
     /// Global services per cluster, and why a node selects (or leaves out) each backend.
     #[command(subcommand)]
     Service(service::ServiceCommand),
+    /// Network policies: what each selects in every cluster, and the verdict for one flow.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// What is in this node's eBPF maps (read-only, run as root on the node).
     #[command(subcommand)]
     Bpf(bpf::BpfCommand),
@@ -58,6 +62,15 @@ fn main() -> anyhow::Result<()> {
         Command::Connect(a) => runtime()?.block_on(connect::run_connect(a)),
         Command::Disconnect(a) => runtime()?.block_on(connect::run_disconnect(a)),
         Command::Service(c) => runtime()?.block_on(service::run(c)),
+        Command::Policy(c) => {
+            let code = runtime()?.block_on(policy::run(c))?;
+            if code != 0 {
+                use std::io::Write;
+                std::io::stdout().flush()?;
+                std::process::exit(code);
+            }
+            Ok(())
+        }
         Command::Bpf(c) => bpf::run(c),
         Command::Flows(a) => bpf::run_flows(a),
     }

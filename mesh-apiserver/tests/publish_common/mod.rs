@@ -485,8 +485,10 @@ impl State {
         Some(pb::ClusterConfig::decode(v.as_slice()).expect("config value"))
     }
 
+    /// Every kind the cluster publishes, policies included (the lab API serves no policy
+    /// types yet: that must not hold the marker back).
     pub fn all_synced(&self) -> bool {
-        mesh_proto::keys::ALL_KINDS
+        mesh_proto::keys::PUBLISHED_KINDS
             .iter()
             .all(|k| self.raw.contains_key(&self.keys.synced(CLUSTER, *k)))
     }
@@ -508,6 +510,7 @@ fn describe_value(kind: pb::Kind, v: &[u8]) -> String {
         pb::Kind::Identity => format!("{:?}", pb::Identity::decode(v)),
         pb::Kind::Node => format!("{:?}", pb::Node::decode(v)),
         pb::Kind::Config => format!("{:?}", pb::ClusterConfig::decode(v)),
+        pb::Kind::Policy => format!("{:?}", pb::Policy::decode(v)),
         pb::Kind::Unspecified => format!("{} bytes", v.len()),
     }
 }
