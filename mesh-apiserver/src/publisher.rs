@@ -1172,3 +1172,292 @@ impl<'a> Term<'a> {
         Ok(())
     }
 }
+
+/// The policy path of a term with its real neighbours: a real etcd, the lab Kubernetes API
+/// (for the Warning Events) and the model fed exactly what the policy watchers send. The
+/// watchers themselves need an API serving the policy types, which the lab API does not
+/// yet (tests/publish_kube.rs covers their absence).
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use crate::kube_source::{Object, SourceEvent};
+    use kube::api::ListParams;
+    use mesh_lab::kube_api::{KubeApi, KubeApiConfig};
+    use serde_json::json;
+
+    const CLUSTER: &str = "east";
+
+    struct Env {
+        _etcd: mesh_testkit::etcd::Etcd,
+        _dir: tempfile::TempDir,
+        _api: mesh_lab::kube_api::KubeApiHandle,
+        kv: etcd_client::KvClient,
+        kube: kube::Client,
+        cfg: PublisherConfig,
+        keys: Keys,
+    }
+
+    async fn env() -> Env {
+        let etcd = mesh_testkit::etcd::Etcd::start();
+        let client = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .expect("etcd client");
+        let dir = tempfile::tempdir().unwrap();
+        let api = KubeApi::start(KubeApiConfig::new(dir.path().join("api"), CLUSTER))
+            .await
+            .expect("lab API");
+        let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig_path()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        let kube = kube::Client::try_from(config).unwrap();
+        let ns: corev1::Namespace =
+            serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+        Api::<corev1::Namespace>::all(kube.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace shop");
+        let cfg = PublisherConfig::new(ClusterConfig {
+            name: ClusterName::new(CLUSTER).unwrap(),
+            id: mesh_core::ClusterId::new(3).unwrap(),
+            pod_cidrs: vec![],
+            service_cidr: None,
+            capabilities: vec![],
+            version: "test".into(),
+        });
+        Env {
+            _etcd: etcd,
+            _dir: dir,
+            _api: api,
+            kv: client.kv_client(),
+            kube,
+            keys: Keys::new(cfg.prefix.clone()),
+            cfg,
+        }
+    }
+
+    fn policy(kind: ResourceKind, ns: Option<&str>, name: &str, spec: serde_json::Value) -> Object {
+        let mut metadata = json!({"name": name, "uid": format!("uid-{name}")});
+        if let Some(ns) = ns {
+            metadata["namespace"] = ns.into();
+        }
+        let obj = json!({"metadata": metadata, "spec": spec});
+        Object::Policy(kube_source::slim_policy(kind, obj))
+    }
+
+    async fn warnings(kube: &kube::Client, reason: &str) -> Vec<corev1::Event> {
+        Api::<corev1::Event>::all(kube.clone())
+            .list(&ListParams::default())
+            .await
+            .expect("listing events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .collect()
+    }
+
+    async fn until_warnings(kube: &kube::Client, reason: &str, n: usize) -> Vec<corev1::Event> {
+        // The reporter creates Events off the publishing path; wait for them (bounded).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let evs = warnings(kube, reason).await;
+            if evs.len() >= n {
+                return evs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} {reason} Events expected, got {evs:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn value(kv: &mut etcd_client::KvClient, key: &str) -> Option<pb::Policy> {
+        let r = kv.get(key, None).await.unwrap();
+        r.kvs()
+            .first()
+            .map(|kv| pb::Policy::decode(kv.value()).expect("a Policy value"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn policies_are_published_invalid_ones_reported_and_the_last_valid_kept() {
+        let mut env = env().await;
+        let metrics = Arc::new(PublisherMetrics::default());
+        let token = CancellationToken::new();
+        let events = EventReporter::spawn(
+            env.kube.clone(),
+            "test".into(),
+            metrics.clone(),
+            token.clone(),
+        );
+        let mut reported = Reported::default();
+        let mut store = EtcdStore::load(env.kv.clone(), env.keys.clone(), CLUSTER, None, 128)
+            .await
+            .unwrap();
+        let mut alloc = IdentityAllocator::load(
+            env.kv.clone(),
+            env.keys.clone(),
+            env.cfg.cluster.name.clone(),
+            env.cfg.cluster.id,
+            None,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        let mut term = Term::new(&env.cfg, &env.keys, metrics.clone(), events, &mut reported);
+        let key = |kind, ns, name| {
+            env.keys.object(
+                CLUSTER,
+                pb::Kind::Policy,
+                &mesh_proto::keys::policy_name(kind, ns, name),
+            )
+        };
+        let allow_key = key(PolicyKind::CiliumNetworkPolicy, Some("shop"), "allow-web");
+        let broken_key = key(PolicyKind::NetworkPolicy, Some("shop"), "broken");
+        let l7_key = key(PolicyKind::CiliumClusterwideNetworkPolicy, None, "l7");
+
+        let allow = |port: &str| {
+            policy(
+                ResourceKind::CiliumNetworkPolicy,
+                Some("shop"),
+                "allow-web",
+                json!({"endpointSelector": {"matchLabels": {"app": "web"}},
+                       "ingress": [{"fromEndpoints": [{}],
+                                    "toPorts": [{"ports": [{"port": port, "protocol": "TCP"}]}]}]}),
+            )
+        };
+        // The initial lists: one of each kind.
+        for (kind, obj) in [
+            (ResourceKind::CiliumNetworkPolicy, allow("80")),
+            (
+                ResourceKind::NetworkPolicy,
+                policy(
+                    ResourceKind::NetworkPolicy,
+                    Some("shop"),
+                    "broken",
+                    json!({"podSelector": {}, "ingress": [{"ports": [{"port": "http x"}]}]}),
+                ),
+            ),
+            (
+                ResourceKind::CiliumClusterwideNetworkPolicy,
+                policy(
+                    ResourceKind::CiliumClusterwideNetworkPolicy,
+                    None,
+                    "l7",
+                    json!({"endpointSelector": {},
+                           "ingress": [{"toPorts": [{"ports": [{"port": "80"}],
+                                                      "rules": {"http": [{"method": "GET"}]}}]}]}),
+                ),
+            ),
+        ] {
+            term.model.handle(SourceEvent::Init(kind));
+            term.model.handle(SourceEvent::InitApply(obj));
+            term.model.handle(SourceEvent::InitDone(kind));
+        }
+        term.publish(&mut store, &mut alloc, &token).await.unwrap();
+
+        let published = value(&mut env.kv, &allow_key)
+            .await
+            .expect("allow-web published");
+        assert_eq!(
+            (
+                published.cluster.as_str(),
+                published.namespace.as_str(),
+                published.name.as_str()
+            ),
+            (CLUSTER, "shop", "allow-web")
+        );
+        // What agents get re-parses to what the publisher validated.
+        let reparsed = PolicyObject::try_from(published.clone()).expect("agents can parse it");
+        assert_eq!(reparsed.policy.reference.object(), "shop/allow-web");
+        assert_eq!(
+            value(&mut env.kv, &broken_key).await,
+            None,
+            "invalid: not published"
+        );
+        assert!(
+            value(&mut env.kv, &l7_key).await.is_some(),
+            "unenforceable parts are published"
+        );
+        assert!(
+            env.kv
+                .get(env.keys.synced(CLUSTER, pb::Kind::Policy), None)
+                .await
+                .unwrap()
+                .count()
+                == 1,
+            "synced/policies written"
+        );
+
+        let invalid = until_warnings(&env.kube, INVALID_POLICY_REASON, 1).await;
+        let ev = &invalid[0];
+        assert_eq!(ev.type_.as_deref(), Some("Warning"));
+        assert_eq!(ev.involved_object.kind.as_deref(), Some("NetworkPolicy"));
+        assert_eq!(ev.involved_object.name.as_deref(), Some("broken"));
+        assert_eq!(ev.involved_object.uid.as_deref(), Some("uid-broken"));
+        let msg = ev.message.as_deref().unwrap();
+        assert!(
+            msg.contains("spec.ingress[0].ports[0].port") && msg.contains("http x"),
+            "{msg}"
+        );
+        let partial = until_warnings(&env.kube, POLICY_NOT_FULLY_ENFORCED_REASON, 1).await;
+        let ev = &partial[0];
+        assert_eq!(
+            ev.involved_object.kind.as_deref(),
+            Some("CiliumClusterwideNetworkPolicy")
+        );
+        assert_eq!(ev.metadata.namespace.as_deref(), Some("default"));
+        assert!(ev.message.as_deref().unwrap().contains("rules"), "{ev:?}");
+        assert_eq!(
+            metrics.policy_problems(PolicyKind::NetworkPolicy, INVALID_POLICY_REASON),
+            1
+        );
+        assert_eq!(
+            metrics.policy_problems(
+                PolicyKind::CiliumClusterwideNetworkPolicy,
+                POLICY_NOT_FULLY_ENFORCED_REASON
+            ),
+            1
+        );
+
+        // allow-web becomes invalid: reported, and its last valid version stays published.
+        term.model.handle(SourceEvent::Apply(allow("http x")));
+        term.publish(&mut store, &mut alloc, &token).await.unwrap();
+        assert_eq!(
+            value(&mut env.kv, &allow_key).await,
+            Some(published.clone())
+        );
+        let invalid = until_warnings(&env.kube, INVALID_POLICY_REASON, 2).await;
+        let ev = invalid
+            .iter()
+            .find(|e| e.involved_object.name.as_deref() == Some("allow-web"))
+            .expect("an Event on allow-web");
+        assert!(
+            ev.message
+                .as_deref()
+                .unwrap()
+                .contains("the last valid version stays enforced"),
+            "{ev:?}"
+        );
+        // The same problem again (any unrelated change re-publishes it): reported once.
+        term.model.handle(SourceEvent::Apply(allow("http x")));
+        term.publish(&mut store, &mut alloc, &token).await.unwrap();
+        assert_eq!(
+            metrics.policy_problems(PolicyKind::CiliumNetworkPolicy, INVALID_POLICY_REASON),
+            1
+        );
+
+        // Fixed: the new version replaces the old one. Deleted: gone.
+        term.model.handle(SourceEvent::Apply(allow("8080")));
+        term.publish(&mut store, &mut alloc, &token).await.unwrap();
+        let fixed = value(&mut env.kv, &allow_key).await.unwrap();
+        assert!(fixed.object.contains("8080"), "{fixed:?}");
+        term.model.handle(SourceEvent::Delete(
+            ResourceKind::CiliumNetworkPolicy,
+            ObjKey::new("shop", "allow-web"),
+        ));
+        term.publish(&mut store, &mut alloc, &token).await.unwrap();
+        assert_eq!(value(&mut env.kv, &allow_key).await, None);
+        token.cancel();
+    }
+}

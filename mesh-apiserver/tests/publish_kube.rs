@@ -561,3 +561,59 @@ async fn only_the_leader_publishes_and_a_standby_takes_over() {
     .await;
     assert!(standby.is_leader.get());
 }
+
+/// DESIGN.md section 14: identities carry their Namespace's labels, so a namespaceSelector
+/// works in every cluster; `kubectl label namespace` re-labels (re-allocates) the identities
+/// of its pods. The lab API serves no policy type yet: that is an empty list, not a failure,
+/// and the policy kind is still marked synced (agents wait for that marker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_labels_reach_identities_and_absent_policy_types_do_not_block_sync() {
+    init_logs();
+    let etcd = Etcd::start();
+    let client = connect(&etcd).await;
+    let lab = Lab::start().await;
+    lab.namespace("shop").await;
+    lab.node("n1", "192.168.0.1", "10.0.1.0/24").await;
+    lab.pod("shop", "web-1", "web", "10.0.1.1", "n1", "192.168.0.1")
+        .await;
+    let _p = Running::start(
+        &client,
+        lab.client().await,
+        publisher_config("p1", Duration::from_secs(1)),
+    );
+    let prefix = format!("{PREFIX}clusters/{CLUSTER}/");
+    let label = |s: &publish_common::State, key: &str| {
+        let id = s.endpoint("10.0.1.1")?.identity;
+        let labels = s.identities().get(&id)?.labels.clone();
+        let want = format!("k8s:io.cilium.k8s.namespace.labels.{key}=");
+        labels
+            .iter()
+            .find_map(|l| l.strip_prefix(&want).map(str::to_owned))
+    };
+    let s = wait_until(&client, &prefix, T, "the initial sync", |s| {
+        s.all_synced() && s.endpoint("10.0.1.1").is_some()
+    })
+    .await;
+    assert_eq!(
+        label(&s, "kubernetes.io/metadata.name").as_deref(),
+        Some("shop"),
+        "{}",
+        s.describe()
+    );
+    assert_eq!(label(&s, "team"), None);
+    let before = s.endpoint("10.0.1.1").unwrap().identity;
+
+    lab.kubectl(&["label", "namespace", "shop", "team=blue"], None)
+        .await;
+    let s = wait_until(&client, &prefix, T, "the identity re-labelled", |s| {
+        label(s, "team").as_deref() == Some("blue")
+    })
+    .await;
+    let after = s.endpoint("10.0.1.1").unwrap().identity;
+    assert_ne!(before, after, "new labels, new identity");
+    let logs = captured_logs();
+    assert!(
+        logs.contains("does not serve this policy type"),
+        "the absent policy types are logged"
+    );
+}
