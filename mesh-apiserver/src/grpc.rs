@@ -1048,6 +1048,11 @@ impl mesh_server::Mesh for MeshService {
                 counts: c
                     .kinds
                     .iter()
+                    // A peer's policies are never imported: only the local cluster has the
+                    // kind (and must sync it).
+                    .filter(|(kind, ..)| {
+                        cluster == local.name || !mesh_proto::keys::LOCAL_ONLY_KINDS.contains(kind)
+                    })
                     .map(|(kind, count, synced)| pb::KindCount {
                         kind: *kind as i32,
                         count: *count,

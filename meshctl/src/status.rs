@@ -87,6 +87,7 @@ pub fn kind_name(kind: i32) -> String {
         Ok(pb::Kind::Identity) => "identities".into(),
         Ok(pb::Kind::Endpoint) => "endpoints".into(),
         Ok(pb::Kind::Service) => "services".into(),
+        Ok(pb::Kind::Policy) => "policies".into(),
         _ => format!("kind-{kind}"),
     }
 }
@@ -265,14 +266,22 @@ pub fn render(v: &StatusView) -> String {
         v.revision,
         yes_no(v.leader)
     );
-    let kinds = ["config", "nodes", "identities", "endpoints", "services"];
+    let kinds = [
+        "config",
+        "nodes",
+        "identities",
+        "endpoints",
+        "services",
+        "policies",
+    ];
     let mut header = vec!["CLUSTER", "ID", "ORIGIN"];
     header.extend(kinds.iter().map(|k| match *k {
         "config" => "CONFIG",
         "nodes" => "NODES",
         "identities" => "IDENTITIES",
         "endpoints" => "ENDPOINTS",
-        _ => "SERVICES",
+        "services" => "SERVICES",
+        _ => "POLICIES",
     }));
     header.push("SYNCED");
     let rows: Vec<Vec<String>> = v
@@ -288,11 +297,11 @@ pub fn render(v: &StatusView) -> String {
                     "imported".into()
                 },
             ];
-            row.extend(
-                kinds
-                    .iter()
-                    .map(|k| c.counts.get(*k).copied().unwrap_or(0).to_string()),
-            );
+            // Policies are never imported: a peer's column is "-", not 0.
+            row.extend(kinds.iter().map(|k| match c.counts.get(*k) {
+                None if *k == "policies" && !c.local => "-".into(),
+                n => n.copied().unwrap_or(0).to_string(),
+            }));
             row.push(if c.synced {
                 "yes".into()
             } else {
