@@ -65,6 +65,29 @@ async fn b_imports_a_and_follows_changes() {
     )
     .await;
 
+    // A's network policy: for A's own agents only, never served to B (DESIGN.md section 14).
+    let policy_key = keys.object(
+        "a",
+        Kind::Policy,
+        &mesh_proto::keys::policy_name(
+            mesh_core::policy::PolicyKind::NetworkPolicy,
+            Some("default"),
+            "deny-all",
+        ),
+    );
+    put(
+        &mut ea,
+        policy_key.clone(),
+        &pb::Policy {
+            cluster: "a".into(),
+            kind: pb::PolicyKind::NetworkPolicy as i32,
+            namespace: "default".into(),
+            name: "deny-all".into(),
+            object: r#"{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"deny-all","namespace":"default"},"spec":{"podSelector":{}}}"#.into(),
+        },
+    )
+    .await;
+
     let (_peers_tx, peers_rx) = watch::channel(Some(peers(&[a.spec()])));
     let importer = b.importer(peers_rx, test_options(None)).await;
     let stats = importer
@@ -77,7 +100,9 @@ async fn b_imports_a_and_follows_changes() {
     let a_objects = cluster_objects(&mut ea, "a").await;
     let expected: std::collections::BTreeMap<_, _> = a_objects
         .iter()
-        .filter(|(k, _)| !k.ends_with(&id_foreign.to_string()) && !k.ends_with("/intruder"))
+        .filter(|(k, _)| {
+            !k.ends_with(&id_foreign.to_string()) && !k.ends_with("/intruder") && *k != &policy_key
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     assert_eq!(expected.len(), 5);
@@ -95,6 +120,10 @@ async fn b_imports_a_and_follows_changes() {
             "no synced marker for {kind:?}"
         );
     }
+    assert!(
+        !imported.contains_key(&keys.synced("a", Kind::Policy)),
+        "a peer's policy marker is never imported"
+    );
     let text = importer.metrics_text();
     assert!(
         text.contains(

@@ -33,11 +33,25 @@ async fn seed(a: &Cluster) {
     }
 }
 
-/// Waits until B holds exactly A's keys (objects and markers; marker values are B's own).
+/// Waits until B holds exactly A's keys (objects and markers; marker values are B's own),
+/// except A's own-readers-only kinds (policies), which are never imported.
 async fn converged(a: &Cluster, b: &Cluster) {
     let mut ea = a.etcd_client().await;
     let mut eb = b.etcd_client().await;
-    let want = cluster_keys(&mut ea, "a").await;
+    let keys = a.keys();
+    let local_only = |k: &str| {
+        let kind = match keys.parse(k) {
+            Some(mesh_proto::keys::ClusterKey::Object { kind, .. }) => kind,
+            Some(mesh_proto::keys::ClusterKey::Synced { kind, .. }) => kind,
+            None => return false,
+        };
+        mesh_proto::keys::LOCAL_ONLY_KINDS.contains(&kind)
+    };
+    let want: std::collections::BTreeMap<String, Vec<u8>> = cluster_keys(&mut ea, "a")
+        .await
+        .into_iter()
+        .filter(|(k, _)| !local_only(k))
+        .collect();
     wait_keys(&mut eb, "a", "B to hold exactly A's state", |have| {
         have.len() == want.len()
             && want.iter().all(|(k, v)| {

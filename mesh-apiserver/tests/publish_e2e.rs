@@ -160,7 +160,8 @@ async fn kubectl_changes_arrive_on_the_grpc_watch() {
         &mut seen,
         "the snapshot and every Synced marker",
         |s| {
-            mesh_proto::keys::ALL_KINDS
+            // The cluster's own reader: policies too.
+            mesh_proto::keys::PUBLISHED_KINDS
                 .iter()
                 .all(|k| s.synced.contains(k))
                 && s.backends("shop", "web") == 2

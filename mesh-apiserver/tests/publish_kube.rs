@@ -271,7 +271,7 @@ async fn a_restart_publishes_exactly_the_current_state_without_blinking() {
     for id in [a_id, c_id] {
         expected.insert(keys.object(CLUSTER, pb::Kind::Identity, &id.to_string()));
     }
-    for kind in mesh_proto::keys::ALL_KINDS {
+    for kind in mesh_proto::keys::PUBLISHED_KINDS {
         expected.insert(keys.synced(CLUSTER, kind));
     }
     let actual: BTreeSet<String> = after.raw.keys().cloned().collect();

@@ -408,12 +408,13 @@ pub async fn delete(c: &mut etcd_client::Client, key: String) -> i64 {
     r.header().unwrap().revision()
 }
 
-/// Writes the config and a synced marker per kind: what a publisher does after its sync.
+/// Writes the config and a synced marker per kind (policies included): what a publisher
+/// does after its sync.
 pub async fn publish_config_and_markers(c: &mut etcd_client::Client, cluster: &Cluster) {
     let keys = cluster.keys();
     let cfg = pb::ClusterConfig::from(&cluster.config());
     put(c, keys.object(&cluster.name, Kind::Config, ""), &cfg).await;
-    for kind in mesh_proto::keys::ALL_KINDS {
+    for kind in mesh_proto::keys::PUBLISHED_KINDS {
         put(
             c,
             keys.synced(&cluster.name, kind),
