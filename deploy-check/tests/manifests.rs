@@ -448,6 +448,19 @@ fn rbac_is_exactly_what_the_apiserver_reads() {
                 s(&["get", "list", "watch"]),
                 vec![]
             ),
+            // The network policies it publishes for its agents (issue #12).
+            (
+                s(&["networking.k8s.io"]),
+                s(&["networkpolicies"]),
+                s(&["get", "list", "watch"]),
+                vec![]
+            ),
+            (
+                s(&["cilium.io"]),
+                s(&["ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"]),
+                s(&["get", "list", "watch"]),
+                vec![]
+            ),
             (s(&[""]), s(&["events"]), s(&["create", "patch"]), vec![]),
         ]
     );

@@ -5,7 +5,7 @@
 //!
 //! - **mesh-apiserver** parses each watched object with [`parse_policy`]: an `Err` is an
 //!   invalid object (Warning Event with the error text, which names the object, JSON path and
-//!   problem; the object is not published), `Policy::problems` are fields mesh cannot enforce
+//!   problem; the object is not published, and a last valid version of it stays published), `Policy::problems` are fields mesh cannot enforce
 //!   (Warning Events too; the policy is published and fails closed where the problem is).
 //! - **mesh-agent** keeps a [`PolicySet`] and an [`IdentityTable`] (identities of every
 //!   cluster, named ports, CIDR identities from [`CidrIdentities`] fed with
