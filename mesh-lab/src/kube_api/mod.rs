@@ -34,13 +34,16 @@
 //! a JSON-speaking kubectl), controllers
 //! (Deployments do not create pods: the lab plays controllers through the store).
 
+mod crd;
 mod discovery;
 mod error;
 mod events_view;
 pub mod logs;
+mod netpol;
 pub mod paging;
 pub mod patch;
 pub mod resources;
+pub mod schema;
 pub mod selector;
 mod server;
 pub mod store;
