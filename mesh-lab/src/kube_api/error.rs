@@ -96,7 +96,12 @@ impl ApiError {
         let mut e = Self::new(
             422,
             "Invalid",
-            format!("{} \"{name}\" is invalid: {joined}", rt.kind),
+            // kube-apiserver qualifies the kind with its group: `Deployment.apps "x"`.
+            if rt.group.is_empty() {
+                format!("{} \"{name}\" is invalid: {joined}", rt.kind)
+            } else {
+                format!("{}.{} \"{name}\" is invalid: {joined}", rt.kind, rt.group)
+            },
         );
         let mut d = json!({ "name": name, "kind": rt.kind, "causes": causes.iter().map(|c| json!({
             "reason": c.reason, "message": c.message_only(), "field": c.field,

@@ -386,7 +386,10 @@ mod tests {
         ] {
             let got = msgs(spec.clone());
             assert!(got.contains(want), "{spec}: want {want:?} in {got:?}");
-            assert!(got.starts_with("NetworkPolicy \"p\" is invalid: "), "{got}");
+            assert!(
+                got.starts_with("NetworkPolicy.networking.k8s.io \"p\" is invalid: "),
+                "{got}"
+            );
         }
         assert_eq!(
             msgs(json!({"podSelector": {"matchLabels": {"app": "web"}},
