@@ -553,3 +553,211 @@ async fn kube_rs_discovers_and_watches_custom_resources() {
         other => panic!("the type is gone, got {other:?}"),
     }
 }
+
+/// Policies as Cilium's documentation writes them: the Cluster Mesh example, the usual DNS
+/// allowance (with an L7 DNS rule), L7 HTTP, FQDN, CIDR sets, deny rules and entities.
+const CILIUM_DOCS: &str = r#"
+apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "allow-cross-cluster"
+  namespace: demo
+spec:
+  description: "Allow x-wing in cluster1 to contact rebel-base in cluster2"
+  endpointSelector:
+    matchLabels:
+      name: x-wing
+      io.cilium.k8s.policy.cluster: cluster1
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        name: rebel-base
+        io.cilium.k8s.policy.cluster: cluster2
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: allow-dns
+  namespace: demo
+spec:
+  endpointSelector: {}
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        "k8s:io.kubernetes.pod.namespace": kube-system
+        "k8s:k8s-app": kube-dns
+    toPorts:
+    - ports:
+      - port: "53"
+        protocol: ANY
+      rules:
+        dns:
+        - matchPattern: "*"
+  - toFQDNs:
+    - matchName: "api.github.com"
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: l7-rule
+  namespace: demo
+spec:
+  endpointSelector:
+    matchLabels:
+      app: myService
+  ingress:
+  - fromEndpoints:
+    - matchExpressions:
+      - key: io.cilium.k8s.policy.cluster
+        operator: In
+        values: [cluster1, cluster2]
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+      - port: "8000"
+        endPort: 8080
+        protocol: TCP
+      rules:
+        http:
+        - method: GET
+          path: "/path1$"
+  ingressDeny:
+  - fromEntities: [world]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata:
+  name: cidr-and-entities
+spec:
+  endpointSelector:
+    matchLabels:
+      role: frontend
+  enableDefaultDeny:
+    egress: true
+    ingress: false
+  egress:
+  - toEntities: [cluster, host, remote-node]
+  - toCIDRSet:
+    - cidr: 10.0.0.0/8
+      except: [10.96.0.0/12]
+    toCIDR: [192.0.2.1/32]
+  egressDeny:
+  - toEndpoints:
+    - matchLabels:
+        app: db
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata:
+  name: several-specs
+specs:
+- endpointSelector: {matchLabels: {a: b}}
+  ingress: [{fromEntities: [all]}]
+- nodeSelector: {matchLabels: {node-role.kubernetes.io/control-plane: ""}}
+  ingress: [{fromEntities: [remote-node]}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_crds_accept_cilium_policies_unchanged() {
+    let lab = Lab::start().await;
+    mesh_lab::mesh_crds::install(lab.api.store()).expect("installing the mesh CRDs");
+    // Installing again (a restarted supervisor) keeps them.
+    mesh_lab::mesh_crds::install(lab.api.store()).expect("installing the mesh CRDs again");
+    lab.ok(&["create", "namespace", "demo"]);
+    let out = lab.apply(CILIUM_DOCS, &[]);
+    for name in [
+        "ciliumnetworkpolicy.cilium.io/allow-cross-cluster created",
+        "ciliumnetworkpolicy.cilium.io/allow-dns created",
+        "ciliumnetworkpolicy.cilium.io/l7-rule created",
+        "ciliumclusterwidenetworkpolicy.cilium.io/cidr-and-entities created",
+        "ciliumclusterwidenetworkpolicy.cilium.io/several-specs created",
+    ] {
+        assert!(out.contains(name), "{name} not in {out}");
+    }
+    // Nothing was pruned: the stored objects are what was written.
+    let dns = lab.get_json(&["cnp", "allow-dns", "-n", "demo"]);
+    assert_eq!(
+        dns["spec"]["egress"][0]["toPorts"][0]["rules"]["dns"][0]["matchPattern"],
+        "*"
+    );
+    assert_eq!(
+        dns["spec"]["egress"][0]["toEndpoints"][0]["matchLabels"]["k8s:k8s-app"],
+        "kube-dns"
+    );
+    assert_eq!(
+        dns["spec"]["egress"][1]["toFQDNs"][0]["matchName"],
+        "api.github.com"
+    );
+    let l7 = lab.get_json(&["ciliumnetworkpolicies.cilium.io", "l7-rule", "-n", "demo"]);
+    assert_eq!(
+        l7["spec"]["ingress"][0]["toPorts"][0]["ports"][1]["endPort"],
+        8080
+    );
+    assert_eq!(
+        l7["spec"]["ingressDeny"][0]["fromEntities"],
+        json!(["world"])
+    );
+    let ccnp = lab.get_json(&["ccnp", "several-specs"]);
+    assert_eq!(
+        ccnp["specs"][1]["ingress"][0]["fromEntities"],
+        json!(["remote-node"])
+    );
+
+    // Cilium's printer columns.
+    let out = lab.ok(&["get", "cnp", "-n", "demo"]);
+    assert_eq!(headers(&out), ["NAME", "AGE", "VALID"]);
+    row(&out, "allow-cross-cluster");
+    let out = lab.ok(&["get", "ccnp"]);
+    assert_eq!(headers(&out), ["NAME", "VALID"]);
+    lab.ok(&[
+        "patch",
+        "ccnp",
+        "cidr-and-entities",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Valid","status":"True"}]}}"#,
+    ]);
+    let out = lab.ok(&["get", "ccnp"]);
+    assert_eq!(
+        row(&out, "cidr-and-entities"),
+        ["cidr-and-entities", "True"]
+    );
+    let out = lab.ok(&["get", "ciliumpolicy", "-A"]);
+    assert!(
+        out.contains("allow-dns") && out.contains("several-specs"),
+        "{out}"
+    );
+
+    // What the schema covers is checked, with the field named.
+    for (bad, want) in [
+        (
+            "  egress:\n  - toPorts:\n    - ports:\n      - port: 53\n",
+            "spec.egress[0].toPorts[0].ports[0].port: Invalid value: \"integer\": spec.egress[0].toPorts[0].ports[0].port in body must be of type string: \"integer\"",
+        ),
+        (
+            "  egress:\n  - toPorts:\n    - ports:\n      - port: \"53\"\n        protocol: DNS\n",
+            "spec.egress[0].toPorts[0].ports[0].protocol: Unsupported value: \"DNS\"",
+        ),
+        (
+            "  ingress:\n  - fromEntities: [galaxy]\n",
+            "spec.ingress[0].fromEntities[0]: Unsupported value: \"galaxy\"",
+        ),
+        (
+            "  ingress:\n  - fromEndpoints:\n    - matchExpressions:\n      - key: a\n        operator: Near\n",
+            "spec.ingress[0].fromEndpoints[0].matchExpressions[0].operator: Unsupported value: \"Near\"",
+        ),
+    ] {
+        let yaml = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: bad, namespace: demo}}\nspec:\n  endpointSelector: {{}}\n{bad}"
+        );
+        let out = lab.kubectl_stdin(&["apply", "-f", "-"], &yaml);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{yaml}");
+        assert!(
+            err.contains("The CiliumNetworkPolicy \"bad\" is invalid") && err.contains(want),
+            "want {want:?} in {err}"
+        );
+    }
+}

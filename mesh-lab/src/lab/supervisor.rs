@@ -273,8 +273,10 @@ fn create_or_keep(
     }
 }
 
-/// Nodes, namespace mesh-system, ConfigMap mesh-config, Service mesh-apiserver.
+/// Nodes, the mesh's CRDs, namespace mesh-system, ConfigMap mesh-config, Service
+/// mesh-apiserver.
 fn bootstrap_objects(store: &Store, c: &ClusterSpec) -> anyhow::Result<()> {
+    crate::mesh_crds::install(store)?;
     for n in &c.nodes {
         let node = json!({
             "metadata": {"name": n.name, "labels": {
