@@ -499,7 +499,8 @@ fn select<'a>(v: &'a Value, sel: &str) -> Vec<&'a Value> {
         .iter()
         .filter(|it| match it.get(key.trim()) {
             Some(Value::String(s)) => s == want,
-            Some(other) => other.to_string() == want,
+            // Numbers and booleans compare by their JSON text (`@.port==80`).
+            Some(other) => serde_json::to_string(other).is_ok_and(|t| t == want),
             None => false,
         })
         .collect()
