@@ -1,34 +1,44 @@
 #!/usr/bin/env bash
 # Two kind clusters joined by mesh, as Cilium's Cluster Mesh kind demo:
-#   1. builds the images (scripts/build-images.sh; SKIP_BUILD=1 to reuse them),
-#   2. starts cloud-provider-kind (LoadBalancer addresses on the kind network),
-#   3. creates kind clusters cluster1 and cluster2 (kind-cluster*.yaml: distinct pod and
-#      service CIDRs) and loads the images,
-#   4. installs mesh (kubectl apply -k clusters/<cluster>: cluster IDs 1 and 2),
+#   0. checks the host (architecture, cgroup v2, kind version, Docker socket and image store),
+#   1. builds the images (scripts/build-images.sh; SKIP_BUILD=1 to reuse them), tagged by
+#      content (image_tag in lib.sh), and meshctl when none is installed (images/Dockerfile's
+#      meshctl target, copied out with docker create + docker cp),
+#   2. creates kind clusters cluster1 and cluster2 (kind-cluster*.yaml: distinct pod and
+#      service CIDRs), loads the images, and keeps cross-cluster pod traffic's source
+#      addresses (kindnet would masquerade it),
+#   3. starts cloud-provider-kind (LoadBalancer addresses on the kind network),
+#   4. installs mesh (an overlay of clusters/<cluster> with the built tag, under the state
+#      directory: cluster IDs 1 and 2),
 #   5. creates each cluster's CA and certificates with meshctl and stores them as Secrets,
 #   6. connects the clusters with meshctl connect and waits with meshctl status --wait.
 # Safe to run again: existing clusters, CAs and images are reused.
 #
 # Usage: multicluster-kind/up.sh        then multicluster-kind/demo.sh, multicluster-kind/down.sh
-# Needs: docker (with a running engine), kind, kubectl, meshctl (built from this repository
-# when cargo is available). Linux: the LoadBalancer addresses must be reachable from the host.
+# Needs: docker (with a running engine), kind, kubectl, git. meshctl: MESHCTL, PATH, or built
+# in Docker (MESHCTL_FROM=cargo builds it with cargo instead). Linux x86_64 with cgroup v2:
+# the LoadBalancer addresses must be reachable from the host.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
-require docker kind kubectl
+require docker kind kubectl git
 require_docker_engine
-find_meshctl
+check_host
 mkdir -p "$STATE"
 chmod 700 "$STATE"
+find_meshctl
 
+tag=$(image_tag "$ROOT") || exit 1
+images=()
+for repo in "${IMAGE_REPOS[@]}"; do images+=("$repo:$tag"); done
 if [ "${SKIP_BUILD:-}" != "1" ]; then
-  say "Building the images"
-  run bash "$ROOT/scripts/build-images.sh" dev
+  say "Building the images (tag $tag)"
+  run bash "$ROOT/scripts/build-images.sh" "$tag"
 fi
-for image in "${IMAGES[@]}"; do
+for image in "${images[@]}"; do
   docker image inspect "$image" >/dev/null 2>&1 ||
-    die "image $image is missing: run scripts/build-images.sh (or unset SKIP_BUILD)"
+    die "image $image is missing: run scripts/build-images.sh $tag (or unset SKIP_BUILD)"
 done
 
 say "Creating the kind clusters"
@@ -38,23 +48,30 @@ for c in "${CLUSTERS[@]}"; do
   else
     run kind create cluster --config "$MK_DIR/kind-$c.yaml" --image "$KIND_NODE_IMAGE" --wait 120s
   fi
-  for image in "${IMAGES[@]}"; do
-    run kind load docker-image "$image" --name "$c"
+  for image in "${images[@]}"; do
+    load_image "$image" "$c"
   done
+done
+
+say "Keeping pod source addresses between the clusters (no kindnet masquerade)"
+for c in "${CLUSTERS[@]}"; do
+  keep_pod_sources "$c"
 done
 
 say "Starting cloud-provider-kind for LoadBalancer addresses"
 if [ -z "$(docker ps -q --filter "name=^${CLOUD_PROVIDER_KIND_NAME}\$")" ]; then
   docker rm -f "$CLOUD_PROVIDER_KIND_NAME" >/dev/null 2>&1 || true
   run docker run -d --name "$CLOUD_PROVIDER_KIND_NAME" --restart unless-stopped --network kind \
-    -v /var/run/docker.sock:/var/run/docker.sock "$CLOUD_PROVIDER_KIND_IMAGE"
+    -v "$DOCKER_SOCKET:/var/run/docker.sock" "$CLOUD_PROVIDER_KIND_IMAGE"
 else
   echo "$CLOUD_PROVIDER_KIND_NAME is running"
 fi
 
-say "Installing mesh"
+say "Installing mesh (images tagged $tag)"
 for c in "${CLUSTERS[@]}"; do
-  run kc "$c" apply -k "$MK_DIR/clusters/$c"
+  # A new tag changes the pod templates, so a rebuilt image rolls the pods.
+  write_overlay "$c" "$tag" "$STATE/overlays/$c"
+  run kc "$c" apply -k "$STATE/overlays/$c"
 done
 
 say "Creating certificates with meshctl and storing them as Secrets"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs every system package mesh needs on a fresh Debian machine, as root.
 # Safe to run twice: apt-get skips what is installed, and the checks at the end only read.
+# Usage: scripts/setup.sh [--build-packages]
 set -euo pipefail
 
 packages=(
@@ -12,6 +13,15 @@ packages=(
   jq shellcheck                  # demo scripts and their lint
   ca-certificates git pkg-config
 )
+# The subset `cargo build` of the workspace needs besides Rust. images/Dockerfile's toolchain
+# stage installs exactly these (deploy-check compares the two lists, and checks that each is
+# in packages above).
+build_packages=(clang llvm libbpf-dev protobuf-compiler libprotobuf-dev pkg-config)
+# `setup.sh --build-packages` prints them (for image builds and deploy-check), installs nothing.
+if [ "${1:-}" = --build-packages ]; then
+  echo "${build_packages[*]}"
+  exit 0
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup.sh: run as root (it installs Debian packages with apt-get)" >&2

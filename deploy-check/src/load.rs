@@ -9,6 +9,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -67,6 +68,7 @@ pub enum Resource {
     ClusterRoleBinding(ClusterRoleBinding),
     Role(Role),
     RoleBinding(RoleBinding),
+    CustomResourceDefinition(Box<CustomResourceDefinition>),
 }
 
 impl Object {
@@ -198,6 +200,9 @@ pub fn decode(raw: Value, origin: &str) -> Result<Object, Error> {
             Resource::ClusterRoleBinding(typed(&raw, &what)?)
         }
         ("rbac.authorization.k8s.io/v1", "Role") => Resource::Role(typed(&raw, &what)?),
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+            Resource::CustomResourceDefinition(Box::new(typed(&raw, &what)?))
+        }
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
             Resource::RoleBinding(typed(&raw, &what)?)
         }
@@ -251,6 +256,8 @@ pub fn lost_fields(written: &Value, decoded: &Value, path: String, out: &mut Vec
             }
         }
         (w, d) if w == d => {}
+        // Schema bounds (`minimum: 0`) are floats in k8s-openapi: the same number.
+        (Value::Number(w), Value::Number(d)) if w.as_f64() == d.as_f64() => {}
         _ => out.push(format!("{path} (written {written}, decoded {decoded})")),
     }
 }

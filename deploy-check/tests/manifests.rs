@@ -132,6 +132,7 @@ fn every_install_decodes_and_is_consistent() {
             "DaemonSet",
             "Service",
             "PodDisruptionBudget",
+            "CustomResourceDefinition",
         ] {
             assert!(kinds.contains(k), "{what}: no {k}");
         }
@@ -139,6 +140,7 @@ fn every_install_decodes_and_is_consistent() {
             if o.kind() != "Namespace"
                 && o.kind() != "ClusterRole"
                 && o.kind() != "ClusterRoleBinding"
+                && o.kind() != "CustomResourceDefinition"
             {
                 assert_eq!(
                     o.namespace(),
@@ -149,6 +151,79 @@ fn every_install_decodes_and_is_consistent() {
         }
         assert_clean(&what, checks::check_all(&objs, EXTERNAL_SECRETS));
     }
+}
+
+/// The policy CRDs mesh ships decode into k8s-openapi's CustomResourceDefinition with
+/// Cilium's names, scope and printer columns, and every install carries them.
+#[test]
+fn policy_crds_decode_with_cilium_names() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Vec<CustomResourceDefinition> = base()
+        .into_iter()
+        .filter_map(|o| match o.resource {
+            Resource::CustomResourceDefinition(c) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for c in &crds {
+        let names = &c.spec.names;
+        let v = &c.spec.versions[0];
+        let cols: Vec<&str> = v
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(c.spec.group, "cilium.io");
+        assert_eq!((v.name.as_str(), v.served, v.storage), ("v2", true, true));
+        assert!(v.subresources.as_ref().is_some_and(|s| s.status.is_some()));
+        let schema = v
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .unwrap();
+        let props = schema.properties.as_ref().unwrap();
+        assert!(props.contains_key("spec") && props.contains_key("specs"));
+        seen.push((
+            names.kind.clone(),
+            c.spec.scope.clone(),
+            names.short_names.clone().unwrap_or_default(),
+            cols.join(","),
+        ));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (
+                "CiliumClusterwideNetworkPolicy".to_string(),
+                "Cluster".to_string(),
+                vec!["ccnp".to_string()],
+                "Valid".to_string()
+            ),
+            (
+                "CiliumNetworkPolicy".to_string(),
+                "Namespaced".to_string(),
+                vec!["cnp".to_string(), "ciliumnp".to_string()],
+                "Age,Valid".to_string()
+            ),
+        ]
+    );
+    // The lab installs the same files.
+    let embedded: Vec<String> = mesh_lab::mesh_crds::objects()
+        .unwrap()
+        .into_iter()
+        .map(|(_, v)| v["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let mut shipped: Vec<String> = crds
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect();
+    shipped.sort();
+    let mut embedded_sorted = embedded.clone();
+    embedded_sorted.sort();
+    assert_eq!(shipped, embedded_sorted);
 }
 
 #[test]
@@ -1170,6 +1245,10 @@ async fn manifests_apply_to_a_lab_kubernetes_api() {
     ] {
         assert!(kinds.contains(k), "the lab API should take {k}s");
     }
+    assert!(
+        kinds.contains("CustomResourceDefinition"),
+        "the lab API should take the policy CRDs"
+    );
     let skipped_names: Vec<String> = skipped.iter().map(|o| o.to_string()).collect();
     eprintln!("not applied (kinds the lab API does not serve): {skipped_names:?}");
 
@@ -1220,6 +1299,21 @@ async fn manifests_apply_to_a_lab_kubernetes_api() {
             .as_str()
             .is_some_and(|ip| !ip.is_empty()),
         "{svc}"
+    );
+    // The CRDs made their types: a policy from Cilium's docs applies.
+    let out = tokio::task::block_in_place(|| {
+        kubectl(
+            api_ref,
+            &cache_s,
+            &["apply", "-f", "-"],
+            Some(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: allow-dns, namespace: mesh-system}\nspec:\n  endpointSelector: {}\n  egress:\n  - toEndpoints:\n    - matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system, k8s:k8s-app: kube-dns}\n    toPorts:\n    - ports: [{port: \"53\", protocol: ANY}]\n",
+            ),
+        )
+    });
+    assert!(
+        out.contains("ciliumnetworkpolicy.cilium.io/allow-dns created"),
+        "{out}"
     );
     let cm_name = config_map_name();
     let cm = get(&["-n", "mesh-system", "configmap", &cm_name]);
@@ -1423,11 +1517,15 @@ fn images_are_what_the_scripts_load_and_the_manifests_run() {
             "{stage}: {lines:?}"
         );
         // The manifests run the image build-images.sh tags (with its default tag, dev)
-        // and up.sh loads into kind.
+        // and up.sh loads into kind (retagged by content: tests/kind_path.rs).
         let w = workload(&objs, workload_kind, workload_name);
         let image = container(&w, container_name).image.clone().unwrap();
         assert_eq!(image, format!("localhost/mesh-{stage}:dev"));
-        assert!(lib.contains(&image), "lib.sh IMAGES does not load {image}");
+        let repo = image.rsplit_once(':').unwrap().0;
+        assert!(
+            lib.contains(&format!(" {repo}")) || lib.contains(&format!("({repo}")),
+            "lib.sh IMAGE_REPOS does not load {repo}"
+        );
     }
     // The apiserver image's user is the one the Deployment runs as.
     let d = workload(&objs, "Deployment", "mesh-apiserver");

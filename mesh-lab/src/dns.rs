@@ -12,6 +12,11 @@
 //!
 //! Short names (`<svc>`, `<svc>.<ns>`) are the client's search list at work (the lab's pod
 //! resolv.conf has `search <ns>.svc.cluster.local svc.cluster.local cluster.local`).
+//!
+//! In a lab cluster this server is the `coredns` pod of `kube-system` (labels
+//! `k8s-app=kube-dns`, behind the `kube-dns` Service whose ClusterIP pods use as their
+//! nameserver): the runtime binds it inside that pod's network namespace, at the pod IP, so
+//! it is an endpoint with CoreDNS's identity like in a real cluster.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -65,6 +70,39 @@ impl DnsServer {
             addr,
             source,
         })?;
+        let span = tracing::info_span!("dns", addr = %local);
+        let udp_task = tokio::spawn(serve_udp(udp, store.clone()).instrument(span.clone()));
+        let tcp_task = tokio::spawn(serve_tcp(tcp, store).instrument(span));
+        tracing::info!(addr = %local, "cluster DNS serving");
+        Ok(DnsHandle {
+            addr: local,
+            tasks: vec![udp_task, tcp_task],
+        })
+    }
+}
+
+impl DnsServer {
+    /// Serves `cluster.local` from `store` on sockets bound elsewhere (e.g. inside a pod's
+    /// network namespace, which a socket keeps after the binding thread leaves it).
+    pub fn serve(
+        store: Arc<Store>,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+    ) -> Result<DnsHandle, DnsError> {
+        let local = udp.local_addr().map_err(|source| DnsError::Bind {
+            proto: "udp",
+            addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            source,
+        })?;
+        let wrap = |proto, source| DnsError::Bind {
+            proto,
+            addr: local,
+            source,
+        };
+        udp.set_nonblocking(true).map_err(|e| wrap("udp", e))?;
+        tcp.set_nonblocking(true).map_err(|e| wrap("tcp", e))?;
+        let udp = UdpSocket::from_std(udp).map_err(|e| wrap("udp", e))?;
+        let tcp = TcpListener::from_std(tcp).map_err(|e| wrap("tcp", e))?;
         let span = tracing::info_span!("dns", addr = %local);
         let udp_task = tokio::spawn(serve_udp(udp, store.clone()).instrument(span.clone()));
         let tcp_task = tokio::spawn(serve_tcp(tcp, store).instrument(span));

@@ -26,6 +26,52 @@ fn cluster_mesh_demo() {
     }
     lab.rollout("east", "echo");
 
+    // The cluster DNS is a pod with CoreDNS's identity, behind the kube-dns Service: the
+    // names every step below resolves (`rebel-base.demo`) are answered by it.
+    for c in ["east", "west"] {
+        lab.kubectl(
+            c,
+            &[
+                "-n",
+                "kube-system",
+                "rollout",
+                "status",
+                "deployment/coredns",
+                "--timeout=90s",
+            ],
+        );
+        let pod_ip = lab.kubectl(
+            c,
+            &[
+                "-n",
+                "kube-system",
+                "get",
+                "pods",
+                "-l",
+                "k8s-app=kube-dns",
+                "-o",
+                "jsonpath={.items[0].status.podIP}",
+            ],
+        );
+        let slices = lab.kubectl(
+            c,
+            &[
+                "-n",
+                "kube-system",
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=kube-dns",
+                "-o",
+                "jsonpath={.items[*].endpoints[*].addresses[*]}",
+            ],
+        );
+        assert!(
+            !pod_ip.is_empty() && slices.split_whitespace().any(|a| a == pod_ip),
+            "{c}: kube-dns endpoints {slices:?} hold the coredns pod {pod_ip:?}"
+        );
+    }
+
     // 1. A plain Service: the cluster's own service proxy, local backends only.
     lab.converge(
         "east",

@@ -38,10 +38,11 @@ const VERBS: &[&str] = &[
 ];
 
 fn in_group<'a>(
+    types: &'a [&'static ResourceType],
     group: &'a str,
     version: &'a str,
 ) -> impl Iterator<Item = &'static ResourceType> + 'a {
-    r::ALL
+    types
         .iter()
         .copied()
         .filter(move |t| t.group == group && t.version == version)
@@ -70,8 +71,8 @@ pub fn wants_aggregated(accept: &str) -> bool {
     })
 }
 
-fn aggregated_group(group: &str, version: &str) -> Value {
-    let resources: Vec<Value> = in_group(group, version)
+fn aggregated_version(types: &[&'static ResourceType], group: &str, version: &str) -> Value {
+    let resources: Vec<Value> = in_group(types, group, version)
         .map(|t| {
             let mut res = json!({
                 "resource": t.resource,
@@ -103,9 +104,17 @@ fn aggregated_group(group: &str, version: &str) -> Value {
             res
         })
         .collect();
+    json!({"version": version, "resources": resources, "freshness": "Current"})
+}
+
+fn aggregated_group(types: &[&'static ResourceType], group: &str, versions: &[&str]) -> Value {
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|v| aggregated_version(types, group, v))
+        .collect();
     let mut item = json!({
         "metadata": {},
-        "versions": [{"version": version, "resources": resources, "freshness": "Current"}],
+        "versions": versions,
     });
     if !group.is_empty() {
         item["metadata"]["name"] = json!(group);
@@ -113,12 +122,12 @@ fn aggregated_group(group: &str, version: &str) -> Value {
     item
 }
 
-/// `GET /api` (core) or `GET /apis` (named groups), aggregated.
-pub fn aggregated(core: bool) -> Value {
-    let items: Vec<Value> = r::groups()
+/// `GET /api` (core) or `GET /apis` (named groups), aggregated, over the served `types`.
+pub fn aggregated(types: &[&'static ResourceType], core: bool) -> Value {
+    let items: Vec<Value> = r::groups(types)
         .into_iter()
         .filter(|(g, _)| g.is_empty() == core)
-        .map(|(g, v)| aggregated_group(g, v))
+        .map(|(g, vs)| aggregated_group(types, g, &vs))
         .collect();
     json!({
         "kind": "APIGroupDiscoveryList",
@@ -137,24 +146,27 @@ pub fn api_versions() -> Value {
     })
 }
 
-fn api_group(group: &str, version: &str) -> Value {
-    let gv = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+fn api_group(group: &str, versions: &[&str]) -> Value {
+    let gvs: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+        .collect();
     json!({
         "kind": "APIGroup",
         "apiVersion": "v1",
         "name": group,
-        "versions": [gv.clone()],
-        "preferredVersion": gv,
+        "preferredVersion": gvs[0].clone(),
+        "versions": gvs,
     })
 }
 
 /// Legacy `GET /apis`.
-pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = r::groups()
+pub fn api_group_list(types: &[&'static ResourceType]) -> Value {
+    let groups: Vec<Value> = r::groups(types)
         .into_iter()
         .filter(|(g, _)| !g.is_empty())
-        .map(|(g, v)| {
-            let mut x = api_group(g, v);
+        .map(|(g, vs)| {
+            let mut x = api_group(g, &vs);
             x.as_object_mut().expect("object").remove("kind");
             x.as_object_mut().expect("object").remove("apiVersion");
             x
@@ -164,17 +176,17 @@ pub fn api_group_list() -> Value {
 }
 
 /// Legacy `GET /apis/<group>`, if served.
-pub fn group(group: &str) -> Option<Value> {
-    r::groups()
+pub fn group(types: &[&'static ResourceType], group: &str) -> Option<Value> {
+    r::groups(types)
         .into_iter()
         .find(|(g, _)| *g == group)
-        .map(|(g, v)| api_group(g, v))
+        .map(|(g, vs)| api_group(g, &vs))
 }
 
 /// Legacy `GET /api/v1` or `GET /apis/<group>/<version>`, if served.
-pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+pub fn resource_list(types: &[&'static ResourceType], group: &str, version: &str) -> Option<Value> {
     let mut out = Vec::new();
-    for t in in_group(group, version) {
+    for t in in_group(types, group, version) {
         let mut e = json!({
             "name": t.resource,
             "singularName": t.singular,
@@ -224,27 +236,58 @@ fn gv_path(group: &str, version: &str) -> String {
 }
 
 /// `GET /openapi/v3`: one document per served group-version.
-pub fn openapi_v3_root() -> Value {
+pub fn openapi_v3_root(types: &[&'static ResourceType]) -> Value {
     let mut paths = serde_json::Map::new();
-    for (g, v) in r::groups() {
-        let p = gv_path(g, v);
-        paths.insert(
-            p.clone(),
-            json!({"serverRelativeURL": format!("/openapi/v3/{p}")}),
-        );
+    for (g, vs) in r::groups(types) {
+        for v in vs {
+            let p = gv_path(g, v);
+            paths.insert(
+                p.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{p}")}),
+            );
+        }
     }
     json!({ "paths": paths })
+}
+
+/// Name of a custom type's schema in `components.schemas`, as kube-apiserver names them
+/// (the group reversed: `com.example.v1.Widget`).
+fn schema_name(t: &ResourceType) -> String {
+    let rev: Vec<&str> = t.group.split('.').rev().collect();
+    format!("{}.{}.{}", rev.join("."), t.version, t.kind)
 }
 
 /// `GET /openapi/v3/<gv path>`: per kind one PATCH operation carrying the GVK and the
 /// `fieldValidation` parameter, which is what kubectl's validation and field-validation
 /// detection look for. No schemas: kubectl then builds patches from its built-in types.
-pub fn openapi_v3_doc(path: &str) -> Option<Value> {
-    let (g, v) = r::groups()
+///
+/// Custom types also get their CRD schema in `components.schemas`, tagged with
+/// `x-kubernetes-group-version-kind`, where `kubectl explain` looks for it. The operations
+/// still have no `requestBody`, so kubectl keeps sending JSON merge patches for them.
+pub fn openapi_v3_doc(types: &[&'static ResourceType], path: &str) -> Option<Value> {
+    let (g, v) = r::groups(types)
         .into_iter()
+        .flat_map(|(g, vs)| vs.into_iter().map(move |v| (g, v)))
         .find(|(g, v)| gv_path(g, v) == path)?;
     let mut paths = serde_json::Map::new();
-    for t in in_group(g, v) {
+    let mut schemas = serde_json::Map::new();
+    for t in in_group(types, g, v) {
+        if let Some(c) = t.custom {
+            let mut schema = c
+                .schema
+                .clone()
+                .unwrap_or_else(|| json!({"type": "object"}));
+            schema["x-kubernetes-group-version-kind"] =
+                json!([{"group": t.group, "version": t.version, "kind": t.kind}]);
+            if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+                props.entry("apiVersion").or_insert(json!({"type": "string",
+                    "description": "APIVersion defines the versioned schema of this representation of an object."}));
+                props.entry("kind").or_insert(json!({"type": "string",
+                    "description": "Kind is a string value representing the REST resource this object represents."}));
+                props.entry("metadata").or_insert(json!({"type": "object"}));
+            }
+            schemas.insert(schema_name(t), schema);
+        }
         let base = if g.is_empty() {
             format!("/api/{v}")
         } else {
@@ -272,11 +315,15 @@ pub fn openapi_v3_doc(path: &str) -> Option<Value> {
             }),
         );
     }
-    Some(json!({
+    let mut doc = json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": format!("v1.{MINOR}.0")},
         "paths": paths,
-    }))
+    });
+    if !schemas.is_empty() {
+        doc["components"] = json!({ "schemas": schemas });
+    }
+    Some(doc)
 }
 
 #[cfg(test)]
@@ -285,10 +332,11 @@ mod tests {
 
     #[test]
     fn discovery_documents() {
-        let core = aggregated(true);
+        let all = r::ALL;
+        let core = aggregated(all, true);
         assert_eq!(core["items"].as_array().unwrap().len(), 1);
         assert!(core["items"][0]["metadata"].get("name").is_none());
-        let apps = aggregated(false);
+        let apps = aggregated(all, false);
         let apps = apps["items"]
             .as_array()
             .unwrap()
@@ -299,7 +347,7 @@ mod tests {
         let d = &apps["versions"][0]["resources"][0];
         assert_eq!(d["resource"], "deployments");
         assert_eq!(d["subresources"][1]["responseKind"]["kind"], "Scale");
-        let legacy = resource_list("apps", "v1").unwrap();
+        let legacy = resource_list(all, "apps", "v1").unwrap();
         assert!(
             legacy["resources"]
                 .as_array()
@@ -307,11 +355,11 @@ mod tests {
                 .iter()
                 .any(|r| r["name"] == "deployments/scale" && r["group"] == "autoscaling")
         );
-        assert!(resource_list("nope", "v1").is_none());
+        assert!(resource_list(all, "nope", "v1").is_none());
         assert!(wants_aggregated(
             "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
         ));
         assert!(!wants_aggregated("application/json"));
-        assert!(openapi_v3_doc("apis/apps/v1").unwrap()["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"].is_object());
+        assert!(openapi_v3_doc(all, "apis/apps/v1").unwrap()["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"].is_object());
     }
 }

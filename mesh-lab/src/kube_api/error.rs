@@ -96,7 +96,12 @@ impl ApiError {
         let mut e = Self::new(
             422,
             "Invalid",
-            format!("{} \"{name}\" is invalid: {joined}", rt.kind),
+            // kube-apiserver qualifies the kind with its group: `Deployment.apps "x"`.
+            if rt.group.is_empty() {
+                format!("{} \"{name}\" is invalid: {joined}", rt.kind)
+            } else {
+                format!("{}.{} \"{name}\" is invalid: {joined}", rt.kind, rt.group)
+            },
         );
         let mut d = json!({ "name": name, "kind": rt.kind, "causes": causes.iter().map(|c| json!({
             "reason": c.reason, "message": c.message_only(), "field": c.field,
@@ -220,14 +225,26 @@ impl ApiError {
     }
 }
 
-/// One invalid field.
+/// One invalid field, worded as k8s.io/apimachinery's `field.Error`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FieldError {
     pub field: String,
-    /// `FieldValueRequired`, `FieldValueInvalid`, `FieldValueNotSupported`, `FieldValueDuplicate`.
+    /// `FieldValueRequired`, `FieldValueInvalid`, `FieldValueNotSupported`,
+    /// `FieldValueDuplicate`, `FieldValueForbidden`.
     pub reason: &'static str,
+    /// The offending value as the real server prints it (strings quoted, numbers bare).
     pub value: Option<String>,
     pub detail: String,
+}
+
+/// A JSON value printed as Go's `%#v` prints the decoded value in field errors: strings
+/// quoted, numbers and booleans bare.
+pub fn render_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        Value::Null => "null".into(),
+        other => other.to_string(),
+    }
 }
 
 impl FieldError {
@@ -240,24 +257,77 @@ impl FieldError {
         }
     }
 
+    /// An invalid string value (printed quoted).
     pub fn invalid(
         field: impl Into<String>,
         value: impl Into<String>,
         detail: impl Into<String>,
     ) -> Self {
+        let value: String = value.into();
         FieldError {
             field: field.into(),
             reason: "FieldValueInvalid",
-            value: Some(value.into()),
+            value: Some(format!("{value:?}")),
+            detail: detail.into(),
+        }
+    }
+
+    /// An invalid value of any JSON type (numbers printed bare).
+    pub fn invalid_json(
+        field: impl Into<String>,
+        value: &Value,
+        detail: impl Into<String>,
+    ) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: "FieldValueInvalid",
+            value: Some(render_value(value)),
+            detail: detail.into(),
+        }
+    }
+
+    /// `Unsupported value: "x": supported values: "a", "b"`.
+    pub fn not_supported(field: impl Into<String>, value: &Value, supported: &[Value]) -> Self {
+        let list: Vec<String> = supported.iter().map(render_value).collect();
+        FieldError {
+            field: field.into(),
+            reason: "FieldValueNotSupported",
+            value: Some(render_value(value)),
+            detail: format!("supported values: {}", list.join(", ")),
+        }
+    }
+
+    pub fn duplicate(field: impl Into<String>, value: &Value) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: "FieldValueDuplicate",
+            value: Some(render_value(value)),
+            detail: String::new(),
+        }
+    }
+
+    pub fn forbidden(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: "FieldValueForbidden",
+            value: None,
             detail: detail.into(),
         }
     }
 
     fn message_only(&self) -> String {
-        match (self.reason, &self.value) {
-            ("FieldValueRequired", _) => format!("Required value: {}", self.detail),
-            (_, Some(v)) => format!("Invalid value: {v:?}: {}", self.detail),
-            (_, None) => format!("Invalid value: {}", self.detail),
+        let head = match (self.reason, &self.value) {
+            ("FieldValueRequired", _) => "Required value".to_string(),
+            ("FieldValueForbidden", _) => "Forbidden".to_string(),
+            ("FieldValueNotSupported", Some(v)) => format!("Unsupported value: {v}"),
+            ("FieldValueDuplicate", Some(v)) => format!("Duplicate value: {v}"),
+            (_, Some(v)) => format!("Invalid value: {v}"),
+            (_, None) => "Invalid value".to_string(),
+        };
+        if self.detail.is_empty() {
+            head
+        } else {
+            format!("{head}: {}", self.detail)
         }
     }
 }

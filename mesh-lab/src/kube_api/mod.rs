@@ -10,7 +10,11 @@
 //!   `/readyz`, `/livez` are public.
 //! - Namespaces, Pods, Services, Nodes, Secrets, ConfigMaps, Endpoints, ServiceAccounts,
 //!   Events (core; `events.k8s.io/v1` is a view of the same objects), EndpointSlices,
-//!   Deployments and ReplicaSets (scale subresource), Leases; status subresources.
+//!   Deployments and ReplicaSets (scale subresource), Leases, NetworkPolicies (with
+//!   kube-apiserver's defaults and validation); status subresources.
+//! - CustomResourceDefinitions: a CRD makes new resource types (see [`crd`]): discovery,
+//!   several versions, OpenAPI v3 schema validation and pruning ([`schema`]), printer
+//!   columns, status subresource, `fieldValidation`, schemas published for `kubectl explain`.
 //! - get, list (label and field selectors on any field; `limit`/`continue` paging over a
 //!   consistent snapshot, see [`paging`]), watch (one global resourceVersion,
 //!   resume from a bounded history, 410 Expired as an ERROR event, bookmarks, streaming
@@ -29,18 +33,22 @@
 //! What it does not do: persistence (objects live in memory), graceful deletion (without
 //! finalizers a delete is immediate, pods included; a namespace delete removes everything
 //! in it at once), server-side apply field ownership (apply merges like a
-//! strategic merge patch and never removes fields), OpenAPI schemas (no `kubectl explain`,
-//! no unknown-field errors), protobuf (it reports version 1.31 so the kubectl dispatcher runs
+//! strategic merge patch and never removes fields), OpenAPI schemas of built-in types (no
+//! `kubectl explain` or unknown-field errors for them), CRD conversion webhooks, defaults and
+//! CEL rules, the scale subresource of CRDs, protobuf (it reports version 1.31 so the kubectl dispatcher runs
 //! a JSON-speaking kubectl), controllers
 //! (Deployments do not create pods: the lab plays controllers through the store).
 
+mod crd;
 mod discovery;
 mod error;
 mod events_view;
 pub mod logs;
+mod netpol;
 pub mod paging;
 pub mod patch;
 pub mod resources;
+pub mod schema;
 pub mod selector;
 mod server;
 pub mod store;

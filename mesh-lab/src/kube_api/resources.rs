@@ -1,4 +1,9 @@
 //! The resource types served, with what discovery, validation and tables need to know.
+//!
+//! Built-in types are the statics below; types defined by CustomResourceDefinitions are made
+//! at run time from the CRD object (see [`super::crd`]) and carry a [`CustomType`].
+
+pub use super::crd::CustomType;
 
 /// A subresource served under `<resource>/<name>/<subresource>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +30,7 @@ impl Subresource {
 }
 
 /// One served resource type (group, version, plural) and its properties.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub struct ResourceType {
     /// Empty for the core group.
     pub group: &'static str,
@@ -40,6 +45,9 @@ pub struct ResourceType {
     pub subresources: &'static [Subresource],
     /// Whether `metadata.generation` is maintained (bumped on spec changes).
     pub generation: bool,
+    /// What a CustomResourceDefinition says about this version of its type (schema, printer
+    /// columns, storage); `None` for built-in types.
+    pub custom: Option<&'static CustomType>,
 }
 
 const ALL_CAT: &[&str] = &["all"];
@@ -58,6 +66,7 @@ macro_rules! rt {
             categories: $cat,
             subresources: $sub,
             generation: $gen,
+            custom: None,
         };
     };
 }
@@ -247,6 +256,33 @@ rt!(
     false
 );
 
+rt!(
+    NETWORKPOLICIES,
+    "networking.k8s.io",
+    "v1",
+    "networkpolicies",
+    "networkpolicy",
+    "NetworkPolicy",
+    true,
+    &["netpol"],
+    NONE,
+    &[],
+    true
+);
+rt!(
+    CRDS,
+    "apiextensions.k8s.io",
+    "v1",
+    "customresourcedefinitions",
+    "customresourcedefinition",
+    "CustomResourceDefinition",
+    false,
+    &["crd", "crds"],
+    &["api-extensions"],
+    &[Subresource::Status],
+    true
+);
+
 /// Every served type, in discovery order. The index in this slice is the type's storage id.
 pub static ALL: &[&ResourceType] = &[
     &NAMESPACES,
@@ -263,6 +299,8 @@ pub static ALL: &[&ResourceType] = &[
     &DEPLOYMENTS,
     &REPLICASETS,
     &LEASES,
+    &NETWORKPOLICIES,
+    &CRDS,
 ];
 
 /// The served type for a group, version and plural resource name.
@@ -279,15 +317,52 @@ pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceType> {
         .find(|r| r.api_version() == api_version && r.kind == kind)
 }
 
-/// The groups served, in order, each with its single version.
-pub fn groups() -> Vec<(&'static str, &'static str)> {
-    let mut out: Vec<(&str, &str)> = Vec::new();
-    for r in ALL {
-        if !out.iter().any(|(g, v)| *g == r.group && *v == r.version) {
-            out.push((r.group, r.version));
+/// The groups among `types`, in order of first appearance, each with its versions, most
+/// preferred first (kube-apiserver's version priority: GA before beta before alpha, higher
+/// numbers first).
+pub fn groups(types: &[&'static ResourceType]) -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut out: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+    for r in types {
+        match out.iter_mut().find(|(g, _)| *g == r.group) {
+            Some((_, vs)) => {
+                if !vs.contains(&r.version) {
+                    vs.push(r.version);
+                }
+            }
+            None => out.push((r.group, vec![r.version])),
         }
     }
+    for (_, vs) in &mut out {
+        vs.sort_by_key(|v| version_priority(v));
+    }
     out
+}
+
+/// Sort key of a version as kube-apiserver orders them: `v2`, `v1`, `v2beta1`, `v1beta2`,
+/// `v1beta1`, `v1alpha1`, then anything else alphabetically.
+pub fn version_priority(v: &str) -> (u8, i64, i64, String) {
+    let parse = |v: &str| -> Option<(u8, i64, i64)> {
+        let rest = v.strip_prefix('v')?;
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let major: i64 = rest[..digits].parse().ok()?;
+        let rest = &rest[digits..];
+        if rest.is_empty() {
+            return Some((0, -major, 0));
+        }
+        let (level, n) = if let Some(n) = rest.strip_prefix("beta") {
+            (1, n)
+        } else if let Some(n) = rest.strip_prefix("alpha") {
+            (2, n)
+        } else {
+            return None;
+        };
+        let minor: i64 = n.parse().ok()?;
+        Some((level, -major, -minor))
+    };
+    match parse(v) {
+        Some((l, a, b)) => (l, a, b, String::new()),
+        None => (3, 0, 0, v.to_string()),
+    }
 }
 
 // === impl ResourceType ===
@@ -311,11 +386,20 @@ impl ResourceType {
         }
     }
 
-    /// Storage id: the index in [`ALL`].
+    /// Storage id: the index in [`ALL`] for built-in types; for custom types an id shared
+    /// by every version of the type (objects are stored once, in the storage version).
     pub(crate) fn id(&'static self) -> usize {
+        if let Some(c) = self.custom {
+            return c.storage_id;
+        }
         ALL.iter()
             .position(|r| std::ptr::eq(*r, self))
-            .expect("every ResourceType is listed in ALL")
+            .expect("every built-in ResourceType is listed in ALL")
+    }
+
+    /// Whether two types share storage (the same built-in, or versions of one custom type).
+    pub(crate) fn same_storage(&'static self, other: &'static ResourceType) -> bool {
+        std::ptr::eq(self, other) || self.id() == other.id()
     }
 
     pub fn has_subresource(&self, sub: Subresource) -> bool {
@@ -357,5 +441,8 @@ mod tests {
         );
         assert_eq!(NODES.collection_path(Some("a")), "/api/v1/nodes");
         assert!(lookup("apps", "v1", "pods").is_none());
+        let mut vs = vec!["v1alpha1", "v1", "v2beta1", "v1beta1", "v2", "foo"];
+        vs.sort_by_key(|v| version_priority(v));
+        assert_eq!(vs, ["v2", "v1", "v2beta1", "v1beta1", "v1alpha1", "foo"]);
     }
 }

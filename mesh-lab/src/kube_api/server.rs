@@ -24,7 +24,7 @@ use super::paging::{ContinueToken, Scope};
 use super::patch::{self, PatchType};
 use super::resources::{self as r, ResourceType, Subresource};
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{Page, PageRequest, Store, Watch, WatchEvent, WatchOptions};
+use super::store::{self, Page, PageRequest, Store, Watch, WatchEvent, WatchOptions};
 use super::table::{self, IncludeObject};
 use super::util;
 
@@ -150,11 +150,14 @@ impl Server {
             v.map(|v| json_response(StatusCode::OK, &v))
                 .ok_or_else(|| ApiError::path_not_found(&path))
         };
+        let types = self.store.resource_types();
+        let types = types.as_slice();
         match segs.as_slice() {
             ["api"] | ["apis"] if get => {
                 let core = segs[0] == "api";
                 if discovery::wants_aggregated(&accept) {
-                    let body = serde_json::to_vec(&discovery::aggregated(core)).expect("JSON");
+                    let body =
+                        serde_json::to_vec(&discovery::aggregated(types, core)).expect("JSON");
                     return Ok(Response::builder()
                         .header(header::CONTENT_TYPE, discovery::AGGREGATED_CONTENT_TYPE)
                         .body(full(body))
@@ -163,32 +166,38 @@ impl Server {
                 discovery_reply(Some(if core {
                     discovery::api_versions()
                 } else {
-                    discovery::api_group_list()
+                    discovery::api_group_list(types)
                 }))
             }
-            ["api", v] if get => discovery_reply(discovery::resource_list("", v)),
-            ["apis", g] if get => discovery_reply(discovery::group(g)),
-            ["apis", g, v] if get => discovery_reply(discovery::resource_list(g, v)),
-            ["openapi", "v3"] if get => discovery_reply(Some(discovery::openapi_v3_root())),
+            ["api", v] if get => discovery_reply(discovery::resource_list(types, "", v)),
+            ["apis", g] if get => discovery_reply(discovery::group(types, g)),
+            ["apis", g, v] if get => discovery_reply(discovery::resource_list(types, g, v)),
+            ["openapi", "v3"] if get => discovery_reply(Some(discovery::openapi_v3_root(types))),
             ["openapi", "v3", rest @ ..] if get => {
-                discovery_reply(discovery::openapi_v3_doc(&rest.join("/")))
+                discovery_reply(discovery::openapi_v3_doc(types, &rest.join("/")))
             }
             ["api", "v1", "namespaces", ns, "pods", name, "log"] if get => {
                 self.pod_log(ns, name, &query)
             }
             ["api", v, rest @ ..] => {
-                let t = Self::target(&path, "", v, rest)?;
+                let t = Self::target(types, &path, "", v, rest)?;
                 self.resource(req, t, query, &accept).await
             }
             ["apis", g, v, rest @ ..] => {
-                let t = Self::target(&path, g, v, rest)?;
+                let t = Self::target(types, &path, g, v, rest)?;
                 self.resource(req, t, query, &accept).await
             }
             _ => Err(ApiError::path_not_found(&path)),
         }
     }
 
-    fn target<'a>(path: &str, group: &str, version: &str, rest: &[&'a str]) -> Result<Target<'a>> {
+    fn target<'a>(
+        types: &[&'static ResourceType],
+        path: &str,
+        group: &str,
+        version: &str,
+        rest: &[&'a str],
+    ) -> Result<Target<'a>> {
         let not_found = || ApiError::path_not_found(path);
         let (namespace, rest) = match rest {
             // `namespaces/<ns>/status` is the namespace's own subresource.
@@ -207,7 +216,11 @@ impl Server {
             ),
             _ => return Err(not_found()),
         };
-        let rt = r::lookup(group, version, resource).ok_or_else(not_found)?;
+        let rt = types
+            .iter()
+            .copied()
+            .find(|t| t.group == group && t.version == version && t.resource == resource)
+            .ok_or_else(not_found)?;
         if (namespace.is_some() && !rt.namespaced) || sub.is_some_and(|s| !rt.has_subresource(s)) {
             return Err(not_found());
         }
@@ -250,6 +263,13 @@ impl Server {
     }
 
     fn render(&self, t: &Target<'_>, obj: &Value, accept: &str, query: &Query) -> Value {
+        let converted;
+        let obj = if t.rt.custom.is_some() {
+            converted = store::to_version(t.rt, obj);
+            &converted
+        } else {
+            obj
+        };
         if wants_table(accept) && t.sub.is_none() {
             table::table(
                 t.rt,
@@ -288,7 +308,16 @@ impl Server {
         // events.k8s.io/v1 Events are stored as core Events.
         let view = std::ptr::eq(rt, &r::EVENTS_V1);
         let srt: &'static ResourceType = if view { &r::EVENTS } else { rt };
-        let out = |v: Value| if view { events_view::to_v1(&v) } else { v };
+        // Custom objects are stored in their storage version and shown in the URL's.
+        let out = |v: Value| {
+            if view {
+                events_view::to_v1(&v)
+            } else if rt.custom.is_some() {
+                store::to_version(rt, &v)
+            } else {
+                v
+            }
+        };
         let input = |v: Value| {
             if view {
                 events_view::to_core(&v)
@@ -343,25 +372,30 @@ impl Server {
             (&Method::POST, None) => {
                 let (headers, body) = Self::read_body(req).await?;
                 let obj = input(Self::object_body(&headers, &body)?)?;
+                let warnings = field_validation(rt, &query, &obj)?;
                 let created = out(store.create(srt, ns, obj)?);
                 tracing::debug!(resource = rt.resource, namespace = ns.unwrap_or_default(),
                     name = %created["metadata"]["name"].as_str().unwrap_or_default(), "created");
-                Ok(json_response(
-                    StatusCode::CREATED,
-                    &self.render(&t, &created, accept, &query),
+                Ok(with_warnings(
+                    json_response(
+                        StatusCode::CREATED,
+                        &self.render(&t, &created, accept, &query),
+                    ),
+                    &warnings,
                 ))
             }
             (&Method::PUT, Some(name)) => {
                 let (headers, body) = Self::read_body(req).await?;
                 let obj = input(Self::object_body(&headers, &body)?)?;
+                let warnings = field_validation(rt, &query, &obj)?;
                 let res = match sub {
                     None => out(store.update(srt, ns, name, obj)?),
                     Some(Subresource::Status) => store.update_status(rt, ns, name, obj)?,
                     Some(Subresource::Scale) => store.update_scale(rt, ns, name, obj)?,
                 };
-                Ok(json_response(
-                    StatusCode::OK,
-                    &self.render(&t, &res, accept, &query),
+                Ok(with_warnings(
+                    json_response(StatusCode::OK, &self.render(&t, &res, accept, &query)),
+                    &warnings,
                 ))
             }
             (&Method::PATCH, Some(name)) => {
@@ -369,6 +403,11 @@ impl Server {
                 let ct = header_str(&headers, header::CONTENT_TYPE);
                 let kind = PatchType::from_content_type(ct)
                     .ok_or_else(|| ApiError::unsupported_media_type(ct))?;
+                let warnings = if rt.custom.is_some() && kind != PatchType::Json {
+                    field_validation(rt, &query, &patch::parse_body(&body)?)?
+                } else {
+                    Vec::new()
+                };
                 let existed = kind == PatchType::Apply && store.get(srt, ns, name).is_ok();
                 let res = match sub {
                     None if view => out(patch_event_view(store, ns, name, kind, &body)?),
@@ -381,7 +420,10 @@ impl Server {
                 } else {
                     StatusCode::OK
                 };
-                Ok(json_response(code, &self.render(&t, &res, accept, &query)))
+                Ok(with_warnings(
+                    json_response(code, &self.render(&t, &res, accept, &query)),
+                    &warnings,
+                ))
             }
             (&Method::DELETE, Some(name)) if sub.is_none() => {
                 let (_, body) = Self::read_body(req).await?;
@@ -563,6 +605,43 @@ impl Server {
     }
 }
 
+/// Unknown fields of a custom object's body, handled as `fieldValidation` asks: `Strict`
+/// refuses the request (400, kube-apiserver's "strict decoding error"), `Warn` (the default)
+/// returns one warning per field, `Ignore` nothing. The store prunes them in every case.
+fn field_validation(rt: &ResourceType, query: &Query, body: &Value) -> Result<Vec<String>> {
+    if rt.custom.is_none() {
+        return Ok(Vec::new());
+    }
+    let mode = query.get("fieldValidation").unwrap_or("Warn");
+    if mode == "Ignore" {
+        return Ok(Vec::new());
+    }
+    let unknown: Vec<String> = super::crd::unknown_fields(rt, body)
+        .into_iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    if mode == "Strict" && !unknown.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{kind} in version \"{v}\" cannot be handled as a {kind}: strict decoding error: {}",
+            unknown.join(", "),
+            kind = rt.kind,
+            v = rt.version,
+        )));
+    }
+    Ok(unknown)
+}
+
+/// Adds `Warning: 299 - "..."` headers, which kubectl prints as `Warning: ...`.
+fn with_warnings(mut resp: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let v = format!("299 - {w:?}");
+        if let Ok(h) = http::HeaderValue::from_str(&v) {
+            resp.headers_mut().append(header::WARNING, h);
+        }
+    }
+    resp
+}
+
 /// Reads the page of a list a request asks for (`limit`, `continue`, `resourceVersion`,
 /// `resourceVersionMatch`) and its ListMeta (`resourceVersion`, `continue`,
 /// `remainingItemCount`), as kube-apiserver pages.
@@ -725,6 +804,9 @@ impl WatchEncoder {
         let obj = if self.view {
             converted = events_view::to_v1(obj);
             &converted
+        } else if self.rt.custom.is_some() {
+            converted = store::to_version(self.rt, obj);
+            &converted
         } else {
             obj
         };
@@ -828,19 +910,27 @@ mod tests {
 
     #[test]
     fn targets() {
-        let t = Server::target("/", "", "v1", &["namespaces", "a", "services", "web"]).unwrap();
+        let t = Server::target(
+            r::ALL,
+            "/",
+            "",
+            "v1",
+            &["namespaces", "a", "services", "web"],
+        )
+        .unwrap();
         assert_eq!(
             (t.rt.resource, t.namespace, t.name),
             ("services", Some("a"), Some("web"))
         );
-        let t = Server::target("/", "", "v1", &["namespaces", "a"]).unwrap();
+        let t = Server::target(r::ALL, "/", "", "v1", &["namespaces", "a"]).unwrap();
         assert_eq!(
             (t.rt.resource, t.namespace, t.name),
             ("namespaces", None, Some("a"))
         );
-        let t = Server::target("/", "", "v1", &["namespaces", "a", "status"]).unwrap();
+        let t = Server::target(r::ALL, "/", "", "v1", &["namespaces", "a", "status"]).unwrap();
         assert_eq!(t.sub, Some(Subresource::Status));
         let t = Server::target(
+            r::ALL,
             "/",
             "apps",
             "v1",
@@ -849,21 +939,21 @@ mod tests {
         .unwrap();
         assert_eq!(t.sub, Some(Subresource::Scale));
         assert_eq!(
-            Server::target("/x", "", "v1", &["namespaces", "a", "nodes"])
+            Server::target(r::ALL, "/x", "", "v1", &["namespaces", "a", "nodes"])
                 .err()
                 .unwrap()
                 .code,
             404
         );
         assert_eq!(
-            Server::target("/x", "", "v1", &["services", "a", "scale"])
+            Server::target(r::ALL, "/x", "", "v1", &["services", "a", "scale"])
                 .err()
                 .unwrap()
                 .code,
             404
         );
         assert_eq!(
-            Server::target("/x", "", "v1", &["widgets"])
+            Server::target(r::ALL, "/x", "", "v1", &["widgets"])
                 .err()
                 .unwrap()
                 .code,

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
+use super::crd::{self, Registry};
 use super::error::{ApiError, Result};
 use super::patch::{self, PatchType};
 use super::resources::{self as r, ResourceType, Subresource};
@@ -77,6 +78,20 @@ struct State {
     /// A watch can resume from any rv >= this one.
     compacted: u64,
     alloc: Allocators,
+    /// The types CustomResourceDefinitions define, changed with the CRDs under this lock.
+    crds: Registry,
+}
+
+// === impl State ===
+
+impl State {
+    /// The type objects of a storage id are stored as.
+    fn type_by_id(&self, id: usize) -> Option<&'static ResourceType> {
+        r::ALL
+            .get(id)
+            .copied()
+            .or_else(|| self.crds.by_storage_id(id))
+    }
 }
 
 /// The object store. Cheap to share: wrap in an `Arc`.
@@ -224,6 +239,45 @@ fn check_type(rt: &ResourceType, obj: &mut Value) -> Result<()> {
     Ok(())
 }
 
+/// Custom objects are stored in their storage version (conversion strategy `None`: only
+/// `apiVersion` differs between versions).
+fn to_storage(rt: &ResourceType, obj: &mut Value) {
+    if let Some(c) = rt.custom {
+        obj["apiVersion"] = json!(format!("{}/{}", rt.group, c.storage_version));
+    }
+}
+
+/// A stored object as the type's version shows it.
+pub(crate) fn to_version(rt: &ResourceType, obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if rt.custom.is_some() && o.get("apiVersion").and_then(Value::as_str) != Some(&rt.api_version())
+    {
+        o["apiVersion"] = json!(rt.api_version());
+    }
+    o
+}
+
+/// Whether an update changes what `metadata.generation` counts: the spec for built-in
+/// types; for custom types everything but metadata (and status, when it is a subresource),
+/// as kube-apiserver counts for custom resources.
+fn spec_changed(rt: &ResourceType, old: &Value, new: &Value) -> bool {
+    if rt.custom.is_none() {
+        return old.get("spec") != new.get("spec");
+    }
+    let strip = |v: &Value| -> Value {
+        let mut v = v.clone();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("metadata");
+            m.remove("apiVersion");
+            if rt.has_subresource(Subresource::Status) {
+                m.remove("status");
+            }
+        }
+        v
+    };
+    strip(old) != strip(new)
+}
+
 fn kind_of_json(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -248,6 +302,7 @@ impl Store {
                 history: VecDeque::new(),
                 compacted: 1,
                 alloc: Allocators::new(config.service_cidr),
+                crds: Registry::default(),
             }),
             tx,
             history: config.history.max(1),
@@ -258,6 +313,38 @@ impl Store {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (writes are single inserts).
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The served type for a group, version and plural resource name: a built-in one or one
+    /// a CustomResourceDefinition defines.
+    pub fn lookup(
+        &self,
+        group: &str,
+        version: &str,
+        resource: &str,
+    ) -> Option<&'static ResourceType> {
+        r::lookup(group, version, resource).or_else(|| {
+            self.lock()
+                .crds
+                .types()
+                .find(|t| t.group == group && t.version == version && t.resource == resource)
+        })
+    }
+
+    /// The served type for an `apiVersion` and `kind`, built-in or custom.
+    pub fn by_kind(&self, api_version: &str, kind: &str) -> Option<&'static ResourceType> {
+        r::by_kind(api_version, kind).or_else(|| {
+            self.lock()
+                .crds
+                .types()
+                .find(|t| t.api_version() == api_version && t.kind == kind)
+        })
+    }
+
+    /// Every served type: the built-in ones, then those of CustomResourceDefinitions.
+    pub fn resource_types(&self) -> Vec<&'static ResourceType> {
+        let st = self.lock();
+        r::ALL.iter().copied().chain(st.crds.types()).collect()
     }
 
     /// The current (latest) resourceVersion.
@@ -301,6 +388,10 @@ impl Store {
             object: obj.clone(),
             previous,
         });
+        if std::ptr::eq(rt, &r::CRDS) {
+            let live = (event_type != EventType::Deleted).then_some(&*obj);
+            st.crds.sync(&ev.name, live);
+        }
         st.history.push_back(ev.clone());
         while st.history.len() > self.history {
             if let Some(old) = st.history.pop_front() {
@@ -392,7 +483,7 @@ impl Store {
             let mut at: BTreeMap<(String, String), Arc<Value>> = current.collect();
             let mut decided = std::collections::HashSet::new();
             for ev in st.history.iter().filter(|e| e.rv > rv) {
-                if !std::ptr::eq(ev.resource, rt) || !in_scope(&ev.namespace) {
+                if !ev.resource.same_storage(rt) || !in_scope(&ev.namespace) {
                     continue;
                 }
                 let key = (ev.namespace.clone(), ev.name.clone());
@@ -447,6 +538,7 @@ impl Store {
     ) -> Result<Value> {
         check_type(rt, &mut obj)?;
         slim(&mut obj);
+        to_storage(rt, &mut obj);
         let meta = obj["metadata"].as_object_mut().expect("checked");
         let body_ns = meta
             .get("namespace")
@@ -576,6 +668,7 @@ impl Store {
         sub: Option<Subresource>,
     ) -> Result<Value> {
         slim(&mut new);
+        to_storage(rt, &mut new);
         let meta = new["metadata"].as_object_mut().expect("checked");
         match meta.get("name").and_then(Value::as_str) {
             Some(n) if n != name => {
@@ -634,6 +727,9 @@ impl Store {
                         }
                     }
                 }
+                if rt.custom.is_some() {
+                    crd::check_custom(rt, &mut r)?;
+                }
                 r
             }
             _ => {
@@ -665,7 +761,7 @@ impl Store {
                     }
                 }
                 validate::prepare_update(rt, old, &mut new, &mut st.alloc)?;
-                if rt.generation && old.get("spec") != new.get("spec") {
+                if rt.generation && spec_changed(rt, old, &new) {
                     let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
                     new["metadata"]["generation"] = json!(g);
                 }
@@ -746,7 +842,8 @@ impl Store {
             }
             return Err(ApiError::not_found(rt, name));
         };
-        let mut patched = patch::apply(kind, &current, body)?;
+        // Patches apply to the object as the URL's version shows it.
+        let mut patched = patch::apply(kind, &to_version(rt, &current), body)?;
         check_type(rt, &mut patched)?;
         if rv_of(&patched) != rv_of(&current) {
             return Err(ApiError::stale(rt, name));
@@ -800,7 +897,29 @@ impl Store {
                 .map(|((i, _, _), o)| (*i, o.clone()))
                 .collect();
             for (i, o) in doomed {
-                self.delete_locked(&mut st, r::ALL[i], &o);
+                if let Some(t) = st.type_by_id(i) {
+                    self.delete_locked(&mut st, t, &o);
+                }
+            }
+        }
+        if std::ptr::eq(rt, &r::CRDS)
+            && let Some(t) = st.crds.storage_type_of(name)
+        {
+            // Deleting a CRD deletes its objects (watchers see each one go).
+            let id = t.id();
+            let doomed: Vec<Arc<Value>> = st
+                .objects
+                .iter()
+                .filter(|((i, _, _), _)| *i == id)
+                .map(|(_, o)| o.clone())
+                .collect();
+            tracing::info!(
+                crd = name,
+                objects = doomed.len(),
+                "deleting the objects of a CRD"
+            );
+            for o in doomed {
+                self.delete_locked(&mut st, t, &o);
             }
         }
         if has_finalizers(&old) && !std::ptr::eq(rt, &r::NAMESPACES) {
@@ -1003,6 +1122,7 @@ impl Store {
                 history: VecDeque::new(),
                 compacted: st.rv,
                 alloc: st.alloc.clone(),
+                crds: st.crds.clone(),
             }),
             tx,
             history: 1,
@@ -1027,8 +1147,8 @@ impl Store {
 
 /// The watch event an `Event` means for a watch, if any (objects moving in or out of the
 /// selection become ADDED / DELETED).
-fn filter_event(rt: &ResourceType, opts: &WatchOptions, ev: &Event) -> Option<WatchEvent> {
-    if !std::ptr::eq(ev.resource, rt) {
+fn filter_event(rt: &'static ResourceType, opts: &WatchOptions, ev: &Event) -> Option<WatchEvent> {
+    if !ev.resource.same_storage(rt) {
         return None;
     }
     if rt.namespaced

@@ -2,7 +2,9 @@
 
 use serde_json::{Value, json};
 
+use super::crd::{self, CustomType};
 use super::resources::ResourceType;
+use super::selector::LabelSelector;
 use super::util;
 
 /// How rows carry their object (`?includeObject=`).
@@ -28,6 +30,17 @@ struct Col {
     ty: &'static str,
     priority: u8,
     description: &'static str,
+}
+
+/// A column definition as the Table carries it.
+fn col_def(name: &str, ty: &str, format: &str, description: &str, priority: i64) -> Value {
+    json!({
+        "name": name,
+        "type": ty,
+        "format": format,
+        "description": description,
+        "priority": priority,
+    })
 }
 
 const fn col(name: &'static str, ty: &'static str, priority: u8, description: &'static str) -> Col {
@@ -212,6 +225,25 @@ fn columns(rt: &ResourceType) -> Vec<Col> {
             NAME,
             col("Holder", "string", 0, "The holder of the lease."),
             AGE,
+        ],
+        "NetworkPolicy" => vec![
+            NAME,
+            col(
+                "Pod-Selector",
+                "string",
+                0,
+                "Label selector for pods. Selects the pods to which this NetworkPolicy object applies.",
+            ),
+            AGE,
+        ],
+        "CustomResourceDefinition" => vec![
+            NAME,
+            col(
+                "Created At",
+                "date",
+                0,
+                "CreationTimestamp of the CustomResourceDefinition.",
+            ),
         ],
         _ => vec![NAME, AGE],
     }
@@ -474,12 +506,55 @@ fn cells(rt: &ResourceType, o: &Value) -> Vec<Value> {
         }
         "ServiceAccount" => vec![name, json!(arr(o, "/secrets").count()), age],
         "Lease" => vec![name, json!(or_none(s(o, "/spec/holderIdentity"))), age],
+        "NetworkPolicy" => {
+            let sel = o
+                .pointer("/spec/podSelector")
+                .map(|s| LabelSelector::from_object(s).to_string_form())
+                .unwrap_or_default();
+            vec![name, json!(or_none(sel)), age]
+        }
+        "CustomResourceDefinition" => vec![name, json!(s(o, "/metadata/creationTimestamp"))],
         _ => vec![name, age],
     }
 }
 
+/// Columns of a custom type: Name and the CRD's printer columns, or Name and Age when it
+/// declares none (kube-apiserver's defaults for CRDs).
+fn custom_columns(c: &CustomType) -> Vec<Value> {
+    let mut defs = vec![col_def("Name", "string", "name", NAME.description, 0)];
+    if c.columns.is_empty() {
+        defs.push(col_def("Age", "date", "", AGE.description, 0));
+    }
+    for p in &c.columns {
+        defs.push(col_def(
+            &p.name,
+            &p.ty,
+            &p.format,
+            &p.description,
+            p.priority,
+        ));
+    }
+    defs
+}
+
+fn custom_cells(c: &CustomType, o: &Value) -> Vec<Value> {
+    let mut cells = vec![json!(s(o, "/metadata/name"))];
+    if c.columns.is_empty() {
+        cells.push(json!(util::age(
+            o.pointer("/metadata/creationTimestamp")
+                .and_then(Value::as_str)
+        )));
+    }
+    cells.extend(c.columns.iter().map(|p| crd::cell(p, o)));
+    cells
+}
+
 fn row(rt: &ResourceType, o: &Value, include: IncludeObject) -> Value {
-    let mut r = json!({ "cells": cells(rt, o) });
+    let cells = match rt.custom {
+        Some(c) => custom_cells(c, o),
+        None => cells(rt, o),
+    };
+    let mut r = json!({ "cells": cells });
     match include {
         IncludeObject::None => {}
         IncludeObject::Object => r["object"] = o.clone(),
@@ -500,18 +575,16 @@ fn row(rt: &ResourceType, o: &Value, include: IncludeObject) -> Value {
 
 /// A Table of `items`.
 pub fn table(rt: &ResourceType, items: &[Value], rv: Option<u64>, include: IncludeObject) -> Value {
-    let defs: Vec<Value> = columns(rt)
-        .iter()
-        .map(|c| {
-            json!({
-                "name": c.name,
-                "type": c.ty,
-                "format": if c.name == "Name" { "name" } else { "" },
-                "description": c.description,
-                "priority": c.priority,
+    let defs: Vec<Value> = match rt.custom {
+        Some(c) => custom_columns(c),
+        None => columns(rt)
+            .iter()
+            .map(|c| {
+                let format = if c.name == "Name" { "name" } else { "" };
+                col_def(c.name, c.ty, format, c.description, i64::from(c.priority))
             })
-        })
-        .collect();
+            .collect(),
+    };
     let mut meta = json!({});
     if let Some(rv) = rv {
         meta["resourceVersion"] = json!(rv.to_string());

@@ -176,7 +176,16 @@ pub(crate) fn prepare_create(
         .as_str()
         .unwrap_or_default()
         .to_string();
+    if rt.custom.is_some() {
+        return super::crd::prepare_custom(rt, obj, true);
+    }
     match rt.kind {
+        "CustomResourceDefinition" if std::ptr::eq(rt, &r::CRDS) => {
+            super::crd::prepare_crd(rt, obj, None)?;
+        }
+        "NetworkPolicy" if std::ptr::eq(rt, &r::NETWORKPOLICIES) => {
+            super::netpol::prepare(rt, &name, obj)?;
+        }
         "Namespace" if std::ptr::eq(rt, &r::NAMESPACES) => {
             obj_mut(&mut obj["metadata"], "labels")
                 .insert("kubernetes.io/metadata.name".into(), json!(name));
@@ -220,7 +229,16 @@ pub(crate) fn prepare_update(
         .as_str()
         .unwrap_or_default()
         .to_string();
+    if rt.custom.is_some() {
+        return super::crd::prepare_custom(rt, new, false);
+    }
     match rt.kind {
+        "CustomResourceDefinition" if std::ptr::eq(rt, &r::CRDS) => {
+            super::crd::prepare_crd(rt, new, Some(old))?;
+        }
+        "NetworkPolicy" if std::ptr::eq(rt, &r::NETWORKPOLICIES) => {
+            super::netpol::prepare(rt, &name, new)?;
+        }
         "Namespace" if std::ptr::eq(rt, &r::NAMESPACES) => {
             obj_mut(&mut new["metadata"], "labels")
                 .insert("kubernetes.io/metadata.name".into(), json!(name));
@@ -463,12 +481,16 @@ fn prepare_service(
         return Err(ApiError::invalid(
             rt,
             name,
-            vec![FieldError {
-                field: "spec.type".into(),
-                reason: "FieldValueNotSupported",
-                value: Some(ty.clone()),
-                detail: "supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"".into(),
-            }],
+            vec![FieldError::not_supported(
+                "spec.type",
+                &json!(ty),
+                &[
+                    json!("ClusterIP"),
+                    json!("ExternalName"),
+                    json!("LoadBalancer"),
+                    json!("NodePort"),
+                ],
+            )],
         ));
     }
     let mut errs = Vec::new();
@@ -520,12 +542,10 @@ fn prepare_service(
         if nports > 1 && pname.is_empty() {
             errs.push(FieldError::required(format!("spec.ports[{i}].name"), ""));
         } else if !names.insert(pname.clone()) {
-            errs.push(FieldError {
-                field: format!("spec.ports[{i}].name"),
-                reason: "FieldValueDuplicate",
-                value: Some(pname),
-                detail: "".into(),
-            });
+            errs.push(FieldError::duplicate(
+                format!("spec.ports[{i}].name"),
+                &json!(pname),
+            ));
         }
         if matches!(ty.as_str(), "NodePort" | "LoadBalancer") {
             if p.get("nodePort").is_none_or(Value::is_null) {

@@ -21,7 +21,7 @@ use super::process::{self, ChildSpec};
 use super::sys::{self, Enter};
 use super::topology::{LabSpec, pod_veth};
 use crate::controllers::{PodKey, PodRuntime, PodSandboxSpec, Probe, StartedPod};
-use crate::kube_api::LogSource;
+use crate::kube_api::{LogSource, Store};
 use crate::pod_logs;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -44,6 +44,17 @@ struct PodEntry {
     place: PodPlace,
     running: Arc<AtomicBool>,
     exit_code: Arc<Mutex<Option<i32>>>,
+    /// The cluster DNS this pod serves (the kube-dns pod only); dropped with the pod.
+    dns: Option<crate::dns::DnsHandle>,
+}
+
+/// Namespace and label of the pods that serve the cluster DNS (CoreDNS's in a real cluster).
+pub const DNS_NAMESPACE: &str = "kube-system";
+pub const DNS_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
+
+fn is_dns_pod(pod: &PodSandboxSpec) -> bool {
+    pod.key.namespace == DNS_NAMESPACE
+        && pod.labels.get(DNS_LABEL.0).map(String::as_str) == Some(DNS_LABEL.1)
 }
 
 struct Inner {
@@ -57,6 +68,8 @@ struct Inner {
     logs_dir: PathBuf,
     /// By (namespace, name).
     pods: Mutex<BTreeMap<(String, String), PodEntry>>,
+    /// What the DNS pods serve from (set by the supervisor).
+    dns_store: std::sync::OnceLock<Arc<Store>>,
 }
 
 /// The netns runtime of one cluster.
@@ -75,8 +88,15 @@ impl NetnsRuntime {
                 cluster: cluster.to_owned(),
                 cgroup2,
                 pods: Mutex::new(BTreeMap::new()),
+                dns_store: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Makes the `kube-system` pods labelled `k8s-app=kube-dns` serve the cluster DNS from
+    /// `store`, bound in their network namespace at their pod IP, port 53 UDP and TCP.
+    pub fn serve_cluster_dns(&self, store: Arc<Store>) {
+        let _ = self.inner.dns_store.set(store);
     }
 
     /// The pod's place, when it runs here.
@@ -148,7 +168,7 @@ impl Inner {
             &resolv,
             format!(
                 "nameserver {}\nsearch {}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
-                cluster.host_ip, key.namespace
+                cluster.dns_ip(), key.namespace
             ),
         )
         .with_context(|| format!("writing {}", resolv.display()))?;
@@ -174,6 +194,10 @@ impl Inner {
             .filter(|(_, _, proto)| proto.is_empty() || proto.eq_ignore_ascii_case("TCP"))
             .map(|(_, p, _)| *p)
             .collect();
+        // Port 53 of the DNS pod is the cluster DNS's (bound by the runtime), not the workload's.
+        if is_dns_pod(pod) {
+            ports.retain(|p| *p != 53);
+        }
         ports.sort_unstable();
         ports.dedup();
         if ports.is_empty() {
@@ -242,6 +266,28 @@ impl Inner {
         );
         Ok(())
     }
+}
+
+/// Binds the cluster DNS in the pod's network namespace at its IP, port 53 UDP and TCP.
+async fn serve_dns_in(
+    store: Arc<Store>,
+    place: &PodPlace,
+) -> anyhow::Result<crate::dns::DnsHandle> {
+    let addr = SocketAddr::from((place.ip, 53));
+    let netns = place.netns.clone();
+    let (udp, tcp) = tokio::task::spawn_blocking(move || {
+        sys::in_netns(&netns, move || -> std::io::Result<_> {
+            Ok((
+                std::net::UdpSocket::bind(addr)?,
+                std::net::TcpListener::bind(addr)?,
+            ))
+        })
+    })
+    .await??
+    .with_context(|| format!("binding the cluster DNS at {addr} in netns {}", place.netns))?;
+    let handle = crate::dns::DnsServer::serve(store, udp, tcp)?;
+    tracing::info!(pod = %format!("{}/{}", place.namespace, place.name), %addr, "cluster DNS bound in the pod");
+    Ok(handle)
 }
 
 /// One probe from inside the node netns (as kubelet probes from the node).
@@ -318,6 +364,7 @@ impl PodRuntime for NetnsRuntime {
                     place: place.clone(),
                     running: running.clone(),
                     exit_code: exit_code.clone(),
+                    dns: None,
                 },
             );
             let inner2 = inner.clone();
@@ -326,11 +373,20 @@ impl PodRuntime for NetnsRuntime {
                 (pod, r)
             })
             .await?;
+            let mut dns = None;
             let started = match setup {
                 Ok(p) => {
                     place = p;
-                    inner.workload(&pod, &place).and_then(|spec| {
-                        process::spawn(spec).context("starting the workload process")
+                    let served = match inner.dns_store.get().filter(|_| is_dns_pod(&pod)) {
+                        Some(store) => serve_dns_in(store.clone(), &place)
+                            .await
+                            .map(|h| dns = Some(h)),
+                        None => Ok(()),
+                    };
+                    served.and_then(|()| {
+                        inner.workload(&pod, &place).and_then(|spec| {
+                            process::spawn(spec).context("starting the workload process")
+                        })
                     })
                 }
                 Err(e) => Err(e),
@@ -365,6 +421,7 @@ impl PodRuntime for NetnsRuntime {
                 .get_mut(&(key.namespace.clone(), key.name.clone()))
             {
                 entry.place = place.clone();
+                entry.dns = dns;
             }
             let flag = running.clone();
             let what = format!("{}/{}", key.namespace, key.name);

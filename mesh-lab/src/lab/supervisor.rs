@@ -56,7 +56,6 @@ struct ClusterRt {
     api: KubeApiHandle,
     runtime: NetnsRuntime,
     controllers: Mutex<Option<Controllers>>,
-    _dns: crate::dns::DnsHandle,
     _proxy: tokio::task::JoinHandle<()>,
     /// By component name: `etcd`, `apiserver`, `agent/<node>`.
     children: Mutex<BTreeMap<String, Child>>,
@@ -212,9 +211,8 @@ async fn start_cluster(
     ccfg.lb_static = vec![c.cp_ip];
     let controllers = controllers::spawn_all(store.clone(), ccfg);
 
-    let dns = crate::dns::DnsServer::start(store.clone(), SocketAddr::from((c.host_ip, 53)))
-        .await
-        .with_context(|| format!("cluster {}: starting DNS on {}:53", c.name, c.host_ip))?;
+    // The cluster DNS is the kube-dns pod (see `bootstrap_objects`), served by the runtime.
+    runtime.serve_cluster_dns(store.clone());
 
     // kube-proxy: the latest ruleset, applied in every node netns of the cluster.
     let (rules_tx, mut rules_rx) = watch::channel(String::new());
@@ -250,7 +248,6 @@ async fn start_cluster(
         api,
         runtime,
         controllers: Mutex::new(Some(controllers)),
-        _dns: dns,
         _proxy: proxy,
         children: Mutex::new(BTreeMap::new()),
     })
@@ -273,8 +270,11 @@ fn create_or_keep(
     }
 }
 
-/// Nodes, namespace mesh-system, ConfigMap mesh-config, Service mesh-apiserver.
+/// Nodes, the mesh's CRDs, namespace mesh-system, ConfigMap mesh-config, Service
+/// mesh-apiserver.
 fn bootstrap_objects(store: &Store, c: &ClusterSpec) -> anyhow::Result<()> {
+    crate::mesh_crds::install(store)?;
+    cluster_dns(store, c)?;
     for n in &c.nodes {
         let node = json!({
             "metadata": {"name": n.name, "labels": {
@@ -337,6 +337,58 @@ fn bootstrap_objects(store: &Store, c: &ClusterSpec) -> anyhow::Result<()> {
                 "loadBalancerIP": c.cp_ip.to_string(),
                 "selector": {"app.kubernetes.io/name": "mesh-apiserver"},
                 "ports": [{"name": "grpc", "port": APISERVER_PORT, "targetPort": APISERVER_PORT, "protocol": "TCP"}],
+            },
+        }),
+    )?;
+    Ok(())
+}
+
+/// The cluster DNS as real clusters have it: a `coredns` Deployment in kube-system, labelled
+/// `k8s-app=kube-dns` (its pod serves the lab's DNS at its pod IP, see
+/// `NetnsRuntime::serve_cluster_dns`), and the `kube-dns` Service at the ClusterIP pods use
+/// as their nameserver. Policies select it as they select CoreDNS.
+fn cluster_dns(store: &Store, c: &ClusterSpec) -> anyhow::Result<()> {
+    use super::runtime::{DNS_LABEL, DNS_NAMESPACE};
+    let labels = json!({ DNS_LABEL.0: DNS_LABEL.1 });
+    create_or_keep(
+        store,
+        &r::SERVICES,
+        Some(DNS_NAMESPACE),
+        json!({
+            "metadata": {"name": "kube-dns", "namespace": DNS_NAMESPACE,
+                "labels": {DNS_LABEL.0: DNS_LABEL.1, "kubernetes.io/name": "CoreDNS"}},
+            "spec": {
+                "clusterIP": c.dns_ip().to_string(),
+                "selector": labels,
+                "ports": [
+                    {"name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 53, "targetPort": 53, "protocol": "TCP"},
+                    {"name": "metrics", "port": 9153, "targetPort": 9153, "protocol": "TCP"},
+                ],
+            },
+        }),
+    )?;
+    create_or_keep(
+        store,
+        &r::DEPLOYMENTS,
+        Some(DNS_NAMESPACE),
+        json!({
+            "metadata": {"name": "coredns", "namespace": DNS_NAMESPACE, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{
+                        "name": "coredns",
+                        "image": "registry.k8s.io/coredns/coredns:v1.11.3",
+                        "ports": [
+                            {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                            {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"},
+                            {"name": "metrics", "containerPort": 9153, "protocol": "TCP"},
+                        ],
+                    }]},
+                },
             },
         }),
     )?;
@@ -451,8 +503,8 @@ impl Supervisor {
                 component: "dns".into(),
                 pid: me,
                 state: "running".into(),
-                address: format!("{}:53", c.spec.host_ip),
-                detail: String::new(),
+                address: format!("{}:53", c.spec.dns_ip()),
+                detail: "Service kube-system/kube-dns -> the coredns pod".into(),
             });
             let children = c.children.lock().expect("children lock");
             let order = ["etcd".to_owned(), "apiserver".to_owned()];

@@ -50,7 +50,7 @@ pub struct ClusterSpec {
     pub service_cidr: Ipv4Net,
     /// Control-plane netns address: etcd, mesh-apiserver, the LoadBalancer ingress IP.
     pub cp_ip: Ipv4Addr,
-    /// On the root side of the bridge: the cluster's Kubernetes API and DNS listen here.
+    /// On the root side of the bridge: the cluster's Kubernetes API listens here.
     pub host_ip: Ipv4Addr,
     pub nodes: Vec<NodeSpec>,
 }
@@ -61,6 +61,14 @@ pub struct NodeSpec {
     pub index: u8,
     pub ip: Ipv4Addr,
     pub pod_cidr: Ipv4Net,
+}
+
+impl ClusterSpec {
+    /// The ClusterIP of the `kube-system/kube-dns` Service: the tenth address of the
+    /// service CIDR, as kubeadm picks it; kubelet writes it into every pod's resolv.conf.
+    pub fn dns_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.service_cidr.network()) + 10)
+    }
 }
 
 /// Checks a lab name: 1 to 8 characters of `[a-z0-9]` (it is part of interface names).
