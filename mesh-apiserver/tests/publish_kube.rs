@@ -617,3 +617,124 @@ async fn namespace_labels_reach_identities_and_absent_policy_types_do_not_block_
         "the absent policy types are logged"
     );
 }
+
+/// Issue #12 part 4 through the users' tool: NetworkPolicy (a built-in lab resource) and
+/// CiliumNetworkPolicy (after `kubectl apply` of the CRD mesh ships, once the publisher is
+/// already running: a type that appears later is picked up) applied with kubectl reach etcd
+/// as the agents read them; an invalid one gets a Warning Event and changes nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_applied_with_kubectl_are_published_and_invalid_ones_reported() {
+    init_logs();
+    let etcd = Etcd::start();
+    let client = connect(&etcd).await;
+    let lab = Lab::start().await;
+    lab.namespace("shop").await;
+    lab.apply(&json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"namespace": "shop", "name": "web-from-shop"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                 "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}}]}]}
+    }))
+    .await;
+    let _p = Running::start(
+        &client,
+        lab.client().await,
+        publisher_config("p1", Duration::from_secs(1)),
+    );
+    let prefix = format!("{PREFIX}clusters/{CLUSTER}/");
+    let keys = Keys::new(PREFIX);
+    let key = |kind, ns: Option<&str>, name: &str| {
+        keys.object(
+            CLUSTER,
+            pb::Kind::Policy,
+            &mesh_proto::keys::policy_name(kind, ns, name),
+        )
+    };
+    use mesh_core::policy::PolicyKind;
+    let np = key(PolicyKind::NetworkPolicy, Some("shop"), "web-from-shop");
+    let cnp = key(PolicyKind::CiliumNetworkPolicy, Some("shop"), "x-wing-out");
+    let s = wait_until(
+        &client,
+        &prefix,
+        T,
+        "the NetworkPolicy and every marker",
+        |s| s.all_synced() && s.raw.contains_key(&np),
+    )
+    .await;
+    let v = <pb::Policy as prost::Message>::decode(s.raw[&np].as_slice()).unwrap();
+    let parsed = mesh_proto::convert::PolicyObject::try_from(v).expect("agents parse it");
+    assert_eq!(parsed.policy.reference.object(), "shop/web-from-shop");
+
+    // The CRD appears after the publisher started (the type was absent until now).
+    let crd = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/crds/ciliumnetworkpolicies.yaml"
+    ))
+    .unwrap();
+    lab.kubectl(&["apply", "-f", "-"], Some(&crd)).await;
+    lab.apply(&json!({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"namespace": "shop", "name": "x-wing-out"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "x-wing"}},
+                 "egress": [{"toEndpoints": [{"matchLabels": {
+                     "app": "rebel-base", "io.cilium.k8s.policy.cluster": "west"}}]}]}
+    }))
+    .await;
+    wait_until(&client, &prefix, T, "the CiliumNetworkPolicy", |s| {
+        s.raw.contains_key(&cnp)
+    })
+    .await;
+
+    // Invalid for mesh, though the CRD's schema accepts it (as Cilium's does): a spec that
+    // selects nothing. Not published, reported, and the others stay.
+    lab.apply(&json!({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"namespace": "shop", "name": "broken"},
+        "spec": {"ingress": [{"fromEntities": ["world"]}]}
+    }))
+    .await;
+    let events = || async {
+        let out = lab
+            .kubectl(&["get", "events", "-n", "shop", "-o", "json"], None)
+            .await;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "InvalidPolicy")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    eventually(T, "the InvalidPolicy event", || async {
+        !events().await.is_empty()
+    })
+    .await;
+    let ev = &events().await[0];
+    assert_eq!(ev["type"], "Warning");
+    assert_eq!(ev["involvedObject"]["kind"], "CiliumNetworkPolicy");
+    assert_eq!(ev["involvedObject"]["name"], "broken");
+    let msg = ev["message"].as_str().unwrap();
+    assert!(
+        msg.contains("shop/broken") && msg.contains("spec: needs endpointSelector"),
+        "{msg}"
+    );
+    let (raw, _) = list(&client, &prefix).await;
+    let s = publish_common::State::new(raw);
+    assert!(s.raw.contains_key(&np) && s.raw.contains_key(&cnp));
+    assert!(
+        !s.raw
+            .contains_key(&key(PolicyKind::NetworkPolicy, Some("shop"), "broken"))
+    );
+
+    // Deleted with kubectl: gone from etcd.
+    lab.kubectl(
+        &["delete", "networkpolicy", "web-from-shop", "-n", "shop"],
+        None,
+    )
+    .await;
+    wait_until(&client, &prefix, T, "the NetworkPolicy deleted", |s| {
+        !s.raw.contains_key(&np)
+    })
+    .await;
+}
