@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::ClusterName;
+use mesh_core::{Backoff, ClusterName};
 use mesh_proto::tls::{self, ServerTls, ServerTlsFiles};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -40,7 +40,7 @@ pub use config::{Args, Settings};
 
 use crate::config::{LogArgs, LogFormat, Security};
 use crate::grpc::{Authenticator, MeshService, ServeConfig};
-use crate::index::{Backoff, Index, IndexConfig};
+use crate::index::{Index, IndexConfig};
 use crate::metrics::Metrics;
 
 /// Errors that stop the apiserver.
@@ -212,7 +212,8 @@ pub async fn connect_etcd(
         .with_connect_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true);
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut backoff =
+        Backoff::equal_jitter(Duration::from_millis(200), Duration::from_secs(10)).retries();
     loop {
         let attempt = async {
             let mut c = etcd_client::Client::connect(endpoints, Some(opts.clone())).await?;
@@ -225,7 +226,7 @@ pub async fn connect_etcd(
                 return Ok(c);
             }
             Err(error) => {
-                let delay = backoff.next_delay();
+                let delay = backoff.next_delay(rand::random());
                 warn!(%error, ?endpoints, ?delay, "etcd unreachable; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(RunError::Shutdown),

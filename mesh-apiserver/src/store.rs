@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use mesh_core::Backoff;
 use etcd_client::{Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp};
 use mesh_proto::keys::{ClusterKey, Keys};
 use mesh_proto::pb;
@@ -295,7 +296,8 @@ impl EtcdStore {
         token: &tokio_util::sync::CancellationToken,
         mut on_change: impl FnMut(&str, Change),
     ) -> Result<FlushStats> {
-        let mut delay = Duration::from_millis(50);
+        let mut retries =
+            Backoff::equal_jitter(Duration::from_millis(50), Duration::from_secs(5)).retries();
         let mut total = FlushStats::default();
         loop {
             match self.flush(&mut on_change).await {
@@ -307,12 +309,12 @@ impl EtcdStore {
                 }
                 Err(e @ Error::Fenced { .. }) => return Err(e),
                 Err(error) => {
+                    let delay = retries.next_delay(rand::random());
                     warn!(%error, retry_in = ?delay, pending = self.pending.len(), "etcd write failed");
                     tokio::select! {
                         _ = token.cancelled() => return Ok(total),
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }

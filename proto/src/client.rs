@@ -95,40 +95,13 @@ pub enum WatchUpdate {
     },
 }
 
-/// Exponential backoff with a cap and full jitter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-}
+/// The reconnect policy: [`mesh_core::backoff`], with full jitter by default (many agents
+/// and peers reconnecting to one apiserver spread out).
+pub use mesh_core::backoff::{Backoff, Jitter};
 
-// === impl Backoff ===
-
-impl Backoff {
-    /// The upper bound of the delay before retry `attempt` (0-based):
-    /// `min(max, initial * 2^attempt)`.
-    pub fn ceiling(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        self.initial.saturating_mul(factor).min(self.max)
-    }
-
-    /// A delay drawn uniformly from `[0, ceiling(attempt)]` ("full jitter": reconnecting
-    /// clients spread out instead of stampeding a recovering server).
-    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
-        let ceiling = self.ceiling(attempt);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.random_range(0..=nanos))
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(30),
-        }
-    }
-}
+/// The watch client's reconnect policy: 200 ms doubling up to 30 s, full jitter.
+pub const DEFAULT_BACKOFF: Backoff =
+    Backoff::full_jitter(Duration::from_millis(200), Duration::from_secs(30));
 
 /// Options of [`spawn_watch`].
 #[derive(Debug, Clone)]
@@ -148,7 +121,7 @@ impl Default for WatchOptions {
     fn default() -> Self {
         Self {
             heartbeat_interval: Duration::from_secs(5),
-            backoff: Backoff::default(),
+            backoff: DEFAULT_BACKOFF,
             healthy_after: Duration::from_secs(10),
             buffer: 1024,
         }
@@ -308,7 +281,7 @@ struct Worker {
 impl Worker {
     async fn run(mut self) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
-        let mut attempt: u32 = 0;
+        let mut retries = self.options.backoff.retries();
         let mut first = true;
         loop {
             if !first {
@@ -322,10 +295,9 @@ impl Worker {
                 End::Lost { error, healthy } => (error, healthy),
             };
             if healthy {
-                attempt = 0;
+                retries.reset();
             }
-            let delay = self.options.backoff.delay(attempt, &mut rng);
-            attempt = attempt.saturating_add(1);
+            let delay = retries.next_delay(rng.random());
             warn!(%error, revision = self.state.revision, ?delay, "watch stream lost; reconnecting");
             if self
                 .tx
@@ -612,37 +584,6 @@ fn parse_ck(cluster: &str, kind: i32) -> Option<Ck> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-        };
-        assert_eq!(b.ceiling(0), Duration::from_millis(100));
-        assert_eq!(b.ceiling(1), Duration::from_millis(200));
-        assert_eq!(b.ceiling(5), Duration::from_millis(3200));
-        assert_eq!(b.ceiling(6), Duration::from_secs(5));
-        assert_eq!(b.ceiling(u32::MAX), Duration::from_secs(5));
-
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for attempt in 0..64 {
-            let mut max_seen = Duration::ZERO;
-            for _ in 0..200 {
-                let d = b.delay(attempt, &mut rng);
-                assert!(d <= b.ceiling(attempt), "attempt {attempt}: {d:?}");
-                max_seen = max_seen.max(d);
-            }
-            // Jitter spreads over the whole range: the largest of 200 draws is near the top.
-            assert!(
-                max_seen >= b.ceiling(attempt) * 3 / 4,
-                "attempt {attempt}: {max_seen:?}"
-            );
-        }
-        // Delays are not constant.
-        let draws: HashSet<_> = (0..20).map(|_| b.delay(3, &mut rng)).collect();
-        assert!(draws.len() > 10);
-    }
 
     #[test]
     fn malformed_keys_are_rejected() {

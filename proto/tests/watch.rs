@@ -192,10 +192,7 @@ fn reset(revision: i64) -> Result<pb::WatchResponse, Status> {
 fn options() -> WatchOptions {
     WatchOptions {
         heartbeat_interval: Duration::from_secs(5),
-        backoff: Backoff {
-            initial: Duration::from_millis(10),
-            max: Duration::from_millis(100),
-        },
+        backoff: Backoff::full_jitter(Duration::from_millis(10), Duration::from_millis(100)),
         healthy_after: Duration::from_secs(10),
         buffer: 64,
     }
@@ -524,10 +521,7 @@ async fn failed_connects_back_off_and_retry() {
         })
     };
     let opts = WatchOptions {
-        backoff: Backoff {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(8),
-        },
+        backoff: Backoff::full_jitter(Duration::from_secs(1), Duration::from_secs(8)),
         ..options()
     };
     let mut w = client::spawn_watch(connect, pb::WatchRequest::default(), opts.clone());

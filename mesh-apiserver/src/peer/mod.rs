@@ -188,10 +188,7 @@ impl Default for ImporterOptions {
             refusal_retry: Duration::from_secs(30),
             status_interval: Duration::from_secs(1),
             watch: WatchOptions {
-                backoff: Backoff {
-                    initial: Duration::from_millis(200),
-                    max: Duration::from_secs(30),
-                },
+                backoff: Backoff::full_jitter(Duration::from_millis(200), Duration::from_secs(30)),
                 ..WatchOptions::default()
             },
             connect_timeout: Duration::from_secs(5),

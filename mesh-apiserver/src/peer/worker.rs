@@ -11,7 +11,7 @@ use etcd_client::{DeleteOptions, GetOptions, Txn, TxnOp};
 use futures::FutureExt;
 use hickory_resolver::TokioResolver;
 use mesh_core::validate::{Conflict, check_joins, validate_cluster_config};
-use mesh_core::{ClusterConfig, ClusterName};
+use mesh_core::{Backoff, ClusterConfig, ClusterName};
 use mesh_proto::client::{
     ResumePoint, Watch, WatchStats, WatchUpdate, connect_fn, spawn_watch_from,
 };
@@ -391,7 +391,8 @@ impl Worker {
 
     /// Runs until `cancel`. etcd failures restart the session from what etcd holds.
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
-        let mut delay = Duration::from_millis(200);
+        let mut retries =
+            Backoff::equal_jitter(Duration::from_millis(200), Duration::from_secs(30)).retries();
         loop {
             let r = async {
                 let resume = self.load().await?;
@@ -401,12 +402,12 @@ impl Worker {
             match r {
                 Ok(()) => return,
                 Err(error) => {
+                    let delay = retries.next_delay(rand::random());
                     error!(%error, ?delay, "peer import failed; starting over from etcd");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(30));
                 }
             }
         }
