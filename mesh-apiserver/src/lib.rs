@@ -38,7 +38,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 pub use config::{Args, Settings};
 
-use crate::config::{LogArgs, LogFormat, Security};
+use crate::config::Security;
 use crate::grpc::{Authenticator, MeshService, ServeConfig};
 use crate::index::{Index, IndexConfig};
 use crate::metrics::Metrics;
@@ -59,7 +59,7 @@ pub enum RunError {
     #[error("gRPC server")]
     Serve(#[source] tonic::transport::Error),
     #[error(transparent)]
-    Health(#[from] health::Error),
+    Health(#[from] mesh_proto::serve::HealthError),
     #[error("Kubernetes client configuration: {0}")]
     KubeConfig(String),
     #[error("publisher")]
@@ -152,19 +152,7 @@ impl Drop for Running {
     }
 }
 
-/// Initialises tracing: level from `RUST_LOG` (default `info`), text or JSON.
-pub fn init_tracing(log: &LogArgs) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match log.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
+pub use mesh_proto::serve::init_tracing;
 
 /// Validates `args`, starts everything and runs until SIGTERM or SIGINT.
 pub async fn run(args: Args) -> Result<(), RunError> {
@@ -422,7 +410,7 @@ pub async fn start(
         index: index.clone(),
         leader: opts.publisher.then_some(leader_rx),
     };
-    let (metrics_addr, health_fut) = health::bind(
+    let (metrics_addr, health_fut) = mesh_proto::serve::bind_health(
         settings.metrics_listen,
         registry,
         readiness,

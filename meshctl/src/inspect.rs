@@ -11,7 +11,8 @@ use mesh_proto::pb::{self, watch_response::Payload};
 use serde::Serialize;
 use tokio_stream::StreamExt;
 
-use crate::conn::{ConnArgs, parse_duration};
+use crate::conn::ConnArgs;
+use mesh_core::parse_duration;
 use crate::output::{Format, table};
 use crate::status::kind_name;
 

@@ -8,7 +8,8 @@ use clap::Args;
 use mesh_proto::pb;
 use serde::Serialize;
 
-use crate::conn::{ConnArgs, parse_duration};
+use crate::conn::ConnArgs;
+use mesh_core::parse_duration;
 use crate::output::{Format, table};
 
 #[derive(Args)]

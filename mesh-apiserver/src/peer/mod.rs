@@ -55,7 +55,7 @@ pub use metrics::PeerMetrics;
 pub use source::PeerSource;
 pub use worker::PeerError;
 
-use crate::config::parse_duration;
+use mesh_core::parse_duration;
 use worker::{Shared, Worker, withdraw};
 
 /// The default stale TTL: 10 minutes.
