@@ -10,6 +10,7 @@
 //! or SIGINT.
 
 pub mod config;
+pub mod etcd_write;
 pub mod grpc;
 pub mod health;
 pub mod identity;

@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::metrics::{PeerKindLabels, PeerMetrics, kind_label};
 use super::{ClientIdentity, ImporterOptions, PeerStats};
-use crate::store::MAX_TXN_BYTES;
+use crate::etcd_write::{WriteError, write_batched};
 use mesh_proto::peer_entry::{PeerSpec, split_address};
 
 /// Why a connection to a peer failed or the peer was refused. Each names the peer.
@@ -101,6 +101,12 @@ pub enum PeerError {
         op: &'static str,
         #[source]
         source: etcd_client::Error,
+    },
+    #[error("peer {peer}: {source}")]
+    Write {
+        peer: ClusterName,
+        #[source]
+        source: WriteError,
     },
     #[error("peer {peer}: the watch task ended")]
     WatchEnded { peer: ClusterName },
@@ -913,42 +919,31 @@ impl Worker {
         }
     }
 
-    /// Writes the staged changes in transactions of at most `max_txn_ops` operations.
+    /// Writes the staged changes with [`write_batched`] (no fence: the importer's task is
+    /// cancelled with the leadership term). On error, the run starts over from etcd.
     async fn flush(&mut self) -> Result<(), PeerError> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let max_ops = self.shared.options.max_txn_ops.clamp(1, 128);
         let mut kv = self.shared.etcd.kv_client();
-        let pending = std::mem::take(&mut self.pending);
         let (mut puts, mut deletes) = (0usize, 0usize);
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        let total = pending.len();
-        for (i, (key, value)) in pending.into_iter().enumerate() {
-            bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-            batch.push(match value {
-                Some(v) => {
-                    puts += 1;
-                    TxnOp::put(key, v, None)
+        let txns = &self.shared.metrics.txns;
+        let labels = PeerMetrics::peer(self.spec.name.as_str());
+        let max_ops = self.shared.options.max_txn_ops;
+        write_batched(&mut kv, &mut self.pending, max_ops, None, |batch| {
+            for (_, v) in &batch {
+                match v {
+                    Some(_) => puts += 1,
+                    None => deletes += 1,
                 }
-                None => {
-                    deletes += 1;
-                    TxnOp::delete(key, None)
-                }
-            });
-            if batch.len() >= max_ops || bytes >= MAX_TXN_BYTES || i + 1 == total {
-                kv.txn(Txn::new().and_then(std::mem::take(&mut batch)))
-                    .await
-                    .map_err(self.etcd_err("txn"))?;
-                bytes = 0;
-                self.shared
-                    .metrics
-                    .txns
-                    .get_or_create(&PeerMetrics::peer(self.peer()))
-                    .inc();
             }
-        }
+            txns.get_or_create(&labels).inc();
+        })
+        .await
+        .map_err(|source| PeerError::Write {
+            peer: self.spec.name.clone(),
+            source,
+        })?;
         debug!(puts, deletes, "imported changes written");
         let objects = self.present.values().map(|s| s.len() as u64).sum();
         if objects != self.stats.objects {
