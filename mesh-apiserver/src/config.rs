@@ -67,7 +67,7 @@ pub struct Args {
     pub metrics_listen: SocketAddr,
 
     #[command(flatten)]
-    pub tls: TlsArgs,
+    pub tls: ListenTlsArgs,
 
     #[command(flatten)]
     pub etcd: EtcdArgs,
@@ -112,7 +112,7 @@ pub struct ClusterArgs {
 
 /// The listener's TLS: the shared flag group plus what only a server has.
 #[derive(Debug, Clone, Default, ClapArgs)]
-pub struct TlsArgs {
+pub struct ListenTlsArgs {
     #[command(flatten)]
     pub files: mesh_proto::cli::TlsArgs,
 
@@ -311,9 +311,9 @@ impl Args {
     }
 }
 
-// === impl TlsArgs ===
+// === impl ListenTlsArgs ===
 
-impl TlsArgs {
+impl ListenTlsArgs {
     /// The listener security for `listen`: TLS with all three files, or `--insecure` on a
     /// loopback address.
     pub fn security(&self, listen: SocketAddr) -> Result<Security> {
