@@ -162,14 +162,18 @@ impl Args {
         let mut endpoint = if self.tls.insecure {
             ClientEndpoint::plaintext(self.apiserver.clone())
         } else {
-            let files = self.tls.files().map_err(|missing| ConfigError::MissingTls {
-                missing: missing.join(", "),
-            })?;
-            let tls = ClientTls::from_files(&files.ca, &files.cert, &files.key, Some(cluster.clone()))
-                .map_err(|source| ConfigError::Tls {
-                    address: self.apiserver.clone(),
-                    source,
+            let files = self
+                .tls
+                .files()
+                .map_err(|missing| ConfigError::MissingTls {
+                    missing: missing.join(", "),
                 })?;
+            let tls =
+                ClientTls::from_files(&files.ca, &files.cert, &files.key, Some(cluster.clone()))
+                    .map_err(|source| ConfigError::Tls {
+                        address: self.apiserver.clone(),
+                        source,
+                    })?;
             ClientEndpoint::new(self.apiserver.clone(), tls)
         };
         endpoint.server_name = self.apiserver_server_name.clone();
@@ -236,11 +240,20 @@ mod tests {
         let mut a = args(&["--insecure"]);
         a.node_name = "a/b".into();
         assert!(matches!(a.validate(), Err(ConfigError::NodeName(_))));
-        let a = args(&["--insecure", "--debounce", "250ms", "--resync-interval", "2m"]);
+        let a = args(&[
+            "--insecure",
+            "--debounce",
+            "250ms",
+            "--resync-interval",
+            "2m",
+        ]);
         assert_eq!(a.debounce, Duration::from_millis(250));
         assert_eq!(a.resync_interval, Duration::from_secs(120));
         let e = Args::try_parse_from(["mesh-agent", "--status-interval", "3d"]).unwrap_err();
         let e = e.to_string();
-        assert!(e.contains("--status-interval") && e.contains("\"3d\""), "{e}");
+        assert!(
+            e.contains("--status-interval") && e.contains("\"3d\""),
+            "{e}"
+        );
     }
 }

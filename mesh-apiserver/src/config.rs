@@ -454,15 +454,34 @@ mod tests {
 
     #[test]
     fn durations() {
-        let a = parse(&["--heartbeat-interval", "1m30s", "--tls-reload-interval", "500ms"]);
+        let a = parse(&[
+            "--heartbeat-interval",
+            "1m30s",
+            "--tls-reload-interval",
+            "500ms",
+        ]);
         assert_eq!(a.serve.heartbeat_interval, Duration::from_secs(90));
         assert_eq!(a.tls.tls_reload_interval, Duration::from_millis(500));
         // The grammar is mesh_core::duration's; clap's error names the flag, ours the value.
-        let mut argv = vec!["mesh-apiserver", "--cluster-name", "east", "--cluster-id", "3"];
-        argv.extend(["--pod-cidr", "10.1.0.0/16", "--etcd-endpoints", "http://127.0.0.1:2379"]);
+        let mut argv = vec![
+            "mesh-apiserver",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "3",
+        ];
+        argv.extend([
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+        ]);
         argv.extend(["--heartbeat-interval", "5d"]);
         let e = Args::try_parse_from(argv).unwrap_err().to_string();
-        assert!(e.contains("--heartbeat-interval") && e.contains("\"5d\""), "{e}");
+        assert!(
+            e.contains("--heartbeat-interval") && e.contains("\"5d\""),
+            "{e}"
+        );
     }
 
     #[test]

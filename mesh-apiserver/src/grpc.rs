@@ -1010,12 +1010,8 @@ impl mesh_server::Mesh for MeshService {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchResult>, Status> {
         use futures::StreamExt;
         let wire = self.watch_wire(req)?;
-        let typed = wire.map(|r| {
-            r.and_then(|m| {
-                m.decode()
-                    .map_err(|e| ServeError::Reencode(e).into())
-            })
-        });
+        let typed =
+            wire.map(|r| r.and_then(|m| m.decode().map_err(|e| ServeError::Reencode(e).into())));
         Ok(Response::new(Box::pin(typed)))
     }
 
@@ -1452,10 +1448,7 @@ mod tests {
                 ServeError::MalformedRequest(garbage()),
                 Code::InvalidArgument,
             ),
-            (
-                ServeError::Reencode(garbage()),
-                Code::Internal,
-            ),
+            (ServeError::Reencode(garbage()), Code::Internal),
         ];
         for (e, code) in cases {
             let msg = e.to_string();

@@ -1236,7 +1236,8 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 impl Feeder {
     async fn run(mut self) {
         // Equal jitter: the feeder retries its own etcd, keeping a floor between attempts.
-        let mut backoff = Backoff::equal_jitter(self.cfg.backoff_min, self.cfg.backoff_max).retries();
+        let mut backoff =
+            Backoff::equal_jitter(self.cfg.backoff_min, self.cfg.backoff_max).retries();
         let mut need_list = true;
         loop {
             if self.shutdown.is_cancelled() {

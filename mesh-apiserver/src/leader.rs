@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
-use mesh_core::Backoff;
 use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use mesh_core::Backoff;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;

@@ -12,8 +12,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use mesh_core::Backoff;
 use etcd_client::{Compare, CompareOp, GetOptions, KvClient};
+use mesh_core::Backoff;
 use mesh_proto::keys::{ClusterKey, Keys};
 use mesh_proto::pb;
 

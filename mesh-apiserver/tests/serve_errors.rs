@@ -53,7 +53,11 @@ async fn raw_watch(addr: std::net::SocketAddr, body: &'static [u8]) -> Result<()
     grpc.ready().await.expect("ready");
     let path = tonic::codegen::http::uri::PathAndQuery::from_static("/mesh.v1.Mesh/Watch");
     let mut stream = grpc
-        .server_streaming(tonic::Request::new(Bytes::from_static(body)), path, RawCodec)
+        .server_streaming(
+            tonic::Request::new(Bytes::from_static(body)),
+            path,
+            RawCodec,
+        )
         .await?
         .into_inner();
     // The first message (or the stream's error) tells whether the request was accepted.

@@ -16,9 +16,13 @@ pub enum DurationError {
     Empty { value: String },
     #[error("invalid duration {value:?}: negative durations are not allowed")]
     Negative { value: String },
-    #[error("invalid duration {value:?}: expected a number at {rest:?} (e.g. 500ms, 30s, 5m, 1h30m)")]
+    #[error(
+        "invalid duration {value:?}: expected a number at {rest:?} (e.g. 500ms, 30s, 5m, 1h30m)"
+    )]
     ExpectedNumber { value: String, rest: String },
-    #[error("invalid duration {value:?}: missing unit after {number:?} (use ns, us, ms, s, m or h)")]
+    #[error(
+        "invalid duration {value:?}: missing unit after {number:?} (use ns, us, ms, s, m or h)"
+    )]
     MissingUnit { value: String, number: String },
     #[error("invalid duration {value:?}: unknown unit {unit:?} (use ns, us, ms, s, m or h)")]
     UnknownUnit { value: String, unit: String },
@@ -56,7 +60,9 @@ pub fn parse_duration(value: &str) -> Result<Duration, DurationError> {
     let mut total: u128 = 0;
     while !rest.is_empty() {
         // The number: digits, optionally a fraction.
-        let int_len = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let int_len = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let (int, after) = rest.split_at(int_len);
         let (frac, after) = match after.strip_prefix('.') {
             Some(a) => {
@@ -108,9 +114,8 @@ pub fn parse_duration(value: &str) -> Result<Duration, DurationError> {
         total = total.checked_add(nanos).ok_or_else(overflow)?;
         rest = next;
     }
-    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| DurationError::Overflow {
-        value: err_value(),
-    })?;
+    let secs = u64::try_from(total / 1_000_000_000)
+        .map_err(|_| DurationError::Overflow { value: err_value() })?;
     Ok(Duration::new(secs, (total % 1_000_000_000) as u32))
 }
 
@@ -142,16 +147,24 @@ mod tests {
         let err = |s: &str| parse_duration(s).unwrap_err();
         assert!(matches!(err(""), DurationError::Empty { .. }));
         assert!(matches!(err("5"), DurationError::MissingUnit { ref number, .. } if number == "5"));
-        assert!(matches!(err("1h30"), DurationError::MissingUnit { ref number, .. } if number == "30"));
+        assert!(
+            matches!(err("1h30"), DurationError::MissingUnit { ref number, .. } if number == "30")
+        );
         assert!(matches!(err("3d"), DurationError::UnknownUnit { ref unit, .. } if unit == "d"));
         assert!(matches!(err("5x"), DurationError::UnknownUnit { .. }));
         assert!(matches!(err("x"), DurationError::ExpectedNumber { .. }));
         assert!(matches!(err("s"), DurationError::ExpectedNumber { .. }));
         assert!(matches!(err("."), DurationError::ExpectedNumber { .. }));
         assert!(matches!(err("-1s"), DurationError::Negative { .. }));
-        assert!(matches!(err("99999999999999999999999h"), DurationError::Overflow { .. }));
+        assert!(matches!(
+            err("99999999999999999999999h"),
+            DurationError::Overflow { .. }
+        ));
         let message = err("5x").to_string();
-        assert!(message.contains("\"5x\"") && message.contains("\"x\""), "{message}");
+        assert!(
+            message.contains("\"5x\"") && message.contains("\"x\""),
+            "{message}"
+        );
     }
 
     proptest! {

@@ -42,8 +42,9 @@ impl ConnArgs {
                     missing.join(", ")
                 )
             })?;
-            let tls = ClientTls::from_files(&files.ca, &files.cert, &files.key, self.cluster.clone())
-                .context("loading TLS files")?;
+            let tls =
+                ClientTls::from_files(&files.ca, &files.cert, &files.key, self.cluster.clone())
+                    .context("loading TLS files")?;
             ClientEndpoint::new(self.server.clone(), tls)
         };
         ep.connect_timeout = self.connect_timeout;

@@ -12,9 +12,9 @@ use serde::Serialize;
 use tokio_stream::StreamExt;
 
 use crate::conn::ConnArgs;
-use mesh_core::parse_duration;
 use crate::output::{Format, table};
 use crate::status::kind_name;
+use mesh_core::parse_duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum What {

@@ -9,8 +9,8 @@ use mesh_proto::pb;
 use serde::Serialize;
 
 use crate::conn::ConnArgs;
-use mesh_core::parse_duration;
 use crate::output::{Format, table};
+use mesh_core::parse_duration;
 
 #[derive(Args)]
 pub struct StatusArgs {

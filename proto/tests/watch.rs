@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use mesh_core::ClusterName;
-use mesh_proto::client::{self, Backoff, ConnectFn, ResumePoint, Watch, WatchOptions, WatchUpdate};
+use mesh_proto::client::{
+    self, Backoff, ConnectFn, Phase, ProtocolError, ResumePoint, Watch, WatchError, WatchOptions,
+    WatchUpdate,
+};
 use mesh_proto::pb::mesh_client::MeshClient;
 use mesh_proto::pb::mesh_server::{Mesh, MeshServer};
 use mesh_proto::pb::{self, Kind, watch_response::Payload};
@@ -294,9 +297,14 @@ async fn resume_gets_only_missed_events() {
         .unwrap();
     drop(tx);
     match next(&mut w).await {
-        WatchUpdate::Disconnected { error } => {
-            assert!(error.contains("apiserver restarting"), "{error}")
-        }
+        WatchUpdate::Disconnected {
+            error:
+                WatchError::Status {
+                    phase: Phase::Stream,
+                    code: tonic::Code::Unavailable,
+                    message,
+                },
+        } => assert_eq!(message, "apiserver restarting"),
         other => panic!("expected Disconnected, got {other:?}"),
     }
 
@@ -482,7 +490,9 @@ async fn heartbeat_timeout_reconnects() {
     let silent_since = tokio::time::Instant::now();
     // The server keeps the stream open and says nothing (`tx` is alive).
     match next(&mut w).await {
-        WatchUpdate::Disconnected { error } => assert!(error.contains("heartbeat"), "{error}"),
+        WatchUpdate::Disconnected {
+            error: error @ WatchError::Protocol(ProtocolError::Silent(_)),
+        } => assert!(error.to_string().contains("heartbeat"), "{error}"),
         other => panic!("expected Disconnected, got {other:?}"),
     }
     let waited = silent_since.elapsed();
@@ -527,9 +537,9 @@ async fn failed_connects_back_off_and_retry() {
     let mut w = client::spawn_watch(connect, pb::WatchRequest::default(), opts.clone());
     for _ in 0..10 {
         match next(&mut w).await {
-            WatchUpdate::Disconnected { error } => {
-                assert!(error.contains("connection refused"), "{error}")
-            }
+            WatchUpdate::Disconnected {
+                error: error @ WatchError::Connect(_),
+            } => assert!(error.to_string().contains("connection refused"), "{error}"),
             other => panic!("expected Disconnected, got {other:?}"),
         }
     }

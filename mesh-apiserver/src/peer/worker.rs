@@ -13,12 +13,12 @@ use hickory_resolver::TokioResolver;
 use mesh_core::validate::{Conflict, check_joins, validate_cluster_config};
 use mesh_core::{Backoff, ClusterConfig, ClusterName};
 use mesh_proto::client::{
-    ResumePoint, Watch, WatchStats, WatchUpdate, connect_fn, spawn_watch_from,
+    ResumePoint, Watch, WatchError, WatchStats, WatchUpdate, connect_fn, spawn_watch_from,
 };
 use mesh_proto::convert::{Object, encode_value};
 use mesh_proto::keys::{ALL_KINDS, ClusterKey, Keys};
 use mesh_proto::pb::{self, Kind, mesh_client::MeshClient};
-use mesh_proto::tls::{self, ClientEndpoint, ClientTls, TlsIdentity};
+use mesh_proto::tls::{self, ClientEndpoint, ClientTls, TlsError, TlsIdentity};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -204,24 +204,6 @@ struct Refusal {
     message: String,
 }
 
-/// Looks for a rustls certificate error anywhere in an error chain (also inside
-/// `io::Error`s, whose `source()` skips the wrapped error).
-fn certificate_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let rustls_err = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(r @ rustls::Error::InvalidCertificate(_)) = rustls_err {
-            return Some(r.to_string());
-        }
-        cur = err.source();
-    }
-    None
-}
-
 /// Dials the peer and checks its `Info` against the mesh. Called for every (re)connection.
 async fn dial(shared: &Shared, spec: &PeerSpec) -> Result<MeshClient<Channel>, PeerError> {
     let peer = &spec.name;
@@ -247,17 +229,17 @@ async fn dial(shared: &Shared, spec: &PeerSpec) -> Result<MeshClient<Channel>, P
     endpoint.connect_timeout = shared.options.connect_timeout;
     let client = match tls::connect(&endpoint).await {
         Ok(c) => c,
+        Err(TlsError::ServerCertificate { reason, .. }) => {
+            return Err(PeerError::Certificate {
+                peer: peer.clone(),
+                address: spec.address.clone(),
+                reason,
+            });
+        }
         Err(source) => {
-            return Err(match certificate_error(&source) {
-                Some(reason) => PeerError::Certificate {
-                    peer: peer.clone(),
-                    address: spec.address.clone(),
-                    reason,
-                },
-                None => PeerError::Connect {
-                    peer: peer.clone(),
-                    source,
-                },
+            return Err(PeerError::Connect {
+                peer: peer.clone(),
+                source,
             });
         }
     };
@@ -693,11 +675,20 @@ impl Worker {
                 self.dirty = true;
             }
             WatchUpdate::Disconnected { error } => {
-                if self.stats.connected {
-                    warn!(%error, "lost the peer; keeping its data, marked stale");
-                } else {
-                    debug!(%error, "cannot reach the peer");
+                match &error {
+                    // The peer reached us and refused this cluster: its operator must act.
+                    WatchError::Status {
+                        code: tonic::Code::Unauthenticated | tonic::Code::PermissionDenied,
+                        ..
+                    } => {
+                        error!(%error, "the peer refuses this cluster; keeping its data, marked stale")
+                    }
+                    _ if self.stats.connected => {
+                        warn!(%error, "lost the peer; keeping its data, marked stale")
+                    }
+                    _ => debug!(%error, "cannot reach the peer"),
                 }
+                let error = error.to_string();
                 self.stats.connected = false;
                 self.mark_stale();
                 // A refusal recorded while dialing is the better explanation.
