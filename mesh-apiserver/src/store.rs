@@ -107,7 +107,7 @@ impl EtcdStore {
             counts: HashMap::new(),
         };
         store.written = store.list_prefix(&store.cluster_prefix.clone()).await?;
-        let identities = store.identities_prefix();
+        let identities = store.keys.kind_prefix(cluster, pb::Kind::Identity);
         store.written.retain(|k, _| !k.starts_with(&identities));
         let kinds: Vec<pb::Kind> = store
             .written
@@ -119,10 +119,6 @@ impl EtcdStore {
         }
         debug!(prefix = %store.cluster_prefix, keys = store.written.len(), "listed published keys");
         Ok(store)
-    }
-
-    fn identities_prefix(&self) -> String {
-        format!("{}identities/", self.cluster_prefix)
     }
 
     async fn list_prefix(&mut self, prefix: &str) -> Result<BTreeMap<String, Vec<u8>>> {
