@@ -281,10 +281,7 @@ async fn via_apiserver(
             },
             WatchOptions {
                 heartbeat_interval: Duration::from_secs(1),
-                backoff: Backoff {
-                    initial: Duration::from_millis(50),
-                    max: Duration::from_secs(1),
-                },
+                backoff: Backoff::full_jitter(Duration::from_millis(50), Duration::from_secs(1)),
                 healthy_after: Duration::from_secs(5),
                 buffer: 1024,
             },

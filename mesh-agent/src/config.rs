@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use mesh_core::ClusterName;
+use mesh_core::{ClusterName, parse_duration};
 use mesh_proto::tls::{ClientEndpoint, ClientTls, TlsError};
 
 /// Errors in the configuration. Each names the flag and the offending value.
@@ -46,12 +46,7 @@ pub enum Routing {
     None,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use mesh_proto::cli::{LogArgs, LogFormat};
 
 /// mesh-agent: watches the local mesh-apiserver and programs the node's eBPF maps.
 #[derive(Debug, Clone, Parser)]
@@ -74,21 +69,10 @@ pub struct Args {
     #[arg(long, env = "MESH_APISERVER_SERVER_NAME")]
     pub apiserver_server_name: Option<String>,
 
-    /// CA bundle (PEM) of the local cluster.
-    #[arg(long, env = "MESH_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-
-    /// Agent certificate (PEM), `spiffe://<cluster>.mesh/agent/<node>`.
-    #[arg(long, env = "MESH_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-
-    /// Private key (PEM) of --tls-cert. Never logged.
-    #[arg(long, env = "MESH_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-
-    /// Talk plaintext to the apiserver; refused unless it is on a loopback address.
-    #[arg(long, env = "MESH_INSECURE", default_value_t = false)]
-    pub insecure: bool,
+    /// The agent's certificate is `spiffe://<cluster>.mesh/agent/<node>`; `--insecure` talks
+    /// plaintext to an apiserver on a loopback address.
+    #[command(flatten)]
+    pub tls: mesh_proto::cli::TlsArgs,
 
     /// cgroup v2 directory whose processes get socket load balancing.
     #[arg(long, env = "MESH_CGROUP_PATH", default_value = "/sys/fs/cgroup")]
@@ -132,9 +116,8 @@ pub struct Args {
     #[arg(long, env = "MESH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
-    /// Log format; the level comes from `RUST_LOG` (default `info`).
-    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Validated configuration.
@@ -176,30 +159,21 @@ impl Args {
                 return Err(ConfigError::Zero { flag });
             }
         }
-        let mut endpoint = if self.insecure {
+        let mut endpoint = if self.tls.insecure {
             ClientEndpoint::plaintext(self.apiserver.clone())
         } else {
-            let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key)
-            else {
-                let missing: Vec<&str> = [
-                    ("--tls-ca", self.tls_ca.is_none()),
-                    ("--tls-cert", self.tls_cert.is_none()),
-                    ("--tls-key", self.tls_key.is_none()),
-                ]
-                .into_iter()
-                .filter_map(|(f, m)| m.then_some(f))
-                .collect();
-                return Err(ConfigError::MissingTls {
+            let files = self
+                .tls
+                .files()
+                .map_err(|missing| ConfigError::MissingTls {
                     missing: missing.join(", "),
-                });
-            };
+                })?;
             let tls =
-                ClientTls::from_files(ca, cert, key, Some(cluster.clone())).map_err(|source| {
-                    ConfigError::Tls {
+                ClientTls::from_files(&files.ca, &files.cert, &files.key, Some(cluster.clone()))
+                    .map_err(|source| ConfigError::Tls {
                         address: self.apiserver.clone(),
                         source,
-                    }
-                })?;
+                    })?;
             ClientEndpoint::new(self.apiserver.clone(), tls)
         };
         endpoint.server_name = self.apiserver_server_name.clone();
@@ -222,25 +196,6 @@ impl Args {
             initial_sync_timeout: self.initial_sync_timeout,
             heartbeat_interval: self.heartbeat_interval,
         })
-    }
-}
-
-/// Parses `500ms`, `10s`, `5m`, `1h` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m, 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!(
-            "invalid duration unit {unit:?} in {s:?}: use ms, s, m or h"
-        )),
     }
 }
 
@@ -285,9 +240,20 @@ mod tests {
         let mut a = args(&["--insecure"]);
         a.node_name = "a/b".into();
         assert!(matches!(a.validate(), Err(ConfigError::NodeName(_))));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("3d").is_err());
-        assert!(parse_duration("x").is_err());
+        let a = args(&[
+            "--insecure",
+            "--debounce",
+            "250ms",
+            "--resync-interval",
+            "2m",
+        ]);
+        assert_eq!(a.debounce, Duration::from_millis(250));
+        assert_eq!(a.resync_interval, Duration::from_secs(120));
+        let e = Args::try_parse_from(["mesh-agent", "--status-interval", "3d"]).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("--status-interval") && e.contains("\"3d\""),
+            "{e}"
+        );
     }
 }

@@ -56,7 +56,7 @@ pub enum Error {
     #[error("datapath: {0}")]
     Datapath(#[from] datapath::Error),
     #[error(transparent)]
-    Metrics(#[from] metrics::Error),
+    Metrics(#[from] mesh_proto::serve::HealthError),
     #[error("routes: {0}")]
     Routes(#[from] routes::Error),
     #[error("the watch of the local apiserver ended")]
@@ -70,13 +70,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let metrics = Metrics::register(&mut registry);
     let readiness = Readiness::default();
     readiness.set(false, "starting");
-    metrics::serve(
+    let (_, health) = mesh_proto::serve::bind_health(
         settings.metrics_listen,
         Arc::new(registry),
         readiness.clone(),
         shutdown.clone(),
     )
     .await?;
+    // Its failure is logged where it happens; the agent keeps programming the datapath.
+    tokio::spawn(health);
 
     let mut dp_config = DatapathConfig::new(&settings.pin_dir, &settings.cgroup_path);
     dp_config.flow_iface = settings.flow_iface.clone();

@@ -1,35 +1,15 @@
-//! Prometheus metrics of the agent (DESIGN.md section 11), all named `mesh_agent_*`, and the
-//! `/metrics`, `/healthz`, `/readyz` endpoints.
+//! Prometheus metrics of the agent (DESIGN.md section 11), all named `mesh_agent_*`, and what
+//! `/readyz` answers (the server is [`mesh_proto::serve`], shared with mesh-apiserver).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("binding the metrics listener {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: String,
@@ -184,72 +164,11 @@ impl Readiness {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    registry: Arc<Registry>,
-    ready: Readiness,
-}
-
-pub fn router(registry: Arc<Registry>, ready: Readiness) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(AppState { registry, ready })
-}
-
-async fn metrics(State(st): State<AppState>) -> Response {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &st.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics: {e}\n"),
-        )
-            .into_response(),
-    }
-}
-
-async fn readyz(State(st): State<AppState>) -> Response {
-    match st.ready.get() {
-        (true, _) => (StatusCode::OK, "ready\n".to_owned()).into_response(),
-        (false, reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
-        )
-            .into_response(),
-    }
-}
-
-/// Binds `addr` and serves until `shutdown`; returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Arc<Registry>,
-    ready: Readiness,
-    shutdown: CancellationToken,
-) -> Result<SocketAddr, Error> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
-    info!(addr = %local, "serving /metrics, /healthz, /readyz");
-    let app = router(registry, ready);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-        {
-            warn!(error = %e, "metrics server failed");
+impl mesh_proto::serve::Readiness for Readiness {
+    fn check(&self) -> Result<String, String> {
+        match self.get() {
+            (true, _) => Ok("ready\n".to_owned()),
+            (false, reason) => Err(format!("not ready: {reason}\n")),
         }
-    });
-    Ok(local)
+    }
 }

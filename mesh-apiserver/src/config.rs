@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args as ClapArgs, Parser, ValueEnum};
+use clap::{Args as ClapArgs, Parser};
 use ipnet::IpNet;
-use mesh_core::{ClusterId, ClusterName};
+use mesh_core::{ClusterId, ClusterName, parse_duration};
 use mesh_proto::keys::Keys;
 use mesh_proto::pb;
 
@@ -67,7 +67,7 @@ pub struct Args {
     pub metrics_listen: SocketAddr,
 
     #[command(flatten)]
-    pub tls: TlsArgs,
+    pub tls: ListenTlsArgs,
 
     #[command(flatten)]
     pub etcd: EtcdArgs,
@@ -110,28 +110,15 @@ pub struct ClusterArgs {
     pub service_cidr: Option<String>,
 }
 
-/// TLS material of a mesh component. Reused by the agent and meshctl.
+/// The listener's TLS: the shared flag group plus what only a server has.
 #[derive(Debug, Clone, Default, ClapArgs)]
-pub struct TlsArgs {
-    /// Certificate chain (PEM) this component presents.
-    #[arg(long, env = "MESH_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-
-    /// Private key (PEM) of --tls-cert. Never logged.
-    #[arg(long, env = "MESH_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-
-    /// The own cluster's CA bundle (PEM).
-    #[arg(long, env = "MESH_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
+pub struct ListenTlsArgs {
+    #[command(flatten)]
+    pub files: mesh_proto::cli::TlsArgs,
 
     /// Directory of peer CAs, one `<cluster>.crt` per peer cluster; watched and applied live.
     #[arg(long, env = "MESH_PEER_CA_DIR")]
     pub peer_ca_dir: Option<PathBuf>,
-
-    /// Serve plaintext instead of TLS. Refused unless the listen address is loopback.
-    #[arg(long, env = "MESH_INSECURE", default_value_t = false)]
-    pub insecure: bool,
 
     /// How often certificate files are checked for changes.
     #[arg(long, env = "MESH_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -168,20 +155,7 @@ pub struct KubeArgs {
     pub kube_context: Option<String>,
 }
 
-/// Log output. The level comes from `RUST_LOG` (default `info`).
-#[derive(Debug, Clone, Default, ClapArgs)]
-pub struct LogArgs {
-    /// Log format.
-    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use mesh_proto::cli::{LogArgs, LogFormat};
 
 /// Watch serving knobs.
 #[derive(Debug, Clone, ClapArgs)]
@@ -212,29 +186,6 @@ impl Default for ServeArgs {
             agent_status_ttl: Duration::from_secs(30),
         }
     }
-}
-
-/// `10s`, `500ms`, `5m`, `1h`, or bare seconds.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m, 1h"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => {
-            return Err(format!(
-                "invalid duration {s:?}: unit must be ms, s, m or h"
-            ));
-        }
-    })
 }
 
 /// How the gRPC listener is secured.
@@ -360,39 +311,29 @@ impl Args {
     }
 }
 
-// === impl TlsArgs ===
+// === impl ListenTlsArgs ===
 
-impl TlsArgs {
+impl ListenTlsArgs {
     /// The listener security for `listen`: TLS with all three files, or `--insecure` on a
     /// loopback address.
     pub fn security(&self, listen: SocketAddr) -> Result<Security> {
-        if self.insecure {
+        if self.files.insecure {
             if !listen.ip().is_loopback() {
                 return Err(ConfigError::InsecureNonLoopback { addr: listen });
             }
             return Ok(Security::Insecure);
         }
-        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
-            (Some(cert), Some(key), Some(ca)) => Ok(Security::Tls {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca: ca.clone(),
+        match self.files.files() {
+            Ok(files) => Ok(Security::Tls {
+                cert: files.cert,
+                key: files.key,
+                ca: files.ca,
                 peer_ca_dir: self.peer_ca_dir.clone(),
                 reload_interval: self.tls_reload_interval,
             }),
-            (cert, key, ca) => {
-                let missing: Vec<&str> = [
-                    (cert.is_none(), "--tls-cert"),
-                    (key.is_none(), "--tls-key"),
-                    (ca.is_none(), "--tls-ca"),
-                ]
-                .into_iter()
-                .filter_map(|(m, f)| m.then_some(f))
-                .collect();
-                Err(ConfigError::MissingTls {
-                    missing: missing.join(", "),
-                })
-            }
+            Err(missing) => Err(ConfigError::MissingTls {
+                missing: missing.join(", "),
+            }),
         }
     }
 }
@@ -513,10 +454,34 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("5d").is_err());
+        let a = parse(&[
+            "--heartbeat-interval",
+            "1m30s",
+            "--tls-reload-interval",
+            "500ms",
+        ]);
+        assert_eq!(a.serve.heartbeat_interval, Duration::from_secs(90));
+        assert_eq!(a.tls.tls_reload_interval, Duration::from_millis(500));
+        // The grammar is mesh_core::duration's; clap's error names the flag, ours the value.
+        let mut argv = vec![
+            "mesh-apiserver",
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "3",
+        ];
+        argv.extend([
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+        ]);
+        argv.extend(["--heartbeat-interval", "5d"]);
+        let e = Args::try_parse_from(argv).unwrap_err().to_string();
+        assert!(
+            e.contains("--heartbeat-interval") && e.contains("\"5d\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -90,6 +90,10 @@ pub enum ServeError {
     },
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("malformed WatchRequest: {0}")]
+    MalformedRequest(#[source] prost::DecodeError),
+    #[error("re-decoding a watch message this server encoded: {0}")]
+    Reencode(#[source] prost::DecodeError),
 }
 
 impl ServeError {
@@ -125,7 +129,10 @@ impl From<ServeError> for Status {
             ServeError::InvalidCluster(_)
             | ServeError::InvalidKind(_)
             | ServeError::InvalidRevision(_)
-            | ServeError::InvalidNode(_) => Status::invalid_argument(e.to_string()),
+            | ServeError::InvalidNode(_)
+            | ServeError::MalformedRequest(_) => Status::invalid_argument(e.to_string()),
+            // Our own bytes did not decode: a bug here, not the caller's.
+            ServeError::Reencode(_) => Status::internal(e.to_string()),
             ServeError::Etcd { .. } | ServeError::ShuttingDown => {
                 Status::unavailable(e.to_string())
             }
@@ -395,7 +402,7 @@ impl tonic::codec::Decoder for WireCodec {
     ) -> Result<Option<pb::WatchRequest>, Status> {
         pb::WatchRequest::decode(src)
             .map(Some)
-            .map_err(|e| Status::internal(format!("decoding a WatchRequest: {e}")))
+            .map_err(|e| ServeError::MalformedRequest(e).into())
     }
 }
 
@@ -1006,12 +1013,8 @@ impl mesh_server::Mesh for MeshService {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchResult>, Status> {
         use futures::StreamExt;
         let wire = self.watch_wire(req)?;
-        let typed = wire.map(|r| {
-            r.and_then(|m| {
-                m.decode()
-                    .map_err(|e| Status::internal(format!("re-decoding a watch message: {e}")))
-            })
-        });
+        let typed =
+            wire.map(|r| r.and_then(|m| m.decode().map_err(|e| ServeError::Reencode(e).into())));
         Ok(Response::new(Box::pin(typed)))
     }
 
@@ -1537,6 +1540,7 @@ mod tests {
     #[test]
     fn every_error_maps_to_a_specific_code() {
         use tonic::Code;
+        let garbage = || pb::WatchRequest::decode(&[0x0a, 0x05][..]).unwrap_err();
         let cases: Vec<(ServeError, Code)> = vec![
             (ServeError::NoConnInfo, Code::Unauthenticated),
             (
@@ -1558,6 +1562,11 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (ServeError::ShuttingDown, Code::Unavailable),
+            (
+                ServeError::MalformedRequest(garbage()),
+                Code::InvalidArgument,
+            ),
+            (ServeError::Reencode(garbage()), Code::Internal),
         ];
         for (e, code) in cases {
             let msg = e.to_string();

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
+use mesh_core::backoff::{Backoff, Retries};
 use mesh_proto::keys::{ClusterKey, Keys};
 use mesh_proto::pb::{self, Kind};
 use prost::Message;
@@ -1219,35 +1220,6 @@ enum WatchEnd {
     Shutdown,
 }
 
-/// Capped exponential backoff with jitter.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let jitter = rand::random_range(0.0..0.5);
-        base.mul_f64(1.0 + jitter).min(self.max)
-    }
-}
-
 /// The first key after every key with `prefix`.
 pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -1264,7 +1236,9 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 impl Feeder {
     async fn run(mut self) {
-        let mut backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
+        // Equal jitter: the feeder retries its own etcd, keeping a floor between attempts.
+        let mut backoff =
+            Backoff::equal_jitter(self.cfg.backoff_min, self.cfg.backoff_max).retries();
         let mut need_list = true;
         loop {
             if self.shutdown.is_cancelled() {
@@ -1279,7 +1253,7 @@ impl Feeder {
                     Err(error) => {
                         self.inner_etcd_ok(false);
                         warn!(%error, "listing etcd failed; retrying");
-                        if self.sleep(backoff.next_delay()).await {
+                        if self.sleep(backoff.next_delay(rand::random())).await {
                             break;
                         }
                         continue;
@@ -1308,7 +1282,7 @@ impl Feeder {
                     };
                     Metrics::inc_reason(&self.metrics.etcd_watch_restarts, reason);
                     warn!(%error, from, "etcd watch broke; re-establishing");
-                    if self.sleep(backoff.next_delay()).await {
+                    if self.sleep(backoff.next_delay(rand::random())).await {
                         break;
                     }
                 }
@@ -1387,7 +1361,7 @@ impl Feeder {
 
     /// Watches from `from` until the watch breaks (Err), etcd compacted past `from`, or
     /// shutdown.
-    async fn watch(&mut self, from: i64, backoff: &mut Backoff) -> Result<WatchEnd> {
+    async fn watch(&mut self, from: i64, backoff: &mut Retries) -> Result<WatchEnd> {
         let werr = |source| Error::Watch {
             prefix: self.prefix.clone(),
             from,

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use mesh_core::Backoff;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -123,21 +124,22 @@ impl Elector {
     /// Waits until this replica is leader (`Some`) or `shutdown` is cancelled (`None`).
     /// Transient etcd errors are retried with backoff.
     pub async fn campaign(&self, shutdown: &CancellationToken) -> Option<Leadership> {
-        let mut delay = Duration::from_millis(100);
+        let mut retries =
+            Backoff::equal_jitter(Duration::from_millis(100), Duration::from_secs(5)).retries();
         loop {
             if shutdown.is_cancelled() {
                 return None;
             }
             match self.try_once(shutdown).await {
                 Ok(Some(l)) => return Some(l),
-                Ok(None) => delay = Duration::from_millis(100),
+                Ok(None) => retries.reset(),
                 Err(error) => {
+                    let delay = retries.next_delay(rand::random());
                     warn!(%error, retry_in = ?delay, "leader election failed");
                     tokio::select! {
                         _ = shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }

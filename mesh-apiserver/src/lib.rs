@@ -10,6 +10,7 @@
 //! or SIGINT.
 
 pub mod config;
+pub mod etcd_write;
 pub mod grpc;
 pub mod health;
 pub mod identity;
@@ -27,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::ClusterName;
+use mesh_core::{Backoff, ClusterName};
 use mesh_proto::tls::{self, ServerTls, ServerTlsFiles};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -38,9 +39,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 pub use config::{Args, Settings};
 
-use crate::config::{LogArgs, LogFormat, Security};
+use crate::config::Security;
 use crate::grpc::{Authenticator, MeshService, ServeConfig};
-use crate::index::{Backoff, Index, IndexConfig};
+use crate::index::{Index, IndexConfig};
 use crate::metrics::Metrics;
 
 /// Errors that stop the apiserver.
@@ -59,7 +60,7 @@ pub enum RunError {
     #[error("gRPC server")]
     Serve(#[source] tonic::transport::Error),
     #[error(transparent)]
-    Health(#[from] health::Error),
+    Health(#[from] mesh_proto::serve::HealthError),
     #[error("Kubernetes client configuration: {0}")]
     KubeConfig(String),
     #[error("publisher")]
@@ -152,19 +153,7 @@ impl Drop for Running {
     }
 }
 
-/// Initialises tracing: level from `RUST_LOG` (default `info`), text or JSON.
-pub fn init_tracing(log: &LogArgs) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match log.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
+pub use mesh_proto::serve::init_tracing;
 
 /// Validates `args`, starts everything and runs until SIGTERM or SIGINT.
 pub async fn run(args: Args) -> Result<(), RunError> {
@@ -212,7 +201,8 @@ pub async fn connect_etcd(
         .with_connect_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true);
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut backoff =
+        Backoff::equal_jitter(Duration::from_millis(200), Duration::from_secs(10)).retries();
     loop {
         let attempt = async {
             let mut c = etcd_client::Client::connect(endpoints, Some(opts.clone())).await?;
@@ -225,7 +215,7 @@ pub async fn connect_etcd(
                 return Ok(c);
             }
             Err(error) => {
-                let delay = backoff.next_delay();
+                let delay = backoff.next_delay(rand::random());
                 warn!(%error, ?endpoints, ?delay, "etcd unreachable; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(RunError::Shutdown),
@@ -421,7 +411,7 @@ pub async fn start(
         index: index.clone(),
         leader: opts.publisher.then_some(leader_rx),
     };
-    let (metrics_addr, health_fut) = health::bind(
+    let (metrics_addr, health_fut) = mesh_proto::serve::bind_health(
         settings.metrics_listen,
         registry,
         readiness,

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1 as corev1;
 use kube::api::{Api, PostParams};
+use mesh_core::Backoff;
 use mesh_core::annotations::AnnotationProblem;
 use mesh_core::policy::{PolicyKind, parse_policy};
 use mesh_core::{ClusterConfig, ClusterName, IdentityId};
@@ -559,7 +560,8 @@ async fn run_terms(
         EventReporter::disabled()
     };
     let mut reported = Reported::default();
-    let mut delay = Duration::from_millis(200);
+    let mut retries =
+        Backoff::equal_jitter(Duration::from_millis(200), Duration::from_secs(10)).retries();
     loop {
         let Some(leadership) = elector.campaign(&shutdown).await else {
             return Ok(());
@@ -605,16 +607,16 @@ async fn run_terms(
                 warn!(error = %e, "lost leadership while writing; campaigning again")
             }
             Err(e) => {
+                let delay = retries.next_delay(rand::random());
                 error!(error = %e, retry_in = ?delay, "publishing term failed; campaigning again");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
                 continue;
             }
         }
-        delay = Duration::from_millis(200);
+        retries.reset();
     }
 }
 

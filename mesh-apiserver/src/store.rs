@@ -12,17 +12,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, KvClient};
+use mesh_core::Backoff;
 use mesh_proto::keys::{ClusterKey, Keys};
 use mesh_proto::pb;
+
+use crate::etcd_write::{WriteError, write_batched};
 use tracing::{debug, warn};
 
-/// etcd's default `--max-txn-ops`.
-pub const DEFAULT_MAX_TXN_OPS: usize = 128;
-
-/// Payload bound of one transaction: etcd refuses requests over `--max-request-bytes`
-/// (1.5 MiB by default); stay well below it. A single larger value still goes alone.
-pub const MAX_TXN_BYTES: usize = 1024 * 1024;
+pub use crate::etcd_write::{DEFAULT_MAX_TXN_OPS, MAX_TXN_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,13 +49,6 @@ pub struct Fence {
 impl Fence {
     pub fn compare(&self) -> Compare {
         Compare::create_revision(self.key.clone(), CompareOp::Equal, self.create_revision)
-    }
-
-    pub(crate) fn error(&self) -> Error {
-        Error::Fenced {
-            key: self.key.clone(),
-            revision: self.create_revision,
-        }
     }
 }
 
@@ -116,7 +107,7 @@ impl EtcdStore {
             counts: HashMap::new(),
         };
         store.written = store.list_prefix(&store.cluster_prefix.clone()).await?;
-        let identities = store.identities_prefix();
+        let identities = store.keys.kind_prefix(cluster, pb::Kind::Identity);
         store.written.retain(|k, _| !k.starts_with(&identities));
         let kinds: Vec<pb::Kind> = store
             .written
@@ -128,10 +119,6 @@ impl EtcdStore {
         }
         debug!(prefix = %store.cluster_prefix, keys = store.written.len(), "listed published keys");
         Ok(store)
-    }
-
-    fn identities_prefix(&self) -> String {
-        format!("{}identities/", self.cluster_prefix)
     }
 
     async fn list_prefix(&mut self, prefix: &str) -> Result<BTreeMap<String, Vec<u8>>> {
@@ -207,66 +194,35 @@ impl EtcdStore {
         self.pending.len()
     }
 
-    /// Writes the staged changes in transactions of at most `max_ops` operations and
-    /// [`MAX_TXN_BYTES`], in key order. On error, what was not committed stays staged and the
-    /// call can be retried.
+    /// Writes the staged changes with [`write_batched`] (transactions of at most `max_ops`
+    /// operations and [`MAX_TXN_BYTES`], in key order, fenced). On error, what was not
+    /// committed stays staged and the call can be retried.
     pub async fn flush(&mut self, mut on_change: impl FnMut(&str, Change)) -> Result<FlushStats> {
         let mut stats = FlushStats::default();
-        while !self.pending.is_empty() {
-            let mut bytes = 0;
-            let batch: Vec<(String, Option<Vec<u8>>)> = self
-                .pending
-                .iter()
-                .take(self.max_ops)
-                .take_while(|(k, v)| {
-                    let size = k.len() + v.as_ref().map_or(0, Vec::len);
-                    let fits = bytes == 0 || bytes + size <= MAX_TXN_BYTES;
-                    bytes += size;
-                    fits
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let ops: Vec<TxnOp> = batch
-                .iter()
-                .map(|(k, v)| match v {
-                    Some(v) => TxnOp::put(k.clone(), v.clone(), None),
-                    None => TxnOp::delete(k.clone(), None),
-                })
-                .collect();
-            let mut txn = Txn::new();
-            if let Some(f) = &self.fence {
-                txn = txn.when(vec![f.compare()]);
-            }
-            let resp = self
-                .kv
-                .txn(txn.and_then(ops))
-                .await
-                .map_err(|source| Error::Etcd {
-                    op: "txn",
-                    prefix: self.cluster_prefix.clone(),
-                    source,
-                })?;
-            if !resp.succeeded() {
-                return Err(self
-                    .fence
-                    .as_ref()
-                    .map(Fence::error)
-                    .unwrap_or(Error::Fenced {
-                        key: String::new(),
-                        revision: 0,
-                    }));
-            }
-            stats.txns += 1;
+        let Self {
+            kv,
+            keys,
+            cluster_prefix,
+            fence,
+            max_ops,
+            written,
+            pending,
+            counts,
+        } = self;
+        let object_kind = |key: &str| match keys.parse(key) {
+            Some(ClusterKey::Object { kind, .. }) => Some(kind),
+            _ => None,
+        };
+        let committed = write_batched(kv, pending, *max_ops, fence.as_ref(), |batch| {
             for (k, v) in batch {
-                self.pending.remove(&k);
                 match v {
                     Some(v) => {
                         stats.puts += 1;
-                        let change = if self.written.insert(k.clone(), v).is_some() {
+                        let change = if written.insert(k.clone(), v).is_some() {
                             Change::Updated
                         } else {
-                            if let Some(kind) = self.object_kind(&k) {
-                                *self.counts.entry(kind).or_default() += 1;
+                            if let Some(kind) = object_kind(&k) {
+                                *counts.entry(kind).or_default() += 1;
                             }
                             Change::Created
                         };
@@ -274,9 +230,9 @@ impl EtcdStore {
                     }
                     None => {
                         stats.deletes += 1;
-                        if self.written.remove(&k).is_some()
-                            && let Some(kind) = self.object_kind(&k)
-                            && let Some(c) = self.counts.get_mut(&kind)
+                        if written.remove(&k).is_some()
+                            && let Some(kind) = object_kind(&k)
+                            && let Some(c) = counts.get_mut(&kind)
                         {
                             *c = c.saturating_sub(1);
                         }
@@ -284,8 +240,20 @@ impl EtcdStore {
                     }
                 }
             }
+        })
+        .await;
+        match committed {
+            Ok(txns) => {
+                stats.txns = txns;
+                Ok(stats)
+            }
+            Err(WriteError::Etcd(source)) => Err(Error::Etcd {
+                op: "txn",
+                prefix: cluster_prefix.clone(),
+                source,
+            }),
+            Err(WriteError::Fenced { key, revision }) => Err(Error::Fenced { key, revision }),
         }
-        Ok(stats)
     }
 
     /// Flushes, retrying transient etcd errors with capped exponential backoff until it
@@ -295,7 +263,8 @@ impl EtcdStore {
         token: &tokio_util::sync::CancellationToken,
         mut on_change: impl FnMut(&str, Change),
     ) -> Result<FlushStats> {
-        let mut delay = Duration::from_millis(50);
+        let mut retries =
+            Backoff::equal_jitter(Duration::from_millis(50), Duration::from_secs(5)).retries();
         let mut total = FlushStats::default();
         loop {
             match self.flush(&mut on_change).await {
@@ -307,12 +276,12 @@ impl EtcdStore {
                 }
                 Err(e @ Error::Fenced { .. }) => return Err(e),
                 Err(error) => {
+                    let delay = retries.next_delay(rand::random());
                     warn!(%error, retry_in = ?delay, pending = self.pending.len(), "etcd write failed");
                     tokio::select! {
                         _ = token.cancelled() => return Ok(total),
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }

@@ -78,10 +78,7 @@ async fn resumable_client_converges_across_restart_and_compaction() {
         pb::WatchRequest::default(),
         WatchOptions {
             heartbeat_interval: Duration::from_millis(300),
-            backoff: Backoff {
-                initial: Duration::from_millis(20),
-                max: Duration::from_millis(200),
-            },
+            backoff: Backoff::full_jitter(Duration::from_millis(20), Duration::from_millis(200)),
             ..Default::default()
         },
     );

@@ -4,7 +4,9 @@
 //! types. Adapters convert their wire and storage types to and from these.
 
 pub mod annotations;
+pub mod backoff;
 pub mod cidr;
+pub mod duration;
 pub mod identity;
 pub mod model;
 pub mod names;
@@ -12,6 +14,8 @@ pub mod policy;
 pub mod select;
 pub mod validate;
 
+pub use backoff::{Backoff, Jitter, Retries};
+pub use duration::{DurationError, parse_duration};
 pub use identity::{IdentityId, IdentityLabels};
 pub use model::{
     Affinity, Backend, BackendConditions, ClusterConfig, Endpoint, GlobalService, Node, Protocol,

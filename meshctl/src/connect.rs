@@ -52,8 +52,8 @@ use mesh_proto::pb;
 use mesh_proto::peer_entry::{PeerSpec, parse_entry, render_entry};
 use mesh_proto::tls::{ClientEndpoint, ClientTls};
 
-use crate::conn::parse_duration;
 use crate::status::peer_ready;
+use mesh_core::parse_duration;
 
 const ENTRY_EXTS: [&str; 3] = [".yaml", ".yml", ".json"];
 

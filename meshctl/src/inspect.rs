@@ -12,9 +12,10 @@ use mesh_proto::pb::{self, watch_response::Payload};
 use serde::Serialize;
 use tokio_stream::StreamExt;
 
-use crate::conn::{ConnArgs, parse_duration};
+use crate::conn::ConnArgs;
 use crate::output::{Format, table};
 use crate::status::kind_name;
+use mesh_core::parse_duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum What {

@@ -22,10 +22,11 @@ use mesh_proto::pb;
 use mesh_proto::state::{MeshState, PolicyView};
 use serde::Serialize;
 
-use crate::conn::{ConnArgs, parse_duration};
+use crate::conn::ConnArgs;
 use crate::inspect::{Watched, read_watch};
 use crate::output::Format;
 use crate::service::{agent_gate, agent_state};
+use mesh_core::parse_duration;
 
 const ENFORCEMENT_NOTE: &str = "Verdicts are what mesh-core's compile/decide give for the \
 watched state, the function agents program; kernel enforcement of these tables is the next \

@@ -23,9 +23,10 @@ use mesh_proto::pb;
 use mesh_proto::state::{Applied, ClusterState, MeshState, mesh_view};
 use serde::Serialize;
 
-use crate::conn::{ConnArgs, parse_duration};
+use crate::conn::ConnArgs;
 use crate::inspect::{Watched, read_watch, snapshot};
 use crate::output::{Format, table};
+use mesh_core::parse_duration;
 
 #[derive(Subcommand)]
 pub enum ServiceCommand {

@@ -8,8 +8,9 @@ use clap::Args;
 use mesh_proto::pb;
 use serde::Serialize;
 
-use crate::conn::{ConnArgs, parse_duration};
+use crate::conn::ConnArgs;
 use crate::output::{Format, table};
+use mesh_core::parse_duration;
 
 #[derive(Args)]
 pub struct StatusArgs {

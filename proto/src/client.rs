@@ -36,10 +36,11 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::transport::Channel;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::convert::value_kind;
 use crate::pb::{self, mesh_client::MeshClient, watch_response::Payload};
+use crate::tls::TlsError;
 
 /// An error of the connect closure.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -69,7 +70,7 @@ pub enum WatchUpdate {
     /// follow, unless a `Reset` comes next); otherwise a full snapshot follows.
     Connected { resumed: bool, revision: i64 },
     /// A connection attempt failed or an open stream was lost; the client retries.
-    Disconnected { error: String },
+    Disconnected { error: WatchError },
     /// The server could not resume: a fresh snapshot follows, and what it does not contain
     /// is deleted (by `Delete` items) when its `Synced` markers arrive.
     Reset { reason: String },
@@ -95,40 +96,105 @@ pub enum WatchUpdate {
     },
 }
 
-/// Exponential backoff with a cap and full jitter.
+/// Why a connection attempt failed or an open stream was lost. Consumers match on the
+/// variant (a refusal by the server is a `Status` with its code; a refused server certificate
+/// is `Tls`), never on the text.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WatchError {
+    /// The connect closure failed (resolving, dialing, or the caller's own checks).
+    #[error("connecting: {0}")]
+    Connect(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    /// The TLS layer of [`crate::tls::connect`] failed, e.g. the server's certificate was
+    /// refused ([`TlsError::ServerCertificate`]).
+    #[error("connecting: {0}")]
+    Tls(#[source] Arc<TlsError>),
+    /// The server answered with a gRPC status, when opening the stream or ending it.
+    #[error("{phase}: {code}: {message}")]
+    Status {
+        phase: Phase,
+        code: tonic::Code,
+        message: String,
+    },
+    /// A message from the server did not decode as a `WatchResponse`.
+    #[error("{phase}: decoding a message: {message}")]
+    Decode { phase: Phase, message: String },
+    /// The server broke the protocol of the stream: silent, or ended it.
+    #[error("{0}")]
+    Protocol(ProtocolError),
+}
+
+/// Where a [`WatchError::Status`] or [`WatchError::Decode`] happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
+pub enum Phase {
+    /// The `Watch` call itself.
+    Open,
+    /// An open stream.
+    Stream,
 }
 
-// === impl Backoff ===
-
-impl Backoff {
-    /// The upper bound of the delay before retry `attempt` (0-based):
-    /// `min(max, initial * 2^attempt)`.
-    pub fn ceiling(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        self.initial.saturating_mul(factor).min(self.max)
-    }
-
-    /// A delay drawn uniformly from `[0, ceiling(attempt)]` ("full jitter": reconnecting
-    /// clients spread out instead of stampeding a recovering server).
-    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
-        let ceiling = self.ceiling(attempt);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.random_range(0..=nanos))
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Open => "opening the watch",
+            Phase::Stream => "stream failed",
+        })
     }
 }
 
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(30),
+/// How the server broke the stream's protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("opening the watch: no answer within {0:?}")]
+    NoAnswer(Duration),
+    #[error("no message for {0:?} (3 heartbeat intervals)")]
+    Silent(Duration),
+    #[error("stream ended by the server")]
+    Ended,
+}
+
+// === impl WatchError ===
+
+impl WatchError {
+    /// Classifies the connect closure's error: TLS errors of [`crate::tls::connect`] apart.
+    fn connect(e: BoxError) -> Self {
+        match e.downcast::<TlsError>() {
+            Ok(tls) => WatchError::Tls(Arc::from(tls)),
+            Err(other) => WatchError::Connect(Arc::from(other)),
+        }
+    }
+
+    /// A status from the server, or from the client's own decoding of its messages (tonic
+    /// reports those as `Internal` with prost's message, the only way they reach us).
+    fn status(phase: Phase, status: &tonic::Status) -> Self {
+        let message = status.message().to_owned();
+        if status.code() == tonic::Code::Internal
+            && message.starts_with("failed to decode Protobuf message")
+        {
+            return WatchError::Decode { phase, message };
+        }
+        WatchError::Status {
+            phase,
+            code: status.code(),
+            message,
         }
     }
 }
+
+/// Equal when they say the same (errors with sources compare by their text), so that
+/// [`WatchUpdate`] stays comparable in tests.
+impl PartialEq for WatchError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+/// The reconnect policy: [`mesh_core::backoff`], with full jitter by default (many agents
+/// and peers reconnecting to one apiserver spread out).
+pub use mesh_core::backoff::{Backoff, Jitter};
+
+/// The watch client's reconnect policy: 200 ms doubling up to 30 s, full jitter.
+pub const DEFAULT_BACKOFF: Backoff =
+    Backoff::full_jitter(Duration::from_millis(200), Duration::from_secs(30));
 
 /// Options of [`spawn_watch`].
 #[derive(Debug, Clone)]
@@ -148,7 +214,7 @@ impl Default for WatchOptions {
     fn default() -> Self {
         Self {
             heartbeat_interval: Duration::from_secs(5),
-            backoff: Backoff::default(),
+            backoff: DEFAULT_BACKOFF,
             healthy_after: Duration::from_secs(10),
             buffer: 1024,
         }
@@ -236,7 +302,8 @@ pub fn spawn_watch(connect: ConnectFn, request: pb::WatchRequest, options: Watch
     spawn_watch_from(connect, request, options, ResumePoint::default())
 }
 
-/// Starts watching from `resume` (see [`ResumePoint`]).
+/// Starts watching from `resume` (see [`ResumePoint`]). The watch task runs in the caller's
+/// current span.
 pub fn spawn_watch_from(
     connect: ConnectFn,
     request: pb::WatchRequest,
@@ -261,7 +328,8 @@ pub fn spawn_watch_from(
         stats: stats.clone(),
         state,
     };
-    let task = tokio::spawn(worker.run());
+    // The caller's span (e.g. the importer's `peer{cluster=...}`) names whose watch logs.
+    let task = tokio::spawn(worker.run().instrument(tracing::Span::current()));
     Watch { rx, stats, task }
 }
 
@@ -293,7 +361,7 @@ enum End {
     /// The consumer dropped the receiver: stop.
     ConsumerGone,
     /// Retry after backoff.
-    Lost { error: String, healthy: bool },
+    Lost { error: WatchError, healthy: bool },
 }
 
 struct Worker {
@@ -308,7 +376,7 @@ struct Worker {
 impl Worker {
     async fn run(mut self) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
-        let mut attempt: u32 = 0;
+        let mut retries = self.options.backoff.retries();
         let mut first = true;
         loop {
             if !first {
@@ -322,10 +390,9 @@ impl Worker {
                 End::Lost { error, healthy } => (error, healthy),
             };
             if healthy {
-                attempt = 0;
+                retries.reset();
             }
-            let delay = self.options.backoff.delay(attempt, &mut rng);
-            attempt = attempt.saturating_add(1);
+            let delay = retries.next_delay(rng.random());
             warn!(%error, revision = self.state.revision, ?delay, "watch stream lost; reconnecting");
             if self
                 .tx
@@ -348,7 +415,7 @@ impl Worker {
 
     /// One connection: connect, open the stream, apply messages until it breaks.
     async fn session(&mut self) -> End {
-        let lost = |error: String| End::Lost {
+        let lost = |error: WatchError| End::Lost {
             error,
             healthy: false,
         };
@@ -356,7 +423,7 @@ impl Worker {
         let mut client = tokio::select! {
             r = connect => match r {
                 Ok(c) => c,
-                Err(e) => return lost(format!("connecting: {e}")),
+                Err(e) => return lost(WatchError::connect(e)),
             },
             _ = self.tx.closed() => return End::ConsumerGone,
         };
@@ -369,8 +436,8 @@ impl Worker {
         let mut stream = tokio::select! {
             r = tokio::time::timeout(limit, client.watch(request)) => match r {
                 Ok(Ok(s)) => s.into_inner(),
-                Ok(Err(status)) => return lost(format!("opening the watch: {}: {}", status.code(), status.message())),
-                Err(_) => return lost(format!("opening the watch: no answer within {limit:?}")),
+                Ok(Err(status)) => return lost(WatchError::status(Phase::Open, &status)),
+                Err(_) => return lost(WatchError::Protocol(ProtocolError::NoAnswer(limit))),
             },
             _ = self.tx.closed() => return End::ConsumerGone,
         };
@@ -404,11 +471,9 @@ impl Worker {
                 _ = self.tx.closed() => return End::ConsumerGone,
             };
             match next {
-                Err(_) => break format!("no message for {limit:?} (3 heartbeat intervals)"),
-                Ok(Err(status)) => {
-                    break format!("stream failed: {}: {}", status.code(), status.message());
-                }
-                Ok(Ok(None)) => break "stream ended by the server".to_owned(),
+                Err(_) => break WatchError::Protocol(ProtocolError::Silent(limit)),
+                Ok(Err(status)) => break WatchError::status(Phase::Stream, &status),
+                Ok(Ok(None)) => break WatchError::Protocol(ProtocolError::Ended),
                 Ok(Ok(Some(response))) => {
                     *self
                         .stats
@@ -612,37 +677,6 @@ fn parse_ck(cluster: &str, kind: i32) -> Option<Ck> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-        };
-        assert_eq!(b.ceiling(0), Duration::from_millis(100));
-        assert_eq!(b.ceiling(1), Duration::from_millis(200));
-        assert_eq!(b.ceiling(5), Duration::from_millis(3200));
-        assert_eq!(b.ceiling(6), Duration::from_secs(5));
-        assert_eq!(b.ceiling(u32::MAX), Duration::from_secs(5));
-
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for attempt in 0..64 {
-            let mut max_seen = Duration::ZERO;
-            for _ in 0..200 {
-                let d = b.delay(attempt, &mut rng);
-                assert!(d <= b.ceiling(attempt), "attempt {attempt}: {d:?}");
-                max_seen = max_seen.max(d);
-            }
-            // Jitter spreads over the whole range: the largest of 200 draws is near the top.
-            assert!(
-                max_seen >= b.ceiling(attempt) * 3 / 4,
-                "attempt {attempt}: {max_seen:?}"
-            );
-        }
-        // Delays are not constant.
-        let draws: HashSet<_> = (0..20).map(|_| b.delay(3, &mut rng)).collect();
-        assert!(draws.len() > 10);
-    }
 
     #[test]
     fn malformed_keys_are_rejected() {

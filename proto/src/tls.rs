@@ -45,7 +45,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Uri};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::pb::mesh_client::MeshClient;
 
@@ -101,6 +101,10 @@ pub enum TlsError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The server's certificate was refused during the handshake (wrong CA, name, SPIFFE
+    /// identity, expired): a refusal of the server, not a failure to reach it.
+    #[error("connecting to {address}: server certificate refused: {reason}")]
+    ServerCertificate { address: String, reason: String },
 }
 
 pub type Result<T, E = TlsError> = std::result::Result<T, E>;
@@ -1064,6 +1068,7 @@ async fn accept_loop(
         let config = tls.current().config.clone();
         let tx = tx.clone();
         let timeout = options.handshake_timeout;
+        let span = tracing::info_span!("tls_accept", peer = %remote);
         tokio::spawn(async move {
             let _permit = permit;
             let local_addr = tcp.local_addr().ok();
@@ -1089,7 +1094,9 @@ async fn accept_loop(
                 Ok(Err(error)) => warn!(%remote, %error, "TLS handshake failed"),
                 Err(_) => warn!(%remote, ?timeout, "TLS handshake timed out"),
             }
-        });
+        }
+        .instrument(span),
+        );
     }
 }
 
@@ -1378,9 +1385,14 @@ pub async fn connect(endpoint: &ClientEndpoint) -> Result<MeshClient<Channel>> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let timeout = endpoint.connect_timeout;
+    // Set by the connector when the handshake refused the server's certificate, so the error
+    // is typed here, where it happens, instead of searched for in tonic's error chain.
+    let refused: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let refused_in = refused.clone();
     let connector = tower::service_fn(move |_: Uri| {
         let target = target.clone();
         let tls = tls.clone();
+        let refused = refused_in.clone();
         async move {
             let dial = async {
                 let addr = target.resolve().await?;
@@ -1403,7 +1415,16 @@ pub async fn connect(endpoint: &ClientEndpoint) -> Result<MeshClient<Channel>> {
                                 io::ErrorKind::TimedOut,
                                 format!("TLS handshake with {} timed out", target.address),
                             )
-                        })??;
+                        })?
+                        .inspect_err(|e| {
+                            // tokio-rustls carries the rustls error inside the io::Error.
+                            if let Some(r @ rustls::Error::InvalidCertificate(_)) =
+                                e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+                            {
+                                *refused.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(r.to_string());
+                            }
+                        })?;
                     Ok::<_, io::Error>(TokioIo::new(MaybeTls::Tls(Box::new(stream))))
                 }
                 None => Ok(TokioIo::new(MaybeTls::Plain(tcp))),
@@ -1413,10 +1434,18 @@ pub async fn connect(endpoint: &ClientEndpoint) -> Result<MeshClient<Channel>> {
     let channel = channel_endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|source| TlsError::Connect {
-            address: endpoint.address.clone(),
-            source,
-        })?;
+        .map_err(
+            |source| match refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some(reason) => TlsError::ServerCertificate {
+                    address: endpoint.address.clone(),
+                    reason,
+                },
+                None => TlsError::Connect {
+                    address: endpoint.address.clone(),
+                    source,
+                },
+            },
+        )?;
     Ok(MeshClient::new(channel))
 }
 

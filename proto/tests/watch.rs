@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use mesh_core::ClusterName;
-use mesh_proto::client::{self, Backoff, ConnectFn, ResumePoint, Watch, WatchOptions, WatchUpdate};
+use mesh_proto::client::{
+    self, Backoff, ConnectFn, Phase, ProtocolError, ResumePoint, Watch, WatchError, WatchOptions,
+    WatchUpdate,
+};
 use mesh_proto::pb::mesh_client::MeshClient;
 use mesh_proto::pb::mesh_server::{Mesh, MeshServer};
 use mesh_proto::pb::{self, Kind, watch_response::Payload};
@@ -192,10 +195,7 @@ fn reset(revision: i64) -> Result<pb::WatchResponse, Status> {
 fn options() -> WatchOptions {
     WatchOptions {
         heartbeat_interval: Duration::from_secs(5),
-        backoff: Backoff {
-            initial: Duration::from_millis(10),
-            max: Duration::from_millis(100),
-        },
+        backoff: Backoff::full_jitter(Duration::from_millis(10), Duration::from_millis(100)),
         healthy_after: Duration::from_secs(10),
         buffer: 64,
     }
@@ -297,9 +297,14 @@ async fn resume_gets_only_missed_events() {
         .unwrap();
     drop(tx);
     match next(&mut w).await {
-        WatchUpdate::Disconnected { error } => {
-            assert!(error.contains("apiserver restarting"), "{error}")
-        }
+        WatchUpdate::Disconnected {
+            error:
+                WatchError::Status {
+                    phase: Phase::Stream,
+                    code: tonic::Code::Unavailable,
+                    message,
+                },
+        } => assert_eq!(message, "apiserver restarting"),
         other => panic!("expected Disconnected, got {other:?}"),
     }
 
@@ -485,7 +490,9 @@ async fn heartbeat_timeout_reconnects() {
     let silent_since = tokio::time::Instant::now();
     // The server keeps the stream open and says nothing (`tx` is alive).
     match next(&mut w).await {
-        WatchUpdate::Disconnected { error } => assert!(error.contains("heartbeat"), "{error}"),
+        WatchUpdate::Disconnected {
+            error: error @ WatchError::Protocol(ProtocolError::Silent(_)),
+        } => assert!(error.to_string().contains("heartbeat"), "{error}"),
         other => panic!("expected Disconnected, got {other:?}"),
     }
     let waited = silent_since.elapsed();
@@ -524,18 +531,15 @@ async fn failed_connects_back_off_and_retry() {
         })
     };
     let opts = WatchOptions {
-        backoff: Backoff {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(8),
-        },
+        backoff: Backoff::full_jitter(Duration::from_secs(1), Duration::from_secs(8)),
         ..options()
     };
     let mut w = client::spawn_watch(connect, pb::WatchRequest::default(), opts.clone());
     for _ in 0..10 {
         match next(&mut w).await {
-            WatchUpdate::Disconnected { error } => {
-                assert!(error.contains("connection refused"), "{error}")
-            }
+            WatchUpdate::Disconnected {
+                error: error @ WatchError::Connect(_),
+            } => assert!(error.to_string().contains("connection refused"), "{error}"),
             other => panic!("expected Disconnected, got {other:?}"),
         }
     }

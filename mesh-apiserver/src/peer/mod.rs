@@ -55,7 +55,7 @@ pub use metrics::PeerMetrics;
 pub use source::PeerSource;
 pub use worker::PeerError;
 
-use crate::config::parse_duration;
+use mesh_core::parse_duration;
 use worker::{Shared, Worker, withdraw};
 
 /// The default stale TTL: 10 minutes.
@@ -188,10 +188,7 @@ impl Default for ImporterOptions {
             refusal_retry: Duration::from_secs(30),
             status_interval: Duration::from_secs(1),
             watch: WatchOptions {
-                backoff: Backoff {
-                    initial: Duration::from_millis(200),
-                    max: Duration::from_secs(30),
-                },
+                backoff: Backoff::full_jitter(Duration::from_millis(200), Duration::from_secs(30)),
                 ..WatchOptions::default()
             },
             connect_timeout: Duration::from_secs(5),

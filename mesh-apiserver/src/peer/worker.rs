@@ -11,14 +11,14 @@ use etcd_client::{DeleteOptions, GetOptions, Txn, TxnOp};
 use futures::FutureExt;
 use hickory_resolver::TokioResolver;
 use mesh_core::validate::{Conflict, check_joins, validate_cluster_config};
-use mesh_core::{ClusterConfig, ClusterName};
+use mesh_core::{Backoff, ClusterConfig, ClusterName};
 use mesh_proto::client::{
-    ResumePoint, Watch, WatchStats, WatchUpdate, connect_fn, spawn_watch_from,
+    ResumePoint, Watch, WatchError, WatchStats, WatchUpdate, connect_fn, spawn_watch_from,
 };
 use mesh_proto::convert::{Object, encode_value};
 use mesh_proto::keys::{ALL_KINDS, ClusterKey, Keys};
 use mesh_proto::pb::{self, Kind, mesh_client::MeshClient};
-use mesh_proto::tls::{self, ClientEndpoint, ClientTls, TlsIdentity};
+use mesh_proto::tls::{self, ClientEndpoint, ClientTls, TlsError, TlsIdentity};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::metrics::{PeerKindLabels, PeerMetrics, kind_label};
 use super::{ClientIdentity, ImporterOptions, PeerStats};
-use crate::store::MAX_TXN_BYTES;
+use crate::etcd_write::{WriteError, write_batched};
 use mesh_proto::peer_entry::{PeerSpec, split_address};
 
 /// Why a connection to a peer failed or the peer was refused. Each names the peer.
@@ -101,6 +101,12 @@ pub enum PeerError {
         op: &'static str,
         #[source]
         source: etcd_client::Error,
+    },
+    #[error("peer {peer}: {source}")]
+    Write {
+        peer: ClusterName,
+        #[source]
+        source: WriteError,
     },
     #[error("peer {peer}: the watch task ended")]
     WatchEnded { peer: ClusterName },
@@ -198,24 +204,6 @@ struct Refusal {
     message: String,
 }
 
-/// Looks for a rustls certificate error anywhere in an error chain (also inside
-/// `io::Error`s, whose `source()` skips the wrapped error).
-fn certificate_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let rustls_err = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(r @ rustls::Error::InvalidCertificate(_)) = rustls_err {
-            return Some(r.to_string());
-        }
-        cur = err.source();
-    }
-    None
-}
-
 /// Dials the peer and checks its `Info` against the mesh. Called for every (re)connection.
 async fn dial(shared: &Shared, spec: &PeerSpec) -> Result<MeshClient<Channel>, PeerError> {
     let peer = &spec.name;
@@ -241,17 +229,17 @@ async fn dial(shared: &Shared, spec: &PeerSpec) -> Result<MeshClient<Channel>, P
     endpoint.connect_timeout = shared.options.connect_timeout;
     let client = match tls::connect(&endpoint).await {
         Ok(c) => c,
+        Err(TlsError::ServerCertificate { reason, .. }) => {
+            return Err(PeerError::Certificate {
+                peer: peer.clone(),
+                address: spec.address.clone(),
+                reason,
+            });
+        }
         Err(source) => {
-            return Err(match certificate_error(&source) {
-                Some(reason) => PeerError::Certificate {
-                    peer: peer.clone(),
-                    address: spec.address.clone(),
-                    reason,
-                },
-                None => PeerError::Connect {
-                    peer: peer.clone(),
-                    source,
-                },
+            return Err(PeerError::Connect {
+                peer: peer.clone(),
+                source,
             });
         }
     };
@@ -391,7 +379,8 @@ impl Worker {
 
     /// Runs until `cancel`. etcd failures restart the session from what etcd holds.
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
-        let mut delay = Duration::from_millis(200);
+        let mut retries =
+            Backoff::equal_jitter(Duration::from_millis(200), Duration::from_secs(30)).retries();
         loop {
             let r = async {
                 let resume = self.load().await?;
@@ -401,12 +390,12 @@ impl Worker {
             match r {
                 Ok(()) => return,
                 Err(error) => {
+                    let delay = retries.next_delay(rand::random());
                     error!(%error, ?delay, "peer import failed; starting over from etcd");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(30));
                 }
             }
         }
@@ -686,11 +675,20 @@ impl Worker {
                 self.dirty = true;
             }
             WatchUpdate::Disconnected { error } => {
-                if self.stats.connected {
-                    warn!(%error, "lost the peer; keeping its data, marked stale");
-                } else {
-                    debug!(%error, "cannot reach the peer");
+                match &error {
+                    // The peer reached us and refused this cluster: its operator must act.
+                    WatchError::Status {
+                        code: tonic::Code::Unauthenticated | tonic::Code::PermissionDenied,
+                        ..
+                    } => {
+                        error!(%error, "the peer refuses this cluster; keeping its data, marked stale")
+                    }
+                    _ if self.stats.connected => {
+                        warn!(%error, "lost the peer; keeping its data, marked stale")
+                    }
+                    _ => debug!(%error, "cannot reach the peer"),
                 }
+                let error = error.to_string();
                 self.stats.connected = false;
                 self.mark_stale();
                 // A refusal recorded while dialing is the better explanation.
@@ -924,42 +922,31 @@ impl Worker {
         }
     }
 
-    /// Writes the staged changes in transactions of at most `max_txn_ops` operations.
+    /// Writes the staged changes with [`write_batched`] (no fence: the importer's task is
+    /// cancelled with the leadership term). On error, the run starts over from etcd.
     async fn flush(&mut self) -> Result<(), PeerError> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let max_ops = self.shared.options.max_txn_ops.clamp(1, 128);
         let mut kv = self.shared.etcd.kv_client();
-        let pending = std::mem::take(&mut self.pending);
         let (mut puts, mut deletes) = (0usize, 0usize);
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        let total = pending.len();
-        for (i, (key, value)) in pending.into_iter().enumerate() {
-            bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-            batch.push(match value {
-                Some(v) => {
-                    puts += 1;
-                    TxnOp::put(key, v, None)
+        let txns = &self.shared.metrics.txns;
+        let labels = PeerMetrics::peer(self.spec.name.as_str());
+        let max_ops = self.shared.options.max_txn_ops;
+        write_batched(&mut kv, &mut self.pending, max_ops, None, |batch| {
+            for (_, v) in &batch {
+                match v {
+                    Some(_) => puts += 1,
+                    None => deletes += 1,
                 }
-                None => {
-                    deletes += 1;
-                    TxnOp::delete(key, None)
-                }
-            });
-            if batch.len() >= max_ops || bytes >= MAX_TXN_BYTES || i + 1 == total {
-                kv.txn(Txn::new().and_then(std::mem::take(&mut batch)))
-                    .await
-                    .map_err(self.etcd_err("txn"))?;
-                bytes = 0;
-                self.shared
-                    .metrics
-                    .txns
-                    .get_or_create(&PeerMetrics::peer(self.peer()))
-                    .inc();
             }
-        }
+            txns.get_or_create(&labels).inc();
+        })
+        .await
+        .map_err(|source| PeerError::Write {
+            peer: self.spec.name.clone(),
+            source,
+        })?;
         debug!(puts, deletes, "imported changes written");
         let objects = self.present.values().map(|s| s.len() as u64).sum();
         if objects != self.stats.objects {

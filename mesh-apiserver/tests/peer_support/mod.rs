@@ -288,10 +288,7 @@ pub fn test_options(stale_ttl: Option<Duration>) -> ImporterOptions {
         status_interval: Duration::from_millis(100),
         watch: WatchOptions {
             heartbeat_interval: Duration::from_secs(1),
-            backoff: Backoff {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(300),
-            },
+            backoff: Backoff::full_jitter(Duration::from_millis(50), Duration::from_millis(300)),
             healthy_after: Duration::from_secs(1),
             buffer: 1024,
         },

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mesh_core::Backoff;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -103,9 +104,9 @@ pub trait PodRuntime: Send + Sync + 'static {
 }
 
 const COMPONENT: &str = "kubelet";
-/// Lab defaults: faster than kubelet's 10 s .. 5 min so tests and demos see restarts quickly.
-const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Restart backoff: doubling without jitter like kubelet's CrashLoopBackOff, with lab
+/// bounds faster than kubelet's 10 s .. 5 min so tests and demos see restarts quickly.
+const CRASH_LOOP_BACKOFF: Backoff = Backoff::exact(Duration::from_secs(1), Duration::from_secs(30));
 /// A pod that ran this long gets its backoff reset.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 /// How often the worker checks that the pod's processes still run.
@@ -479,7 +480,7 @@ async fn pod_worker(ctx: Arc<Ctx>, pod: Value, mut stop: watch::Receiver<bool>) 
     if !publish(&ctx, &key, &pod, &containers, &obs) {
         return;
     }
-    let mut backoff = BACKOFF_INITIAL;
+    let mut retries = CRASH_LOOP_BACKOFF.retries();
     loop {
         // --- start ---
         let start = ctx.runtime.start(spec.clone());
@@ -504,13 +505,13 @@ async fn pod_worker(ctx: Arc<Ctx>, pod: Value, mut stop: watch::Receiver<bool>) 
                     COMPONENT,
                 );
                 obs.waiting = Some(("RunContainerError".into(), msg));
+                let backoff = retries.next_delay(0.0);
                 if !publish(&ctx, &key, &pod, &containers, &obs)
                     || !sleep_or_stop(&mut stop, backoff).await
                 {
                     stop_pod(&ctx, &key).await;
                     return;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
@@ -649,8 +650,9 @@ async fn pod_worker(ctx: Arc<Ctx>, pod: Value, mut stop: watch::Receiver<bool>) 
             return;
         }
         if since.elapsed() >= BACKOFF_RESET_AFTER {
-            backoff = BACKOFF_INITIAL;
+            retries.reset();
         }
+        let backoff = retries.next_delay(0.0);
         obs.restarts += 1;
         obs.waiting = Some((
             "CrashLoopBackOff".into(),
@@ -672,7 +674,6 @@ async fn pod_worker(ctx: Arc<Ctx>, pod: Value, mut stop: watch::Receiver<bool>) 
             stop_pod(&ctx, &key).await;
             return;
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
