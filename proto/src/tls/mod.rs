@@ -37,10 +37,11 @@ pub use server::*;
 pub use spiffe::*;
 pub use trust::*;
 
-use rustls::crypto::CryptoProvider;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
 
 /// The trust domain suffix of mesh SPIFFE IDs: `spiffe://<cluster>.mesh/...`.
 pub const TRUST_DOMAIN_SUFFIX: &str = ".mesh";
