@@ -7,11 +7,11 @@ use k8s_openapi::api::core::v1::{Container, PodTemplateSpec, Probe};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::load::{Object, Resource};
+use crate::load::{ManifestObject, Resource};
 
 /// A Deployment or DaemonSet: its selector and pod template.
 pub struct Workload<'a> {
-    pub object: &'a Object,
+    pub object: &'a ManifestObject,
     pub selector: &'a LabelSelector,
     pub template: &'a PodTemplateSpec,
 }
@@ -41,7 +41,7 @@ impl Workload<'_> {
 }
 
 /// The workloads of `objs`.
-pub fn workloads(objs: &[Object]) -> Vec<Workload<'_>> {
+pub fn workloads(objs: &[ManifestObject]) -> Vec<Workload<'_>> {
     objs.iter()
         .filter_map(|o| match &o.resource {
             Resource::Deployment(d) => Some(Workload {
@@ -60,7 +60,7 @@ pub fn workloads(objs: &[Object]) -> Vec<Workload<'_>> {
 }
 
 /// Every check.
-pub fn check_all(objs: &[Object], external_secrets: &[&str]) -> Vec<String> {
+pub fn check_all(objs: &[ManifestObject], external_secrets: &[&str]) -> Vec<String> {
     let mut out = check_references(objs, external_secrets);
     out.extend(check_services(objs));
     out.extend(check_rbac(objs));
@@ -68,7 +68,12 @@ pub fn check_all(objs: &[Object], external_secrets: &[&str]) -> Vec<String> {
     out
 }
 
-fn find<'a>(objs: &'a [Object], kind: &str, ns: Option<&str>, name: &str) -> Option<&'a Object> {
+fn find<'a>(
+    objs: &'a [ManifestObject],
+    kind: &str,
+    ns: Option<&str>,
+    name: &str,
+) -> Option<&'a ManifestObject> {
     objs.iter()
         .find(|o| o.kind() == kind && o.name() == name && (ns.is_none() || o.namespace() == ns))
 }
@@ -97,7 +102,7 @@ pub fn var_refs(s: &str) -> Vec<&str> {
 /// Volumes, ConfigMaps, Secrets, service accounts, env references, probe ports and
 /// selectors of every workload resolve within `objs` (Secrets also among
 /// `external_secrets`, which the install scripts create).
-pub fn check_references(objs: &[Object], external_secrets: &[&str]) -> Vec<String> {
+pub fn check_references(objs: &[ManifestObject], external_secrets: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
     for w in workloads(objs) {
         let o = w.object;
@@ -279,7 +284,7 @@ fn check_probe_port(who: &str, name: &str, p: &Probe, c: &Container) -> Vec<Stri
 /// Services, PodDisruptionBudgets and role bindings point at things that exist: selectors
 /// select a workload's pods, target ports are ports of those pods, roleRefs and subjects
 /// exist.
-pub fn check_services(objs: &[Object]) -> Vec<String> {
+pub fn check_services(objs: &[ManifestObject]) -> Vec<String> {
     let mut out = Vec::new();
     let ws = workloads(objs);
     for o in objs {
@@ -359,8 +364,8 @@ pub fn check_services(objs: &[Object]) -> Vec<String> {
 }
 
 fn check_subjects<'a>(
-    objs: &[Object],
-    o: &Object,
+    objs: &[ManifestObject],
+    o: &ManifestObject,
     subjects: impl Iterator<Item = &'a k8s_openapi::api::rbac::v1::Subject>,
 ) -> Vec<String> {
     subjects
@@ -379,7 +384,7 @@ fn check_subjects<'a>(
 /// RBAC is read-only and minimal: no wildcards, no non-resource URLs, reads with get / list /
 /// watch only, the only writes are create / patch of Events, and Secrets only in a
 /// namespaced Role, by name.
-pub fn check_rbac(objs: &[Object]) -> Vec<String> {
+pub fn check_rbac(objs: &[ManifestObject]) -> Vec<String> {
     let mut out = Vec::new();
     for o in objs {
         let (rules, namespaced) = match &o.resource {
@@ -435,7 +440,7 @@ pub fn check_rbac(objs: &[Object]) -> Vec<String> {
 /// and readiness probes; no privilege escalation, read-only root filesystems, all
 /// capabilities dropped; only run-to-completion init containers are privileged; pods off
 /// the host network run as non-root and add no capability.
-pub fn check_containers(objs: &[Object]) -> Vec<String> {
+pub fn check_containers(objs: &[ManifestObject]) -> Vec<String> {
     let mut out = Vec::new();
     for w in workloads(objs) {
         let o = w.object;

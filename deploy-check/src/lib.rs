@@ -13,4 +13,4 @@
 pub mod checks;
 pub mod load;
 
-pub use load::{Error, Object, Resource};
+pub use load::{Error, ManifestObject, Resource};

@@ -45,7 +45,7 @@ pub enum Error {
 
 /// One decoded object, with where it came from.
 #[derive(Clone, Debug)]
-pub struct Object {
+pub struct ManifestObject {
     /// File or kustomization it was read from.
     pub origin: String,
     /// The object as written.
@@ -71,7 +71,7 @@ pub enum Resource {
     CustomResourceDefinition(Box<CustomResourceDefinition>),
 }
 
-impl Object {
+impl ManifestObject {
     pub fn api_version(&self) -> &str {
         self.raw["apiVersion"].as_str().unwrap_or_default()
     }
@@ -89,7 +89,7 @@ impl Object {
     }
 }
 
-impl fmt::Display for Object {
+impl fmt::Display for ManifestObject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.namespace() {
             Some(ns) => write!(f, "{} {ns}/{}", self.kind(), self.name()),
@@ -127,12 +127,12 @@ pub fn kustomize(dir: &Path) -> Result<String, Error> {
 }
 
 /// Renders and decodes a kustomization.
-pub fn load_kustomization(dir: &Path) -> Result<Vec<Object>, Error> {
+pub fn load_kustomization(dir: &Path) -> Result<Vec<ManifestObject>, Error> {
     decode_all(&kustomize(dir)?, &dir.display().to_string())
 }
 
 /// Reads and decodes a YAML file of one or more documents.
-pub fn load_file(path: &Path) -> Result<Vec<Object>, Error> {
+pub fn load_file(path: &Path) -> Result<Vec<ManifestObject>, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
         path: path.to_path_buf(),
         source,
@@ -157,7 +157,7 @@ pub fn documents(text: &str, origin: &str) -> Result<Vec<Value>, Error> {
 }
 
 /// Decodes every document of `text`; the first failure is the error.
-pub fn decode_all(text: &str, origin: &str) -> Result<Vec<Object>, Error> {
+pub fn decode_all(text: &str, origin: &str) -> Result<Vec<ManifestObject>, Error> {
     documents(text, origin)?
         .into_iter()
         .enumerate()
@@ -176,7 +176,7 @@ pub fn decode_all(text: &str, origin: &str) -> Result<Vec<Object>, Error> {
 /// Decodes one object into its k8s-openapi type. Fails on an unknown kind, on a value of
 /// the wrong type, and on any field the type does not have (checked by encoding the typed
 /// value again: every field written must come back unchanged).
-pub fn decode(raw: Value, origin: &str) -> Result<Object, Error> {
+pub fn decode(raw: Value, origin: &str) -> Result<ManifestObject, Error> {
     let api_version = raw["apiVersion"].as_str().unwrap_or_default().to_owned();
     let kind = raw["kind"].as_str().unwrap_or_default().to_owned();
     let name = raw["metadata"]["name"]
@@ -212,7 +212,7 @@ pub fn decode(raw: Value, origin: &str) -> Result<Object, Error> {
             )));
         }
     };
-    Ok(Object {
+    Ok(ManifestObject {
         origin: origin.to_owned(),
         raw,
         resource,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use deploy_check::checks::{self, Workload};
-use deploy_check::load::{self, Object};
+use deploy_check::load::{self, ManifestObject};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Container;
 
@@ -56,7 +56,7 @@ fn ok(what: &str, out: Output) -> String {
     stdout(&out)
 }
 
-fn agent_workload(objs: &[Object]) -> Workload<'_> {
+fn agent_workload(objs: &[ManifestObject]) -> Workload<'_> {
     checks::workloads(objs)
         .into_iter()
         .find(|w| w.object.kind() == "DaemonSet" && w.object.name() == "mesh-agent")
@@ -73,7 +73,7 @@ fn container<'a>(w: &Workload<'a>, name: &str) -> &'a Container {
         .unwrap_or_else(|| panic!("{}: no container {name}", w.object))
 }
 
-fn rendered(cluster: &str) -> Vec<Object> {
+fn rendered(cluster: &str) -> Vec<ManifestObject> {
     load::load_kustomization(&root().join("multicluster-kind/clusters").join(cluster))
         .unwrap_or_else(|e| panic!("{e}"))
 }

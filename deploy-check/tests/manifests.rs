@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 
 use clap::{CommandFactory, Parser};
 use deploy_check::checks::{self, Workload};
-use deploy_check::load::{self, Object, Resource};
+use deploy_check::load::{self, ManifestObject, Resource};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Container;
 use serde_json::{Value, json};
@@ -32,11 +32,11 @@ fn root() -> PathBuf {
     load::repo_root()
 }
 
-fn base() -> Vec<Object> {
+fn base() -> Vec<ManifestObject> {
     load::load_kustomization(&root().join("deploy")).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn rendered(cluster: &str) -> Vec<Object> {
+fn rendered(cluster: &str) -> Vec<ManifestObject> {
     load::load_kustomization(&root().join("multicluster-kind/clusters").join(cluster))
         .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -74,7 +74,7 @@ fn assert_clean(what: &str, problems: Vec<String>) {
     );
 }
 
-fn get<'a>(objs: &'a [Object], kind: &str, name: &str) -> &'a Object {
+fn get<'a>(objs: &'a [ManifestObject], kind: &str, name: &str) -> &'a ManifestObject {
     objs.iter()
         .find(|o| o.kind() == kind && o.name() == name)
         .unwrap_or_else(|| {
@@ -85,7 +85,7 @@ fn get<'a>(objs: &'a [Object], kind: &str, name: &str) -> &'a Object {
         })
 }
 
-fn workload<'a>(objs: &'a [Object], kind: &str, name: &str) -> Workload<'a> {
+fn workload<'a>(objs: &'a [ManifestObject], kind: &str, name: &str) -> Workload<'a> {
     checks::workloads(objs)
         .into_iter()
         .find(|w| w.object.kind() == kind && w.object.name() == name)
@@ -102,7 +102,7 @@ fn container<'a>(w: &Workload<'a>, name: &str) -> &'a Container {
         .unwrap_or_else(|| panic!("{}: no container {name}", w.object))
 }
 
-fn config_map_data(objs: &[Object], name: &str) -> BTreeMap<String, String> {
+fn config_map_data(objs: &[ManifestObject], name: &str) -> BTreeMap<String, String> {
     match &get(objs, "ConfigMap", name).resource {
         Resource::ConfigMap(c) => c.data.clone().unwrap_or_default(),
         _ => unreachable!(),
@@ -311,11 +311,11 @@ fn demo_manifests_decode_and_are_consistent() {
 
 /// Re-decodes `objs` after `f` changed the raw object `kind`/`name`.
 fn mutated(
-    objs: &[Object],
+    objs: &[ManifestObject],
     kind: &str,
     name: &str,
     f: impl FnOnce(&mut Value),
-) -> Result<Vec<Object>, load::Error> {
+) -> Result<Vec<ManifestObject>, load::Error> {
     let mut f = Some(f);
     objs.iter()
         .map(|o| {
@@ -822,7 +822,7 @@ struct Invocation {
     env: BTreeMap<String, String>,
 }
 
-fn invocation(objs: &[Object], c: &Container, node: &str) -> Invocation {
+fn invocation(objs: &[ManifestObject], c: &Container, node: &str) -> Invocation {
     let mut env = BTreeMap::new();
     for e in c.env.iter().flatten() {
         let value = if let Some(v) = &e.value {
@@ -1213,7 +1213,7 @@ fn kubectl(
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn yaml_of(objs: &[&Object]) -> String {
+fn yaml_of(objs: &[&ManifestObject]) -> String {
     objs.iter()
         .map(|o| serde_yaml::to_string(&o.raw).unwrap())
         .collect::<Vec<_>>()
@@ -1231,7 +1231,7 @@ async fn manifests_apply_to_a_lab_kubernetes_api() {
     .await
     .unwrap();
     let objs = rendered("cluster1");
-    let (supported, skipped): (Vec<&Object>, Vec<&Object>) = objs
+    let (supported, skipped): (Vec<&ManifestObject>, Vec<&ManifestObject>) = objs
         .iter()
         .partition(|o| mesh_lab::kube_api::resources::by_kind(o.api_version(), o.kind()).is_some());
     let kinds: BTreeSet<&str> = supported.iter().map(|o| o.kind()).collect();
@@ -1326,7 +1326,7 @@ async fn manifests_apply_to_a_lab_kubernetes_api() {
     for f in ["rebel-base.yaml", "x-wing.yaml", "echo.yaml"] {
         demo_objs.extend(load::load_file(&demo.join(f)).unwrap());
     }
-    let refs: Vec<&Object> = demo_objs.iter().collect();
+    let refs: Vec<&ManifestObject> = demo_objs.iter().collect();
     let out = tokio::task::block_in_place(|| {
         kubectl(
             api_ref,
@@ -1344,7 +1344,7 @@ async fn manifests_apply_to_a_lab_kubernetes_api() {
     );
 }
 
-fn get_raw<'a>(objs: &'a [Object], kind: &str, name: &str) -> &'a Value {
+fn get_raw<'a>(objs: &'a [ManifestObject], kind: &str, name: &str) -> &'a Value {
     &get(objs, kind, name).raw
 }
 

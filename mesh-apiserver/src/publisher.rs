@@ -47,9 +47,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::identity::{self, IdentityAllocator};
-use crate::kube_source::{self, ClusterModel, ObjKey, PolicyInfo, ResourceKind, ServiceInfo};
+use crate::kube_source::{
+    self, ClusterModel, KubeObjectKey, PolicyInfo, ResourceKind, ServiceInfo,
+};
 use crate::leader::{self, Elector, IsLeader, LeaderConfig, LeaderSignal};
-use crate::store::{self, Change, EtcdStore, Fence};
+use crate::store::{self, EtcdStore, Fence, KeyChange};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -642,8 +644,8 @@ const MAX_EVENTS_PER_BATCH: usize = 8192;
 /// repeat them: per Service, and per policy object.
 #[derive(Default)]
 struct Reported {
-    services: HashSet<(ObjKey, String)>,
-    policies: HashSet<(PolicyKind, ObjKey, String)>,
+    services: HashSet<(KubeObjectKey, String)>,
+    policies: HashSet<(PolicyKind, KubeObjectKey, String)>,
 }
 
 /// One leadership term.
@@ -876,7 +878,7 @@ impl<'a> Term<'a> {
         // Policies.
         if self.ready(pb::Kind::Policy) {
             let first = !self.synced.contains(&pb::Kind::Policy);
-            let policies: Vec<(PolicyKind, ObjKey)> = if first {
+            let policies: Vec<(PolicyKind, KubeObjectKey)> = if first {
                 self.model
                     .policies()
                     .map(|p| (p.kind, p.key.clone()))
@@ -899,7 +901,7 @@ impl<'a> Term<'a> {
         // Services.
         if self.ready(pb::Kind::Service) {
             let first = !self.synced.contains(&pb::Kind::Service);
-            let svcs: Vec<ObjKey> = if first {
+            let svcs: Vec<KubeObjectKey> = if first {
                 self.model.services().map(|s| s.key.clone()).collect()
             } else {
                 dirty.services.iter().cloned().collect()
@@ -1006,7 +1008,7 @@ impl<'a> Term<'a> {
         store: &mut EtcdStore,
         cluster: &str,
         kind: PolicyKind,
-        key: &ObjKey,
+        key: &KubeObjectKey,
     ) -> Option<String> {
         let namespace = (!key.namespace.is_empty()).then_some(key.namespace.as_str());
         let name = mesh_proto::keys::policy_name(kind, namespace, &key.name);
@@ -1074,7 +1076,7 @@ impl<'a> Term<'a> {
         }
     }
 
-    fn report_problems(&mut self, key: &ObjKey) {
+    fn report_problems(&mut self, key: &KubeObjectKey) {
         let Some(svc) = self.model.service(key) else {
             self.reported.services.retain(|(k, _)| k != key);
             return;
@@ -1156,7 +1158,7 @@ impl<'a> Term<'a> {
                 };
                 metrics.write(
                     kind,
-                    if change == Change::Deleted {
+                    if change == KeyChange::Deleted {
                         "delete"
                     } else {
                         "put"
@@ -1182,7 +1184,7 @@ impl<'a> Term<'a> {
 #[cfg(test)]
 mod policy_tests {
     use super::*;
-    use crate::kube_source::{Object, SourceEvent};
+    use crate::kube_source::{SlimObject, SourceEvent};
     use kube::api::ListParams;
     use mesh_lab::kube_api::{KubeApi, KubeApiConfig};
     use serde_json::json;
@@ -1238,13 +1240,18 @@ mod policy_tests {
         }
     }
 
-    fn policy(kind: ResourceKind, ns: Option<&str>, name: &str, spec: serde_json::Value) -> Object {
+    fn policy(
+        kind: ResourceKind,
+        ns: Option<&str>,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> SlimObject {
         let mut metadata = json!({"name": name, "uid": format!("uid-{name}")});
         if let Some(ns) = ns {
             metadata["namespace"] = ns.into();
         }
         let obj = json!({"metadata": metadata, "spec": spec});
-        Object::Policy(kube_source::slim_policy(kind, obj))
+        SlimObject::Policy(kube_source::slim_policy(kind, obj))
     }
 
     async fn warnings(kube: &kube::Client, reason: &str) -> Vec<corev1::Event> {
@@ -1456,7 +1463,7 @@ mod policy_tests {
         assert!(fixed.object.contains("8080"), "{fixed:?}");
         term.model.handle(SourceEvent::Delete(
             ResourceKind::CiliumNetworkPolicy,
-            ObjKey::new("shop", "allow-web"),
+            KubeObjectKey::new("shop", "allow-web"),
         ));
         term.publish(&mut store, &mut alloc, &token).await.unwrap();
         assert_eq!(value(&mut env.kv, &allow_key).await, None);

@@ -62,7 +62,7 @@ pub struct FlushStats {
 
 /// Callback told about every committed change: `(kind, key, created|updated|deleted)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
+pub enum KeyChange {
     Created,
     Updated,
     Deleted,
@@ -197,7 +197,10 @@ impl EtcdStore {
     /// Writes the staged changes with [`write_batched`] (transactions of at most `max_ops`
     /// operations and [`MAX_TXN_BYTES`], in key order, fenced). On error, what was not
     /// committed stays staged and the call can be retried.
-    pub async fn flush(&mut self, mut on_change: impl FnMut(&str, Change)) -> Result<FlushStats> {
+    pub async fn flush(
+        &mut self,
+        mut on_change: impl FnMut(&str, KeyChange),
+    ) -> Result<FlushStats> {
         let mut stats = FlushStats::default();
         let Self {
             kv,
@@ -219,12 +222,12 @@ impl EtcdStore {
                     Some(v) => {
                         stats.puts += 1;
                         let change = if written.insert(k.clone(), v).is_some() {
-                            Change::Updated
+                            KeyChange::Updated
                         } else {
                             if let Some(kind) = object_kind(&k) {
                                 *counts.entry(kind).or_default() += 1;
                             }
-                            Change::Created
+                            KeyChange::Created
                         };
                         on_change(&k, change);
                     }
@@ -236,7 +239,7 @@ impl EtcdStore {
                         {
                             *c = c.saturating_sub(1);
                         }
-                        on_change(&k, Change::Deleted);
+                        on_change(&k, KeyChange::Deleted);
                     }
                 }
             }
@@ -261,7 +264,7 @@ impl EtcdStore {
     pub async fn flush_retrying(
         &mut self,
         token: &tokio_util::sync::CancellationToken,
-        mut on_change: impl FnMut(&str, Change),
+        mut on_change: impl FnMut(&str, KeyChange),
     ) -> Result<FlushStats> {
         let mut retries =
             Backoff::equal_jitter(Duration::from_millis(50), Duration::from_secs(5)).retries();

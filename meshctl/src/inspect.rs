@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use mesh_proto::convert::Object;
+use mesh_proto::convert::WatchedObject;
 use mesh_proto::pb::{self, watch_response::Payload};
 use serde::Serialize;
 use tokio_stream::StreamExt;
@@ -195,17 +195,17 @@ pub async fn snapshot(
         .map(|(c, k)| format!("{c}/{}", kind_name(*k)))
         .collect();
     for ((cluster, _, name), value) in watched.objects {
-        match Object::try_from(value) {
-            Ok(Object::Config(c)) => snap.clusters.push(c),
-            Ok(Object::Node(n)) => snap.nodes.push(n),
-            Ok(Object::Identity(identity)) => {
+        match WatchedObject::try_from(value) {
+            Ok(WatchedObject::Config(c)) => snap.clusters.push(c),
+            Ok(WatchedObject::Node(n)) => snap.nodes.push(n),
+            Ok(WatchedObject::Identity(identity)) => {
                 snap.identities.push(IdentityRow { cluster, identity })
             }
-            Ok(Object::Endpoint(endpoint)) => {
+            Ok(WatchedObject::Endpoint(endpoint)) => {
                 snap.endpoints.push(EndpointRow { cluster, endpoint })
             }
-            Ok(Object::Service(s)) => snap.services.push(s),
-            Ok(Object::Policy(p)) => snap.policies.push(p.policy.reference),
+            Ok(WatchedObject::Service(s)) => snap.services.push(s),
+            Ok(WatchedObject::Policy(p)) => snap.policies.push(p.policy.reference),
             Err(e) => snap.invalid.push(format!("{cluster}/{name}: {e}")),
         }
     }

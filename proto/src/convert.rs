@@ -31,7 +31,7 @@ pub struct ConvertError {
 
 /// An etcd value that cannot be decoded as the message of its kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
+pub enum ValueDecodeError {
     #[error("cannot decode a value of kind {kind:?}: the kind is unspecified")]
     UnspecifiedKind { kind: pb::Kind },
     #[error("corrupt {kind:?} value ({len} bytes): {source}")]
@@ -485,7 +485,7 @@ impl From<&PolicyObject> for pb::Policy {
 
 /// A published object of any kind, as a mesh-core type.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Object {
+pub enum WatchedObject {
     Config(ClusterConfig),
     Node(Node),
     Identity(mesh_core::model::Identity),
@@ -494,18 +494,18 @@ pub enum Object {
     Policy(PolicyObject),
 }
 
-// === impl Object ===
+// === impl WatchedObject ===
 
-impl Object {
+impl WatchedObject {
     /// The kind of the object.
     pub fn kind(&self) -> pb::Kind {
         match self {
-            Object::Config(_) => pb::Kind::Config,
-            Object::Node(_) => pb::Kind::Node,
-            Object::Identity(_) => pb::Kind::Identity,
-            Object::Endpoint(_) => pb::Kind::Endpoint,
-            Object::Service(_) => pb::Kind::Service,
-            Object::Policy(_) => pb::Kind::Policy,
+            WatchedObject::Config(_) => pb::Kind::Config,
+            WatchedObject::Node(_) => pb::Kind::Node,
+            WatchedObject::Identity(_) => pb::Kind::Identity,
+            WatchedObject::Endpoint(_) => pb::Kind::Endpoint,
+            WatchedObject::Service(_) => pb::Kind::Service,
+            WatchedObject::Policy(_) => pb::Kind::Policy,
         }
     }
 
@@ -513,50 +513,50 @@ impl Object {
     /// name, identity number, endpoint IP, `<namespace>/<name>`, `""` for the config.
     pub fn name(&self) -> String {
         match self {
-            Object::Config(_) => String::new(),
-            Object::Node(n) => n.name.clone(),
-            Object::Identity(i) => i.id.0.to_string(),
-            Object::Endpoint(e) => e.ip.to_string(),
-            Object::Service(s) => s.key(),
-            Object::Policy(p) => p.name(),
+            WatchedObject::Config(_) => String::new(),
+            WatchedObject::Node(n) => n.name.clone(),
+            WatchedObject::Identity(i) => i.id.0.to_string(),
+            WatchedObject::Endpoint(e) => e.ip.to_string(),
+            WatchedObject::Service(s) => s.key(),
+            WatchedObject::Policy(p) => p.name(),
         }
     }
 
     /// The cluster named inside the object, for kinds that carry one.
     pub fn cluster(&self) -> Option<&ClusterName> {
         match self {
-            Object::Config(c) => Some(&c.name),
-            Object::Node(n) => Some(&n.cluster),
-            Object::Service(s) => Some(&s.cluster),
-            Object::Policy(p) => Some(&p.policy.reference.cluster),
-            Object::Identity(_) | Object::Endpoint(_) => None,
+            WatchedObject::Config(c) => Some(&c.name),
+            WatchedObject::Node(n) => Some(&n.cluster),
+            WatchedObject::Service(s) => Some(&s.cluster),
+            WatchedObject::Policy(p) => Some(&p.policy.reference.cluster),
+            WatchedObject::Identity(_) | WatchedObject::Endpoint(_) => None,
         }
     }
 }
 
-impl TryFrom<pb::event::Value> for Object {
+impl TryFrom<pb::event::Value> for WatchedObject {
     type Error = ConvertError;
     fn try_from(v: pb::event::Value) -> Result<Self, ConvertError> {
         Ok(match v {
-            pb::event::Value::Config(c) => Object::Config(c.try_into()?),
-            pb::event::Value::Node(n) => Object::Node(n.try_into()?),
-            pb::event::Value::Identity(i) => Object::Identity(i.try_into()?),
-            pb::event::Value::Endpoint(e) => Object::Endpoint(e.try_into()?),
-            pb::event::Value::Service(s) => Object::Service(s.try_into()?),
-            pb::event::Value::Policy(p) => Object::Policy(p.try_into()?),
+            pb::event::Value::Config(c) => WatchedObject::Config(c.try_into()?),
+            pb::event::Value::Node(n) => WatchedObject::Node(n.try_into()?),
+            pb::event::Value::Identity(i) => WatchedObject::Identity(i.try_into()?),
+            pb::event::Value::Endpoint(e) => WatchedObject::Endpoint(e.try_into()?),
+            pb::event::Value::Service(s) => WatchedObject::Service(s.try_into()?),
+            pb::event::Value::Policy(p) => WatchedObject::Policy(p.try_into()?),
         })
     }
 }
 
-impl From<&Object> for pb::event::Value {
-    fn from(o: &Object) -> Self {
+impl From<&WatchedObject> for pb::event::Value {
+    fn from(o: &WatchedObject) -> Self {
         match o {
-            Object::Config(c) => pb::event::Value::Config(c.into()),
-            Object::Node(n) => pb::event::Value::Node(n.into()),
-            Object::Identity(i) => pb::event::Value::Identity(i.into()),
-            Object::Endpoint(e) => pb::event::Value::Endpoint(e.into()),
-            Object::Service(s) => pb::event::Value::Service(s.into()),
-            Object::Policy(p) => pb::event::Value::Policy(p.into()),
+            WatchedObject::Config(c) => pb::event::Value::Config(c.into()),
+            WatchedObject::Node(n) => pb::event::Value::Node(n.into()),
+            WatchedObject::Identity(i) => pb::event::Value::Identity(i.into()),
+            WatchedObject::Endpoint(e) => pb::event::Value::Endpoint(e.into()),
+            WatchedObject::Service(s) => pb::event::Value::Service(s.into()),
+            WatchedObject::Policy(p) => pb::event::Value::Policy(p.into()),
         }
     }
 }
@@ -576,8 +576,8 @@ pub fn value_kind(v: &pb::event::Value) -> pb::Kind {
 // ================================================================ etcd values
 
 /// Decodes an etcd value under `clusters/<c>/<kind>/...`: the protobuf message of `kind`.
-pub fn decode_value(kind: pb::Kind, bytes: &[u8]) -> Result<pb::event::Value, DecodeError> {
-    let corrupt = |source| DecodeError::Corrupt {
+pub fn decode_value(kind: pb::Kind, bytes: &[u8]) -> Result<pb::event::Value, ValueDecodeError> {
+    let corrupt = |source| ValueDecodeError::Corrupt {
         kind,
         len: bytes.len(),
         source,
@@ -597,7 +597,7 @@ pub fn decode_value(kind: pb::Kind, bytes: &[u8]) -> Result<pb::event::Value, De
             pb::event::Value::Service(pb::GlobalService::decode(bytes).map_err(corrupt)?)
         }
         pb::Kind::Policy => pb::event::Value::Policy(pb::Policy::decode(bytes).map_err(corrupt)?),
-        pb::Kind::Unspecified => return Err(DecodeError::UnspecifiedKind { kind }),
+        pb::Kind::Unspecified => return Err(ValueDecodeError::UnspecifiedKind { kind }),
     })
 }
 
@@ -614,7 +614,7 @@ pub fn encode_value(value: &pb::event::Value) -> Vec<u8> {
 }
 
 /// Encodes a domain object for etcd.
-pub fn encode_object(object: &Object) -> Vec<u8> {
+pub fn encode_object(object: &WatchedObject) -> Vec<u8> {
     encode_value(&object.into())
 }
 
@@ -622,13 +622,13 @@ pub fn encode_object(object: &Object) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ObjectError {
     #[error(transparent)]
-    Decode(#[from] DecodeError),
+    Decode(#[from] ValueDecodeError),
     #[error(transparent)]
     Convert(#[from] ConvertError),
 }
 
 /// Decodes and validates an etcd value of `kind` into a domain object.
-pub fn decode_object(kind: pb::Kind, bytes: &[u8]) -> Result<Object, ObjectError> {
+pub fn decode_object(kind: pb::Kind, bytes: &[u8]) -> Result<WatchedObject, ObjectError> {
     Ok(decode_value(kind, bytes)?.try_into()?)
 }
 
@@ -735,7 +735,7 @@ mod tests {
         assert_eq!(core.backends[0].ports[0].port, 8080);
         assert!(core.backends[0].conditions.ready);
         assert_eq!(pb::GlobalService::from(&core), svc());
-        let obj = Object::Service(core);
+        let obj = WatchedObject::Service(core);
         assert_eq!(obj.name(), "default/web");
         assert_eq!(obj.kind(), pb::Kind::Service);
         let bytes = encode_object(&obj);
@@ -748,7 +748,7 @@ mod tests {
         assert!(
             matches!(
                 err,
-                DecodeError::Corrupt {
+                ValueDecodeError::Corrupt {
                     kind: pb::Kind::Node,
                     len: 3,
                     ..
@@ -759,7 +759,7 @@ mod tests {
         assert!(err.to_string().contains("Node"), "{err}");
         assert!(matches!(
             decode_value(pb::Kind::Unspecified, &[]),
-            Err(DecodeError::UnspecifiedKind { .. })
+            Err(ValueDecodeError::UnspecifiedKind { .. })
         ));
     }
 }

@@ -28,7 +28,7 @@ use mesh_core::select::{GateInput, MeshView, Services, SyncGate, Waiting, sync_g
 use mesh_core::{ClusterConfig, ClusterName, Endpoint, Node};
 
 use crate::client::WatchUpdate;
-use crate::convert::Object;
+use crate::convert::WatchedObject;
 use crate::keys::parse_policy_name;
 use crate::pb::{self, Kind};
 use tracing::{debug, info, warn};
@@ -242,7 +242,7 @@ impl MeshState {
         if kind == Kind::Policy && self.local.as_ref() != Some(cluster) {
             return Err(RejectError::ForeignPolicy { key: key() });
         }
-        let object = Object::try_from(value).map_err(|e| RejectError::Invalid {
+        let object = WatchedObject::try_from(value).map_err(|e| RejectError::Invalid {
             key: key(),
             reason: e.to_string(),
         })?;
@@ -269,12 +269,14 @@ impl MeshState {
         let c = &mut self.clusters.entry(cluster.clone()).or_default();
         let s = &mut c.state;
         Ok(match object {
-            Object::Config(v) => replace(&mut s.config, Some(v)),
-            Object::Node(v) => insert(&mut s.nodes, v.name.clone(), v),
-            Object::Endpoint(v) => insert(&mut s.endpoints, v.ip, v),
-            Object::Service(v) => insert(&mut s.services, (v.namespace.clone(), v.name.clone()), v),
-            Object::Identity(v) => insert(&mut c.identities, v.id.0, v),
-            Object::Policy(p) => {
+            WatchedObject::Config(v) => replace(&mut s.config, Some(v)),
+            WatchedObject::Node(v) => insert(&mut s.nodes, v.name.clone(), v),
+            WatchedObject::Endpoint(v) => insert(&mut s.endpoints, v.ip, v),
+            WatchedObject::Service(v) => {
+                insert(&mut s.services, (v.namespace.clone(), v.name.clone()), v)
+            }
+            WatchedObject::Identity(v) => insert(&mut c.identities, v.id.0, v),
+            WatchedObject::Policy(p) => {
                 if s.policies.get(&p.policy.reference) == Some(&p.policy) {
                     false
                 } else {
@@ -391,13 +393,13 @@ fn key_of(cluster: &ClusterName, kind: Kind, name: &str) -> String {
 /// Whether the object's own name is `name` (its key's last segment), without formatting
 /// the common cases: an IPv4 endpoint compares as an address (Rust's parser accepts only
 /// the canonical dotted form, so this equals comparing `ip.to_string()`), a node by name.
-fn name_matches(object: &Object, name: &str) -> bool {
+fn name_matches(object: &WatchedObject, name: &str) -> bool {
     match object {
-        Object::Endpoint(e) => match (e.ip, name.parse::<std::net::Ipv4Addr>()) {
+        WatchedObject::Endpoint(e) => match (e.ip, name.parse::<std::net::Ipv4Addr>()) {
             (IpAddr::V4(ip), Ok(n)) => ip == n,
             _ => object.name() == name,
         },
-        Object::Node(n) => n.name == name,
+        WatchedObject::Node(n) => n.name == name,
         _ => object.name() == name,
     }
 }

@@ -8,7 +8,9 @@ use mesh_core::{
     Affinity, Backend, BackendConditions, ClusterConfig, ClusterId, ClusterName, Endpoint,
     GlobalService, IdentityId, IdentityLabels, Node, Protocol, ServicePort, TrafficPolicy,
 };
-use mesh_proto::convert::{Object, decode_object, decode_value, encode_object, encode_value};
+use mesh_proto::convert::{
+    WatchedObject, decode_object, decode_value, encode_object, encode_value,
+};
 use mesh_proto::pb;
 use proptest::prelude::*;
 
@@ -73,7 +75,7 @@ fn backend() -> impl Strategy<Value = Backend> {
         )
 }
 
-fn object() -> impl Strategy<Value = Object> {
+fn object() -> impl Strategy<Value = WatchedObject> {
     let config = (
         cluster(),
         1u32..=255,
@@ -84,7 +86,7 @@ fn object() -> impl Strategy<Value = Object> {
     )
         .prop_map(
             |(name, id, pod_cidrs, service_cidr, capabilities, version)| {
-                Object::Config(ClusterConfig {
+                WatchedObject::Config(ClusterConfig {
                     name,
                     id: ClusterId::new(id).unwrap(),
                     pod_cidrs,
@@ -101,7 +103,7 @@ fn object() -> impl Strategy<Value = Object> {
         proptest::collection::vec(net(), 0..3),
     )
         .prop_map(|(cluster, name, internal_ips, pod_cidrs)| {
-            Object::Node(Node {
+            WatchedObject::Node(Node {
                 cluster,
                 name,
                 internal_ips,
@@ -113,7 +115,7 @@ fn object() -> impl Strategy<Value = Object> {
         proptest::collection::vec("k8s:[a-z.]{1,8}=[a-z0-9]{0,6}", 0..4),
     )
         .prop_map(|(id, labels)| {
-            Object::Identity(Identity {
+            WatchedObject::Identity(Identity {
                 id: IdentityId(id),
                 labels: IdentityLabels::from_strings(labels).unwrap(),
             })
@@ -127,7 +129,7 @@ fn object() -> impl Strategy<Value = Object> {
         name(),
     )
         .prop_map(|(ip, id, host_ip, node, namespace, pod)| {
-            Object::Endpoint(Endpoint {
+            WatchedObject::Endpoint(Endpoint {
                 ip,
                 identity: IdentityId(id),
                 host_ip,
@@ -163,7 +165,7 @@ fn object() -> impl Strategy<Value = Object> {
                 frontends,
                 backends,
             )| {
-                Object::Service(GlobalService {
+                WatchedObject::Service(GlobalService {
                     cluster,
                     namespace,
                     name,
@@ -196,7 +198,7 @@ proptest! {
     fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64), kind in 0i32..6) {
         let kind = pb::Kind::try_from(kind).unwrap();
         if let Ok(v) = decode_value(kind, &bytes) {
-            let _ = Object::try_from(v);
+            let _ = WatchedObject::try_from(v);
         }
     }
 }

@@ -10,7 +10,7 @@ use tonic::{Request, Status};
 use tracing::{debug, info, info_span};
 
 use super::*;
-use crate::index::{Batch, Change, Start, Subscription, Update};
+use crate::index::{Batch, IndexChange, Start, Subscription, Update};
 use crate::metrics::{Metrics, RoleLabels};
 
 /// The watch stream of one client.
@@ -109,12 +109,12 @@ impl WatchStream {
         for b in batches {
             for c in &b.changes {
                 match c {
-                    Change::Object(obj) => {
+                    IndexChange::Object(obj) => {
                         if let Some(e) = self.filter.present(obj) {
                             chunker.push(&e);
                         }
                     }
-                    Change::Synced { cluster, kind } => synced.push((cluster.clone(), *kind)),
+                    IndexChange::Synced { cluster, kind } => synced.push((cluster.clone(), *kind)),
                 }
             }
             if !synced.is_empty() {

@@ -17,7 +17,7 @@ use crate::metrics::{ClusterKindLabels, Metrics};
 
 /// Why a value or key under `clusters/` was skipped.
 #[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
+pub enum SkipReason {
     #[error("key is not UTF-8: {key:?}")]
     KeyNotUtf8 { key: String },
     #[error("key {key:?} has an unknown shape")]
@@ -31,13 +31,13 @@ pub enum DecodeError {
     },
 }
 
-impl DecodeError {
+impl SkipReason {
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
-            DecodeError::KeyNotUtf8 { .. } => "key_not_utf8",
-            DecodeError::UnknownKey { .. } => "unknown_key",
-            DecodeError::Value { .. } => "value",
+            SkipReason::KeyNotUtf8 { .. } => "key_not_utf8",
+            SkipReason::UnknownKey { .. } => "unknown_key",
+            SkipReason::Value { .. } => "value",
         }
     }
 }
@@ -80,7 +80,7 @@ impl IndexConfig {
 /// applies a snapshot in), then name. The cluster name is shared by every key and
 /// object of that cluster.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjKey {
+pub struct IndexKey {
     pub cluster: Arc<str>,
     pub kind: i32,
     pub name: String,
@@ -106,7 +106,7 @@ pub struct Obj {
 
 impl Obj {
     /// Encodes the event of `key` at `revision` (`None`: a delete).
-    pub fn new(key: &ObjKey, revision: i64, value: Option<pb::event::Value>) -> Self {
+    pub fn new(key: &IndexKey, revision: i64, value: Option<pb::event::Value>) -> Self {
         let service_shared = match &value {
             Some(pb::event::Value::Service(s)) => Some(s.shared),
             _ => None,
@@ -145,7 +145,7 @@ impl Obj {
 
 /// One change as fanned out to subscribers.
 #[derive(Debug, Clone)]
-pub enum Change {
+pub enum IndexChange {
     /// An upsert, or a delete, encoded once.
     Object(Arc<Obj>),
     /// The synced marker of `(cluster, kind)` appeared.
@@ -157,7 +157,7 @@ pub enum Change {
 pub struct Batch {
     /// The highest revision the index has applied once this batch is applied.
     pub revision: i64,
-    pub changes: Vec<Change>,
+    pub changes: Vec<IndexChange>,
 }
 
 /// A raw etcd event (from a watch response or a list).
@@ -222,7 +222,7 @@ impl fmt::Display for ResetReason {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub revision: i64,
-    /// Objects in `ObjKey` order.
+    /// Objects in `IndexKey` order.
     pub objects: Vec<Arc<Obj>>,
     /// `(cluster, kind)` whose synced marker exists at `revision`.
     pub synced: Vec<(String, Kind)>,
@@ -298,7 +298,7 @@ pub struct State {
     subscriber_buffer: usize,
     pub(super) loaded: bool,
     pub(super) revision: i64,
-    objects: BTreeMap<ObjKey, Arc<Obj>>,
+    objects: BTreeMap<IndexKey, Arc<Obj>>,
     /// Every cluster name seen, shared by the keys and objects of that cluster.
     cluster_names: BTreeSet<Arc<str>>,
     synced: BTreeMap<(String, i32), i64>,
@@ -342,14 +342,14 @@ enum Decoded {
 /// as soon as they are decoded), before [`State::reset_listed`] swaps it in.
 #[derive(Debug, Default)]
 pub struct Listing {
-    objects: BTreeMap<ObjKey, Arc<Obj>>,
+    objects: BTreeMap<IndexKey, Arc<Obj>>,
     synced: BTreeMap<(String, i32), i64>,
 }
 
-fn decode_value(kind: Kind, key: &str, v: &[u8]) -> Result<pb::event::Value, DecodeError> {
+fn decode_value(kind: Kind, key: &str, v: &[u8]) -> Result<pb::event::Value, SkipReason> {
     use pb::event::Value;
     let err = |kind_name: &'static str| {
-        move |source| DecodeError::Value {
+        move |source| SkipReason::Value {
             key: key.to_owned(),
             kind: kind_name,
             source,
@@ -365,7 +365,7 @@ fn decode_value(kind: Kind, key: &str, v: &[u8]) -> Result<pb::event::Value, Dec
         }
         Kind::Policy => Value::Policy(pb::Policy::decode(v).map_err(err("Policy"))?),
         Kind::Unspecified => {
-            return Err(DecodeError::UnknownKey {
+            return Err(SkipReason::UnknownKey {
                 key: key.to_owned(),
             });
         }
@@ -421,7 +421,7 @@ impl State {
     /// The current object at `(cluster, kind, name)`.
     pub fn get(&self, cluster: &str, kind: Kind, name: &str) -> Option<Arc<Obj>> {
         self.objects
-            .get(&ObjKey {
+            .get(&IndexKey {
                 cluster: cluster.into(),
                 kind: kind as i32,
                 name: name.into(),
@@ -430,12 +430,12 @@ impl State {
     }
 
     /// Decodes one raw event. Errors name the key; the caller logs and skips.
-    fn decode(&self, raw: &RawEvent) -> Result<Decoded, DecodeError> {
-        let key = std::str::from_utf8(&raw.key).map_err(|_| DecodeError::KeyNotUtf8 {
+    fn decode(&self, raw: &RawEvent) -> Result<Decoded, SkipReason> {
+        let key = std::str::from_utf8(&raw.key).map_err(|_| SkipReason::KeyNotUtf8 {
             key: String::from_utf8_lossy(&raw.key).into_owned(),
         })?;
         match self.keys.parse(key) {
-            None => Err(DecodeError::UnknownKey { key: key.into() }),
+            None => Err(SkipReason::UnknownKey { key: key.into() }),
             Some(ClusterKey::Synced { cluster, kind }) => Ok(Decoded::Synced(cluster, kind)),
             Some(ClusterKey::Object {
                 cluster,
@@ -458,7 +458,7 @@ impl State {
 
     /// The key of `(cluster, kind, name)`, the cluster name shared with every other key
     /// of that cluster.
-    fn key(&mut self, cluster: String, kind: Kind, name: String) -> ObjKey {
+    fn key(&mut self, cluster: String, kind: Kind, name: String) -> IndexKey {
         let cluster = match self.cluster_names.get(cluster.as_str()) {
             Some(c) => c.clone(),
             None => {
@@ -467,19 +467,19 @@ impl State {
                 c
             }
         };
-        ObjKey {
+        IndexKey {
             cluster,
             kind: kind as i32,
             name,
         }
     }
 
-    fn skip(&self, err: &DecodeError) {
+    fn skip(&self, err: &SkipReason) {
         warn!(error = %err, "skipping an undecodable entry under clusters/");
         Metrics::inc_reason(&self.metrics.decode_errors, err.reason());
     }
 
-    fn count(&mut self, key: &ObjKey, delta: i64) {
+    fn count(&mut self, key: &IndexKey, delta: i64) {
         let c = self
             .counts
             .entry((key.cluster.clone(), key.kind))
@@ -495,17 +495,17 @@ impl State {
             .set(v as i64);
     }
 
-    fn event(key: &ObjKey, revision: i64, value: Option<pb::event::Value>) -> Arc<Obj> {
+    fn event(key: &IndexKey, revision: i64, value: Option<pb::event::Value>) -> Arc<Obj> {
         Arc::new(Obj::new(key, revision, value))
     }
 
     /// Puts or deletes one object; returns the change when something changed.
     fn set(
         &mut self,
-        key: ObjKey,
+        key: IndexKey,
         revision: i64,
         value: Option<pb::event::Value>,
-    ) -> Option<Change> {
+    ) -> Option<IndexChange> {
         let span = tracing::trace_span!("apply", cluster = %key.cluster, kind = kind_name(kind_of(key.kind)), name = %key.name, revision);
         let _e = span.enter();
         match value {
@@ -514,12 +514,12 @@ impl State {
                 if self.objects.insert(key.clone(), ev.clone()).is_none() {
                     self.count(&key, 1);
                 }
-                Some(Change::Object(ev))
+                Some(IndexChange::Object(ev))
             }
             None => {
                 self.objects.remove(&key)?;
                 self.count(&key, -1);
-                Some(Change::Object(Self::event(&key, revision, None)))
+                Some(IndexChange::Object(Self::event(&key, revision, None)))
             }
         }
     }
@@ -551,7 +551,7 @@ impl State {
                     if raw.value.is_some() {
                         if !self.synced.contains_key(&k) {
                             self.synced.insert(k.clone(), raw.mod_revision);
-                            changes.push(Change::Synced { cluster: k.0, kind });
+                            changes.push(IndexChange::Synced { cluster: k.0, kind });
                         }
                     } else {
                         self.synced.remove(&k);
@@ -561,7 +561,7 @@ impl State {
                     self.skip(&err);
                     // A key that held a valid value and now holds garbage: the old value
                     // is no longer what etcd says, so it is withdrawn rather than kept.
-                    if let DecodeError::Value { key, .. } = &err
+                    if let SkipReason::Value { key, .. } = &err
                         && let Some(ClusterKey::Object {
                             cluster,
                             kind,
@@ -658,7 +658,7 @@ impl State {
         }
 
         let mut changes = Vec::new();
-        let vanished: Vec<ObjKey> = self
+        let vanished: Vec<IndexKey> = self
             .objects
             .keys()
             .filter(|k| !objects.contains_key(*k))
@@ -678,12 +678,12 @@ impl State {
                 if self.objects.insert(key.clone(), ev.clone()).is_none() {
                     self.count(&key, 1);
                 }
-                changes.push(Change::Object(ev));
+                changes.push(IndexChange::Object(ev));
             }
         }
         for (k, rev) in &synced {
             if !self.synced.contains_key(k) {
-                changes.push(Change::Synced {
+                changes.push(IndexChange::Synced {
                     cluster: k.0.clone(),
                     kind: kind_of(k.1),
                 });
@@ -701,7 +701,7 @@ impl State {
 
     /// Records a batch in the history and fans it out. Never blocks: a subscriber whose
     /// buffer is full is cut off and told it lagged.
-    fn publish(&mut self, revision: i64, changes: Vec<Change>) {
+    fn publish(&mut self, revision: i64, changes: Vec<IndexChange>) {
         self.revision = revision;
         self.metrics.index_revision.set(revision);
         let batch = Arc::new(Batch { revision, changes });
@@ -839,20 +839,20 @@ impl State {
             }) = self.keys.parse(key)
                 && filter(&cluster, kind)
             {
-                let k = ObjKey {
+                let k = IndexKey {
                     cluster: cluster.into(),
                     kind: kind as i32,
                     name,
                 };
                 if !self.objects.contains_key(&k) {
-                    changes.push(Change::Object(Self::event(&k, self.revision, None)));
+                    changes.push(IndexChange::Object(Self::event(&k, self.revision, None)));
                 }
                 before.insert(k);
             }
         }
         for (k, ev) in &self.objects {
             if filter(&k.cluster, kind_of(k.kind)) && ev.revision > from {
-                changes.push(Change::Object(ev.clone()));
+                changes.push(IndexChange::Object(ev.clone()));
             }
         }
         info!(
@@ -899,7 +899,7 @@ impl State {
                     kind,
                     name,
                 }) => {
-                    let k = ObjKey {
+                    let k = IndexKey {
                         cluster: cluster.into(),
                         kind: kind as i32,
                         name,

@@ -72,7 +72,7 @@ async fn snapshot_then_live_batches() {
     let b = batch_of(sub.next().await);
     assert_eq!(b.revision, 6);
     assert_eq!(b.changes.len(), 2, "one watch response is one batch");
-    let Change::Object(ev) = &b.changes[1] else {
+    let IndexChange::Object(ev) = &b.changes[1] else {
         panic!()
     };
     assert_eq!((ev.name().as_str(), ev.deleted), ("n1", true));
@@ -167,8 +167,8 @@ async fn a_subscriber_older_than_the_history_gets_the_difference_as_one_batch() 
         .changes
         .iter()
         .map(|c| match c {
-            Change::Object(e) => format!("{}:{}", e.name(), !e.deleted),
-            Change::Synced { .. } => panic!("no synced in the diff"),
+            IndexChange::Object(e) => format!("{}:{}", e.name(), !e.deleted),
+            IndexChange::Synced { .. } => panic!("no synced in the diff"),
         })
         .collect();
     got.sort();
@@ -235,8 +235,8 @@ async fn corrupt_value_is_skipped_and_withdraws_the_old_value() {
         .changes
         .iter()
         .map(|c| match c {
-            Change::Object(e) => (e.name(), !e.deleted),
-            Change::Synced { .. } => panic!("unexpected synced"),
+            IndexChange::Object(e) => (e.name(), !e.deleted),
+            IndexChange::Synced { .. } => panic!("unexpected synced"),
         })
         .collect();
     assert_eq!(got, [("n1".to_string(), false), ("n2".to_string(), true)]);
@@ -272,8 +272,8 @@ async fn relist_diff_emits_deletes_for_vanished_keys() {
         .changes
         .iter()
         .map(|c| match c {
-            Change::Object(e) => format!("{}:{}", e.name(), !e.deleted),
-            Change::Synced { cluster, kind } => format!("synced {cluster} {kind:?}"),
+            IndexChange::Object(e) => format!("{}:{}", e.name(), !e.deleted),
+            IndexChange::Synced { cluster, kind } => format!("synced {cluster} {kind:?}"),
         })
         .collect();
     assert_eq!(got, ["n1:false", "n3:true", "synced a Node"]);

@@ -130,12 +130,12 @@ impl fmt::Display for ResourceKind {
 
 /// `namespace/name` of a namespaced object; `name` alone (empty namespace) otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ObjKey {
+pub struct KubeObjectKey {
     pub namespace: String,
     pub name: String,
 }
 
-impl ObjKey {
+impl KubeObjectKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
@@ -144,7 +144,7 @@ impl ObjKey {
     }
 }
 
-impl fmt::Display for ObjKey {
+impl fmt::Display for KubeObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.namespace.is_empty() {
             f.write_str(&self.name)
@@ -159,7 +159,7 @@ impl fmt::Display for ObjKey {
 /// What the mesh needs of a Service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceInfo {
-    pub key: ObjKey,
+    pub key: KubeObjectKey,
     pub uid: Option<String>,
     pub annotations: ServiceAnnotations,
     /// Problems found in the Cilium annotations (their values were treated as unset).
@@ -190,7 +190,7 @@ pub struct SlicePort {
 /// What the mesh needs of an EndpointSlice (IPv4 slices only; others are kept empty).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SliceInfo {
-    pub key: ObjKey,
+    pub key: KubeObjectKey,
     /// The Service named by the `kubernetes.io/service-name` label.
     pub service: Option<String>,
     pub endpoints: Vec<SliceEndpoint>,
@@ -200,7 +200,7 @@ pub struct SliceInfo {
 /// What the mesh needs of a Pod.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodInfo {
-    pub key: ObjKey,
+    pub key: KubeObjectKey,
     pub labels: BTreeMap<String, String>,
     pub node: String,
     pub host_network: bool,
@@ -233,14 +233,14 @@ pub struct NamespaceInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyInfo {
     pub kind: PolicyKind,
-    pub key: ObjKey,
+    pub key: KubeObjectKey,
     pub uid: Option<String>,
     pub object: serde_json::Value,
 }
 
 /// A slim Kubernetes object of one of the watched kinds.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Object {
+pub enum SlimObject {
     Service(ServiceInfo),
     EndpointSlice(SliceInfo),
     Pod(PodInfo),
@@ -249,26 +249,26 @@ pub enum Object {
     Policy(PolicyInfo),
 }
 
-impl Object {
+impl SlimObject {
     pub fn kind(&self) -> ResourceKind {
         match self {
-            Object::Service(_) => ResourceKind::Service,
-            Object::EndpointSlice(_) => ResourceKind::EndpointSlice,
-            Object::Pod(_) => ResourceKind::Pod,
-            Object::Node(_) => ResourceKind::Node,
-            Object::Namespace(_) => ResourceKind::Namespace,
-            Object::Policy(p) => ResourceKind::of_policy(p.kind),
+            SlimObject::Service(_) => ResourceKind::Service,
+            SlimObject::EndpointSlice(_) => ResourceKind::EndpointSlice,
+            SlimObject::Pod(_) => ResourceKind::Pod,
+            SlimObject::Node(_) => ResourceKind::Node,
+            SlimObject::Namespace(_) => ResourceKind::Namespace,
+            SlimObject::Policy(p) => ResourceKind::of_policy(p.kind),
         }
     }
 
-    pub fn key(&self) -> ObjKey {
+    pub fn key(&self) -> KubeObjectKey {
         match self {
-            Object::Service(s) => s.key.clone(),
-            Object::EndpointSlice(s) => s.key.clone(),
-            Object::Pod(p) => p.key.clone(),
-            Object::Node(n) => ObjKey::new("", n.name.clone()),
-            Object::Namespace(n) => ObjKey::new("", n.name.clone()),
-            Object::Policy(p) => p.key.clone(),
+            SlimObject::Service(s) => s.key.clone(),
+            SlimObject::EndpointSlice(s) => s.key.clone(),
+            SlimObject::Pod(p) => p.key.clone(),
+            SlimObject::Node(n) => KubeObjectKey::new("", n.name.clone()),
+            SlimObject::Namespace(n) => KubeObjectKey::new("", n.name.clone()),
+            SlimObject::Policy(p) => p.key.clone(),
         }
     }
 }
@@ -276,11 +276,11 @@ impl Object {
 /// What a watcher tells the model.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceEvent {
-    Apply(Object),
-    Delete(ResourceKind, ObjKey),
+    Apply(SlimObject),
+    Delete(ResourceKind, KubeObjectKey),
     /// A (re)list of the kind starts: buffer until `InitDone`.
     Init(ResourceKind),
-    InitApply(Object),
+    InitApply(SlimObject),
     /// The (re)list is complete: replace the kind's contents with the buffer.
     InitDone(ResourceKind),
 }
@@ -295,8 +295,8 @@ fn obj_name(obj: &DynamicObject) -> String {
     }
 }
 
-pub(super) fn key_of(obj: &DynamicObject) -> ObjKey {
-    ObjKey::new(
+pub(super) fn key_of(obj: &DynamicObject) -> KubeObjectKey {
+    KubeObjectKey::new(
         obj.metadata.namespace.clone().unwrap_or_default(),
         obj.metadata.name.clone().unwrap_or_default(),
     )
@@ -329,10 +329,10 @@ fn parse_protocol(
     kind: ResourceKind,
     name: &str,
     value: Option<&str>,
-) -> Result<Protocol, DecodeError> {
+) -> Result<Protocol, KubeDecodeError> {
     match value {
         None | Some("") => Ok(Protocol::Tcp),
-        Some(p) => p.parse().map_err(|_| DecodeError::Invalid {
+        Some(p) => p.parse().map_err(|_| KubeDecodeError::Invalid {
             kind,
             name: name.to_string(),
             reason: format!("unknown protocol {p:?}"),
@@ -340,11 +340,11 @@ fn parse_protocol(
     }
 }
 
-fn parse_port(kind: ResourceKind, name: &str, value: i32) -> Result<u16, DecodeError> {
+fn parse_port(kind: ResourceKind, name: &str, value: i32) -> Result<u16, KubeDecodeError> {
     u16::try_from(value)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| DecodeError::Invalid {
+        .ok_or_else(|| KubeDecodeError::Invalid {
             kind,
             name: name.to_string(),
             reason: format!("port {value} is not in 1..=65535"),
@@ -352,37 +352,39 @@ fn parse_port(kind: ResourceKind, name: &str, value: i32) -> Result<u16, DecodeE
 }
 
 /// Decodes a watched object into its slim form. The object's own kind decides the type.
-pub fn decode(kind: ResourceKind, obj: DynamicObject) -> Result<Object, DecodeError> {
+pub fn decode(kind: ResourceKind, obj: DynamicObject) -> Result<SlimObject, KubeDecodeError> {
     let name = obj_name(&obj);
-    let json_err = |source| DecodeError::Json {
+    let json_err = |source| KubeDecodeError::Json {
         kind,
         name: name.clone(),
         source,
     };
     let value = serde_json::to_value(obj).map_err(json_err)?;
     Ok(match kind {
-        ResourceKind::Service => Object::Service(slim_service(
+        ResourceKind::Service => SlimObject::Service(slim_service(
             serde_json::from_value(value).map_err(json_err)?,
         )?),
-        ResourceKind::EndpointSlice => Object::EndpointSlice(slim_slice(
+        ResourceKind::EndpointSlice => SlimObject::EndpointSlice(slim_slice(
             serde_json::from_value(value).map_err(json_err)?,
         )?),
         ResourceKind::Pod => {
-            Object::Pod(slim_pod(serde_json::from_value(value).map_err(json_err)?))
+            SlimObject::Pod(slim_pod(serde_json::from_value(value).map_err(json_err)?))
         }
         ResourceKind::Node => {
-            Object::Node(slim_node(serde_json::from_value(value).map_err(json_err)?))
+            SlimObject::Node(slim_node(serde_json::from_value(value).map_err(json_err)?))
         }
         ResourceKind::Namespace => {
             let ns: corev1::Namespace = serde_json::from_value(value).map_err(json_err)?;
-            Object::Namespace(NamespaceInfo {
+            SlimObject::Namespace(NamespaceInfo {
                 name: ns.metadata.name.unwrap_or_default(),
                 labels: ns.metadata.labels.unwrap_or_default(),
             })
         }
         ResourceKind::NetworkPolicy
         | ResourceKind::CiliumNetworkPolicy
-        | ResourceKind::CiliumClusterwideNetworkPolicy => Object::Policy(slim_policy(kind, value)),
+        | ResourceKind::CiliumClusterwideNetworkPolicy => {
+            SlimObject::Policy(slim_policy(kind, value))
+        }
     })
 }
 
@@ -411,7 +413,7 @@ pub fn slim_policy(kind: ResourceKind, value: serde_json::Value) -> PolicyInfo {
     }
     PolicyInfo {
         kind: policy_kind,
-        key: ObjKey::new(
+        key: KubeObjectKey::new(
             if policy_kind.is_namespaced() {
                 namespace
             } else {
@@ -424,15 +426,15 @@ pub fn slim_policy(kind: ResourceKind, value: serde_json::Value) -> PolicyInfo {
     }
 }
 
-fn meta_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
-    ObjKey::new(
+fn meta_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> KubeObjectKey {
+    KubeObjectKey::new(
         meta.namespace.clone().unwrap_or_default(),
         meta.name.clone().unwrap_or_default(),
     )
 }
 
 /// Slims a Service. Annotation problems are kept on the object for the publisher to report.
-pub fn slim_service(svc: corev1::Service) -> Result<ServiceInfo, DecodeError> {
+pub fn slim_service(svc: corev1::Service) -> Result<ServiceInfo, KubeDecodeError> {
     let kind = ResourceKind::Service;
     let key = meta_key(&svc.metadata);
     let name = key.to_string();
@@ -477,7 +479,7 @@ pub fn slim_service(svc: corev1::Service) -> Result<ServiceInfo, DecodeError> {
 
 /// Slims an EndpointSlice. Conditions follow the EndpointSlice API: `ready` unset means
 /// ready, `serving` unset means the value of `ready`, `terminating` unset means false.
-pub fn slim_slice(slice: discoveryv1::EndpointSlice) -> Result<SliceInfo, DecodeError> {
+pub fn slim_slice(slice: discoveryv1::EndpointSlice) -> Result<SliceInfo, KubeDecodeError> {
     let kind = ResourceKind::EndpointSlice;
     let key = meta_key(&slice.metadata);
     let name = key.to_string();

@@ -31,7 +31,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Errors decoding a Kubernetes object into its slim form.
 #[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
+pub enum KubeDecodeError {
     #[error("{kind} {name}: cannot decode: {source}")]
     Json {
         kind: ResourceKind,

@@ -115,10 +115,10 @@ pub fn build_service<'a>(
 /// The mesh objects a change may have touched. The publisher recomputes exactly these.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Dirty {
-    pub services: BTreeSet<ObjKey>,
+    pub services: BTreeSet<KubeObjectKey>,
     pub endpoints: BTreeSet<IpAddr>,
     pub nodes: BTreeSet<String>,
-    pub policies: BTreeSet<(PolicyKind, ObjKey)>,
+    pub policies: BTreeSet<(PolicyKind, KubeObjectKey)>,
 }
 
 impl Dirty {
@@ -133,17 +133,17 @@ impl Dirty {
 /// The cluster as the watchers see it. One writer; every mutation records what it touched.
 #[derive(Debug, Default)]
 pub struct ClusterModel {
-    services: BTreeMap<ObjKey, ServiceInfo>,
-    slices: BTreeMap<ObjKey, SliceInfo>,
+    services: BTreeMap<KubeObjectKey, ServiceInfo>,
+    slices: BTreeMap<KubeObjectKey, SliceInfo>,
     /// (namespace, service name) -> slice names
-    slices_by_service: HashMap<ObjKey, BTreeSet<String>>,
-    pods: BTreeMap<ObjKey, PodInfo>,
-    pods_by_ip: HashMap<IpAddr, BTreeSet<ObjKey>>,
+    slices_by_service: HashMap<KubeObjectKey, BTreeSet<String>>,
+    pods: BTreeMap<KubeObjectKey, PodInfo>,
+    pods_by_ip: HashMap<IpAddr, BTreeSet<KubeObjectKey>>,
     nodes: BTreeMap<String, NodeInfo>,
     namespaces: BTreeMap<String, NamespaceInfo>,
-    policies: BTreeMap<(PolicyKind, ObjKey), PolicyInfo>,
+    policies: BTreeMap<(PolicyKind, KubeObjectKey), PolicyInfo>,
     synced: HashSet<ResourceKind>,
-    relists: HashMap<ResourceKind, Vec<Object>>,
+    relists: HashMap<ResourceKind, Vec<SlimObject>>,
     dirty: Dirty,
 }
 
@@ -192,7 +192,7 @@ impl ClusterModel {
     /// Marks the endpoints of every pod of `namespace` dirty: their identities carry the
     /// Namespace's labels.
     fn namespace_changed(&mut self, namespace: &str) {
-        let from = ObjKey::new(namespace, "");
+        let from = KubeObjectKey::new(namespace, "");
         for (key, pod) in self.pods.range(from..) {
             if key.namespace != namespace {
                 break;
@@ -201,18 +201,18 @@ impl ClusterModel {
         }
     }
 
-    pub fn apply(&mut self, obj: Object) {
+    pub fn apply(&mut self, obj: SlimObject) {
         let key = obj.key();
         let _span = info_span!("apply", kind = %obj.kind(), object = %key).entered();
         match obj {
-            Object::Service(s) => {
+            SlimObject::Service(s) => {
                 self.dirty.services.insert(key.clone());
                 self.services.insert(key, s);
             }
-            Object::EndpointSlice(s) => {
+            SlimObject::EndpointSlice(s) => {
                 self.remove_slice(&key);
                 if let Some(svc) = &s.service {
-                    let svc_key = ObjKey::new(key.namespace.clone(), svc.clone());
+                    let svc_key = KubeObjectKey::new(key.namespace.clone(), svc.clone());
                     self.slices_by_service
                         .entry(svc_key.clone())
                         .or_default()
@@ -221,7 +221,7 @@ impl ClusterModel {
                 }
                 self.slices.insert(key, s);
             }
-            Object::Pod(p) => {
+            SlimObject::Pod(p) => {
                 self.remove_pod(&key);
                 for ip in &p.ips {
                     self.pods_by_ip.entry(*ip).or_default().insert(key.clone());
@@ -229,11 +229,11 @@ impl ClusterModel {
                 }
                 self.pods.insert(key, p);
             }
-            Object::Node(n) => {
+            SlimObject::Node(n) => {
                 self.dirty.nodes.insert(n.name.clone());
                 self.nodes.insert(n.name.clone(), n);
             }
-            Object::Namespace(n) => {
+            SlimObject::Namespace(n) => {
                 let name = n.name.clone();
                 let changed = self.namespaces.get(&name).map(|o| &o.labels) != Some(&n.labels);
                 self.namespaces.insert(name.clone(), n);
@@ -241,7 +241,7 @@ impl ClusterModel {
                     self.namespace_changed(&name);
                 }
             }
-            Object::Policy(p) => {
+            SlimObject::Policy(p) => {
                 let k = (p.kind, key);
                 self.dirty.policies.insert(k.clone());
                 self.policies.insert(k, p);
@@ -249,7 +249,7 @@ impl ClusterModel {
         }
     }
 
-    pub fn delete(&mut self, kind: ResourceKind, key: &ObjKey) {
+    pub fn delete(&mut self, kind: ResourceKind, key: &KubeObjectKey) {
         let _span = info_span!("delete", %kind, object = %key).entered();
         match kind {
             ResourceKind::Service => {
@@ -284,22 +284,22 @@ impl ClusterModel {
     /// Replaces every object of `kind` with `objs` (a relist). Objects that are gone are
     /// deleted; the rest are applied (unchanged ones produce no change downstream: the
     /// store writes only values that differ).
-    pub fn reset(&mut self, kind: ResourceKind, objs: Vec<Object>) {
+    pub fn reset(&mut self, kind: ResourceKind, objs: Vec<SlimObject>) {
         let _span = info_span!("reset", %kind, objects = objs.len()).entered();
-        let new_keys: HashSet<ObjKey> = objs.iter().map(Object::key).collect();
-        let old_keys: Vec<ObjKey> = match kind {
+        let new_keys: HashSet<KubeObjectKey> = objs.iter().map(SlimObject::key).collect();
+        let old_keys: Vec<KubeObjectKey> = match kind {
             ResourceKind::Service => self.services.keys().cloned().collect(),
             ResourceKind::EndpointSlice => self.slices.keys().cloned().collect(),
             ResourceKind::Pod => self.pods.keys().cloned().collect(),
             ResourceKind::Node => self
                 .nodes
                 .keys()
-                .map(|n| ObjKey::new("", n.clone()))
+                .map(|n| KubeObjectKey::new("", n.clone()))
                 .collect(),
             ResourceKind::Namespace => self
                 .namespaces
                 .keys()
-                .map(|n| ObjKey::new("", n.clone()))
+                .map(|n| KubeObjectKey::new("", n.clone()))
                 .collect(),
             ResourceKind::NetworkPolicy
             | ResourceKind::CiliumNetworkPolicy
@@ -325,12 +325,12 @@ impl ClusterModel {
         }
     }
 
-    fn remove_slice(&mut self, key: &ObjKey) {
+    fn remove_slice(&mut self, key: &KubeObjectKey) {
         let Some(old) = self.slices.remove(key) else {
             return;
         };
         if let Some(svc) = old.service {
-            let svc_key = ObjKey::new(key.namespace.clone(), svc);
+            let svc_key = KubeObjectKey::new(key.namespace.clone(), svc);
             if let Some(set) = self.slices_by_service.get_mut(&svc_key) {
                 set.remove(&key.name);
                 if set.is_empty() {
@@ -341,7 +341,7 @@ impl ClusterModel {
         }
     }
 
-    fn remove_pod(&mut self, key: &ObjKey) {
+    fn remove_pod(&mut self, key: &KubeObjectKey) {
         let Some(old) = self.pods.remove(key) else {
             return;
         };
@@ -358,7 +358,7 @@ impl ClusterModel {
 
     // --- queries ---
 
-    pub fn service(&self, key: &ObjKey) -> Option<&ServiceInfo> {
+    pub fn service(&self, key: &KubeObjectKey) -> Option<&ServiceInfo> {
         self.services.get(key)
     }
 
@@ -367,18 +367,22 @@ impl ClusterModel {
     }
 
     /// The EndpointSlices of a Service, in name order.
-    pub fn slices_of(&self, svc: &ObjKey) -> impl Iterator<Item = &SliceInfo> {
+    pub fn slices_of(&self, svc: &KubeObjectKey) -> impl Iterator<Item = &SliceInfo> {
         self.slices_by_service
             .get(svc)
             .into_iter()
             .flatten()
             .filter_map(move |name| {
                 self.slices
-                    .get(&ObjKey::new(svc.namespace.clone(), name.clone()))
+                    .get(&KubeObjectKey::new(svc.namespace.clone(), name.clone()))
             })
     }
 
-    pub fn global_service(&self, cluster: &ClusterName, key: &ObjKey) -> Option<GlobalService> {
+    pub fn global_service(
+        &self,
+        cluster: &ClusterName,
+        key: &KubeObjectKey,
+    ) -> Option<GlobalService> {
         let svc = self.services.get(key)?;
         build_service(cluster, svc, self.slices_of(key))
     }
@@ -415,7 +419,7 @@ impl ClusterModel {
         pod_identity_labels(cluster, pod, self.namespace(&pod.key.namespace))
     }
 
-    pub fn policy(&self, kind: PolicyKind, key: &ObjKey) -> Option<&PolicyInfo> {
+    pub fn policy(&self, kind: PolicyKind, key: &KubeObjectKey) -> Option<&PolicyInfo> {
         self.policies.get(&(kind, key.clone()))
     }
 

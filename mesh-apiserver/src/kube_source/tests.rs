@@ -27,7 +27,7 @@ fn service(annotations: serde_json::Value) -> ServiceInfo {
         }
     }));
     match decode(ResourceKind::Service, obj).unwrap() {
-        Object::Service(s) => s,
+        SlimObject::Service(s) => s,
         o => panic!("{o:?}"),
     }
 }
@@ -41,7 +41,7 @@ fn slice(name: &str, endpoints: serde_json::Value, ports: serde_json::Value) -> 
         "ports": ports,
     }));
     match decode(ResourceKind::EndpointSlice, obj).unwrap() {
-        Object::EndpointSlice(s) => s,
+        SlimObject::EndpointSlice(s) => s,
         o => panic!("{o:?}"),
     }
 }
@@ -55,7 +55,7 @@ fn pod(name: &str, ip: &str, phase: &str, host_network: bool) -> PodInfo {
         "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.168.0.1"}
     }));
     match decode(ResourceKind::Pod, obj).unwrap() {
-        Object::Pod(p) => p,
+        SlimObject::Pod(p) => p,
         o => panic!("{o:?}"),
     }
 }
@@ -179,12 +179,12 @@ fn shared_false() {
 #[test]
 fn a_namespace_label_change_dirties_the_endpoints_of_its_pods() {
     let mut m = ClusterModel::new();
-    m.apply(Object::Pod(pod("a", "10.0.0.1", "Running", false)));
+    m.apply(SlimObject::Pod(pod("a", "10.0.0.1", "Running", false)));
     let mut other = pod("b", "10.0.0.2", "Running", false);
     other.key.namespace = "other".into();
-    m.apply(Object::Pod(other));
+    m.apply(SlimObject::Pod(other));
     let ns = |team: &str| {
-        Object::Namespace(NamespaceInfo {
+        SlimObject::Namespace(NamespaceInfo {
             name: "ns".into(),
             labels: BTreeMap::from([("team".to_string(), team.to_string())]),
         })
@@ -202,7 +202,7 @@ fn a_namespace_label_change_dirties_the_endpoints_of_its_pods() {
             .get("io.cilium.k8s.namespace.labels.team"),
         Some("red")
     );
-    m.delete(ResourceKind::Namespace, &ObjKey::new("", "ns"));
+    m.delete(ResourceKind::Namespace, &KubeObjectKey::new("", "ns"));
     assert_eq!(m.take_dirty().endpoints, BTreeSet::from([ip]));
 }
 
@@ -214,10 +214,10 @@ fn policies_are_slimmed_to_what_the_parser_reads() {
                       "managedFields": [{"manager": "kubectl"}], "annotations": {"a": "b"}},
         "spec": {"endpointSelector": {}, "ingress": [{}]}
     }));
-    let Object::Policy(p) = decode(ResourceKind::CiliumNetworkPolicy, obj).unwrap() else {
+    let SlimObject::Policy(p) = decode(ResourceKind::CiliumNetworkPolicy, obj).unwrap() else {
         panic!("not a policy")
     };
-    assert_eq!(p.key, ObjKey::new("shop", "p"));
+    assert_eq!(p.key, KubeObjectKey::new("shop", "p"));
     assert_eq!(p.uid.as_deref(), Some("u1"));
     assert_eq!(
         p.object,
@@ -226,7 +226,7 @@ fn policies_are_slimmed_to_what_the_parser_reads() {
                "spec": {"endpointSelector": {}, "ingress": [{}]}})
     );
     let mut m = ClusterModel::new();
-    m.apply(Object::Policy(p.clone()));
+    m.apply(SlimObject::Policy(p.clone()));
     assert_eq!(
         m.take_dirty().policies,
         BTreeSet::from([(PolicyKind::CiliumNetworkPolicy, p.key.clone())])
@@ -285,7 +285,7 @@ fn node_slimming() {
         "spec": {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24", "fd00:1::/64"]},
         "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}, {"type": "Hostname", "address": "n1"}, {"type": "InternalIP", "address": "bogus"}]}
     }));
-    let Object::Node(n) = decode(ResourceKind::Node, obj).unwrap() else {
+    let SlimObject::Node(n) = decode(ResourceKind::Node, obj).unwrap() else {
         panic!()
     };
     let node = build_node(&cluster(), &n);
@@ -302,8 +302,8 @@ fn model_relist_and_dirty() {
     let a = pod("a", "10.0.0.1", "Running", false);
     let b = pod("b", "10.0.0.2", "Running", false);
     m.handle(SourceEvent::Init(ResourceKind::Pod));
-    m.handle(SourceEvent::InitApply(Object::Pod(a.clone())));
-    m.handle(SourceEvent::InitApply(Object::Pod(b.clone())));
+    m.handle(SourceEvent::InitApply(SlimObject::Pod(a.clone())));
+    m.handle(SourceEvent::InitApply(SlimObject::Pod(b.clone())));
     assert!(!m.is_synced(ResourceKind::Pod));
     assert!(
         m.endpoint_pod(&a.ips[0]).is_none(),
@@ -314,7 +314,7 @@ fn model_relist_and_dirty() {
     assert_eq!(m.take_dirty().endpoints.len(), 2);
     // Relist without b: b's IP becomes dirty and has no pod.
     m.handle(SourceEvent::Init(ResourceKind::Pod));
-    m.handle(SourceEvent::InitApply(Object::Pod(a.clone())));
+    m.handle(SourceEvent::InitApply(SlimObject::Pod(a.clone())));
     m.handle(SourceEvent::InitDone(ResourceKind::Pod));
     let d = m.take_dirty();
     assert!(d.endpoints.contains(&b.ips[0]));
@@ -322,7 +322,7 @@ fn model_relist_and_dirty() {
     assert!(m.endpoint_pod(&a.ips[0]).is_some());
     // A pod moving IP dirties both IPs.
     let a2 = pod("a", "10.0.0.9", "Running", false);
-    m.handle(SourceEvent::Apply(Object::Pod(a2)));
+    m.handle(SourceEvent::Apply(SlimObject::Pod(a2)));
     let d = m.take_dirty();
     assert_eq!(d.endpoints.len(), 2);
     assert!(m.endpoint_pod(&a.ips[0]).is_none());
@@ -332,13 +332,13 @@ fn model_relist_and_dirty() {
 fn model_slices_follow_services() {
     let mut m = ClusterModel::new();
     let svc = service(json!({"service.cilium.io/global": "true"}));
-    m.handle(SourceEvent::Apply(Object::Service(svc.clone())));
+    m.handle(SourceEvent::Apply(SlimObject::Service(svc.clone())));
     let s = slice(
         "web-a",
         json!([{"addresses": ["10.0.0.1"]}]),
         json!([{"name": "http", "port": 80}]),
     );
-    m.handle(SourceEvent::Apply(Object::EndpointSlice(s.clone())));
+    m.handle(SourceEvent::Apply(SlimObject::EndpointSlice(s.clone())));
     let d = m.take_dirty();
     assert_eq!(d.services.iter().collect::<Vec<_>>(), vec![&svc.key]);
     assert_eq!(
@@ -367,8 +367,8 @@ fn ip_shared_by_two_pods_prefers_running() {
     let mut old = pod("old", "10.0.0.1", "Running", false);
     old.terminating = true;
     let new = pod("new", "10.0.0.1", "Running", false);
-    m.apply(Object::Pod(old));
-    m.apply(Object::Pod(new));
+    m.apply(SlimObject::Pod(old));
+    m.apply(SlimObject::Pod(new));
     assert_eq!(
         m.endpoint_pod(&"10.0.0.1".parse().unwrap())
             .unwrap()
@@ -376,7 +376,7 @@ fn ip_shared_by_two_pods_prefers_running() {
             .name,
         "new"
     );
-    m.delete(ResourceKind::Pod, &ObjKey::new("ns", "new"));
+    m.delete(ResourceKind::Pod, &KubeObjectKey::new("ns", "new"));
     assert_eq!(
         m.endpoint_pod(&"10.0.0.1".parse().unwrap())
             .unwrap()

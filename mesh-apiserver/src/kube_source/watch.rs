@@ -51,7 +51,7 @@ async fn watch_kind(
         .boxed();
     // A policy type the API does not serve is an empty list, logged once (module docs).
     let mut absent = false;
-    let decode_one = |obj: DynamicObject| -> Option<Object> {
+    let decode_one = |obj: DynamicObject| -> Option<SlimObject> {
         let key = key_of(&obj);
         match decode(kind, obj) {
             Ok(o) => Some(o),

@@ -15,7 +15,7 @@ use mesh_core::{Backoff, ClusterConfig, ClusterName};
 use mesh_proto::client::{
     ResumePoint, Watch, WatchError, WatchStats, WatchUpdate, connect_fn, spawn_watch_from,
 };
-use mesh_proto::convert::{Object, encode_value};
+use mesh_proto::convert::{WatchedObject, encode_value};
 use mesh_proto::keys::{ALL_KINDS, ClusterKey, Keys};
 use mesh_proto::pb::{self, Kind, mesh_client::MeshClient};
 use mesh_proto::tls::{self, ClientEndpoint, ClientTls, TlsError, TlsIdentity};
@@ -876,7 +876,8 @@ impl Worker {
     /// Domain checks of an object of the peer: it decodes, it names no other cluster, its
     /// identities are in the peer's range.
     fn check_object(&self, value: &pb::event::Value) -> Result<(), (&'static str, String)> {
-        let object = Object::try_from(value.clone()).map_err(|e| ("invalid", e.to_string()))?;
+        let object =
+            WatchedObject::try_from(value.clone()).map_err(|e| ("invalid", e.to_string()))?;
         if let Some(c) = object.cluster()
             && c != &self.spec.name
         {
@@ -886,8 +887,8 @@ impl Worker {
             ));
         }
         let identity = match &object {
-            Object::Identity(i) => Some(i.id),
-            Object::Endpoint(e) => Some(e.identity),
+            WatchedObject::Identity(i) => Some(i.id),
+            WatchedObject::Endpoint(e) => Some(e.identity),
             _ => None,
         };
         if let Some(id) = identity {
