@@ -35,10 +35,6 @@ use mesh_core::{ClusterConfig, ClusterName, IdentityId};
 use mesh_proto::convert::PolicyObject;
 use mesh_proto::keys::{ClusterKey, Keys};
 use mesh_proto::pb;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -51,6 +47,8 @@ use crate::kube_source::{
     self, ClusterModel, KubeObjectKey, PolicyInfo, ResourceKind, ServiceInfo,
 };
 use crate::leader::{self, Elector, IsLeader, LeaderConfig, LeaderSignal};
+pub use crate::metrics::PublisherMetrics;
+use crate::metrics::{KindLabel, PolicyProblemLabels};
 use crate::store::{self, EtcdStore, Fence, KeyChange};
 
 #[derive(Debug, thiserror::Error)]
@@ -118,177 +116,6 @@ impl PublisherConfig {
             max_txn_ops: store::DEFAULT_MAX_TXN_OPS,
             kube_events: true,
         }
-    }
-}
-
-// ===== metrics =====
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabel {
-    kind: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PolicyProblemLabels {
-    kind: String,
-    reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WriteLabels {
-    kind: String,
-    op: String,
-}
-
-/// The publisher's metrics, all named `mesh_publisher_*`.
-#[derive(Debug, Default)]
-pub struct PublisherMetrics {
-    objects: Family<KindLabel, Gauge>,
-    writes: Family<WriteLabels, Counter>,
-    txns: Counter,
-    annotation_problems: Counter,
-    policy_problems: Family<PolicyProblemLabels, Counter>,
-    decode_failures: Family<KindLabel, Counter>,
-    watch_errors: Family<KindLabel, Counter>,
-    synced: Family<KindLabel, Gauge>,
-    identities: Gauge,
-    identity_allocations: Counter,
-    identities_collected: Counter,
-    leader: Gauge,
-    terms: Counter,
-    kube_events: Counter,
-    kube_event_failures: Counter,
-}
-
-impl PublisherMetrics {
-    /// Creates the metrics and registers them in `registry`.
-    pub fn register(registry: &mut Registry) -> Arc<Self> {
-        let m = Self::default();
-        let r = registry.sub_registry_with_prefix("mesh_publisher");
-        r.register(
-            "objects",
-            "Objects this cluster has in etcd, by kind",
-            m.objects.clone(),
-        );
-        r.register(
-            "writes",
-            "Keys written to etcd, by kind and op (put, delete)",
-            m.writes.clone(),
-        );
-        r.register(
-            "etcd_txns",
-            "etcd transactions committed by the publisher",
-            m.txns.clone(),
-        );
-        r.register(
-            "annotation_problems",
-            "Invalid Cilium service annotations found (each distinct problem once)",
-            m.annotation_problems.clone(),
-        );
-        r.register(
-            "policy_problems",
-            "Network policy problems reported (each distinct problem of an object once), by \
-             policy kind and reason (InvalidPolicy: not applied; PolicyNotFullyEnforced: \
-             published, the unenforceable part fails closed)",
-            m.policy_problems.clone(),
-        );
-        r.register(
-            "decode_failures",
-            "Kubernetes objects skipped because they could not be decoded, by kind",
-            m.decode_failures.clone(),
-        );
-        r.register(
-            "watch_errors",
-            "Kubernetes watch errors, by kind",
-            m.watch_errors.clone(),
-        );
-        r.register(
-            "synced",
-            "1 once the initial sync of a kind is in etcd",
-            m.synced.clone(),
-        );
-        r.register(
-            "identities",
-            "Identities allocated in this cluster",
-            m.identities.clone(),
-        );
-        r.register(
-            "identity_allocations",
-            "Identities allocated",
-            m.identity_allocations.clone(),
-        );
-        r.register(
-            "identities_collected",
-            "Unused identities deleted",
-            m.identities_collected.clone(),
-        );
-        r.register(
-            "leader",
-            "1 while this replica is the publishing leader",
-            m.leader.clone(),
-        );
-        r.register("terms", "Leadership terms started", m.terms.clone());
-        r.register(
-            "kube_events",
-            "Kubernetes Events created",
-            m.kube_events.clone(),
-        );
-        r.register(
-            "kube_event_failures",
-            "Kubernetes Events that could not be created",
-            m.kube_event_failures.clone(),
-        );
-        Arc::new(m)
-    }
-
-    pub fn decode_failure(&self, kind: ResourceKind) {
-        self.decode_failures
-            .get_or_create(&KindLabel {
-                kind: kind.as_str().into(),
-            })
-            .inc();
-    }
-
-    pub fn watch_error(&self, kind: ResourceKind) {
-        self.watch_errors
-            .get_or_create(&KindLabel {
-                kind: kind.as_str().into(),
-            })
-            .inc();
-    }
-
-    pub fn decode_failures(&self, kind: ResourceKind) -> u64 {
-        self.decode_failures
-            .get_or_create(&KindLabel {
-                kind: kind.as_str().into(),
-            })
-            .get()
-    }
-
-    pub fn annotation_problems(&self) -> u64 {
-        self.annotation_problems.get()
-    }
-
-    pub fn policy_problems(&self, kind: PolicyKind, reason: &str) -> u64 {
-        self.policy_problems
-            .get_or_create(&PolicyProblemLabels {
-                kind: kind.as_str().into(),
-                reason: reason.into(),
-            })
-            .get()
-    }
-
-    pub fn txns(&self) -> u64 {
-        self.txns.get()
-    }
-
-    fn write(&self, kind: &str, op: &str) {
-        self.writes
-            .get_or_create(&WriteLabels {
-                kind: kind.into(),
-                op: op.into(),
-            })
-            .inc();
     }
 }
 
