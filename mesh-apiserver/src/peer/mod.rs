@@ -28,7 +28,8 @@
 //! not fenced like the publisher: a deposed leader may finish the transaction in flight,
 //! which the next leader's importer overwrites with the peer's current state).
 
-pub mod metrics;
+/// The importer's metrics live with the crate's others, in `crate::metrics`.
+pub use crate::metrics;
 pub mod source;
 mod worker;
 
