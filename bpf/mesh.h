@@ -105,6 +105,99 @@ struct mesh_flow_value {
 	__u64 bytes;
 };
 
+/* ---- network policy (DESIGN.md section 14) ----
+ *
+ * The agent compiles the policies into verdict tables (mesh_core::policy::compile) and
+ * programs them here; the lookup below reproduces mesh_core::policy::decide.
+ *
+ * - mesh_policy_endpoints: local identity -> its ingress and egress table ids and whether
+ *   each direction is enforced (default deny). An identity not in it has no policy.
+ * - mesh_policy: LPM trie, (table, remote identity | 0 = any, protocol | 0 = any, port
+ *   prefix) -> verdict and rule. Tables are shared by identities that the same policies
+ *   select, so the map holds each table once.
+ * - mesh_policy_netns: the network namespace (cookie) of each local endpoint -> its identity:
+ *   connect4/sendmsg4 run before the source address is chosen, the netns names the client.
+ * - mesh_policy_replies: UDP peers a local socket sent to, so their replies pass ingress.
+ * - mesh_policy_counters: verdicts per (local, remote, rule, direction, verdict).
+ * - mesh_policy_rules: rule id -> the rule's name, for meshctl.
+ */
+#define MESH_POLICY_ENDPOINTS_MAX 65536
+#define MESH_POLICY_MAX 1048576
+#define MESH_POLICY_NETNS_MAX 65536
+#define MESH_POLICY_REPLIES_MAX 262144
+#define MESH_POLICY_COUNTERS_MAX 65536
+#define MESH_POLICY_RULES_MAX 65536
+
+/* mesh_policy_endpoint.flags */
+#define MESH_POLICY_F_INGRESS_ENFORCED (1U << 0)
+#define MESH_POLICY_F_EGRESS_ENFORCED (1U << 1)
+
+struct mesh_policy_endpoint {
+	__u32 ingress_table; /* 0 = no entries */
+	__u32 egress_table;  /* 0 = no entries */
+	__u32 flags;
+};
+
+/* Bits of mesh_policy_key before `port`: table, remote, proto, pad. */
+#define MESH_POLICY_PREFIX_FIXED 80
+
+struct mesh_policy_key {
+	__u32 prefixlen; /* MESH_POLICY_PREFIX_FIXED + port prefix bits (0..=16) */
+	__u32 table;
+	__u32 remote;    /* identity, 0 = any */
+	__u8 proto;      /* IPPROTO_*, 0 = any */
+	__u8 pad;
+	__u16 port;      /* network order */
+};
+
+#define MESH_VERDICT_ALLOW 1
+#define MESH_VERDICT_DENY 2
+
+struct mesh_policy_value {
+	__u32 rule; /* rule id (mesh_policy_rules), never 0 */
+	__u32 rank; /* the rule's position in the sorted rules: the smallest reports */
+	__u8 verdict;
+	__u8 pad[3];
+};
+
+struct mesh_policy_netns_value {
+	__u32 identity;
+	__u32 ip4; /* network order */
+};
+
+struct mesh_policy_reply_key {
+	__u64 cookie;     /* bpf_get_socket_cookie() */
+	__u32 remote_ip;  /* network order */
+	__u16 remote_port; /* network order */
+	__u16 pad;
+};
+
+#define MESH_DIRECTION_INGRESS 0
+#define MESH_DIRECTION_EGRESS 1
+
+/* Rule ids of verdicts no rule decided. */
+#define MESH_RULE_NONE 0          /* not enforced (allow) or default deny */
+
+struct mesh_policy_counter_key {
+	__u32 local;
+	__u32 remote;
+	__u32 rule;
+	__u8 direction;
+	__u8 verdict;
+	__u16 pad;
+};
+
+struct mesh_policy_counter_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#define MESH_POLICY_RULE_NAME_LEN 248
+
+struct mesh_policy_rule_name {
+	char name[MESH_POLICY_RULE_NAME_LEN];
+};
+
 #if defined(__bpf__)
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -151,6 +244,58 @@ struct {
 	__type(value, struct mesh_flow_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESH_POLICY_ENDPOINTS_MAX);
+	__type(key, __u32);
+	__type(value, struct mesh_policy_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_policy_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESH_POLICY_MAX);
+	__type(key, struct mesh_policy_key);
+	__type(value, struct mesh_policy_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESH_POLICY_NETNS_MAX);
+	__type(key, __u64);
+	__type(value, struct mesh_policy_netns_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_policy_netns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MESH_POLICY_REPLIES_MAX);
+	__type(key, struct mesh_policy_reply_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_policy_replies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, MESH_POLICY_COUNTERS_MAX);
+	__type(key, struct mesh_policy_counter_key);
+	__type(value, struct mesh_policy_counter_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_policy_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESH_POLICY_RULES_MAX);
+	__type(key, __u32);
+	__type(value, struct mesh_policy_rule_name);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_policy_rules SEC(".maps");
 
 #endif /* __bpf__ */
 

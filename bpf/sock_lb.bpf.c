@@ -13,10 +13,16 @@
  * Entry points are thin; the logic is in the static functions.
  */
 #include <linux/bpf.h>
+#include <linux/if_ether.h>
 #include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #include "mesh.h"
+#include "policy.h"
 
 #define SOCK_ALLOW 1
 #define SOCK_DENY 0
@@ -25,6 +31,7 @@ enum xlate_result {
 	XLATE_NOT_SERVICE = 0,
 	XLATE_DONE = 1,
 	XLATE_NO_BACKEND = 2,
+	XLATE_DENIED = 3,
 };
 
 static __always_inline void service_key_init(struct mesh_service_key *key,
@@ -38,15 +45,122 @@ static __always_inline void service_key_init(struct mesh_service_key *key,
 	key->slot = slot;
 }
 
-/* Picks a backend for (vip, port, proto). On XLATE_DONE *out holds it. */
-static __always_inline enum xlate_result
-select_backend(__u32 vip, __u16 port, __u8 proto, struct mesh_backend_value *out)
+/* The calling socket's endpoint: its identity and policy, when its network
+ * namespace is a local endpoint's and a policy selects it. */
+struct client {
+	__u32 identity; /* 0 = not a known endpoint */
+	struct mesh_policy_endpoint policy;
+	__u8 has_policy;
+};
+
+static __always_inline void client_of(struct bpf_sock_addr *ctx, struct client *c)
+{
+	struct mesh_policy_netns_value *ns;
+	struct mesh_policy_endpoint *ep;
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+
+	__builtin_memset(c, 0, sizeof(*c));
+	ns = bpf_map_lookup_elem(&mesh_policy_netns, &cookie);
+	if (!ns)
+		return;
+	c->identity = ns->identity;
+	ep = bpf_map_lookup_elem(&mesh_policy_endpoints, &c->identity);
+	if (!ep)
+		return;
+	c->policy = *ep;
+	c->has_policy = 1;
+}
+
+/* Whether the client's egress policy matters at all: an enforced direction or
+ * deny entries. */
+static __always_inline int egress_active(const struct client *c)
+{
+	return c->has_policy &&
+	       (c->policy.egress_table || (c->policy.flags & MESH_POLICY_F_EGRESS_ENFORCED));
+}
+
+static __always_inline void egress_verdict(const struct client *c, __u32 ip4, __u16 port,
+					   __u8 proto, __u32 *remote,
+					   struct policy_verdict *v)
+{
+	*remote = ipcache_identity(ip4);
+	policy_decide(&c->policy, MESH_DIRECTION_EGRESS, *remote, proto, port, v);
+}
+
+static __always_inline struct mesh_backend_value *
+backend_at(__u32 vip, __u16 port, __u8 proto, __u16 slot)
 {
 	struct mesh_service_key key;
-	struct mesh_service_value *master, *slot_entry;
-	struct mesh_backend_value *backend;
+	struct mesh_service_value *slot_entry;
 	__u32 backend_id;
-	__u16 count, slot;
+
+	service_key_init(&key, vip, port, proto, slot);
+	slot_entry = bpf_map_lookup_elem(&mesh_services, &key);
+	/* The agent writes slots before the count, so a missing slot means a
+	 * broken map: fail closed rather than connect somewhere unexpected. */
+	if (!slot_entry)
+		return NULL;
+	backend_id = slot_entry->backend_id;
+	return bpf_map_lookup_elem(&mesh_backends, &backend_id);
+}
+
+/* bpf_loop state of the search for an allowed backend. */
+struct probe_ctx {
+	const struct client *client;
+	__u32 vip;
+	__u16 port;
+	__u8 proto;
+	__u8 found;
+	__u16 count;
+	__u16 start; /* 0-based */
+	struct mesh_backend_value backend;
+	__u32 remote;
+	struct policy_verdict verdict;
+	/* The first denial seen, reported when nothing is allowed. */
+	__u32 denied_remote;
+	struct policy_verdict denied;
+	__u8 broken;
+};
+
+static long probe_slot(__u64 i, void *data)
+{
+	struct probe_ctx *p = data;
+	struct mesh_backend_value *backend;
+	struct policy_verdict v;
+	__u32 remote;
+	__u16 slot = (__u16)((p->start + i) % p->count) + 1;
+
+	backend = backend_at(p->vip, p->port, p->proto, slot);
+	if (!backend) {
+		p->broken = 1;
+		return 1;
+	}
+	egress_verdict(p->client, backend->ip, backend->port, p->proto, &remote, &v);
+	if (v.verdict == MESH_VERDICT_ALLOW) {
+		p->backend = *backend;
+		p->remote = remote;
+		p->verdict = v;
+		p->found = 1;
+		return 1;
+	}
+	if (i == 0) {
+		p->denied_remote = remote;
+		p->denied = v;
+	}
+	return 0;
+}
+
+/* Picks a backend for (vip, port, proto) that the client's egress policy
+ * allows. On XLATE_DONE *out holds it; *remote and *v say why it was allowed,
+ * or, on XLATE_DENIED, why the service was refused. */
+static __always_inline enum xlate_result
+select_backend(__u32 vip, __u16 port, __u8 proto, const struct client *c,
+	       struct mesh_backend_value *out, __u32 *remote, struct policy_verdict *v)
+{
+	struct mesh_service_key key;
+	struct mesh_service_value *master;
+	struct mesh_backend_value *backend;
+	__u16 count, start;
 
 	service_key_init(&key, vip, port, proto, 0);
 	master = bpf_map_lookup_elem(&mesh_services, &key);
@@ -55,20 +169,49 @@ select_backend(__u32 vip, __u16 port, __u8 proto, struct mesh_backend_value *out
 	count = master->count;
 	if (count == 0)
 		return XLATE_NO_BACKEND;
+	start = (__u16)(bpf_get_prandom_u32() % count);
 
-	slot = (__u16)(bpf_get_prandom_u32() % count) + 1;
-	key.slot = slot;
-	slot_entry = bpf_map_lookup_elem(&mesh_services, &key);
-	/* The agent writes slots before the count, so a missing slot means a
-	 * broken map: fail closed rather than connect somewhere unexpected. */
-	if (!slot_entry)
+	if (!egress_active(c)) {
+		backend = backend_at(vip, port, proto, start + 1);
+		if (!backend)
+			return XLATE_NO_BACKEND;
+		*out = *backend;
+		return XLATE_DONE;
+	}
+
+	struct probe_ctx p;
+	__builtin_memset(&p, 0, sizeof(p));
+	p.client = c;
+	p.vip = vip;
+	p.port = port;
+	p.proto = proto;
+	p.count = count;
+	p.start = start;
+	bpf_loop(count, probe_slot, &p, 0);
+	if (p.broken)
 		return XLATE_NO_BACKEND;
-	backend_id = slot_entry->backend_id;
-	backend = bpf_map_lookup_elem(&mesh_backends, &backend_id);
-	if (!backend)
-		return XLATE_NO_BACKEND;
-	*out = *backend;
+	if (!p.found) {
+		*remote = p.denied_remote;
+		*v = p.denied;
+		return XLATE_DENIED;
+	}
+	*out = p.backend;
+	*remote = p.remote;
+	*v = p.verdict;
 	return XLATE_DONE;
+}
+
+/* Lets replies from (ip4, port) to this UDP socket pass ingress policy. */
+static __always_inline void record_reply(struct bpf_sock_addr *ctx, __u32 ip4, __u16 port)
+{
+	struct mesh_policy_reply_key key;
+	__u32 one = 1;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.remote_ip = ip4;
+	key.remote_port = port;
+	bpf_map_update_elem(&mesh_policy_replies, &key, &one, BPF_ANY);
 }
 
 static __always_inline void record_rev_nat(struct bpf_sock_addr *ctx,
@@ -90,29 +233,45 @@ static __always_inline void record_rev_nat(struct bpf_sock_addr *ctx,
 	bpf_map_update_elem(&mesh_rev_nat, &key, &value, BPF_ANY);
 }
 
-/* Forward translation shared by connect4 and sendmsg4. */
+/* Forward translation and egress policy, shared by connect4 and sendmsg4. */
 static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
 {
 	struct mesh_backend_value backend;
+	struct policy_verdict v = { MESH_RULE_NONE, MESH_VERDICT_ALLOW };
+	struct client c;
+	__u32 remote = 0;
 	__u32 vip = ctx->user_ip4;
 	__u16 port = (__u16)ctx->user_port;
 	__u8 proto = (__u8)ctx->protocol;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SOCK_ALLOW;
+	client_of(ctx, &c);
 
-	switch (select_backend(vip, port, proto, &backend)) {
+	switch (select_backend(vip, port, proto, &c, &backend, &remote, &v)) {
 	case XLATE_NOT_SERVICE:
-		return SOCK_ALLOW;
+		if (!egress_active(&c))
+			break;
+		egress_verdict(&c, vip, port, proto, &remote, &v);
+		policy_count(c.identity, remote, MESH_DIRECTION_EGRESS, &v, 0);
+		if (v.verdict == MESH_VERDICT_DENY)
+			return SOCK_DENY;
+		break;
 	case XLATE_NO_BACKEND:
 		return SOCK_DENY;
+	case XLATE_DENIED:
+		policy_count(c.identity, remote, MESH_DIRECTION_EGRESS, &v, 0);
+		return SOCK_DENY;
 	case XLATE_DONE:
+		if (egress_active(&c))
+			policy_count(c.identity, remote, MESH_DIRECTION_EGRESS, &v, 0);
+		record_rev_nat(ctx, &backend, vip, port);
+		ctx->user_ip4 = backend.ip;
+		ctx->user_port = (__u32)backend.port;
 		break;
 	}
-
-	record_rev_nat(ctx, &backend, vip, port);
-	ctx->user_ip4 = backend.ip;
-	ctx->user_port = (__u32)backend.port;
+	if (proto == IPPROTO_UDP && c.has_policy)
+		record_reply(ctx, ctx->user_ip4, (__u16)ctx->user_port);
 	return SOCK_ALLOW;
 }
 
@@ -132,6 +291,57 @@ static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 		ctx->user_port = (__u32)value->port;
 	}
 	return SOCK_ALLOW;
+}
+
+/* Ingress policy of the local endpoint a packet is delivered to. Only the
+ * first packet of a flow is checked: a TCP SYN (later packets belong to a
+ * connection the SYN was allowed for, or are refused by TCP itself), a UDP
+ * datagram unless the socket sent to its source first (a reply). */
+static __always_inline int policy_ingress(struct __sk_buff *skb)
+{
+	struct iphdr ip;
+	struct mesh_policy_endpoint *ep;
+	struct policy_verdict v;
+	__u32 local, remote, l4;
+	__u16 ports[2]; /* source, destination: network order */
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return SOCK_ALLOW;
+	if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0 || ip.version != 4)
+		return SOCK_ALLOW;
+	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
+		return SOCK_ALLOW;
+	local = ipcache_identity(ip.daddr);
+	ep = bpf_map_lookup_elem(&mesh_policy_endpoints, &local);
+	if (!ep)
+		return SOCK_ALLOW;
+	l4 = (__u32)ip.ihl * 4;
+	if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
+		return SOCK_ALLOW;
+	if (ip.protocol == IPPROTO_TCP) {
+		__u8 flags;
+
+		/* The flags byte: offset 13 of the TCP header. */
+		if (bpf_skb_load_bytes(skb, l4 + 13, &flags, 1) < 0)
+			return SOCK_ALLOW;
+		if (!(flags & 0x02) || (flags & 0x10)) /* not SYN, or ACK */
+			return SOCK_ALLOW;
+	} else {
+		struct mesh_policy_reply_key key;
+
+		__builtin_memset(&key, 0, sizeof(key));
+		key.cookie = bpf_get_socket_cookie(skb);
+		key.remote_ip = ip.saddr;
+		key.remote_port = ports[0];
+		if (bpf_map_lookup_elem(&mesh_policy_replies, &key))
+			return SOCK_ALLOW;
+	}
+	remote = ipcache_identity(ip.saddr);
+	policy_decide(ep, MESH_DIRECTION_INGRESS, remote, ip.protocol, ports[1], &v);
+	if (v.rule != MESH_RULE_NONE || v.verdict == MESH_VERDICT_DENY ||
+	    (ep->flags & MESH_POLICY_F_INGRESS_ENFORCED))
+		policy_count(local, remote, MESH_DIRECTION_INGRESS, &v, skb->len);
+	return v.verdict == MESH_VERDICT_DENY ? SOCK_DENY : SOCK_ALLOW;
 }
 
 SEC("cgroup/connect4")
@@ -156,6 +366,12 @@ SEC("cgroup/getpeername4")
 int mesh_getpeername4(struct bpf_sock_addr *ctx)
 {
 	return sock4_reverse(ctx);
+}
+
+SEC("cgroup_skb/ingress")
+int mesh_policy_ingress(struct __sk_buff *skb)
+{
+	return policy_ingress(skb);
 }
 
 char LICENSE[] SEC("license") = "GPL";

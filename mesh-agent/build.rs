@@ -19,10 +19,9 @@ fn main() -> anyhow::Result<()> {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
 
     println!("cargo:rerun-if-env-changed=CLANG");
-    println!(
-        "cargo:rerun-if-changed={}",
-        bpf_dir.join("mesh.h").display()
-    );
+    for header in ["mesh.h", "policy.h"] {
+        println!("cargo:rerun-if-changed={}", bpf_dir.join(header).display());
+    }
 
     for name in OBJECTS {
         let src = bpf_dir.join(format!("{name}.bpf.c"));

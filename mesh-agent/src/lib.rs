@@ -18,6 +18,7 @@ pub mod config;
 pub mod datapath;
 pub mod desired;
 pub mod metrics;
+pub mod policy;
 pub mod reconcile;
 pub mod routes;
 /// The watched state of every cluster: mesh-proto's, shared with `meshctl service explain`.
@@ -123,7 +124,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         config::Routing::None => None,
     };
     let state = MeshState::new(settings.cluster.clone());
+    let netns = crate::datapath::NetnsScanner::new(&settings.cgroup_path);
     let mut agent = Agent {
+        netns,
+        policy: crate::policy::PolicyReconciler::default(),
+        cidr: mesh_core::policy::CidrIdentities::new(),
+        unresolved_endpoints: 0,
         routes,
         settings,
         state,
@@ -144,6 +150,13 @@ fn max_message_size(c: MeshClient<Channel>) -> MeshClient<Channel> {
 }
 
 struct Agent {
+    /// Finds the network namespaces of the node's pods (egress policy).
+    netns: crate::datapath::NetnsScanner,
+    policy: crate::policy::PolicyReconciler,
+    /// CIDR identities of the prefixes policies name, stable across compiles.
+    cidr: mesh_core::policy::CidrIdentities,
+    /// Local endpoints whose network namespace the last scan did not find.
+    unresolved_endpoints: usize,
     settings: Settings,
     state: MeshState,
     reconciler: Reconciler<Datapath>,
@@ -198,6 +211,10 @@ impl Agent {
                     due = None;
                     if let Err(retry_in) = self.reconcile(started).await {
                         due = Some(Instant::now() + retry_in);
+                    } else if self.unresolved_endpoints > 0 {
+                        // A pod's namespace not found yet: look again soon, so its egress
+                        // policy applies within a second of its process appearing.
+                        due = Some(Instant::now() + Duration::from_secs(1));
                     }
                 }
                 _ = tokio::time::sleep_until(initial_deadline), if !self.programmed && !timed_out => {
@@ -208,6 +225,7 @@ impl Agent {
                 _ = resync.tick() => {
                     debug!("periodic resync: re-reading the maps and routes");
                     self.reconciler.invalidate();
+                    self.policy.invalidate();
                     if let Some(table) = &mut self.routes {
                         table.invalidate();
                     }
@@ -282,10 +300,30 @@ impl Agent {
         }
 
         let t0 = Instant::now();
-        let (desired, dropped) = desired::compute(&clusters, &local, &self.settings.node);
+        let (mut desired, dropped) = desired::compute(&clusters, &local, &self.settings.node);
+        let want_routes = self
+            .routes
+            .is_some()
+            .then(|| routes::desired_routes(&clusters, &local, &self.settings.node));
+        let mut error = None;
+        // Policy: compiled against the identities of the clusters programmed; its CIDR
+        // identities join the ipcache before the policy maps name them.
+        let policy_tables = match self.state.compile_policy(clusters.keys(), &mut self.cidr) {
+            Some(Ok(view)) => {
+                policy::add_cidr_identities(
+                    &mut desired,
+                    view.identities.cidrs().map(|(id, net)| (net, id.0)),
+                );
+                Some(mesh_core::policy::policy_tables(&view.compiled))
+            }
+            Some(Err(e)) => {
+                error = Some(format!("policy: {e}"));
+                None
+            }
+            None => None,
+        };
         let computed = t0.elapsed();
         self.record_dropped(&dropped);
-        let mut error = None;
         match self.reconciler.reconcile(&desired) {
             Ok(counts) => {
                 if first {
@@ -311,8 +349,15 @@ impl Agent {
                 error = Some(format!("maps: {e}"));
             }
         }
-        if let Some(table) = &mut self.routes {
-            let want = routes::desired_routes(&clusters, &local, &self.settings.node);
+        if let Some(tables) = &policy_tables
+            && error.is_none()
+            && let Err(e) = self.reconcile_policy(tables, &desired)
+        {
+            error!(error = %e, "reconciling the policy maps failed; retrying");
+            self.metrics.reconcile_errors.inc();
+            error = Some(format!("policy maps: {e}"));
+        }
+        if let (Some(table), Some(want)) = (&mut self.routes, want_routes) {
             match table.reconcile(&want).await {
                 Ok(changes) if changes.errors.is_empty() => {}
                 Ok(changes) => {
@@ -349,6 +394,33 @@ impl Agent {
         } else {
             Ok(())
         }
+    }
+
+    /// Programs the policy maps: `tables`, and the namespaces of the node's endpoints.
+    fn reconcile_policy(
+        &mut self,
+        tables: &mesh_core::policy::PolicyTables,
+        desired: &desired::DesiredState,
+    ) -> Result<(), datapath::Error> {
+        let endpoints = policy::local_endpoints(desired);
+        let namespaces = self.netns.scan().unwrap_or_else(|e| {
+            warn!(error = %e, cgroup = %self.settings.cgroup_path.display(),
+                "cannot scan the cgroup for pod network namespaces");
+            Vec::new()
+        });
+        let (want, missing) = policy::desired_policy(tables, &namespaces, &endpoints);
+        if !missing.is_empty() {
+            debug!(?missing, "local endpoints without a network namespace yet");
+        }
+        self.unresolved_endpoints = missing.len();
+        let counts = self.policy.reconcile(self.reconciler.maps_mut(), &want)?;
+        for (op, n) in counts {
+            self.metrics
+                .map_operations
+                .get_or_create(&OpLabels { op: op.to_owned() })
+                .inc_by(n);
+        }
+        Ok(())
     }
 
     fn record_dropped(&self, dropped: &[desired::Dropped]) {

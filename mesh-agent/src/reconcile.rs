@@ -119,6 +119,11 @@ impl<M: Maps> Reconciler<M> {
         &self.maps
     }
 
+    /// The maps, for writers of other maps of the same datapath (the policy maps).
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
     /// The maps as last read or written; `None` until the first reconcile.
     pub fn mirror(&self) -> Option<&DatapathState> {
         self.mirror.as_ref()

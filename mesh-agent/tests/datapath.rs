@@ -183,6 +183,16 @@ struct Proc {
 
 impl Proc {
     fn spawn(netns: &Netns, cgroup: Option<&Cgroup>, role: &str, args: &[&str]) -> Self {
+        Self::spawn_with(netns, cgroup, role, args, None)
+    }
+
+    fn spawn_with(
+        netns: &Netns,
+        cgroup: Option<&Cgroup>,
+        role: &str,
+        args: &[&str],
+        timeout_ms: Option<u64>,
+    ) -> Self {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new("sh");
         let script = match cgroup {
@@ -201,6 +211,10 @@ impl Proc {
             .arg(exe)
             .env("MESH_DP_CHILD", role)
             .env("MESH_DP_ARGS", args.join(" "))
+            .env(
+                "MESH_DP_TIMEOUT_MS",
+                timeout_ms.map_or_else(String::new, |t| t.to_string()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -211,7 +225,12 @@ impl Proc {
 
     /// A server, returned once it listens.
     fn server(netns: &Netns, role: &str, args: &[&str]) -> Self {
-        let mut proc = Self::spawn(netns, None, role, args);
+        Self::server_in(netns, None, role, args)
+    }
+
+    /// A server in `cgroup` (so its sockets get the cgroup's ingress policy).
+    fn server_in(netns: &Netns, cgroup: Option<&Cgroup>, role: &str, args: &[&str]) -> Self {
+        let mut proc = Self::spawn(netns, cgroup, role, args);
         let mut line = String::new();
         loop {
             line.clear();
@@ -225,7 +244,18 @@ impl Proc {
 
     /// Runs a client to completion; returns its RESULT lines.
     fn client(netns: &Netns, cgroup: Option<&Cgroup>, role: &str, args: &[&str]) -> Vec<Outcome> {
-        let mut proc = Self::spawn(netns, cgroup, role, args);
+        Self::client_with(netns, cgroup, role, args, None)
+    }
+
+    /// [`Proc::client`] with its own connect/read timeout.
+    fn client_with(
+        netns: &Netns,
+        cgroup: Option<&Cgroup>,
+        role: &str,
+        args: &[&str],
+        timeout_ms: Option<u64>,
+    ) -> Vec<Outcome> {
+        let mut proc = Self::spawn_with(netns, cgroup, role, args, timeout_ms);
         let mut out = String::new();
         proc.stdout.read_to_string(&mut out).unwrap();
         let status = proc.child.wait().unwrap();
@@ -303,8 +333,18 @@ fn report(result: std::io::Result<(String, SocketAddr)>) {
 }
 
 fn child_main(role: &str, args: &[&str]) {
-    const TIMEOUT: Duration = Duration::from_secs(3);
+    let timeout = Duration::from_millis(
+        std::env::var("MESH_DP_TIMEOUT_MS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(3000),
+    );
     match (role, args) {
+        ("idle", []) => {
+            // Keeps a process in the namespace and cgroup; bounded, killed on drop.
+            ready();
+            std::thread::sleep(Duration::from_secs(300));
+        }
         ("tcp-server", [addr, name]) => {
             let listener = TcpListener::bind(addr).unwrap();
             ready();
@@ -325,8 +365,8 @@ fn child_main(role: &str, args: &[&str]) {
             let target: SocketAddr = target.parse().unwrap();
             for _ in 0..count.parse::<u32>().unwrap() {
                 report((|| {
-                    let mut s = TcpStream::connect_timeout(&target, TIMEOUT)?;
-                    s.set_read_timeout(Some(TIMEOUT))?;
+                    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+                    s.set_read_timeout(Some(timeout))?;
                     let peer = s.peer_addr()?;
                     let mut name = String::new();
                     s.read_to_string(&mut name)?;
@@ -339,7 +379,7 @@ fn child_main(role: &str, args: &[&str]) {
             for _ in 0..count.parse::<u32>().unwrap() {
                 report((|| {
                     let socket = UdpSocket::bind("0.0.0.0:0")?;
-                    socket.set_read_timeout(Some(TIMEOUT))?;
+                    socket.set_read_timeout(Some(timeout))?;
                     let mut buf = [0u8; 64];
                     if *mode == "connected" {
                         socket.connect(target)?;
@@ -642,17 +682,17 @@ fn pinned_maps_and_links_survive_an_agent_restart() {
         &[&vip.to_string(), "20"],
     );
     assert_eq!(names(&outcomes, vip).len(), 2, "{outcomes:?}");
-    assert_eq!(attached_programs(&cgroup), 4);
+    assert_eq!(attached_programs(&cgroup), 5);
 
     // Restart: maps reused with their content, links taken over, not doubled.
     let mut dp = Datapath::open(config.clone()).unwrap();
-    assert_eq!(dp.links().len(), 4);
+    assert_eq!(dp.links().len(), 5);
     assert!(
         dp.links().iter().all(|l| l.state == LinkState::Reused),
         "{:?}",
         dp.links()
     );
-    assert_eq!(attached_programs(&cgroup), 4);
+    assert_eq!(attached_programs(&cgroup), 5);
     assert_eq!(dp.dump().unwrap(), before);
     let outcomes = Proc::client(
         &net.netns,
@@ -712,7 +752,7 @@ fn classifier_counts_flows_per_identity_pair() {
         .with_flow_iface(&va)
         .with_flow_netns(a.path());
     let mut dp = Datapath::open(config.clone()).unwrap();
-    assert_eq!(dp.links().len(), 6, "{:?}", dp.links());
+    assert_eq!(dp.links().len(), 7, "{:?}", dp.links());
 
     let value = |identity| IpcacheValue {
         identity,
@@ -906,4 +946,439 @@ fn a_pinned_map_with_another_layout_is_refused_before_attaching() {
         "{msg}"
     );
     assert_eq!(attached_programs(&cgroup), 0, "nothing is attached");
+}
+
+// === network policy ===
+
+/// Identities of the policy tests' endpoints.
+const ID_CLIENT_A: u32 = 1001;
+const ID_SERVER: u32 = 1002;
+const ID_CLIENT_B: u32 = 1003;
+const ID_OTHER: u32 = 1004;
+/// What a client reports when its connect or read timed out (no errno), and EAGAIN.
+const TIMED_OUT: i32 = -1;
+const EAGAIN: i32 = 11;
+
+/// Two client namespaces (A, B) and a server namespace S joined by veth pairs; S holds the
+/// server address and a second backend address on lo and routes to each client.
+struct PolicyNet {
+    a: Netns,
+    b: Netns,
+    s: Netns,
+}
+
+impl PolicyNet {
+    fn new() -> Self {
+        let (a, b, s) = (Netns::new("pa"), Netns::new("pb"), Netns::new("ps"));
+        for (client, ip) in [(&a, "10.0.5.1"), (&b, "10.0.5.3")] {
+            let (outer, inner) = (unique("po"), unique("pi"));
+            run(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    &inner,
+                    "netns",
+                    &client.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &outer,
+                    "netns",
+                    &s.name,
+                ],
+            );
+            client.ip(&["addr", "add", &format!("{ip}/32"), "dev", &inner]);
+            client.ip(&["link", "set", &inner, "up"]);
+            client.ip(&["route", "add", "10.0.5.0/24", "dev", &inner]);
+            s.ip(&["link", "set", &outer, "up"]);
+            s.ip(&["route", "add", &format!("{ip}/32"), "dev", &outer]);
+        }
+        s.ip(&["addr", "add", "10.0.5.2/32", "dev", "lo"]);
+        s.ip(&["addr", "add", "10.0.5.4/32", "dev", "lo"]);
+        Self { a, b, s }
+    }
+}
+
+fn policy_identities() -> mesh_core::policy::IdentityTable {
+    use mesh_core::{ClusterName, IdentityId, IdentityLabels};
+    let cluster: ClusterName = "east".parse().unwrap();
+    let mut t = mesh_core::policy::IdentityTable::new();
+    for (id, app) in [
+        (ID_CLIENT_A, "client-a"),
+        (ID_SERVER, "server"),
+        (ID_CLIENT_B, "client-b"),
+        (ID_OTHER, "other"),
+    ] {
+        t.insert(
+            IdentityId(id),
+            IdentityLabels::for_pod(&cluster, "default", [("app", app)]),
+        );
+    }
+    t
+}
+
+/// The policies of the test, as users write them.
+fn policy_objects() -> Vec<serde_json::Value> {
+    vec![
+        // The server accepts client A only, on TCP 8080 and UDP 5353.
+        serde_json::json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "server-ingress", "namespace": "default"},
+            "spec": {
+                "endpointSelector": {"matchLabels": {"app": "server"}},
+                "ingress": [{
+                    "fromEndpoints": [{"matchLabels": {"app": "client-a"}}],
+                    "toPorts": [{"ports": [
+                        {"port": "8080", "protocol": "TCP"},
+                        {"port": "5353", "protocol": "UDP"}
+                    ]}]
+                }]
+            }
+        }),
+        // Client B may not reach the server's 8080 (it may reach everything else).
+        serde_json::json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "b-no-server", "namespace": "default"},
+            "spec": {
+                "endpointSelector": {"matchLabels": {"app": "client-b"}},
+                "enableDefaultDeny": {"egress": false},
+                "egressDeny": [{
+                    "toEndpoints": [{"matchLabels": {"app": "server"}}],
+                    "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]
+                }]
+            }
+        }),
+        // Client A accepts nothing: replies to its own connections must still pass.
+        serde_json::json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "a-closed", "namespace": "default"},
+            "spec": {
+                "endpointSelector": {"matchLabels": {"app": "client-a"}},
+                "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "nobody"}}]}]
+            }
+        }),
+    ]
+}
+
+/// Compiles `objects` the way the agent does and returns the tables and the compiled form.
+fn compile_policies(
+    objects: &[serde_json::Value],
+) -> (
+    mesh_core::policy::PolicyTables,
+    mesh_core::policy::CompiledPolicy,
+) {
+    let cluster: mesh_core::ClusterName = "east".parse().unwrap();
+    let set: mesh_core::policy::PolicySet = objects
+        .iter()
+        .map(|o| mesh_core::policy::parse_policy(o, &cluster).unwrap())
+        .collect();
+    let compiled = mesh_core::policy::compile(&set, &policy_identities(), &cluster);
+    (mesh_core::policy::policy_tables(&compiled), compiled)
+}
+
+/// The ipcache of the policy tests (every address of the test, with its identity).
+fn program_policy_ipcache(dp: &mut Datapath) {
+    for (ip, identity) in [
+        ("10.0.5.1/32", ID_CLIENT_A),
+        ("10.0.5.2/32", ID_SERVER),
+        ("10.0.5.3/32", ID_CLIENT_B),
+        ("10.0.5.4/32", ID_OTHER),
+    ] {
+        dp.upsert_ipcache(
+            ip.parse().unwrap(),
+            IpcacheValue {
+                identity,
+                tunnel_endpoint: None,
+                cluster_id: 1,
+                flags: 1,
+            },
+        )
+        .unwrap();
+    }
+}
+
+/// The local endpoints map the agent derives from its ipcache.
+fn policy_endpoints() -> std::collections::BTreeMap<Ipv4Addr, u32> {
+    [
+        (Ipv4Addr::new(10, 0, 5, 1), ID_CLIENT_A),
+        (Ipv4Addr::new(10, 0, 5, 2), ID_SERVER),
+        (Ipv4Addr::new(10, 0, 5, 3), ID_CLIENT_B),
+        (Ipv4Addr::new(10, 0, 5, 4), ID_OTHER),
+    ]
+    .into()
+}
+
+#[test]
+fn policy_is_enforced_in_both_directions_for_tcp_and_udp() {
+    require_root!();
+    let cgroup = Cgroup::new("pol");
+    let bpffs = Bpffs::mounted();
+    let net = PolicyNet::new();
+    let mut dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
+    program_policy_ipcache(&mut dp);
+    // Servers in the cgroup (their sockets get ingress policy); idle processes keep the
+    // client namespaces in the cgroup for the agent's scan.
+    let _servers = [
+        Proc::server_in(
+            &net.s,
+            Some(&cgroup),
+            "tcp-server",
+            &["10.0.5.2:8080", "server"],
+        ),
+        Proc::server_in(
+            &net.s,
+            Some(&cgroup),
+            "tcp-server",
+            &["10.0.5.2:9090", "server-9090"],
+        ),
+        Proc::server_in(
+            &net.s,
+            Some(&cgroup),
+            "udp-server",
+            &["10.0.5.2:5353", "server-udp"],
+        ),
+        Proc::server_in(
+            &net.s,
+            Some(&cgroup),
+            "tcp-server",
+            &["10.0.5.4:8080", "other"],
+        ),
+        Proc::server_in(&net.a, Some(&cgroup), "idle", &[]),
+        Proc::server_in(&net.b, Some(&cgroup), "idle", &[]),
+    ];
+
+    // The agent's path: compile, tables, namespaces of the cgroup, reconcile.
+    let (tables, compiled) = compile_policies(&policy_objects());
+    let mut scanner = mesh_agent::datapath::NetnsScanner::new(&cgroup.path);
+    let namespaces = scanner.scan().unwrap();
+    let (want, missing) =
+        mesh_agent::policy::desired_policy(&tables, &namespaces, &policy_endpoints());
+    // S holds two endpoint addresses; a namespace is named by the first (a pod has one).
+    assert_eq!(
+        missing,
+        vec![Ipv4Addr::new(10, 0, 5, 4)],
+        "every other namespace is found"
+    );
+    assert_eq!(want.netns.len(), 3, "A, B and S: {:?}", want.netns);
+    let mut reconciler = mesh_agent::policy::PolicyReconciler::default();
+    reconciler.reconcile(&mut dp, &want).unwrap();
+    assert_eq!(
+        dp.policy_dump().unwrap(),
+        want,
+        "the maps hold what was planned"
+    );
+
+    let tcp = |ns: &Netns, target: &str, timeout: u64| {
+        Proc::client_with(
+            ns,
+            Some(&cgroup),
+            "tcp-client",
+            &[target, "1"],
+            Some(timeout),
+        )
+    };
+    let udp = |ns: &Netns, target: &str| {
+        Proc::client_with(
+            ns,
+            Some(&cgroup),
+            "udp-client",
+            &[target, "unconnected", "1"],
+            Some(500),
+        )
+    };
+    let ok = |name: &str, peer: &str| {
+        vec![Outcome::Ok {
+            name: name.into(),
+            peer: peer.parse().unwrap(),
+        }]
+    };
+
+    // A -> S:8080 allowed by the server's ingress; the SYN-ACK reaches A although A's own
+    // ingress allows nothing (replies pass).
+    assert_eq!(
+        tcp(&net.a, "10.0.5.2:8080", 3000),
+        ok("server", "10.0.5.2:8080")
+    );
+    // B -> S:8080: B's egress deny refuses the connect at once.
+    assert_eq!(
+        tcp(&net.b, "10.0.5.2:8080", 3000),
+        vec![Outcome::Err { errno: EPERM }]
+    );
+    // B -> S:9090: B's egress allows it, the server's ingress drops the SYN.
+    assert_eq!(
+        tcp(&net.b, "10.0.5.2:9090", 500),
+        vec![Outcome::Err { errno: TIMED_OUT }]
+    );
+    // A -> S:9090: not in the server's allowed ports either.
+    assert_eq!(
+        tcp(&net.a, "10.0.5.2:9090", 500),
+        vec![Outcome::Err { errno: TIMED_OUT }]
+    );
+    // UDP: A's datagram is allowed in and S's reply reaches A (A's ingress is closed);
+    // B's datagram is dropped at S.
+    assert_eq!(
+        udp(&net.a, "10.0.5.2:5353"),
+        ok("server-udp", "10.0.5.2:5353")
+    );
+    assert_eq!(
+        udp(&net.b, "10.0.5.2:5353"),
+        vec![Outcome::Err { errno: EAGAIN }]
+    );
+    // An endpoint no policy selects for ingress accepts everyone.
+    assert_eq!(
+        tcp(&net.b, "10.0.5.4:8080", 3000),
+        ok("other", "10.0.5.4:8080")
+    );
+
+    // Each verdict the kernel gave agrees with the pure lookup, rule included.
+    let counters = dp.policy_counters().unwrap();
+    let dir = |d: u8| {
+        if d == 0 {
+            mesh_core::policy::Direction::Ingress
+        } else {
+            mesh_core::policy::Direction::Egress
+        }
+    };
+    for (k, c) in &counters {
+        assert!(c.packets > 0);
+        let port_proto = match (k.direction, k.local, k.remote, k.verdict) {
+            (1, ID_CLIENT_B, ID_SERVER, 2) => (8080, mesh_core::Protocol::Tcp),
+            _ => continue,
+        };
+        let (verdict, rule) = mesh_core::policy::decide_tables(
+            &tables,
+            mesh_core::IdentityId(k.local),
+            dir(k.direction),
+            mesh_core::IdentityId(k.remote),
+            port_proto.1,
+            port_proto.0,
+        );
+        assert_eq!(k.verdict, 2, "{k:?}");
+        assert_eq!(verdict, mesh_core::policy::Verdict::Deny);
+        assert_eq!(rule, Some(k.rule));
+    }
+    let denied_egress = counters
+        .keys()
+        .find(|k| {
+            k.direction == 1 && k.local == ID_CLIENT_B && k.remote == ID_SERVER && k.verdict == 2
+        })
+        .expect("the egress denial is counted");
+    let rule_name = &want.rules[&denied_egress.rule];
+    assert!(
+        rule_name.contains("b-no-server") && rule_name.contains("egressDeny[0]"),
+        "{rule_name}"
+    );
+    let decided = mesh_core::policy::decide(
+        &compiled,
+        mesh_core::IdentityId(ID_CLIENT_B),
+        mesh_core::policy::Direction::Egress,
+        mesh_core::IdentityId(ID_SERVER),
+        mesh_core::Protocol::Tcp,
+        8080,
+    );
+    assert_eq!(decided.reason.to_string(), *rule_name);
+    let dropped_ingress: u64 = counters
+        .iter()
+        .filter(|(k, _)| k.direction == 0 && k.local == ID_SERVER && k.verdict == 2)
+        .map(|(_, c)| c.packets)
+        .sum();
+    assert!(
+        dropped_ingress >= 3,
+        "SYNs and a datagram dropped at the server: {counters:?}"
+    );
+
+    // Removing the policies opens everything again, with the same reconciler.
+    let (empty, _) = compile_policies(&[]);
+    let (want, _) = mesh_agent::policy::desired_policy(&empty, &namespaces, &policy_endpoints());
+    reconciler.reconcile(&mut dp, &want).unwrap();
+    assert!(dp.policy_dump().unwrap().entries.is_empty());
+    assert_eq!(
+        tcp(&net.b, "10.0.5.2:8080", 3000),
+        ok("server", "10.0.5.2:8080")
+    );
+    assert_eq!(
+        tcp(&net.b, "10.0.5.2:9090", 3000),
+        ok("server-9090", "10.0.5.2:9090")
+    );
+}
+
+#[test]
+fn service_connections_go_to_a_backend_the_client_may_reach() {
+    require_root!();
+    let cgroup = Cgroup::new("psvc");
+    let bpffs = Bpffs::mounted();
+    let net = PolicyNet::new();
+    let config = DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path);
+    let mut dp = Datapath::open(config.clone()).unwrap();
+    program_policy_ipcache(&mut dp);
+    let _procs = [
+        Proc::server_in(
+            &net.s,
+            Some(&cgroup),
+            "tcp-server",
+            &["10.0.5.2:8080", "server"],
+        ),
+        Proc::server_in(
+            &net.s,
+            Some(&cgroup),
+            "tcp-server",
+            &["10.0.5.4:8080", "other"],
+        ),
+        Proc::server_in(&net.a, Some(&cgroup), "idle", &[]),
+        Proc::server_in(&net.b, Some(&cgroup), "idle", &[]),
+    ];
+    let (frontend, vip) = tcp_frontend();
+    program_service(
+        &mut dp,
+        frontend,
+        &[
+            (1, Ipv4Addr::new(10, 0, 5, 2), 8080),
+            (2, Ipv4Addr::new(10, 0, 5, 4), 8080),
+        ],
+    );
+    // Only B's egress deny to the server: the server's ingress stays open here.
+    let (tables, _) = compile_policies(&policy_objects()[1..2]);
+    let namespaces = mesh_agent::datapath::NetnsScanner::new(&cgroup.path)
+        .scan()
+        .unwrap();
+    let (want, _) = mesh_agent::policy::desired_policy(&tables, &namespaces, &policy_endpoints());
+    mesh_agent::policy::PolicyReconciler::default()
+        .reconcile(&mut dp, &want)
+        .unwrap();
+
+    let connect =
+        |ns: &Netns, n: &str| Proc::client(ns, Some(&cgroup), "tcp-client", &[&vip.to_string(), n]);
+    // A (no egress policy) uses both backends; B only the one it may reach, every time.
+    assert_eq!(
+        names(&connect(&net.a, "30"), vip),
+        BTreeSet::from(["other".to_owned(), "server".to_owned()])
+    );
+    let b = connect(&net.b, "30");
+    assert_eq!(b.len(), 30);
+    assert_eq!(names(&b, vip), BTreeSet::from(["other".to_owned()]));
+
+    // With the allowed backend gone, B's connect is refused at once.
+    program_service(&mut dp, frontend, &[(1, Ipv4Addr::new(10, 0, 5, 2), 8080)]);
+    assert_eq!(connect(&net.b, "3"), vec![Outcome::Err { errno: EPERM }; 3]);
+
+    // An agent restart keeps enforcing: the pinned maps and links serve while no agent
+    // runs, and the reopened agent's reconcile finds nothing to change.
+    dp.close();
+    assert_eq!(connect(&net.b, "3"), vec![Outcome::Err { errno: EPERM }; 3]);
+    let mut dp = Datapath::open(config).unwrap();
+    assert!(dp.links().iter().all(|l| l.state == LinkState::Reused));
+    assert_eq!(connect(&net.b, "3"), vec![Outcome::Err { errno: EPERM }; 3]);
+    let counts = mesh_agent::policy::PolicyReconciler::default()
+        .reconcile(&mut dp, &want)
+        .unwrap();
+    assert!(
+        counts.is_empty(),
+        "nothing to rewrite after a restart: {counts:?}"
+    );
+    assert_eq!(
+        names(&connect(&net.a, "3"), vip),
+        BTreeSet::from(["server".to_owned()])
+    );
 }

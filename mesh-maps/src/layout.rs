@@ -12,7 +12,10 @@ use crate::sys::{
     BPF_F_NO_PREALLOC, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH,
     BPF_MAP_TYPE_LRU_PERCPU_HASH, MapShape,
 };
-use crate::{MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE, MAP_REV_NAT, MAP_SERVICES};
+use crate::{
+    MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE, MAP_POLICY, MAP_POLICY_COUNTERS, MAP_POLICY_ENDPOINTS,
+    MAP_POLICY_NETNS, MAP_POLICY_REPLIES, MAP_POLICY_RULES, MAP_REV_NAT, MAP_SERVICES,
+};
 
 /// Reserved identity of addresses the ipcache does not know.
 pub const IDENTITY_WORLD: u32 = 2;
@@ -23,6 +26,31 @@ pub const SERVICES_MAX: u32 = 262_144;
 pub const BACKENDS_MAX: u32 = 262_144;
 pub const REV_NAT_MAX: u32 = 262_144;
 pub const FLOWS_MAX: u32 = 65_536;
+pub const POLICY_ENDPOINTS_MAX: u32 = 65_536;
+pub const POLICY_MAX: u32 = 1_048_576;
+pub const POLICY_NETNS_MAX: u32 = 65_536;
+pub const POLICY_REPLIES_MAX: u32 = 262_144;
+pub const POLICY_COUNTERS_MAX: u32 = 65_536;
+pub const POLICY_RULES_MAX: u32 = 65_536;
+
+/// Reserved identity of the local host (`MESH_IDENTITY_HOST`).
+pub const IDENTITY_HOST: u32 = 1;
+
+/// `mesh_policy_endpoint.flags`.
+pub const POLICY_F_INGRESS_ENFORCED: u32 = 1 << 0;
+pub const POLICY_F_EGRESS_ENFORCED: u32 = 1 << 1;
+/// Bits of `mesh_policy_key` before the port (`MESH_POLICY_PREFIX_FIXED`).
+pub const POLICY_PREFIX_FIXED: u32 = 80;
+/// `MESH_VERDICT_*`.
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+/// `MESH_DIRECTION_*`.
+pub const DIRECTION_INGRESS: u8 = 0;
+pub const DIRECTION_EGRESS: u8 = 1;
+/// `MESH_RULE_NONE`: no rule decided (not enforced, or default deny).
+pub const RULE_NONE: u32 = 0;
+/// `MESH_POLICY_RULE_NAME_LEN`.
+pub const POLICY_RULE_NAME_LEN: usize = 248;
 
 /// `struct mesh_ipcache_key`. The kernel LPM trie key: prefix length in bits,
 /// then the address.
@@ -123,9 +151,129 @@ pub struct FlowValue {
     pub bytes: u64,
 }
 
+/// `struct mesh_policy_endpoint` (the key is a `u32` local identity).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyEndpoint {
+    pub ingress_table: u32,
+    pub egress_table: u32,
+    pub flags: u32,
+}
+
+/// `struct mesh_policy_key` without its `prefixlen` (aya's `lpm_trie::Key<PolicyKeyData>`
+/// adds it): table, remote identity (0 = any), protocol (0 = any), port (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKeyData {
+    pub table: u32,
+    pub remote: u32,
+    pub proto: u8,
+    pub pad: u8,
+    /// Network order.
+    pub port: u16,
+}
+
+/// `struct mesh_policy_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyKey {
+    pub prefixlen: u32,
+    pub table: u32,
+    pub remote: u32,
+    pub proto: u8,
+    pub pad: u8,
+    pub port: u16,
+}
+
+/// `struct mesh_policy_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub rule: u32,
+    pub rank: u32,
+    pub verdict: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct mesh_policy_netns_value` (the key is a `u64` netns cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyNetnsValue {
+    pub identity: u32,
+    /// Network order.
+    pub ip4: u32,
+}
+
+/// `struct mesh_policy_reply_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyReplyKey {
+    pub cookie: u64,
+    pub remote_ip: u32,
+    pub remote_port: u16,
+    pub pad: u16,
+}
+
+/// `struct mesh_policy_counter_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyCounterKey {
+    pub local: u32,
+    pub remote: u32,
+    pub rule: u32,
+    pub direction: u8,
+    pub verdict: u8,
+    pub pad: u16,
+}
+
+/// `struct mesh_policy_counter_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `struct mesh_policy_rule_name`: NUL-padded UTF-8.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyRuleName {
+    pub name: [u8; POLICY_RULE_NAME_LEN],
+}
+
+impl Default for PolicyRuleName {
+    fn default() -> Self {
+        Self {
+            name: [0; POLICY_RULE_NAME_LEN],
+        }
+    }
+}
+
+impl PolicyRuleName {
+    /// `name` truncated to the field (at a character boundary), NUL-padded.
+    pub fn new(name: &str) -> Self {
+        let mut out = Self::default();
+        let mut end = name.len().min(POLICY_RULE_NAME_LEN);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.name[..end].copy_from_slice(&name.as_bytes()[..end]);
+        out
+    }
+
+    pub fn as_str(&self) -> String {
+        let end = self
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.name.len());
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+}
+
 /// Every map of bpf/mesh.h with the type, sizes and flags its definition
 /// gives it: what a pinned map must be for this build to use it.
-pub fn expected_shapes() -> [(&'static str, MapShape); 5] {
+pub fn expected_shapes() -> [(&'static str, MapShape); 11] {
     let shape = |map_type, key: usize, value: usize, max_entries, map_flags| MapShape {
         map_type,
         key_size: key as u32,
@@ -184,6 +332,66 @@ pub fn expected_shapes() -> [(&'static str, MapShape); 5] {
                 0,
             ),
         ),
+        (
+            MAP_POLICY_ENDPOINTS,
+            shape(
+                BPF_MAP_TYPE_HASH,
+                size_of::<u32>(),
+                size_of::<PolicyEndpoint>(),
+                POLICY_ENDPOINTS_MAX,
+                BPF_F_NO_PREALLOC,
+            ),
+        ),
+        (
+            MAP_POLICY,
+            shape(
+                BPF_MAP_TYPE_LPM_TRIE,
+                size_of::<PolicyKey>(),
+                size_of::<PolicyValue>(),
+                POLICY_MAX,
+                BPF_F_NO_PREALLOC,
+            ),
+        ),
+        (
+            MAP_POLICY_NETNS,
+            shape(
+                BPF_MAP_TYPE_HASH,
+                size_of::<u64>(),
+                size_of::<PolicyNetnsValue>(),
+                POLICY_NETNS_MAX,
+                BPF_F_NO_PREALLOC,
+            ),
+        ),
+        (
+            MAP_POLICY_REPLIES,
+            shape(
+                BPF_MAP_TYPE_LRU_HASH,
+                size_of::<PolicyReplyKey>(),
+                size_of::<u32>(),
+                POLICY_REPLIES_MAX,
+                0,
+            ),
+        ),
+        (
+            MAP_POLICY_COUNTERS,
+            shape(
+                BPF_MAP_TYPE_LRU_PERCPU_HASH,
+                size_of::<PolicyCounterKey>(),
+                size_of::<PolicyCounterValue>(),
+                POLICY_COUNTERS_MAX,
+                0,
+            ),
+        ),
+        (
+            MAP_POLICY_RULES,
+            shape(
+                BPF_MAP_TYPE_HASH,
+                size_of::<u32>(),
+                size_of::<PolicyRuleName>(),
+                POLICY_RULES_MAX,
+                BPF_F_NO_PREALLOC,
+            ),
+        ),
     ]
 }
 
@@ -203,6 +411,15 @@ mod pod {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for PolicyEndpoint {}
+    unsafe impl aya::Pod for PolicyKeyData {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PolicyNetnsValue {}
+    unsafe impl aya::Pod for PolicyReplyKey {}
+    unsafe impl aya::Pod for PolicyCounterKey {}
+    unsafe impl aya::Pod for PolicyCounterValue {}
+    unsafe impl aya::Pod for PolicyRuleName {}
 }
 
 /// (C struct name, size, [(field, offset)]) of every mirrored struct, for the
@@ -235,6 +452,14 @@ fn layouts() -> Layout {
         RevNatValue => "mesh_rev_nat_value" { vip, port, pad },
         FlowKey => "mesh_flow_key" { src_identity, dst_identity },
         FlowValue => "mesh_flow_value" { packets, bytes },
+        PolicyEndpoint => "mesh_policy_endpoint" { ingress_table, egress_table, flags },
+        PolicyKey => "mesh_policy_key" { prefixlen, table, remote, proto, pad, port },
+        PolicyValue => "mesh_policy_value" { rule, rank, verdict, pad },
+        PolicyNetnsValue => "mesh_policy_netns_value" { identity, ip4 },
+        PolicyReplyKey => "mesh_policy_reply_key" { cookie, remote_ip, remote_port, pad },
+        PolicyCounterKey => "mesh_policy_counter_key" { local, remote, rule, direction, verdict, pad },
+        PolicyCounterValue => "mesh_policy_counter_value" { packets, bytes },
+        PolicyRuleName => "mesh_policy_rule_name" { name },
     }
 }
 
@@ -311,12 +536,71 @@ mod tests {
                 vec![("src_identity", 0), ("dst_identity", 4)],
             ),
             ("mesh_flow_value", 16, vec![("packets", 0), ("bytes", 8)]),
+            (
+                "mesh_policy_endpoint",
+                12,
+                vec![("ingress_table", 0), ("egress_table", 4), ("flags", 8)],
+            ),
+            (
+                "mesh_policy_key",
+                16,
+                vec![
+                    ("prefixlen", 0),
+                    ("table", 4),
+                    ("remote", 8),
+                    ("proto", 12),
+                    ("pad", 13),
+                    ("port", 14),
+                ],
+            ),
+            (
+                "mesh_policy_value",
+                12,
+                vec![("rule", 0), ("rank", 4), ("verdict", 8), ("pad", 9)],
+            ),
+            (
+                "mesh_policy_netns_value",
+                8,
+                vec![("identity", 0), ("ip4", 4)],
+            ),
+            (
+                "mesh_policy_reply_key",
+                16,
+                vec![
+                    ("cookie", 0),
+                    ("remote_ip", 8),
+                    ("remote_port", 12),
+                    ("pad", 14),
+                ],
+            ),
+            (
+                "mesh_policy_counter_key",
+                16,
+                vec![
+                    ("local", 0),
+                    ("remote", 4),
+                    ("rule", 8),
+                    ("direction", 12),
+                    ("verdict", 13),
+                    ("pad", 14),
+                ],
+            ),
+            (
+                "mesh_policy_counter_value",
+                16,
+                vec![("packets", 0), ("bytes", 8)],
+            ),
+            ("mesh_policy_rule_name", 248, vec![("name", 0)]),
         ];
         assert_eq!(layouts(), expected);
         // aya's LPM key type must have the layout of mesh_ipcache_key.
         assert_eq!(
             size_of::<aya::maps::lpm_trie::Key<u32>>(),
             size_of::<IpcacheKey>()
+        );
+        assert_eq!(
+            size_of::<aya::maps::lpm_trie::Key<PolicyKeyData>>(),
+            size_of::<PolicyKey>()
         );
     }
 
@@ -348,6 +632,22 @@ mod tests {
             ("MESH_BACKENDS_MAX", BACKENDS_MAX),
             ("MESH_REV_NAT_MAX", REV_NAT_MAX),
             ("MESH_FLOWS_MAX", FLOWS_MAX),
+            ("MESH_POLICY_ENDPOINTS_MAX", POLICY_ENDPOINTS_MAX),
+            ("MESH_POLICY_MAX", POLICY_MAX),
+            ("MESH_POLICY_NETNS_MAX", POLICY_NETNS_MAX),
+            ("MESH_POLICY_REPLIES_MAX", POLICY_REPLIES_MAX),
+            ("MESH_POLICY_COUNTERS_MAX", POLICY_COUNTERS_MAX),
+            ("MESH_POLICY_RULES_MAX", POLICY_RULES_MAX),
+            ("MESH_IDENTITY_HOST", IDENTITY_HOST),
+            ("MESH_POLICY_F_INGRESS_ENFORCED", POLICY_F_INGRESS_ENFORCED),
+            ("MESH_POLICY_F_EGRESS_ENFORCED", POLICY_F_EGRESS_ENFORCED),
+            ("MESH_POLICY_PREFIX_FIXED", POLICY_PREFIX_FIXED),
+            ("MESH_VERDICT_ALLOW", VERDICT_ALLOW.into()),
+            ("MESH_VERDICT_DENY", VERDICT_DENY.into()),
+            ("MESH_DIRECTION_INGRESS", DIRECTION_INGRESS.into()),
+            ("MESH_DIRECTION_EGRESS", DIRECTION_EGRESS.into()),
+            ("MESH_RULE_NONE", RULE_NONE),
+            ("MESH_POLICY_RULE_NAME_LEN", POLICY_RULE_NAME_LEN as u32),
         ] {
             writeln!(
                 src,

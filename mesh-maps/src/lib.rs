@@ -8,7 +8,9 @@
 //!   map and link info, `BPF_LINK_UPDATE`, batch updates and lookups checked
 //!   against the map's key and value sizes);
 //! - [`open_pinned_readonly`]: a node's pinned maps opened with `BPF_F_RDONLY`
-//!   and dumped, for meshctl and the benchmarks.
+//!   and dumped, for meshctl and the benchmarks;
+//! - [`policy`]: the network-policy maps (dump, counters, writes, and the plan of writes
+//!   from one content to another).
 //!
 //! No build script and no eBPF objects: loading and attaching the programs is
 //! mesh-agent's job, so meshctl can read maps without clang or the agent.
@@ -18,6 +20,7 @@
 mod kernel_tests;
 pub mod layout;
 mod pinned;
+pub mod policy;
 pub mod sys;
 mod types;
 
@@ -36,3 +39,9 @@ pub const MAP_SERVICES: &str = "mesh_services";
 pub const MAP_BACKENDS: &str = "mesh_backends";
 pub const MAP_REV_NAT: &str = "mesh_rev_nat";
 pub const MAP_FLOWS: &str = "mesh_flows";
+pub const MAP_POLICY_ENDPOINTS: &str = "mesh_policy_endpoints";
+pub const MAP_POLICY: &str = "mesh_policy";
+pub const MAP_POLICY_NETNS: &str = "mesh_policy_netns";
+pub const MAP_POLICY_REPLIES: &str = "mesh_policy_replies";
+pub const MAP_POLICY_COUNTERS: &str = "mesh_policy_counters";
+pub const MAP_POLICY_RULES: &str = "mesh_policy_rules";

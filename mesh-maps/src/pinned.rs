@@ -179,38 +179,41 @@ impl std::fmt::Debug for PinnedMaps {
     }
 }
 
+/// Opens the map `map` pinned under `maps_dir`, naming the path when it is missing.
+pub(crate) fn open_raw(maps_dir: &Path, map: &'static str, access: Access) -> Result<RawMap> {
+    let path = maps_dir.join(map);
+    if !path.exists() {
+        return Err(Error::PinDir {
+            path,
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                "no pinned map (is an agent running on this node?)",
+            ),
+        });
+    }
+    RawMap::open_pinned(&path, map, access).map_err(|source| Error::PinDir { path, source })
+}
+
+/// aya's typed handle on a duplicate of `raw`'s fd (aya checks the key and value sizes
+/// against the map's info).
+pub(crate) fn typed<M>(raw: &RawMap) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = raw.name();
+    let fd = raw
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| map_err(map)(MapError::IoError(e)))?;
+    let data = MapData::from_fd(fd).map_err(map_err(map))?;
+    let any = aya::maps::Map::from_map_data(data).map_err(map_err(map))?;
+    M::try_from(any).map_err(map_err(map))
+}
+
 /// Opens the maps pinned under `<pin_dir>/maps` by an agent, read-only.
 pub fn open_pinned_readonly(pin_dir: &Path) -> Result<PinnedMaps> {
     let maps_dir = pin_dir.join("maps");
-    let open = |map: &'static str| {
-        let path = maps_dir.join(map);
-        if !path.exists() {
-            return Err(Error::PinDir {
-                path,
-                source: io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "no pinned map (is an agent running on this node?)",
-                ),
-            });
-        }
-        RawMap::open_pinned(&path, map, Access::ReadOnly)
-            .map_err(|source| Error::PinDir { path, source })
-    };
-    // aya's typed handle on a duplicate of the read-only fd (aya checks the
-    // key and value sizes against the map's info).
-    fn typed<M>(raw: &RawMap) -> Result<M>
-    where
-        M: TryFrom<aya::maps::Map, Error = MapError>,
-    {
-        let map = raw.name();
-        let fd = raw
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| map_err(map)(MapError::IoError(e)))?;
-        let data = MapData::from_fd(fd).map_err(map_err(map))?;
-        let any = aya::maps::Map::from_map_data(data).map_err(map_err(map))?;
-        M::try_from(any).map_err(map_err(map))
-    }
+    let open = |map| open_raw(&maps_dir, map, Access::ReadOnly);
     let raw = LbRawMaps {
         services: open(MAP_SERVICES)?,
         backends: open(MAP_BACKENDS)?,

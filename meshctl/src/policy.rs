@@ -605,6 +605,10 @@ fn explain(d: &Decision) -> String {
             "{}: no policy selects the endpoint in this direction",
             d.verdict
         ),
+        Reason::LocalHost => format!(
+            "{}: ingress from the local host is always allowed",
+            d.verdict
+        ),
     }
 }
 

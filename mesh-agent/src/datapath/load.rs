@@ -13,8 +13,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapError,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, links::FdLink,
-        tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, ProgramError,
+        SchedClassifier, links::FdLink, tc::TcAttachOptions,
     },
 };
 use mesh_maps::{
@@ -98,6 +98,40 @@ impl Datapath {
             })?;
             links.push(LinkStatus { name, pin, state });
         }
+        {
+            let name = POLICY_INGRESS_PROGRAM;
+            let prog: &mut CgroupSkb = sock_lb
+                .program_mut(name)
+                .ok_or(Error::MissingProgram {
+                    object: "sock_lb.bpf.o",
+                    program: name,
+                })?
+                .try_into()
+                .map_err(program_err(name))?;
+            prog.load().map_err(program_err(name))?;
+            let prog_fd = program_fd(name, prog.fd())?;
+            let pin = links_dir.join(name);
+            let expect = ExpectedLink {
+                link_type: bpf::BPF_LINK_TYPE_CGROUP,
+                target: cgroup_id,
+                attach_type: bpf::BPF_CGROUP_INET_INGRESS,
+            };
+            let state = ensure_link(&pin, &prog_fd, expect, || {
+                let id = prog
+                    .attach(
+                        &cgroup,
+                        CgroupSkbAttachType::Ingress,
+                        CgroupAttachMode::Single,
+                    )
+                    .map_err(program_err(name))?;
+                let link = prog.take_link(id).map_err(program_err(name))?;
+                FdLink::try_from(link).map_err(|source| Error::LinkFd {
+                    program: name,
+                    source,
+                })
+            })?;
+            links.push(LinkStatus { name, pin, state });
+        }
 
         let mut objects = Vec::new();
         match &flow_iface {
@@ -127,6 +161,7 @@ impl Datapath {
 
         objects.push(sock_lb);
         let raw = LbRawMaps::open_pinned(&maps_dir, Access::ReadWrite)?;
+        let policy = mesh_maps::policy::PolicyMaps::open_pinned(&maps_dir, Access::ReadWrite)?;
 
         tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_path.display(),
             flow_iface = ?flow_iface, ?links, "datapath open");
@@ -139,6 +174,7 @@ impl Datapath {
                 raw,
             },
             flows,
+            policy,
             _rev_nat: rev_nat,
             batch: BatchSupport {
                 services: true,

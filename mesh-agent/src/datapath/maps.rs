@@ -167,6 +167,25 @@ impl Datapath {
     pub fn flows(&self) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
         Ok(mesh_maps::sum_flows(&self.flows)?)
     }
+
+    // --- network policy ---
+
+    /// The content of the policy maps.
+    pub fn policy_dump(&self) -> Result<mesh_maps::policy::PolicyDump> {
+        Ok(self.policy.dump()?)
+    }
+
+    /// One write to the policy maps.
+    pub fn apply_policy(&mut self, op: &mesh_maps::policy::PolicyOp) -> Result<()> {
+        Ok(self.policy.apply(op)?)
+    }
+
+    /// The policy verdict counters, summed over CPUs.
+    pub fn policy_counters(
+        &self,
+    ) -> Result<BTreeMap<mesh_maps::policy::PolicyCounterKey, FlowCounters>> {
+        Ok(self.policy.counters()?)
+    }
 }
 
 /// Per map: whether the kernel took batch updates so far (cleared the first

@@ -6,6 +6,9 @@
 //! ```text
 //! <pin_dir>/maps/mesh_ipcache, mesh_services, mesh_backends, mesh_rev_nat, mesh_flows
 //! <pin_dir>/links/mesh_connect4, mesh_sendmsg4, mesh_recvmsg4, mesh_getpeername4
+//! <pin_dir>/maps/mesh_policy_endpoints, mesh_policy, mesh_policy_netns, mesh_policy_replies,
+//!                mesh_policy_counters, mesh_policy_rules
+//! <pin_dir>/links/mesh_policy_ingress
 //! <pin_dir>/links/mesh_flows_tc_ingress, mesh_flows_tc_egress
 //! ```
 //!
@@ -24,8 +27,11 @@
 
 mod load;
 mod maps;
+mod netns;
 mod pinned;
 mod sys;
+
+pub use netns::{NetnsInfo, NetnsScanner};
 
 use std::{io, path::PathBuf};
 
@@ -55,6 +61,8 @@ const SOCK_PROGRAMS: &[(&str, u32)] = &[
     ("mesh_recvmsg4", bpf::BPF_CGROUP_UDP4_RECVMSG),
     ("mesh_getpeername4", bpf::BPF_CGROUP_INET4_GETPEERNAME),
 ];
+/// The cgroup_skb program of ingress policy (sock_lb.bpf.c), on the same cgroup.
+const POLICY_INGRESS_PROGRAM: &str = "mesh_policy_ingress";
 const FLOWS_PROGRAM: &str = "mesh_flows_tc";
 const FLOWS_LINKS: &[(&str, TcAttachType, u32)] = &[
     (
@@ -241,6 +249,8 @@ pub struct Datapath {
     /// Services, backends and ipcache: typed handles and raw ones for batches.
     lb: LbMaps,
     flows: PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
+    /// The network-policy maps.
+    policy: mesh_maps::policy::PolicyMaps,
     _rev_nat: HashMap<MapData, layout::RevNatKey, layout::RevNatValue>,
     batch: BatchSupport,
     links: Vec<LinkStatus>,

@@ -19,7 +19,9 @@
 //! `(any, any)`, each the longest port prefix containing the port. If any finds a Deny, the
 //! flow is denied (deny beats allow); else if the direction is not enforced it is allowed;
 //! else if any finds an Allow it is allowed; else it is denied by default. The rule reported
-//! is the smallest `RuleRef` among the entries of the winning verdict.
+//! is the smallest `RuleRef` among the entries of the winning verdict. Ingress from the
+//! reserved host identity is always allowed (kubelet probes come from the node), before any
+//! lookup.
 //!
 //! # CIDR identities
 //!
@@ -54,6 +56,9 @@ pub enum Reason {
     DefaultDeny { enforced_by: Vec<PolicyRef> },
     /// No policy enforces this direction for the local endpoint: everything is allowed.
     NotEnforced,
+    /// Ingress from the local host (kubelet probes) is always allowed, as Cilium's default
+    /// `allow-localhost` does.
+    LocalHost,
 }
 
 /// A verdict and why.
@@ -78,6 +83,7 @@ impl std::fmt::Display for Reason {
                 Ok(())
             }
             Reason::NotEnforced => f.write_str("no policy enforces this direction"),
+            Reason::LocalHost => f.write_str("ingress from the local host is always allowed"),
         }
     }
 }
@@ -180,6 +186,12 @@ pub fn decide(
         verdict: Verdict::Allow,
         reason: Reason::NotEnforced,
     };
+    if direction == Direction::Ingress && remote.0 == RESERVED_HOST {
+        return Decision {
+            verdict: Verdict::Allow,
+            reason: Reason::LocalHost,
+        };
+    }
     let Some(table) = compiled.direction(local, direction) else {
         return not_enforced;
     };

@@ -22,6 +22,7 @@ mod identities;
 mod model;
 mod parse;
 pub mod reference;
+mod tables;
 
 #[cfg(test)]
 mod proptests;
@@ -42,3 +43,7 @@ pub use model::{
 };
 pub use parse::{FieldError, PolicyError, parse_policy};
 pub use reference::Flow;
+pub use tables::{
+    EndpointTables, PolicyTables, TableKey, TableValue, decide_tables, policy_tables,
+    protocol_number,
+};

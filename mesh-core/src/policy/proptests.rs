@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use proptest::sample::select;
 
 use super::*;
-use crate::identity::{LABEL_CLUSTER, LABEL_NAMESPACE};
+use crate::identity::{LABEL_CLUSTER, LABEL_NAMESPACE, RESERVED_HOST};
 use crate::{ClusterId, ClusterName, IdentityId, IdentityLabels, Protocol};
 
 const CLUSTERS: [&str; 2] = ["east", "west"];
@@ -301,6 +301,27 @@ proptest! {
         }
     }
 
+    /// The datapath's tables decide as `decide` does: same verdict, and the rule id they
+    /// report names the rule `decide` reports.
+    #[test]
+    fn tables_decide_equals_decide(ids in idents(), ps in policies()) {
+        let u = universe(&ids);
+        let set: PolicySet = ps.into_iter().collect();
+        let compiled = compile(&set, &u.table, &east());
+        let tables = policy_tables(&compiled);
+        for f in flows(&u) {
+            let want = decide_flow(&compiled, &f);
+            let (verdict, rule) =
+                decide_tables(&tables, f.local, f.direction, f.remote, f.protocol, f.port);
+            prop_assert_eq!(verdict, want.verdict, "flow {:?}: {:?}", f, want.reason);
+            let want_rule = match &want.reason {
+                Reason::Rule(r) => Some(r.clone()),
+                _ => None,
+            };
+            prop_assert_eq!(rule.map(|id| tables.rules[&id].clone()), want_rule, "flow {:?}", f);
+        }
+    }
+
     /// A deny rule that matches a flow denies it, whatever allows it too.
     #[test]
     fn deny_beats_allow(
@@ -337,7 +358,9 @@ proptest! {
         let compiled = compile(&set, &u.table, &east());
         let denier = set.iter().find(|p| p.reference.name == "zz-deny").unwrap();
         for f in flows(&u).filter(|f| f.direction == direction) {
+            let from_host = f.direction == Direction::Ingress && f.remote.0 == RESERVED_HOST;
             if selects(&u.table, denier, &subject, f.local)
+                && !from_host
                 && reference::rule_matches(&deny, Verdict::Deny, &u.table, &east(), &f)
             {
                 let d = decide_flow(&compiled, &f);
@@ -359,7 +382,9 @@ proptest! {
             }));
             if !selected {
                 let d = decide_flow(&compiled, &f);
-                prop_assert_eq!(d, Decision { verdict: Verdict::Allow, reason: Reason::NotEnforced }, "flow {:?}", f);
+                let from_host = f.direction == Direction::Ingress && f.remote.0 == RESERVED_HOST;
+                let reason = if from_host { Reason::LocalHost } else { Reason::NotEnforced };
+                prop_assert_eq!(d, Decision { verdict: Verdict::Allow, reason }, "flow {:?}", f);
             }
         }
     }

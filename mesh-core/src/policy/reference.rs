@@ -4,7 +4,7 @@
 //! random inputs). It is slow (every policy, every rule, every flow) and obviously follows
 //! DESIGN.md section 14; use `compile` and `decide` everywhere else.
 
-use crate::identity::LABEL_CLUSTER;
+use crate::identity::{LABEL_CLUSTER, RESERVED_HOST};
 use crate::{ClusterName, IdentityId, Protocol};
 
 use super::compile::{Decision, Reason};
@@ -31,6 +31,13 @@ pub fn evaluate(
     local_cluster: &ClusterName,
     flow: &Flow,
 ) -> Decision {
+    // Kubelet probes come from the node: ingress from the local host always passes.
+    if flow.direction == Direction::Ingress && flow.remote.0 == RESERVED_HOST {
+        return Decision {
+            verdict: Verdict::Allow,
+            reason: Reason::LocalHost,
+        };
+    }
     let IdentityKind::Endpoint(local_labels) = identities.kind(flow.local) else {
         return not_enforced();
     };

@@ -352,7 +352,7 @@ spec:
             "80/TCP",
             Deny,
         ),
-        ("east/default/web", Ingress, "host", "80/TCP", Deny),
+        ("east/default/web", Ingress, "host", "80/TCP", Allow), // ingress from the local host always passes
     ]);
 }
 
@@ -666,7 +666,7 @@ specs:
             Allow,
         ),
         ("east/default/web", Ingress, "world", "80/TCP", Allow),
-        ("east/default/web", Ingress, "host", "80/TCP", Deny),
+        ("east/default/web", Ingress, "host", "80/TCP", Allow), // ingress from the local host always passes
         (
             "east/default/client",
             Egress,
@@ -867,7 +867,7 @@ spec:
     c.expect(&[
         (web, Ingress, "world", "1/TCP", Allow),
         (web, Ingress, "cidr:192.168.0.0/16", "1/TCP", Allow),
-        (web, Ingress, "host", "1/TCP", Deny),
+        (web, Ingress, "host", "1/TCP", Allow), // ingress from the local host always passes
         (web, Ingress, "east/default/client", "1/TCP", Deny),
         (web, Ingress, "west/default/client", "1/TCP", Deny),
         (web, Ingress, "east/other/client", "2/TCP", Allow),
@@ -878,7 +878,7 @@ spec:
         (web, Ingress, "host", "3/TCP", Allow),
         (web, Ingress, "remote-node", "3/TCP", Deny),
         (web, Ingress, "remote-node", "4/TCP", Allow),
-        (web, Ingress, "host", "4/TCP", Deny),
+        (web, Ingress, "host", "4/TCP", Allow), // ingress from the local host always passes
         (web, Ingress, "world", "5/TCP", Allow),
         (web, Ingress, "west/default/client", "5/TCP", Allow),
         (web, Ingress, "host", "5/TCP", Allow),
@@ -1141,7 +1141,7 @@ spec:
     let cl = "east/default/client";
     c.expect(&[
         (cl, Ingress, "east/default/web", "80/TCP", Deny),
-        (cl, Ingress, "host", "80/TCP", Deny),
+        (cl, Ingress, "host", "80/TCP", Allow), // ingress from the local host always passes
         (cl, Egress, "world", "443/TCP", Allow),
         (cl, Egress, "west/default/web", "443/TCP", Allow),
         (cl, Egress, "west/default/web", "80/TCP", Deny),
