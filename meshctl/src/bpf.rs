@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ipnet::IpNet;
-use mesh_maps::{DatapathDump, PROTO_TCP, PROTO_UDP, PinnedMaps, open_pinned_readonly};
+use mesh_maps::policy::{PolicyCounterKey, PolicyDump, PolicyMaps};
+use mesh_maps::sys::Access;
+use mesh_maps::{
+    DatapathDump, FlowCounters, PROTO_TCP, PROTO_UDP, PinnedMaps, layout, open_pinned_readonly,
+};
 use serde::Serialize;
 
 use crate::output::{Format, table};
@@ -31,12 +35,23 @@ pub struct PinArgs {
 }
 
 impl PinArgs {
-    fn open(&self) -> anyhow::Result<PinnedMaps> {
-        let dir = match (&self.bpffs_dir, &self.node) {
+    fn dir(&self) -> anyhow::Result<PathBuf> {
+        Ok(match (&self.bpffs_dir, &self.node) {
             (Some(d), _) => d.clone(),
             (None, Some(n)) => self.bpffs_root.join(n),
             (None, None) => anyhow::bail!("give --node NAME (or --bpffs-dir DIR)"),
-        };
+        })
+    }
+
+    /// The node's policy maps, read-only.
+    fn open_policy(&self) -> anyhow::Result<PolicyMaps> {
+        let dir = self.dir()?;
+        PolicyMaps::open_pinned(&dir.join("maps"), Access::ReadOnly)
+            .with_context(|| format!("opening the pinned policy maps under {}", dir.display()))
+    }
+
+    fn open(&self) -> anyhow::Result<PinnedMaps> {
+        let dir = self.dir()?;
         open_pinned_readonly(&dir).with_context(|| {
             let mut msg = format!("opening the pinned maps under {}", dir.display());
             if self.bpffs_dir.is_none() {
@@ -80,6 +95,15 @@ pub enum BpfCommand {
     /// The ipcache: prefix -> identity, tunnel endpoint, cluster.
     #[command(subcommand)]
     Ipcache(IpcacheCommand),
+    /// The network-policy maps: each local identity's verdict entries and counters.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Every policy entry of every local identity, with the rule and its counter.
+    List(PinArgs),
 }
 
 #[derive(Subcommand)]
@@ -117,6 +141,11 @@ pub fn run(cmd: BpfCommand) -> anyhow::Result<()> {
                     &cells,
                 )
             })
+        }
+        BpfCommand::Policy(PolicyCommand::List(p)) => {
+            let maps = p.open_policy()?;
+            let rows = policy_rows(&maps.dump()?, &maps.counters()?);
+            emit(p.output, &rows, || policy_table(&rows))
         }
         BpfCommand::Ipcache(IpcacheCommand::List(p)) => {
             let rows = ipcache_rows(&p.open()?.dump()?);
@@ -200,14 +229,6 @@ pub struct LbRow {
     /// The backend's cluster (its ClusterId: the maps hold no names, and reading them from
     /// an apiserver would make this command need one).
     pub cluster_id: Option<u16>,
-}
-
-fn proto_name(p: u8) -> String {
-    match p {
-        PROTO_TCP => "TCP".into(),
-        PROTO_UDP => "UDP".into(),
-        other => other.to_string(),
-    }
 }
 
 /// One row per service slot: the master entry (with its count, or "refused" when 0), then
@@ -301,4 +322,157 @@ pub struct FlowRow {
     pub dst_identity: u32,
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// One row of `meshctl bpf policy list`.
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct PolicyRow {
+    pub identity: u32,
+    pub direction: &'static str,
+    /// Default deny in this direction.
+    pub enforced: bool,
+    /// Remote identity; None = any.
+    pub remote: Option<u32>,
+    /// `8080/TCP`, `0-65535/ANY`, ...
+    pub port: String,
+    pub verdict: &'static str,
+    /// The rule's name, or `default deny`.
+    pub rule: String,
+    /// Connections (egress) or first packets (ingress) counted with this verdict.
+    pub packets: u64,
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        0 => "ANY".into(),
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        132 => "SCTP".into(),
+        n => n.to_string(),
+    }
+}
+
+/// The rows of `bpf policy list`: each endpoint's entries (per direction, from its table),
+/// then the default-deny verdicts counted for it.
+pub fn policy_rows(
+    dump: &PolicyDump,
+    counters: &std::collections::BTreeMap<PolicyCounterKey, FlowCounters>,
+) -> Vec<PolicyRow> {
+    let count = |local: u32, dir: u8, remote: Option<u32>, rule: u32, verdict: u8| -> u64 {
+        counters
+            .iter()
+            .filter(|(k, _)| {
+                k.local == local
+                    && k.direction == dir
+                    && k.rule == rule
+                    && k.verdict == verdict
+                    && remote.is_none_or(|r| r == k.remote)
+            })
+            .map(|(_, c)| c.packets)
+            .sum()
+    };
+    let mut rows = Vec::new();
+    for (&identity, ep) in &dump.endpoints {
+        for (dir, name, table, flag) in [
+            (
+                layout::DIRECTION_INGRESS,
+                "ingress",
+                ep.ingress_table,
+                layout::POLICY_F_INGRESS_ENFORCED,
+            ),
+            (
+                layout::DIRECTION_EGRESS,
+                "egress",
+                ep.egress_table,
+                layout::POLICY_F_EGRESS_ENFORCED,
+            ),
+        ] {
+            let enforced = ep.flags & flag != 0;
+            if table != 0 {
+                for (k, v) in dump.entries.range(
+                    mesh_maps::policy::PolicyEntryKey {
+                        table,
+                        remote: 0,
+                        proto: 0,
+                        port: 0,
+                        prefix_len: 0,
+                    }..,
+                ) {
+                    if k.table != table {
+                        break;
+                    }
+                    let span = 1u32 << (16 - u32::from(k.prefix_len));
+                    let last = u32::from(k.port) + span - 1;
+                    let port = if span == 1 {
+                        k.port.to_string()
+                    } else {
+                        format!("{}-{last}", k.port)
+                    };
+                    let remote = (k.remote != 0).then_some(k.remote);
+                    rows.push(PolicyRow {
+                        identity,
+                        direction: name,
+                        enforced,
+                        remote,
+                        port: format!("{port}/{}", proto_name(k.proto)),
+                        verdict: if v.verdict == layout::VERDICT_DENY {
+                            "deny"
+                        } else {
+                            "allow"
+                        },
+                        rule: dump
+                            .rules
+                            .get(&v.rule)
+                            .cloned()
+                            .unwrap_or_else(|| format!("rule {:#x}", v.rule)),
+                        packets: count(identity, dir, remote, v.rule, v.verdict),
+                    });
+                }
+            }
+            if enforced {
+                rows.push(PolicyRow {
+                    identity,
+                    direction: name,
+                    enforced,
+                    remote: None,
+                    port: "0-65535/ANY".into(),
+                    verdict: "deny",
+                    rule: "default deny".into(),
+                    packets: count(identity, dir, None, layout::RULE_NONE, layout::VERDICT_DENY),
+                });
+            }
+        }
+    }
+    rows
+}
+
+fn policy_table(rows: &[PolicyRow]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.identity.to_string(),
+                r.direction.to_owned(),
+                if r.enforced { "yes" } else { "no" }.to_owned(),
+                r.remote.map_or("any".into(), |i| i.to_string()),
+                r.port.clone(),
+                r.verdict.to_owned(),
+                r.packets.to_string(),
+                r.rule.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "IDENTITY",
+            "DIRECTION",
+            "DEFAULT DENY",
+            "REMOTE",
+            "PORT",
+            "VERDICT",
+            "PACKETS",
+            "RULE",
+        ],
+        &cells,
+    )
 }

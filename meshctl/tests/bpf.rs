@@ -289,3 +289,98 @@ fn bpf_lb_ipcache_and_flows_read_pinned_maps() {
     );
     dp.close();
 }
+
+#[test]
+fn bpf_policy_list_shows_each_identitys_entries_and_rules() {
+    mesh_testkit::require_root("the meshctl bpf tests");
+    let cgroup = Cgroup::new();
+    let bpffs = Bpffs::mounted();
+    let pin = bpffs.pin_dir();
+    let mut dp = Datapath::open(DatapathConfig::new(&pin, &cgroup.path)).unwrap();
+
+    // The agent's path from a policy users write to the maps.
+    let cluster: mesh_core::ClusterName = "east".parse().unwrap();
+    let mut ids = mesh_core::policy::IdentityTable::new();
+    for (id, app) in [(300, "web"), (301, "client")] {
+        ids.insert(
+            mesh_core::IdentityId(id),
+            mesh_core::IdentityLabels::for_pod(&cluster, "default", [("app", app)]),
+        );
+    }
+    let policy = mesh_core::policy::parse_policy(
+        &serde_json::json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "endpointSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{
+                    "fromEndpoints": [{"matchLabels": {"app": "client"}}],
+                    "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]
+                }]
+            }
+        }),
+        &cluster,
+    )
+    .unwrap();
+    let compiled = mesh_core::policy::compile(&[policy].into_iter().collect(), &ids, &cluster);
+    let tables = mesh_core::policy::policy_tables(&compiled);
+    let (want, _) = mesh_agent::policy::desired_policy(&tables, &[], &Default::default());
+    mesh_agent::policy::PolicyReconciler::default()
+        .reconcile(&mut dp, &want)
+        .unwrap();
+
+    let dir = pin.to_str().unwrap();
+    let out = meshctl(&["bpf", "policy", "list", "--bpffs-dir", dir]);
+    let got = rows(&out);
+    assert_eq!(
+        got,
+        [
+            vec![
+                "IDENTITY",
+                "DIRECTION",
+                "DEFAULT DENY",
+                "REMOTE",
+                "PORT",
+                "VERDICT",
+                "PACKETS",
+                "RULE"
+            ],
+            vec![
+                "300",
+                "ingress",
+                "yes",
+                "301",
+                "80/TCP",
+                "allow",
+                "0",
+                "CiliumNetworkPolicy east/default/web spec.ingress[0]"
+            ],
+            vec![
+                "300",
+                "ingress",
+                "yes",
+                "any",
+                "0-65535/ANY",
+                "deny",
+                "0",
+                "default deny"
+            ],
+        ],
+        "{out}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&meshctl(&[
+        "bpf",
+        "policy",
+        "list",
+        "--bpffs-dir",
+        dir,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        json[0]["rule"],
+        "CiliumNetworkPolicy east/default/web spec.ingress[0]"
+    );
+    assert_eq!(json[0]["remote"], 301);
+}
