@@ -160,7 +160,9 @@ pub use mesh_proto::cli::{LogArgs, LogFormat};
 /// Watch serving knobs.
 #[derive(Debug, Clone, ClapArgs)]
 pub struct ServeArgs {
-    /// Progress heartbeat interval on idle watch streams.
+    /// Progress heartbeat interval on idle watch streams whose client asks for none (clients
+    /// of this version ask for their own: an agent its --heartbeat-interval, a peer importer
+    /// its --peer-heartbeat-interval, which bounds how fast a lost peer is marked stale).
     #[arg(long, env = "MESH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 

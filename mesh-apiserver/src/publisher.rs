@@ -456,7 +456,8 @@ fn inputs(kind: pb::Kind) -> &'static [ResourceKind] {
         pb::Kind::Endpoint | pb::Kind::Identity => &[ResourceKind::Pod, ResourceKind::Namespace],
         pb::Kind::Service => &[ResourceKind::Service, ResourceKind::EndpointSlice],
         pb::Kind::Policy => &ResourceKind::POLICIES,
-        pb::Kind::Config | pb::Kind::Unspecified => &[],
+        // The link state is the importer's, never published from Kubernetes.
+        pb::Kind::Config | pb::Kind::Link | pb::Kind::Unspecified => &[],
     }
 }
 

@@ -143,11 +143,24 @@ async fn partition_keeps_stale_data_then_resumes_without_snapshot() {
     assert!(!s.last_error.is_empty(), "{s:#?}");
     status_stale(&b).await;
     change_a(&a).await;
+    // B's agents learn that A is stale from clusters/a/link (stale demotion), written with
+    // the status's stale-since time.
+    let link_key = keys.object("a", Kind::Link, "");
+    let mut held = cluster_keys(&mut eb, "a").await;
+    let link = held
+        .remove(&link_key)
+        .unwrap_or_else(|| panic!("no {link_key} while A is stale: {:#?}", held.keys()));
+    let link = <mesh_proto::pb::PeerLink as prost::Message>::decode(&link[..]).unwrap();
+    let st = peer_status(&mut eb, "a").await.unwrap();
     assert_eq!(
-        cluster_keys(&mut eb, "a").await,
-        before,
-        "A's data must be kept while stale"
+        (link.cluster.as_str(), link.stale_since_unix_ms),
+        ("a", st.stale_since_unix_ms)
     );
+    assert_eq!(
+        st.heartbeat_interval_ms,
+        test_options(None).watch.heartbeat_interval.as_millis() as i64
+    );
+    assert_eq!(held, before, "A's data must be kept while stale");
 
     proxy.heal();
     let s = importer
@@ -161,6 +174,13 @@ async fn partition_keeps_stale_data_then_resumes_without_snapshot() {
         "a resumed stream must not take a snapshot: {s2:#?}"
     );
     assert!(s2.stale_since.is_none());
+    wait_keys(
+        &mut eb,
+        "a",
+        "the link record gone once A is back",
+        |have| !have.contains_key(&link_key),
+    )
+    .await;
     let text = importer.metrics_text();
     assert!(
         text.contains(r#"mesh_apiserver_peer_snapshots_total{peer="a"} 1"#),
@@ -222,11 +242,13 @@ async fn apiserver_restart_keeps_stale_data_and_converges() {
         .await;
     status_stale(&b).await;
     change_a(&a).await;
-    assert_eq!(
-        cluster_keys(&mut eb, "a").await,
-        before,
-        "A's data must be kept while stale"
+    let mut held = cluster_keys(&mut eb, "a").await;
+    let link_key = a.keys().object("a", Kind::Link, "");
+    assert!(
+        held.remove(&link_key).is_some(),
+        "A is stale: {link_key} must tell B's agents"
     );
+    assert_eq!(held, before, "A's data must be kept while stale");
 
     a.start().await;
     importer

@@ -176,6 +176,7 @@ async fn filters_by_cluster_and_kind_and_rejects_bad_requests() {
             clusters: vec!["west".into()],
             kinds: vec![Kind::Endpoint as i32],
             resume_revision: 0,
+            heartbeat_interval_ms: 0,
         },
     )
     .await

@@ -226,6 +226,8 @@ pub struct ExplainedPort {
     pub frontend: String,
     pub tier: String,
     pub used_failover: bool,
+    /// The backends are of stale clusters: no fresh one of the tier (stale demotion).
+    pub stale: bool,
     pub backends: Vec<SelectedRow>,
 }
 
@@ -404,6 +406,7 @@ fn explanation(
                 frontend: port_str(&p.frontend),
                 tier: p.tier.to_string(),
                 used_failover: p.used_failover,
+                stale: p.stale,
                 backends: p
                     .backends
                     .iter()
@@ -484,8 +487,13 @@ pub fn render_explain(e: &Explanation) -> String {
     for p in &e.ports {
         s.push('\n');
         let failover = if p.used_failover { ", failover" } else { "" };
+        let stale = if p.stale {
+            ", stale clusters only: no fresh backend"
+        } else {
+            ""
+        };
         s.push_str(&format!(
-            "Port {} (tier {}{failover}):\n",
+            "Port {} (tier {}{failover}{stale}):\n",
             p.frontend, p.tier
         ));
         if p.backends.is_empty() {
@@ -850,6 +858,67 @@ mod tests {
                 assert!(text.contains("failover"), "{text}");
             }
         }
+    }
+
+    #[test]
+    fn explain_shows_a_stale_cluster_demoted_and_used_when_nothing_fresh_is_left() {
+        let east = ClusterName::new("east").unwrap();
+        let stale_since = std::time::SystemTime::now() - std::time::Duration::from_secs(12);
+        let with_link = |services: &[GlobalService]| {
+            let mut w = watched(services);
+            let link = mesh_proto::convert::PeerLink {
+                cluster: ClusterName::new("west").unwrap(),
+                stale_since,
+            };
+            w.objects.insert(
+                ("west".into(), pb::Kind::Link as i32, String::new()),
+                pb::event::Value::Link((&link).into()),
+            );
+            w
+        };
+        let west = svc("west", vec![backend("10.2.0.1", "w1", READY)]);
+        let e = explain(
+            &with_link(&[
+                svc("east", vec![backend("10.1.0.1", "e1", READY)]),
+                west.clone(),
+            ]),
+            "e1",
+            "default/web",
+            &agent_gate(&east),
+        )
+        .unwrap();
+        let text = render_explain(&e);
+        assert_eq!(e.ports[0].backends.len(), 1, "{text}");
+        assert_eq!(e.ports[0].backends[0].cluster, "east");
+        assert!(!e.ports[0].stale);
+        let row = text
+            .lines()
+            .find(|l| l.contains("10.2.0.1"))
+            .unwrap_or_else(|| panic!("no row for the demoted backend:\n{text}"));
+        // 12 s ago, as of the moment explain ran (a slow machine may add a second).
+        assert!(
+            row.contains("demoted: cluster west stale for 12s")
+                || row.contains("demoted: cluster west stale for 13s"),
+            "{text}"
+        );
+        // Nothing fresh and ready: the stale cluster carries the traffic, and says so.
+        let e = explain(
+            &with_link(&[
+                svc("east", vec![backend("10.1.0.1", "e1", NOT_READY)]),
+                west,
+            ]),
+            "e1",
+            "default/web",
+            &agent_gate(&east),
+        )
+        .unwrap();
+        assert_eq!(e.ports[0].backends[0].cluster, "west");
+        assert!(e.ports[0].stale);
+        assert!(
+            render_explain(&e).contains("stale clusters only: no fresh backend"),
+            "{}",
+            render_explain(&e)
+        );
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct PeerView {
     pub connected: bool,
     pub synced: bool,
     pub stale_for_seconds: Option<u64>,
+    /// The heartbeat interval the importer asks of the peer (`None`: an older apiserver).
+    pub heartbeat_interval_ms: Option<i64>,
+    /// The bound on the time from losing the peer to marking it stale (3 heartbeats).
+    pub loss_detection_ms: Option<i64>,
     pub revision: i64,
     pub reconnects: u64,
     /// Full snapshots this importer took from the peer since it started.
@@ -163,6 +167,10 @@ pub fn view(resp: &pb::StatusResponse) -> StatusView {
                 synced: p.synced,
                 stale_for_seconds: (p.stale_since_unix_ms > 0)
                     .then(|| ((now - p.stale_since_unix_ms).max(0) / 1000) as u64),
+                heartbeat_interval_ms: (p.heartbeat_interval_ms > 0)
+                    .then_some(p.heartbeat_interval_ms),
+                loss_detection_ms: (p.heartbeat_interval_ms > 0)
+                    .then(|| p.heartbeat_interval_ms.saturating_mul(3)),
                 revision: p.revision,
                 reconnects: p.reconnects,
                 snapshots: p.snapshots,
@@ -328,6 +336,14 @@ pub fn render(v: &StatusView) -> String {
                     p.stale_for_seconds
                         .map(|s| format!("{s}s"))
                         .unwrap_or_else(|| "-".into()),
+                    match (p.heartbeat_interval_ms, p.loss_detection_ms) {
+                        (Some(h), Some(l)) => format!(
+                            "{:?} (stale after {:?})",
+                            std::time::Duration::from_millis(h as u64),
+                            std::time::Duration::from_millis(l as u64)
+                        ),
+                        _ => "-".into(),
+                    },
                     p.revision.to_string(),
                     p.reconnects.to_string(),
                     p.snapshots.to_string(),
@@ -347,6 +363,7 @@ pub fn render(v: &StatusView) -> String {
                 "CONNECTED",
                 "SYNCED",
                 "STALE",
+                "HEARTBEAT",
                 "REVISION",
                 "RECONNECTS",
                 "SNAPSHOTS",

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mesh_lab::kube_api::{KubeApi, KubeApiConfig, KubeApiHandle};
 use mesh_proto::client::{WatchOptions, WatchUpdate, connect_fn, spawn_watch};
 use mesh_proto::keys::{ClusterKey, Keys};
-use mesh_proto::pb;
+use mesh_proto::pb::{self, Kind};
 use mesh_proto::tls::{self, ClientEndpoint, ClientTls};
 use serde_json::{Value, json};
 
@@ -445,7 +445,8 @@ async fn objects_of(
         .iter()
         .filter_map(|kv| {
             let key = kv.key_str().ok()?;
-            matches!(keys.parse(key), Some(ClusterKey::Object { .. }))
+            // The peer's objects; not the importer's own link record (stale demotion).
+            matches!(keys.parse(key), Some(ClusterKey::Object { kind, .. }) if kind != Kind::Link)
                 .then(|| (key.to_owned(), kv.value().to_vec()))
         })
         .collect()
@@ -733,6 +734,12 @@ async fn connect_restart_resume_and_withdraw() {
         objects_of(&mut eb, "alpha").await,
         before,
         "kept while stale"
+    );
+    let link = Keys::default().object("alpha", Kind::Link, "");
+    assert_eq!(
+        eb.get(link.clone(), None).await.expect("etcd get").count(),
+        1,
+        "{link} tells beta's agents that alpha is stale"
     );
 
     // While alpha is down: api deleted, web loses a backend (its publisher sees it only

@@ -430,6 +430,12 @@ impl Worker {
         let resume = self.state.revision;
         let request = pb::WatchRequest {
             resume_revision: resume,
+            // The server paces its heartbeats to what this client expects.
+            heartbeat_interval_ms: self
+                .options
+                .heartbeat_interval
+                .as_millis()
+                .min(u32::MAX as u128) as u32,
             ..self.request.clone()
         };
         let limit = self.silence_limit();

@@ -5,6 +5,7 @@
 //! (`endpoint 10.0.0.x: invalid ip "10.0.0.x": ...`). Encoding cannot fail.
 
 use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_core::cidr::parse_cidr;
 use mesh_core::policy::{Policy, PolicyError, PolicyKind, parse_policy};
@@ -481,6 +482,50 @@ impl From<&PolicyObject> for pb::Policy {
     }
 }
 
+// === PeerLink ===
+
+/// A peer's link state as the serving cluster's importer sees it: stale since `stale_since`
+/// (the key exists only while the peer is stale).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLink {
+    pub cluster: ClusterName,
+    pub stale_since: SystemTime,
+}
+
+impl TryFrom<pb::PeerLink> for PeerLink {
+    type Error = ConvertError;
+    fn try_from(l: pb::PeerLink) -> Result<Self, ConvertError> {
+        let ctx = Ctx(format!("link {}", l.cluster));
+        let cluster = ctx.cluster("cluster", &l.cluster)?;
+        let ms = u64::try_from(l.stale_since_unix_ms)
+            .ok()
+            .filter(|ms| *ms > 0)
+            .ok_or_else(|| {
+                ctx.err(
+                    "stale_since_unix_ms",
+                    l.stale_since_unix_ms,
+                    "must be a positive Unix time in milliseconds",
+                )
+            })?;
+        Ok(PeerLink {
+            cluster,
+            stale_since: UNIX_EPOCH + Duration::from_millis(ms),
+        })
+    }
+}
+
+impl From<&PeerLink> for pb::PeerLink {
+    fn from(l: &PeerLink) -> Self {
+        pb::PeerLink {
+            cluster: l.cluster.to_string(),
+            stale_since_unix_ms: l
+                .stale_since
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        }
+    }
+}
+
 // ================================================================ typed objects
 
 /// A published object of any kind, as a mesh-core type.
@@ -492,6 +537,7 @@ pub enum WatchedObject {
     Endpoint(Endpoint),
     Service(GlobalService),
     Policy(PolicyObject),
+    Link(PeerLink),
 }
 
 // === impl WatchedObject ===
@@ -506,6 +552,7 @@ impl WatchedObject {
             WatchedObject::Endpoint(_) => pb::Kind::Endpoint,
             WatchedObject::Service(_) => pb::Kind::Service,
             WatchedObject::Policy(_) => pb::Kind::Policy,
+            WatchedObject::Link(_) => pb::Kind::Link,
         }
     }
 
@@ -513,7 +560,7 @@ impl WatchedObject {
     /// name, identity number, endpoint IP, `<namespace>/<name>`, `""` for the config.
     pub fn name(&self) -> String {
         match self {
-            WatchedObject::Config(_) => String::new(),
+            WatchedObject::Config(_) | WatchedObject::Link(_) => String::new(),
             WatchedObject::Node(n) => n.name.clone(),
             WatchedObject::Identity(i) => i.id.0.to_string(),
             WatchedObject::Endpoint(e) => e.ip.to_string(),
@@ -529,6 +576,7 @@ impl WatchedObject {
             WatchedObject::Node(n) => Some(&n.cluster),
             WatchedObject::Service(s) => Some(&s.cluster),
             WatchedObject::Policy(p) => Some(&p.policy.reference.cluster),
+            WatchedObject::Link(l) => Some(&l.cluster),
             WatchedObject::Identity(_) | WatchedObject::Endpoint(_) => None,
         }
     }
@@ -544,6 +592,7 @@ impl TryFrom<pb::event::Value> for WatchedObject {
             pb::event::Value::Endpoint(e) => WatchedObject::Endpoint(e.try_into()?),
             pb::event::Value::Service(s) => WatchedObject::Service(s.try_into()?),
             pb::event::Value::Policy(p) => WatchedObject::Policy(p.try_into()?),
+            pb::event::Value::Link(l) => WatchedObject::Link(l.try_into()?),
         })
     }
 }
@@ -557,6 +606,7 @@ impl From<&WatchedObject> for pb::event::Value {
             WatchedObject::Endpoint(e) => pb::event::Value::Endpoint(e.into()),
             WatchedObject::Service(s) => pb::event::Value::Service(s.into()),
             WatchedObject::Policy(p) => pb::event::Value::Policy(p.into()),
+            WatchedObject::Link(l) => pb::event::Value::Link(l.into()),
         }
     }
 }
@@ -570,6 +620,7 @@ pub fn value_kind(v: &pb::event::Value) -> pb::Kind {
         pb::event::Value::Endpoint(_) => pb::Kind::Endpoint,
         pb::event::Value::Service(_) => pb::Kind::Service,
         pb::event::Value::Policy(_) => pb::Kind::Policy,
+        pb::event::Value::Link(_) => pb::Kind::Link,
     }
 }
 
@@ -597,6 +648,7 @@ pub fn decode_value(kind: pb::Kind, bytes: &[u8]) -> Result<pb::event::Value, Va
             pb::event::Value::Service(pb::GlobalService::decode(bytes).map_err(corrupt)?)
         }
         pb::Kind::Policy => pb::event::Value::Policy(pb::Policy::decode(bytes).map_err(corrupt)?),
+        pb::Kind::Link => pb::event::Value::Link(pb::PeerLink::decode(bytes).map_err(corrupt)?),
         pb::Kind::Unspecified => return Err(ValueDecodeError::UnspecifiedKind { kind }),
     })
 }
@@ -610,6 +662,7 @@ pub fn encode_value(value: &pb::event::Value) -> Vec<u8> {
         pb::event::Value::Endpoint(m) => m.encode_to_vec(),
         pb::event::Value::Service(m) => m.encode_to_vec(),
         pb::event::Value::Policy(m) => m.encode_to_vec(),
+        pb::event::Value::Link(m) => m.encode_to_vec(),
     }
 }
 

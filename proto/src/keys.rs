@@ -7,6 +7,7 @@
 //! <prefix>clusters/<cluster>/endpoints/<ip>
 //! <prefix>clusters/<cluster>/services/<namespace>/<name>
 //! <prefix>clusters/<cluster>/policies/<policy kind>/<namespace>/<name>   (own readers only)
+//! <prefix>clusters/<cluster>/link          (a peer's link state, own readers only)
 //! <prefix>clusters/<cluster>/synced/<kind>
 //! <prefix>peers/<cluster>/status
 //! <prefix>identity-index/<hash of labels>
@@ -33,6 +34,7 @@ pub fn kind_segment(kind: Kind) -> Option<&'static str> {
         Kind::Endpoint => "endpoints",
         Kind::Service => "services",
         Kind::Policy => "policies",
+        Kind::Link => "link",
         Kind::Unspecified => return None,
     })
 }
@@ -46,6 +48,7 @@ pub fn kind_from_segment(seg: &str) -> Option<Kind> {
         "endpoints" => Kind::Endpoint,
         "services" => Kind::Service,
         "policies" => Kind::Policy,
+        "link" => Kind::Link,
         _ => return None,
     })
 }
@@ -64,6 +67,19 @@ pub const ALL_KINDS: [Kind; 5] = [
 /// Kinds a cluster publishes for its own readers only (agents, operators, its apiserver
 /// replicas): never served to a peer (`mesh_core::select::policy_presented`), never imported.
 pub const LOCAL_ONLY_KINDS: [Kind; 1] = [Kind::Policy];
+
+/// Whether a kind is for the serving cluster's own readers only: its policies, and the link
+/// state of its peers (written by its importer under `clusters/<peer>/link`). Neither is
+/// served to a peer nor imported from one.
+pub fn own_readers_only(kind: Kind) -> bool {
+    matches!(kind, Kind::Policy | Kind::Link)
+}
+
+/// Whether a kind is one object per cluster whose key has no name segment
+/// (`clusters/<c>/config`, `clusters/<c>/link`).
+pub fn is_singleton(kind: Kind) -> bool {
+    matches!(kind, Kind::Config | Kind::Link)
+}
 
 /// Every kind a cluster publishes under its own `clusters/<c>/`: [`ALL_KINDS`] then
 /// [`LOCAL_ONLY_KINDS`]. The publisher writes a Synced marker for each.
@@ -166,18 +182,18 @@ impl Keys {
         format!("{}clusters/{cluster}/", self.prefix)
     }
 
-    /// `<prefix>clusters/<cluster>/<kind>/` (or `.../config` for the config).
+    /// `<prefix>clusters/<cluster>/<kind>/` (or `.../config`, `.../link` for the singletons).
     pub fn kind_prefix(&self, cluster: &str, kind: Kind) -> String {
         let seg = kind_segment(kind).expect("a concrete kind");
-        if kind == Kind::Config {
-            format!("{}clusters/{cluster}/config", self.prefix)
+        if is_singleton(kind) {
+            format!("{}clusters/{cluster}/{seg}", self.prefix)
         } else {
             format!("{}clusters/{cluster}/{seg}/", self.prefix)
         }
     }
 
     pub fn object(&self, cluster: &str, kind: Kind, name: &str) -> String {
-        if kind == Kind::Config {
+        if is_singleton(kind) {
             self.kind_prefix(cluster, kind)
         } else {
             format!("{}{name}", self.kind_prefix(cluster, kind))
@@ -225,10 +241,10 @@ impl Keys {
         if cluster.is_empty() {
             return None;
         }
-        if rest == "config" {
+        if let Some(kind) = kind_from_segment(rest).filter(|k| is_singleton(*k)) {
             return Some(ClusterKey::Object {
                 cluster: cluster.into(),
-                kind: Kind::Config,
+                kind,
                 name: String::new(),
             });
         }
@@ -239,11 +255,12 @@ impl Keys {
         if seg == "synced" {
             return Some(ClusterKey::Synced {
                 cluster: cluster.into(),
-                kind: kind_from_segment(name).filter(|k| *k != Kind::Unspecified)?,
+                // The link state has no Synced marker.
+                kind: kind_from_segment(name).filter(|k| *k != Kind::Link)?,
             });
         }
         let kind = kind_from_segment(seg)?;
-        if kind == Kind::Config {
+        if is_singleton(kind) {
             return None;
         }
         if kind == Kind::Service && name.split('/').count() != 2 {
@@ -304,6 +321,15 @@ mod tests {
             "mesh/v1/clusters/a/endpoints/10.0.0.1"
         );
         assert_eq!(k.object("a", Kind::Config, ""), "mesh/v1/clusters/a/config");
+        assert_eq!(k.object("a", Kind::Link, ""), "mesh/v1/clusters/a/link");
+        assert_eq!(
+            k.parse("mesh/v1/clusters/a/link"),
+            Some(ClusterKey::Object {
+                cluster: "a".into(),
+                kind: Kind::Link,
+                name: String::new()
+            })
+        );
     }
 
     #[test]
@@ -336,6 +362,8 @@ mod tests {
             "mesh/v1/clusters/a/nodes/",
             "mesh/v1/clusters//config",
             "mesh/v1/clusters/a/synced/bogus",
+            "mesh/v1/clusters/a/synced/link",
+            "mesh/v1/clusters/a/link/x",
             "mesh/v1/clusters/a/policies/ns/name",
             "mesh/v1/clusters/a/policies/bogus/ns/name",
             "mesh/v1/clusters/a/policies/networkpolicies/_/name",

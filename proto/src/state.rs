@@ -18,6 +18,7 @@ use std::borrow::Borrow;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use mesh_core::model::Identity;
 use mesh_core::policy::{
@@ -276,6 +277,7 @@ impl MeshState {
                 insert(&mut s.services, (v.namespace.clone(), v.name.clone()), v)
             }
             WatchedObject::Identity(v) => insert(&mut c.identities, v.id.0, v),
+            WatchedObject::Link(l) => replace(&mut s.stale_since, Some(l.stale_since)),
             WatchedObject::Policy(p) => {
                 if s.policies.get(&p.policy.reference) == Some(&p.policy) {
                     false
@@ -303,6 +305,7 @@ impl MeshState {
         let s = &mut c.state;
         Ok(match kind {
             Kind::Config => s.config.take().is_some(),
+            Kind::Link => s.stale_since.take().is_some(),
             Kind::Node => s.nodes.remove(name).is_some(),
             Kind::Endpoint => {
                 let ip: IpAddr = name.parse().map_err(|_| bad())?;
@@ -447,19 +450,44 @@ pub struct ClusterState {
     pub services: Services,
     /// Network policies (the local cluster's only: peers never serve theirs).
     pub policies: PolicySet,
+    /// Since when the local apiserver's importer has lost this (remote) cluster: its data is
+    /// the last known state, and selection demotes its backends (`clusters/<c>/link`).
+    /// `None`: fresh.
+    pub stale_since: Option<SystemTime>,
 }
 
 /// The view of the mesh that [`plan_node`] takes: the services of `clusters` (the ones the
-/// sync gate lets in). `meshctl service explain` builds it with this function too.
+/// sync gate lets in) and which of them are stale, for how long as of now.
+/// `meshctl service explain` builds it with this function too.
+///
+/// [`plan_node`]: mesh_core::select::plan_node
 pub fn mesh_view<'a, S: Borrow<ClusterState>>(
     clusters: &'a BTreeMap<ClusterName, S>,
     local_cluster: &'a ClusterName,
+) -> MeshView<'a> {
+    mesh_view_at(clusters, local_cluster, SystemTime::now())
+}
+
+/// [`mesh_view`] as of `now` (a stale-since time after `now`, from another clock, counts as
+/// stale for zero seconds: still stale).
+pub fn mesh_view_at<'a, S: Borrow<ClusterState>>(
+    clusters: &'a BTreeMap<ClusterName, S>,
+    local_cluster: &'a ClusterName,
+    now: SystemTime,
 ) -> MeshView<'a> {
     MeshView {
         local_cluster,
         clusters: clusters
             .iter()
             .map(|(name, c)| (name, &c.borrow().services))
+            .collect(),
+        stale: clusters
+            .iter()
+            .filter(|(name, _)| *name != local_cluster)
+            .filter_map(|(name, c)| {
+                let since = c.borrow().stale_since?;
+                Some((name, now.duration_since(since).unwrap_or_default()))
+            })
             .collect(),
     }
 }
@@ -703,6 +731,59 @@ mod tests {
         };
         assert_eq!(s.apply(del), Applied::Changed);
         assert!(s.policies().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_link_record_makes_its_cluster_stale_in_the_view_until_deleted() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let west: ClusterName = "west".parse().unwrap();
+        let mut s = MeshState::new(west.clone());
+        let since_ms = 1_700_000_000_000i64;
+        let link = |cluster: &str| WatchUpdate::Upsert {
+            cluster: east(),
+            kind: Kind::Link,
+            name: String::new(),
+            revision: 1,
+            value: pb::event::Value::Link(pb::PeerLink {
+                cluster: cluster.into(),
+                stale_since_unix_ms: since_ms,
+            }),
+        };
+        assert_eq!(s.apply(link("east")), Applied::Changed);
+        assert_eq!(s.apply(link("east")), Applied::Unchanged);
+        // A record naming another cluster than its key is rejected.
+        assert!(matches!(
+            s.apply(link("west")),
+            Applied::Rejected {
+                error: RejectError::ClusterMismatch { .. },
+                ..
+            }
+        ));
+        let since = UNIX_EPOCH + Duration::from_millis(since_ms as u64);
+        let mut clusters: BTreeMap<ClusterName, ClusterState> = s
+            .clusters()
+            .iter()
+            .map(|(n, c)| (n.clone(), c.state.clone()))
+            .collect();
+        // The local cluster is never stale, even with a record.
+        clusters.entry(west.clone()).or_default().stale_since = Some(since);
+        let view = mesh_view_at(&clusters, &west, since + Duration::from_secs(12));
+        assert_eq!(
+            view.stale.into_iter().collect::<Vec<_>>(),
+            [(&east(), Duration::from_secs(12))]
+        );
+        // A clock behind the record's: still stale, for zero seconds.
+        let view = mesh_view_at(&clusters, &west, since - Duration::from_secs(1));
+        assert_eq!(view.stale[&east()], Duration::ZERO);
+
+        let del = WatchUpdate::Delete {
+            cluster: east(),
+            kind: Kind::Link,
+            name: String::new(),
+            revision: 2,
+        };
+        assert_eq!(s.apply(del), Applied::Changed);
+        assert_eq!(s.cluster(&east()).unwrap().state.stale_since, None);
     }
 
     #[test]

@@ -220,6 +220,7 @@ fn template() -> pb::WatchRequest {
         clusters: vec!["east".into()],
         kinds: vec![Kind::Node as i32],
         resume_revision: 99,
+        heartbeat_interval_ms: 0,
     }
 }
 
@@ -231,6 +232,11 @@ async fn snapshot_synced_then_live() {
     assert_eq!(req.resume_revision, 0, "the first call takes a snapshot");
     assert_eq!(req.clusters, vec!["east".to_string()]);
     assert_eq!(req.kinds, vec![Kind::Node as i32]);
+    assert_eq!(
+        req.heartbeat_interval_ms as u128,
+        options().heartbeat_interval.as_millis(),
+        "the client asks for the heartbeat it expects"
+    );
 
     assert_eq!(
         next(&mut w).await,

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use mesh_core::select::{Reader, policy_presented, service_presented};
+use mesh_proto::keys::own_readers_only;
 use mesh_proto::pb::Kind;
 use mesh_proto::tls::{AuthError, ServerTls};
 use prost::Message;
@@ -163,11 +164,12 @@ pub(super) struct StreamFilter {
 
 impl StreamFilter {
     /// Whether the stream carries objects and Synced markers of (cluster, kind). A peer
-    /// never gets policies, even when it asks for the kind ([`policy_presented`]).
+    /// never gets policies or link states, even when it asks for the kind
+    /// ([`policy_presented`], [`own_readers_only`]).
     pub(super) fn accepts(&self, cluster: &str, kind: Kind) -> bool {
         self.clusters.as_ref().is_none_or(|c| c.contains(cluster))
             && (self.kinds.is_empty() || self.kinds.contains(&(kind as i32)))
-            && (kind != Kind::Policy || policy_presented(self.reader))
+            && (!own_readers_only(kind) || policy_presented(self.reader))
     }
 
     /// Whether the reader sees `obj` as it is (not a service the reader must see as absent).

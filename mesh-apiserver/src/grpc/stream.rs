@@ -19,6 +19,24 @@ pub(super) struct WatchStream {
     pub(super) filter: StreamFilter,
     /// The revision the client has reached.
     pub(super) revision: i64,
+    /// Progress is sent after this long with nothing sent ([`heartbeat_for`]).
+    pub(super) heartbeat: std::time::Duration,
+}
+
+/// The bounds of a heartbeat interval a client may ask for: below 100 ms heartbeats would be
+/// most of a stream's traffic; above a minute a dead link goes unnoticed for minutes. The
+/// importer refuses to ask for anything outside them.
+pub(super) const HEARTBEAT_BOUNDS: (std::time::Duration, std::time::Duration) =
+    crate::peer::PEER_HEARTBEAT_BOUNDS;
+
+/// The heartbeat interval of a stream: what the client asked for (it reconnects after three
+/// silent intervals, so the server must pace itself to the client), clamped to
+/// [`HEARTBEAT_BOUNDS`]; the server's own when the client asks nothing.
+pub(super) fn heartbeat_for(asked_ms: u32, server: std::time::Duration) -> std::time::Duration {
+    if asked_ms == 0 {
+        return server;
+    }
+    std::time::Duration::from_millis(asked_ms.into()).clamp(HEARTBEAT_BOUNDS.0, HEARTBEAT_BOUNDS.1)
 }
 
 type ItemResult = Result<pb::WatchResponse, Status>;
@@ -201,7 +219,7 @@ impl WatchStream {
     fn into_stream(mut self, resume: i64) -> impl Stream<Item = WireResult> + Send + 'static {
         let metrics = self.svc.inner.metrics.clone();
         let shutdown = self.svc.inner.shutdown.clone();
-        let heartbeat = self.svc.inner.cfg.heartbeat_interval;
+        let heartbeat = self.heartbeat;
         async_stream::stream! {
             let mut resume = resume;
             'subscribe: loop {
@@ -311,6 +329,7 @@ impl MeshService {
             remote = ?remote,
             clusters = ?body.clusters,
             resume = body.resume_revision,
+            heartbeat_ms = body.heartbeat_interval_ms,
         );
         info!(parent: &span, "watch stream opened");
         let role = access.role_label();
@@ -327,6 +346,10 @@ impl MeshService {
             svc: self.clone(),
             filter,
             revision: 0,
+            heartbeat: heartbeat_for(
+                body.heartbeat_interval_ms,
+                self.inner.cfg.heartbeat_interval,
+            ),
         }
         .into_stream(body.resume_revision);
         Ok(Box::pin(SpannedStream {

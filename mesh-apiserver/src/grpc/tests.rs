@@ -204,6 +204,7 @@ async fn peers_see_only_the_serving_cluster_and_no_unshared_services() {
         svc: service,
         filter,
         revision: 0,
+        heartbeat: Duration::from_secs(5),
     };
     let (mut sub, msgs) = ws.start(0).await.unwrap();
     let msgs = decoded(&msgs);
@@ -293,6 +294,7 @@ async fn peers_never_receive_policies_even_when_they_ask_for_the_kind() {
                 reader,
             },
             revision: 0,
+            heartbeat: Duration::from_secs(5),
         };
         let (mut sub, msgs) = ws.start(0).await.unwrap();
         let received = |msgs: &[pb::WatchResponse]| {
@@ -428,5 +430,28 @@ fn every_error_maps_to_a_specific_code() {
         let msg = e.to_string();
         let s = Status::from(e);
         assert_eq!((s.code(), s.message()), (code, msg.as_str()));
+    }
+}
+
+#[test]
+fn a_stream_heartbeats_at_the_interval_its_client_asks_for_within_bounds() {
+    use super::stream::heartbeat_for;
+    let server = Duration::from_secs(5);
+    assert_eq!(heartbeat_for(0, server), server);
+    assert_eq!(heartbeat_for(1000, server), Duration::from_secs(1));
+    assert_eq!(heartbeat_for(10, server), Duration::from_millis(100));
+    assert_eq!(heartbeat_for(3_600_000, server), Duration::from_secs(60));
+}
+
+#[test]
+fn peers_never_get_link_states_and_own_readers_do() {
+    for (reader, want) in [(Reader::Peer, false), (Reader::OwnCluster, true)] {
+        let filter = StreamFilter {
+            clusters: None,
+            kinds: BTreeSet::new(),
+            reader,
+        };
+        assert_eq!(filter.accepts("east", Kind::Link), want, "{reader:?}");
+        assert!(filter.accepts("east", Kind::Service), "{reader:?}");
     }
 }

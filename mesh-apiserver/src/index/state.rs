@@ -364,6 +364,7 @@ fn decode_value(kind: Kind, key: &str, v: &[u8]) -> Result<pb::event::Value, Ski
             Value::Service(pb::GlobalService::decode(v).map_err(err("GlobalService"))?)
         }
         Kind::Policy => Value::Policy(pb::Policy::decode(v).map_err(err("Policy"))?),
+        Kind::Link => Value::Link(pb::PeerLink::decode(v).map_err(err("PeerLink"))?),
         Kind::Unspecified => {
             return Err(SkipReason::UnknownKey {
                 key: key.to_owned(),

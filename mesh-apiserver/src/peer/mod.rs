@@ -102,6 +102,12 @@ pub struct PeerArgs {
     /// Interval of peer status updates in etcd (and metrics).
     #[arg(long, env = "MESH_PEER_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub peer_status_interval: Duration,
+
+    /// Heartbeat interval asked of each peer's apiserver (100ms..60s). A peer that sends
+    /// nothing for three intervals is lost: marked stale at once, so this cluster's agents
+    /// demote its backends below every fresh one. Loss detection is bounded by 3 intervals.
+    #[arg(long, env = "MESH_PEER_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub peer_heartbeat_interval: Duration,
 }
 
 impl Default for PeerArgs {
@@ -113,9 +119,19 @@ impl Default for PeerArgs {
             peer_stale_ttl: DEFAULT_STALE_TTL,
             peer_refusal_retry: Duration::from_secs(30),
             peer_status_interval: Duration::from_secs(1),
+            peer_heartbeat_interval: DEFAULT_PEER_HEARTBEAT,
         }
     }
 }
+
+/// The default heartbeat interval asked of peers: a lost peer is stale within 3 s, which
+/// leaves room inside DESIGN.md section 13b's 5 s goal for the status write and the agents'
+/// reconcile, at one small message per second per idle peer stream.
+pub const DEFAULT_PEER_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The heartbeat intervals a peer serves (the server clamps what it is asked to these).
+pub const PEER_HEARTBEAT_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(60));
 
 /// Errors of the importer's configuration.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +140,14 @@ pub enum ImporterError {
     SecretName(String),
     #[error("{flag}: must be greater than zero")]
     Zero { flag: &'static str },
+    #[error(
+        "--peer-heartbeat-interval {value:?}: must be between {min:?} and {max:?} (what a peer serves)"
+    )]
+    HeartbeatRange {
+        value: Duration,
+        min: Duration,
+        max: Duration,
+    },
 }
 
 // === impl PeerArgs ===
@@ -140,11 +164,25 @@ impl PeerArgs {
                 return Err(ImporterError::Zero { flag });
             }
         }
+        let (min, max) = PEER_HEARTBEAT_BOUNDS;
+        let heartbeat = self.peer_heartbeat_interval;
+        if heartbeat < min || heartbeat > max {
+            return Err(ImporterError::HeartbeatRange {
+                value: heartbeat,
+                min,
+                max,
+            });
+        }
+        let defaults = ImporterOptions::default();
         Ok(ImporterOptions {
             stale_ttl: (!self.peer_stale_ttl.is_zero()).then_some(self.peer_stale_ttl),
             refusal_retry: self.peer_refusal_retry,
             status_interval: self.peer_status_interval,
-            ..ImporterOptions::default()
+            watch: WatchOptions {
+                heartbeat_interval: heartbeat,
+                ..defaults.watch.clone()
+            },
+            ..defaults
         })
     }
 
@@ -189,6 +227,7 @@ impl Default for ImporterOptions {
             refusal_retry: Duration::from_secs(30),
             status_interval: Duration::from_secs(1),
             watch: WatchOptions {
+                heartbeat_interval: DEFAULT_PEER_HEARTBEAT,
                 backoff: Backoff::full_jitter(Duration::from_millis(200), Duration::from_secs(30)),
                 ..WatchOptions::default()
             },

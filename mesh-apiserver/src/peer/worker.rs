@@ -16,7 +16,7 @@ use mesh_proto::client::{
     ResumePoint, Watch, WatchError, WatchStats, WatchUpdate, connect_fn, spawn_watch_from,
 };
 use mesh_proto::convert::{WatchedObject, encode_value};
-use mesh_proto::keys::{ALL_KINDS, ClusterKey, Keys};
+use mesh_proto::keys::{ALL_KINDS, ClusterKey, Keys, own_readers_only};
 use mesh_proto::pb::{self, Kind, mesh_client::MeshClient};
 use mesh_proto::tls::{self, ClientEndpoint, ClientTls, TlsError, TlsIdentity};
 use prost::Message;
@@ -337,6 +337,9 @@ pub(crate) struct Worker {
     stale_at: Option<Instant>,
     dirty: bool,
     last_status_write: Option<Instant>,
+    /// What `clusters/<peer>/link` holds as far as we know: `Some(None)` absent,
+    /// `Some(Some(ms))` stale since ms, `None` unknown (written at the next status write).
+    link_written: Option<Option<i64>>,
 }
 
 // === impl Worker ===
@@ -361,6 +364,7 @@ impl Worker {
             stale_at: None,
             dirty: true,
             last_status_write: None,
+            link_written: None,
         }
     }
 
@@ -432,6 +436,10 @@ impl Worker {
         for kv in listing.kvs() {
             let Ok(key) = kv.key_str() else { continue };
             match keys.parse(key) {
+                // Our own record of the link, not the peer's data (see `write_link`).
+                Some(ClusterKey::Object {
+                    kind: Kind::Link, ..
+                }) => {}
                 Some(ClusterKey::Object { kind, name, .. }) => {
                     self.present.entry(kind).or_default().insert(name.clone());
                     known.push((self.spec.name.clone(), kind, name));
@@ -465,6 +473,7 @@ impl Worker {
             "loaded the peer's imported state from etcd"
         );
         self.dirty = true;
+        self.link_written = None;
         Ok(ResumePoint { revision, known })
     }
 
@@ -497,6 +506,8 @@ impl Worker {
             clusters: vec![self.peer().to_owned()],
             kinds: vec![],
             resume_revision: 0,
+            // Set on every connection by the client, from `options.watch`.
+            heartbeat_interval_ms: 0,
         };
         spawn_watch_from(connect, request, self.shared.options.watch.clone(), resume)
     }
@@ -574,6 +585,11 @@ impl Worker {
                         return Err(PeerError::WatchEnded { peer: self.spec.name.clone() });
                     };
                     self.pump(watch, &stats, Some(update)).await?;
+                    // Losing or regaining the peer reaches the agents at once (stale
+                    // demotion), not at the next periodic status write.
+                    if self.link_written != Some(self.link_wanted()) {
+                        self.write_status(&stats).await?;
+                    }
                     if std::mem::take(&mut self.recheck) {
                         self.stats.connected = false;
                         self.mark_stale();
@@ -721,32 +737,43 @@ impl Worker {
                 value,
                 ..
             } => {
-                let checked =
-                    if kind == pb::Kind::Policy || matches!(value, pb::event::Value::Policy(_)) {
-                        // DESIGN.md section 14: a policy applies only in its own cluster, and a
-                        // conforming peer never serves one (`policy_presented`).
-                        Err((
-                            "policy",
-                            format!(
-                                "network policies are never imported (sent by peer {})",
-                                self.peer()
-                            ),
-                        ))
-                    } else if cluster != self.spec.name {
-                        Err((
-                            "foreign_cluster",
-                            format!(
-                                "sent as cluster {cluster} on the stream of peer {}",
-                                self.peer()
-                            ),
-                        ))
-                    } else if let pb::event::Value::Config(c) = &value
-                        && let Err(message) = self.recheck_config(c)
-                    {
-                        Err(("conflict", message))
-                    } else {
-                        self.check_object(&value)
-                    };
+                let checked = if kind == pb::Kind::Link
+                    || matches!(value, pb::event::Value::Link(_))
+                {
+                    // A peer's link state is what *our* importer observes; a peer never
+                    // serves one (`own_readers_only`), and could not vouch for itself.
+                    Err((
+                        "link",
+                        format!(
+                            "link states are never imported (sent by peer {})",
+                            self.peer()
+                        ),
+                    ))
+                } else if kind == pb::Kind::Policy || matches!(value, pb::event::Value::Policy(_)) {
+                    // DESIGN.md section 14: a policy applies only in its own cluster, and a
+                    // conforming peer never serves one (`policy_presented`).
+                    Err((
+                        "policy",
+                        format!(
+                            "network policies are never imported (sent by peer {})",
+                            self.peer()
+                        ),
+                    ))
+                } else if cluster != self.spec.name {
+                    Err((
+                        "foreign_cluster",
+                        format!(
+                            "sent as cluster {cluster} on the stream of peer {}",
+                            self.peer()
+                        ),
+                    ))
+                } else if let pb::event::Value::Config(c) = &value
+                    && let Err(message) = self.recheck_config(c)
+                {
+                    Err(("conflict", message))
+                } else {
+                    self.check_object(&value)
+                };
                 match checked {
                     Ok(()) => self.stage(kind, name, Some(encode_value(&value))),
                     Err((reason, message)) => {
@@ -759,7 +786,9 @@ impl Worker {
                         self.stats.dropped += 1;
                         // An earlier valid version must not linger, except a config that
                         // changed into a conflict: the accepted one stays with the data.
-                        if cluster == self.spec.name && reason != "conflict" && reason != "policy" {
+                        if cluster == self.spec.name
+                            && !matches!(reason, "conflict" | "policy" | "link")
+                        {
                             self.stage(kind, name, None);
                         }
                     }
@@ -771,13 +800,13 @@ impl Worker {
                 name,
                 ..
             } => {
-                if cluster == self.spec.name && kind != pb::Kind::Policy {
+                if cluster == self.spec.name && !own_readers_only(kind) {
                     self.stage(kind, name, None);
                 }
             }
             WatchUpdate::Synced { cluster, kind } => {
                 // No policy marker either: nothing of the kind is imported.
-                if cluster != self.spec.name || kind == pb::Kind::Policy {
+                if cluster != self.spec.name || own_readers_only(kind) {
                     return;
                 }
                 if !self.markers.contains(&kind) {
@@ -1002,6 +1031,7 @@ impl Worker {
             reconnects: self.stats.reconnects,
             snapshots: self.stats.snapshots,
             resumes: self.stats.resumes,
+            heartbeat_interval_ms: self.shared.options.watch.heartbeat_interval.as_millis() as i64,
             last_event_age_ms: stats
                 .last_message_at()
                 .map(|t| t.elapsed().as_millis() as i64)
@@ -1021,7 +1051,54 @@ impl Worker {
         Ok(())
     }
 
+    /// What `clusters/<peer>/link` should hold: the stale-since time while the peer is
+    /// stale and we hold its data (a withdrawn or never imported peer has nothing to demote,
+    /// and a link alone would make a starting agent wait for a cluster that never syncs).
+    fn link_wanted(&self) -> Option<i64> {
+        let has_data = !self.present.is_empty() || !self.markers.is_empty();
+        if self.spec.name == self.shared.local.name || !has_data {
+            return None;
+        }
+        self.stats.stale_since.map(unix_ms)
+    }
+
+    /// Puts or deletes `clusters/<peer>/link` when it differs from [`Self::link_wanted`]:
+    /// how the cluster's agents learn that the peer is stale (DESIGN.md section 13b).
+    async fn write_link(&mut self) -> Result<(), PeerError> {
+        let wanted = self.link_wanted();
+        if self.link_written == Some(wanted) {
+            return Ok(());
+        }
+        if self.spec.name == self.shared.local.name {
+            // Never under the local cluster's own prefix.
+            self.link_written = Some(wanted);
+            return Ok(());
+        }
+        let key = self.shared.keys.object(self.peer(), Kind::Link, "");
+        let mut kv = self.shared.etcd.kv_client();
+        match wanted {
+            Some(ms) => {
+                let link = pb::PeerLink {
+                    cluster: self.peer().to_owned(),
+                    stale_since_unix_ms: ms,
+                };
+                kv.put(key, link.encode_to_vec(), None)
+                    .await
+                    .map_err(self.etcd_err("put link"))?;
+                info!(stale_since_unix_ms = ms, "peer marked stale for the agents");
+            }
+            None => {
+                kv.delete(key, None)
+                    .await
+                    .map_err(self.etcd_err("delete link"))?;
+            }
+        }
+        self.link_written = Some(wanted);
+        Ok(())
+    }
+
     async fn write_status(&mut self, stats: &WatchStats) -> Result<(), PeerError> {
+        self.write_link().await?;
         let status = self.status(stats);
         self.shared
             .etcd

@@ -511,6 +511,7 @@ fn describe_value(kind: pb::Kind, v: &[u8]) -> String {
         pb::Kind::Node => format!("{:?}", pb::Node::decode(v)),
         pb::Kind::Config => format!("{:?}", pb::ClusterConfig::decode(v)),
         pb::Kind::Policy => format!("{:?}", pb::Policy::decode(v)),
+        pb::Kind::Link => format!("{:?}", pb::PeerLink::decode(v)),
         pb::Kind::Unspecified => format!("{} bytes", v.len()),
     }
 }

@@ -227,6 +227,7 @@ pub fn encode_value(ev: &pb::Event) -> Vec<u8> {
         Value::Endpoint(v) => v.encode_to_vec(),
         Value::Service(v) => v.encode_to_vec(),
         Value::Policy(v) => v.encode_to_vec(),
+        Value::Link(v) => v.encode_to_vec(),
     }
 }
 

@@ -29,11 +29,19 @@
 //! - When no candidate is ready, serving-and-terminating backends are used with the same
 //!   preference. When nothing is left the port has no backend, and the datapath refuses
 //!   connections to it rather than using a stale backend.
+//! - *Stale demotion* (DESIGN.md section 13b): a remote cluster whose peer link is stale
+//!   ([`SelectInput::stale`]) ranks below every fresh backend of the same condition class.
+//!   The ranks, best first, are: fresh ready, stale ready, fresh serving-terminating, stale
+//!   serving-terminating; the first rank with a candidate is used, with the affinity's
+//!   preference within it. So a stale cluster's backends carry traffic only when no fresh
+//!   ready backend exists for the port, and the switch in either direction is one change of
+//!   the selection (one map update, never an empty set). The local cluster is never stale.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use crate::{
     Affinity, Backend, BackendConditions, ClusterName, GlobalService, ServicePort, TrafficPolicy,
@@ -63,7 +71,14 @@ pub struct SelectInput<'a> {
     /// The same Service (namespace/name) as each other cluster publishes it, at most one per
     /// cluster. Order does not matter.
     pub remotes: &'a [&'a GlobalService],
+    /// Remote clusters whose peer link is stale, with how long it has been (the caller's
+    /// clock: the duration only names the reason, the decision is "stale or not"). An entry
+    /// for the local cluster is ignored.
+    pub stale: &'a Stale<'a>,
 }
+
+/// Stale remote clusters and for how long they have been stale (see [`SelectInput::stale`]).
+pub type Stale<'a> = BTreeMap<&'a ClusterName, Duration>;
 
 /// Which class of backends a port's selection was made from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -100,6 +115,8 @@ pub struct Selection {
     pub tier: Tier,
     /// Whether some port fell back from the preferred side of its affinity to the other.
     pub used_failover: bool,
+    /// Whether some port uses backends of stale clusters (no fresh one of its tier).
+    pub stale: bool,
 }
 
 /// The backends selected for one frontend port.
@@ -110,6 +127,8 @@ pub struct PortSelection {
     pub backends: Vec<SelectedBackend>,
     pub tier: Tier,
     pub used_failover: bool,
+    /// The backends are of stale clusters: no fresh backend of `tier` exists for the port.
+    pub stale: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -159,6 +178,12 @@ pub enum Reason {
     /// A local backend left out because affinity is `remote` and remote backends are
     /// available.
     AffinityRemote,
+    /// Its cluster's peer link is stale and a fresh backend of the same condition class
+    /// serves the port (stale demotion).
+    Demoted {
+        cluster: ClusterName,
+        stale_for: Duration,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -189,6 +214,11 @@ impl fmt::Display for Reason {
             }
             Reason::AffinityLocal => f.write_str("affinity local: local backends are available"),
             Reason::AffinityRemote => f.write_str("affinity remote: remote backends are available"),
+            Reason::Demoted { cluster, stale_for } => write!(
+                f,
+                "demoted: cluster {cluster} stale for {}s",
+                stale_for.as_secs()
+            ),
         }
     }
 }
@@ -200,7 +230,7 @@ pub fn select(input: &SelectInput<'_>) -> Selection {
 
     // Candidates, one per (cluster, ip). The local service is taken from the local cluster
     // whatever its `shared` flag says.
-    let mut candidates = merge_backends(input.local_cluster, local_svc, true);
+    let mut candidates = merge_backends(input.local_cluster, local_svc, true, None);
     let mut seen: BTreeMap<&ClusterName, usize> = BTreeMap::new();
     for r in input.remotes {
         *seen.entry(&r.cluster).or_default() += 1;
@@ -211,7 +241,8 @@ pub fn select(input: &SelectInput<'_>) -> Selection {
         } else if !service_presented(r.shared, Reader::Peer) {
             Reason::NotShared
         } else {
-            candidates.extend(merge_backends(&r.cluster, r, false));
+            let stale = input.stale.get(&r.cluster).copied();
+            candidates.extend(merge_backends(&r.cluster, r, false, stale));
             continue;
         };
         for b in &r.backends {
@@ -235,6 +266,7 @@ pub fn select(input: &SelectInput<'_>) -> Selection {
         frontends: frontends.into_iter().collect(),
         tier: ports.iter().map(|p| p.tier).min().unwrap_or(Tier::None),
         used_failover: ports.iter().any(|p| p.used_failover),
+        stale: ports.iter().any(|p| p.stale),
         ports,
         excluded: excluded.into_iter().collect(),
     }
@@ -246,6 +278,8 @@ struct Candidate<'a> {
     cluster: &'a ClusterName,
     backend: Cow<'a, Backend>,
     local: bool,
+    /// How long its cluster has been stale; `None`: fresh (always for the local cluster).
+    stale: Option<Duration>,
 }
 
 // === impl Candidate ===
@@ -282,6 +316,7 @@ fn merge_backends<'a>(
     cluster: &'a ClusterName,
     svc: &'a GlobalService,
     local: bool,
+    stale: Option<Duration>,
 ) -> Vec<Candidate<'a>> {
     merge_addresses(svc.backends.iter().map(Cow::Borrowed))
         .into_iter()
@@ -289,6 +324,7 @@ fn merge_backends<'a>(
             cluster,
             backend,
             local,
+            stale,
         })
         .collect()
 }
@@ -335,21 +371,30 @@ fn select_port(
         }
     }
 
-    // The best tier with a candidate, then the side the affinity prefers within it.
+    // The best rank with a candidate, then the side the affinity prefers within it. Ranks,
+    // best first: fresh ready, stale ready, fresh serving-terminating, stale
+    // serving-terminating (stale demotion: see the module docs).
     let affinity = if policy_local {
         Affinity::None
     } else {
         input.local.affinity
     };
     let mut tier = Tier::None;
+    let mut stale_rank = false;
     let (mut use_local, mut use_remote) = (false, false);
-    for t in [Tier::Ready, Tier::ServingTerminating] {
-        let has_local = eligible.iter().any(|(c, _)| c.local && c.class() == t);
-        let has_remote = eligible.iter().any(|(c, _)| !c.local && c.class() == t);
+    for (t, stale) in [
+        (Tier::Ready, false),
+        (Tier::Ready, true),
+        (Tier::ServingTerminating, false),
+        (Tier::ServingTerminating, true),
+    ] {
+        let in_rank = |c: &Candidate<'_>| c.class() == t && c.stale.is_some() == stale;
+        let has_local = eligible.iter().any(|(c, _)| c.local && in_rank(c));
+        let has_remote = eligible.iter().any(|(c, _)| !c.local && in_rank(c));
         if !has_local && !has_remote {
             continue;
         }
-        tier = t;
+        (tier, stale_rank) = (t, stale);
         (use_local, use_remote) = match affinity {
             Affinity::None => (true, true),
             Affinity::Local => (has_local, !has_local),
@@ -372,6 +417,15 @@ fn select_port(
         } else if class != tier {
             // Only a serving-terminating backend can be below a Ready selection.
             exclude(c, Reason::TerminatingNotNeeded);
+        } else if let (Some(stale_for), false) = (c.stale, stale_rank) {
+            // A fresh backend of this class serves the port (the rank above a stale one).
+            exclude(
+                c,
+                Reason::Demoted {
+                    cluster: c.cluster.clone(),
+                    stale_for,
+                },
+            );
         } else if !side {
             exclude(
                 c,
@@ -398,6 +452,7 @@ fn select_port(
         backends,
         tier,
         used_failover,
+        stale: stale_rank,
     }
 }
 
@@ -470,11 +525,26 @@ mod tests {
     }
 
     fn run(local: &GlobalService, remotes: &[&GlobalService]) -> Selection {
+        run_stale(local, remotes, &[])
+    }
+
+    /// [`run`] with the clusters of `stale` stale for that many seconds.
+    fn run_stale(
+        local: &GlobalService,
+        remotes: &[&GlobalService],
+        stale: &[(&str, u64)],
+    ) -> Selection {
+        let names: Vec<(ClusterName, u64)> = stale.iter().map(|(c, s)| (name(c), *s)).collect();
+        let stale: Stale<'_> = names
+            .iter()
+            .map(|(c, s)| (c, Duration::from_secs(*s)))
+            .collect();
         select(&SelectInput {
             local_cluster: &name("local"),
             node: NODE,
             local,
             remotes,
+            stale: &stale,
         })
     }
 
@@ -675,6 +745,194 @@ mod tests {
         assert_eq!(chosen(&s), ["east/10.2.0.2:8080"]);
         assert!(s.used_failover);
         assert_eq!(s.tier, Tier::ServingTerminating);
+    }
+
+    #[test]
+    fn stale_demotion_table() {
+        // local: ready L1 / none; east: ready E1 (stale or not); west: ready W1 or
+        // terminating W2; "T" = a terminating local backend.
+        let l_ready = || vec![backend("10.1.0.1", NODE, READY)];
+        let l_term = || vec![backend("10.1.0.3", NODE, TERMINATING)];
+        let e_ready = || vec![backend("10.2.0.1", "e1", READY)];
+        let w_ready = || vec![backend("10.3.0.1", "w1", READY)];
+        let w_term = || vec![backend("10.3.0.2", "w1", TERMINATING)];
+        struct Row {
+            what: &'static str,
+            affinity: Affinity,
+            local: Vec<Backend>,
+            east: Vec<Backend>,
+            west: Vec<Backend>,
+            stale: &'static [(&'static str, u64)],
+            want: &'static [&'static str],
+            tier: Tier,
+            stale_used: bool,
+            failover: bool,
+        }
+        use Affinity::*;
+        let rows = [
+            Row {
+                what: "none: a stale cluster's ready backends give way to fresh ones",
+                affinity: None,
+                local: l_ready(),
+                east: e_ready(),
+                west: w_ready(),
+                stale: &[("east", 12)],
+                want: &["local/10.1.0.1:8080", "west/10.3.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: false,
+                failover: false,
+            },
+            Row {
+                what: "none: nothing fresh and ready, so the stale ones are used",
+                affinity: None,
+                local: vec![],
+                east: e_ready(),
+                west: vec![],
+                stale: &[("east", 12)],
+                want: &["east/10.2.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: true,
+                failover: false,
+            },
+            Row {
+                what: "stale ready beats fresh serving-terminating",
+                affinity: None,
+                local: l_term(),
+                east: e_ready(),
+                west: w_term(),
+                stale: &[("east", 3)],
+                want: &["east/10.2.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: true,
+                failover: false,
+            },
+            Row {
+                what: "local: no local backend; fresh remote before stale remote",
+                affinity: Local,
+                local: vec![],
+                east: e_ready(),
+                west: w_ready(),
+                stale: &[("east", 1)],
+                want: &["west/10.3.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: false,
+                failover: true,
+            },
+            Row {
+                what: "local: local ready; stale remote not needed",
+                affinity: Local,
+                local: l_ready(),
+                east: e_ready(),
+                west: vec![],
+                stale: &[("east", 1)],
+                want: &["local/10.1.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: false,
+                failover: false,
+            },
+            Row {
+                what: "remote: the only remote is stale, a fresh local one wins",
+                affinity: Remote,
+                local: l_ready(),
+                east: e_ready(),
+                west: vec![],
+                stale: &[("east", 1)],
+                want: &["local/10.1.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: false,
+                failover: true,
+            },
+            Row {
+                what: "remote: nothing fresh and ready, stale remote (the preferred side)",
+                affinity: Remote,
+                local: l_term(),
+                east: e_ready(),
+                west: vec![],
+                stale: &[("east", 1)],
+                want: &["east/10.2.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: true,
+                failover: false,
+            },
+            Row {
+                what: "every remote stale: both used when nothing fresh is ready",
+                affinity: None,
+                local: vec![],
+                east: e_ready(),
+                west: w_ready(),
+                stale: &[("east", 1), ("west", 2)],
+                want: &["east/10.2.0.1:8080", "west/10.3.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: true,
+                failover: false,
+            },
+            Row {
+                what: "terminating only: fresh terminating before stale terminating",
+                affinity: None,
+                local: l_term(),
+                east: vec![backend("10.2.0.2", "e1", TERMINATING)],
+                west: vec![],
+                stale: &[("east", 1)],
+                want: &["local/10.1.0.3:8080"],
+                tier: Tier::ServingTerminating,
+                stale_used: false,
+                failover: false,
+            },
+            Row {
+                what: "a stale entry for the local cluster is ignored",
+                affinity: None,
+                local: l_ready(),
+                east: e_ready(),
+                west: vec![],
+                stale: &[("local", 1)],
+                want: &["east/10.2.0.1:8080", "local/10.1.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: false,
+                failover: false,
+            },
+        ];
+        for row in rows {
+            let local = with_affinity(svc("local", row.local), row.affinity);
+            let (east, west) = (svc("east", row.east), svc("west", row.west));
+            let s = run_stale(&local, &[&east, &west], row.stale);
+            assert_eq!(chosen(&s), row.want, "{}: {:?}", row.what, reasons(&s));
+            assert_eq!(s.tier, row.tier, "{}", row.what);
+            assert_eq!(s.stale, row.stale_used, "{}", row.what);
+            assert_eq!(s.ports[0].stale, row.stale_used, "{}", row.what);
+            assert_eq!(s.used_failover, row.failover, "{}", row.what);
+        }
+    }
+
+    #[test]
+    fn demotion_is_explained_with_the_cluster_and_how_long() {
+        let local = svc("local", vec![backend("10.1.0.1", NODE, READY)]);
+        let east = svc(
+            "east",
+            vec![
+                backend("10.2.0.1", "e1", READY),
+                backend("10.2.0.2", "e1", TERMINATING),
+            ],
+        );
+        let s = run_stale(&local, &[&east], &[("east", 12)]);
+        assert_eq!(chosen(&s), ["local/10.1.0.1:8080"]);
+        let demoted = s
+            .excluded
+            .iter()
+            .find(|e| e.ip.to_string() == "10.2.0.1")
+            .unwrap();
+        assert_eq!(
+            demoted.reason.to_string(),
+            "demoted: cluster east stale for 12s"
+        );
+        assert_eq!(demoted.port, Some(http(80)));
+        // The terminating one is left out for being terminating, as before.
+        assert_eq!(
+            reasons(&s),
+            [
+                "east/10.2.0.1: Demoted { cluster: ClusterName(\"east\"), stale_for: 12s }",
+                "east/10.2.0.2: TerminatingNotNeeded",
+            ]
+        );
     }
 
     #[test]
@@ -936,6 +1194,13 @@ mod tests {
                 Reason::AffinityRemote,
                 "affinity remote: remote backends are available",
             ),
+            (
+                Reason::Demoted {
+                    cluster: name("east"),
+                    stale_for: Duration::from_millis(12_900),
+                },
+                "demoted: cluster east stale for 12s",
+            ),
         ];
         for (r, want) in cases {
             assert_eq!(r.to_string(), want);
@@ -1049,6 +1314,35 @@ mod tests {
             run(local, &refs)
         }
 
+        /// [`sel`] with the remotes whose bit is set in `stale_mask` stale.
+        fn sel_stale(
+            local: &GlobalService,
+            remotes: &[GlobalService],
+            stale_mask: u8,
+        ) -> Selection {
+            let refs: Vec<&GlobalService> = remotes.iter().collect();
+            let stale: Stale<'_> = remotes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| stale_mask & (1 << i) != 0)
+                .map(|(i, r)| (&r.cluster, Duration::from_secs(i as u64)))
+                .collect();
+            select(&SelectInput {
+                local_cluster: &local.cluster,
+                node: NODE,
+                local,
+                remotes: &refs,
+                stale: &stale,
+            })
+        }
+
+        fn is_stale(remotes: &[GlobalService], stale_mask: u8, cluster: &ClusterName) -> bool {
+            remotes
+                .iter()
+                .position(|r| r.cluster == *cluster)
+                .is_some_and(|i| stale_mask & (1 << i) != 0)
+        }
+
         fn has_port(b: &Backend, fp: &ServicePort) -> bool {
             b.ports
                 .iter()
@@ -1072,6 +1366,87 @@ mod tests {
                     if ready_somewhere {
                         prop_assert!(!p.backends.is_empty(), "port {fp:?}: {s:?}");
                         prop_assert_eq!(p.tier, Tier::Ready);
+                    }
+                }
+            }
+
+            #[test]
+            fn a_fresh_ready_backend_is_always_preferred_to_a_stale_one(
+                (mut local, remotes, _) in inputs(),
+                stale_mask in 0u8..16,
+            ) {
+                local.internal_traffic_policy = TrafficPolicy::Cluster;
+                let s = sel_stale(&local, &remotes, stale_mask);
+                for p in &s.ports {
+                    let fp = &p.frontend;
+                    let fresh_ready = local
+                        .backends
+                        .iter()
+                        .chain(
+                            remotes
+                                .iter()
+                                .filter(|r| r.shared && !is_stale(&remotes, stale_mask, &r.cluster))
+                                .flat_map(|r| &r.backends),
+                        )
+                        .any(|b| b.conditions.ready && has_port(b, fp));
+                    if fresh_ready {
+                        prop_assert!(!p.stale, "port {fp:?}: {s:?}");
+                        for b in &p.backends {
+                            prop_assert!(
+                                !is_stale(&remotes, stale_mask, &b.cluster),
+                                "port {fp:?} selected {b:?} of a stale cluster: {s:?}"
+                            );
+                        }
+                    }
+                    for b in &p.backends {
+                        prop_assert_eq!(
+                            p.stale,
+                            is_stale(&remotes, stale_mask, &b.cluster),
+                            "port {:?}: {:?}", fp, s
+                        );
+                    }
+                }
+            }
+
+            #[test]
+            fn no_empty_set_while_any_backend_is_usable(
+                (local, remotes, _) in inputs(),
+                stale_mask in 0u8..16,
+            ) {
+                let s = sel_stale(&local, &remotes, stale_mask);
+                let plain = sel(&local, &remotes);
+                for (p, q) in s.ports.iter().zip(&plain.ports) {
+                    // Demotion reorders, never removes: the port has backends exactly when it
+                    // has without staleness, and in the same condition tier.
+                    prop_assert_eq!(p.backends.is_empty(), q.backends.is_empty(), "{:?}", s);
+                    prop_assert_eq!(p.tier, q.tier);
+                }
+                for e in &s.excluded {
+                    if let Reason::Demoted { cluster, .. } = &e.reason {
+                        prop_assert!(is_stale(&remotes, stale_mask, cluster));
+                        prop_assert!(*cluster != local.cluster);
+                    }
+                }
+            }
+
+            #[test]
+            fn every_backend_is_selected_or_excluded_once_with_staleness(
+                (local, remotes, _) in inputs(),
+                stale_mask in 0u8..16,
+            ) {
+                let s = sel_stale(&local, &remotes, stale_mask);
+                for p in &s.ports {
+                    for svc in std::iter::once(&local).chain(&remotes) {
+                        for b in &svc.backends {
+                            let selected = p.backends.iter().filter(|x| x.cluster == svc.cluster && x.ip == b.ip).count();
+                            let excluded = s
+                                .excluded
+                                .iter()
+                                .filter(|e| e.cluster == svc.cluster && e.ip == b.ip)
+                                .filter(|e| e.port.is_none() || e.port.as_ref() == Some(&p.frontend))
+                                .count();
+                            prop_assert_eq!(selected + excluded, 1, "{}/{}: {:?}", svc.cluster, b.ip, s);
+                        }
                     }
                 }
             }

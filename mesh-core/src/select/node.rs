@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::select::{SelectInput, SelectedBackend, Selection, select};
+use crate::select::{SelectInput, SelectedBackend, Selection, Stale, select};
 use crate::{ClusterName, GlobalService, Protocol, ServicePort};
 
 /// Global services of one cluster, by `(namespace, name)` (as the agent holds them).
@@ -32,6 +32,9 @@ pub struct MeshView<'a> {
     pub local_cluster: &'a ClusterName,
     /// The clusters the sync gate lets in; the others are not here.
     pub clusters: BTreeMap<&'a ClusterName, &'a Services>,
+    /// Remote clusters whose peer link is stale, and for how long (stale demotion:
+    /// [`SelectInput::stale`]).
+    pub stale: Stale<'a>,
 }
 
 /// A frontend: one ClusterIP, port and protocol.
@@ -211,6 +214,7 @@ pub fn plan_node(view: &MeshView<'_>, node: &str) -> NodePlan {
             node,
             local,
             remotes,
+            stale: &view.stale,
         });
         let mut svc = ServicePlan {
             namespace: local.namespace.clone(),
@@ -327,6 +331,7 @@ mod tests {
             &MeshView {
                 local_cluster: &local,
                 clusters: clusters.iter().collect(),
+                stale: Stale::new(),
             },
             NODE,
         )

@@ -112,9 +112,9 @@ impl Lab {
     /// the other; their outcomes are read as they happen from the returned stream.
     pub fn spawn_requests(&self, cluster: &str, service: &str, n: usize) -> RequestStream {
         let script = format!(
-            "i=0; while [ $i -lt {n} ]; do i=$((i+1)); \
+            "i=0; while [ $i -lt {n} ]; do i=$((i+1)); s=$(date +%s%3N); \
              r=$(curl -s --max-time 2 http://{service}.demo/) || r='{{\"failed\":true}}'; \
-             printf '%s %s\\n' \"$r\" \"$(date +%s%3N)\"; done"
+             printf '%s %s %s\\n' \"$r\" \"$s\" \"$(date +%s%3N)\"; done"
         );
         let mut child = Command::new(mesh_lab())
             .args([
@@ -265,6 +265,8 @@ pub struct Reply {
     pub value: Option<String>,
     /// When the request ended (Unix ms).
     pub at_ms: u64,
+    /// When the request started (Unix ms).
+    pub started_ms: u64,
 }
 
 /// Whether a step may see failed requests on its way to the expected replies.
@@ -309,13 +311,23 @@ impl RequestStream {
         let at_ms: u64 = at
             .parse()
             .unwrap_or_else(|e| panic!("bad timestamp {at:?} ({e}) on the line {line:?}"));
+        let (body, started) = body
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no start timestamp on the line {line:?}"));
+        let started_ms: u64 = started
+            .parse()
+            .unwrap_or_else(|e| panic!("bad timestamp {started:?} ({e}) on the line {line:?}"));
         let value = match serde_json::from_str::<serde_json::Value>(body) {
             Ok(v) if v.get("failed").is_none() => {
                 Some(v[field].as_str().unwrap_or("(none)").to_string())
             }
             _ => None,
         };
-        Some(Reply { value, at_ms })
+        Some(Reply {
+            value,
+            at_ms,
+            started_ms,
+        })
     }
 
     /// Every remaining outcome; asserts the exec succeeded and each request printed a line.
