@@ -76,6 +76,28 @@ impl Lab {
     /// Runs meshctl against a cluster's apiserver with the environment `mesh-lab env`
     /// prints (`export K='V'` lines), asserting success; returns stdout.
     pub fn meshctl(&self, cluster: &str, args: &[&str]) -> String {
+        let out = self
+            .meshctl_cmd(cluster)
+            .args(args)
+            .output()
+            .expect("running meshctl");
+        assert!(out.status.success(), "meshctl {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Like [`Lab::meshctl`], but returns the exit code and output instead of asserting
+    /// success (for commands whose exit code is the answer, such as `policy check`).
+    pub fn meshctl_status(&self, cluster: &str, args: &[&str]) -> (i32, String) {
+        let out = self
+            .meshctl_cmd(cluster)
+            .args(args)
+            .output()
+            .expect("running meshctl");
+        (out.status.code().unwrap_or(-1), text(&out))
+    }
+
+    /// meshctl with the environment `mesh-lab env CLUSTER` prints (`export K='V'` lines).
+    fn meshctl_cmd(&self, cluster: &str) -> Command {
         let env = self.lab(&["env", cluster]);
         let mut cmd = Command::new(mesh_lab().with_file_name("meshctl"));
         for line in env.lines() {
@@ -83,9 +105,7 @@ impl Lab {
                 cmd.env(k, v.trim_matches('\''));
             }
         }
-        let out = cmd.args(args).output().expect("running meshctl");
-        assert!(out.status.success(), "meshctl {args:?}: {}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        cmd
     }
 
     /// Applies the demo manifests in `examples/lab-demo/` to a cluster.
@@ -110,10 +130,17 @@ impl Lab {
 
     /// Starts `n` requests from x-wing in `cluster` to `http://<service>.demo/`, one after
     /// the other; their outcomes are read as they happen from the returned stream.
+    ///
+    /// `service` may also be an IP address (`http://<ip>/`, no name lookup).
     pub fn spawn_requests(&self, cluster: &str, service: &str, n: usize) -> RequestStream {
+        let url = if service.parse::<std::net::IpAddr>().is_ok() {
+            format!("http://{service}/")
+        } else {
+            format!("http://{service}.demo/")
+        };
         let script = format!(
             "i=0; while [ $i -lt {n} ]; do i=$((i+1)); s=$(date +%s%3N); \
-             r=$(curl -s --max-time 2 http://{service}.demo/) || r='{{\"failed\":true}}'; \
+             r=$(curl -s --max-time 2 {url}) || r='{{\"failed\":true}}'; \
              printf '%s %s %s\\n' \"$r\" \"$s\" \"$(date +%s%3N)\"; done"
         );
         let mut child = Command::new(mesh_lab())
