@@ -119,9 +119,16 @@ fn policies_span_clusters_and_steer_service_connections() {
     let (code, out) = check(&format!("east/demo/{east_rebel}"));
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("default deny"), "{out}");
+    // To west: east's egress allows it; west's ingress is west's to decide (exit 2: only
+    // west's apiserver serves west's policies).
     let (code, out) = check(&format!("west/demo/{west_rebel}"));
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("x-wing-to-rebel-base-in-west"), "{out}");
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(
+            "Egress:  allow by CiliumNetworkPolicy east/demo/x-wing-to-rebel-base-in-west"
+        ),
+        "{out}"
+    );
 
     // The node's policy map shows the rule and counts the connections it allowed.
     let node = lab.pod_nodes("east", "x-wing").into_iter().next().unwrap();
