@@ -9,5 +9,16 @@ fn main() {
     tonic_prost_build::configure()
         .compile_protos(&["proto/mesh.proto"], &["proto"])
         .expect("compiling proto/mesh.proto");
-    println!("cargo:rerun-if-changed=proto/mesh.proto");
+    // Hubble's flow API (flow, observer, relay packages): served by agents and the relay.
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/observer/observer.proto"], &["proto"])
+        .expect("compiling proto/observer/observer.proto");
+    for f in [
+        "proto/mesh.proto",
+        "proto/flow/flow.proto",
+        "proto/observer/observer.proto",
+        "proto/relay/relay.proto",
+    ] {
+        println!("cargo:rerun-if-changed={f}");
+    }
 }

@@ -252,7 +252,8 @@ pub fn issue(args: &CertIssue) -> anyhow::Result<(PathBuf, PathBuf)> {
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    params.extended_key_usages = if args.agent.is_some() || args.operator.is_some() {
+    // Agents serve the Observer API (flows) with their node certificate: server and client.
+    params.extended_key_usages = if args.operator.is_some() {
         vec![ExtendedKeyUsagePurpose::ClientAuth]
     } else {
         vec![

@@ -5,12 +5,28 @@
 pub mod cli;
 pub mod client;
 pub mod convert;
+pub mod flows;
 pub mod keys;
 pub mod peer_entry;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod state;
 pub mod tls;
+
+/// Hubble's flow API (`flow`, `observer`, `relay` packages), wire-compatible with Hubble's
+/// CLI and UI: the agents' and the relay's Observer service.
+#[allow(clippy::all, unreachable_pub, missing_docs, rustdoc::invalid_html_tags)]
+pub mod hubble {
+    pub mod flow {
+        tonic::include_proto!("flow");
+    }
+    pub mod relay {
+        tonic::include_proto!("relay");
+    }
+    pub mod observer {
+        tonic::include_proto!("observer");
+    }
+}
 
 #[allow(clippy::all, unreachable_pub, missing_docs, rustdoc::invalid_html_tags)]
 pub mod pb {

@@ -22,6 +22,7 @@ mod identities;
 mod model;
 mod parse;
 pub mod reference;
+mod selector_str;
 mod tables;
 
 #[cfg(test)]
@@ -43,6 +44,7 @@ pub use model::{
 };
 pub use parse::{FieldError, PolicyError, parse_policy};
 pub use reference::Flow;
+pub use selector_str::{SelectorParseError, parse_selector};
 pub use tables::{
     EndpointTables, PolicyTables, TableKey, TableValue, decide_tables, policy_tables,
     protocol_number,

@@ -39,22 +39,47 @@ impl ClientTls {
         identity: TlsIdentity,
         expected_server: Option<ClusterName>,
     ) -> Result<Self> {
+        Self::build(ca, identity, ExpectedServer::Apiserver(expected_server))
+    }
+
+    /// For dialing an agent's Observer API: the server's leaf must carry
+    /// `spiffe://<cluster>.mesh/agent/<node>`. Agents are dialed at node addresses that
+    /// their certificates need not list, so the SPIFFE ID (checked after the chain and the
+    /// serverAuth usage) replaces the host name check, as SPIFFE's X.509-SVID validation does.
+    pub fn for_agent(
+        ca: Vec<CertificateDer<'static>>,
+        identity: TlsIdentity,
+        cluster: ClusterName,
+        node: String,
+    ) -> Result<Self> {
+        Self::build(ca, identity, ExpectedServer::Agent { cluster, node })
+    }
+
+    fn build(
+        ca: Vec<CertificateDer<'static>>,
+        identity: TlsIdentity,
+        expected: ExpectedServer,
+    ) -> Result<Self> {
         let provider = provider();
         let mut roots = RootCertStore::empty();
         for (i, cert) in ca.into_iter().enumerate() {
             roots.add(cert).map_err(|e| TlsError::InvalidCa {
-                cluster: expected_server
-                    .as_ref()
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "of the server".into()),
+                cluster: match &expected {
+                    ExpectedServer::Apiserver(Some(c))
+                    | ExpectedServer::Agent { cluster: c, .. } => c.to_string(),
+                    ExpectedServer::Apiserver(None) => "of the server".into(),
+                },
                 reason: format!("certificate #{i} is not a usable CA: {e}"),
             })?;
         }
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()?;
+        let roots = Arc::new(roots);
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
         let verifier = Arc::new(MeshServerVerifier {
             inner,
-            expected: expected_server,
+            roots,
+            algorithms: provider.signature_verification_algorithms,
+            expected,
         });
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
@@ -93,11 +118,23 @@ impl fmt::Debug for ClientTls {
     }
 }
 
-/// Standard WebPKI verification of the server (chain and name), then the SPIFFE identity.
+/// Which server identity a client accepts.
+#[derive(Debug, Clone)]
+enum ExpectedServer {
+    /// An apiserver (of this cluster, when set); the host name is checked too.
+    Apiserver(Option<ClusterName>),
+    /// The agent of `node` in `cluster`; the SPIFFE ID replaces the host name check.
+    Agent { cluster: ClusterName, node: String },
+}
+
+/// WebPKI verification of the server (chain, usage, and for apiservers the name), then the
+/// SPIFFE identity.
 #[derive(Debug)]
 struct MeshServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
-    expected: Option<ClusterName>,
+    roots: Arc<RootCertStore>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+    expected: ExpectedServer,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,34 +153,59 @@ impl ServerCertVerifier for MeshServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
         let refuse = |found: String, reason: String| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
                 Arc::new(ServerIdentityError { found, reason }),
             )))
         };
+        match &self.expected {
+            ExpectedServer::Apiserver(_) => {
+                self.inner.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                )?;
+            }
+            ExpectedServer::Agent { .. } => {
+                let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &cert,
+                    &self.roots,
+                    intermediates,
+                    now,
+                    self.algorithms.all,
+                )?;
+            }
+        }
         let id = spiffe_id_of(end_entity)
             .map_err(|e| refuse("without a mesh identity".into(), e.to_string()))?;
-        if id.role != SpiffeRole::Apiserver {
-            return Err(refuse(
-                id.to_string(),
-                "is not an apiserver identity".into(),
-            ));
-        }
-        match &self.expected {
-            Some(expected) if &id.cluster != expected => {
+        match (&self.expected, &id.role) {
+            (ExpectedServer::Apiserver(expected), SpiffeRole::Apiserver) => {
+                if let Some(expected) = expected
+                    && &id.cluster != expected
+                {
+                    return Err(refuse(
+                        id.to_string(),
+                        format!("expected the apiserver of cluster {expected}"),
+                    ));
+                }
+            }
+            (ExpectedServer::Apiserver(_), _) => {
                 return Err(refuse(
                     id.to_string(),
-                    format!("expected the apiserver of cluster {expected}"),
+                    "is not an apiserver identity".into(),
                 ));
             }
-            _ => {}
+            (ExpectedServer::Agent { cluster, node }, SpiffeRole::Agent { node: got })
+                if &id.cluster == cluster && got == node => {}
+            (ExpectedServer::Agent { cluster, node }, _) => {
+                return Err(refuse(
+                    id.to_string(),
+                    format!("expected the agent of node {node} in cluster {cluster}"),
+                ));
+            }
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -234,6 +296,12 @@ impl ClientEndpoint {
 /// against the endpoint's CA, its name, and its SPIFFE identity. Each reconnect of the
 /// returned channel dials again (re-resolving `address` unless `resolved` is set).
 pub async fn connect(endpoint: &ClientEndpoint) -> Result<MeshClient<Channel>> {
+    Ok(MeshClient::new(connect_channel(endpoint).await?))
+}
+
+/// Dials `endpoint` as [`connect`] does and returns the channel, for any gRPC service (the
+/// Observer API of agents and relays).
+pub async fn connect_channel(endpoint: &ClientEndpoint) -> Result<Channel> {
     let host = endpoint.host()?.to_owned();
     let tls = match &endpoint.tls {
         Some(tls) => {
@@ -331,7 +399,7 @@ pub async fn connect(endpoint: &ClientEndpoint) -> Result<MeshClient<Channel>> {
                 },
             },
         )?;
-    Ok(MeshClient::new(channel))
+    Ok(channel)
 }
 
 #[derive(Clone)]
