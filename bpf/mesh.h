@@ -198,6 +198,77 @@ struct mesh_policy_rule_name {
 	char name[MESH_POLICY_RULE_NAME_LEN];
 };
 
+/* ---- flow events (DESIGN.md section 15) ----
+ *
+ * One record per new connection or drop, through the mesh_events ring buffer: a
+ * connect()/sendmsg() of a local endpoint (egress: its socket-LB translation, its egress
+ * verdict), the first packet to a local endpoint (ingress: its verdict), and every refusal.
+ * Not per packet: TCP reports its connect() and its SYN, UDP each (socket, peer) at most once
+ * per MESH_EVENT_UDP_REPEAT_NS. A per-CPU token bucket (mesh_event_config) bounds the rate;
+ * every record that could not be written is counted in mesh_event_stats.
+ */
+#define MESH_EVENTS_RING_BYTES (1U << 20)
+#define MESH_EVENT_SEEN_MAX 65536
+#define MESH_EVENT_UDP_REPEAT_NS (5ULL * 1000000000ULL)
+
+/* mesh_flow_event.verdict */
+#define MESH_EVENT_FORWARDED 1
+#define MESH_EVENT_DROPPED 2
+
+/* mesh_flow_event.reason (a drop's cause; 0 for forwarded records) */
+#define MESH_DROP_NONE 0
+#define MESH_DROP_POLICY_DEFAULT 1 /* enforced direction, no allow rule: default deny */
+#define MESH_DROP_POLICY_RULE 2    /* a deny rule */
+#define MESH_DROP_NO_BACKEND 3     /* a service with no usable backend */
+
+/* mesh_flow_event.flags */
+#define MESH_EVENT_F_TRANSLATED (1U << 0) /* socket LB rewrote the destination */
+#define MESH_EVENT_F_POLICY (1U << 1)     /* a policy decided (rule or default deny) */
+
+struct mesh_flow_event {
+	__u64 time_ns;      /* bpf_ktime_get_boot_ns() */
+	__u64 cookie;       /* socket cookie */
+	__u32 src_ip;       /* network order; 0 when the socket is not bound yet */
+	__u32 dst_ip;       /* network order: the backend, after translation */
+	__u32 orig_ip;      /* network order: the service frontend, when translated */
+	__u32 src_identity; /* 0: unknown (a host process) */
+	__u32 dst_identity;
+	__u32 rule;         /* policy rule id (mesh_policy_rules), 0: none */
+	__u16 src_port;     /* network order; 0 when not bound yet */
+	__u16 dst_port;     /* network order */
+	__u16 orig_port;    /* network order */
+	__u16 backend_cluster; /* cluster id of the chosen backend, 0: none */
+	__u8 direction;     /* MESH_DIRECTION_* */
+	__u8 proto;         /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 verdict;       /* MESH_EVENT_FORWARDED / MESH_EVENT_DROPPED */
+	__u8 reason;        /* MESH_DROP_* */
+	__u8 flags;         /* MESH_EVENT_F_* */
+	__u8 pad[7];
+};
+
+/* mesh_event_config[0]: written by the agent. rate == 0 turns events off. */
+struct mesh_event_config {
+	__u32 rate;  /* records per second per CPU */
+	__u32 burst; /* bucket size */
+};
+
+/* mesh_event_stats: per-CPU array, index 0. */
+struct mesh_event_stats {
+	__u64 emitted;
+	__u64 lost_ring_full;  /* the ring buffer had no room: the agent did not keep up */
+	__u64 rate_limited;    /* over the per-CPU rate */
+	__u64 tokens;          /* token bucket: tokens left, scaled by 1e9 */
+	__u64 last_ns;         /* token bucket: last refill */
+};
+
+struct mesh_event_seen_key {
+	__u64 cookie;
+	__u32 remote_ip;
+	__u16 remote_port;
+	__u8 direction;
+	__u8 pad;
+};
+
 #if defined(__bpf__)
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -296,6 +367,36 @@ struct {
 	__type(value, struct mesh_policy_rule_name);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_policy_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, MESH_EVENTS_RING_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mesh_event_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_event_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mesh_event_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_event_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MESH_EVENT_SEEN_MAX);
+	__type(key, struct mesh_event_seen_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_event_seen SEC(".maps");
 
 #endif /* __bpf__ */
 

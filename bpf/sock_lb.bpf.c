@@ -23,6 +23,7 @@
 
 #include "mesh.h"
 #include "policy.h"
+#include "events.h"
 
 #define SOCK_ALLOW 1
 #define SOCK_DENY 0
@@ -49,6 +50,7 @@ static __always_inline void service_key_init(struct mesh_service_key *key,
  * namespace is a local endpoint's and a policy selects it. */
 struct client {
 	__u32 identity; /* 0 = not a known endpoint */
+	__u32 ip4;      /* network order, when a known endpoint */
 	struct mesh_policy_endpoint policy;
 	__u8 has_policy;
 };
@@ -64,6 +66,7 @@ static __always_inline void client_of(struct bpf_sock_addr *ctx, struct client *
 	if (!ns)
 		return;
 	c->identity = ns->identity;
+	c->ip4 = ns->ip4;
 	ep = bpf_map_lookup_elem(&mesh_policy_endpoints, &c->identity);
 	if (!ep)
 		return;
@@ -233,7 +236,37 @@ static __always_inline void record_rev_nat(struct bpf_sock_addr *ctx,
 	bpf_map_update_elem(&mesh_rev_nat, &key, &value, BPF_ANY);
 }
 
-/* Forward translation and egress policy, shared by connect4 and sendmsg4. */
+/* The egress record of a connect()/sendmsg(): `dst_ip`/`dst_port` the final destination. */
+static __always_inline void egress_event(struct bpf_sock_addr *ctx, const struct client *c,
+					 __u32 vip, __u16 port, __u8 proto, __u32 dst_ip,
+					 __u16 dst_port, __u32 remote, const struct policy_verdict *v,
+					 __u8 verdict, __u8 reason, __u8 flags, __u16 cluster)
+{
+	struct mesh_flow_event ev;
+
+	__builtin_memset(&ev, 0, sizeof(ev));
+	ev.cookie = bpf_get_socket_cookie(ctx);
+	ev.src_ip = c->ip4;
+	ev.src_identity = c->identity;
+	ev.dst_ip = dst_ip;
+	ev.dst_port = dst_port;
+	ev.dst_identity = remote ? remote : ipcache_identity(dst_ip);
+	if (flags & MESH_EVENT_F_TRANSLATED) {
+		ev.orig_ip = vip;
+		ev.orig_port = port;
+	}
+	ev.rule = v->rule;
+	ev.backend_cluster = cluster;
+	ev.direction = MESH_DIRECTION_EGRESS;
+	ev.proto = proto;
+	ev.verdict = verdict;
+	ev.reason = reason;
+	ev.flags = flags;
+	event_emit(&ev);
+}
+
+/* Forward translation and egress policy, shared by connect4 and sendmsg4. Records a flow
+ * event for every refusal, every translation, and every connection of a known endpoint. */
 static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
 {
 	struct mesh_backend_value backend;
@@ -243,34 +276,52 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
 	__u32 vip = ctx->user_ip4;
 	__u16 port = (__u16)ctx->user_port;
 	__u8 proto = (__u8)ctx->protocol;
+	__u8 policy_flag;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SOCK_ALLOW;
 	client_of(ctx, &c);
+	policy_flag = egress_active(&c) ? MESH_EVENT_F_POLICY : 0;
 
 	switch (select_backend(vip, port, proto, &c, &backend, &remote, &v)) {
 	case XLATE_NOT_SERVICE:
-		if (!egress_active(&c))
-			break;
-		egress_verdict(&c, vip, port, proto, &remote, &v);
-		policy_count(c.identity, remote, MESH_DIRECTION_EGRESS, &v, 0);
-		if (v.verdict == MESH_VERDICT_DENY)
-			return SOCK_DENY;
+		if (policy_flag) {
+			egress_verdict(&c, vip, port, proto, &remote, &v);
+			policy_count(c.identity, remote, MESH_DIRECTION_EGRESS, &v, 0);
+			if (v.verdict == MESH_VERDICT_DENY) {
+				egress_event(ctx, &c, vip, port, proto, vip, port, remote, &v,
+					     MESH_EVENT_DROPPED, event_policy_reason(v.rule),
+					     MESH_EVENT_F_POLICY, 0);
+				return SOCK_DENY;
+			}
+		}
+		if (c.identity)
+			egress_event(ctx, &c, vip, port, proto, vip, port, remote, &v,
+				     MESH_EVENT_FORWARDED, MESH_DROP_NONE,
+				     v.rule ? policy_flag : 0, 0);
 		break;
 	case XLATE_NO_BACKEND:
+		egress_event(ctx, &c, vip, port, proto, vip, port, 0, &v, MESH_EVENT_DROPPED,
+			     MESH_DROP_NO_BACKEND, 0, 0);
 		return SOCK_DENY;
 	case XLATE_DENIED:
 		policy_count(c.identity, remote, MESH_DIRECTION_EGRESS, &v, 0);
+		egress_event(ctx, &c, vip, port, proto, vip, port, remote, &v, MESH_EVENT_DROPPED,
+			     event_policy_reason(v.rule), MESH_EVENT_F_POLICY, 0);
 		return SOCK_DENY;
 	case XLATE_DONE:
-		if (egress_active(&c))
+		if (policy_flag)
 			policy_count(c.identity, remote, MESH_DIRECTION_EGRESS, &v, 0);
+		egress_event(ctx, &c, vip, port, proto, backend.ip, backend.port, remote, &v,
+			     MESH_EVENT_FORWARDED, MESH_DROP_NONE,
+			     MESH_EVENT_F_TRANSLATED | (v.rule ? policy_flag : 0),
+			     backend.cluster_id);
 		record_rev_nat(ctx, &backend, vip, port);
 		ctx->user_ip4 = backend.ip;
 		ctx->user_port = (__u32)backend.port;
 		break;
 	}
-	if (proto == IPPROTO_UDP && c.has_policy)
+	if (proto == IPPROTO_UDP && (c.has_policy || events_on()))
 		record_reply(ctx, ctx->user_ip4, (__u16)ctx->user_port);
 	return SOCK_ALLOW;
 }
@@ -293,17 +344,21 @@ static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 	return SOCK_ALLOW;
 }
 
-/* Ingress policy of the local endpoint a packet is delivered to. Only the
- * first packet of a flow is checked: a TCP SYN (later packets belong to a
- * connection the SYN was allowed for, or are refused by TCP itself), a UDP
- * datagram unless the socket sent to its source first (a reply). */
+/* Ingress policy of the local endpoint a packet is delivered to, and its flow record. Only
+ * the first packet of a flow is checked and reported: a TCP SYN (later packets belong to a
+ * connection the SYN was allowed for, or are refused by TCP itself), a UDP datagram unless
+ * the socket sent to its source first (a reply). */
 static __always_inline int policy_ingress(struct __sk_buff *skb)
 {
-	struct iphdr ip;
+	struct mesh_ipcache_key dst_key = { .prefixlen = 32 };
+	struct mesh_ipcache_value *dst;
 	struct mesh_policy_endpoint *ep;
-	struct policy_verdict v;
+	struct policy_verdict v = { MESH_RULE_NONE, MESH_VERDICT_ALLOW };
+	struct mesh_flow_event ev;
+	struct iphdr ip;
 	__u32 local, remote, l4;
 	__u16 ports[2]; /* source, destination: network order */
+	__u8 report;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return SOCK_ALLOW;
@@ -311,9 +366,12 @@ static __always_inline int policy_ingress(struct __sk_buff *skb)
 		return SOCK_ALLOW;
 	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
 		return SOCK_ALLOW;
-	local = ipcache_identity(ip.daddr);
+	dst_key.ip4 = ip.daddr;
+	dst = bpf_map_lookup_elem(&mesh_ipcache, &dst_key);
+	local = dst ? dst->identity : MESH_IDENTITY_WORLD;
 	ep = bpf_map_lookup_elem(&mesh_policy_endpoints, &local);
-	if (!ep)
+	report = dst && (dst->flags & MESH_IPCACHE_F_LOCAL) && events_on();
+	if (!ep && !report)
 		return SOCK_ALLOW;
 	l4 = (__u32)ip.ihl * 4;
 	if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
@@ -337,10 +395,34 @@ static __always_inline int policy_ingress(struct __sk_buff *skb)
 			return SOCK_ALLOW;
 	}
 	remote = ipcache_identity(ip.saddr);
-	policy_decide(ep, MESH_DIRECTION_INGRESS, remote, ip.protocol, ports[1], &v);
-	if (v.rule != MESH_RULE_NONE || v.verdict == MESH_VERDICT_DENY ||
-	    (ep->flags & MESH_POLICY_F_INGRESS_ENFORCED))
-		policy_count(local, remote, MESH_DIRECTION_INGRESS, &v, skb->len);
+	if (ep) {
+		policy_decide(ep, MESH_DIRECTION_INGRESS, remote, ip.protocol, ports[1], &v);
+		if (v.rule != MESH_RULE_NONE || v.verdict == MESH_VERDICT_DENY ||
+		    (ep->flags & MESH_POLICY_F_INGRESS_ENFORCED))
+			policy_count(local, remote, MESH_DIRECTION_INGRESS, &v, skb->len);
+	}
+	if (report || v.verdict == MESH_VERDICT_DENY) {
+		__builtin_memset(&ev, 0, sizeof(ev));
+		ev.cookie = bpf_get_socket_cookie(skb);
+		ev.src_ip = ip.saddr;
+		ev.src_port = ports[0];
+		ev.src_identity = remote;
+		ev.dst_ip = ip.daddr;
+		ev.dst_port = ports[1];
+		ev.dst_identity = local;
+		ev.rule = v.rule;
+		ev.direction = MESH_DIRECTION_INGRESS;
+		ev.proto = ip.protocol;
+		if (v.verdict == MESH_VERDICT_DENY) {
+			ev.verdict = MESH_EVENT_DROPPED;
+			ev.reason = event_policy_reason(v.rule);
+			ev.flags = MESH_EVENT_F_POLICY;
+		} else {
+			ev.verdict = MESH_EVENT_FORWARDED;
+			ev.flags = v.rule ? MESH_EVENT_F_POLICY : 0;
+		}
+		event_emit(&ev);
+	}
 	return v.verdict == MESH_VERDICT_DENY ? SOCK_DENY : SOCK_ALLOW;
 }
 

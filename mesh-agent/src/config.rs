@@ -31,6 +31,11 @@ pub enum ConfigError {
     },
     #[error("{flag}: must be greater than zero")]
     Zero { flag: &'static str },
+    #[error(
+        "--hubble-advertise-address is required when --hubble-listen-address {0} is a \
+         wildcard address: the relay needs an address it can dial"
+    )]
+    HubbleAdvertise(SocketAddr),
 }
 
 pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
@@ -87,6 +92,34 @@ pub struct Args {
     #[arg(long, env = "MESH_FLOW_IFACE")]
     pub flow_iface: Option<String>,
 
+    /// Serve Hubble's Observer API (this node's flows) on this address, with mutual TLS and
+    /// the node certificate (it must carry serverAuth: `meshctl cert issue --agent` does).
+    /// Off when unset. Plaintext only with --insecure, on loopback.
+    #[arg(long, env = "MESH_HUBBLE_LISTEN_ADDRESS")]
+    pub hubble_listen_address: Option<SocketAddr>,
+
+    /// The `host:port` the apiserver's relay dials to reach this node's Observer API
+    /// (default: --hubble-listen-address, when it is not a wildcard address).
+    #[arg(long, env = "MESH_HUBBLE_ADVERTISE_ADDRESS")]
+    pub hubble_advertise_address: Option<String>,
+
+    /// Flows the node keeps for GetFlows (Hubble's ring size).
+    #[arg(
+        long,
+        env = "MESH_HUBBLE_EVENT_BUFFER_CAPACITY",
+        default_value_t = 4095
+    )]
+    pub hubble_event_buffer_capacity: usize,
+
+    /// Flow records per second per CPU the datapath may write (new connections and drops);
+    /// 0 turns flow events off. Records over the rate are counted as lost.
+    #[arg(long, env = "MESH_FLOW_EVENT_RATE", default_value_t = 20_000)]
+    pub flow_event_rate: u32,
+
+    /// Flow records a CPU may write in a burst above the rate.
+    #[arg(long, env = "MESH_FLOW_EVENT_BURST", default_value_t = 2_000)]
+    pub flow_event_burst: u32,
+
     /// Routing mode.
     #[arg(long, env = "MESH_ROUTING", value_enum, default_value_t = Routing::Native)]
     pub routing: Routing,
@@ -136,6 +169,19 @@ pub struct Settings {
     pub resync_interval: Duration,
     pub initial_sync_timeout: Duration,
     pub heartbeat_interval: Duration,
+    pub flows: FlowConfig,
+}
+
+/// Flow visibility settings.
+#[derive(Debug, Clone)]
+pub struct FlowConfig {
+    /// Where to serve the Observer API, and the address the relay dials.
+    pub listen: Option<(SocketAddr, String)>,
+    /// The Observer server's TLS (the node certificate); `None` with --insecure.
+    pub tls: Option<mesh_proto::tls::ServerTlsFiles>,
+    pub capacity: usize,
+    pub rate: u32,
+    pub burst: u32,
 }
 
 // === impl Args ===
@@ -177,6 +223,40 @@ impl Args {
             ClientEndpoint::new(self.apiserver.clone(), tls)
         };
         endpoint.server_name = self.apiserver_server_name.clone();
+        if self.hubble_event_buffer_capacity == 0 {
+            return Err(ConfigError::Zero {
+                flag: "--hubble-event-buffer-capacity",
+            });
+        }
+        let listen = match self.hubble_listen_address {
+            None => None,
+            Some(addr) => {
+                let advertise = match &self.hubble_advertise_address {
+                    Some(a) => a.clone(),
+                    None if addr.ip().is_unspecified() => {
+                        return Err(ConfigError::HubbleAdvertise(addr));
+                    }
+                    None => addr.to_string(),
+                };
+                Some((addr, advertise))
+            }
+        };
+        let server_tls = match (&listen, self.tls.insecure) {
+            (Some(_), false) => {
+                let files = self
+                    .tls
+                    .files()
+                    .map_err(|missing| ConfigError::MissingTls {
+                        missing: missing.join(", "),
+                    })?;
+                Some(mesh_proto::tls::ServerTlsFiles {
+                    cert: files.cert,
+                    key: files.key,
+                    ca: files.ca,
+                })
+            }
+            _ => None,
+        };
         let pin_dir = self
             .bpffs_dir
             .clone()
@@ -195,6 +275,13 @@ impl Args {
             resync_interval: self.resync_interval,
             initial_sync_timeout: self.initial_sync_timeout,
             heartbeat_interval: self.heartbeat_interval,
+            flows: FlowConfig {
+                listen,
+                tls: server_tls,
+                capacity: self.hubble_event_buffer_capacity,
+                rate: self.flow_event_rate,
+                burst: self.flow_event_burst,
+            },
         })
     }
 }

@@ -17,6 +17,7 @@
 pub mod config;
 pub mod datapath;
 pub mod desired;
+pub mod flows;
 pub mod metrics;
 pub mod policy;
 pub mod reconcile;
@@ -62,6 +63,11 @@ pub enum Error {
     Routes(#[from] routes::Error),
     #[error("the watch of the local apiserver ended")]
     WatchEnded,
+    #[error("Observer API on {addr}: {reason}")]
+    Observer {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
 }
 
 /// Runs the agent until `shutdown` is cancelled. The pinned maps, links and routes stay
@@ -69,6 +75,7 @@ pub enum Error {
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let flow_metrics = flows::FlowMetrics::register(&mut registry);
     let readiness = Readiness::default();
     readiness.set(false, "starting");
     let (_, health) = mesh_proto::serve::bind_health(
@@ -83,9 +90,74 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 
     let mut dp_config = DatapathConfig::new(&settings.pin_dir, &settings.cgroup_path);
     dp_config.flow_iface = settings.flow_iface.clone();
-    let dp = Datapath::open(dp_config)?;
+    let mut dp = Datapath::open(dp_config)?;
     info!(node = %settings.node, cluster = %settings.cluster, pin_dir = %settings.pin_dir.display(),
         links = ?dp.links(), "datapath ready");
+
+    // Flows: the datapath's records, decorated into the node's ring, served to the relay.
+    let flow_ctx: flows::SharedContext = Arc::new(std::sync::RwLock::new(Arc::new(
+        flows::FlowContext::new(settings.cluster.clone(), settings.node.clone()),
+    )));
+    let flow_ring = Arc::new(flows::FlowRing::new(
+        settings.flows.capacity,
+        settings.flows.capacity.max(1024),
+    ));
+    if let Some(events) = dp.take_events() {
+        let reader = flows::run_reader(
+            events,
+            flows::FlowSettings {
+                rate: settings.flows.rate,
+                burst: settings.flows.burst,
+                stats_interval: Duration::from_secs(1),
+            },
+            flow_ctx.clone(),
+            flow_ring.clone(),
+            flow_metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(
+            async move {
+                if let Err(e) = reader.await {
+                    error!(error = %e, "the flow reader stopped; no more flows on this node");
+                }
+            }
+            .instrument(info_span!("flows")),
+        );
+    }
+    let mut observer_address = String::new();
+    if let Some((addr, advertise)) = settings.flows.listen.clone() {
+        let observer_err = |reason: String| Error::Observer { addr, reason };
+        let tls = match &settings.flows.tls {
+            Some(files) => Some(
+                tls::ServerTls::from_files(settings.cluster.clone(), files)
+                    .map_err(|e| observer_err(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| observer_err(e.to_string()))?;
+        let observer = flows::observer::AgentObserver::new(
+            flow_ring.clone(),
+            format!("{}/{}", settings.cluster, settings.node),
+            advertise.clone(),
+            tls.clone(),
+        );
+        if let Some(tls) = &tls
+            && let Some(files) = settings.flows.tls.clone()
+        {
+            // Certificates and CA bundles are reloaded without restart (DESIGN section 8).
+            tokio::spawn(tls.clone().watch_files(files, Duration::from_secs(10)));
+        }
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = flows::serve_observer(listener, observer, tls, stop).await {
+                error!(error = %e, "the Observer API stopped");
+            }
+        });
+        info!(%addr, %advertise, "serving Hubble's Observer API");
+        observer_address = advertise;
+    }
 
     let status = Arc::new(Mutex::new(pb::AgentStatus {
         node: settings.node.clone(),
@@ -93,6 +165,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         started_at_unix_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
+        observer_address,
         ..Default::default()
     }));
     let report_now = Arc::new(Notify::new());
@@ -134,6 +207,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         settings,
         state,
         reconciler: Reconciler::new(dp),
+        flow_ctx,
         metrics,
         readiness,
         status,
@@ -152,6 +226,8 @@ fn max_message_size(c: MeshClient<Channel>) -> MeshClient<Channel> {
 struct Agent {
     /// Finds the network namespaces of the node's pods (egress policy).
     netns: crate::datapath::NetnsScanner,
+    /// What flow records are decorated with; rebuilt after each reconcile.
+    flow_ctx: flows::SharedContext,
     policy: crate::policy::PolicyReconciler,
     /// CIDR identities of the prefixes policies name, stable across compiles.
     cidr: mesh_core::policy::CidrIdentities,
@@ -324,6 +400,16 @@ impl Agent {
         };
         let computed = t0.elapsed();
         self.record_dropped(&dropped);
+        let flow_ctx = flows::FlowContext::build(
+            &local,
+            &self.settings.node,
+            self.state
+                .clusters()
+                .iter()
+                .filter(|(name, _)| clusters.contains_key(*name)),
+            policy_tables.as_ref().map(|t| &t.rules),
+        );
+        *self.flow_ctx.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(flow_ctx);
         match self.reconciler.reconcile(&desired) {
             Ok(counts) => {
                 if first {

@@ -1382,3 +1382,155 @@ fn service_connections_go_to_a_backend_the_client_may_reach() {
         BTreeSet::from(["server".to_owned()])
     );
 }
+
+/// Every record in the ring buffer now.
+fn drain(
+    events: &mut mesh_agent::datapath::EventMaps,
+) -> Vec<mesh_agent::datapath::layout::FlowEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = events.ring.next() {
+        out.push(mesh_agent::datapath::layout::FlowEvent::from_bytes(&item).expect("record size"));
+    }
+    out
+}
+
+#[test]
+fn flow_events_record_connections_and_drops_and_count_what_is_lost() {
+    use mesh_agent::datapath::layout as l;
+    require_root!();
+    let cgroup = Cgroup::new("fev");
+    let bpffs = Bpffs::mounted();
+    let net = PolicyNet::new();
+    let mut dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
+    let mut events = dp.take_events().unwrap();
+    // Events are off until the agent sets a rate: nothing is recorded.
+    program_policy_ipcache(&mut dp);
+    let _procs = [
+        Proc::server_in(
+            &net.s,
+            Some(&cgroup),
+            "tcp-server",
+            &["10.0.5.2:8080", "server"],
+        ),
+        Proc::server_in(
+            &net.s,
+            Some(&cgroup),
+            "tcp-server",
+            &["10.0.5.4:8080", "other"],
+        ),
+        Proc::server_in(&net.a, Some(&cgroup), "idle", &[]),
+        Proc::server_in(&net.b, Some(&cgroup), "idle", &[]),
+    ];
+    let (frontend, vip) = tcp_frontend();
+    program_service(&mut dp, frontend, &[(1, Ipv4Addr::new(10, 0, 5, 2), 8080)]);
+    let (tables, _) = compile_policies(&policy_objects()[1..2]);
+    let namespaces = mesh_agent::datapath::NetnsScanner::new(&cgroup.path)
+        .scan()
+        .unwrap();
+    let (want, _) = mesh_agent::policy::desired_policy(&tables, &namespaces, &policy_endpoints());
+    mesh_agent::policy::PolicyReconciler::default()
+        .reconcile(&mut dp, &want)
+        .unwrap();
+    let connect =
+        |ns: &Netns, n: &str| Proc::client(ns, Some(&cgroup), "tcp-client", &[&vip.to_string(), n]);
+    assert_eq!(connect(&net.a, "1").len(), 1);
+    assert!(drain(&mut events).is_empty(), "events are off by default");
+
+    events.control.configure(1_000_000, 1_000_000).unwrap();
+    // A reaches the server through the service: its connect() is translated (egress record)
+    // and the server's SYN arrives at a local endpoint (ingress record).
+    let a = connect(&net.a, "2");
+    assert!(
+        a.iter()
+            .all(|o| matches!(o, Outcome::Ok { name, .. } if name == "server"))
+    );
+    // B's egress policy denies the only backend: refused by the deny rule.
+    assert_eq!(connect(&net.b, "3"), vec![Outcome::Err { errno: EPERM }; 3]);
+    let got = drain(&mut events);
+    let be = |ip: [u8; 4]| u32::from(Ipv4Addr::from(ip)).to_be();
+    let SocketAddr::V4(vip4) = vip else {
+        unreachable!("an IPv4 frontend")
+    };
+    let vip_be = u32::from(*vip4.ip()).to_be();
+    let egress_a: Vec<_> = got
+        .iter()
+        .filter(|e| e.direction == l::DIRECTION_EGRESS && e.src_identity == ID_CLIENT_A)
+        .collect();
+    assert_eq!(egress_a.len(), 2, "{got:#?}");
+    for e in &egress_a {
+        assert_eq!(e.verdict, l::EVENT_FORWARDED);
+        assert_eq!(e.flags & l::EVENT_F_TRANSLATED, l::EVENT_F_TRANSLATED);
+        assert_eq!(
+            (e.src_ip, e.dst_ip, u16::from_be(e.dst_port)),
+            (be([10, 0, 5, 1]), be([10, 0, 5, 2]), 8080)
+        );
+        assert_eq!((e.orig_ip, e.orig_port), (vip_be, vip.port().to_be()));
+        // program_service puts its backends in cluster 1.
+        assert_eq!(
+            (e.dst_identity, e.proto, e.backend_cluster),
+            (ID_SERVER, 6, 1)
+        );
+        assert!(e.time_ns > 0 && e.cookie != 0);
+    }
+    let ingress: Vec<_> = got
+        .iter()
+        .filter(|e| e.direction == l::DIRECTION_INGRESS && e.dst_identity == ID_SERVER)
+        .collect();
+    assert_eq!(ingress.len(), 2, "{got:#?}");
+    for e in &ingress {
+        assert_eq!(
+            (e.src_identity, e.src_ip, e.verdict),
+            (ID_CLIENT_A, be([10, 0, 5, 1]), l::EVENT_FORWARDED)
+        );
+        assert_ne!(e.src_port, 0, "the SYN carries the client's port");
+        assert_eq!(u16::from_be(e.dst_port), 8080);
+    }
+    let deny_rule = tables
+        .rules
+        .iter()
+        .find(|(_, r)| r.policy.name == "b-no-server")
+        .map(|(id, _)| *id)
+        .unwrap();
+    let denied: Vec<_> = got
+        .iter()
+        .filter(|e| e.src_identity == ID_CLIENT_B)
+        .collect();
+    assert_eq!(denied.len(), 3, "{got:#?}");
+    for e in &denied {
+        assert_eq!(
+            (e.verdict, e.reason, e.rule),
+            (l::EVENT_DROPPED, l::DROP_POLICY_RULE, deny_rule)
+        );
+        assert_eq!(
+            (e.direction, e.dst_identity),
+            (l::DIRECTION_EGRESS, ID_SERVER)
+        );
+    }
+    assert_eq!(got.len(), 2 + 2 + 3, "nothing else: {got:#?}");
+    let c0 = events.control.counters().unwrap();
+    assert_eq!((c0.emitted, c0.lost_ring_full, c0.rate_limited), (7, 0, 0));
+
+    // A full ring: records the reader did not take are counted, none silently dropped.
+    let record = std::mem::size_of::<l::FlowEvent>() as u64 + 8; // + ring buffer header
+    let room = u64::from(l::EVENTS_RING_BYTES) / record;
+    let n = room + 2000;
+    let out = connect(&net.b, &n.to_string());
+    assert_eq!(out.len() as u64, n);
+    let c1 = events.control.counters().unwrap();
+    let (emitted, lost) = (
+        c1.emitted - c0.emitted,
+        c1.lost_ring_full - c0.lost_ring_full,
+    );
+    assert_eq!(emitted + lost, n, "{c1:?}");
+    assert!(lost >= 2000 && emitted <= room, "{c1:?}");
+    assert_eq!(drain(&mut events).len() as u64, emitted);
+
+    // Over the rate: a CPU writes its burst, then one record per token.
+    events.control.configure(1, 5).unwrap();
+    let c2 = events.control.counters().unwrap();
+    assert_eq!(connect(&net.b, "50").len(), 50);
+    let c3 = events.control.counters().unwrap();
+    let (emitted, limited) = (c3.emitted - c2.emitted, c3.rate_limited - c2.rate_limited);
+    assert_eq!(emitted + limited, 50, "{c3:?}");
+    assert!(limited >= 40, "{c3:?}");
+}

@@ -9,12 +9,14 @@
 use std::mem::size_of;
 
 use crate::sys::{
-    BPF_F_NO_PREALLOC, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH,
-    BPF_MAP_TYPE_LRU_PERCPU_HASH, MapShape,
+    BPF_F_NO_PREALLOC, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE,
+    BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_MAP_TYPE_RINGBUF, MapShape,
 };
 use crate::{
-    MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE, MAP_POLICY, MAP_POLICY_COUNTERS, MAP_POLICY_ENDPOINTS,
-    MAP_POLICY_NETNS, MAP_POLICY_REPLIES, MAP_POLICY_RULES, MAP_REV_NAT, MAP_SERVICES,
+    MAP_BACKENDS, MAP_EVENT_CONFIG, MAP_EVENT_SEEN, MAP_EVENT_STATS, MAP_EVENTS, MAP_FLOWS,
+    MAP_IPCACHE, MAP_POLICY, MAP_POLICY_COUNTERS, MAP_POLICY_ENDPOINTS, MAP_POLICY_NETNS,
+    MAP_POLICY_REPLIES, MAP_POLICY_RULES, MAP_REV_NAT, MAP_SERVICES,
 };
 
 /// Reserved identity of addresses the ipcache does not know.
@@ -32,6 +34,21 @@ pub const POLICY_NETNS_MAX: u32 = 65_536;
 pub const POLICY_REPLIES_MAX: u32 = 262_144;
 pub const POLICY_COUNTERS_MAX: u32 = 65_536;
 pub const POLICY_RULES_MAX: u32 = 65_536;
+
+/// Flow events (`MESH_EVENTS_RING_BYTES`, `MESH_EVENT_SEEN_MAX`).
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+pub const EVENT_SEEN_MAX: u32 = 65_536;
+/// `mesh_flow_event.verdict`.
+pub const EVENT_FORWARDED: u8 = 1;
+pub const EVENT_DROPPED: u8 = 2;
+/// `mesh_flow_event.reason` (`MESH_DROP_*`).
+pub const DROP_NONE: u8 = 0;
+pub const DROP_POLICY_DEFAULT: u8 = 1;
+pub const DROP_POLICY_RULE: u8 = 2;
+pub const DROP_NO_BACKEND: u8 = 3;
+/// `mesh_flow_event.flags` (`MESH_EVENT_F_*`).
+pub const EVENT_F_TRANSLATED: u8 = 1 << 0;
+pub const EVENT_F_POLICY: u8 = 1 << 1;
 
 /// Reserved identity of the local host (`MESH_IDENTITY_HOST`).
 pub const IDENTITY_HOST: u32 = 1;
@@ -234,6 +251,73 @@ pub struct PolicyCounterValue {
     pub bytes: u64,
 }
 
+/// `struct mesh_flow_event`: one record of the `mesh_events` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub time_ns: u64,
+    pub cookie: u64,
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub orig_ip: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub rule: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub orig_port: u16,
+    pub backend_cluster: u16,
+    pub direction: u8,
+    pub proto: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub flags: u8,
+    pub pad: [u8; 7],
+}
+
+impl FlowEvent {
+    /// Reads a record from the ring buffer's bytes; `None` when the length is not a record's.
+    #[allow(unsafe_code)]
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length is checked, FlowEvent is plain integers (any bit pattern is
+        // valid), and read_unaligned has no alignment requirement.
+        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+}
+
+/// `struct mesh_event_config`: `mesh_event_config[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventConfig {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+/// `struct mesh_event_stats`: per-CPU `mesh_event_stats[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventStats {
+    pub emitted: u64,
+    pub lost_ring_full: u64,
+    pub rate_limited: u64,
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+/// `struct mesh_event_seen_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventSeenKey {
+    pub cookie: u64,
+    pub remote_ip: u32,
+    pub remote_port: u16,
+    pub direction: u8,
+    pub pad: u8,
+}
+
 /// `struct mesh_policy_rule_name`: NUL-padded UTF-8.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,7 +357,7 @@ impl PolicyRuleName {
 
 /// Every map of bpf/mesh.h with the type, sizes and flags its definition
 /// gives it: what a pinned map must be for this build to use it.
-pub fn expected_shapes() -> [(&'static str, MapShape); 11] {
+pub fn expected_shapes() -> [(&'static str, MapShape); 15] {
     let shape = |map_type, key: usize, value: usize, max_entries, map_flags| MapShape {
         map_type,
         key_size: key as u32,
@@ -392,6 +476,40 @@ pub fn expected_shapes() -> [(&'static str, MapShape); 11] {
                 BPF_F_NO_PREALLOC,
             ),
         ),
+        (
+            MAP_EVENTS,
+            shape(BPF_MAP_TYPE_RINGBUF, 0, 0, EVENTS_RING_BYTES, 0),
+        ),
+        (
+            MAP_EVENT_CONFIG,
+            shape(
+                BPF_MAP_TYPE_ARRAY,
+                size_of::<u32>(),
+                size_of::<EventConfig>(),
+                1,
+                0,
+            ),
+        ),
+        (
+            MAP_EVENT_STATS,
+            shape(
+                BPF_MAP_TYPE_PERCPU_ARRAY,
+                size_of::<u32>(),
+                size_of::<EventStats>(),
+                1,
+                0,
+            ),
+        ),
+        (
+            MAP_EVENT_SEEN,
+            shape(
+                BPF_MAP_TYPE_LRU_HASH,
+                size_of::<EventSeenKey>(),
+                size_of::<u64>(),
+                EVENT_SEEN_MAX,
+                0,
+            ),
+        ),
     ]
 }
 
@@ -420,6 +538,10 @@ mod pod {
     unsafe impl aya::Pod for PolicyCounterKey {}
     unsafe impl aya::Pod for PolicyCounterValue {}
     unsafe impl aya::Pod for PolicyRuleName {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for EventConfig {}
+    unsafe impl aya::Pod for EventStats {}
+    unsafe impl aya::Pod for EventSeenKey {}
 }
 
 /// (C struct name, size, [(field, offset)]) of every mirrored struct, for the
@@ -460,6 +582,14 @@ fn layouts() -> Layout {
         PolicyCounterKey => "mesh_policy_counter_key" { local, remote, rule, direction, verdict, pad },
         PolicyCounterValue => "mesh_policy_counter_value" { packets, bytes },
         PolicyRuleName => "mesh_policy_rule_name" { name },
+        FlowEvent => "mesh_flow_event" {
+            time_ns, cookie, src_ip, dst_ip, orig_ip, src_identity, dst_identity, rule,
+            src_port, dst_port, orig_port, backend_cluster, direction, proto, verdict, reason,
+            flags, pad,
+        },
+        EventConfig => "mesh_event_config" { rate, burst },
+        EventStats => "mesh_event_stats" { emitted, lost_ring_full, rate_limited, tokens, last_ns },
+        EventSeenKey => "mesh_event_seen_key" { cookie, remote_ip, remote_port, direction, pad },
     }
 }
 
@@ -591,6 +721,53 @@ mod tests {
                 vec![("packets", 0), ("bytes", 8)],
             ),
             ("mesh_policy_rule_name", 248, vec![("name", 0)]),
+            (
+                "mesh_flow_event",
+                64,
+                vec![
+                    ("time_ns", 0),
+                    ("cookie", 8),
+                    ("src_ip", 16),
+                    ("dst_ip", 20),
+                    ("orig_ip", 24),
+                    ("src_identity", 28),
+                    ("dst_identity", 32),
+                    ("rule", 36),
+                    ("src_port", 40),
+                    ("dst_port", 42),
+                    ("orig_port", 44),
+                    ("backend_cluster", 46),
+                    ("direction", 48),
+                    ("proto", 49),
+                    ("verdict", 50),
+                    ("reason", 51),
+                    ("flags", 52),
+                    ("pad", 53),
+                ],
+            ),
+            ("mesh_event_config", 8, vec![("rate", 0), ("burst", 4)]),
+            (
+                "mesh_event_stats",
+                40,
+                vec![
+                    ("emitted", 0),
+                    ("lost_ring_full", 8),
+                    ("rate_limited", 16),
+                    ("tokens", 24),
+                    ("last_ns", 32),
+                ],
+            ),
+            (
+                "mesh_event_seen_key",
+                16,
+                vec![
+                    ("cookie", 0),
+                    ("remote_ip", 8),
+                    ("remote_port", 12),
+                    ("direction", 14),
+                    ("pad", 15),
+                ],
+            ),
         ];
         assert_eq!(layouts(), expected);
         // aya's LPM key type must have the layout of mesh_ipcache_key.
@@ -648,6 +825,16 @@ mod tests {
             ("MESH_DIRECTION_EGRESS", DIRECTION_EGRESS.into()),
             ("MESH_RULE_NONE", RULE_NONE),
             ("MESH_POLICY_RULE_NAME_LEN", POLICY_RULE_NAME_LEN as u32),
+            ("MESH_EVENTS_RING_BYTES", EVENTS_RING_BYTES),
+            ("MESH_EVENT_SEEN_MAX", EVENT_SEEN_MAX),
+            ("MESH_EVENT_FORWARDED", EVENT_FORWARDED.into()),
+            ("MESH_EVENT_DROPPED", EVENT_DROPPED.into()),
+            ("MESH_DROP_NONE", DROP_NONE.into()),
+            ("MESH_DROP_POLICY_DEFAULT", DROP_POLICY_DEFAULT.into()),
+            ("MESH_DROP_POLICY_RULE", DROP_POLICY_RULE.into()),
+            ("MESH_DROP_NO_BACKEND", DROP_NO_BACKEND.into()),
+            ("MESH_EVENT_F_TRANSLATED", EVENT_F_TRANSLATED.into()),
+            ("MESH_EVENT_F_POLICY", EVENT_F_POLICY.into()),
         ] {
             writeln!(
                 src,

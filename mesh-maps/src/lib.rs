@@ -45,3 +45,7 @@ pub const MAP_POLICY_NETNS: &str = "mesh_policy_netns";
 pub const MAP_POLICY_REPLIES: &str = "mesh_policy_replies";
 pub const MAP_POLICY_COUNTERS: &str = "mesh_policy_counters";
 pub const MAP_POLICY_RULES: &str = "mesh_policy_rules";
+pub const MAP_EVENTS: &str = "mesh_events";
+pub const MAP_EVENT_CONFIG: &str = "mesh_event_config";
+pub const MAP_EVENT_STATS: &str = "mesh_event_stats";
+pub const MAP_EVENT_SEEN: &str = "mesh_event_seen";

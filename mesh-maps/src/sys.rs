@@ -37,12 +37,14 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_F_RDONLY: u32 = 1 << 3;
 
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
 pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 pub const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
 pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 pub const BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE: u32 = 21;
+pub const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 /// `map_flags`: entries are allocated on insert.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
 

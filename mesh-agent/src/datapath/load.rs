@@ -56,6 +56,11 @@ impl Datapath {
         // Only the programs use its content; held so its fd stays valid
         // until the programs are loaded.
         let rev_nat = take_map(&mut sock_lb, MAP_REV_NAT)?;
+        let events = EventMaps::new(
+            take_map(&mut sock_lb, mesh_maps::MAP_EVENTS)?,
+            take_map(&mut sock_lb, mesh_maps::MAP_EVENT_CONFIG)?,
+            take_map(&mut sock_lb, mesh_maps::MAP_EVENT_STATS)?,
+        );
         let mut links = Vec::new();
 
         let cgroup = fs::File::open(&cgroup_path).map_err(|source| Error::Cgroup {
@@ -175,6 +180,7 @@ impl Datapath {
             },
             flows,
             policy,
+            events: Some(events),
             _rev_nat: rev_nat,
             batch: BatchSupport {
                 services: true,
@@ -184,6 +190,11 @@ impl Datapath {
             links,
             _objects: objects,
         })
+    }
+
+    /// The flow-event maps (once: the flow reader owns them).
+    pub fn take_events(&mut self) -> Option<EventMaps> {
+        self.events.take()
     }
 
     /// The links set up by [`Datapath::open`], and whether each was reused.

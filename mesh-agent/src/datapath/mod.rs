@@ -9,6 +9,7 @@
 //! <pin_dir>/maps/mesh_policy_endpoints, mesh_policy, mesh_policy_netns, mesh_policy_replies,
 //!                mesh_policy_counters, mesh_policy_rules
 //! <pin_dir>/links/mesh_policy_ingress
+//! <pin_dir>/maps/mesh_events, mesh_event_config, mesh_event_stats, mesh_event_seen
 //! <pin_dir>/links/mesh_flows_tc_ingress, mesh_flows_tc_egress
 //! ```
 //!
@@ -25,13 +26,16 @@
 //! module loads, attaches and writes. Its only `unsafe` is in `sys` (host
 //! syscalls other than bpf(2)).
 
+mod events;
 mod load;
 mod maps;
 mod netns;
 mod pinned;
 mod sys;
 
+pub use events::{EventControl, EventCounters, EventMaps};
 pub use netns::{NetnsInfo, NetnsScanner};
+pub use sys::{async_ring, boottime_ns};
 
 use std::{io, path::PathBuf};
 
@@ -251,6 +255,8 @@ pub struct Datapath {
     flows: PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
     /// The network-policy maps.
     policy: mesh_maps::policy::PolicyMaps,
+    /// The flow-event maps, until [`Datapath::take_events`].
+    events: Option<EventMaps>,
     _rev_nat: HashMap<MapData, layout::RevNatKey, layout::RevNatValue>,
     batch: BatchSupport,
     links: Vec<LinkStatus>,

@@ -133,3 +133,28 @@ pub(crate) fn current_netns() -> io::Result<(u64, Vec<std::net::Ipv4Addr>)> {
     unsafe { libc::freeifaddrs(head) };
     Ok((cookie, addrs))
 }
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock of `bpf_ktime_get_boot_ns()`, which stamps flow
+/// events.
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out pointer; CLOCK_BOOTTIME always exists on Linux.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    debug_assert_eq!(ret, 0);
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Registers the flow-event ring buffer with the tokio reactor (readable when records
+/// arrive).
+pub fn async_ring(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+) -> io::Result<tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>> {
+    // SAFETY: the RingBuf owns its map's fd (MapData holds an OwnedFd) and is moved into the
+    // AsyncFd, so the fd stays open and the same for the AsyncFd's whole life; as_raw_fd
+    // returns that one fd every time.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| io::Error::other(e.to_string()))
+}
