@@ -269,6 +269,37 @@ struct mesh_event_seen_key {
 	__u8 pad;
 };
 
+/* ---- passive backend health (DESIGN.md section 13b) ----
+ *
+ * A cgroup sock_ops program watches TCP connections that socket LB translated (a
+ * mesh_rev_nat entry exists for the socket and its peer) and counts, per backend, connects
+ * that failed (SYN_SENT -> CLOSE: refused, unreachable, or given up; and the first SYN
+ * retransmission, an early sign of a dead backend) and that succeeded. The agent reads the
+ * counters and quarantines failing backends on this node (mesh_core::health).
+ */
+#define MESH_HEALTH_MAX 65536
+
+struct mesh_health_key {
+	__u32 ip;   /* network order */
+	__u16 port; /* network order */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct mesh_health_value {
+	__u64 last_failure_ns; /* bpf_ktime_get_boot_ns() */
+	__u64 last_success_ns;
+	__u64 failures;        /* ever */
+	__u64 successes;       /* ever */
+};
+
+/* mesh_quarantine: written by the agent only (meshctl bpf lb list reads it). */
+struct mesh_quarantine_value {
+	__u64 until_unix_ms;
+	__u32 failures; /* consecutive failures that led to it */
+	__u32 level;    /* backoff level: the period is base << level, capped */
+};
+
 #if defined(__bpf__)
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -397,6 +428,23 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_event_seen SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MESH_HEALTH_MAX);
+	__type(key, struct mesh_health_key);
+	__type(value, struct mesh_health_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_backend_health SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESH_HEALTH_MAX);
+	__type(key, struct mesh_health_key);
+	__type(value, struct mesh_quarantine_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_quarantine SEC(".maps");
 
 #endif /* __bpf__ */
 

@@ -426,6 +426,88 @@ static __always_inline int policy_ingress(struct __sk_buff *skb)
 	return v.verdict == MESH_VERDICT_DENY ? SOCK_DENY : SOCK_ALLOW;
 }
 
+/* ---- passive backend health ---- */
+
+/* The health key of a translated TCP connection's backend, or 0 when the socket was not
+ * translated by socket LB (its peer is no mesh backend). */
+static __always_inline int health_key_of(struct bpf_sock_ops *skops, struct mesh_health_key *key)
+{
+	struct mesh_rev_nat_key rk;
+
+	if (skops->family != 2 /* AF_INET */)
+		return 0;
+	__builtin_memset(&rk, 0, sizeof(rk));
+	rk.cookie = bpf_get_socket_cookie(skops);
+	rk.backend_ip = skops->remote_ip4;
+	/* remote_port holds the network-order port in its upper 16 bits (the kernel loads
+	 * the be16 and shifts it), so the shift gives it back as mesh_rev_nat stores it. */
+	rk.backend_port = (__u16)(skops->remote_port >> 16);
+	if (!bpf_map_lookup_elem(&mesh_rev_nat, &rk))
+		return 0;
+	__builtin_memset(key, 0, sizeof(*key));
+	key->ip = rk.backend_ip;
+	key->port = rk.backend_port;
+	key->proto = IPPROTO_TCP;
+	return 1;
+}
+
+static __always_inline void health_record(struct bpf_sock_ops *skops, int ok)
+{
+	struct mesh_health_key key;
+	struct mesh_health_value *v;
+	__u64 now;
+
+	if (!health_key_of(skops, &key))
+		return;
+	now = bpf_ktime_get_boot_ns();
+	v = bpf_map_lookup_elem(&mesh_backend_health, &key);
+	if (!v) {
+		struct mesh_health_value init;
+
+		__builtin_memset(&init, 0, sizeof(init));
+		bpf_map_update_elem(&mesh_backend_health, &key, &init, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&mesh_backend_health, &key);
+		if (!v)
+			return;
+	}
+	if (ok) {
+		__sync_fetch_and_add(&v->successes, 1);
+		v->last_success_ns = now;
+	} else {
+		__sync_fetch_and_add(&v->failures, 1);
+		v->last_failure_ns = now;
+	}
+}
+
+SEC("sockops")
+int mesh_sock_ops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* Ask for state changes and retransmission timeouts of this connect. */
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		health_record(skops, 1);
+		/* Established: later state changes and timeouts are not connect failures. */
+		bpf_sock_ops_cb_flags_set(skops, 0);
+		break;
+	case BPF_SOCK_OPS_RTO_CB:
+		/* A SYN retransmission: the backend did not answer in time. Reported once: no
+		 * more timeout callbacks for this socket. */
+		if (skops->state == BPF_TCP_SYN_SENT) {
+			health_record(skops, 0);
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		}
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[0] == BPF_TCP_SYN_SENT && skops->args[1] == BPF_TCP_CLOSE)
+			health_record(skops, 0);
+		break;
+	}
+	return 1;
+}
+
 SEC("cgroup/connect4")
 int mesh_connect4(struct bpf_sock_addr *ctx)
 {

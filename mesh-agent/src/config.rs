@@ -120,6 +120,19 @@ pub struct Args {
     #[arg(long, env = "MESH_FLOW_EVENT_BURST", default_value_t = 2_000)]
     pub flow_event_burst: u32,
 
+    /// How often the datapath's per-backend connect counters are read (passive health).
+    #[arg(long, env = "MESH_HEALTH_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// The first quarantine of a backend whose connects fail; each further one in a row
+    /// doubles, up to --quarantine-max.
+    #[arg(long, env = "MESH_QUARANTINE_BASE", default_value = "2s", value_parser = parse_duration)]
+    pub quarantine_base: Duration,
+
+    /// The longest quarantine.
+    #[arg(long, env = "MESH_QUARANTINE_MAX", default_value = "60s", value_parser = parse_duration)]
+    pub quarantine_max: Duration,
+
     /// Routing mode.
     #[arg(long, env = "MESH_ROUTING", value_enum, default_value_t = Routing::Native)]
     pub routing: Routing,
@@ -170,6 +183,8 @@ pub struct Settings {
     pub initial_sync_timeout: Duration,
     pub heartbeat_interval: Duration,
     pub flows: FlowConfig,
+    pub health_interval: Duration,
+    pub health: mesh_core::health::HealthConfig,
 }
 
 /// Flow visibility settings.
@@ -200,6 +215,8 @@ impl Args {
             ("--status-interval", self.status_interval),
             ("--resync-interval", self.resync_interval),
             ("--heartbeat-interval", self.heartbeat_interval),
+            ("--health-interval", self.health_interval),
+            ("--quarantine-base", self.quarantine_base),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Zero { flag });
@@ -275,6 +292,11 @@ impl Args {
             resync_interval: self.resync_interval,
             initial_sync_timeout: self.initial_sync_timeout,
             heartbeat_interval: self.heartbeat_interval,
+            health_interval: self.health_interval,
+            health: mesh_core::health::HealthConfig {
+                base: self.quarantine_base,
+                max: self.quarantine_max.max(self.quarantine_base),
+            },
             flows: FlowConfig {
                 listen,
                 tls: server_tls,

@@ -73,6 +73,33 @@ pub struct DesiredState {
     pub ipcache: BTreeMap<IpNet, IpcacheInfo>,
 }
 
+/// Leaves the node's quarantined backends out of every service that has other backends
+/// (`mesh_core::health::apply_quarantine`), and backends no service uses any more out of the
+/// backend map. Returns how many (service, backend) pairs were left out.
+pub fn apply_quarantine(
+    desired: &mut DesiredState,
+    quarantined: &BTreeMap<mesh_core::health::BackendAddr, mesh_core::health::Quarantine>,
+) -> usize {
+    if quarantined.is_empty() {
+        return 0;
+    }
+    let addr = |b: &BackendKey| mesh_core::health::BackendAddr {
+        ip: b.ip,
+        port: b.port,
+        protocol: b.proto,
+    };
+    let mut left_out = 0;
+    for backends in desired.services.values_mut() {
+        let (kept, out) = mesh_core::health::apply_quarantine(backends, addr, quarantined);
+        left_out += out.len();
+        *backends = kept;
+    }
+    let used: std::collections::BTreeSet<BackendKey> =
+        desired.services.values().flatten().copied().collect();
+    desired.backends.retain(|b, _| used.contains(b));
+    left_out
+}
+
 /// An entry left out of the desired state, for the "dropped entries" metric and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dropped {

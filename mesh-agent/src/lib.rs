@@ -197,6 +197,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         config::Routing::None => None,
     };
     let state = MeshState::new(settings.cluster.clone());
+    let health_config = settings.health;
     let netns = crate::datapath::NetnsScanner::new(&settings.cgroup_path);
     let mut agent = Agent {
         netns,
@@ -208,6 +209,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         state,
         reconciler: Reconciler::new(dp),
         flow_ctx,
+        health: mesh_core::health::HealthTracker::new(
+            health_config,
+            crate::datapath::boottime_ns(),
+        ),
+        quarantined: BTreeMap::new(),
         metrics,
         readiness,
         status,
@@ -228,6 +234,10 @@ struct Agent {
     netns: crate::datapath::NetnsScanner,
     /// What flow records are decorated with; rebuilt after each reconcile.
     flow_ctx: flows::SharedContext,
+    /// Passive backend health: the datapath's connect counters judged into quarantines.
+    health: mesh_core::health::HealthTracker,
+    /// The quarantines the maps were last programmed with.
+    quarantined: BTreeMap<mesh_core::health::BackendAddr, mesh_core::health::Quarantine>,
     policy: crate::policy::PolicyReconciler,
     /// CIDR identities of the prefixes policies name, stable across compiles.
     cidr: mesh_core::policy::CidrIdentities,
@@ -266,8 +276,15 @@ impl Agent {
             self.settings.resync_interval,
         );
         let mut reconnects = 0;
+        let mut health_tick = tokio::time::interval(self.settings.health_interval);
+        health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = health_tick.tick(), if self.programmed => {
+                    if self.check_health() {
+                        due.get_or_insert_with(Instant::now);
+                    }
+                }
                 _ = shutdown.cancelled() => {
                     info!("shutting down; the pinned datapath keeps serving");
                     return Ok(());
@@ -309,6 +326,98 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Feeds the datapath's connect counters to the health tracker; returns whether the set
+    /// of quarantined backends changed (a quarantine began or ended).
+    fn check_health(&mut self) -> bool {
+        let now = crate::datapath::boottime_ns();
+        let counters = match self.reconciler.maps_mut().health_counters() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "reading the backend health counters failed");
+                return false;
+            }
+        };
+        for (k, v) in counters {
+            let protocol = match k.proto {
+                6 => mesh_core::Protocol::Tcp,
+                17 => mesh_core::Protocol::Udp,
+                _ => continue,
+            };
+            let addr = mesh_core::health::BackendAddr {
+                ip: std::net::Ipv4Addr::from(u32::from_be(k.ip)).into(),
+                port: u16::from_be(k.port),
+                protocol,
+            };
+            let sample = mesh_core::health::HealthSample {
+                failures: v.failures,
+                successes: v.successes,
+                last_failure_ns: v.last_failure_ns,
+                last_success_ns: v.last_success_ns,
+            };
+            if self.health.observe(addr, sample, now) {
+                if self.health.quarantined(now).contains_key(&addr) {
+                    self.metrics.backend_quarantines.inc();
+                    warn!(backend = %addr.ip, port = addr.port, failures = v.failures,
+                        "connects to the backend failed: quarantined on this node");
+                } else {
+                    info!(backend = %addr.ip, port = addr.port, "backend healthy again");
+                }
+            }
+        }
+        let now_set = self.health.quarantined(now);
+        !now_set.keys().eq(self.quarantined.keys())
+    }
+
+    /// Writes the quarantines in force to `mesh_quarantine` (for `meshctl bpf lb list`),
+    /// the metrics and the status report.
+    fn publish_quarantines(&mut self) {
+        let now_boot = crate::datapath::boottime_ns();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut want = BTreeMap::new();
+        let mut report = Vec::new();
+        for (a, q) in &self.quarantined {
+            let std::net::IpAddr::V4(ip) = a.ip else {
+                continue;
+            };
+            let until_unix_ms = now_ms + q.until_ns.saturating_sub(now_boot) / 1_000_000;
+            let proto = match a.protocol {
+                mesh_core::Protocol::Tcp => 6,
+                mesh_core::Protocol::Udp => 17,
+                mesh_core::Protocol::Sctp => 132,
+            };
+            want.insert(
+                crate::datapath::layout::HealthKey {
+                    ip: u32::from(ip).to_be(),
+                    port: a.port.to_be(),
+                    proto,
+                    pad: 0,
+                },
+                crate::datapath::layout::QuarantineValue {
+                    until_unix_ms,
+                    failures: u32::try_from(q.failures).unwrap_or(u32::MAX),
+                    level: q.level,
+                },
+            );
+            report.push(pb::BackendQuarantine {
+                ip: ip.to_string(),
+                port: u32::from(a.port),
+                protocol: pb::Protocol::from(a.protocol).into(),
+                until_unix_ms: until_unix_ms as i64,
+                failures: q.failures,
+            });
+        }
+        if let Err(e) = self.reconciler.maps_mut().set_quarantines(&want) {
+            warn!(error = %e, "writing the quarantine map failed");
+        }
+        self.metrics.backends_quarantined.set(want.len() as i64);
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .quarantines = report;
     }
 
     /// Applies one update; returns whether a reconcile is needed.
@@ -398,6 +507,9 @@ impl Agent {
             }
             None => None,
         };
+        // Passive health: quarantined backends leave the services that have others.
+        self.quarantined = self.health.quarantined(crate::datapath::boottime_ns());
+        desired::apply_quarantine(&mut desired, &self.quarantined);
         let computed = t0.elapsed();
         self.record_dropped(&dropped);
         let flow_ctx = flows::FlowContext::build(
@@ -435,6 +547,7 @@ impl Agent {
                 error = Some(format!("maps: {e}"));
             }
         }
+        self.publish_quarantines();
         if let Some(tables) = &policy_tables
             && error.is_none()
             && let Err(e) = self.reconcile_policy(tables, &desired)

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub route_errors: Counter,
     pub status_reports: Counter,
     pub status_report_errors: Counter,
+    /// Quarantines begun (passive backend health).
+    pub backend_quarantines: Counter,
+    /// Backends quarantined on this node now.
+    pub backends_quarantined: Gauge,
 }
 
 // === impl Metrics ===
@@ -75,6 +79,8 @@ impl Metrics {
             route_errors: Counter::default(),
             status_reports: Counter::default(),
             status_report_errors: Counter::default(),
+            backend_quarantines: Counter::default(),
+            backends_quarantined: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("mesh_agent");
         r.register("map_entries", "Entries per eBPF map", m.map_entries.clone());
@@ -133,6 +139,16 @@ impl Metrics {
             "status_report_errors",
             "Status reports that failed",
             m.status_report_errors.clone(),
+        );
+        r.register(
+            "backend_quarantines",
+            "Backends quarantined on this node after failed connects (passive health)",
+            m.backend_quarantines.clone(),
+        );
+        r.register(
+            "backends_quarantined",
+            "Backends quarantined on this node now",
+            m.backends_quarantined.clone(),
         );
         m
     }

@@ -682,17 +682,17 @@ fn pinned_maps_and_links_survive_an_agent_restart() {
         &[&vip.to_string(), "20"],
     );
     assert_eq!(names(&outcomes, vip).len(), 2, "{outcomes:?}");
-    assert_eq!(attached_programs(&cgroup), 5);
+    assert_eq!(attached_programs(&cgroup), 6);
 
     // Restart: maps reused with their content, links taken over, not doubled.
     let mut dp = Datapath::open(config.clone()).unwrap();
-    assert_eq!(dp.links().len(), 5);
+    assert_eq!(dp.links().len(), 6);
     assert!(
         dp.links().iter().all(|l| l.state == LinkState::Reused),
         "{:?}",
         dp.links()
     );
-    assert_eq!(attached_programs(&cgroup), 5);
+    assert_eq!(attached_programs(&cgroup), 6);
     assert_eq!(dp.dump().unwrap(), before);
     let outcomes = Proc::client(
         &net.netns,
@@ -752,7 +752,7 @@ fn classifier_counts_flows_per_identity_pair() {
         .with_flow_iface(&va)
         .with_flow_netns(a.path());
     let mut dp = Datapath::open(config.clone()).unwrap();
-    assert_eq!(dp.links().len(), 7, "{:?}", dp.links());
+    assert_eq!(dp.links().len(), 8, "{:?}", dp.links());
 
     let value = |identity| IpcacheValue {
         identity,
@@ -1533,4 +1533,58 @@ fn flow_events_record_connections_and_drops_and_count_what_is_lost() {
     let (emitted, limited) = (c3.emitted - c2.emitted, c3.rate_limited - c2.rate_limited);
     assert_eq!(emitted + limited, 50, "{c3:?}");
     assert!(limited >= 40, "{c3:?}");
+}
+
+#[test]
+fn sock_ops_counts_failed_and_successful_connects_per_backend() {
+    require_root!();
+    let cgroup = Cgroup::new("hlth");
+    let bpffs = Bpffs::mounted();
+    let net = TwoBackends::new("hlth");
+    let mut dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
+    let (frontend, vip) = tcp_frontend();
+    // Backend A answers; 10.0.1.3 is an address of the namespace with no listener: refused.
+    net.netns.ip(&["addr", "add", "10.0.1.3/32", "dev", "lo"]);
+    program_service(&mut dp, frontend, &[(1, BACKEND_A, 8080)]);
+    let connect = |n: &str| {
+        Proc::client(
+            &net.netns,
+            Some(&cgroup),
+            "tcp-client",
+            &[&vip.to_string(), n],
+        )
+    };
+    assert!(connect("4").iter().all(|o| matches!(o, Outcome::Ok { .. })));
+    program_service(&mut dp, frontend, &[(2, Ipv4Addr::new(10, 0, 1, 3), 8080)]);
+    assert!(
+        connect("3")
+            .iter()
+            .all(|o| matches!(o, Outcome::Err { .. }))
+    );
+    // A direct connect (not translated by socket LB) is not a backend's health.
+    let direct = Proc::client(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &["10.0.1.3:8080", "2"],
+    );
+    assert!(direct.iter().all(|o| matches!(o, Outcome::Err { .. })));
+    let counters: std::collections::BTreeMap<(Ipv4Addr, u16), (u64, u64)> = dp
+        .health_counters()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                (Ipv4Addr::from(u32::from_be(k.ip)), u16::from_be(k.port)),
+                (v.successes, v.failures),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counters,
+        std::collections::BTreeMap::from([
+            ((BACKEND_A, 8080), (4, 0)),
+            ((Ipv4Addr::new(10, 0, 1, 3), 8080), (0, 3)),
+        ])
+    );
 }

@@ -7,6 +7,7 @@ pub mod annotations;
 pub mod backoff;
 pub mod cidr;
 pub mod duration;
+pub mod health;
 pub mod identity;
 pub mod model;
 pub mod names;

@@ -14,9 +14,10 @@ use crate::sys::{
     BPF_MAP_TYPE_RINGBUF, MapShape,
 };
 use crate::{
-    MAP_BACKENDS, MAP_EVENT_CONFIG, MAP_EVENT_SEEN, MAP_EVENT_STATS, MAP_EVENTS, MAP_FLOWS,
-    MAP_IPCACHE, MAP_POLICY, MAP_POLICY_COUNTERS, MAP_POLICY_ENDPOINTS, MAP_POLICY_NETNS,
-    MAP_POLICY_REPLIES, MAP_POLICY_RULES, MAP_REV_NAT, MAP_SERVICES,
+    MAP_BACKEND_HEALTH, MAP_BACKENDS, MAP_EVENT_CONFIG, MAP_EVENT_SEEN, MAP_EVENT_STATS,
+    MAP_EVENTS, MAP_FLOWS, MAP_IPCACHE, MAP_POLICY, MAP_POLICY_COUNTERS, MAP_POLICY_ENDPOINTS,
+    MAP_POLICY_NETNS, MAP_POLICY_REPLIES, MAP_POLICY_RULES, MAP_QUARANTINE, MAP_REV_NAT,
+    MAP_SERVICES,
 };
 
 /// Reserved identity of addresses the ipcache does not know.
@@ -38,6 +39,8 @@ pub const POLICY_RULES_MAX: u32 = 65_536;
 /// Flow events (`MESH_EVENTS_RING_BYTES`, `MESH_EVENT_SEEN_MAX`).
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 pub const EVENT_SEEN_MAX: u32 = 65_536;
+/// `MESH_HEALTH_MAX`: backends tracked for passive health.
+pub const HEALTH_MAX: u32 = 65_536;
 /// `mesh_flow_event.verdict`.
 pub const EVENT_FORWARDED: u8 = 1;
 pub const EVENT_DROPPED: u8 = 2;
@@ -318,6 +321,35 @@ pub struct EventSeenKey {
     pub pad: u8,
 }
 
+/// `struct mesh_health_key`: a backend address (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HealthKey {
+    pub ip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct mesh_health_value`: the datapath's connect counters of a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HealthValue {
+    pub last_failure_ns: u64,
+    pub last_success_ns: u64,
+    pub failures: u64,
+    pub successes: u64,
+}
+
+/// `struct mesh_quarantine_value`: a quarantine the agent put a backend in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuarantineValue {
+    pub until_unix_ms: u64,
+    pub failures: u32,
+    pub level: u32,
+}
+
 /// `struct mesh_policy_rule_name`: NUL-padded UTF-8.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,7 +389,7 @@ impl PolicyRuleName {
 
 /// Every map of bpf/mesh.h with the type, sizes and flags its definition
 /// gives it: what a pinned map must be for this build to use it.
-pub fn expected_shapes() -> [(&'static str, MapShape); 15] {
+pub fn expected_shapes() -> [(&'static str, MapShape); 17] {
     let shape = |map_type, key: usize, value: usize, max_entries, map_flags| MapShape {
         map_type,
         key_size: key as u32,
@@ -510,6 +542,26 @@ pub fn expected_shapes() -> [(&'static str, MapShape); 15] {
                 0,
             ),
         ),
+        (
+            MAP_BACKEND_HEALTH,
+            shape(
+                BPF_MAP_TYPE_LRU_HASH,
+                size_of::<HealthKey>(),
+                size_of::<HealthValue>(),
+                HEALTH_MAX,
+                0,
+            ),
+        ),
+        (
+            MAP_QUARANTINE,
+            shape(
+                BPF_MAP_TYPE_HASH,
+                size_of::<HealthKey>(),
+                size_of::<QuarantineValue>(),
+                HEALTH_MAX,
+                BPF_F_NO_PREALLOC,
+            ),
+        ),
     ]
 }
 
@@ -542,6 +594,9 @@ mod pod {
     unsafe impl aya::Pod for EventConfig {}
     unsafe impl aya::Pod for EventStats {}
     unsafe impl aya::Pod for EventSeenKey {}
+    unsafe impl aya::Pod for HealthKey {}
+    unsafe impl aya::Pod for HealthValue {}
+    unsafe impl aya::Pod for QuarantineValue {}
 }
 
 /// (C struct name, size, [(field, offset)]) of every mirrored struct, for the
@@ -590,6 +645,9 @@ fn layouts() -> Layout {
         EventConfig => "mesh_event_config" { rate, burst },
         EventStats => "mesh_event_stats" { emitted, lost_ring_full, rate_limited, tokens, last_ns },
         EventSeenKey => "mesh_event_seen_key" { cookie, remote_ip, remote_port, direction, pad },
+        HealthKey => "mesh_health_key" { ip, port, proto, pad },
+        HealthValue => "mesh_health_value" { last_failure_ns, last_success_ns, failures, successes },
+        QuarantineValue => "mesh_quarantine_value" { until_unix_ms, failures, level },
     }
 }
 
@@ -768,6 +826,26 @@ mod tests {
                     ("pad", 15),
                 ],
             ),
+            (
+                "mesh_health_key",
+                8,
+                vec![("ip", 0), ("port", 4), ("proto", 6), ("pad", 7)],
+            ),
+            (
+                "mesh_health_value",
+                32,
+                vec![
+                    ("last_failure_ns", 0),
+                    ("last_success_ns", 8),
+                    ("failures", 16),
+                    ("successes", 24),
+                ],
+            ),
+            (
+                "mesh_quarantine_value",
+                16,
+                vec![("until_unix_ms", 0), ("failures", 8), ("level", 12)],
+            ),
         ];
         assert_eq!(layouts(), expected);
         // aya's LPM key type must have the layout of mesh_ipcache_key.
@@ -827,6 +905,7 @@ mod tests {
             ("MESH_POLICY_RULE_NAME_LEN", POLICY_RULE_NAME_LEN as u32),
             ("MESH_EVENTS_RING_BYTES", EVENTS_RING_BYTES),
             ("MESH_EVENT_SEEN_MAX", EVENT_SEEN_MAX),
+            ("MESH_HEALTH_MAX", HEALTH_MAX),
             ("MESH_EVENT_FORWARDED", EVENT_FORWARDED.into()),
             ("MESH_EVENT_DROPPED", EVENT_DROPPED.into()),
             ("MESH_DROP_NONE", DROP_NONE.into()),

@@ -25,7 +25,8 @@ pub mod sys;
 mod types;
 
 pub use pinned::{
-    BATCH_CHUNK, Error, LbMaps, LbRawMaps, PinnedMaps, Result, open_pinned_readonly, sum_flows,
+    BATCH_CHUNK, Error, LbMaps, LbRawMaps, PinnedMaps, QuarantinedBackend, Result,
+    open_pinned_readonly, read_quarantines, sum_flows,
 };
 pub use types::{
     BackendValue, DatapathDump, FlowCounters, IdentityPair, IpcacheValue, PROTO_TCP, PROTO_UDP,
@@ -49,3 +50,5 @@ pub const MAP_EVENTS: &str = "mesh_events";
 pub const MAP_EVENT_CONFIG: &str = "mesh_event_config";
 pub const MAP_EVENT_STATS: &str = "mesh_event_stats";
 pub const MAP_EVENT_SEEN: &str = "mesh_event_seen";
+pub const MAP_BACKEND_HEALTH: &str = "mesh_backend_health";
+pub const MAP_QUARANTINE: &str = "mesh_quarantine";

@@ -2,7 +2,7 @@
 //! backend and ipcache maps (shared by the agent's `Datapath` and the
 //! read-only [`PinnedMaps`]) and the flow counters.
 
-use std::{collections::BTreeMap, io, path::Path, path::PathBuf};
+use std::{collections::BTreeMap, io, net::Ipv4Addr, path::Path, path::PathBuf};
 
 use aya::maps::{HashMap, LpmTrie, MapData, MapError, PerCpuHashMap};
 use ipnet::{IpNet, Ipv4Net};
@@ -171,6 +171,42 @@ pub(crate) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> Error {
 pub struct PinnedMaps {
     pub(crate) lb: LbMaps,
     pub(crate) flows: PerCpuHashMap<MapData, layout::FlowKey, layout::FlowValue>,
+    /// `None` when the node's agent predates passive health.
+    pub(crate) quarantine:
+        Option<aya::maps::HashMap<MapData, layout::HealthKey, layout::QuarantineValue>>,
+}
+
+/// A backend the node's agent quarantined (passive health).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QuarantinedBackend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub until_unix_ms: u64,
+    pub failures: u32,
+    pub level: u32,
+}
+
+/// The quarantines of a `mesh_quarantine` map, by address.
+pub fn read_quarantines(
+    map: &aya::maps::HashMap<MapData, layout::HealthKey, layout::QuarantineValue>,
+) -> Result<Vec<QuarantinedBackend>> {
+    let mut out = map
+        .iter()
+        .map(|r| {
+            r.map(|(k, v)| QuarantinedBackend {
+                ip: crate::types::ip_from_raw(k.ip),
+                port: u16::from_be(k.port),
+                proto: k.proto,
+                until_unix_ms: v.until_unix_ms,
+                failures: v.failures,
+                level: v.level,
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(map_err(crate::MAP_QUARANTINE))?;
+    out.sort();
+    Ok(out)
 }
 
 impl std::fmt::Debug for PinnedMaps {
@@ -220,7 +256,13 @@ pub fn open_pinned_readonly(pin_dir: &Path) -> Result<PinnedMaps> {
         ipcache: open(MAP_IPCACHE)?,
     };
     let flows_raw = open(MAP_FLOWS)?;
+    let quarantine = match open(crate::MAP_QUARANTINE) {
+        Ok(raw) => Some(typed(&raw)?),
+        Err(Error::PinDir { source, .. }) if source.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
     Ok(PinnedMaps {
+        quarantine,
         lb: LbMaps {
             services: typed(&raw.services)?,
             backends: typed(&raw.backends)?,
@@ -242,5 +284,14 @@ impl PinnedMaps {
     /// Flow counters per identity pair, summed over CPUs.
     pub fn flows(&self) -> Result<BTreeMap<IdentityPair, FlowCounters>> {
         sum_flows(&self.flows)
+    }
+
+    /// The backends the node's agent quarantined (empty for an agent without passive
+    /// health).
+    pub fn quarantines(&self) -> Result<Vec<QuarantinedBackend>> {
+        match &self.quarantine {
+            Some(m) => read_quarantines(m),
+            None => Ok(Vec::new()),
+        }
     }
 }

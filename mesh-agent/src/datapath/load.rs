@@ -14,7 +14,7 @@ use aya::{
     maps::MapError,
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, ProgramError,
-        SchedClassifier, links::FdLink, tc::TcAttachOptions,
+        SchedClassifier, SockOps, links::FdLink, tc::TcAttachOptions,
     },
 };
 use mesh_maps::{
@@ -56,6 +56,10 @@ impl Datapath {
         // Only the programs use its content; held so its fd stays valid
         // until the programs are loaded.
         let rev_nat = take_map(&mut sock_lb, MAP_REV_NAT)?;
+        let health = health::HealthMaps {
+            counters: take_map(&mut sock_lb, mesh_maps::MAP_BACKEND_HEALTH)?,
+            quarantine: take_map(&mut sock_lb, mesh_maps::MAP_QUARANTINE)?,
+        };
         let events = EventMaps::new(
             take_map(&mut sock_lb, mesh_maps::MAP_EVENTS)?,
             take_map(&mut sock_lb, mesh_maps::MAP_EVENT_CONFIG)?,
@@ -74,69 +78,38 @@ impl Datapath {
                 source,
             })?
             .ino();
+        let cg = CgroupTarget {
+            file: &cgroup,
+            id: cgroup_id,
+            links_dir: &links_dir,
+        };
         for &(name, attach_type) in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = sock_lb
-                .program_mut(name)
-                .ok_or(Error::MissingProgram {
-                    object: "sock_lb.bpf.o",
-                    program: name,
-                })?
-                .try_into()
-                .map_err(program_err(name))?;
-            prog.load().map_err(program_err(name))?;
-            let prog_fd = program_fd(name, prog.fd())?;
-            let pin = links_dir.join(name);
-            let expect = ExpectedLink {
-                link_type: bpf::BPF_LINK_TYPE_CGROUP,
-                target: cgroup_id,
-                attach_type,
-            };
-            let state = ensure_link(&pin, &prog_fd, expect, || {
-                let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
+            let prog: &mut CgroupSockAddr = program(&mut sock_lb, name)?;
+            links.push(cg.attach(name, attach_type, prog, |p, file| {
+                let id = p
+                    .attach(file, CgroupAttachMode::Single)
                     .map_err(program_err(name))?;
-                let link = prog.take_link(id).map_err(program_err(name))?;
-                FdLink::try_from(link).map_err(|source| Error::LinkFd {
-                    program: name,
-                    source,
-                })
-            })?;
-            links.push(LinkStatus { name, pin, state });
+                fd_link(name, p.take_link(id).map_err(program_err(name))?)
+            })?);
         }
-        {
-            let name = POLICY_INGRESS_PROGRAM;
-            let prog: &mut CgroupSkb = sock_lb
-                .program_mut(name)
-                .ok_or(Error::MissingProgram {
-                    object: "sock_lb.bpf.o",
-                    program: name,
-                })?
-                .try_into()
-                .map_err(program_err(name))?;
-            prog.load().map_err(program_err(name))?;
-            let prog_fd = program_fd(name, prog.fd())?;
-            let pin = links_dir.join(name);
-            let expect = ExpectedLink {
-                link_type: bpf::BPF_LINK_TYPE_CGROUP,
-                target: cgroup_id,
-                attach_type: bpf::BPF_CGROUP_INET_INGRESS,
-            };
-            let state = ensure_link(&pin, &prog_fd, expect, || {
-                let id = prog
-                    .attach(
-                        &cgroup,
-                        CgroupSkbAttachType::Ingress,
-                        CgroupAttachMode::Single,
-                    )
+        let name = POLICY_INGRESS_PROGRAM;
+        let prog: &mut CgroupSkb = program(&mut sock_lb, name)?;
+        links.push(
+            cg.attach(name, bpf::BPF_CGROUP_INET_INGRESS, prog, |p, file| {
+                let id = p
+                    .attach(file, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
                     .map_err(program_err(name))?;
-                let link = prog.take_link(id).map_err(program_err(name))?;
-                FdLink::try_from(link).map_err(|source| Error::LinkFd {
-                    program: name,
-                    source,
-                })
-            })?;
-            links.push(LinkStatus { name, pin, state });
-        }
+                fd_link(name, p.take_link(id).map_err(program_err(name))?)
+            })?,
+        );
+        let name = SOCK_OPS_PROGRAM;
+        let prog: &mut SockOps = program(&mut sock_lb, name)?;
+        links.push(cg.attach(name, bpf::BPF_CGROUP_SOCK_OPS, prog, |p, file| {
+            let id = p
+                .attach(file, CgroupAttachMode::Single)
+                .map_err(program_err(name))?;
+            fd_link(name, p.take_link(id).map_err(program_err(name))?)
+        })?);
 
         let mut objects = Vec::new();
         match &flow_iface {
@@ -181,6 +154,7 @@ impl Datapath {
             flows,
             policy,
             events: Some(events),
+            health,
             _rev_nat: rev_nat,
             batch: BatchSupport {
                 services: true,
@@ -211,6 +185,78 @@ impl Datapath {
     /// maps pinned, so sockets keep being load balanced with the current maps.
     pub fn close(self) {}
 }
+
+/// The cgroup every cgroup program of sock_lb.bpf.o attaches to.
+struct CgroupTarget<'a> {
+    file: &'a fs::File,
+    id: u64,
+    links_dir: &'a Path,
+}
+
+impl CgroupTarget<'_> {
+    /// Loads `prog` and takes over its pinned link on the cgroup, or attaches it with
+    /// `attach` and pins the new link.
+    fn attach<T: LoadableProgram>(
+        &self,
+        name: &'static str,
+        attach_type: u32,
+        prog: &mut T,
+        attach: impl FnOnce(&mut T, &fs::File) -> Result<FdLink>,
+    ) -> Result<LinkStatus> {
+        prog.load_program().map_err(program_err(name))?;
+        let prog_fd = program_fd(name, prog.program_fd())?;
+        let pin = self.links_dir.join(name);
+        let expect = ExpectedLink {
+            link_type: bpf::BPF_LINK_TYPE_CGROUP,
+            target: self.id,
+            attach_type,
+        };
+        let state = ensure_link(&pin, &prog_fd, expect, || attach(prog, self.file))?;
+        Ok(LinkStatus { name, pin, state })
+    }
+}
+
+/// The pinnable form of a cgroup program's link.
+fn fd_link<L>(program: &'static str, link: L) -> Result<FdLink>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|source| Error::LinkFd { program, source })
+}
+
+/// Loads `name` of `ebpf` as a `T` program.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram {
+            object: "sock_lb.bpf.o",
+            program: name,
+        })?
+        .try_into()
+        .map_err(program_err(name))
+}
+
+/// The cgroup program types sock_lb.bpf.o attaches: load and fd, uniformly.
+trait LoadableProgram {
+    fn load_program(&mut self) -> std::result::Result<(), ProgramError>;
+    fn program_fd(&self) -> std::result::Result<&aya::programs::ProgramFd, ProgramError>;
+}
+
+macro_rules! loadable {
+    ($($t:ty),*) => {$(
+        impl LoadableProgram for $t {
+            fn load_program(&mut self) -> std::result::Result<(), ProgramError> {
+                self.load()
+            }
+            fn program_fd(&self) -> std::result::Result<&aya::programs::ProgramFd, ProgramError> {
+                self.fd()
+            }
+        }
+    )*};
+}
+loadable!(CgroupSockAddr, CgroupSkb, SockOps);
 
 /// Loads the classifier and attaches it at TCX ingress and egress of `iface`
 /// (in the calling thread's network namespace), reusing pinned links.

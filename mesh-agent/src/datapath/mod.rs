@@ -8,7 +8,8 @@
 //! <pin_dir>/links/mesh_connect4, mesh_sendmsg4, mesh_recvmsg4, mesh_getpeername4
 //! <pin_dir>/maps/mesh_policy_endpoints, mesh_policy, mesh_policy_netns, mesh_policy_replies,
 //!                mesh_policy_counters, mesh_policy_rules
-//! <pin_dir>/links/mesh_policy_ingress
+//! <pin_dir>/links/mesh_policy_ingress, mesh_sock_ops
+//! <pin_dir>/maps/mesh_backend_health, mesh_quarantine
 //! <pin_dir>/maps/mesh_events, mesh_event_config, mesh_event_stats, mesh_event_seen
 //! <pin_dir>/links/mesh_flows_tc_ingress, mesh_flows_tc_egress
 //! ```
@@ -27,6 +28,7 @@
 //! syscalls other than bpf(2)).
 
 mod events;
+mod health;
 mod load;
 mod maps;
 mod netns;
@@ -67,6 +69,8 @@ const SOCK_PROGRAMS: &[(&str, u32)] = &[
 ];
 /// The cgroup_skb program of ingress policy (sock_lb.bpf.c), on the same cgroup.
 const POLICY_INGRESS_PROGRAM: &str = "mesh_policy_ingress";
+/// The cgroup sock_ops program of passive backend health (sock_lb.bpf.c).
+const SOCK_OPS_PROGRAM: &str = "mesh_sock_ops";
 const FLOWS_PROGRAM: &str = "mesh_flows_tc";
 const FLOWS_LINKS: &[(&str, TcAttachType, u32)] = &[
     (
@@ -257,6 +261,8 @@ pub struct Datapath {
     policy: mesh_maps::policy::PolicyMaps,
     /// The flow-event maps, until [`Datapath::take_events`].
     events: Option<EventMaps>,
+    /// Passive backend health: the datapath's counters and the agent's quarantines.
+    health: health::HealthMaps,
     _rev_nat: HashMap<MapData, layout::RevNatKey, layout::RevNatValue>,
     batch: BatchSupport,
     links: Vec<LinkStatus>,
