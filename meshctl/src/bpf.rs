@@ -127,7 +127,9 @@ pub enum IpcacheCommand {
 pub fn run(cmd: BpfCommand) -> anyhow::Result<()> {
     match cmd {
         BpfCommand::Lb(LbCommand::List(p)) => {
-            let rows = lb_rows(&p.open()?.dump()?);
+            let maps = p.open()?;
+            let mut rows = lb_rows(&maps.dump()?);
+            rows.extend(quarantine_rows(&maps.quarantines()?));
             emit(p.output, &rows, || {
                 let cells: Vec<Vec<String>> = rows
                     .iter()
@@ -229,6 +231,9 @@ pub struct LbRow {
     /// The backend's cluster (its ClusterId: the maps hold no names, and reading them from
     /// an apiserver would make this command need one).
     pub cluster_id: Option<u16>,
+    /// Set on the rows of quarantined backends (passive health).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined_until_unix_ms: Option<u64>,
 }
 
 /// One row per service slot: the master entry (with its count, or "refused" when 0), then
@@ -250,6 +255,7 @@ pub fn lb_rows(dump: &DatapathDump) -> Vec<LbRow> {
                     slot: 0,
                     backend_id: None,
                     cluster_id: None,
+                    quarantined_until_unix_ms: None,
                 };
             }
             let backend = match dump.backends.get(&v.backend_id) {
@@ -262,9 +268,40 @@ pub fn lb_rows(dump: &DatapathDump) -> Vec<LbRow> {
                 slot: k.slot,
                 backend_id: Some(v.backend_id),
                 cluster_id: dump.backends.get(&v.backend_id).map(|b| b.cluster_id),
+                quarantined_until_unix_ms: None,
             }
         })
         .collect()
+}
+
+/// One row per backend the node's agent quarantined (passive health): out of every
+/// service slot until `quarantined_until_unix_ms`.
+pub fn quarantine_rows(q: &[mesh_maps::QuarantinedBackend]) -> Vec<LbRow> {
+    q.iter()
+        .map(|b| {
+            let until = chrono_like_utc(b.until_unix_ms);
+            LbRow {
+                service: "(quarantined on this node)".into(),
+                backend: format!(
+                    "{}:{}/{} until {until} ({} failed connects)",
+                    b.ip,
+                    b.port,
+                    proto_name(b.proto),
+                    b.failures
+                ),
+                slot: 0,
+                backend_id: None,
+                cluster_id: None,
+                quarantined_until_unix_ms: Some(b.until_unix_ms),
+            }
+        })
+        .collect()
+}
+
+/// `HH:MM:SSZ` of a Unix time in milliseconds (UTC).
+fn chrono_like_utc(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{:02}:{:02}:{:02}Z", (s / 3600) % 24, (s / 60) % 60, s % 60)
 }
 
 #[derive(Serialize, Debug)]
@@ -475,4 +512,33 @@ fn policy_table(rows: &[PolicyRow]) -> String {
         ],
         &cells,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarantined_backends_are_listed_with_their_end_and_failures() {
+        let rows = quarantine_rows(&[mesh_maps::QuarantinedBackend {
+            ip: Ipv4Addr::new(10, 1, 1, 11),
+            port: 8080,
+            proto: PROTO_TCP,
+            // 1970-01-02 03:04:05 UTC
+            until_unix_ms: ((24 + 3) * 3600 + 4 * 60 + 5) * 1000,
+            failures: 3,
+            level: 1,
+        }]);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].service, "(quarantined on this node)");
+        assert_eq!(
+            rows[0].backend,
+            "10.1.1.11:8080/TCP until 03:04:05Z (3 failed connects)"
+        );
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        assert_eq!(json["quarantined_until_unix_ms"], 97_445_000);
+        // Slot rows do not carry the field.
+        let dump = DatapathDump::default();
+        assert!(lb_rows(&dump).is_empty());
+    }
 }
