@@ -57,15 +57,20 @@ require_docker_engine() {
 }
 
 # Puts meshctl on PATH: $MESHCTL, then PATH, then the copy up.sh made under the state
-# directory, then (when MESHCTL_FROM=cargo) this repository's cargo build, else the `meshctl`
-# target of images/Dockerfile, copied out of the image (needs only Docker).
+# directory if it was built from this source (meshctl.tag = image_tag; a copy from older
+# sources is rebuilt, as the images are), then (when MESHCTL_FROM=cargo) this repository's
+# cargo build, else the `meshctl` target of images/Dockerfile, copied out of the image (needs
+# only Docker).
 find_meshctl() {
-  local problem
+  local problem tag
   if [ -n "${MESHCTL:-}" ]; then
     [ -x "$MESHCTL" ] || die "MESHCTL=$MESHCTL is not an executable"
     PATH="$(cd "$(dirname "$MESHCTL")" && pwd):$PATH"
   elif ! command -v meshctl >/dev/null 2>&1; then
-    if [ -x "$STATE/bin/meshctl" ]; then
+    # Without a tag (no git), a copy that exists is used as it is.
+    tag=$(image_tag "$ROOT" 2>/dev/null) || tag=""
+    if [ -x "$STATE/bin/meshctl" ] &&
+      { [ -z "$tag" ] || [ "$(cat "$STATE/bin/meshctl.tag" 2>/dev/null)" = "$tag" ]; }; then
       PATH="$STATE/bin:$PATH"
     elif [ "${MESHCTL_FROM:-docker}" = cargo ]; then
       require cargo
@@ -115,6 +120,7 @@ meshctl_from_image() { # meshctl_from_image DIR
   chmod 0755 "$dir/meshctl"
   "$dir/meshctl" --version >/dev/null 2>&1 ||
     die "$dir/meshctl (built for the Docker engine's architecture) does not run on this host; install meshctl another way (MESHCTL_FROM=cargo, or MESHCTL=PATH)"
+  echo "${image##*:}" >"$dir/meshctl.tag"
 }
 
 # === image tags by content ===

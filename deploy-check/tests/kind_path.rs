@@ -254,6 +254,82 @@ fn meshctl_is_an_image_target_up_sh_copies_out() {
     }
 }
 
+/// Runs find_meshctl, then `meshctl`, with a stand-in docker whose `meshctl` image holds a
+/// script printing VERSION, the state directory STATE and no other meshctl on PATH.
+fn find_meshctl_with(state: &Path, version: &str) -> (Output, Vec<String>) {
+    let bin = state.join("fake-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let docker = bin.join("docker");
+    std::fs::write(
+        &docker,
+        format!(
+            r#"#!/usr/bin/env bash
+set -euo pipefail
+echo "docker $*" >>"$MESH_KIND_STATE/calls"
+case $1 in
+  info | build | rm) ;;
+  create) echo cid1 ;;
+  cp) printf '#!/bin/sh\necho {version}\n' >"$3" ;;
+  *) exit 2 ;;
+esac
+"#
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&docker)
+        .status()
+        .unwrap();
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let out = lib_sh(
+        "find_meshctl; meshctl",
+        &[
+            ("PATH", path.as_str()),
+            ("MESH_KIND_STATE", state.to_str().unwrap()),
+            ("MESH_IMAGE_TAG", "t2"),
+        ],
+    );
+    let calls = std::fs::read_to_string(state.join("calls")).unwrap_or_default();
+    std::fs::remove_file(state.join("calls")).ok();
+    (out, calls.lines().map(str::to_owned).collect())
+}
+
+#[test]
+fn meshctl_copied_from_older_sources_is_rebuilt() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A copy left by an earlier up.sh, from other sources (tag t1).
+    std::fs::write(dir.join("meshctl"), "#!/bin/sh\necho old\n").unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(dir.join("meshctl"))
+        .status()
+        .unwrap();
+    std::fs::write(dir.join("meshctl.tag"), "t1\n").unwrap();
+
+    let (out, calls) = find_meshctl_with(state.path(), "new");
+    let text = ok("find_meshctl", out);
+    assert_eq!(text.lines().last(), Some("new"), "{text}");
+    assert!(
+        calls.iter().any(|c| c.starts_with("docker build ")
+            && c.contains("--target meshctl --tag localhost/mesh-meshctl:t2 ")),
+        "{calls:#?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("meshctl.tag")).unwrap(),
+        "t2\n"
+    );
+    // Same sources again: the copy is used, nothing is built.
+    let (out, calls) = find_meshctl_with(state.path(), "newer");
+    assert_eq!(ok("find_meshctl", out).lines().last(), Some("new"));
+    assert!(
+        !calls.iter().any(|c| c.starts_with("docker build ")),
+        "{calls:#?}"
+    );
+}
+
 #[test]
 fn builds_do_not_assume_x86_64() {
     // bpf/ is compiled with the target's multiarch headers, not x86_64's.
