@@ -17,6 +17,7 @@ fn main() -> anyhow::Result<()> {
     let bpf_dir = manifest.join("..").join("bpf");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
+    let arch_include = arch_include()?;
 
     println!("cargo:rerun-if-env-changed=CLANG");
     for header in ["mesh.h", "policy.h"] {
@@ -29,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         compile(
             &clang,
             &bpf_dir,
+            &arch_include,
             &src,
             &out_dir.join(format!("{name}.bpf.o")),
         )?;
@@ -36,11 +38,35 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn compile(clang: &str, include: &Path, src: &Path, out: &Path) -> anyhow::Result<()> {
+/// The multiarch include directory of the target (Debian's `/usr/include/<triplet>`), where
+/// the kernel's `asm/` headers live: `-target bpf` has no architecture of its own, so
+/// `linux/types.h` finds `asm/types.h` only there. The target's, not the host's: x86_64 and
+/// aarch64 (amd64 and arm64 images) are the two the images are built for.
+fn arch_include() -> anyhow::Result<PathBuf> {
+    let arch = env::var("CARGO_CFG_TARGET_ARCH")?;
+    let dir = PathBuf::from(format!("/usr/include/{arch}-linux-gnu"));
+    if !dir.join("asm").join("types.h").is_file() {
+        bail!(
+            "{}/asm/types.h not found: the eBPF programs need the kernel headers of the \
+             target architecture ({arch}); install linux-libc-dev (libc6-dev and libbpf-dev \
+             depend on it)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn compile(
+    clang: &str,
+    include: &Path,
+    arch_include: &Path,
+    src: &Path,
+    out: &Path,
+) -> anyhow::Result<()> {
     let output = Command::new(clang)
         .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
         .arg(format!("-I{}", include.display()))
-        .arg("-I/usr/include/x86_64-linux-gnu")
+        .arg(format!("-I{}", arch_include.display()))
         .arg("-c")
         .arg(src)
         .arg("-o")

@@ -57,17 +57,24 @@ require_docker_engine() {
 }
 
 # Puts meshctl on PATH: $MESHCTL, then PATH, then the copy up.sh made under the state
-# directory, then (when MESHCTL_FROM=cargo) this repository's cargo build, else the `meshctl`
-# target of images/Dockerfile, copied out of the image (needs only Docker).
+# directory if it was built from this source (meshctl.tag = image_tag; a copy from older
+# sources is rebuilt, as the images are), then (when MESHCTL_FROM=cargo) this repository's
+# cargo build, else the `meshctl` target of images/Dockerfile, copied out of the image (needs
+# only Docker).
 find_meshctl() {
+  local problem tag
   if [ -n "${MESHCTL:-}" ]; then
     [ -x "$MESHCTL" ] || die "MESHCTL=$MESHCTL is not an executable"
     PATH="$(cd "$(dirname "$MESHCTL")" && pwd):$PATH"
   elif ! command -v meshctl >/dev/null 2>&1; then
-    if [ -x "$STATE/bin/meshctl" ]; then
+    # Without a tag (no git), a copy that exists is used as it is.
+    tag=$(image_tag "$ROOT" 2>/dev/null) || tag=""
+    if [ -x "$STATE/bin/meshctl" ] &&
+      { [ -z "$tag" ] || [ "$(cat "$STATE/bin/meshctl.tag" 2>/dev/null)" = "$tag" ]; }; then
       PATH="$STATE/bin:$PATH"
     elif [ "${MESHCTL_FROM:-docker}" = cargo ]; then
       require cargo
+      problem=$(protoc_problem "${PROTOC:-protoc}") || die "$problem"
       say "Building meshctl with cargo (MESHCTL_FROM=cargo)"
       run cargo build --quiet --manifest-path "$ROOT/Cargo.toml" --bin meshctl
       PATH="$ROOT/target/debug:$PATH"
@@ -80,9 +87,26 @@ find_meshctl() {
   require meshctl
 }
 
+# meshctl's build (mesh-proto's build.rs) runs protoc on proto/, which imports the
+# well-known google/protobuf/*.proto: Debian's protobuf-compiler brings protoc, and only
+# libprotobuf-dev brings those files. The Docker build has both (the toolchain stage).
+protoc_problem() { # protoc_problem PROTOC
+  local include
+  if ! command -v "$1" >/dev/null 2>&1; then
+    echo "MESHCTL_FROM=cargo: $1 not found: meshctl's build runs protoc (mesh-proto's build.rs). Install protobuf-compiler and libprotobuf-dev (scripts/setup.sh), or unset MESHCTL_FROM to build meshctl in Docker"
+    return 1
+  fi
+  # protoc finds the well-known protos next to itself (<prefix>/include) or under /usr/include.
+  include=$(dirname "$(dirname "$(command -v "$1")")")/include
+  if [ ! -f "$include/google/protobuf/timestamp.proto" ] && [ ! -f /usr/include/google/protobuf/timestamp.proto ]; then
+    echo "MESHCTL_FROM=cargo: protoc has no well-known protos (google/protobuf/timestamp.proto under $include or /usr/include): install libprotobuf-dev (scripts/setup.sh), or unset MESHCTL_FROM to build meshctl in Docker"
+    return 1
+  fi
+}
+
 # Builds images/Dockerfile's `meshctl` target and copies the binary out of it with docker
-# create + docker cp (nothing runs: the image has no shell). The binary is linked against
-# glibc >= 2.36 (Debian bookworm's): no musl target is installed in the build image.
+# create + docker cp (nothing runs: the image has no shell). The binary is static (musl,
+# for the engine's architecture), so it runs on any Linux host of that architecture.
 meshctl_from_image() { # meshctl_from_image DIR
   local dir=$1 image cid
   image="$MESHCTL_IMAGE_REPO:$(image_tag "$ROOT")" || exit 1
@@ -95,7 +119,8 @@ meshctl_from_image() { # meshctl_from_image DIR
   docker rm "$cid" >/dev/null
   chmod 0755 "$dir/meshctl"
   "$dir/meshctl" --version >/dev/null 2>&1 ||
-    die "$dir/meshctl does not run on this host (it needs glibc >= 2.36); install meshctl another way (MESHCTL_FROM=cargo, or MESHCTL=PATH)"
+    die "$dir/meshctl (built for the Docker engine's architecture) does not run on this host; install meshctl another way (MESHCTL_FROM=cargo, or MESHCTL=PATH)"
+  echo "${image##*:}" >"$dir/meshctl.tag"
 }
 
 # === image tags by content ===
@@ -161,51 +186,116 @@ pod_cidr() { # pod_cidr CLUSTER
   echo "$cidr"
 }
 
-# Every (cluster, own pod CIDR, peer pod CIDR) whose traffic must keep its pod source
-# address: one line per ordered pair of distinct clusters.
-nomasq_pairs() {
-  local c p
+# Every cluster's pod CIDR, comma-separated, in CLUSTERS order: the value up.sh gives
+# kindnet's POD_SUBNET in every cluster.
+all_pod_cidrs() {
+  local c cidr list=()
   for c in "${CLUSTERS[@]}"; do
-    for p in "${CLUSTERS[@]}"; do
-      [ "$c" = "$p" ] || echo "$c $(pod_cidr "$c") $(pod_cidr "$p")"
-    done
+    cidr=$(pod_cidr "$c") || exit 1
+    list+=("$cidr")
   done
+  (IFS=,; echo "${list[*]}")
 }
 
-# kindnet (kind's in-tree kindnetd, iptables) masquerades whatever leaves its own POD_SUBNET
-# through its KIND-MASQ-AGENT chain, which it appends to nat POSTROUTING; it has no setting
-# for more non-masquerade CIDRs. A RETURN inserted first in POSTROUTING keeps cross-cluster
-# pod traffic's source address (identities are by pod IP). Checked with -C first, so reruns
-# add nothing; lost when a node container restarts (rerun up.sh).
+# kind's kindnetd (iptables, the pinned kind v0.29 / kindest/node v1.33.1) reads POD_SUBNET
+# as a comma-separated list and keeps the source address of traffic to each of them: one
+# `-d CIDR -j RETURN` per entry in its nat chain KIND-MASQ-AGENT, then `-j MASQUERADE` for
+# everything else. Its rules are added with "append unless present" and the chain is never
+# flushed, so a CIDR added to a running cluster lands *after* the MASQUERADE rule and is
+# never reached. This reads `iptables -t nat -S KIND-MASQ-AGENT` and names every CIDR of
+# CIDRS (comma-separated) that has no RETURN before the MASQUERADE rule; it succeeds (prints
+# nothing) when the chain keeps every CIDR's sources.
+masq_chain_problem() { # masq_chain_problem CIDRS "$(iptables -t nat -S KIND-MASQ-AGENT)"
+  local cidrs=$1 rules=$2 cidr line masq="" missing=()
+  local -A kept=()
+  while read -r line; do
+    case $line in
+      "-A KIND-MASQ-AGENT "*"-j MASQUERADE"*) masq=yes; break ;;
+      "-A KIND-MASQ-AGENT -d "*"-j RETURN"*)
+        cidr=${line#-A KIND-MASQ-AGENT -d }
+        kept[${cidr%% *}]=yes ;;
+    esac
+  done <<<"$rules"
+  for cidr in ${cidrs//,/ }; do
+    [ -n "${kept[$cidr]:-}" ] || missing+=("$cidr")
+  done
+  if [ -z "$masq" ]; then
+    echo "kindnet's KIND-MASQ-AGENT chain has no MASQUERADE rule (not synced yet, or not kindnet's iptables masquerade)"
+    return 1
+  fi
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "kindnet masquerades traffic to ${missing[*]} (no RETURN before its MASQUERADE rule)"
+  return 1
+}
+
+# kind's kindnet DaemonSet (kube-system/kindnet) and where its POD_SUBNET is.
+KINDNET_POD_SUBNET_JSONPATH='{.spec.template.spec.containers[?(@.name=="kindnet-cni")].env[?(@.name=="POD_SUBNET")].value}'
+
+# Makes kindnet of CLUSTER keep pod source addresses to every cluster's pod CIDR (identities
+# are by pod IP, so a masqueraded source is counted as world): POD_SUBNET on the kindnet
+# DaemonSet lists every cluster's pod CIDR, so it holds across node restarts. A node whose
+# chain was built from the old value (the new RETURNs after MASQUERADE) gets the chain
+# flushed and its kindnet pod restarted, which rebuilds it in order; then each node's chain
+# is checked until it is right (bounded), and up.sh stops if it never is.
 keep_pod_sources() { # keep_pod_sources CLUSTER
-  local c=$1 node own peer rule
+  local c=$1 cidrs current node rules problem pod deadline
+  cidrs=$(all_pod_cidrs) || exit 1
+  current=$(kc "$c" -n kube-system get daemonset kindnet -o "jsonpath=$KINDNET_POD_SUBNET_JSONPATH") ||
+    die "$c: no DaemonSet kube-system/kindnet: up.sh relies on kind's default CNI (do not set disableDefaultCNI)"
+  if [ "$current" != "$cidrs" ]; then
+    echo "$c: kindnet POD_SUBNET=$current: setting it to every cluster's pod CIDR"
+    run kc "$c" -n kube-system set env daemonset/kindnet -c kindnet-cni "POD_SUBNET=$cidrs"
+  fi
+  run kc "$c" -n kube-system rollout status daemonset/kindnet --timeout=120s
   for node in $(kind get nodes --name "$c"); do
-    # Newer standalone kindnet masquerades in its own nftables table, where an iptables
-    # RETURN does not stop it: say so instead of leaving traffic silently masqueraded.
+    # The standalone kindnet masquerades with nftables; nothing here would reach it.
     if docker exec "$node" sh -c 'command -v nft >/dev/null && nft list table inet kindnet-ipmasq' >/dev/null 2>&1; then
-      die "$node: kindnet masquerades with nftables (table inet kindnet-ipmasq), which the iptables exception up.sh adds cannot override; use kind $KIND_VERSION_PINNED with $KIND_NODE_IMAGE_PINNED"
+      die "$node: kindnet masquerades with nftables (table inet kindnet-ipmasq), not kind's iptables chain up.sh configures; use kind $KIND_VERSION_PINNED with $KIND_NODE_IMAGE_PINNED"
     fi
-    while read -r _ own peer; do
-      rule=(POSTROUTING -s "$own" -d "$peer" -m comment --comment "mesh: keep pod source to peer cluster" -j RETURN)
-      docker exec "$node" iptables -t nat -C "${rule[@]}" >/dev/null 2>&1 ||
-        run docker exec "$node" iptables -t nat -I "${rule[0]}" 1 "${rule[@]:1}"
-    done < <(nomasq_pairs | grep "^$c ")
+    rules=$(docker exec "$node" iptables -t nat -S KIND-MASQ-AGENT 2>/dev/null || true)
+    problem=$(masq_chain_problem "$cidrs" "$rules") && continue
+    echo "$node: $problem: rebuilding the chain"
+    run docker exec "$node" iptables -t nat -F KIND-MASQ-AGENT
+    pod=$(kc "$c" -n kube-system get pods -l app=kindnet --field-selector "spec.nodeName=$node" -o name)
+    [ -z "$pod" ] || run kc "$c" -n kube-system delete "$pod" --wait=true
+  done
+  run kc "$c" -n kube-system rollout status daemonset/kindnet --timeout=120s
+  # kindnetd writes its chain when it starts, after the pod is running: wait for it.
+  for node in $(kind get nodes --name "$c"); do
+    deadline=$((SECONDS + ${KINDNET_SYNC_TIMEOUT:-60}))
+    until rules=$(docker exec "$node" iptables -t nat -S KIND-MASQ-AGENT 2>/dev/null) &&
+      problem=$(masq_chain_problem "$cidrs" "$rules"); do
+      [ $SECONDS -lt "$deadline" ] ||
+        die "$node: ${problem:-the KIND-MASQ-AGENT chain of kindnet is missing} after ${KINDNET_SYNC_TIMEOUT:-60}s: cross-cluster pod traffic would lose its source address. Inspect with: docker exec $node iptables -t nat -S KIND-MASQ-AGENT; kubectl --context $(context "$c") -n kube-system logs ds/kindnet"
+      sleep 1
+    done
+    echo "$node: kindnet keeps pod sources to $cidrs"
   done
 }
 
 # === host checks (up.sh): each names the problem and what to do ===
 # The deciding parts take their input as arguments, so deploy-check runs them without Docker.
 
-arch_problem() { # arch_problem ARCH   (uname -m, or docker info's Architecture)
+# The Docker platform of an architecture (docker info's Architecture, or uname -m). amd64
+# and arm64 are built natively: mesh-agent's build.rs takes the kernel headers of the
+# target's multiarch directory (/usr/include/<arch>-linux-gnu), the Dockerfile builds for
+# the engine's own architecture and the demo images are multi-arch. Anything else stops.
+arch_platform() { # arch_platform ARCH
   case $1 in
-    x86_64 | amd64) return 0 ;;
-    aarch64 | arm64)
-      echo "arm64 ($1) is not supported: mesh-agent's build.rs compiles bpf/ with x86_64's kernel headers (-I/usr/include/x86_64-linux-gnu) and images/Dockerfile builds amd64 images only; amd64 images under emulation cannot load eBPF into an arm64 kernel. Use an x86_64 Linux host, or run the lab (scripts/demo.sh) instead"
-      return 1 ;;
+    x86_64 | amd64) echo linux/amd64 ;;
+    aarch64 | arm64) echo linux/arm64 ;;
     *)
-      echo "architecture $1 is not supported: mesh builds for x86_64 only (bpf/ is compiled with x86_64's kernel headers)"
+      echo "architecture $1 is not supported: mesh builds for x86_64 (amd64) and aarch64 (arm64) only (the eBPF programs need that architecture's kernel headers, and emulated images cannot load eBPF into the host's kernel). Use an amd64 or arm64 Linux host, or run the lab (scripts/demo.sh) instead"
       return 1 ;;
   esac
+}
+
+# Only Linux: the LoadBalancer addresses live on the kind Docker network, which only a Linux
+# host reaches (Docker Desktop keeps it inside its VM), and meshctl is a Linux binary.
+os_problem() { # os_problem "$(uname -s)"
+  [ "$1" = Linux ] && return 0
+  echo "this host runs $1, not Linux: up.sh needs the kind network's LoadBalancer addresses reachable from the host, which Docker Desktop does not route (its engine runs in a VM), and the meshctl it copies out of the image is a Linux binary. Run it on a Linux host (or a Linux VM with Docker), or run the lab (scripts/demo.sh) on Linux"
+  return 1
 }
 
 cgroup_problem() { # cgroup_problem FSTYPE   (stat -fc %T /sys/fs/cgroup)
@@ -235,15 +325,25 @@ docker_socket_of() { # docker_socket_of ENDPOINT
 }
 
 # Docker's containerd image store (driver-type io.containerd.snapshotter.v1) breaks
-# `kind load docker-image`; images are then saved to an archive and loaded from it.
+# `kind load docker-image` (kind#3795: `docker save` writes an index whose attestation
+# manifest it leaves out, and the node's `ctr import --all-platforms` wants every child):
+# images are then saved for the one platform (`docker image save --platform`, Docker 28+)
+# and loaded with `kind load image-archive`.
 uses_containerd_store() { # uses_containerd_store "$(docker info -f '{{.DriverStatus}}')"
   [[ $1 == *io.containerd.snapshotter* ]]
 }
 
+save_platform_problem() { # save_platform_problem "$(docker image save --help)"
+  [[ $1 == *--platform* ]] && return 0
+  echo "Docker uses the containerd image store, where 'kind load docker-image' fails (kind#3795), and this docker CLI's 'image save' has no --platform (Docker 28 added it) to work around it. Upgrade Docker to 28 or newer, or turn the containerd image store off (\"features\": {\"containerd-snapshotter\": false} in /etc/docker/daemon.json, then restart dockerd)"
+  return 1
+}
+
 check_host() {
   local problem arch fstype endpoint
+  problem=$(os_problem "$(uname -s)") || die "$problem"
   arch=$(docker info --format '{{.Architecture}}' 2>/dev/null || uname -m)
-  problem=$(arch_problem "$arch") || die "$problem"
+  DOCKER_PLATFORM=$(arch_platform "$arch") || die "$DOCKER_PLATFORM"
   # The engine's host is the one kind nodes share (it may be a VM): ask the engine first.
   case $(docker info --format '{{.CgroupVersion}}' 2>/dev/null) in
     2) ;;
@@ -256,18 +356,21 @@ check_host() {
   endpoint=${DOCKER_HOST:-$(docker context inspect --format '{{.Endpoints.docker.Host}}' 2>/dev/null)}
   DOCKER_SOCKET=$(docker_socket_of "${endpoint:-unix:///var/run/docker.sock}") || exit 1
   [ -S "$DOCKER_SOCKET" ] || die "the Docker socket $DOCKER_SOCKET (from ${DOCKER_HOST:+DOCKER_HOST}${DOCKER_HOST:-docker context inspect}) is not a socket on this host"
+  if uses_containerd_store "$(docker info --format '{{.DriverStatus}}' 2>/dev/null)"; then
+    problem=$(save_platform_problem "$(docker image save --help 2>&1)") || die "$problem"
+  fi
   if [[ $(docker info --format '{{.SecurityOptions}}' 2>/dev/null) == *rootless* ]]; then
     echo "warning: rootless Docker: kind nodes run in a user namespace, where the kernel normally refuses to load eBPF programs; mesh-agent may not start (kubectl -n $NAMESPACE logs ds/mesh-agent). See https://kind.sigs.k8s.io/docs/user/rootless/" >&2
   fi
 }
 
-# Loads IMAGE into every node of CLUSTER.
+# Loads IMAGE into every node of CLUSTER (check_host set DOCKER_PLATFORM).
 load_image() { # load_image IMAGE CLUSTER
   local image=$1 c=$2 archive
   if uses_containerd_store "$(docker info --format '{{.DriverStatus}}' 2>/dev/null)"; then
     archive="$STATE/images/${image//[\/:]/_}.tar"
     mkdir -p "$STATE/images"
-    run docker save --platform linux/amd64 --output "$archive" "$image"
+    run docker image save --platform "$DOCKER_PLATFORM" --output "$archive" "$image"
     run kind load image-archive "$archive" --name "$c"
     rm -f "$archive"
   else

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Two kind clusters joined by mesh, as Cilium's Cluster Mesh kind demo:
-#   0. checks the host (architecture, cgroup v2, kind version, Docker socket and image store),
+#   0. checks the host (Linux, amd64/arm64, cgroup v2, kind version, Docker socket and image
+#      store),
 #   1. builds the images (scripts/build-images.sh; SKIP_BUILD=1 to reuse them), tagged by
 #      content (image_tag in lib.sh), and meshctl when none is installed (images/Dockerfile's
-#      meshctl target, copied out with docker create + docker cp),
+#      meshctl target, a static binary copied out with docker create + docker cp),
 #   2. creates kind clusters cluster1 and cluster2 (kind-cluster*.yaml: distinct pod and
 #      service CIDRs), loads the images, and keeps cross-cluster pod traffic's source
-#      addresses (kindnet would masquerade it),
+#      addresses (kindnet's POD_SUBNET lists every cluster's pod CIDR: no masquerade),
 #   3. starts cloud-provider-kind (LoadBalancer addresses on the kind network),
 #   4. installs mesh (an overlay of clusters/<cluster> with the built tag, under the state
 #      directory: cluster IDs 1 and 2),
@@ -16,8 +17,8 @@
 #
 # Usage: multicluster-kind/up.sh        then multicluster-kind/demo.sh, multicluster-kind/down.sh
 # Needs: docker (with a running engine), kind, kubectl, git. meshctl: MESHCTL, PATH, or built
-# in Docker (MESHCTL_FROM=cargo builds it with cargo instead). Linux x86_64 with cgroup v2:
-# the LoadBalancer addresses must be reachable from the host.
+# in Docker (MESHCTL_FROM=cargo builds it with cargo instead, which needs protoc). Linux on
+# amd64 or arm64 with cgroup v2: the LoadBalancer addresses must be reachable from the host.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "$0")/lib.sh"

@@ -170,11 +170,35 @@ fn meshctl_is_an_image_target_up_sh_copies_out() {
         joined.contains("FROM toolchain AS meshctl-build"),
         "meshctl builds on the toolchain stage"
     );
+    // The meshctl-build stage's one RUN: a static musl build for the engine's architecture,
+    // refused when the result still asks for a dynamic loader.
+    let stage_run: Vec<&str> = joined
+        .split("FROM toolchain AS meshctl-build\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .take_while(|l| !l.starts_with("FROM "))
+        .filter(|l| l.starts_with("RUN "))
+        .collect();
+    assert_eq!(stage_run.len(), 1, "{stage_run:?}");
+    let steps: Vec<&str> = stage_run[0].split("&&").map(str::trim).collect();
     assert!(
-        joined
-            .lines()
-            .any(|l| l.contains("cargo build --locked --release --bin meshctl")),
-        "the meshctl stage builds only meshctl"
+        steps[0].ends_with("musl=\"$(uname -m)-unknown-linux-musl\""),
+        "the musl target of the engine's architecture: {steps:?}"
+    );
+    assert_eq!(
+        steps[1..4],
+        [
+            "rustup target add \"$musl\"",
+            "TARGET_CC=gcc cargo build --locked --release --target \"$musl\" --bin meshctl",
+            "install -D -m 0755 \"target/$musl/release/meshctl\" /out/meshctl",
+        ],
+        "the meshctl stage builds only meshctl, statically"
+    );
+    assert!(
+        steps[4].starts_with("if readelf --program-headers /out/meshctl | grep -q INTERP; then")
+            && steps[4].contains("exit 1"),
+        "the stage fails on a dynamically linked meshctl: {steps:?}"
     );
     let stage: Vec<&str> = joined
         .split("FROM scratch AS meshctl\n")
@@ -228,6 +252,111 @@ fn meshctl_is_an_image_target_up_sh_copies_out() {
             "meshctl depends on {heavy}"
         );
     }
+}
+
+/// Runs find_meshctl, then `meshctl`, with a stand-in docker whose `meshctl` image holds a
+/// script printing VERSION, the state directory STATE and no other meshctl on PATH.
+fn find_meshctl_with(state: &Path, version: &str) -> (Output, Vec<String>) {
+    let bin = state.join("fake-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let docker = bin.join("docker");
+    std::fs::write(
+        &docker,
+        format!(
+            r#"#!/usr/bin/env bash
+set -euo pipefail
+echo "docker $*" >>"$MESH_KIND_STATE/calls"
+case $1 in
+  info | build | rm) ;;
+  create) echo cid1 ;;
+  cp) printf '#!/bin/sh\necho {version}\n' >"$3" ;;
+  *) exit 2 ;;
+esac
+"#
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&docker)
+        .status()
+        .unwrap();
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let out = lib_sh(
+        "find_meshctl; meshctl",
+        &[
+            ("PATH", path.as_str()),
+            ("MESH_KIND_STATE", state.to_str().unwrap()),
+            ("MESH_IMAGE_TAG", "t2"),
+        ],
+    );
+    let calls = std::fs::read_to_string(state.join("calls")).unwrap_or_default();
+    std::fs::remove_file(state.join("calls")).ok();
+    (out, calls.lines().map(str::to_owned).collect())
+}
+
+#[test]
+fn meshctl_copied_from_older_sources_is_rebuilt() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A copy left by an earlier up.sh, from other sources (tag t1).
+    std::fs::write(dir.join("meshctl"), "#!/bin/sh\necho old\n").unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(dir.join("meshctl"))
+        .status()
+        .unwrap();
+    std::fs::write(dir.join("meshctl.tag"), "t1\n").unwrap();
+
+    let (out, calls) = find_meshctl_with(state.path(), "new");
+    let text = ok("find_meshctl", out);
+    assert_eq!(text.lines().last(), Some("new"), "{text}");
+    assert!(
+        calls.iter().any(|c| c.starts_with("docker build ")
+            && c.contains("--target meshctl --tag localhost/mesh-meshctl:t2 ")),
+        "{calls:#?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("meshctl.tag")).unwrap(),
+        "t2\n"
+    );
+    // Same sources again: the copy is used, nothing is built.
+    let (out, calls) = find_meshctl_with(state.path(), "newer");
+    assert_eq!(ok("find_meshctl", out).lines().last(), Some("new"));
+    assert!(
+        !calls.iter().any(|c| c.starts_with("docker build ")),
+        "{calls:#?}"
+    );
+}
+
+#[test]
+fn builds_do_not_assume_x86_64() {
+    // bpf/ is compiled with the target's multiarch headers, not x86_64's.
+    let build_rs = read("mesh-agent/build.rs");
+    assert!(
+        !build_rs.contains("x86_64-linux-gnu"),
+        "mesh-agent/build.rs names x86_64's include directory"
+    );
+    assert!(build_rs.contains("env::var(\"CARGO_CFG_TARGET_ARCH\")"));
+    assert!(build_rs.contains("format!(\"/usr/include/{arch}-linux-gnu\")"));
+    // The header that include directory is for exists here (the x86_64 build ran with it).
+    assert!(Path::new("/usr/include/x86_64-linux-gnu/asm/types.h").is_file());
+    // Nothing the Dockerfile runs or pulls names an architecture.
+    let dockerfile = read("images/Dockerfile");
+    for line in dockerfile
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+    {
+        for arch in ["x86_64", "amd64", "aarch64", "arm64", "--platform"] {
+            assert!(!line.contains(arch), "images/Dockerfile: {line}");
+        }
+    }
+    // Images are saved for the engine's platform, not a fixed one.
+    let lib = read("multicluster-kind/lib.sh");
+    assert!(!lib.contains("--platform linux/"), "lib.sh pins a platform");
+    assert!(lib.contains("docker image save --platform \"$DOCKER_PLATFORM\""));
+    assert!(lib.contains("DOCKER_PLATFORM=$(arch_platform \"$arch\") || die \"$DOCKER_PLATFORM\""));
 }
 
 // === bpffs ===
@@ -304,47 +433,312 @@ fn kind_pod_cidr(cluster: &str) -> IpNet {
         .unwrap()
 }
 
+fn all_pod_cidrs() -> Vec<IpNet> {
+    CLUSTERS.iter().map(|c| kind_pod_cidr(c)).collect()
+}
+
 #[test]
-fn every_pair_of_cluster_pod_cidrs_keeps_its_source_addresses() {
-    let out = ok("nomasq_pairs", lib_sh("nomasq_pairs", &[]));
-    let got: BTreeSet<(String, IpNet, IpNet)> = out
-        .lines()
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(f.len(), 3, "{l:?}");
-            (
-                f[0].to_owned(),
-                f[1].parse().unwrap(),
-                f[2].parse().unwrap(),
-            )
-        })
+fn kindnet_pod_subnet_covers_every_clusters_pod_cidr() {
+    let out = ok("all_pod_cidrs", lib_sh("all_pod_cidrs", &[]));
+    let got: Vec<IpNet> = out
+        .trim()
+        .split(',')
+        .map(|c| c.parse().unwrap_or_else(|e| panic!("{c:?}: {e}")))
         .collect();
-    let mut want = BTreeSet::new();
-    for a in CLUSTERS {
-        for b in CLUSTERS.iter().filter(|b| *b != a) {
-            want.insert((a.to_string(), kind_pod_cidr(a), kind_pod_cidr(b)));
+    assert_eq!(got, all_pod_cidrs(), "POD_SUBNET vs the kind configs");
+    for cidr in &got {
+        // iptables -S prints the network address; the chain check compares text.
+        assert_eq!(*cidr, cidr.trunc(), "{cidr} is not a network address");
+    }
+    // The value is set on kind's kindnet container and read back with a jsonpath: both run
+    // here with the real kubectl on a DaemonSet shaped as kind's (kube-system/kindnet,
+    // container kindnet-cni, env POD_SUBNET), offline (--local).
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("kindnet.yaml");
+    std::fs::write(
+        &ds,
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: kindnet, namespace: kube-system}\n\
+         spec:\n  selector: {matchLabels: {app: kindnet}}\n  template:\n    metadata: {labels: {app: kindnet}}\n\
+         \x20   spec:\n      containers:\n      - name: kindnet-cni\n        image: kindnetd\n        env:\n\
+         \x20       - {name: HOST_IP, value: x}\n        - {name: POD_SUBNET, value: 10.1.0.0/16}\n",
+    )
+    .unwrap();
+    let body = format!(
+        "kubectl set env --local -f {} -c kindnet-cni \"POD_SUBNET=$(all_pod_cidrs)\" -o \"jsonpath=$KINDNET_POD_SUBNET_JSONPATH\"",
+        ds.display()
+    );
+    let out = ok("kubectl set env --local", lib_sh(&body, &[]));
+    assert_eq!(
+        out.trim(),
+        got.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+}
+
+/// `iptables -t nat -S KIND-MASQ-AGENT` as kind's kindnetd leaves it: a RETURN per
+/// POD_SUBNET entry, "appended unless present", then MASQUERADE (kind's masq.go).
+fn kindnet_chain(returns_before: &[&str], returns_after: &[&str]) -> String {
+    let ret = |c: &str| {
+        format!(
+            "-A KIND-MASQ-AGENT -d {c} -m comment --comment \"kind-masq-agent: local traffic is not subject to MASQUERADE\" -j RETURN\n"
+        )
+    };
+    let mut out = "-N KIND-MASQ-AGENT\n".to_owned();
+    returns_before.iter().for_each(|c| out += &ret(c));
+    out += "-A KIND-MASQ-AGENT -m comment --comment \"kind-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)\" -j MASQUERADE\n";
+    returns_after.iter().for_each(|c| out += &ret(c));
+    out
+}
+
+#[test]
+fn masq_chain_problem_finds_cidrs_masqueraded() {
+    let run = |cidrs: &str, chain: &str| {
+        lib_sh(
+            "masq_chain_problem \"$CIDRS\" \"$CHAIN\"",
+            &[("CIDRS", cidrs), ("CHAIN", chain)],
+        )
+    };
+    let both = "10.1.0.0/16,10.2.0.0/16";
+    // Built from the full POD_SUBNET: both RETURNs first.
+    let out = run(both, &kindnet_chain(&["10.1.0.0/16", "10.2.0.0/16"], &[]));
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert_eq!(stdout(&out), "");
+    // Built from the cluster's own CIDR, then the peer appended by a restarted kindnet:
+    // after MASQUERADE, so never reached.
+    let out = run(both, &kindnet_chain(&["10.1.0.0/16"], &["10.2.0.0/16"]));
+    assert!(!out.status.success());
+    assert_eq!(
+        stdout(&out).trim(),
+        "kindnet masquerades traffic to 10.2.0.0/16 (no RETURN before its MASQUERADE rule)"
+    );
+    // Own CIDR only.
+    let out = run(both, &kindnet_chain(&["10.1.0.0/16"], &[]));
+    assert!(!out.status.success() && stdout(&out).contains("to 10.2.0.0/16 "));
+    // A chain kindnet has not written yet.
+    let out = run(both, "-N KIND-MASQ-AGENT\n");
+    assert!(!out.status.success() && stdout(&out).contains("no MASQUERADE rule"));
+    let out = run(both, "");
+    assert!(!out.status.success());
+}
+
+/// Stand-ins for kind, kubectl and docker that play a kind cluster's kindnet as kind's
+/// kindnetd does it (images/kindnetd/cmd/kindnetd/masq.go at the pinned release: POD_SUBNET
+/// split on commas, rules appended unless present, chain never flushed; a pod restart
+/// re-syncs). Every call is logged to $FAKE/calls. Only kind itself can show that the real
+/// kindnetd behaves so; these check keep_pod_sources' own logic and its shell.
+fn fake_kind(dir: &Path, kindnet_ignores_extra_cidrs: bool) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let write = |name: &str, body: &str| {
+        let path = bin.join(name);
+        std::fs::write(
+            &path,
+            format!("#!/usr/bin/env bash\nset -euo pipefail\n{body}"),
+        )
+        .unwrap();
+        Command::new("chmod").arg("+x").arg(&path).status().unwrap();
+    };
+    let first_only = if kindnet_ignores_extra_cidrs {
+        "cidrs=(\"${cidrs[0]}\")"
+    } else {
+        ""
+    };
+    write(
+        "kindnet-sync",
+        &format!(
+            r#"node=$1 c=${{1%%-*}}
+chain=$FAKE/chain-$node
+[ -f "$chain" ] || echo "-N KIND-MASQ-AGENT" >"$chain"
+append() {{ grep -qxF -- "$1" "$chain" || echo "$1" >>"$chain"; }}
+IFS=, read -ra cidrs <"$FAKE/podsubnet-$c"
+{first_only}
+for cidr in "${{cidrs[@]}}"; do
+  append "-A KIND-MASQ-AGENT -d $cidr -m comment --comment \"kind-masq-agent: local traffic is not subject to MASQUERADE\" -j RETURN"
+done
+append "-A KIND-MASQ-AGENT -m comment --comment \"kind-masq-agent: outbound traffic is subject to MASQUERADE (must be last in chain)\" -j MASQUERADE"
+"#
+        ),
+    );
+    write(
+        "kind",
+        r#"echo "kind $*" >>"$FAKE/calls"
+[ "$1 $2 $3" = "get nodes --name" ] || exit 2
+printf '%s\n' "$4-control-plane" "$4-worker"
+"#,
+    );
+    write(
+        "docker",
+        r#"echo "docker $*" >>"$FAKE/calls"
+[ "$1" = exec ] || exit 2
+node=$2; shift 2
+case "$*" in
+  "sh -c "*) exit 1 ;; # no nftables table
+  "iptables -t nat -S KIND-MASQ-AGENT")
+    [ -f "$FAKE/chain-$node" ] || { echo "iptables: No chain/target/match by that name." >&2; exit 1; }
+    cat "$FAKE/chain-$node" ;;
+  "iptables -t nat -F KIND-MASQ-AGENT") echo "-N KIND-MASQ-AGENT" >"$FAKE/chain-$node" ;;
+  *) echo "docker: unexpected $*" >&2; exit 2 ;;
+esac
+"#,
+    );
+    write(
+        "kubectl",
+        r#"echo "kubectl $*" >>"$FAKE/calls"
+[ "$1 $3 $4" = "--context -n kube-system" ] || exit 2
+c=${2#kind-}; shift 4
+case "$1 $2" in
+  "get daemonset")
+    [ "$3 $4" = "kindnet -o" ] && [[ $5 == jsonpath=* ]] || exit 2
+    cat "$FAKE/podsubnet-$c" ;;
+  "set env")
+    [ "$3 $4 $5" = "daemonset/kindnet -c kindnet-cni" ] && [[ $6 == POD_SUBNET=* ]] || exit 2
+    echo "${6#POD_SUBNET=}" >"$FAKE/podsubnet-$c"
+    # The rollout restarts kindnet on every node.
+    for n in "$c-control-plane" "$c-worker"; do kindnet-sync "$n"; done ;;
+  "rollout status") ;;
+  "get pods")
+    [ "$3 $4 $5" = "-l app=kindnet --field-selector" ] || exit 2
+    echo "pod/kindnet-${6#spec.nodeName=}" ;;
+  "delete pod/kindnet-"*) kindnet-sync "${2#pod/kindnet-}" ;;
+  *) echo "kubectl: unexpected $*" >&2; exit 2 ;;
+esac
+"#,
+    );
+    // Clusters as kind creates them: kindnet configured with the cluster's own CIDR only.
+    for c in CLUSTERS {
+        std::fs::write(
+            dir.join(format!("podsubnet-{c}")),
+            format!("{}\n", kind_pod_cidr(c)),
+        )
+        .unwrap();
+        for node in ["control-plane", "worker"] {
+            let out = Command::new(bin.join("kindnet-sync"))
+                .arg(format!("{c}-{node}"))
+                .env("FAKE", dir)
+                .output()
+                .unwrap();
+            ok("kindnet-sync", out);
         }
     }
-    assert_eq!(got, want, "lib.sh's pairs differ from the kind configs");
-    // And up.sh applies them on every cluster's nodes, idempotently (-C before -I), first in
-    // POSTROUTING so kindnet's KIND-MASQ-AGENT jump (appended) comes after.
-    let lib = read("multicluster-kind/lib.sh");
-    let body = lib
-        .split("keep_pod_sources() {")
-        .nth(1)
-        .expect("lib.sh keep_pod_sources")
-        .split("\n}\n")
-        .next()
-        .unwrap();
-    assert!(body.contains("for node in $(kind get nodes --name \"$c\"); do"));
-    assert!(body.contains("-s \"$own\" -d \"$peer\""));
-    assert!(body.contains("-j RETURN"));
-    let check = body.find("iptables -t nat -C").expect("-C check");
-    let insert = body
-        .find("iptables -t nat -I \"${rule[0]}\" 1")
-        .expect("-I at 1");
-    assert!(check < insert, "the rule is checked before it is inserted");
-    assert!(body.contains("nomasq_pairs | grep \"^$c \""));
+}
+
+fn keep_pod_sources(dir: &Path, extra_env: &[(&str, &str)]) -> Output {
+    let path = format!(
+        "{}:{}",
+        dir.join("bin").display(),
+        std::env::var("PATH").unwrap()
+    );
+    let fake = dir.to_str().unwrap();
+    let mut env = vec![("PATH", path.as_str()), ("FAKE", fake)];
+    env.extend_from_slice(extra_env);
+    lib_sh(
+        "for c in \"${CLUSTERS[@]}\"; do keep_pod_sources \"$c\"; done",
+        &env,
+    )
+}
+
+fn calls(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("calls")).unwrap_or_default();
+    std::fs::remove_file(dir.join("calls")).ok();
+    text.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn keep_pod_sources_configures_kindnet_and_rebuilds_stale_chains() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fake_kind(d, false);
+    let cidrs = all_pod_cidrs();
+    let want_env = format!(
+        "POD_SUBNET={}",
+        cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let chain_ok = |node: &str| {
+        let chain = std::fs::read_to_string(d.join(format!("chain-{node}"))).unwrap();
+        let lines: Vec<&str> = chain.lines().collect();
+        let masq = lines
+            .iter()
+            .position(|l| l.ends_with("-j MASQUERADE"))
+            .unwrap_or_else(|| panic!("{node}: no MASQUERADE: {chain}"));
+        for cidr in &cidrs {
+            let ret = lines
+                .iter()
+                .position(|l| l.starts_with(&format!("-A KIND-MASQ-AGENT -d {cidr} ")))
+                .unwrap_or_else(|| panic!("{node}: no RETURN for {cidr}: {chain}"));
+            assert!(ret < masq, "{node}: {cidr} after MASQUERADE:\n{chain}");
+        }
+    };
+
+    // First run on fresh clusters: POD_SUBNET set in each; the rollout's kindnet appended the
+    // peer after MASQUERADE, so every node's chain is flushed and its kindnet restarted.
+    let out = keep_pod_sources(d, &[]);
+    ok("keep_pod_sources", out);
+    let log = calls(d);
+    for c in CLUSTERS {
+        assert!(
+            log.contains(&format!(
+                "kubectl --context kind-{c} -n kube-system set env daemonset/kindnet -c kindnet-cni {want_env}"
+            )),
+            "{c}: {log:#?}"
+        );
+        for node in ["control-plane", "worker"] {
+            let node = format!("{c}-{node}");
+            assert!(
+                log.contains(&format!(
+                    "docker exec {node} iptables -t nat -F KIND-MASQ-AGENT"
+                )),
+                "{node} not flushed: {log:#?}"
+            );
+            chain_ok(&node);
+        }
+    }
+
+    // Again: nothing to change.
+    ok("keep_pod_sources again", keep_pod_sources(d, &[]));
+    let log = calls(d);
+    assert!(
+        !log.iter()
+            .any(|l| l.contains(" set env ") || l.contains(" -F ") || l.contains(" delete ")),
+        "a rerun changed something: {log:#?}"
+    );
+
+    // A node container restart loses its iptables; kindnet rebuilds the chain from the
+    // DaemonSet's POD_SUBNET, in order, without up.sh.
+    for c in CLUSTERS {
+        let node = format!("{c}-worker");
+        std::fs::remove_file(d.join(format!("chain-{node}"))).unwrap();
+        let out = Command::new(d.join("bin/kindnet-sync"))
+            .arg(&node)
+            .env("FAKE", d)
+            .output()
+            .unwrap();
+        ok("kindnet-sync", out);
+        chain_ok(&node);
+    }
+}
+
+#[test]
+fn keep_pod_sources_stops_when_kindnet_keeps_masquerading() {
+    // A kindnet that takes only the first POD_SUBNET entry: up.sh must stop and say what
+    // is wrong and where to look, not go on with masqueraded cross-cluster traffic.
+    let dir = tempfile::tempdir().unwrap();
+    fake_kind(dir.path(), true);
+    let out = keep_pod_sources(dir.path(), &[("KINDNET_SYNC_TIMEOUT", "1")]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let peer = kind_pod_cidr(CLUSTERS[1]);
+    assert!(
+        err.contains(&format!(
+            "cluster1-control-plane: kindnet masquerades traffic to {peer} (no RETURN before its MASQUERADE rule) after 1s"
+        )) && err.contains("docker exec cluster1-control-plane iptables -t nat -S KIND-MASQ-AGENT"),
+        "{err}"
+    );
     let up = read("multicluster-kind/up.sh");
     assert!(up.contains("for c in \"${CLUSTERS[@]}\"; do\n  keep_pod_sources \"$c\"\ndone"));
 }
@@ -519,15 +913,30 @@ fn up_sh_applies_an_overlay_with_the_content_tag() {
 #[test]
 fn host_checks_name_the_problem_and_what_to_do() {
     let check = |call: &str| lib_sh(call, &[]);
-    for arch in ["x86_64", "amd64"] {
-        assert!(check(&format!("arch_problem {arch}")).status.success());
+    for (arch, platform) in [
+        ("x86_64", "linux/amd64"),
+        ("amd64", "linux/amd64"),
+        ("aarch64", "linux/arm64"),
+        ("arm64", "linux/arm64"),
+    ] {
+        let out = ok("arch_platform", check(&format!("arch_platform {arch}")));
+        assert_eq!(out.trim(), platform, "{arch}");
     }
-    let out = check("arch_problem aarch64");
+    let out = check("arch_platform riscv64");
     assert!(!out.status.success());
     let msg = stdout(&out);
     assert!(
-        msg.contains("arm64") && msg.contains("build.rs") && msg.contains("x86_64"),
+        msg.contains("architecture riscv64 is not supported") && msg.contains("amd64 or arm64"),
         "{msg}"
+    );
+    assert!(check("os_problem Linux").status.success());
+    let out = check("os_problem Darwin");
+    assert!(
+        !out.status.success()
+            && stdout(&out).contains("this host runs Darwin, not Linux")
+            && stdout(&out).contains("Docker Desktop"),
+        "{}",
+        stdout(&out)
     );
 
     assert!(check("cgroup_problem cgroup2fs").status.success());
@@ -595,6 +1004,50 @@ fn host_checks_name_the_problem_and_what_to_do() {
             .status
             .success()
     );
+    // The workaround for the containerd store needs `docker image save --platform`.
+    assert!(
+        check("save_platform_problem '      --platform string   Save only the given platform'")
+            .status
+            .success()
+    );
+    let out = check("save_platform_problem 'Usage:  docker image save [OPTIONS] IMAGE [IMAGE...]'");
+    assert!(
+        !out.status.success()
+            && stdout(&out).contains("Docker 28")
+            && stdout(&out).contains("containerd-snapshotter"),
+        "{}",
+        stdout(&out)
+    );
+    let host = lib
+        .split("check_host() {")
+        .nth(1)
+        .expect("check_host")
+        .split("\n}\n")
+        .next()
+        .unwrap();
+    for call in [
+        "problem=$(os_problem \"$(uname -s)\") || die \"$problem\"",
+        "problem=$(save_platform_problem \"$(docker image save --help 2>&1)\") || die \"$problem\"",
+    ] {
+        assert!(host.contains(call), "check_host does not run {call}");
+    }
+
+    // MESHCTL_FROM=cargo: protoc and its well-known protos are checked before building.
+    assert!(
+        check("protoc_problem protoc").status.success(),
+        "protoc and libprotobuf-dev are installed here (scripts/setup.sh): {}",
+        stdout(&check("protoc_problem protoc"))
+    );
+    let out = check("protoc_problem /nonexistent/protoc");
+    assert!(
+        !out.status.success()
+            && stdout(&out).contains("/nonexistent/protoc not found")
+            && stdout(&out).contains("protobuf-compiler and libprotobuf-dev"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(lib.contains("problem=$(protoc_problem \"${PROTOC:-protoc}\") || die \"$problem\""));
+
     let load = lib
         .split("load_image() {")
         .nth(1)
@@ -602,7 +1055,9 @@ fn host_checks_name_the_problem_and_what_to_do() {
         .split("\n}\n")
         .next()
         .unwrap();
-    assert!(load.contains("docker save") && load.contains("kind load image-archive"));
+    assert!(
+        load.contains("docker image save --platform") && load.contains("kind load image-archive")
+    );
     assert!(up.contains("load_image \"$image\" \"$c\""));
     assert!(
         !up.contains("kind load docker-image"),
