@@ -50,7 +50,11 @@ fuzz_target!(|data: &[u8]| {
                 value: value.expect("decoded once"),
             };
             let applied = state.apply(upsert);
-            assert_eq!(applied, Applied::Changed, "{object:?} under {cluster}/{name}");
+            assert_eq!(
+                applied,
+                Applied::Changed,
+                "{object:?} under {cluster}/{name}"
+            );
             let delete = WatchUpdate::Delete {
                 cluster,
                 kind,

@@ -20,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let store = Store::new(StoreConfig::default());
     store
-        .create(&NAMESPACES, None, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}))
+        .create(
+            &NAMESPACES,
+            None,
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
+        )
         .expect("namespace default");
     let ns = rt.namespaced.then_some("default");
     let created = match store.create(rt, ns, obj.clone()) {
@@ -30,10 +34,16 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    let name = created["metadata"]["name"].as_str().expect("a created object has a name");
-    let got = store.get(rt, ns, name).expect("a created object reads back");
+    let name = created["metadata"]["name"]
+        .as_str()
+        .expect("a created object has a name");
+    let got = store
+        .get(rt, ns, name)
+        .expect("a created object reads back");
     assert_eq!(got, created);
-    let again = store.create(rt, ns, created.clone()).expect_err("a second create");
+    let again = store
+        .create(rt, ns, created.clone())
+        .expect_err("a second create");
     assert_eq!(again.code, 409, "{again:?}");
     let put = store
         .update(rt, ns, name, created.clone())

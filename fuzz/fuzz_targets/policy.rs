@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use mesh_core::policy::{
-    Direction, IdentityTable, PolicyError, PolicySet, compile, decide, decide_tables,
-    parse_policy, policy_tables,
+    Direction, IdentityTable, PolicyError, PolicySet, compile, decide, decide_tables, parse_policy,
+    policy_tables,
 };
 use mesh_core::{ClusterId, ClusterName, IdentityId, IdentityLabels, Protocol};
 use mesh_proto::convert::PolicyObject;
@@ -50,7 +50,8 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             match &e {
                 PolicyError::NotAnObject => assert!(!value.is_object()),
-                PolicyError::UnsupportedKind { object, .. } | PolicyError::Invalid { object, .. } => {
+                PolicyError::UnsupportedKind { object, .. }
+                | PolicyError::Invalid { object, .. } => {
                     assert!(!object.is_empty());
                     assert!(e.to_string().starts_with(object.as_str()), "{e}");
                 }
@@ -74,10 +75,18 @@ fuzz_target!(|data: &[u8]| {
     for &local in &ids[3..] {
         for &remote in ids {
             for direction in [Direction::Ingress, Direction::Egress] {
-                for (protocol, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 53), (Protocol::Tcp, 8080)] {
+                for (protocol, port) in [
+                    (Protocol::Tcp, 80),
+                    (Protocol::Udp, 53),
+                    (Protocol::Tcp, 8080),
+                ] {
                     let want = decide(&compiled, local, direction, remote, protocol, port);
-                    let (verdict, _) = decide_tables(&tables, local, direction, remote, protocol, port);
-                    assert_eq!(verdict, want.verdict, "{local:?} {direction:?} {remote:?} {port}");
+                    let (verdict, _) =
+                        decide_tables(&tables, local, direction, remote, protocol, port);
+                    assert_eq!(
+                        verdict, want.verdict,
+                        "{local:?} {direction:?} {remote:?} {port}"
+                    );
                 }
             }
         }

@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok(req) = pb::WatchRequest::decode(bytes) else {
             return;
         };
-        assert_eq!(pb::WatchRequest::decode(&*req.encode_to_vec()).as_ref(), Ok(&req));
+        assert_eq!(
+            pb::WatchRequest::decode(&*req.encode_to_vec()).as_ref(),
+            Ok(&req)
+        );
         for reader in [Reader::OwnCluster, Reader::Peer] {
             match watch_scope(LOCAL, reader, &req) {
                 Ok(scope) => {
@@ -29,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
                         assert!(scope.clusters.unwrap().contains(LOCAL));
                     }
                     for k in &scope.kinds {
-                        assert!(matches!(pb::Kind::try_from(*k), Ok(k) if k != pb::Kind::Unspecified));
+                        assert!(
+                            matches!(pb::Kind::try_from(*k), Ok(k) if k != pb::Kind::Unspecified)
+                        );
                     }
                     assert!(req.resume_revision >= 0);
                 }
@@ -45,7 +50,11 @@ fuzz_target!(|data: &[u8]| {
                             assert!(text.contains(requested.as_str()));
                         }
                         RequestError::InvalidCluster(_) => {
-                            assert!(req.clusters.iter().any(|c| text.contains(&format!("{c:?}")) || text.contains(c.as_str())), "{text}");
+                            assert!(
+                                req.clusters.iter().any(|c| text.contains(&format!("{c:?}"))
+                                    || text.contains(c.as_str())),
+                                "{text}"
+                            );
                         }
                         other => panic!("unexpected refusal of a watch request: {other}"),
                     }
@@ -56,7 +65,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok(report) = pb::AgentStatus::decode(bytes) else {
             return;
         };
-        assert_eq!(pb::AgentStatus::decode(&*report.encode_to_vec()).as_ref(), Ok(&report));
+        assert_eq!(
+            pb::AgentStatus::decode(&*report.encode_to_vec()).as_ref(),
+            Ok(&report)
+        );
         let own = check_report(Some(&report.node), &report);
         assert_eq!(own, check_report(None, &report));
         if own.is_ok() {

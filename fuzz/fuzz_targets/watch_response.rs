@@ -58,7 +58,10 @@ fuzz_target!(|data: &[u8]| {
         };
         apply(updates, &mut held);
         assert_eq!(held, state.delivered());
-        assert!(state.revision() >= revision, "the resume revision went back");
+        assert!(
+            state.revision() >= revision,
+            "the resume revision went back"
+        );
         revision = state.revision();
     }
 });

@@ -1536,5 +1536,9 @@ fn errors_name_the_object_even_without_a_name() {
     let mut v = v;
     v["kind"] = "CiliumNetworkPolicy".into();
     let e = parse_policy(&v, &east()).unwrap_err();
-    assert!(e.to_string().starts_with("default/<unnamed>: metadata.name"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("default/<unnamed>: metadata.name"),
+        "{e}"
+    );
 }

@@ -348,9 +348,19 @@ mod tests {
             let e = LabelSelector::parse(bad).unwrap_err();
             assert_eq!(e.code, 400, "{bad}");
         }
-        for good in ["a=", "a=x", "a==x-y_z.0", "a in (x, y.z)", &format!("a={}", "x".repeat(63))] {
+        for good in [
+            "a=",
+            "a=x",
+            "a==x-y_z.0",
+            "a in (x, y.z)",
+            &format!("a={}", "x".repeat(63)),
+        ] {
             let sel = LabelSelector::parse(good).unwrap();
-            assert_eq!(LabelSelector::parse(&sel.to_string_form()).unwrap(), sel, "{good}");
+            assert_eq!(
+                LabelSelector::parse(&sel.to_string_form()).unwrap(),
+                sel,
+                "{good}"
+            );
         }
     }
 
