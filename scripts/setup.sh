@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every system package mesh needs on a fresh Debian machine, as root.
 # Safe to run twice: apt-get skips what is installed, and the checks at the end only read.
-# Usage: scripts/setup.sh [--build-packages]
+# Usage: scripts/setup.sh [--build-packages | --fuzz]
+#   --fuzz: only the fuzzing toolchain (nightly Rust and cargo-fuzz, see below).
 set -euo pipefail
 
 packages=(
@@ -11,6 +12,7 @@ packages=(
   iproute2 iputils-ping curl     # network namespaces, veth, routes; probes
   nftables                       # mesh-lab: kube-proxy rules and node NAT inside node netns
   jq shellcheck                  # demo scripts and their lint
+  g++                            # the fuzz targets: libfuzzer-sys builds libFuzzer (C++)
   ca-certificates git pkg-config
 )
 # The subset `cargo build` of the workspace needs besides Rust. images/Dockerfile's toolchain
@@ -21,6 +23,36 @@ build_packages=(clang llvm libbpf-dev protobuf-compiler libprotobuf-dev pkg-conf
 if [ "${1:-}" = --build-packages ]; then
   echo "${build_packages[*]}"
   exit 0
+fi
+
+# The fuzz targets (fuzz/, scripts/fuzz.sh) need a nightly toolchain (sanitizers,
+# -Zsanitizer) and cargo-fuzz. Both come from Rust's own channels: rustup's dist server and
+# crates.io (`cargo install`), the same places stable Rust and every crate come from.
+fuzz_toolchain() {
+  if ! cargo +nightly --version >/dev/null 2>&1; then
+    if ! command -v rustup >/dev/null 2>&1; then
+      echo "setup.sh: the fuzz targets need a nightly Rust toolchain and rustup is not installed:" >&2
+      echo "  install rustup (https://rustup.rs), then: rustup toolchain install nightly --profile minimal" >&2
+      return 1
+    fi
+    echo "setup.sh: installing the nightly toolchain (rustup toolchain install nightly)"
+    rustup toolchain install nightly --profile minimal >/dev/null || {
+      echo "setup.sh: 'rustup toolchain install nightly --profile minimal' failed (offline?)" >&2
+      return 1
+    }
+  fi
+  if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "setup.sh: installing cargo-fuzz (cargo install cargo-fuzz --locked)"
+    cargo install cargo-fuzz --locked >/dev/null 2>&1 || {
+      echo "setup.sh: 'cargo install cargo-fuzz --locked' failed: cannot reach crates.io?" >&2
+      return 1
+    }
+  fi
+  echo "setup.sh: fuzzing toolchain: $(cargo +nightly --version), $(cargo +nightly fuzz --version)"
+}
+if [ "${1:-}" = --fuzz ]; then
+  fuzz_toolchain
+  exit
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -46,6 +78,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "setup.sh: cargo not found: install a stable Rust toolchain (rustup) first" >&2
   exit 1
 fi
+
+fuzz_toolchain || exit 1
 
 # eBPF and the lab need cgroup v2 and bpffs; report, do not change the host's mounts here.
 if ! grep -q cgroup2 /proc/mounts; then

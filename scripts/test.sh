@@ -11,9 +11,11 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== shellcheck"
-shellcheck scripts/*.sh .ci/run
+shellcheck scripts/*.sh fuzz/*.sh .ci/run
 # -x: the kind scripts source multicluster-kind/lib.sh.
 shellcheck -x multicluster-kind/*.sh
+echo "== fuzz targets (2 s each; scripts/fuzz.sh --time 600 for a real run)"
+bash scripts/fuzz.sh --time 2
 echo "== tests"
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci

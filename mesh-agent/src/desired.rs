@@ -117,16 +117,54 @@ pub enum DropReason {
     /// Another entry already holds this IP (the local cluster's entries win, then clusters
     /// in name order, node IPs before endpoints).
     DuplicateIp { kept: ClusterName },
+    /// IPv6 (issue 16 part 6): the maps are IPv4-only, so these are left out and counted
+    /// (metric reason `ipv6`), never programmed half-way. An IPv6 endpoint or node IP.
+    Ipv6,
+    /// An IPv4 endpoint whose node IP (the tunnel endpoint) is IPv6.
+    Ipv6NodeIp(IpAddr),
+    /// A service frontend `[vip]:port/protocol` (its backends are IPv6 too: `plan_node`
+    /// matches address families).
+    Ipv6Frontend(String),
+}
+
+impl DropReason {
+    /// The `reason` label of `mesh_agent_dropped_entries`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DropReason::IdentityOutOfRange(_) => "identity_out_of_range",
+            DropReason::ConfigUnknown => "config_unknown",
+            DropReason::DuplicateIp { .. } => "duplicate_ip",
+            DropReason::Ipv6 | DropReason::Ipv6NodeIp(_) | DropReason::Ipv6Frontend(_) => "ipv6",
+        }
+    }
 }
 
 impl fmt::Display for Dropped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ipcache entry {} of cluster {}: ", self.ip, self.cluster)?;
+        const NO_IPV6: &str = "IPv6 is not supported (mesh is IPv4-only), not programmed";
+        let (ip, cluster) = (self.ip, &self.cluster);
         match &self.reason {
-            DropReason::IdentityOutOfRange(e) => write!(f, "{e}"),
-            DropReason::ConfigUnknown => f.write_str("the cluster's config is not known yet"),
-            DropReason::DuplicateIp { kept } => {
-                write!(f, "the IP is already used by cluster {kept}")
+            DropReason::Ipv6Frontend(frontend) => {
+                write!(
+                    f,
+                    "service frontend {frontend} of cluster {cluster}: {NO_IPV6}"
+                )
+            }
+            reason => {
+                write!(f, "ipcache entry {ip} of cluster {cluster}: ")?;
+                match reason {
+                    DropReason::IdentityOutOfRange(e) => write!(f, "{e}"),
+                    DropReason::ConfigUnknown => {
+                        f.write_str("the cluster's config is not known yet")
+                    }
+                    DropReason::DuplicateIp { kept } => {
+                        write!(f, "the IP is already used by cluster {kept}")
+                    }
+                    DropReason::Ipv6 | DropReason::Ipv6Frontend(_) => f.write_str(NO_IPV6),
+                    DropReason::Ipv6NodeIp(host) => {
+                        write!(f, "its node IP {host} is IPv6: {NO_IPV6}")
+                    }
+                }
             }
         }
     }
@@ -158,6 +196,15 @@ pub fn compute<S: Borrow<ClusterState>>(
     // Services.
     let plan = plan_node(&mesh_view(clusters, local_cluster), node);
     for (frontend, selected) in plan.programmed() {
+        if frontend.vip.is_ipv6() {
+            // Its backends are IPv6 too (`plan_node` matches address families).
+            dropped.push(Dropped {
+                cluster: local_cluster.clone(),
+                ip: frontend.vip,
+                reason: DropReason::Ipv6Frontend(frontend.to_string()),
+            });
+            continue;
+        }
         let proto = frontend.protocol;
         let mut backends = Vec::new();
         for b in selected {
@@ -200,6 +247,19 @@ pub fn compute<S: Borrow<ClusterState>>(
         };
         let is_local = name == local_cluster;
         let mut insert = |ip: IpAddr, info: IpcacheInfo, dropped: &mut Vec<Dropped>| {
+            let ipv6 = match (ip, info.host_ip) {
+                (IpAddr::V6(_), _) => Some(DropReason::Ipv6),
+                (_, Some(host @ IpAddr::V6(_))) => Some(DropReason::Ipv6NodeIp(host)),
+                _ => None,
+            };
+            if let Some(reason) = ipv6 {
+                dropped.push(Dropped {
+                    cluster: name.clone(),
+                    ip,
+                    reason,
+                });
+                return;
+            }
             let prefix = IpNet::from(ip);
             if let Some(kept) = owner.get(&prefix) {
                 dropped.push(Dropped {
@@ -830,11 +890,43 @@ mod tests {
             .next()
             .unwrap();
         svc.frontends.push(ip("fd00:96::10"));
-        let d = desired_of(&clusters);
+        let (d, _) = compute(&clusters, &name("local"), NODE);
         assert_eq!(d.services[&frontend("10.96.0.10")], [tcp("10.1.0.5", 8080)]);
+        // IPv6 (issue 16 part 6): left out explicitly, never programmed.
+        assert!(!d.services.contains_key(&frontend("fd00:96::10")));
+        assert!(d.backends.keys().all(|b| b.ip.is_ipv4()));
+    }
+
+    #[test]
+    fn compute_drops_ipv6_with_a_reason() {
+        let mut clusters = mesh(vec![backend("fd00:1::5", NODE, true, 8080)], vec![]);
+        let local = clusters.get_mut(&name("local")).unwrap();
+        local.services.values_mut().next().unwrap().frontends = vec![ip("fd00:96::10")];
+        local.endpoints.insert(
+            ip("fd00:1::5"),
+            endpoint("fd00:1::5", (1 << 16) | 300, NODE, "192.168.1.1"),
+        );
+        // An IPv4 endpoint whose node IP is IPv6: no IPv4 tunnel endpoint to program.
+        local.endpoints.insert(
+            ip("10.1.0.9"),
+            endpoint("10.1.0.9", (1 << 16) | 300, NODE, "fd00::1"),
+        );
+        let (d, dropped) = compute(&clusters, &name("local"), NODE);
+        assert!(d.services.is_empty(), "{:?}", d.services);
+        assert!(d.ipcache.keys().all(|p| matches!(p, IpNet::V4(_))));
+        assert!(!d.ipcache.contains_key(&IpNet::from(ip("10.1.0.9"))));
+        let ipv6: Vec<String> = dropped
+            .iter()
+            .filter(|d| d.reason.label() == "ipv6")
+            .map(|d| d.to_string())
+            .collect();
         assert_eq!(
-            d.services[&frontend("fd00:96::10")],
-            [tcp("fd00:1::5", 8080)]
+            ipv6,
+            [
+                "service frontend [fd00:96::10]:80/TCP of cluster local: IPv6 is not supported (mesh is IPv4-only), not programmed",
+                "ipcache entry 10.1.0.9 of cluster local: its node IP fd00::1 is IPv6: IPv6 is not supported (mesh is IPv4-only), not programmed",
+                "ipcache entry fd00:1::5 of cluster local: IPv6 is not supported (mesh is IPv4-only), not programmed",
+            ]
         );
     }
 

@@ -44,7 +44,6 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 pub use config::{Args, Settings};
 
 use crate::datapath::{Datapath, DatapathConfig};
-use crate::desired::DropReason;
 use crate::metrics::{
     ClusterLabels, KindLabels, MapLabels, Metrics, OpLabels, Readiness, ReasonLabels,
 };
@@ -625,11 +624,7 @@ impl Agent {
     fn record_dropped(&self, dropped: &[desired::Dropped]) {
         let mut by_reason: BTreeMap<&str, i64> = BTreeMap::new();
         for d in dropped {
-            let reason = match d.reason {
-                DropReason::IdentityOutOfRange(_) => "identity_out_of_range",
-                DropReason::ConfigUnknown => "config_unknown",
-                DropReason::DuplicateIp { .. } => "duplicate_ip",
-            };
+            let reason = d.reason.label();
             debug!(entry = %d, "dropped");
             *by_reason.entry(reason).or_default() += 1;
         }

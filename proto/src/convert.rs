@@ -91,6 +91,15 @@ impl Ctx {
         Ok(v.to_owned())
     }
 
+    /// A name that is one segment of an object's key (`<namespace>/<name>` for services):
+    /// with a `/` it would be another object's key, and a delete could not find it.
+    fn key_segment(&self, field: &str, v: &str) -> Result<String, ConvertError> {
+        if v.contains('/') {
+            return Err(self.err(field, v, "must not contain '/'"));
+        }
+        self.non_empty(field, v)
+    }
+
     fn protocol(&self, field: impl Into<String>, v: i32) -> Result<Protocol, ConvertError> {
         match pb::Protocol::try_from(v) {
             Ok(pb::Protocol::Tcp) => Ok(Protocol::Tcp),
@@ -341,8 +350,8 @@ impl TryFrom<pb::GlobalService> for GlobalService {
             .collect::<Result<_, ConvertError>>()?;
         Ok(GlobalService {
             cluster: ctx.cluster("cluster", &s.cluster)?,
-            namespace: ctx.non_empty("namespace", &s.namespace)?,
-            name: ctx.non_empty("name", &s.name)?,
+            namespace: ctx.key_segment("namespace", &s.namespace)?,
+            name: ctx.key_segment("name", &s.name)?,
             shared: s.shared,
             affinity: affinity.into(),
             internal_traffic_policy: itp.into(),
@@ -793,6 +802,22 @@ mod tests {
         assert_eq!(obj.kind(), pb::Kind::Service);
         let bytes = encode_object(&obj);
         assert_eq!(decode_object(pb::Kind::Service, &bytes).unwrap(), obj);
+    }
+
+    #[test]
+    /// Found by the `etcd_value` fuzz target: a service whose namespace held a `/`
+    /// (`defaul/` + `web`) was accepted under the key `defaul//web`, and its delete, split
+    /// at the first `/`, missed it: a stale service forever.
+    #[test]
+    fn service_names_cannot_hold_the_key_separator() {
+        for (ns, name) in [("defaul/", "web"), ("default", "a/b"), ("", "web")] {
+            let mut s = svc();
+            s.namespace = ns.into();
+            s.name = name.into();
+            let e = GlobalService::try_from(s).unwrap_err();
+            let field = if ns == "default" { "name" } else { "namespace" };
+            assert_eq!(e.field, field, "{e}");
+        }
     }
 
     #[test]

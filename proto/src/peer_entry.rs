@@ -22,7 +22,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use mesh_core::ClusterName;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::tls;
@@ -194,19 +194,28 @@ pub fn parse_entries<'a>(entries: impl IntoIterator<Item = (&'a str, &'a [u8])>)
     set
 }
 
+/// The serialized form of an entry, in the order people read it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RenderedEntry<'a> {
+    name: &'a str,
+    address: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_name: Option<&'a str>,
+    ca: &'a str,
+}
+
 /// Renders a peer entry in the format [`parse_entry`] reads (for `meshctl connect` and tests).
+/// Serialized by serde_yaml, so any value (quotes, colons, newlines, control characters)
+/// reads back as written: `parse_entry(render_entry(spec)) == spec`.
 pub fn render_entry(spec: &PeerSpec) -> String {
-    let mut out = format!("name: {}\naddress: {:?}\n", spec.name, spec.address);
-    if let Some(s) = &spec.server_name {
-        out.push_str(&format!("serverName: {s:?}\n"));
-    }
-    out.push_str("ca: |\n");
-    for line in spec.ca_pem.lines() {
-        out.push_str("  ");
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
+    serde_yaml::to_string(&RenderedEntry {
+        name: spec.name.as_str(),
+        address: &spec.address,
+        server_name: spec.server_name.as_deref(),
+        ca: &spec.ca_pem,
+    })
+    .expect("a struct of strings always serializes")
 }
 
 #[cfg(test)]
@@ -252,6 +261,33 @@ mod tests {
         assert!(matches!(e, EntryError::InvalidAddress { .. }), "{e}");
         let e = parse_entry("east.json", br#"{"address": "a:1", "ca": "garbage"}"#).unwrap_err();
         assert!(matches!(e, EntryError::InvalidCa { .. }), "{e}");
+    }
+
+    /// Found by fuzzing (the `peer_entry` target's round trip): entries were rendered with Rust's `{:?}`
+    /// escaping, which is not YAML's (a control character or a `\\u{..}` escape did not read
+    /// back, and a server name could break the line). They are serialized by serde_yaml now.
+    #[test]
+    fn rendered_entries_read_back_as_written() {
+        let ca = mesh_testkit::certs::TestCa::new("east");
+        for (address, server_name) in [
+            ("east.example:7443", Some("mesh.east")),
+            ("\u{1}east:7443", Some("a\u{7f}b")),
+            ("[fd00::1]:7443", Some("x: y\n#z")),
+            ("host:1", Some("'quoted' \"and\" \\ back")),
+            ("host:1", None),
+        ] {
+            let spec = PeerSpec {
+                name: "east".parse().unwrap(),
+                address: address.into(),
+                ca_pem: format!("{}\n  indented trailer  ", ca.cert_pem),
+                server_name: server_name.map(String::from),
+            };
+            let rendered = render_entry(&spec);
+            let parsed = parse_entry("east.yaml", rendered.as_bytes())
+                .unwrap_or_else(|e| panic!("{rendered}: {e}"))
+                .unwrap();
+            assert_eq!(parsed, spec, "{rendered}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use mesh_core::select::{Reader, policy_presented, service_presented};
 use mesh_proto::keys::own_readers_only;
 use mesh_proto::pb::Kind;
+use mesh_proto::request::RequestError;
 use mesh_proto::tls::{AuthError, ServerTls};
 use prost::Message;
 use tonic::Status;
@@ -29,7 +30,7 @@ pub enum ServeError {
     #[error("invalid cluster name in request: {0}")]
     InvalidCluster(#[source] mesh_core::Error),
     #[error(
-        "unknown kind {0} in request: expected one of config, node, identity, endpoint, service"
+        "unknown kind {0} in request: expected one of config, node, identity, endpoint, service, policy, link"
     )]
     InvalidKind(i32),
     #[error(
@@ -77,6 +78,27 @@ impl ServeError {
             ServeError::NodeMismatch { .. } => "node_mismatch",
             _ => return None,
         })
+    }
+}
+
+impl ServeError {
+    /// A refusal of [`mesh_proto::request`]'s validation, naming the caller where it matters.
+    pub(super) fn from_request(e: RequestError, access: &Access) -> Self {
+        match e {
+            RequestError::InvalidCluster(e) => ServeError::InvalidCluster(e),
+            RequestError::InvalidKind(k) => ServeError::InvalidKind(k),
+            RequestError::InvalidRevision(r) => ServeError::InvalidRevision(r),
+            RequestError::ForeignCluster { serving, requested } => ServeError::ForeignCluster {
+                caller: access.who().to_owned(),
+                serving,
+                requested,
+            },
+            RequestError::InvalidNode(n) => ServeError::InvalidNode(n),
+            RequestError::NodeMismatch { node, .. } => ServeError::NodeMismatch {
+                caller: access.who().to_owned(),
+                node,
+            },
+        }
     }
 }
 

@@ -1,14 +1,13 @@
 //! The `mesh.v1.Mesh` service and its tonic wrapper [`MeshGrpc`].
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{GetOptions, PutOptions};
-use mesh_core::ClusterName;
 use mesh_core::select::Reader;
 use mesh_proto::keys::Keys;
-use mesh_proto::pb::{self, Kind, mesh_server};
+use mesh_proto::pb::{self, mesh_server};
+use mesh_proto::request;
 use mesh_proto::tls::{Caller, ConnInfo, Role};
 use prost::Message;
 use tokio::sync::watch;
@@ -170,50 +169,23 @@ impl MeshService {
         }
     }
 
-    /// Validates a watch request against the caller's access.
+    /// Validates a watch request against the caller's access
+    /// ([`mesh_proto::request::watch_scope`], a pure function the fuzz targets drive).
     pub(super) fn filter(
         &self,
         access: &Access,
         req: &pb::WatchRequest,
     ) -> Result<StreamFilter, ServeError> {
-        if req.resume_revision < 0 {
-            return Err(ServeError::InvalidRevision(req.resume_revision));
-        }
-        let mut clusters = BTreeSet::new();
-        for c in &req.clusters {
-            let name = ClusterName::new(c.clone()).map_err(ServeError::InvalidCluster)?;
-            clusters.insert(name.to_string());
-        }
-        let mut kinds = BTreeSet::new();
-        for k in &req.kinds {
-            match Kind::try_from(*k) {
-                Ok(Kind::Unspecified) | Err(_) => return Err(ServeError::InvalidKind(*k)),
-                Ok(kind) => {
-                    kinds.insert(kind as i32);
-                }
-            }
-        }
-        let local = self.local_cluster();
-        let (clusters, reader) = match access {
-            Access::Local { .. } => (
-                (!clusters.is_empty()).then_some(clusters),
-                Reader::OwnCluster,
-            ),
-            Access::Peer { who } => {
-                if let Some(other) = clusters.iter().find(|c| c.as_str() != local) {
-                    return Err(ServeError::ForeignCluster {
-                        caller: who.clone(),
-                        serving: local.to_owned(),
-                        requested: other.clone(),
-                    });
-                }
-                (Some(BTreeSet::from([local.to_owned()])), Reader::Peer)
-            }
+        let reader = match access {
+            Access::Local { .. } => Reader::OwnCluster,
+            Access::Peer { .. } => Reader::Peer,
         };
+        let scope = request::watch_scope(self.local_cluster(), reader, req)
+            .map_err(|e| ServeError::from_request(e, access))?;
         Ok(StreamFilter {
-            clusters,
-            kinds,
-            reader,
+            clusters: scope.clusters,
+            kinds: scope.kinds,
+            reader: scope.reader,
         })
     }
 
@@ -407,16 +379,12 @@ impl mesh_server::Mesh for MeshService {
             }
         };
         let report_node = req.get_ref().node.clone();
-        if let Some(n) = &cert_node
-            && *n != report_node
-        {
-            return Err(refuse(ServeError::NodeMismatch {
-                caller: access.who().to_owned(),
-                node: report_node,
-            }));
-        }
-        if report_node.is_empty() || report_node.contains('/') || report_node.len() > 253 {
-            return Err(ServeError::InvalidNode(report_node).into());
+        if let Err(e) = request::check_report(cert_node.as_deref(), req.get_ref()) {
+            let e = ServeError::from_request(e, &access);
+            if e.refusal_reason().is_some() {
+                return Err(refuse(e));
+            }
+            return Err(e.into());
         }
         let mut status = req.into_inner();
         if status.reported_at_unix_ms == 0 {

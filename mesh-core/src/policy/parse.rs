@@ -131,7 +131,8 @@ pub fn parse_policy(object: &Value, cluster: &ClusterName) -> Result<Policy, Pol
     if !p.errors.is_empty() {
         return Err(PolicyError::Invalid {
             kind,
-            object: reference.object(),
+            // Not `reference.object()`: a clusterwide policy without a name would be "".
+            object: object_name(reference.namespace.as_deref(), &reference.name),
             errors: p.errors,
         });
     }

@@ -1521,3 +1521,24 @@ spec:
     assert_eq!(d(1), Deny, "world is not an unknown cluster's identity");
     assert_eq!(d(2), Allow);
 }
+
+/// Found by the `policy` fuzz target: a clusterwide policy without a name was refused with
+/// an error naming no object (`": metadata.name: missing..."`).
+#[test]
+fn errors_name_the_object_even_without_a_name() {
+    let v = serde_json::json!({
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumClusterwideNetworkPolicy",
+        "spec": {"endpointSelector": {}},
+    });
+    let e = parse_policy(&v, &east()).unwrap_err();
+    assert!(e.to_string().starts_with("<unnamed>: metadata.name"), "{e}");
+    let mut v = v;
+    v["kind"] = "CiliumNetworkPolicy".into();
+    let e = parse_policy(&v, &east()).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("default/<unnamed>: metadata.name"),
+        "{e}"
+    );
+}

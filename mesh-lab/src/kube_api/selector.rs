@@ -54,6 +54,19 @@ fn valid_key(k: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
+/// A label value as Kubernetes validates it (`IsValidLabelValue`): empty, or at most 63
+/// characters, alphanumeric at both ends, `-`, `_`, `.` inside. kube-apiserver refuses a
+/// selector with any other value, and so the canonical form
+/// ([`LabelSelector::to_string_form`]) always parses back to the same selector.
+fn valid_value(v: &str) -> bool {
+    let inner_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    v.is_empty()
+        || (v.len() <= 63
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+            && v.chars().all(inner_ok))
+}
+
 fn bad_label(s: &str, why: &str) -> ApiError {
     ApiError::bad_request(format!(
         "unable to parse requirement: invalid label selector {s:?}: {why}"
@@ -78,11 +91,28 @@ impl LabelSelector {
                 .strip_prefix('(')
                 .and_then(|r| r.strip_suffix(')'))
                 .ok_or_else(|| format!("expected a parenthesised set in {t:?}"))?;
-            Ok(inner
+            let values: BTreeSet<String> = inner
                 .split(',')
                 .map(|v| v.trim().to_string())
                 .filter(|v| !v.is_empty())
-                .collect())
+                .collect();
+            if values.is_empty() {
+                return Err(format!(
+                    "for 'in', 'notin' operators, values set can't be empty in {t:?}"
+                ));
+            }
+            if let Some(bad) = values.iter().find(|v| !valid_value(v)) {
+                return Err(format!("invalid label value {bad:?}"));
+            }
+            Ok(values)
+        };
+        let value_of = |v: &str| -> std::result::Result<String, String> {
+            let v = v.trim();
+            if valid_value(v) {
+                Ok(v.into())
+            } else {
+                Err(format!("invalid label value {v:?}"))
+            }
         };
         if let Some(k) = t.strip_prefix('!') {
             let k = k.trim();
@@ -101,13 +131,13 @@ impl LabelSelector {
             }
         };
         if let Some((k, v)) = t.split_once("!=") {
-            return Ok(LabelReq::NotEq(key_of(k)?, v.trim().into()));
+            return Ok(LabelReq::NotEq(key_of(k)?, value_of(v)?));
         }
         if let Some((k, v)) = t.split_once("==") {
-            return Ok(LabelReq::Eq(key_of(k)?, v.trim().into()));
+            return Ok(LabelReq::Eq(key_of(k)?, value_of(v)?));
         }
         if let Some((k, v)) = t.split_once('=') {
-            return Ok(LabelReq::Eq(key_of(k)?, v.trim().into()));
+            return Ok(LabelReq::Eq(key_of(k)?, value_of(v)?));
         }
         if let Some((k, rest)) = t.split_once(" notin ") {
             return Ok(LabelReq::NotIn(key_of(k)?, set(rest)?));
@@ -298,6 +328,40 @@ mod tests {
         let sel = LabelSelector::from_object(&json!({"matchLabels": {"app": "web"}}));
         assert!(sel.matches(&o));
         assert_eq!(sel.to_string_form(), "app=web");
+    }
+
+    /// Found by fuzzing (the `lab_selector` target's round trip through
+    /// `to_string_form`): values were not validated, so `a=(x,b` or `a in ((x),y)` were
+    /// accepted with values Kubernetes refuses, and some did not read back the same.
+    #[test]
+    fn label_values_are_validated_as_kubernetes_does() {
+        for bad in [
+            "a=(x,b",
+            "a in ((x),y)",
+            "a=b c",
+            "a!=-x",
+            "a in ()",
+            "a notin ( , )",
+            "a=x.",
+            &format!("a={}", "x".repeat(64)),
+        ] {
+            let e = LabelSelector::parse(bad).unwrap_err();
+            assert_eq!(e.code, 400, "{bad}");
+        }
+        for good in [
+            "a=",
+            "a=x",
+            "a==x-y_z.0",
+            "a in (x, y.z)",
+            &format!("a={}", "x".repeat(63)),
+        ] {
+            let sel = LabelSelector::parse(good).unwrap();
+            assert_eq!(
+                LabelSelector::parse(&sel.to_string_form()).unwrap(),
+                sel,
+                "{good}"
+            );
+        }
     }
 
     #[test]
