@@ -151,6 +151,7 @@ fn endpoint_kv(keys: &Keys, i: usize, sizes: &Sizes, per_node: usize) -> (String
             node: format!("node-{node}"),
             namespace: format!("ns-{}", i % NAMESPACES),
             pod: format!("pod-{i}"),
+            named_ports: vec![],
         }),
     )
 }
@@ -230,6 +231,7 @@ fn peer_data(keys: &Keys, sizes: &Sizes, per_node: usize) -> Vec<(String, Vec<u8
                 cluster: PEER.into(),
                 namespace: ns,
                 name,
+                local_only: false,
                 shared: true,
                 affinity: pb::Affinity::None.into(),
                 internal_traffic_policy: pb::TrafficPolicy::Cluster.into(),

@@ -742,6 +742,7 @@ mod tests {
                 node: node.into(),
                 namespace: "default".into(),
                 pod: pod.into(),
+                named_ports: Vec::new(),
             };
             self.put(
                 cluster,
