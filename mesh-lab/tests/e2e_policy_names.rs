@@ -102,7 +102,10 @@ fn names_resolve_under_default_deny_and_namespaces_and_invalid_policies_behave()
     // Egress default deny for namespace demo with the DNS allowance, and Cilium's example:
     // x-wing may reach rebel-base only in west.
     lab.kubectl("east", &["apply", "-f", &policy_file("default-deny.yaml")]);
-    lab.kubectl("east", &["apply", "-f", &policy_file("x-wing-to-west.yaml")]);
+    lab.kubectl(
+        "east",
+        &["apply", "-f", &policy_file("x-wing-to-west.yaml")],
+    );
     lab.converge(
         "east",
         "rebel-base",
@@ -152,9 +155,18 @@ fn names_resolve_under_default_deny_and_namespaces_and_invalid_policies_behave()
     assert!(e.contains("DENY") && e.contains("default deny"), "{e}");
     let e = lab.meshctl(
         "east",
-        &["service", "explain", "kube-system/kube-dns", "--from", &from],
+        &[
+            "service",
+            "explain",
+            "kube-system/kube-dns",
+            "--from",
+            &from,
+        ],
     );
-    assert!(e.contains("spec.egress[1]") || e.contains("spec.egress[0]"), "{e}");
+    assert!(
+        e.contains("spec.egress[1]") || e.contains("spec.egress[0]"),
+        "{e}"
+    );
 
     // A NetworkPolicy with a namespaceSelector and a named port (rebel-base's "http" is
     // 8080): clients of namespace rebels may reach east's rebel-base, those of empire not.
@@ -170,10 +182,20 @@ fn names_resolve_under_default_deny_and_namespaces_and_invalid_policies_behave()
                 "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    squad: {squad}\n"
             ),
         );
-        lab.apply_yaml("east", &xwing_yaml.replace("namespace: demo", &format!("namespace: {ns}")));
+        lab.apply_yaml(
+            "east",
+            &xwing_yaml.replace("namespace: demo", &format!("namespace: {ns}")),
+        );
         lab.kubectl(
             "east",
-            &["-n", ns, "rollout", "status", "deployment/x-wing", "--timeout=90s"],
+            &[
+                "-n",
+                ns,
+                "rollout",
+                "status",
+                "deployment/x-wing",
+                "--timeout=90s",
+            ],
         );
     }
     lab.apply_yaml(
@@ -206,7 +228,8 @@ spec:
         ],
     );
     let url = format!("http://{rebel_ip}:8080/");
-    let namespaces_behave = || match (request(&lab, "rebels", &url), request(&lab, "empire", &url)) {
+    let namespaces_behave = || match (request(&lab, "rebels", &url), request(&lab, "empire", &url))
+    {
         ((true, _), (false, _)) => Ok(()),
         (rebels, empire) => Err(format!("rebels: {rebels:?}; empire: {empire:?}")),
     };
@@ -250,7 +273,12 @@ spec:
         "{events}"
     );
     let steady = lab.replies("east", "rebel-base", "cluster", 20);
-    assert_eq!(counts(&steady).get("west"), Some(&20), "{:?}", counts(&steady));
+    assert_eq!(
+        counts(&steady).get("west"),
+        Some(&20),
+        "{:?}",
+        counts(&steady)
+    );
     namespaces_behave().expect("the namespaceSelector policy is still enforced");
     let (ok, out) = request(&lab, "demo", metrics);
     assert!(!ok, "the default deny is still enforced: {out}");

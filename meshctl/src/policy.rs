@@ -1080,46 +1080,68 @@ mod tests {
             );
         }
         s.pod("east", 303, "coredns", "kube-dns", "10.1.0.53", "e1");
-        let svc = |cluster: &str, name: &str, global: bool, vip: &str, port: u16, backends: &[&str]| {
-            let svc = mesh_core::GlobalService {
-                cluster: ClusterName::new(cluster).unwrap(),
-                namespace: "default".into(),
-                name: name.into(),
-                global,
-                shared: true,
-                affinity: mesh_core::Affinity::None,
-                internal_traffic_policy: mesh_core::TrafficPolicy::Cluster,
-                ports: vec![mesh_core::ServicePort {
-                    name: "p".into(),
-                    protocol: Protocol::Tcp,
-                    port,
-                }],
-                frontends: vec![vip.parse().unwrap()],
-                backends: backends
-                    .iter()
-                    .map(|ip| mesh_core::Backend {
-                        ip: ip.parse().unwrap(),
-                        ports: vec![mesh_core::ServicePort {
-                            name: "p".into(),
-                            protocol: Protocol::Tcp,
-                            port,
-                        }],
-                        node: "n".into(),
-                        zone: String::new(),
-                        conditions: mesh_core::BackendConditions {
-                            ready: true,
-                            serving: true,
-                            terminating: false,
-                        },
-                    })
-                    .collect(),
+        let svc =
+            |cluster: &str, name: &str, global: bool, vip: &str, port: u16, backends: &[&str]| {
+                let svc = mesh_core::GlobalService {
+                    cluster: ClusterName::new(cluster).unwrap(),
+                    namespace: "default".into(),
+                    name: name.into(),
+                    global,
+                    shared: true,
+                    affinity: mesh_core::Affinity::None,
+                    internal_traffic_policy: mesh_core::TrafficPolicy::Cluster,
+                    ports: vec![mesh_core::ServicePort {
+                        name: "p".into(),
+                        protocol: Protocol::Tcp,
+                        port,
+                    }],
+                    frontends: vec![vip.parse().unwrap()],
+                    backends: backends
+                        .iter()
+                        .map(|ip| mesh_core::Backend {
+                            ip: ip.parse().unwrap(),
+                            ports: vec![mesh_core::ServicePort {
+                                name: "p".into(),
+                                protocol: Protocol::Tcp,
+                                port,
+                            }],
+                            node: "n".into(),
+                            zone: String::new(),
+                            conditions: mesh_core::BackendConditions {
+                                ready: true,
+                                serving: true,
+                                terminating: false,
+                            },
+                        })
+                        .collect(),
+                };
+                (svc.key(), pb::event::Value::Service((&svc).into()))
             };
-            (svc.key(), pb::event::Value::Service((&svc).into()))
-        };
         for (cluster, name, global, vip, port, backends) in [
-            ("east", "rebel-base", true, "10.101.0.20", 80, &["10.1.1.20"][..]),
-            ("west", "rebel-base", true, "10.102.0.20", 80, &["10.2.0.20"][..]),
-            ("east", "kube-dns", false, "10.101.0.10", 53, &["10.1.0.53"][..]),
+            (
+                "east",
+                "rebel-base",
+                true,
+                "10.101.0.20",
+                80,
+                &["10.1.1.20"][..],
+            ),
+            (
+                "west",
+                "rebel-base",
+                true,
+                "10.102.0.20",
+                80,
+                &["10.2.0.20"][..],
+            ),
+            (
+                "east",
+                "kube-dns",
+                false,
+                "10.101.0.10",
+                53,
+                &["10.1.0.53"][..],
+            ),
         ] {
             let (key, value) = svc(cluster, name, global, vip, port, backends);
             s.put(cluster, pb::Kind::Service, key, value);
@@ -1153,7 +1175,10 @@ mod tests {
             .collect();
         assert_eq!(
             verdicts,
-            [("east".into(), Verdict::Deny), ("west".into(), Verdict::Allow)]
+            [
+                ("east".into(), Verdict::Deny),
+                ("west".into(), Verdict::Allow)
+            ]
         );
         assert_eq!(eg.result, "allowed");
         assert!(
@@ -1191,7 +1216,11 @@ mod tests {
         assert!(!e.global);
         let eg = e.programmed[0].egress.as_ref().unwrap();
         assert_eq!(eg.result, "refused");
-        assert_eq!(eg.backends[0].identity, (1 << 16) | 303, "the backend pod's identity");
+        assert_eq!(
+            eg.backends[0].identity,
+            (1 << 16) | 303,
+            "the backend pod's identity"
+        );
         // A client of another cluster: its policies are not served here.
         let err = crate::service::explain_from(
             &s.0,

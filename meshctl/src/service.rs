@@ -16,12 +16,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use mesh_core::identity::RESERVED_WORLD;
+use mesh_core::policy::{Decision, Outcome, choose_backends};
 use mesh_core::select::{
     Claim, Excluded, FrontendPlan, GateInput, NodePlan, SelectedBackend, ServicePlan, SyncGate,
     plan_node,
 };
-use mesh_core::identity::RESERVED_WORLD;
-use mesh_core::policy::{Decision, Outcome, choose_backends};
 use mesh_core::{ClusterName, GlobalService, IdentityId, Protocol};
 use mesh_proto::client::WatchUpdate;
 use mesh_proto::pb;
@@ -458,19 +458,26 @@ pub fn explain_from(
              apiserver serves (run this against cluster {cluster}'s apiserver)"
         );
     }
-    let node = if node.is_empty() { client.node.as_str() } else { node };
+    let node = if node.is_empty() {
+        client.node.as_str()
+    } else {
+        node
+    };
     let mut e = explain(watched, node, key, gate)?;
     let client_name = format!("{from} ({}, identity {})", client.ip, client.identity.0);
-    let identity_of = |ip: IpAddr| -> IdentityId {
-        ipcache_identity(&loaded, local, node, ip)
-    };
+    let identity_of = |ip: IpAddr| -> IdentityId { ipcache_identity(&loaded, local, node, ip) };
     for f in &mut e.programmed {
         let backends: Vec<(IdentityId, u16)> = f
             .backends
             .iter()
             .map(|b| (identity_of(b.ip), b.port))
             .collect();
-        let choice = choose_backends(&loaded.view.compiled, client.identity, f.protocol, &backends);
+        let choice = choose_backends(
+            &loaded.view.compiled,
+            client.identity,
+            f.protocol,
+            &backends,
+        );
         let (outcome, result) = match &choice.outcome {
             Outcome::AnyBackend => (
                 "egress not enforced for this client: any backend, as without policy".to_string(),

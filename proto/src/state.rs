@@ -761,7 +761,13 @@ mod tests {
         let mut s = MeshState::new(east());
         let identity = |id: u32, app: &str| {
             let labels = IdentityLabels::for_pod_in_namespace(&east(), "shop", [], [("app", app)]);
-            pb::event::Value::Identity((&Identity { id: IdentityId(id), labels }).into())
+            pb::event::Value::Identity(
+                (&Identity {
+                    id: IdentityId(id),
+                    labels,
+                })
+                    .into(),
+            )
         };
         let endpoint = |ip: &str, id: u32, ports: &[(&str, u16)]| {
             pb::event::Value::Endpoint(pb::Endpoint {
@@ -784,11 +790,27 @@ mod tests {
         s.apply(upsert(Kind::Identity, "65792", identity(web, "web")));
         s.apply(upsert(Kind::Identity, "65793", identity(web2, "web2")));
         s.apply(upsert(Kind::Identity, "65794", identity(client, "client")));
-        s.apply(upsert(Kind::Endpoint, "10.1.0.1", endpoint("10.1.0.1", web, &[("http", 8080)])));
+        s.apply(upsert(
+            Kind::Endpoint,
+            "10.1.0.1",
+            endpoint("10.1.0.1", web, &[("http", 8080)]),
+        ));
         // Two pods of one identity: the union of their names.
-        s.apply(upsert(Kind::Endpoint, "10.1.0.2", endpoint("10.1.0.2", web2, &[("http", 9090)])));
-        s.apply(upsert(Kind::Endpoint, "10.1.0.3", endpoint("10.1.0.3", web2, &[("admin", 9091)])));
-        s.apply(upsert(Kind::Endpoint, "10.1.0.4", endpoint("10.1.0.4", client, &[])));
+        s.apply(upsert(
+            Kind::Endpoint,
+            "10.1.0.2",
+            endpoint("10.1.0.2", web2, &[("http", 9090)]),
+        ));
+        s.apply(upsert(
+            Kind::Endpoint,
+            "10.1.0.3",
+            endpoint("10.1.0.3", web2, &[("admin", 9091)]),
+        ));
+        s.apply(upsert(
+            Kind::Endpoint,
+            "10.1.0.4",
+            endpoint("10.1.0.4", client, &[]),
+        ));
         let spec = serde_json::json!({
             "endpointSelector": {},
             "ingress": [{"toPorts": [{"ports": [{"port": "http", "protocol": "TCP"}]}]}],
@@ -801,8 +823,15 @@ mod tests {
             .unwrap()
             .unwrap();
         let verdict = |local: u32, dir, remote: u32, port| {
-            decide(&view.compiled, IdentityId(local), dir, IdentityId(remote), Protocol::Tcp, port)
-                .verdict
+            decide(
+                &view.compiled,
+                IdentityId(local),
+                dir,
+                IdentityId(remote),
+                Protocol::Tcp,
+                port,
+            )
+            .verdict
         };
         use Direction::{Egress, Ingress};
         // Ingress "http": each selected identity's own number.
@@ -810,7 +839,11 @@ mod tests {
         assert_eq!(verdict(web, Ingress, client, 9090), Verdict::Deny);
         assert_eq!(verdict(web2, Ingress, client, 9090), Verdict::Allow);
         assert_eq!(verdict(web2, Ingress, client, 8080), Verdict::Deny);
-        assert_eq!(verdict(client, Ingress, web, 8080), Verdict::Deny, "client names no http");
+        assert_eq!(
+            verdict(client, Ingress, web, 8080),
+            Verdict::Deny,
+            "client names no http"
+        );
         // Egress "admin": only to the identity that declares it, on its number.
         assert_eq!(verdict(client, Egress, web2, 9091), Verdict::Allow);
         assert_eq!(verdict(client, Egress, web, 9091), Verdict::Deny);

@@ -262,8 +262,20 @@ async fn peers_never_see_local_only_services() {
         st.reset(
             3,
             vec![
-                put("east", Kind::Service, "kube-system/kube-dns", svc_value("kube-dns", true), 2),
-                put("east", Kind::Service, "kube-system/web", svc_value("web", false), 3),
+                put(
+                    "east",
+                    Kind::Service,
+                    "kube-system/kube-dns",
+                    svc_value("kube-dns", true),
+                    2,
+                ),
+                put(
+                    "east",
+                    Kind::Service,
+                    "kube-system/web",
+                    svc_value("web", false),
+                    3,
+                ),
             ],
         )
     });

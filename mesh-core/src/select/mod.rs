@@ -603,10 +603,7 @@ mod tests {
         local.global = false;
         let remote = svc("east", vec![backend("10.2.0.1", "r1", READY)]);
         let s = run(&local, &[&remote]);
-        assert_eq!(
-            chosen(&s),
-            ["local/10.1.0.1:8080", "local/10.1.0.2:8080"]
-        );
+        assert_eq!(chosen(&s), ["local/10.1.0.1:8080", "local/10.1.0.2:8080"]);
         assert_eq!(reasons(&s), ["east/10.2.0.1: LocalService"]);
         assert_eq!(
             Reason::LocalService.to_string(),
@@ -626,10 +623,7 @@ mod tests {
         let mut remote_local = remote.clone();
         remote_local.global = false;
         let s = run(&global, &[&remote_local]);
-        assert_eq!(
-            chosen(&s),
-            ["local/10.1.0.1:8080", "local/10.1.0.2:8080"]
-        );
+        assert_eq!(chosen(&s), ["local/10.1.0.1:8080", "local/10.1.0.2:8080"]);
         assert_eq!(reasons(&s), ["east/10.2.0.1: NotGlobal"]);
     }
 

@@ -133,7 +133,10 @@ impl Lab {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("object.yaml");
         std::fs::write(&path, yaml).expect("writing the YAML");
-        self.kubectl(cluster, &["apply", "-f", path.to_str().expect("utf-8 path")]);
+        self.kubectl(
+            cluster,
+            &["apply", "-f", path.to_str().expect("utf-8 path")],
+        );
     }
 
     /// Applies the demo manifests in `examples/lab-demo/` to a cluster.
