@@ -14,9 +14,12 @@
 #   5. service.cilium.io/affinity=remote: only the remote cluster answers;
 #   6. internalTrafficPolicy: echo-1 (Cluster) answers from both nodes, echo-2 (Local)
 #      only from the client's node;
-#   7. network policy: Cilium's cluster-mesh example lets x-wing reach rebel-base only in
-#      west; every connection goes to west (none refused), `meshctl policy check` says why
-#      east's rebel-base is denied, `meshctl bpf policy list` shows the node's policy map.
+#   7. network policy: a default deny for namespace demo with the DNS allowance from Cilium's
+#      docs, and Cilium's cluster-mesh example letting x-wing reach rebel-base only in west;
+#      x-wing still resolves names and every connection goes to west (none refused),
+#      `meshctl service explain --from` shows that choice, a second client (tie-fighter) is
+#      refused at once (EPERM) and `meshctl policy check` says why, `meshctl bpf policy list`
+#      shows the node's policy map.
 # Each step waits (bounded) until the replies match, prints the counts, and fails if they
 # never do. The lab is removed at the end (KEEP=1 leaves it running: `mesh-lab down`).
 #
@@ -185,24 +188,45 @@ echo "  x-wing runs on $xwing_node; echo pods on ${echo_nodes[*]}"
 check east echo-1 node "${echo_nodes[@]}"
 check east echo-2 node "$xwing_node"
 
-say "7. Network policy across clusters: x-wing may reach rebel-base only in west"
+say "7. Network policy across clusters: default deny, DNS allowed, x-wing may reach rebel-base only in west"
 kc east -n demo annotate service rebel-base service.cilium.io/affinity- --overwrite
+kc east apply -f examples/lab-demo/tie-fighter.yaml
+kc east -n demo rollout status deployment/tie-fighter --timeout=90s
 check east rebel-base cluster east west
-echo "  (requests go to rebel-base's ClusterIP $vip: the lab DNS is a plain ClusterIP the"
-echo "   socket LB does not translate yet, see ARCHITECTURE.md 'Known gap')"
+# Cilium's cluster-mesh example first (it already puts x-wing's egress in default deny, so no
+# request of x-wing fails in between), then namespace demo's default deny in both directions
+# with the DNS allowance from Cilium's docs (kube-dns is a plain ClusterIP, translated by the
+# agents' socket LB like every Service, so the egress check sees the CoreDNS pod's identity).
 kc east apply -f examples/lab-demo/policy/x-wing-to-west.yaml
-check east "$vip" cluster west
-echo "  every connection went to an allowed backend in west: none was refused on east's"
+kc east apply -f examples/lab-demo/policy/default-deny.yaml
+check east rebel-base cluster west
+echo "  by name under default deny: the lookups were allowed, and every connection went to an"
+echo "  allowed backend in west: none was refused on east's"
 xwing_pod=$(kq east -n demo get pods -l app=x-wing -o jsonpath='{.items[0].metadata.name}')
+tie_pod=$(kq east -n demo get pods -l app=tie-fighter -o jsonpath='{.items[0].metadata.name}')
 east_rebel=$(kq east -n demo get pods -l app=rebel-base -o jsonpath='{.items[0].metadata.name}')
+west_rebel=$(kq west -n demo get pods -l app=rebel-base -o jsonpath='{.items[0].metadata.name}')
+run meshctl service explain demo/rebel-base --from "east/demo/$xwing_pod"
 printf '%s$ meshctl policy check --from east/demo/%s --to east/demo/%s --port 8080/TCP%s\n' \
   "$dim" "$xwing_pod" "$east_rebel" "$off"
 rc=0
 meshctl policy check --from "east/demo/$xwing_pod" --to "east/demo/$east_rebel" --port 8080/TCP || rc=$?
 [ "$rc" = 1 ] || die "meshctl policy check should deny x-wing -> east's rebel-base (exit 1), got exit $rc"
+echo "  A second client, tie-fighter, may look rebel-base up but not connect to it:"
+out=$(mesh-lab exec --name "$LAB" east -n demo deploy/tie-fighter -- sh -c \
+  'getent hosts rebel-base.demo.svc.cluster.local && curl -sS -v --max-time 2 http://rebel-base.demo/' 2>&1) &&
+  die "tie-fighter reached rebel-base under default deny: $out"
+{ grep -E 'rebel-base|Trying|connect|curl:' <<<"$out" || true; } | sed 's/^/   /'
+grep -q 'Operation not permitted' <<<"$out" ||
+  die "tie-fighter's connect should be refused at once with EPERM (Operation not permitted): $out"
+printf '%s$ meshctl policy check --from east/demo/%s --to west/demo/%s --port 8080/TCP%s\n' \
+  "$dim" "$tie_pod" "$west_rebel" "$off"
+rc=0
+meshctl policy check --from "east/demo/$tie_pod" --to "west/demo/$west_rebel" --port 8080/TCP || rc=$?
+[ "$rc" = 1 ] || die "meshctl policy check should deny tie-fighter -> west's rebel-base (exit 1), got exit $rc"
 run meshctl bpf policy list --node "$xwing_node"
-kc east -n demo delete ciliumnetworkpolicy x-wing-to-rebel-base-in-west
-check east "$vip" cluster east west
+kc east -n demo delete ciliumnetworkpolicy x-wing-to-rebel-base-in-west default-deny
+check east rebel-base cluster east west
 
 say "The mesh as east's apiserver sees it"
 run meshctl status

@@ -85,6 +85,7 @@ fn events_data(keys: &Keys, events: usize) -> Vec<(String, Vec<u8>)> {
                 node: "node-0".into(),
                 namespace: "default".into(),
                 pod: format!("pod-{i}"),
+                named_ports: vec![],
             });
             (
                 keys.object(PEER, Kind::Endpoint, &ip),

@@ -8,11 +8,14 @@
 //! - [`initial_sync`]: a large synthetic peer in an apiserver's etcd -> a fresh agent's
 //!   maps; RSS per endpoint of the agent and the apiserver.
 //! - [`fanout`]: one apiserver feeding N watch streams vs N clients watching etcd directly.
+//! - [`policy`]: in a lab, a policy applied with kubectl -> enforced in every node's maps,
+//!   and connect() to a global service with an egress policy vs without.
 
 pub mod cluster;
 pub mod env;
 pub mod fanout;
 pub mod initial_sync;
+pub mod policy;
 pub mod propagation;
 pub mod report;
 
@@ -60,6 +63,13 @@ pub enum Command {
     InitialSync(initial_sync::Opts),
     /// One apiserver feeding N watch streams, vs N clients watching etcd directly.
     Fanout(fanout::Opts),
+    /// In a lab: policy applied with kubectl -> enforced on every node; connect() with an
+    /// egress policy vs without (needs mesh-lab, meshctl, mesh-apiserver, mesh-agent in
+    /// --bin-dir or next to mesh-bench).
+    Policy(policy::Opts),
+    /// Times COUNT connect() calls to ADDR (run inside a pod by the policy benchmark).
+    #[command(hide = true)]
+    ConnectLoop { addr: String, count: usize },
     /// Runs a component (used when no binaries are next to mesh-bench).
     #[command(hide = true)]
     Component {
@@ -72,6 +82,15 @@ pub enum Command {
 /// The binary's entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::ConnectLoop { addr, count } = &cli.command {
+        return match policy::connect_loop(addr, *count) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Component { role, args } = &cli.command {
         return match run_component(role, args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -180,7 +199,22 @@ pub async fn run(cli: Cli) -> Result<()> {
             emit(&r);
             reports.push(r);
         }
-        Command::Component { .. } => unreachable!("handled in main"),
+        Command::Policy(o) => {
+            let dir = match &cli.bin_dir {
+                Some(d) => d.clone(),
+                None => std::env::current_exe()
+                    .context("mesh-bench's own path")?
+                    .parent()
+                    .context("mesh-bench's directory")?
+                    .to_owned(),
+            };
+            let r = policy::run(&o, &dir, &machine).await?;
+            emit(&r);
+            reports.push(r);
+        }
+        Command::Component { .. } | Command::ConnectLoop { .. } => {
+            unreachable!("handled in main")
+        }
     }
     if cli.output == Output::Json {
         println!(

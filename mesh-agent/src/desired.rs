@@ -687,6 +687,7 @@ mod tests {
             cluster: name(cluster),
             namespace: "ns".into(),
             name: "web".into(),
+            global: true,
             shared: true,
             affinity: Affinity::None,
             internal_traffic_policy: TrafficPolicy::Cluster,
@@ -704,6 +705,7 @@ mod tests {
             node: node.into(),
             namespace: "ns".into(),
             pod: format!("pod-{addr}"),
+            named_ports: Vec::new(),
         }
     }
 

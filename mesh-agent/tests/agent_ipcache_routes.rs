@@ -187,6 +187,7 @@ async fn bad_objects_are_skipped_and_counted_and_routing_none_installs_nothing()
         node: "node-1".into(),
         namespace: "default".into(),
         pod: "bad".into(),
+        named_ports: vec![],
     };
     mesh.put("east", Kind::Endpoint, "not-an-ip", &bad).await;
     mesh.start_agent(&["--routing", "none"]);

@@ -262,7 +262,10 @@ async fn a_restart_publishes_exactly_the_current_state_without_blinking() {
     for ip in ["10.0.1.1", "10.0.1.3"] {
         expected.insert(keys.object(CLUSTER, pb::Kind::Endpoint, ip));
     }
-    for svc in ["shop/a", "shop/c"] {
+    // The lab API's default/kubernetes is published too, local-only (for the cluster's own
+    // agents' socket LB; never presented to peers).
+    assert_eq!(after.local_services(), vec!["default/kubernetes"]);
+    for svc in ["default/kubernetes", "shop/a", "shop/c"] {
         expected.insert(keys.object(CLUSTER, pb::Kind::Service, svc));
     }
     let a_id = after.endpoint("10.0.1.1").unwrap().identity;

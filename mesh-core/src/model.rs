@@ -46,6 +46,10 @@ pub struct Endpoint {
     pub node: String,
     pub namespace: String,
     pub pod: String,
+    /// The pod's container ports that have a name (`name`, protocol, port), sorted: what a
+    /// policy port given by name resolves to for this pod's identity.
+    #[serde(default)]
+    pub named_ports: Vec<ServicePort>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -174,12 +178,19 @@ pub struct Backend {
     pub conditions: BackendConditions,
 }
 
-/// A Service annotated global, as one cluster publishes it.
+/// A Service as one cluster publishes it: a global one (annotated
+/// `service.cilium.io/global`), or, with `global: false`, a plain Service published to the
+/// cluster's own agents only, so their socket LB translates every ClusterIP (as Cilium's
+/// kube-proxy replacement does) and egress policy is decided on the backend pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GlobalService {
     pub cluster: ClusterName,
     pub namespace: String,
     pub name: String,
+    /// Whether the Service is global. A non-global Service is never presented to a peer
+    /// ([`crate::select::service_presented`]) and uses only local backends.
+    #[serde(default = "yes")]
+    pub global: bool,
     /// Whether this cluster exports its backends (`service.cilium.io/shared`).
     pub shared: bool,
     pub affinity: Affinity,
@@ -188,6 +199,10 @@ pub struct GlobalService {
     /// ClusterIPs of the Service in its own cluster.
     pub frontends: Vec<IpAddr>,
     pub backends: Vec<Backend>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 // === impl GlobalService ===

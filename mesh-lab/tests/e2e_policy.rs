@@ -3,9 +3,8 @@
 //! an allowed backend; the same rule without the cluster label stays in the local cluster; a
 //! deny beats the allow; removing the policies opens the service again.
 //!
-//! Requests go to rebel-base's ClusterIP (not its name): the lab's DNS sits behind a plain
-//! ClusterIP the socket LB does not translate yet, so an egress default deny would also
-//! refuse the lookup (ARCHITECTURE.md, "Known gap").
+//! Requests go to rebel-base's ClusterIP; `e2e_policy_names.rs` covers names resolved through
+//! the lab DNS under an egress default deny with the DNS allowance.
 
 mod e2e_support;
 mod lab_support;

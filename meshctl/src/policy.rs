@@ -126,18 +126,18 @@ async fn local_cluster(conn: &ConnArgs) -> anyhow::Result<ClusterName> {
 // ===== the agent's view =====
 
 /// What the agent of `local` would compile from `watched`.
-struct Loaded {
-    state: MeshState,
-    view: PolicyView,
+pub(crate) struct Loaded {
+    pub(crate) state: MeshState,
+    pub(crate) view: PolicyView,
     /// Values the agent rejects, with the reason.
-    invalid: Vec<String>,
+    pub(crate) invalid: Vec<String>,
     /// Why the agent programs nothing yet (then everything seen is compiled).
-    waiting: Option<String>,
+    pub(crate) waiting: Option<String>,
     /// Clusters seen but never synced: their identities are left out.
-    left_out: Vec<String>,
+    pub(crate) left_out: Vec<String>,
 }
 
-fn load(watched: &Watched, local: &ClusterName) -> anyhow::Result<Loaded> {
+pub(crate) fn load(watched: &Watched, local: &ClusterName) -> anyhow::Result<Loaded> {
     let (state, invalid) = agent_state(watched, local);
     let gate = agent_gate(local);
     let (clusters, waiting): (Vec<ClusterName>, _) = match state.programmable(&gate) {
@@ -553,7 +553,7 @@ pub fn check(
             protocol,
             port,
         );
-        let explanation = explain(&d);
+        let explanation = decision_text(&d);
         DirectionCheck {
             cluster: cluster.to_owned(),
             decision: Some(d),
@@ -590,7 +590,9 @@ pub fn check(
     })
 }
 
-fn explain(d: &Decision) -> String {
+/// A decision in words: the verdict and the rule (its JSON path), or the default deny and
+/// the policies enforcing it.
+pub(crate) fn decision_text(d: &Decision) -> String {
     match &d.reason {
         Reason::Rule(r) => format!("{} by {r}", d.verdict),
         Reason::DefaultDeny { enforced_by } => {
@@ -627,7 +629,11 @@ fn parse_port(s: &str) -> anyhow::Result<(u16, Protocol)> {
 }
 
 /// The endpoint of `CLUSTER/NAMESPACE/POD` (its first address) and its cluster.
-fn find_pod(state: &MeshState, flag: &str, s: &str) -> anyhow::Result<(String, Endpoint)> {
+pub(crate) fn find_pod(
+    state: &MeshState,
+    flag: &str,
+    s: &str,
+) -> anyhow::Result<(String, Endpoint)> {
     let mut parts = s.splitn(3, '/');
     let (Some(cluster), Some(ns), Some(pod)) = (parts.next(), parts.next(), parts.next()) else {
         anyhow::bail!("{flag} {s:?}: expected CLUSTER/NAMESPACE/POD");
@@ -742,6 +748,7 @@ mod tests {
                 node: node.into(),
                 namespace: "default".into(),
                 pod: pod.into(),
+                named_ports: Vec::new(),
             };
             self.put(
                 cluster,
@@ -1050,5 +1057,276 @@ mod tests {
             "{:?}",
             l.waiting
         );
+    }
+
+    // ===== service explain --from =====
+
+    /// [`mesh`] with rebel-base global in both clusters (ClusterIP 10.101.0.20 in east, port
+    /// 80 -> 80), the clusters' configs (so the agent programs their ipcache), and kube-dns,
+    /// a local-only service of east.
+    fn mesh_with_services() -> Stream {
+        let mut s = mesh();
+        for (c, id) in [("east", 1u32), ("west", 2)] {
+            s.put(
+                c,
+                pb::Kind::Config,
+                String::new(),
+                pb::event::Value::Config(pb::ClusterConfig {
+                    name: c.into(),
+                    id,
+                    pod_cidrs: vec![format!("10.{id}.0.0/16")],
+                    ..Default::default()
+                }),
+            );
+        }
+        s.pod("east", 303, "coredns", "kube-dns", "10.1.0.53", "e1");
+        let svc =
+            |cluster: &str, name: &str, global: bool, vip: &str, port: u16, backends: &[&str]| {
+                let svc = mesh_core::GlobalService {
+                    cluster: ClusterName::new(cluster).unwrap(),
+                    namespace: "default".into(),
+                    name: name.into(),
+                    global,
+                    shared: true,
+                    affinity: mesh_core::Affinity::None,
+                    internal_traffic_policy: mesh_core::TrafficPolicy::Cluster,
+                    ports: vec![mesh_core::ServicePort {
+                        name: "p".into(),
+                        protocol: Protocol::Tcp,
+                        port,
+                    }],
+                    frontends: vec![vip.parse().unwrap()],
+                    backends: backends
+                        .iter()
+                        .map(|ip| mesh_core::Backend {
+                            ip: ip.parse().unwrap(),
+                            ports: vec![mesh_core::ServicePort {
+                                name: "p".into(),
+                                protocol: Protocol::Tcp,
+                                port,
+                            }],
+                            node: "n".into(),
+                            zone: String::new(),
+                            conditions: mesh_core::BackendConditions {
+                                ready: true,
+                                serving: true,
+                                terminating: false,
+                            },
+                        })
+                        .collect(),
+                };
+                (svc.key(), pb::event::Value::Service((&svc).into()))
+            };
+        for (cluster, name, global, vip, port, backends) in [
+            (
+                "east",
+                "rebel-base",
+                true,
+                "10.101.0.20",
+                80,
+                &["10.1.1.20"][..],
+            ),
+            (
+                "west",
+                "rebel-base",
+                true,
+                "10.102.0.20",
+                80,
+                &["10.2.0.20"][..],
+            ),
+            (
+                "east",
+                "kube-dns",
+                false,
+                "10.101.0.10",
+                53,
+                &["10.1.0.53"][..],
+            ),
+        ] {
+            let (key, value) = svc(cluster, name, global, vip, port, backends);
+            s.put(cluster, pb::Kind::Service, key, value);
+        }
+        s
+    }
+
+    fn gate() -> mesh_core::select::GateInput<'static> {
+        static EAST: std::sync::OnceLock<ClusterName> = std::sync::OnceLock::new();
+        agent_gate(EAST.get_or_init(east))
+    }
+
+    #[test]
+    fn explain_from_shows_which_backends_the_clients_egress_allows() {
+        let s = mesh_with_services();
+        let e = crate::service::explain_from(
+            &s.0,
+            "",
+            "default/rebel-base",
+            &gate(),
+            "east/default/x-wing",
+        )
+        .unwrap();
+        assert_eq!(e.node, "e1", "the client's node by default");
+        let f = &e.programmed[0];
+        let eg = f.egress.as_ref().unwrap();
+        let verdicts: Vec<(String, Verdict)> = eg
+            .backends
+            .iter()
+            .map(|b| (b.cluster.clone(), b.decision.verdict))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("east".into(), Verdict::Deny),
+                ("west".into(), Verdict::Allow)
+            ]
+        );
+        assert_eq!(eg.result, "allowed");
+        assert!(
+            eg.backends[1]
+                .explanation
+                .contains("CiliumNetworkPolicy east/default/x-wing-to-west spec.egress[0]"),
+            "{:?}",
+            eg.backends[1]
+        );
+        let text = crate::service::render_explain(&e);
+        assert!(text.contains("default deny"), "{text}");
+        assert!(
+            text.contains("connections go to the allowed backend west/10.2.0.20:80 (1 denied"),
+            "{text}"
+        );
+        // A client no policy selects: any backend.
+        let e = crate::service::explain_from(
+            &s.0,
+            "",
+            "default/rebel-base",
+            &gate(),
+            "east/default/tie-fighter",
+        )
+        .unwrap();
+        assert_eq!(e.programmed[0].egress.as_ref().unwrap().result, "any");
+        // x-wing to the local-only kube-dns (no DNS allowance in this policy): refused.
+        let e = crate::service::explain_from(
+            &s.0,
+            "",
+            "default/kube-dns",
+            &gate(),
+            "east/default/x-wing",
+        )
+        .unwrap();
+        assert!(!e.global);
+        let eg = e.programmed[0].egress.as_ref().unwrap();
+        assert_eq!(eg.result, "refused");
+        assert_eq!(
+            eg.backends[0].identity,
+            (1 << 16) | 303,
+            "the backend pod's identity"
+        );
+        // A client of another cluster: its policies are not served here.
+        let err = crate::service::explain_from(
+            &s.0,
+            "",
+            "default/rebel-base",
+            &gate(),
+            "west/default/rebel-base-west",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cluster west's apiserver"), "{err}");
+    }
+
+    /// `service explain --from` and the agent agree: for every frontend the agent programs
+    /// (`desired::compute`), each backend's identity from the agent's ipcache and the
+    /// verdict of the agent's policy tables (`decide_tables`, what the datapath looks up)
+    /// are what explain reports, for several clients and policies.
+    #[test]
+    fn explain_from_agrees_with_the_agents_maps() {
+        use mesh_agent::desired;
+        use mesh_core::policy::{decide_tables, policy_tables};
+        let mut s = mesh_with_services();
+        let policies = [
+            json!({}),
+            json!({"endpointSelector": {"matchLabels": {"app": "tie-fighter"}},
+                   "egressDeny": [{"toEndpoints": [{"matchLabels": {
+                       "io.cilium.k8s.policy.cluster": "west"}}]}]}),
+            json!({"endpointSelector": {},
+                   "egress": [{"toEndpoints": [{"matchLabels": {
+                       "io.kubernetes.pod.namespace": "default", "app": "kube-dns"}}],
+                       "toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}]}]}]}),
+            json!({"endpointSelector": {"matchLabels": {"app": "tie-fighter"}},
+                   "egress": [{"toCIDR": ["10.2.0.0/16"]}]}),
+        ];
+        for (i, spec) in policies.into_iter().enumerate() {
+            if i > 0 {
+                s.cnp(&format!("extra-{i}"), spec);
+            }
+            let (state, invalid) = crate::service::agent_state(&s.0, &east());
+            assert!(invalid.is_empty(), "{invalid:?}");
+            let clusters = state.programmable(&gate()).unwrap();
+            let view = state
+                .compile_policy(clusters.keys(), &mut CidrIdentities::new())
+                .unwrap()
+                .unwrap();
+            let tables = policy_tables(&view.compiled);
+            for client in ["x-wing", "tie-fighter", "rebel-base-east"] {
+                let from = format!("east/default/{client}");
+                let (_, ep) = find_pod(&state, "--from", &from).unwrap();
+                let (mut agent, _) = desired::compute(&clusters, &east(), &ep.node);
+                mesh_agent::policy::add_cidr_identities(
+                    &mut agent,
+                    view.identities.cidrs().map(|(id, net)| (net, id.0)),
+                );
+                let ipcache = |ip: std::net::IpAddr| {
+                    agent
+                        .ipcache
+                        .iter()
+                        .filter(|(net, _)| net.contains(&ip))
+                        .max_by_key(|(net, _)| net.prefix_len())
+                        .map_or(mesh_core::identity::RESERVED_WORLD, |(_, v)| v.identity)
+                };
+                for svc in ["default/rebel-base", "default/kube-dns"] {
+                    let e = crate::service::explain_from(&s.0, "", svc, &gate(), &from).unwrap();
+                    for f in &e.programmed {
+                        let key = agent
+                            .services
+                            .iter()
+                            .find(|(k, _)| {
+                                mesh_core::select::Frontend {
+                                    vip: k.vip,
+                                    port: k.port,
+                                    protocol: k.proto,
+                                }
+                                .to_string()
+                                    == f.frontend
+                            })
+                            .unwrap_or_else(|| panic!("{} not programmed", f.frontend));
+                        let want: Vec<(std::net::IpAddr, u16, u32, Verdict)> = key
+                            .1
+                            .iter()
+                            .map(|b| {
+                                let id = ipcache(b.ip);
+                                let (v, _) = decide_tables(
+                                    &tables,
+                                    ep.identity,
+                                    Direction::Egress,
+                                    IdentityId(id),
+                                    b.proto,
+                                    b.port,
+                                );
+                                (b.ip, b.port, id, v)
+                            })
+                            .collect();
+                        let got: Vec<(std::net::IpAddr, u16, u32, Verdict)> = f
+                            .egress
+                            .as_ref()
+                            .unwrap()
+                            .backends
+                            .iter()
+                            .map(|b| (b.ip, b.port, b.identity, b.decision.verdict))
+                            .collect();
+                        assert_eq!(got, want, "policy {i}, {client} -> {svc} {}", f.frontend);
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,9 @@
-//! `meshctl service list` and `meshctl service explain NS/NAME [--node N]`: global services
-//! as every cluster publishes them, and what a node's agent programs for one of them, with
-//! the reason for each left-out backend.
+//! `meshctl service list` and `meshctl service explain NS/NAME [--node N] [--from C/NS/POD]`:
+//! services as every cluster publishes them (global ones, and each cluster's own local-only
+//! ones, which its agents translate too), and what a node's agent programs for one of them,
+//! with the reason for each left-out backend; with `--from`, which of those backends the
+//! client's egress policy lets it reach (the datapath's policy-aware choice,
+//! `mesh_core::policy::choose_backends`).
 //!
 //! `explain` is the agent's decision, not a copy of it: the watched objects go into the
 //! agent's own state (`mesh_proto::state::MeshState`), through its sync gate
@@ -13,11 +16,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use mesh_core::identity::RESERVED_WORLD;
+use mesh_core::policy::{Decision, Outcome, choose_backends};
 use mesh_core::select::{
     Claim, Excluded, FrontendPlan, GateInput, NodePlan, SelectedBackend, ServicePlan, SyncGate,
     plan_node,
 };
-use mesh_core::{ClusterName, GlobalService};
+use mesh_core::{ClusterName, GlobalService, IdentityId, Protocol};
 use mesh_proto::client::WatchUpdate;
 use mesh_proto::pb;
 use mesh_proto::state::{Applied, ClusterState, MeshState, mesh_view};
@@ -30,7 +35,8 @@ use mesh_core::parse_duration;
 
 #[derive(Subcommand)]
 pub enum ServiceCommand {
-    /// Global services, one row per service and cluster.
+    /// Services (global, and the local cluster's non-global ones), one row per service and
+    /// cluster.
     List(ListArgs),
     /// Which backends a node selects for a service and, for each one left out, why.
     Explain(ExplainArgs),
@@ -60,6 +66,11 @@ pub struct ExplainArgs {
     /// The cluster the node is in (default: the apiserver's own cluster).
     #[arg(long = "local-cluster", value_name = "CLUSTER")]
     local_cluster: Option<String>,
+    /// A client pod, CLUSTER/NAMESPACE/POD (of the local cluster): show which backends its
+    /// egress policy allows or denies, by which rule, and where its connections go. The
+    /// node defaults to the pod's.
+    #[arg(long, value_name = "CLUSTER/NS/POD")]
+    from: Option<String>,
     /// Give up waiting for the snapshot after this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
@@ -98,7 +109,11 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
             let local = ClusterName::new(local.clone())
                 .map_err(|e| anyhow::anyhow!("invalid cluster name {local:?}: {e}"))?;
             let (watched, _) = read_watch(&a.conn, vec![], a.timeout).await?;
-            let report = explain(&watched, &a.node, &a.service, &agent_gate(&local))?;
+            let gate = agent_gate(&local);
+            let report = match &a.from {
+                None => explain(&watched, &a.node, &a.service, &gate)?,
+                Some(from) => explain_from(&watched, &a.node, &a.service, &gate, from)?,
+            };
             match a.output {
                 Format::Table => print!("{}", render_explain(&report)),
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -129,6 +144,8 @@ pub struct ListRow {
     pub cluster: String,
     pub frontends: Vec<String>,
     pub ports: Vec<String>,
+    /// `false`: a local-only Service (its cluster's agents translate it; never exported).
+    pub global: bool,
     pub shared: bool,
     pub affinity: String,
     pub internal_traffic_policy: String,
@@ -144,6 +161,7 @@ pub fn list_rows(services: &[GlobalService]) -> Vec<ListRow> {
             cluster: s.cluster.to_string(),
             frontends: s.frontends.iter().map(|f| f.to_string()).collect(),
             ports: s.ports.iter().map(port_str).collect(),
+            global: s.global,
             shared: s.shared,
             affinity: s.affinity.to_string(),
             internal_traffic_policy: s.internal_traffic_policy.to_string(),
@@ -164,6 +182,7 @@ fn list_table(rows: &[ListRow]) -> String {
                 r.cluster.clone(),
                 dash(r.frontends.join(",")),
                 dash(r.ports.join(",")),
+                r.global.to_string(),
                 r.shared.to_string(),
                 r.affinity.clone(),
                 r.internal_traffic_policy.clone(),
@@ -177,6 +196,7 @@ fn list_table(rows: &[ListRow]) -> String {
             "CLUSTER",
             "FRONTENDS",
             "PORTS",
+            "GLOBAL",
             "SHARED",
             "AFFINITY",
             "POLICY",
@@ -204,6 +224,8 @@ pub struct Explanation {
     pub service: String,
     pub local_cluster: String,
     pub node: String,
+    /// `false`: the local Service is not global; only local backends are used.
+    pub global: bool,
     pub frontends: Vec<String>,
     pub affinity: String,
     pub internal_traffic_policy: String,
@@ -256,6 +278,8 @@ pub struct ProgrammedFrontend {
     pub held: bool,
     /// The claim holding it: `NS/NAME port ...`.
     pub held_by: String,
+    #[serde(skip)]
+    pub protocol: Protocol,
     /// Later claims on the same frontend, not programmed (when this service holds it).
     pub losers: Vec<String>,
     /// What the frontend forwards to: the holder's selected backends of the frontend's
@@ -263,6 +287,35 @@ pub struct ProgrammedFrontend {
     pub backends: Vec<MapBackend>,
     /// This service's selected backends left out of this frontend for their address family.
     pub other_family: Vec<String>,
+    /// With `--from`: the client's egress decision for each of `backends` and where its
+    /// connections go.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressChoice>,
+}
+
+/// What the client's egress policy makes of one frontend's backends
+/// (`mesh_core::policy::choose_backends`, the datapath's policy-aware choice).
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct EgressChoice {
+    /// `CLUSTER/NS/POD (IP, identity N)`.
+    pub client: String,
+    pub backends: Vec<BackendVerdict>,
+    /// Where the client's connections go, in words.
+    pub outcome: String,
+    /// `any` (egress not enforced), `allowed` (some backends), `refused` (none).
+    pub result: String,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct BackendVerdict {
+    pub cluster: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The backend address's identity, as the node's ipcache gives it (world when unknown).
+    pub identity: u32,
+    pub decision: Decision,
+    /// The decision in words: the rule (its JSON path) or the default deny and its policies.
+    pub explanation: String,
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
@@ -348,7 +401,7 @@ pub fn explain(
             .is_some_and(|c| c.state.services.contains_key(&id))
         {
             anyhow::bail!(
-                "global service {key} exists in cluster {local}, but cluster {local} is not \
+                "service {key} exists in cluster {local}, but cluster {local} is not \
                  synced: the agent programs nothing from it yet"
             );
         }
@@ -359,10 +412,10 @@ pub fn explain(
             .map(|(n, _)| n.to_string())
             .collect();
         if elsewhere.is_empty() {
-            anyhow::bail!("global service {key} does not exist in any cluster");
+            anyhow::bail!("service {key} does not exist in any cluster");
         }
         anyhow::bail!(
-            "global service {key} does not exist in cluster {local} (it exists only in {}): \
+            "service {key} does not exist in cluster {local} (it exists only in {}): \
              frontends come only from the local Service, so it is not reachable by ClusterIP \
              from {local}; create the Service in {local} too",
             elsewhere.join(", ")
@@ -382,6 +435,152 @@ pub fn explain(
     })
 }
 
+/// [`explain`] for the connections of client pod `from` (`CLUSTER/NS/POD`, of the local
+/// cluster): per programmed frontend, the client's egress decision for each backend the map
+/// holds and where its connections go, from `mesh_core::policy::choose_backends` over the
+/// compiled policy of `MeshState::compile_policy` (what the agent programs). A backend's
+/// identity is its address's in the node's ipcache: the endpoint's, else the longest CIDR
+/// identity prefix holding it, else world. `node` defaults to the client's node.
+pub fn explain_from(
+    watched: &Watched,
+    node: &str,
+    key: &str,
+    gate: &GateInput<'_>,
+    from: &str,
+) -> anyhow::Result<Explanation> {
+    let local = gate.local_cluster;
+    let loaded = crate::policy::load(watched, local)?;
+    let (cluster, client) = crate::policy::find_pod(&loaded.state, "--from", from)?;
+    if cluster != local.as_str() {
+        anyhow::bail!(
+            "--from {from:?}: the client must be in cluster {local}: egress is decided at the \
+             client's node with its own cluster's policies, which only that cluster's \
+             apiserver serves (run this against cluster {cluster}'s apiserver)"
+        );
+    }
+    let node = if node.is_empty() {
+        client.node.as_str()
+    } else {
+        node
+    };
+    let mut e = explain(watched, node, key, gate)?;
+    let client_name = format!("{from} ({}, identity {})", client.ip, client.identity.0);
+    let identity_of = |ip: IpAddr| -> IdentityId { ipcache_identity(&loaded, local, node, ip) };
+    for f in &mut e.programmed {
+        let backends: Vec<(IdentityId, u16)> = f
+            .backends
+            .iter()
+            .map(|b| (identity_of(b.ip), b.port))
+            .collect();
+        let choice = choose_backends(
+            &loaded.view.compiled,
+            client.identity,
+            f.protocol,
+            &backends,
+        );
+        let (outcome, result) = match &choice.outcome {
+            Outcome::AnyBackend => (
+                "egress not enforced for this client: any backend, as without policy".to_string(),
+                "any",
+            ),
+            Outcome::Allowed { backends: allowed } => {
+                let names: Vec<String> = allowed
+                    .iter()
+                    .map(|&i| {
+                        let b = &f.backends[i];
+                        format!("{}/{}", b.cluster, SocketAddr::new(b.ip, b.port))
+                    })
+                    .collect();
+                let denied = f.backends.len() - allowed.len();
+                (
+                    format!(
+                        "connections go to the allowed backend{} {}{}",
+                        if allowed.len() == 1 { "" } else { "s" },
+                        names.join(", "),
+                        if denied > 0 {
+                            format!(" ({denied} denied, skipped: never refused on them)")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    "allowed",
+                )
+            }
+            Outcome::Refused => (
+                "no backend allowed: connect() is refused at once (EPERM)".to_string(),
+                "refused",
+            ),
+        };
+        f.egress = Some(EgressChoice {
+            client: client_name.clone(),
+            backends: f
+                .backends
+                .iter()
+                .zip(backends)
+                .zip(choice.decisions)
+                .map(|((b, (identity, _)), decision)| BackendVerdict {
+                    cluster: b.cluster.clone(),
+                    ip: b.ip,
+                    port: b.port,
+                    identity: identity.0,
+                    explanation: crate::policy::decision_text(&decision),
+                    decision,
+                })
+                .collect(),
+            outcome,
+            result: result.into(),
+        });
+    }
+    Ok(e)
+}
+
+/// The identity the node's ipcache gives `ip`, as the agent's `desired::compute` and
+/// `add_cidr_identities` build it: clusters whose config is known, the local cluster first
+/// (the first owner of an address keeps it), in each its nodes' addresses (host for this
+/// node, remote-node otherwise) then its endpoints with an identity in the cluster's range;
+/// else the longest CIDR identity prefix holding it; else world.
+fn ipcache_identity(
+    loaded: &crate::policy::Loaded,
+    local: &ClusterName,
+    node: &str,
+    ip: IpAddr,
+) -> IdentityId {
+    use mesh_core::identity::{RESERVED_HOST, RESERVED_REMOTE_NODE};
+    let clusters = loaded.state.clusters();
+    let order = clusters
+        .get_key_value(local)
+        .into_iter()
+        .chain(clusters.iter().filter(|(n, _)| *n != local))
+        .filter(|(n, _)| !loaded.left_out.contains(&n.to_string()));
+    for (name, c) in order {
+        let Some(config) = &c.state.config else {
+            continue;
+        };
+        for n in c.state.nodes.values() {
+            if n.internal_ips.contains(&ip) {
+                let this_node = name == local && n.name == node;
+                return IdentityId(if this_node {
+                    RESERVED_HOST
+                } else {
+                    RESERVED_REMOTE_NODE
+                });
+            }
+        }
+        if let Some(ep) = c.state.endpoints.get(&ip)
+            && ep.identity.check_range(name, config.id).is_ok()
+        {
+            return ep.identity;
+        }
+    }
+    loaded
+        .view
+        .identities
+        .cidrs()
+        .filter(|(_, net)| net.contains(&ip))
+        .max_by_key(|(_, net)| net.prefix_len())
+        .map_or(IdentityId(RESERVED_WORLD), |(id, _)| id)
+}
+
 fn explanation(
     key: &str,
     local: &ClusterName,
@@ -394,6 +593,7 @@ fn explanation(
         service: key.to_string(),
         local_cluster: local.to_string(),
         node: node.to_string(),
+        global: svc.global,
         frontends: sel.frontends.iter().map(|f| f.to_string()).collect(),
         affinity: svc.affinity.to_string(),
         internal_traffic_policy: svc.internal_traffic_policy.to_string(),
@@ -447,6 +647,7 @@ fn programmed_frontend(plan: &NodePlan, svc: &ServicePlan, f: &FrontendPlan) -> 
     };
     ProgrammedFrontend {
         frontend: f.frontend.to_string(),
+        protocol: f.frontend.protocol,
         held: matches!(f.claim, Claim::Won { .. }),
         held_by,
         losers,
@@ -455,6 +656,7 @@ fn programmed_frontend(plan: &NodePlan, svc: &ServicePlan, f: &FrontendPlan) -> 
             .other_family(f)
             .map(|b| format!("{}/{}:{}", b.cluster, b.ip, b.port))
             .collect(),
+        egress: None,
     }
 }
 
@@ -468,10 +670,18 @@ fn excluded_row(e: &Excluded) -> ExcludedRow {
 }
 
 pub fn render_explain(e: &Explanation) -> String {
-    let mut s = format!(
-        "Service {} as node {:?} of cluster {} selects it (affinity {}, internalTrafficPolicy {})\n",
-        e.service, e.node, e.local_cluster, e.affinity, e.internal_traffic_policy
-    );
+    let mut s = if e.global {
+        format!(
+            "Service {} as node {:?} of cluster {} selects it (affinity {}, internalTrafficPolicy {})\n",
+            e.service, e.node, e.local_cluster, e.affinity, e.internal_traffic_policy
+        )
+    } else {
+        format!(
+            "Service {} as node {:?} of cluster {} selects it (not global: local backends only, \
+             translated by the node's socket LB; internalTrafficPolicy {})\n",
+            e.service, e.node, e.local_cluster, e.internal_traffic_policy
+        )
+    };
     if let Some(waiting) = &e.waiting {
         s.push_str(&format!(
             "Not programmed yet: {waiting}; the node's maps keep what they held\n"
@@ -548,6 +758,29 @@ pub fn render_explain(e: &Explanation) -> String {
                 "  left out for their address family: {}\n",
                 f.other_family.join(", ")
             ));
+        }
+        if let Some(eg) = &f.egress {
+            s.push_str(&format!("  Egress policy of {}:\n", eg.client));
+            let rows: Vec<Vec<String>> = eg
+                .backends
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.cluster.clone(),
+                        SocketAddr::new(b.ip, b.port).to_string(),
+                        b.identity.to_string(),
+                        b.decision.verdict.to_string().to_uppercase(),
+                        b.explanation.clone(),
+                    ]
+                })
+                .collect();
+            for line in table(&["CLUSTER", "BACKEND", "IDENTITY", "VERDICT", "WHY"], &rows).lines()
+            {
+                s.push_str("    ");
+                s.push_str(line);
+                s.push('\n');
+            }
+            s.push_str(&format!("  => {}\n", eg.outcome));
         }
     }
     for i in &e.invalid {
@@ -648,6 +881,7 @@ mod tests {
             cluster: ClusterName::new(cluster).unwrap(),
             namespace: "default".into(),
             name: "web".into(),
+            global: true,
             shared: true,
             affinity: Affinity::None,
             internal_traffic_policy: TrafficPolicy::Cluster,
@@ -1173,6 +1407,7 @@ mod tests {
                         cluster: ClusterName::new(CLUSTERS[usize::from(c)]).unwrap(),
                         namespace: ns.into(),
                         name: name.into(),
+                        global: true,
                         shared,
                         affinity,
                         internal_traffic_policy: policy,

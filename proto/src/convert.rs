@@ -235,6 +235,7 @@ impl TryFrom<pb::Endpoint> for Endpoint {
                 .as_deref()
                 .map(|h| ctx.ip("host_ip", h))
                 .transpose()?,
+            named_ports: ctx.ports("named_ports", &e.named_ports)?,
             node: e.node,
             namespace: e.namespace,
             pod: e.pod,
@@ -251,6 +252,7 @@ impl From<&Endpoint> for pb::Endpoint {
             node: e.node.clone(),
             namespace: e.namespace.clone(),
             pod: e.pod.clone(),
+            named_ports: e.named_ports.iter().map(Into::into).collect(),
         }
     }
 }
@@ -352,6 +354,7 @@ impl TryFrom<pb::GlobalService> for GlobalService {
             cluster: ctx.cluster("cluster", &s.cluster)?,
             namespace: ctx.key_segment("namespace", &s.namespace)?,
             name: ctx.key_segment("name", &s.name)?,
+            global: !s.local_only,
             shared: s.shared,
             affinity: affinity.into(),
             internal_traffic_policy: itp.into(),
@@ -369,6 +372,7 @@ impl From<&GlobalService> for pb::GlobalService {
             namespace: s.namespace.clone(),
             name: s.name.clone(),
             shared: s.shared,
+            local_only: !s.global,
             affinity: pb::Affinity::from(s.affinity).into(),
             internal_traffic_policy: pb::TrafficPolicy::from(s.internal_traffic_policy).into(),
             ports: s.ports.iter().map(Into::into).collect(),
@@ -703,6 +707,7 @@ mod tests {
             cluster: "east".into(),
             namespace: "default".into(),
             name: "web".into(),
+            local_only: false,
             shared: true,
             affinity: pb::Affinity::Local.into(),
             internal_traffic_policy: pb::TrafficPolicy::Cluster.into(),

@@ -22,11 +22,11 @@ use std::time::SystemTime;
 
 use mesh_core::model::Identity;
 use mesh_core::policy::{
-    CidrIdentities, CidrIdentitiesExhausted, CompiledPolicy, IdentityTable, PolicyRef, PolicySet,
-    compile,
+    CidrIdentities, CidrIdentitiesExhausted, CompiledPolicy, IdentityTable, NamedPort, PolicyRef,
+    PolicySet, compile,
 };
 use mesh_core::select::{GateInput, MeshView, Services, SyncGate, Waiting, sync_gate};
-use mesh_core::{ClusterConfig, ClusterName, Endpoint, Node};
+use mesh_core::{ClusterConfig, ClusterName, Endpoint, IdentityId, Node};
 
 use crate::client::WatchUpdate;
 use crate::convert::WatchedObject;
@@ -349,9 +349,9 @@ impl MeshState {
     /// Compiles the local cluster's policies against the identities of `clusters` (the ones
     /// the sync gate lets in) and CIDR identities for every prefix the policies name
     /// (`cidr` is synced to them: the agent keeps one allocator across compiles, meshctl a
-    /// fresh one; verdicts do not depend on the numbers). Named ports resolve to nothing
-    /// yet (endpoints do not carry container ports), so a rule naming one fails closed. The
-    /// one path from the watched
+    /// fresh one; verdicts do not depend on the numbers). Named ports resolve against the
+    /// union of the named container ports of each identity's endpoints (a name no pod of an
+    /// identity declares matches nothing for it: fail closed). The one path from the watched
     /// state to `mesh_core::policy::compile`: the agent programs its result, `meshctl policy
     /// list|check` print it. `None` without a local cluster.
     pub fn compile_policy<'a>(
@@ -363,12 +363,30 @@ impl MeshState {
         let empty = PolicySet::new();
         let policies = self.policies().unwrap_or(&empty);
         let mut identities = IdentityTable::new();
+        // Named ports: the union of the named container ports of each identity's pods.
+        let mut named: BTreeMap<IdentityId, Vec<NamedPort>> = BTreeMap::new();
         for name in clusters {
             if let Some(c) = self.clusters.get(name) {
                 for identity in c.identities.values() {
                     identities.insert(identity.id, identity.labels.clone());
                 }
+                for ep in c.state.endpoints.values() {
+                    if ep.named_ports.is_empty() {
+                        continue;
+                    }
+                    named
+                        .entry(ep.identity)
+                        .or_default()
+                        .extend(ep.named_ports.iter().map(|p| NamedPort {
+                            name: p.name.clone(),
+                            protocol: p.protocol,
+                            port: p.port,
+                        }));
+                }
             }
+        }
+        for (id, ports) in named {
+            identities.set_named_ports(id, ports);
         }
         let prefixes = policies.cidr_prefixes(local);
         if let Err(e) = cidr.sync(&prefixes) {
@@ -731,6 +749,105 @@ mod tests {
         };
         assert_eq!(s.apply(del), Applied::Changed);
         assert!(s.policies().unwrap().is_empty());
+    }
+
+    /// Policy ports given by name resolve against the named container ports the endpoints
+    /// carry: on ingress against the selected pod's, on egress against the peer's (issue
+    /// #12). A name the pods of an identity do not declare matches nothing for it.
+    #[test]
+    fn named_ports_resolve_against_the_endpoints_container_ports() {
+        use mesh_core::policy::{Direction, Verdict, decide};
+        use mesh_core::{IdentityLabels, Protocol};
+        let mut s = MeshState::new(east());
+        let identity = |id: u32, app: &str| {
+            let labels = IdentityLabels::for_pod_in_namespace(&east(), "shop", [], [("app", app)]);
+            pb::event::Value::Identity(
+                (&Identity {
+                    id: IdentityId(id),
+                    labels,
+                })
+                    .into(),
+            )
+        };
+        let endpoint = |ip: &str, id: u32, ports: &[(&str, u16)]| {
+            pb::event::Value::Endpoint(pb::Endpoint {
+                ip: ip.into(),
+                identity: id,
+                pod: format!("pod-{ip}"),
+                namespace: "shop".into(),
+                named_ports: ports
+                    .iter()
+                    .map(|(name, port)| pb::ServicePort {
+                        name: (*name).into(),
+                        protocol: pb::Protocol::Tcp.into(),
+                        port: u32::from(*port),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        let (web, web2, client) = (0x1_0100, 0x1_0101, 0x1_0102);
+        s.apply(upsert(Kind::Identity, "65792", identity(web, "web")));
+        s.apply(upsert(Kind::Identity, "65793", identity(web2, "web2")));
+        s.apply(upsert(Kind::Identity, "65794", identity(client, "client")));
+        s.apply(upsert(
+            Kind::Endpoint,
+            "10.1.0.1",
+            endpoint("10.1.0.1", web, &[("http", 8080)]),
+        ));
+        // Two pods of one identity: the union of their names.
+        s.apply(upsert(
+            Kind::Endpoint,
+            "10.1.0.2",
+            endpoint("10.1.0.2", web2, &[("http", 9090)]),
+        ));
+        s.apply(upsert(
+            Kind::Endpoint,
+            "10.1.0.3",
+            endpoint("10.1.0.3", web2, &[("admin", 9091)]),
+        ));
+        s.apply(upsert(
+            Kind::Endpoint,
+            "10.1.0.4",
+            endpoint("10.1.0.4", client, &[]),
+        ));
+        let spec = serde_json::json!({
+            "endpointSelector": {},
+            "ingress": [{"toPorts": [{"ports": [{"port": "http", "protocol": "TCP"}]}]}],
+            "egress": [{"toEndpoints": [{}], "toPorts": [{"ports": [{"port": "admin"}]}]}]});
+        let name = "ciliumnetworkpolicies/shop/named";
+        let v = policy_value("east", "shop", "named", cnp("shop", "named", spec));
+        assert_eq!(s.apply(upsert(Kind::Policy, name, v)), Applied::Changed);
+        let view = s
+            .compile_policy([&east()], &mut CidrIdentities::new())
+            .unwrap()
+            .unwrap();
+        let verdict = |local: u32, dir, remote: u32, port| {
+            decide(
+                &view.compiled,
+                IdentityId(local),
+                dir,
+                IdentityId(remote),
+                Protocol::Tcp,
+                port,
+            )
+            .verdict
+        };
+        use Direction::{Egress, Ingress};
+        // Ingress "http": each selected identity's own number.
+        assert_eq!(verdict(web, Ingress, client, 8080), Verdict::Allow);
+        assert_eq!(verdict(web, Ingress, client, 9090), Verdict::Deny);
+        assert_eq!(verdict(web2, Ingress, client, 9090), Verdict::Allow);
+        assert_eq!(verdict(web2, Ingress, client, 8080), Verdict::Deny);
+        assert_eq!(
+            verdict(client, Ingress, web, 8080),
+            Verdict::Deny,
+            "client names no http"
+        );
+        // Egress "admin": only to the identity that declares it, on its number.
+        assert_eq!(verdict(client, Egress, web2, 9091), Verdict::Allow);
+        assert_eq!(verdict(client, Egress, web, 9091), Verdict::Deny);
+        assert_eq!(verdict(client, Egress, web2, 9090), Verdict::Deny);
     }
 
     #[test]

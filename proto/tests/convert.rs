@@ -127,8 +127,9 @@ fn object() -> impl Strategy<Value = WatchedObject> {
         name(),
         name(),
         name(),
+        proptest::collection::vec(port(), 0..3),
     )
-        .prop_map(|(ip, id, host_ip, node, namespace, pod)| {
+        .prop_map(|(ip, id, host_ip, node, namespace, pod, named_ports)| {
             WatchedObject::Endpoint(Endpoint {
                 ip,
                 identity: IdentityId(id),
@@ -136,13 +137,14 @@ fn object() -> impl Strategy<Value = WatchedObject> {
                 node,
                 namespace,
                 pod,
+                named_ports,
             })
         });
     let service = (
         cluster(),
         name(),
         name(),
-        any::<bool>(),
+        (any::<bool>(), any::<bool>()),
         prop_oneof![
             Just(Affinity::None),
             Just(Affinity::Local),
@@ -158,7 +160,7 @@ fn object() -> impl Strategy<Value = WatchedObject> {
                 cluster,
                 namespace,
                 name,
-                shared,
+                (global, shared),
                 affinity,
                 internal_traffic_policy,
                 ports,
@@ -169,6 +171,7 @@ fn object() -> impl Strategy<Value = WatchedObject> {
                     cluster,
                     namespace,
                     name,
+                    global,
                     shared,
                     affinity,
                     internal_traffic_policy,

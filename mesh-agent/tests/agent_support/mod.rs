@@ -753,6 +753,7 @@ impl Mesh {
             node: node.into(),
             namespace: "default".into(),
             pod: format!("pod-{ip}"),
+            named_ports: vec![],
         };
         self.put(cluster, Kind::Endpoint, ip, &v).await;
     }
@@ -904,6 +905,7 @@ pub fn web(
         cluster: cluster.into(),
         namespace: "default".into(),
         name: "web".into(),
+        local_only: false,
         shared: true,
         affinity: affinity.into(),
         internal_traffic_policy: pb::TrafficPolicy::Cluster.into(),

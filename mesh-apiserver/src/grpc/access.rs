@@ -179,7 +179,7 @@ pub(super) struct StreamFilter {
     pub(super) clusters: Option<BTreeSet<String>>,
     /// Empty = every kind.
     pub(super) kinds: BTreeSet<i32>,
-    /// Who reads: a peer sees `shared: false` services as absent
+    /// Who reads: a peer sees non-global and `shared: false` services as absent
     /// ([`service_presented`]).
     pub(super) reader: Reader,
 }
@@ -196,8 +196,8 @@ impl StreamFilter {
 
     /// Whether the reader sees `obj` as it is (not a service the reader must see as absent).
     pub(super) fn presented(&self, obj: &Obj) -> bool {
-        obj.service_shared
-            .is_none_or(|shared| service_presented(shared, self.reader))
+        obj.service_flags
+            .is_none_or(|(global, shared)| service_presented(global, shared, self.reader))
     }
 
     /// The encoded event as this stream sees it: `None` when filtered out; a delete when

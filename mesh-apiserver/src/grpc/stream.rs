@@ -68,7 +68,7 @@ impl WatchStream {
         metrics.snapshots.inc();
         let mut chunker = Chunker::new(cfg);
         for obj in &snapshot.objects {
-            // A peer never sees non-shared services: absent from its snapshot.
+            // A peer never sees non-global or non-shared services: absent from its snapshot.
             if obj.deleted || !self.filter.presented(obj) {
                 continue;
             }

@@ -240,6 +240,93 @@ async fn peers_see_only_the_serving_cluster_and_no_unshared_services() {
     );
 }
 
+/// Issue #12: every Service is published for the cluster's own agents (their socket LB
+/// translates every ClusterIP), but a non-global one is never presented to a peer: absent
+/// from its snapshot, and a global service that stops being global reaches it as a delete.
+/// The cluster's own readers see both, unchanged.
+#[tokio::test(start_paused = true)]
+async fn peers_never_see_local_only_services() {
+    let index = Index::new(&IndexConfig::new(Keys::default()), Metrics::default());
+    let svc_value = |name: &str, local_only| {
+        pb::GlobalService {
+            cluster: "east".into(),
+            namespace: "kube-system".into(),
+            name: name.into(),
+            shared: true,
+            local_only,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    index.with_state(|st| {
+        st.reset(
+            3,
+            vec![
+                put(
+                    "east",
+                    Kind::Service,
+                    "kube-system/kube-dns",
+                    svc_value("kube-dns", true),
+                    2,
+                ),
+                put(
+                    "east",
+                    Kind::Service,
+                    "kube-system/web",
+                    svc_value("web", false),
+                    3,
+                ),
+            ],
+        )
+    });
+    let (service, _stop) = svc(&index, |_| {});
+    let mut streams = Vec::new();
+    for reader in [Reader::Peer, Reader::OwnCluster] {
+        let mut ws = WatchStream {
+            svc: service.clone(),
+            filter: StreamFilter {
+                clusters: Some(BTreeSet::from(["east".to_string()])),
+                kinds: BTreeSet::new(),
+                reader,
+            },
+            revision: 0,
+            heartbeat: Duration::from_secs(5),
+        };
+        let (sub, msgs) = ws.start(0).await.unwrap();
+        let got: Vec<String> = decoded(&msgs).iter().flat_map(events).collect();
+        let want: &[&str] = match reader {
+            Reader::Peer => &["kube-system/web"],
+            Reader::OwnCluster => &["kube-system/kube-dns", "kube-system/web"],
+        };
+        assert_eq!(got, want, "{reader:?}");
+        streams.push((reader, ws, sub));
+    }
+    // web loses its global annotation: the peer gets a delete, the own reader the object.
+    index.with_state(|st| {
+        st.apply(vec![put(
+            "east",
+            Kind::Service,
+            "kube-system/web",
+            svc_value("web", true),
+            4,
+        )])
+    });
+    for (reader, ws, sub) in &mut streams {
+        let Update::Batch(b) = sub.next().await else {
+            panic!()
+        };
+        let got: Vec<String> = decoded(&ws.batch_messages(&[b]))
+            .iter()
+            .flat_map(events)
+            .collect();
+        let want = match reader {
+            Reader::Peer => "kube-system/web-",
+            Reader::OwnCluster => "kube-system/web",
+        };
+        assert_eq!(got, [want], "{reader:?}");
+    }
+}
+
 /// DESIGN.md section 14: policies are for the cluster's own agents only. A peer gets no
 /// policy object and no policy Synced marker, in its snapshot or live, even when it asks
 /// for the kind; the cluster's own readers get both.

@@ -95,9 +95,10 @@ pub struct Obj {
     pub kind: i32,
     /// etcd mod revision of this change.
     pub revision: i64,
-    /// A service's `shared` flag (`None`: not a service), for the gRPC edge: a peer sees a
-    /// non-shared service as absent (`mesh_core::select::service_presented`).
-    pub service_shared: Option<bool>,
+    /// A service's `(global, shared)` flags (`None`: not a service), for the gRPC edge: a
+    /// peer sees a non-global or non-shared service as absent
+    /// (`mesh_core::select::service_presented`).
+    pub service_flags: Option<(bool, bool)>,
     /// A delete: the event has no value.
     pub deleted: bool,
     /// The encoded `pb::Event` (kind, cluster, name, revision, value).
@@ -107,8 +108,8 @@ pub struct Obj {
 impl Obj {
     /// Encodes the event of `key` at `revision` (`None`: a delete).
     pub fn new(key: &IndexKey, revision: i64, value: Option<pb::event::Value>) -> Self {
-        let service_shared = match &value {
-            Some(pb::event::Value::Service(s)) => Some(s.shared),
+        let service_flags = match &value {
+            Some(pb::event::Value::Service(s)) => Some((!s.local_only, s.shared)),
             _ => None,
         };
         let deleted = value.is_none();
@@ -123,7 +124,7 @@ impl Obj {
             cluster: key.cluster.clone(),
             kind: key.kind,
             revision,
-            service_shared,
+            service_flags,
             deleted,
             wire: ev.encode_to_vec().into_boxed_slice(),
         }

@@ -209,6 +209,9 @@ pub struct PodInfo {
     pub phase: String,
     /// `metadata.deletionTimestamp` is set.
     pub terminating: bool,
+    /// Container ports with a name (`spec.containers[*].ports[*]`), sorted and deduplicated:
+    /// what policy ports given by name resolve to.
+    pub named_ports: Vec<ServicePort>,
 }
 
 /// What the mesh needs of a Node.
@@ -553,7 +556,27 @@ pub fn slim_pod(pod: corev1::Pod) -> PodInfo {
             .into_iter()
             .next()
     });
+    // Named container ports. A port whose protocol we do not know is skipped (a policy
+    // naming it then matches nothing: fail closed).
+    let mut named_ports: Vec<ServicePort> = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let name = p.name.clone().filter(|n| !n.is_empty())?;
+            let protocol = p.protocol.as_deref().unwrap_or("TCP").parse().ok()?;
+            let port = u16::try_from(p.container_port).ok().filter(|p| *p != 0)?;
+            Some(ServicePort {
+                name,
+                protocol,
+                port,
+            })
+        })
+        .collect();
+    named_ports.sort();
+    named_ports.dedup();
     PodInfo {
+        named_ports,
         ips: parse_ips(kind, &name, "status.podIPs", ips.iter().map(String::as_str)),
         key,
         labels: pod.metadata.labels.unwrap_or_default(),

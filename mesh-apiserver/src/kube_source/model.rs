@@ -45,6 +45,7 @@ pub fn build_endpoint(pod: &PodInfo, ip: IpAddr, identity: IdentityId) -> Endpoi
         node: pod.node.clone(),
         namespace: pod.key.namespace.clone(),
         pod: pod.key.name.clone(),
+        named_ports: pod.named_ports.clone(),
     }
 }
 
@@ -57,8 +58,12 @@ pub fn build_node(cluster: &ClusterName, node: &NodeInfo) -> Node {
     }
 }
 
-/// Builds the global service of `svc` from its EndpointSlices, or `None` when the Service is
-/// not global. An address listed by two slices (as happens while the slice controller
+/// Builds the published service of `svc` from its EndpointSlices: a global one, or a
+/// local-only one (`global: false`, never presented to peers) so the cluster's own agents
+/// translate every ClusterIP in their socket LB and egress policy sees the backend pod.
+/// `None` for a Service with no ClusterIP (headless, ExternalName) that is not global:
+/// there is nothing to translate. A non-global Service has no affinity (it has only local
+/// backends). An address listed by two slices (as happens while the slice controller
 /// moves endpoints) is one backend ([`mesh_core::select::merge_addresses`]: the best
 /// conditions win and the ports are merged).
 pub fn build_service<'a>(
@@ -66,7 +71,8 @@ pub fn build_service<'a>(
     svc: &ServiceInfo,
     slices: impl IntoIterator<Item = &'a SliceInfo>,
 ) -> Option<GlobalService> {
-    if !svc.annotations.global {
+    let global = svc.annotations.global;
+    if !global && svc.cluster_ips.is_empty() {
         return None;
     }
     let copies = slices.into_iter().flat_map(|slice| {
@@ -101,8 +107,13 @@ pub fn build_service<'a>(
         cluster: cluster.clone(),
         namespace: svc.key.namespace.clone(),
         name: svc.key.name.clone(),
+        global,
         shared: svc.annotations.shared,
-        affinity: svc.annotations.affinity,
+        affinity: if global {
+            svc.annotations.affinity
+        } else {
+            mesh_core::Affinity::None
+        },
         internal_traffic_policy: svc.internal_traffic_policy,
         ports: svc.ports.clone(),
         frontends: svc.cluster_ips.clone(),

@@ -61,9 +61,53 @@ fn pod(name: &str, ip: &str, phase: &str, host_network: bool) -> PodInfo {
 }
 
 #[test]
-fn non_global_service_is_not_published() {
-    let svc = service(json!({}));
-    assert_eq!(build_service(&cluster(), &svc, []), None);
+fn named_container_ports_reach_the_endpoint() {
+    // Policy ports given by name resolve against these (issue #12): named ports of every
+    // container, protocol TCP by default, sorted and deduplicated; unnamed ones are left out.
+    let obj = dynobj(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "ns", "name": "web-1", "labels": {"app": "web"}},
+        "spec": {"nodeName": "n1", "containers": [
+            {"name": "a", "image": "i", "ports": [
+                {"name": "http", "containerPort": 8080},
+                {"containerPort": 9000},
+                {"name": "dns", "containerPort": 53, "protocol": "UDP"}]},
+            {"name": "b", "image": "i", "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.9", "podIPs": [{"ip": "10.0.0.9"}]}
+    }));
+    let SlimObject::Pod(pod) = decode(ResourceKind::Pod, obj).unwrap() else {
+        panic!()
+    };
+    let ep = build_endpoint(&pod, "10.0.0.9".parse().unwrap(), IdentityId(300));
+    let named: Vec<String> = ep
+        .named_ports
+        .iter()
+        .map(|p| format!("{}={}/{}", p.name, p.port, p.protocol))
+        .collect();
+    assert_eq!(named, ["dns=53/UDP", "http=8080/TCP"]);
+}
+
+#[test]
+fn non_global_service_is_published_local_only() {
+    // Published for the cluster's own agents (their socket LB translates every ClusterIP),
+    // marked not global: the gRPC edge never presents it to a peer. Affinity means nothing
+    // without remote backends.
+    let svc = service(json!({"service.cilium.io/affinity": "remote"}));
+    let gs = build_service(&cluster(), &svc, []).unwrap();
+    assert!(!gs.global);
+    assert_eq!(gs.affinity, mesh_core::Affinity::None);
+    assert!(!mesh_core::select::service_presented(
+        gs.global,
+        gs.shared,
+        mesh_core::select::Reader::Peer
+    ));
+    // Without a ClusterIP (headless) there is nothing to translate.
+    let mut headless = svc.clone();
+    headless.cluster_ips.clear();
+    assert_eq!(build_service(&cluster(), &headless, []), None);
+    // A global one is global.
+    let g = service(json!({"service.cilium.io/global": "true"}));
+    assert!(build_service(&cluster(), &g, []).unwrap().global);
 }
 
 #[test]

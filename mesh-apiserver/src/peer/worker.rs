@@ -759,6 +759,18 @@ impl Worker {
                             self.peer()
                         ),
                     ))
+                } else if let pb::event::Value::Service(s) = &value
+                    && s.local_only
+                {
+                    // A non-global Service is for its own cluster's agents only; a
+                    // conforming peer presents it as absent (`service_presented`).
+                    Err((
+                        "local_service",
+                        format!(
+                            "non-global services are never imported (sent by peer {})",
+                            self.peer()
+                        ),
+                    ))
                 } else if cluster != self.spec.name {
                     Err((
                         "foreign_cluster",

@@ -443,8 +443,27 @@ impl State {
         Some(pb::GlobalService::decode(v.as_slice()).expect("service value"))
     }
 
+    /// The published global services, `ns/name`.
     pub fn services(&self) -> Vec<String> {
         self.names(pb::Kind::Service)
+            .into_iter()
+            .filter(|n| {
+                let (ns, name) = n.split_once('/').expect("ns/name");
+                self.service(ns, name).is_some_and(|s| !s.local_only)
+            })
+            .collect()
+    }
+
+    /// The published non-global (local-only) services, `ns/name`: every Service with a
+    /// ClusterIP, for the cluster's own agents (the lab API's `default/kubernetes` too).
+    pub fn local_services(&self) -> Vec<String> {
+        self.names(pb::Kind::Service)
+            .into_iter()
+            .filter(|n| {
+                let (ns, name) = n.split_once('/').expect("ns/name");
+                self.service(ns, name).is_some_and(|s| s.local_only)
+            })
+            .collect()
     }
 
     pub fn endpoint(&self, ip: &str) -> Option<pb::Endpoint> {

@@ -152,6 +152,7 @@ pub fn endpoint(ip: &str, identity: u32) -> pb::Endpoint {
         node: "node-1".into(),
         namespace: "default".into(),
         pod: format!("pod-{ip}"),
+        named_ports: vec![],
     }
 }
 

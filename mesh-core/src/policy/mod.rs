@@ -13,10 +13,13 @@
 //!   [`CompiledPolicy::identities`] into its maps; its lookup must reproduce [`decide`].
 //! - **meshctl `policy check`** builds the same inputs, calls [`compile`] then [`decide`] for
 //!   the egress of the client and the ingress of the server, and prints the [`Decision`].
+//! - **meshctl `service explain --from`** calls [`choose_backends`]: the datapath's
+//!   policy-aware backend choice for one frontend, per backend and overall.
 //!
 //! [`reference::evaluate`] is the naive definition of the semantics; property tests check
 //! that `decide(compile(..))` agrees with it.
 
+mod choice;
 mod compile;
 mod identities;
 mod model;
@@ -30,6 +33,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use choice::{BackendChoice, Outcome, choose_backends};
 pub use compile::{
     CompiledPolicy, Decision, DirectionPolicy, IdentityPolicy, PolicyEntry, Reason, compile, decide,
 };

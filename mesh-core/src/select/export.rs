@@ -1,10 +1,12 @@
-//! What a cluster exports to its peers (`service.cilium.io/shared`).
+//! What a cluster exports to its peers (`service.cilium.io/global`, `service.cilium.io/shared`).
 //!
-//! A cluster publishes every global Service with its `shared` flag, because its own agents
-//! use the local backends whatever the flag says. A Service that is not shared is presented
-//! to a *peer* as absent: the gRPC edge sends a peer a delete for it (so a change to
-//! `shared: "false"` reaches the peer as a delete), and [`select`](super::select) ignores
-//! a remote copy that says it is not shared (input that did not pass through that edge).
+//! A cluster publishes every Service with its `global` and `shared` flags, because its own
+//! agents translate every ClusterIP (global or not, as Cilium's kube-proxy replacement does)
+//! and use the local backends whatever `shared` says. A Service that is not global, or not
+//! shared, is presented to a *peer* as absent: the gRPC edge sends a peer a delete for it (so
+//! a change to `shared: "false"`, or the removal of the global annotation, reaches the peer
+//! as a delete), and [`select`](super::select) ignores a remote copy that says it is not
+//! exported (input that did not pass through that edge).
 //!
 //! Network policies are never exported (DESIGN.md section 14: a policy applies in the
 //! cluster it was applied to, as in Cilium): [`policy_presented`] is false for a peer, for
@@ -19,12 +21,13 @@ pub enum Reader {
     Peer,
 }
 
-/// Whether a global service published with `shared` is presented to `reader`: `false`
-/// means the reader sees the service as absent.
-pub fn service_presented(shared: bool, reader: Reader) -> bool {
+/// Whether a service published with `global` and `shared` is presented to `reader`:
+/// `false` means the reader sees the service as absent. A peer sees only services that are
+/// global and shared; the cluster's own readers see every service.
+pub fn service_presented(global: bool, shared: bool, reader: Reader) -> bool {
     match reader {
         Reader::OwnCluster => true,
-        Reader::Peer => shared,
+        Reader::Peer => global && shared,
     }
 }
 
@@ -43,10 +46,20 @@ mod tests {
 
     #[test]
     fn only_peers_lose_non_shared_services() {
-        assert!(service_presented(true, Reader::Peer));
-        assert!(!service_presented(false, Reader::Peer));
-        assert!(service_presented(true, Reader::OwnCluster));
-        assert!(service_presented(false, Reader::OwnCluster));
+        assert!(service_presented(true, true, Reader::Peer));
+        assert!(!service_presented(true, false, Reader::Peer));
+        assert!(service_presented(true, true, Reader::OwnCluster));
+        assert!(service_presented(true, false, Reader::OwnCluster));
+    }
+
+    #[test]
+    fn local_services_stay_in_their_cluster() {
+        // A non-global Service goes to the cluster's own agents (their socket LB translates
+        // it) and never to a peer, whatever its `shared` flag says.
+        for shared in [true, false] {
+            assert!(service_presented(false, shared, Reader::OwnCluster));
+            assert!(!service_presented(false, shared, Reader::Peer));
+        }
     }
 
     #[test]

@@ -20,8 +20,13 @@
 //! - Frontends (ClusterIPs and ports) come only from the local Service.
 //! - A backend serves a frontend port if it has a port of the same `(protocol, name)`; its own
 //!   target port is used (clusters may use different target ports).
-//! - A remote cluster whose Service is not shared contributes nothing. The local Service's own
-//!   `shared` flag only controls export: the local agents always use local backends.
+//! - A remote cluster whose Service is not shared (or not global there) contributes nothing.
+//!   The local Service's own `shared` flag only controls export: the local agents always use
+//!   local backends.
+//! - A local Service that is not global (published to the cluster's own agents so their
+//!   socket LB translates every ClusterIP) uses only local backends: no remote copy is
+//!   considered, whatever the other clusters publish (DESIGN.md section 5: "not global:
+//!   nothing imported"). `internalTrafficPolicy` applies to it as to any Service.
 //! - `internalTrafficPolicy: Local` (of the local Service) keeps only local backends on this
 //!   node, never remote ones.
 //! - Otherwise, with L the ready local and R the ready remote backends: affinity `none` takes
@@ -156,6 +161,10 @@ pub struct Excluded {
 pub enum Reason {
     /// Its cluster does not share the Service (`service.cilium.io/shared: "false"`).
     NotShared,
+    /// Its cluster publishes the Service as not global (local-only: never exported).
+    NotGlobal,
+    /// The local Service is not global: only local backends are used.
+    LocalService,
     /// Its cluster appears more than once in the input, or a remote claims the local
     /// cluster's name; the input is inconsistent, so none of those copies is trusted.
     DuplicateCluster,
@@ -191,6 +200,10 @@ impl fmt::Display for Reason {
         match self {
             Reason::NotShared => {
                 f.write_str("its cluster does not share the service (shared: false)")
+            }
+            Reason::NotGlobal => f.write_str("the service is not global in its cluster"),
+            Reason::LocalService => {
+                f.write_str("the local Service is not global: only local backends are used")
             }
             Reason::DuplicateCluster => f.write_str(
                 "its cluster is given more than once (or as both local and remote); ignored",
@@ -238,8 +251,14 @@ pub fn select(input: &SelectInput<'_>) -> Selection {
     for r in input.remotes {
         let reason = if r.cluster == *input.local_cluster || seen[&r.cluster] > 1 {
             Reason::DuplicateCluster
-        } else if !service_presented(r.shared, Reader::Peer) {
-            Reason::NotShared
+        } else if !local_svc.global {
+            Reason::LocalService
+        } else if !service_presented(r.global, r.shared, Reader::Peer) {
+            if r.global {
+                Reason::NotShared
+            } else {
+                Reason::NotGlobal
+            }
         } else {
             let stale = input.stale.get(&r.cluster).copied();
             candidates.extend(merge_backends(&r.cluster, r, false, stale));
@@ -515,6 +534,7 @@ mod tests {
             cluster: name(cluster),
             namespace: "ns".into(),
             name: "web".into(),
+            global: true,
             shared: true,
             affinity: Affinity::None,
             internal_traffic_policy: TrafficPolicy::Cluster,
@@ -568,6 +588,43 @@ mod tests {
     fn with_affinity(mut s: GlobalService, a: Affinity) -> GlobalService {
         s.affinity = a;
         s
+    }
+
+    #[test]
+    fn non_global_local_service_takes_only_local_backends() {
+        // kube-dns-like: not global locally, while east publishes a global copy.
+        let mut local = svc(
+            "local",
+            vec![
+                backend("10.1.0.1", NODE, READY),
+                backend("10.1.0.2", "node-b", READY),
+            ],
+        );
+        local.global = false;
+        let remote = svc("east", vec![backend("10.2.0.1", "r1", READY)]);
+        let s = run(&local, &[&remote]);
+        assert_eq!(chosen(&s), ["local/10.1.0.1:8080", "local/10.1.0.2:8080"]);
+        assert_eq!(reasons(&s), ["east/10.2.0.1: LocalService"]);
+        assert_eq!(
+            Reason::LocalService.to_string(),
+            "the local Service is not global: only local backends are used"
+        );
+        // With no ready local backend it does not fail over: nothing is selected.
+        let mut down = local.clone();
+        down.backends = vec![backend("10.1.0.1", NODE, NOT_READY)];
+        assert!(chosen(&run(&down, &[&remote])).is_empty());
+        // internalTrafficPolicy: Local applies as for any Service.
+        local.internal_traffic_policy = TrafficPolicy::Local;
+        assert_eq!(chosen(&run(&local, &[&remote])), ["local/10.1.0.1:8080"]);
+        // A remote copy published as not global is ignored by a global local Service.
+        let mut global = local.clone();
+        global.global = true;
+        global.internal_traffic_policy = TrafficPolicy::Cluster;
+        let mut remote_local = remote.clone();
+        remote_local.global = false;
+        let s = run(&global, &[&remote_local]);
+        assert_eq!(chosen(&s), ["local/10.1.0.1:8080", "local/10.1.0.2:8080"]);
+        assert_eq!(reasons(&s), ["east/10.2.0.1: NotGlobal"]);
     }
 
     #[test]
@@ -1279,6 +1336,7 @@ mod tests {
                         cluster: name(&cluster),
                         namespace: "ns".into(),
                         name: "web".into(),
+                        global: true,
                         shared,
                         affinity,
                         internal_traffic_policy: policy,
@@ -1491,6 +1549,49 @@ mod tests {
             #[test]
             fn order_of_remotes_does_not_matter((local, remotes, shuffled) in inputs()) {
                 prop_assert_eq!(sel(&local, &remotes), sel(&local, &shuffled));
+            }
+
+            /// A local Service that is not global selects exactly what it selects with no
+            /// remote at all: only local backends, whatever the remotes publish, with every
+            /// remote backend excluded as `LocalService`.
+            #[test]
+            fn a_non_global_service_uses_only_local_backends(
+                (mut local, remotes, _) in inputs(),
+                stale_mask in 0u8..16,
+            ) {
+                local.global = false;
+                local.affinity = Affinity::None;
+                let s = sel_stale(&local, &remotes, stale_mask);
+                let alone = sel(&local, &[]);
+                prop_assert_eq!(&s.ports, &alone.ports);
+                prop_assert!(!s.stale && !s.used_failover);
+                for e in &s.excluded {
+                    if e.cluster != local.cluster {
+                        prop_assert_eq!(&e.reason, &Reason::LocalService, "{:?}", e);
+                    }
+                }
+            }
+
+            /// A remote copy that is not global (from a peer that did not filter it)
+            /// contributes nothing, as a non-shared one.
+            #[test]
+            fn a_remote_non_global_copy_contributes_nothing(
+                (local, mut remotes, _) in inputs(),
+            ) {
+                prop_assume!(local.global);
+                let before = sel(&local, &remotes);
+                let Some(first) = remotes.first_mut() else { return Ok(()) };
+                first.global = false;
+                let gone = first.cluster.clone();
+                let s = sel(&local, &remotes);
+                for p in &s.ports {
+                    prop_assert!(p.backends.iter().all(|b| b.cluster != gone), "{:?}", s);
+                }
+                // The others are not affected unless `gone` was selected before.
+                let used = before.ports.iter().flat_map(|p| &p.backends).any(|b| b.cluster == gone);
+                if !used {
+                    prop_assert_eq!(&s.ports, &before.ports);
+                }
             }
         }
     }

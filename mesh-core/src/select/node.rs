@@ -310,6 +310,7 @@ mod tests {
             cluster: name(cluster),
             namespace: ns.into(),
             name: n.into(),
+            global: true,
             shared: true,
             affinity: Affinity::None,
             internal_traffic_policy: TrafficPolicy::Cluster,

@@ -108,6 +108,37 @@ impl Lab {
         cmd
     }
 
+    /// Runs `CMD...` in the first ready pod of `deploy/DEPLOY` in namespace `ns` of a cluster
+    /// (`mesh-lab exec`); returns whether it exited 0, and its stdout then stderr.
+    pub fn exec(&self, cluster: &str, ns: &str, deploy: &str, cmd: &[&str]) -> (bool, String) {
+        let out = Command::new(mesh_lab())
+            .args(["exec", cluster, "-n", ns, &format!("deploy/{deploy}"), "--"])
+            .args(cmd)
+            .env("MESH_LAB_NAME", &self.guard.name)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running mesh-lab exec");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// Applies YAML text to a cluster with kubectl (through a temporary file).
+    pub fn apply_yaml(&self, cluster: &str, yaml: &str) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("object.yaml");
+        std::fs::write(&path, yaml).expect("writing the YAML");
+        self.kubectl(
+            cluster,
+            &["apply", "-f", path.to_str().expect("utf-8 path")],
+        );
+    }
+
     /// Applies the demo manifests in `examples/lab-demo/` to a cluster.
     pub fn apply_example(&self, cluster: &str, file: &str) {
         let path = format!("{}/../examples/lab-demo/{file}", env!("CARGO_MANIFEST_DIR"));
