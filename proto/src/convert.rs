@@ -809,7 +809,6 @@ mod tests {
         assert_eq!(decode_object(pb::Kind::Service, &bytes).unwrap(), obj);
     }
 
-    #[test]
     /// Found by the `etcd_value` fuzz target: a service whose namespace held a `/`
     /// (`defaul/` + `web`) was accepted under the key `defaul//web`, and its delete, split
     /// at the first `/`, missed it: a stale service forever.
