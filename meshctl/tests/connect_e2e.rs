@@ -445,9 +445,24 @@ async fn objects_of(
         .iter()
         .filter_map(|kv| {
             let key = kv.key_str().ok()?;
-            // The peer's objects; not the importer's own link record (stale demotion).
-            matches!(keys.parse(key), Some(ClusterKey::Object { kind, .. }) if kind != Kind::Link)
-                .then(|| (key.to_owned(), kv.value().to_vec()))
+            // The peer's objects; not the importer's own link record (stale demotion), and
+            // not the Services a cluster publishes for its own agents only (local-only: never
+            // exported to peers).
+            let local_only = || {
+                <mesh_proto::pb::GlobalService as prost::Message>::decode(kv.value())
+                    .is_ok_and(|s| s.local_only)
+            };
+            match keys.parse(key) {
+                Some(ClusterKey::Object {
+                    kind: Kind::Link, ..
+                }) => None,
+                Some(ClusterKey::Object {
+                    kind: Kind::Service,
+                    ..
+                }) if local_only() => None,
+                Some(ClusterKey::Object { .. }) => Some((key.to_owned(), kv.value().to_vec())),
+                _ => None,
+            }
         })
         .collect()
 }
