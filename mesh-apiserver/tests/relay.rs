@@ -56,6 +56,14 @@ fn flow_of(r: &GetFlowsResponse) -> &mesh_proto::hubble::flow::Flow {
     }
 }
 
+async fn next(s: &mut tonic::Streaming<GetFlowsResponse>) -> GetFlowsResponse {
+    tokio::time::timeout(STEP, s.message())
+        .await
+        .expect("a flow in time")
+        .unwrap()
+        .expect("stream open")
+}
+
 fn plain(ms: i64, node: &str, port: u32) -> mesh_proto::hubble::flow::Flow {
     let mut s = FlowSpec::egress(ms, node, "east", "10.1.2.9");
     s.destination_port = port;
@@ -219,16 +227,6 @@ async fn follow_streams_both_nodes_in_time_order_and_joins_the_two_ends() {
         .await
         .unwrap()
         .into_inner();
-    let next = |s: &mut tonic::Streaming<GetFlowsResponse>| {
-        let fut = s.message();
-        async move {
-            tokio::time::timeout(STEP, fut)
-                .await
-                .expect("a flow in time")
-                .unwrap()
-                .expect("stream open")
-        }
-    };
     // The backlog first.
     let first = next(&mut stream).await;
     assert_eq!(flow_of(&first).uuid, format!("east/node-1-{}", t - 10));
