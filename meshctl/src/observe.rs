@@ -18,7 +18,7 @@ use mesh_proto::hubble::flow::{
 };
 use mesh_proto::hubble::observer::get_flows_response::ResponseTypes;
 use mesh_proto::hubble::observer::observer_client::ObserverClient;
-use mesh_proto::hubble::observer::{GetFlowsRequest, GetFlowsResponse};
+use mesh_proto::hubble::observer::GetFlowsRequest;
 use mesh_proto::hubble::relay::NodeState;
 use mesh_proto::tls::connect_channel;
 
