@@ -11,6 +11,7 @@ packages=(
   iproute2 iputils-ping curl     # network namespaces, veth, routes; probes
   nftables                       # mesh-lab: kube-proxy rules and node NAT inside node netns
   jq shellcheck                  # demo scripts and their lint
+  python3-grpcio python3-protobuf protobuf-compiler-grpc  # independent Observer client test (Python, generated from proto/)
   ca-certificates git pkg-config
 )
 # The subset `cargo build` of the workspace needs besides Rust. images/Dockerfile's toolchain
