@@ -210,40 +210,56 @@ fn joined_response(egress: &GetFlowsResponse, ingress_flow: &Flow) -> GetFlowsRe
     }
 }
 
-/// Joins, in a batch of responses, each egress record with the first not yet joined
-/// ingress record of the same connection ([`ends_match`]); the pair becomes one response
-/// at the egress record's place. Everything else is returned unchanged, in order.
+/// Among `candidates` (indices into `items`), the other end of `f` nearest in time:
+/// several connections from one client to one backend within the window all match on the
+/// address key (the egress source port is 0), and the nearest is the right one (the ingress
+/// follows its egress by a network hop, successive connections are further apart).
+fn nearest<'a>(
+    f: &Flow,
+    candidates: impl Iterator<Item = (usize, &'a Flow)>,
+    window: Duration,
+) -> Option<usize> {
+    let t = flow_ns(f);
+    candidates
+        .filter(|(_, g)| ends_match(f, g, window) || ends_match(g, f, window))
+        .min_by_key(|(_, g)| (flow_ns(g) - t).abs())
+        .map(|(j, _)| j)
+}
+
+/// Joins, in a batch of responses, each egress record (in time order) with the nearest in
+/// time not yet joined ingress record of the same connection ([`ends_match`]); the pair
+/// becomes one response at the egress record's place. Everything else is returned
+/// unchanged, in order.
 pub fn join_ends(items: Vec<GetFlowsResponse>, window: Duration) -> Vec<GetFlowsResponse> {
+    let mut order: Vec<usize> = (0..items.len())
+        .filter(|&i| flow_of(&items[i]).is_some_and(|f| direction(f) == TrafficDirection::Egress))
+        .collect();
+    order.sort_by_key(|&i| time_ns(&items[i]));
+    let mut partner: Vec<Option<usize>> = vec![None; items.len()];
     let mut taken = vec![false; items.len()];
+    for i in order {
+        let f = flow_of(&items[i]).expect("a flow");
+        let candidates = items.iter().enumerate().filter_map(|(j, r)| {
+            let g = flow_of(r)?;
+            (!taken[j] && direction(g) == TrafficDirection::Ingress).then_some((j, g))
+        });
+        if let Some(j) = nearest(f, candidates, window) {
+            taken[j] = true;
+            partner[i] = Some(j);
+        }
+    }
     let mut out = Vec::with_capacity(items.len());
-    for i in 0..items.len() {
+    for (i, item) in items.iter().enumerate() {
         if taken[i] {
             continue;
         }
-        let Some(f) = flow_of(&items[i]) else {
-            out.push(items[i].clone());
-            continue;
-        };
-        let partner = (0..items.len()).find(|&j| {
-            j != i
-                && !taken[j]
-                && flow_of(&items[j]).is_some_and(|g| {
-                    ends_match(f, g, window) || ends_match(g, f, window)
-                })
-        });
-        match partner {
+        match partner[i] {
             Some(j) => {
-                taken[j] = true;
                 let g = flow_of(&items[j]).expect("a flow");
-                out.push(if direction(f) == TrafficDirection::Egress {
-                    joined_response(&items[i], g)
-                } else {
-                    joined_response(&items[j], f)
-                });
+                out.push(joined_response(item, g));
             }
-            None => out.push(items[i].clone()),
+            None => out.push(item.clone()),
         }
-        taken[i] = true;
     }
     out
 }
@@ -317,11 +333,14 @@ impl SortWindow {
         let Some(f) = flow_of(&item) else {
             return item;
         };
-        let partner = self.held.iter().position(|(_, r)| {
-            flow_of(r).is_some_and(|g| {
-                ends_match(f, g, self.join_window) || ends_match(g, f, self.join_window)
-            })
-        });
+        let partner = nearest(
+            f,
+            self.held
+                .iter()
+                .enumerate()
+                .filter_map(|(j, (_, r))| flow_of(r).map(|g| (j, g))),
+            self.join_window,
+        );
         match partner {
             None => item,
             Some(j) => {

@@ -330,3 +330,25 @@ fn sort_window_joins_ends_held_together() {
     assert!(is_joined(j));
     assert_eq!(uuids(&out)[1], "east/n3-1001");
 }
+
+#[test]
+fn the_nearest_ingress_is_the_partner_when_an_older_egress_is_missing() {
+    // The egress record of an older connection was cut off (outside one node's last N),
+    // its ingress record was not: the newer egress must take its own ingress, not the
+    // older one that comes first.
+    let items = vec![
+        resp(flow(F { sport: 41000, ..ingress(1000, "west/n2") })),
+        resp(flow(egress(1500, "east/n1"))),
+        resp(flow(F { sport: 41001, ..ingress(1501, "west/n2") })),
+    ];
+    let out = join_ends(items, DEFAULT_JOIN_WINDOW);
+    assert_eq!(out.len(), 2, "{out:?}");
+    let ports: Vec<_> = out
+        .iter()
+        .map(|r| match &r.response_types {
+            Some(ResponseTypes::Flow(f)) => (is_joined(f), l4(f).unwrap().1),
+            _ => (false, 0),
+        })
+        .collect();
+    assert_eq!(ports, [(false, 41000), (true, 41001)]);
+}
