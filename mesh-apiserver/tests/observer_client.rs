@@ -34,7 +34,11 @@ fn generate(out: &Path) {
         .arg(format!("--python_out={}", out.display()))
         .arg(format!("--grpc_python_out={}", out.display()))
         .arg(format!("--plugin=protoc-gen-grpc_python={PLUGIN}"))
-        .args(["flow/flow.proto", "relay/relay.proto", "observer/observer.proto"])
+        .args([
+            "flow/flow.proto",
+            "relay/relay.proto",
+            "observer/observer.proto",
+        ])
         .current_dir(&protos)
         .status()
         .expect("protoc runs (scripts/setup.sh installs protobuf-compiler)");

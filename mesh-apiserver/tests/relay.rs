@@ -77,13 +77,21 @@ async fn relay_merges_agents_in_time_order_last_n_overall_and_reports_unavailabl
     let n1 = TestAgent::start(
         &east.ca,
         "node-1",
-        vec![plain(t + 1, "east/node-1", 81), plain(t + 5, "east/node-1", 85), plain(t + 6, "east/node-1", 86)],
+        vec![
+            plain(t + 1, "east/node-1", 81),
+            plain(t + 5, "east/node-1", 85),
+            plain(t + 6, "east/node-1", 86),
+        ],
     )
     .await;
     let n2 = TestAgent::start(
         &east.ca,
         "node-2",
-        vec![plain(t + 2, "east/node-2", 82), plain(t + 3, "east/node-2", 83), plain(t + 4, "east/node-2", 84)],
+        vec![
+            plain(t + 2, "east/node-2", 82),
+            plain(t + 3, "east/node-2", 83),
+            plain(t + 4, "east/node-2", 84),
+        ],
     )
     .await;
     east.report("node-1", &n1.addr.to_string()).await;
@@ -126,7 +134,10 @@ async fn relay_merges_agents_in_time_order_last_n_overall_and_reports_unavailabl
     .await;
     assert_eq!(
         uuids(&got),
-        [format!("east/node-1-{}", t + 1), format!("east/node-2-{}", t + 2)]
+        [
+            format!("east/node-1-{}", t + 1),
+            format!("east/node-2-{}", t + 2)
+        ]
     );
     let all = flows(&mut op, last(0), false).await;
     let times: Vec<_> = all
@@ -152,7 +163,10 @@ async fn relay_merges_agents_in_time_order_last_n_overall_and_reports_unavailabl
     .await;
     assert_eq!(
         uuids(&got),
-        [format!("east/node-2-{}", t + 3), format!("east/node-1-{}", t + 5)]
+        [
+            format!("east/node-2-{}", t + 3),
+            format!("east/node-1-{}", t + 5)
+        ]
     );
     // An invalid filter is the caller's error.
     let bad = op
@@ -179,13 +193,22 @@ async fn relay_merges_agents_in_time_order_last_n_overall_and_reports_unavailabl
     );
 
     // ServerStatus and GetNodes aggregate.
-    let st = op.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    let st = op
+        .server_status(ServerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(st.num_flows, 6);
     assert_eq!(st.max_flows, 2 * 4096);
     assert_eq!(st.num_connected_nodes, Some(2));
     assert_eq!(st.num_unavailable_nodes, Some(1));
     assert_eq!(st.unavailable_nodes, ["east/node-3"]);
-    let nodes = op.get_nodes(GetNodesRequest {}).await.unwrap().into_inner().nodes;
+    let nodes = op
+        .get_nodes(GetNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     let states: Vec<_> = nodes.iter().map(|n| (n.name.as_str(), n.state)).collect();
     assert_eq!(
         states,
@@ -239,7 +262,10 @@ async fn follow_streams_both_nodes_in_time_order_and_joins_the_two_ends() {
     let b = next(&mut stream).await;
     assert_eq!(
         [flow_of(&a).uuid.clone(), flow_of(&b).uuid.clone()],
-        [format!("east/node-2-{}", t + 10), format!("east/node-1-{}", t + 20)]
+        [
+            format!("east/node-2-{}", t + 10),
+            format!("east/node-1-{}", t + 20)
+        ]
     );
 
     // A pod on node-1 connects to a pod on node-2 that denies it: the client's egress
@@ -257,7 +283,10 @@ async fn follow_streams_both_nodes_in_time_order_and_joins_the_two_ends() {
     assert_eq!(f.ingress_denied_by[0].name, "deny-xwing");
     assert_eq!(
         f.node_labels,
-        ["mesh.io/egress-node=east/node-1", "mesh.io/ingress-node=east/node-2"]
+        [
+            "mesh.io/egress-node=east/node-1",
+            "mesh.io/ingress-node=east/node-2"
+        ]
     );
     assert_eq!(f.node_name, "east/node-1");
 }
@@ -311,7 +340,10 @@ async fn all_clusters_adds_each_peers_own_flows_joins_across_clusters_and_never_
         if uuids(&got).contains(&"west-local".to_string()) {
             break got;
         }
-        assert!(tokio::time::Instant::now() < deadline, "west's flows never came: {got:#?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "west's flows never came: {got:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // 4 records, the cross-cluster pair joined into one: 3 flows, in time order.
@@ -355,7 +387,10 @@ async fn all_clusters_adds_each_peers_own_flows_joins_across_clusters_and_never_
     let got = flows(&mut op, last(2), true).await;
     assert_eq!(
         uuids(&got),
-        [format!("east/east-node1-{}", t + 100), "west-local".to_string()]
+        [
+            format!("east/east-node1-{}", t + 100),
+            "west-local".to_string()
+        ]
     );
 
     // ServerStatus across clusters counts both relays' nodes.
@@ -382,4 +417,3 @@ async fn all_clusters_adds_each_peers_own_flows_joins_across_clusters_and_never_
     assert_eq!(unavailable(&got), ["west/"]);
     east.stop().await;
 }
-

@@ -182,9 +182,18 @@ fn setup_sh_names_every_package_the_project_reads_from_the_system() {
     // python3 with grpcio and protobuf, and the gRPC Python code generator.
     for (what, path) in [
         ("observer client: python3", "/usr/bin/python3"),
-        ("observer client: grpc_python_plugin", "/usr/bin/grpc_python_plugin"),
-        ("observer client: grpcio", "/usr/lib/python3/dist-packages/grpc/__init__.py"),
-        ("observer client: protobuf", "/usr/lib/python3/dist-packages/google/protobuf/__init__.py"),
+        (
+            "observer client: grpc_python_plugin",
+            "/usr/bin/grpc_python_plugin",
+        ),
+        (
+            "observer client: grpcio",
+            "/usr/lib/python3/dist-packages/grpc/__init__.py",
+        ),
+        (
+            "observer client: protobuf",
+            "/usr/lib/python3/dist-packages/google/protobuf/__init__.py",
+        ),
     ] {
         files.push((what.into(), PathBuf::from(path)));
     }

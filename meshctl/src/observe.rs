@@ -16,9 +16,9 @@ use mesh_proto::flows::{CLUSTER_LABEL, event_type, ports_of, protocol_of};
 use mesh_proto::hubble::flow::{
     DropReason, Endpoint, EventTypeFilter, Flow, FlowFilter, TrafficDirection, Verdict,
 };
+use mesh_proto::hubble::observer::GetFlowsRequest;
 use mesh_proto::hubble::observer::get_flows_response::ResponseTypes;
 use mesh_proto::hubble::observer::observer_client::ObserverClient;
-use mesh_proto::hubble::observer::GetFlowsRequest;
 use mesh_proto::hubble::relay::NodeState;
 use mesh_proto::tls::connect_channel;
 
@@ -175,7 +175,9 @@ pub fn parse_time(flag: &str, s: &str, now: SystemTime) -> anyhow::Result<prost_
             .with_context(|| format!("{flag} {s:?}: before the epoch"))?
     } else {
         json::parse_rfc3339(s).with_context(|| {
-            format!("{flag} {s:?}: expected an RFC 3339 time (2026-12-05T07:00:00Z) or a duration (5m)")
+            format!(
+                "{flag} {s:?}: expected an RFC 3339 time (2026-12-05T07:00:00Z) or a duration (5m)"
+            )
         })?
     };
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -206,11 +208,17 @@ impl ObserveArgs {
         base.destination_pod
             .extend(self.to_namespace.iter().map(|n| namespace_pattern(n)));
         base.source_label = self.from_label.clone();
-        base.source_label
-            .extend(self.from_cluster.iter().map(|c| format!("{CLUSTER_LABEL}={c}")));
+        base.source_label.extend(
+            self.from_cluster
+                .iter()
+                .map(|c| format!("{CLUSTER_LABEL}={c}")),
+        );
         base.destination_label = self.to_label.clone();
-        base.destination_label
-            .extend(self.to_cluster.iter().map(|c| format!("{CLUSTER_LABEL}={c}")));
+        base.destination_label.extend(
+            self.to_cluster
+                .iter()
+                .map(|c| format!("{CLUSTER_LABEL}={c}")),
+        );
         base.verdict = self
             .verdict
             .iter()
@@ -345,8 +353,8 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
                     }
                 }
                 Some(ResponseTypes::NodeStatus(s)) => {
-                    let state = NodeState::try_from(s.state_change)
-                        .map_or("UNKNOWN", |s| s.as_str_name());
+                    let state =
+                        NodeState::try_from(s.state_change).map_or("UNKNOWN", |s| s.as_str_name());
                     eprintln!("{state}: {} ({})", s.node_names.join(", "), s.message);
                 }
                 Some(ResponseTypes::LostEvents(l)) => {
@@ -412,7 +420,11 @@ fn source_and_destination(f: &Flow) -> (String, String) {
     let ip = f.ip.as_ref();
     (
         endpoint_name(f.source.as_ref(), ip.map_or("", |i| &i.source), sp),
-        endpoint_name(f.destination.as_ref(), ip.map_or("", |i| &i.destination), dp),
+        endpoint_name(
+            f.destination.as_ref(),
+            ip.map_or("", |i| &i.destination),
+            dp,
+        ),
     )
 }
 
@@ -445,8 +457,22 @@ fn policies(ps: &[mesh_proto::hubble::flow::Policy]) -> String {
         .join(", ")
 }
 
-/// What a reader wants next to the verdict: protocol, service, drop reason and the rules.
+/// What a reader wants next to the verdict: the drop reason, then the server's summary
+/// when it wrote one (mesh's agents and relay do: flags, service, backend, rules), else
+/// protocol, service and the rules from the flow's fields.
 pub fn summary(f: &Flow) -> String {
+    let reason = (f.verdict == Verdict::Dropped as i32).then(|| {
+        DropReason::try_from(f.drop_reason_desc)
+            .map_or("UNKNOWN", |r| r.as_str_name())
+            .to_owned()
+    });
+    if !f.summary.is_empty() {
+        return reason
+            .into_iter()
+            .chain([f.summary.clone()])
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
     let mut parts = Vec::new();
     if let Some(p) = protocol_of(f) {
         parts.push(p.to_ascii_uppercase());
@@ -454,11 +480,7 @@ pub fn summary(f: &Flow) -> String {
     if let Some(s) = &f.destination_service {
         parts.push(format!("service {}/{}", s.namespace, s.name));
     }
-    if f.verdict == Verdict::Dropped as i32 {
-        let reason =
-            DropReason::try_from(f.drop_reason_desc).map_or("UNKNOWN", |r| r.as_str_name());
-        parts.push(reason.to_owned());
-    }
+    parts.extend(reason);
     for (what, ps) in [
         ("egress denied by", &f.egress_denied_by),
         ("ingress denied by", &f.ingress_denied_by),
@@ -468,9 +490,6 @@ pub fn summary(f: &Flow) -> String {
         if !ps.is_empty() {
             parts.push(format!("{what} {}", policies(ps)));
         }
-    }
-    if !f.summary.is_empty() {
-        parts.push(f.summary.clone());
     }
     parts.join("; ")
 }

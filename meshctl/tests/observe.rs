@@ -95,7 +95,10 @@ async fn observe_prints_flows_of_every_node_and_cluster_with_hubbles_flags() {
     assert_eq!(lines[0]["node_name"], "east/east-node1");
     assert_eq!(lines[0]["flow"]["traffic_direction"], "EGRESS");
     assert_eq!(lines[0]["flow"]["verdict"], "FORWARDED");
-    assert_eq!(lines[0]["flow"]["destination_service"]["name"], "rebel-base");
+    assert_eq!(
+        lines[0]["flow"]["destination_service"]["name"],
+        "rebel-base"
+    );
     assert_eq!(lines[0]["flow"]["destination"]["cluster_name"], "west");
 
     // --last 1 across this cluster's two nodes.
@@ -116,7 +119,11 @@ async fn observe_prints_flows_of_every_node_and_cluster_with_hubbles_flags() {
     };
     assert_eq!(
         uuids(&lines),
-        [format!("east/east-node1-{t}"), "east-local".into(), "west-local".into()]
+        [
+            format!("east/east-node1-{t}"),
+            "east-local".into(),
+            "west-local".into()
+        ]
     );
     let joined = &lines[0]["flow"];
     assert_eq!(joined["verdict"], "DROPPED");
@@ -140,28 +147,58 @@ async fn observe_prints_flows_of_every_node_and_cluster_with_hubbles_flags() {
     // own records: with --verdict DROPPED east's egress record (forwarded at connect) is
     // left out, and west's ingress record comes alone, naming west's node and rule.
     let lines = json_lines(
-        &observe(&east, &["-o", "json", "--all-clusters", "--from-cluster", "west"]).await,
+        &observe(
+            &east,
+            &["-o", "json", "--all-clusters", "--from-cluster", "west"],
+        )
+        .await,
     );
     assert_eq!(uuids(&lines), ["west-local"]);
     let lines = json_lines(
         &observe(
             &east,
-            &["-o", "json", "--all-clusters", "--from-pod", "default/x-wing", "--verdict", "DROPPED"],
+            &[
+                "-o",
+                "json",
+                "--all-clusters",
+                "--from-pod",
+                "default/x-wing",
+                "--verdict",
+                "DROPPED",
+            ],
         )
         .await,
     );
-    assert_eq!(uuids(&lines), [format!("west/west-node1-{}", t + 2)], "{lines:#?}");
-    assert_eq!(lines[0]["flow"]["ingress_denied_by"][0]["name"], "deny-east");
+    assert_eq!(
+        uuids(&lines),
+        [format!("west/west-node1-{}", t + 2)],
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines[0]["flow"]["ingress_denied_by"][0]["name"],
+        "deny-east"
+    );
     assert_eq!(lines[0]["node_name"], "west/west-node1");
 
     // The table names clusters as cluster/ns/pod and the rule.
-    let out = observe(&east, &["-o", "table", "--all-clusters", "--verdict", "DROPPED"]).await;
+    let out = observe(
+        &east,
+        &["-o", "table", "--all-clusters", "--verdict", "DROPPED"],
+    )
+    .await;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut rows = text.lines();
     let header: Vec<&str> = rows.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]
+        [
+            "TIMESTAMP",
+            "SOURCE",
+            "DESTINATION",
+            "TYPE",
+            "VERDICT",
+            "SUMMARY"
+        ]
     );
     let row = rows.next().expect("one row");
     assert!(row.contains("east/default/x-wing:"), "{row}");
@@ -177,5 +214,8 @@ async fn observe_prints_flows_of_every_node_and_cluster_with_hubbles_flags() {
     // Compact is the default.
     let out = observe(&east, &["--last", "1"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("[east/east-node2]: east/default/x-wing -> east/default/rebel-base:80"), "{text}");
+    assert!(
+        text.contains("[east/east-node2]: east/default/x-wing -> east/default/rebel-base:80"),
+        "{text}"
+    );
 }

@@ -23,7 +23,9 @@ pub fn time_ns(r: &GetFlowsResponse) -> i128 {
         Some(ResponseTypes::Flow(f)) => f.time.as_ref().or(r.time.as_ref()),
         _ => r.time.as_ref(),
     };
-    ts.map_or(0, |t| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos))
+    ts.map_or(0, |t| {
+        i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
+    })
 }
 
 fn flow_of(r: &GetFlowsResponse) -> Option<&Flow> {
@@ -187,9 +189,13 @@ pub fn join(egress: &Flow, ingress: &Flow) -> Flow {
             summary.push_str(&format!(" by {}", policies(&ingress.ingress_denied_by)));
         }
     } else if !ingress.ingress_allowed_by.is_empty() {
-        summary.push_str(&format!(" allowed by {}", policies(&ingress.ingress_allowed_by)));
+        summary.push_str(&format!(
+            " allowed by {}",
+            policies(&ingress.ingress_allowed_by)
+        ));
     }
-    f.node_labels.push(format!("{EGRESS_NODE_LABEL}={}", egress.node_name));
+    f.node_labels
+        .push(format!("{EGRESS_NODE_LABEL}={}", egress.node_name));
     f.node_labels
         .push(format!("{INGRESS_NODE_LABEL}={}", ingress.node_name));
     f.summary = if egress.summary.is_empty() {

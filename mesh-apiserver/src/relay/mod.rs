@@ -277,11 +277,14 @@ impl Relay {
                 ClientEndpoint::new(address.clone(), client)
             }
             (Source::Peer(spec), Some(id)) => {
-                let ca = tls::parse_certs(spec.ca_pem.as_bytes(), &format!("the CA of peer {}", spec.name))
-                    .map_err(|e| e.to_string())?;
+                let ca = tls::parse_certs(
+                    spec.ca_pem.as_bytes(),
+                    &format!("the CA of peer {}", spec.name),
+                )
+                .map_err(|e| e.to_string())?;
                 let me = TlsIdentity::load(&id.cert, &id.key).map_err(|e| e.to_string())?;
-                let client = ClientTls::new(ca, me, Some(spec.name.clone()))
-                    .map_err(|e| e.to_string())?;
+                let client =
+                    ClientTls::new(ca, me, Some(spec.name.clone())).map_err(|e| e.to_string())?;
                 let mut ep = ClientEndpoint::new(spec.address.clone(), client);
                 ep.server_name = spec.server_name.clone();
                 ep
@@ -399,10 +402,7 @@ impl Relay {
             .into_iter()
             .partition(|r| !matches!(r.response_types, Some(ResponseTypes::Flow(_))));
         let flows = merge::last_n(
-            merge::join_ends(
-                merge::last_n(flows, 0, false),
-                self.inner.cfg.join_window,
-            ),
+            merge::join_ends(merge::last_n(flows, 0, false), self.inner.cfg.join_window),
             req.number,
             req.first,
         );
@@ -524,7 +524,9 @@ impl Relay {
         &self,
         sources: &[Source],
     ) -> Vec<(Source, Result<ServerStatusResponse, String>)> {
-        let futs = sources.iter().map(|s| async move { (s.clone(), self.status_of(s).await) });
+        let futs = sources
+            .iter()
+            .map(|s| async move { (s.clone(), self.status_of(s).await) });
         futures::future::join_all(futs).await
     }
 

@@ -25,12 +25,12 @@ use mesh_proto::keys::Keys;
 use mesh_proto::pb;
 use mesh_proto::peer_entry::{PeerSpec, render_entry};
 use mesh_proto::tls::{self, ClientEndpoint, ClientTls, Role, ServerTls, TlsIdentity, TrustStore};
+use mesh_testkit::certs::TestCa;
 use mesh_testkit::etcd::Etcd;
 use prost::Message;
-use tonic::transport::Channel;
-use mesh_testkit::certs::TestCa;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// A running test agent Observer server.
@@ -120,14 +120,17 @@ impl Svc {
         self.callers.lock().unwrap().push(caller.to_string());
         match caller.role {
             Role::Replica | Role::Operator { .. } => Ok(()),
-            _ => Err(Status::permission_denied(format!("{caller} may not read flows"))),
+            _ => Err(Status::permission_denied(format!(
+                "{caller} may not read flows"
+            ))),
         }
     }
 }
 
 fn ns(t: &Option<prost_types::Timestamp>) -> i128 {
-    t.as_ref()
-        .map_or(0, |t| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos))
+    t.as_ref().map_or(0, |t| {
+        i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
+    })
 }
 
 type FlowStream = Pin<Box<dyn Stream<Item = Result<GetFlowsResponse, Status>> + Send>>;
@@ -365,10 +368,16 @@ impl FlowSpec {
                 r#type: event_type,
                 sub_type: 0,
             }),
-            destination_service: self.service.map(|(namespace, name)| Service { name, namespace }),
+            destination_service: self
+                .service
+                .map(|(namespace, name)| Service { name, namespace }),
             traffic_direction: self.direction as i32,
             is_reply: Some(false),
-            ingress_denied_by: if ingress { self.denied_by.clone() } else { vec![] },
+            ingress_denied_by: if ingress {
+                self.denied_by.clone()
+            } else {
+                vec![]
+            },
             egress_denied_by: if ingress { vec![] } else { self.denied_by },
             ..Default::default()
         }
@@ -497,7 +506,10 @@ impl Cluster {
             server_name: None,
         };
         std::fs::write(
-            self.dir.path().join("peers").join(format!("{}.yaml", other.name)),
+            self.dir
+                .path()
+                .join("peers")
+                .join(format!("{}.yaml", other.name)),
             render_entry(&spec),
         )
         .unwrap();
@@ -521,8 +533,15 @@ impl Cluster {
     /// An Observer client of this cluster's apiserver with `who`'s certificate of `ca`.
     /// Writes an operator certificate for meshctl: (CA, cert, key) paths.
     pub fn operator_files(&self) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-        let (cert, key) = self.ca.issue("operator/admin").write(self.dir.path(), "operator");
-        (self.dir.path().join(format!("{}-ca.crt", self.name)), cert, key)
+        let (cert, key) = self
+            .ca
+            .issue("operator/admin")
+            .write(self.dir.path(), "operator");
+        (
+            self.dir.path().join(format!("{}-ca.crt", self.name)),
+            cert,
+            key,
+        )
     }
 
     pub async fn client_as(&self, ca: &TestCa, who: &str) -> ObserverClient<Channel> {
@@ -537,4 +556,3 @@ impl Cluster {
         ObserverClient::new(ch)
     }
 }
-

@@ -40,9 +40,14 @@ fn defaults_follow_hubble() {
     let r = args(&["--since", "5m"]).request(now()).unwrap();
     assert_eq!(r.number, 0);
     assert_eq!(r.since.unwrap().seconds, 1_800_000_000 - 300);
-    let r = args(&["--since", "2026-12-05T07:00:00Z", "--until", "2026-12-05T08:00:00.5+01:00"])
-        .request(now())
-        .unwrap();
+    let r = args(&[
+        "--since",
+        "2026-12-05T07:00:00Z",
+        "--until",
+        "2026-12-05T08:00:00.5+01:00",
+    ])
+    .request(now())
+    .unwrap();
     assert_eq!(r.since.unwrap().seconds, 1_796_454_000);
     assert_eq!(
         (r.until.unwrap().seconds, r.until.unwrap().nanos),

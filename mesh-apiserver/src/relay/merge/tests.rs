@@ -218,7 +218,10 @@ fn egress_and_ingress_of_one_connection_become_one_flow() {
     assert_eq!(crate::relay::merge::l4(j), Some((true, 40123, 80)));
     assert_eq!(j.destination_service.as_ref().unwrap().name, "rebel-base");
     assert_eq!(j.time, Some(ts(1000)));
-    assert!(j.summary.contains("west/west-node2 DROPPED by CiliumNetworkPolicy default/deny-east"));
+    assert!(
+        j.summary
+            .contains("west/west-node2 DROPPED by CiliumNetworkPolicy default/deny-east")
+    );
     assert!(is_joined(j));
 }
 
@@ -226,20 +229,56 @@ fn egress_and_ingress_of_one_connection_become_one_flow() {
 fn records_that_differ_are_not_joined() {
     let base = || resp(flow(egress(1000, "east/n1")));
     let cases: Vec<(&str, F)> = vec![
-        ("other destination port", F { dport: 81, ..ingress(1001, "west/n2") }),
-        ("other destination ip", F { dst: "10.2.1.8", ..ingress(1001, "west/n2") }),
-        ("other source ip", F { src: "10.1.1.6", ..ingress(1001, "west/n2") }),
-        ("udp against tcp", F { tcp: false, ..ingress(1001, "west/n2") }),
+        (
+            "other destination port",
+            F {
+                dport: 81,
+                ..ingress(1001, "west/n2")
+            },
+        ),
+        (
+            "other destination ip",
+            F {
+                dst: "10.2.1.8",
+                ..ingress(1001, "west/n2")
+            },
+        ),
+        (
+            "other source ip",
+            F {
+                src: "10.1.1.6",
+                ..ingress(1001, "west/n2")
+            },
+        ),
+        (
+            "udp against tcp",
+            F {
+                tcp: false,
+                ..ingress(1001, "west/n2")
+            },
+        ),
         ("outside the window", ingress(4000, "west/n2")),
-        ("two egress records", F { dir: TrafficDirection::Egress, ..ingress(1001, "west/n2") }),
+        (
+            "two egress records",
+            F {
+                dir: TrafficDirection::Egress,
+                ..ingress(1001, "west/n2")
+            },
+        ),
     ];
     for (what, other) in cases {
         let out = join_ends(vec![base(), resp(flow(other))], DEFAULT_JOIN_WINDOW);
         assert_eq!(out.len(), 2, "{what}: {out:?}");
     }
     // A bound egress source port must equal the ingress one.
-    let e = flow(F { sport: 5555, ..egress(1000, "east/n1") });
-    let out = join_ends(vec![resp(e), resp(flow(ingress(1001, "west/n2")))], DEFAULT_JOIN_WINDOW);
+    let e = flow(F {
+        sport: 5555,
+        ..egress(1000, "east/n1")
+    });
+    let out = join_ends(
+        vec![resp(e), resp(flow(ingress(1001, "west/n2")))],
+        DEFAULT_JOIN_WINDOW,
+    );
     assert_eq!(out.len(), 2);
 }
 
@@ -250,7 +289,10 @@ fn each_record_joins_once_and_udp_joins_too() {
         resp(flow(egress(1000, "east/n1"))),
         resp(flow(egress(1001, "east/n1"))),
         resp(flow(ingress(1002, "west/n2"))),
-        resp(flow(F { sport: 40124, ..ingress(1003, "west/n2") })),
+        resp(flow(F {
+            sport: 40124,
+            ..ingress(1003, "west/n2")
+        })),
     ];
     let out = join_ends(items, DEFAULT_JOIN_WINDOW);
     assert_eq!(out.len(), 2, "{out:?}");
@@ -264,8 +306,14 @@ fn each_record_joins_once_and_udp_joins_too() {
     assert_eq!(ports, [40123, 40124]);
 
     let udp = vec![
-        resp(flow(F { tcp: false, ..egress(1000, "east/n1") })),
-        resp(flow(F { tcp: false, ..ingress(1000, "east/n1") })),
+        resp(flow(F {
+            tcp: false,
+            ..egress(1000, "east/n1")
+        })),
+        resp(flow(F {
+            tcp: false,
+            ..ingress(1000, "east/n1")
+        })),
     ];
     let out = join_ends(udp, DEFAULT_JOIN_WINDOW);
     assert_eq!(out.len(), 1);
@@ -337,9 +385,15 @@ fn the_nearest_ingress_is_the_partner_when_an_older_egress_is_missing() {
     // its ingress record was not: the newer egress must take its own ingress, not the
     // older one that comes first.
     let items = vec![
-        resp(flow(F { sport: 41000, ..ingress(1000, "west/n2") })),
+        resp(flow(F {
+            sport: 41000,
+            ..ingress(1000, "west/n2")
+        })),
         resp(flow(egress(1500, "east/n1"))),
-        resp(flow(F { sport: 41001, ..ingress(1501, "west/n2") })),
+        resp(flow(F {
+            sport: 41001,
+            ..ingress(1501, "west/n2")
+        })),
     ];
     let out = join_ends(items, DEFAULT_JOIN_WINDOW);
     assert_eq!(out.len(), 2, "{out:?}");
