@@ -170,7 +170,7 @@ pub fn join(egress: &Flow, ingress: &Flow) -> Flow {
         f.source = ingress.source.clone();
     }
     if ingress.l4.is_some() {
-        f.l4 = ingress.l4.clone();
+        f.l4 = ingress.l4;
     }
     if f.destination_service.is_none() {
         f.destination_service = ingress.destination_service.clone();

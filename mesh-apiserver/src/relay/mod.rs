@@ -249,7 +249,7 @@ impl Relay {
                 }
             }
         }
-        out.sort_by(|a, b| self.source_name(a).cmp(&self.source_name(b)));
+        out.sort_by_key(|s| self.source_name(s));
         if all_clusters && let Some(peers) = &self.inner.peers {
             let set = peers.borrow().clone().unwrap_or_default();
             out.extend(
