@@ -19,7 +19,10 @@
 #      x-wing still resolves names and every connection goes to west (none refused),
 #      `meshctl service explain --from` shows that choice, a second client (tie-fighter) is
 #      refused at once (EPERM) and `meshctl policy check` says why, `meshctl bpf policy list`
-#      shows the node's policy map.
+#      shows the node's policy map;
+#   8. flows: `meshctl observe --all-clusters` shows x-wing's connections to both clusters,
+#      each cross-cluster one once with both ends; with west denying east's x-wing
+#      (ingressDeny), the dropped flow names west's node and the rule.
 # Each step waits (bounded) until the replies match, prints the counts, and fails if they
 # never do. The lab is removed at the end (KEEP=1 leaves it running: `mesh-lab down`).
 #
@@ -226,6 +229,32 @@ meshctl policy check --from "east/demo/$tie_pod" --to "west/demo/$west_rebel" --
 [ "$rc" = 1 ] || die "meshctl policy check should deny tie-fighter -> west's rebel-base (exit 1), got exit $rc"
 run meshctl bpf policy list --node "$xwing_node"
 kc east -n demo delete ciliumnetworkpolicy x-wing-to-rebel-base-in-west default-deny
+check east rebel-base cluster east west
+
+say "8. Flows across clusters: meshctl observe (Hubble's Observer API, through east's relay)"
+echo "  east's apiserver relays its agents' flows and, with --all-clusters, west's relay's: a"
+echo "  connection to west is one flow with both ends (east's egress node, west's ingress node)"
+run meshctl observe --all-clusters --from-pod demo/x-wing --protocol tcp --last 6 -o table
+to_west=$(meshctl observe --all-clusters --from-pod demo/x-wing --protocol tcp --last 100 -o json |
+  jq -s '[.[] | .flow // empty | select(.destination.cluster_name == "west" and .verdict == "FORWARDED"
+          and ((.node_labels // []) | any(startswith("mesh.io/ingress-node=west/"))))] | length')
+[ "$to_west" -gt 0 ] || die "meshctl observe shows no forwarded connection from east's x-wing to west with both ends"
+echo "  ok: $to_west of x-wing's last connections went to west, each shown once with both ends"
+
+say "   West denies east's x-wing at rebel-base (ingressDeny): the drop and its rule, seen from east"
+kc west apply -f examples/lab-demo/policy/rebel-base-deny-east.yaml
+echo "  (x-wing's requests that land in west now time out: west drops their SYN)"
+deadline=$((SECONDS + STEP_TIMEOUT))
+rule=""
+while [ -z "$rule" ]; do
+  [ $SECONDS -lt "$deadline" ] || die "no dropped flow from east's x-wing within ${STEP_TIMEOUT}s of the deny policy"
+  REQUESTS=4 replies east rebel-base >/dev/null
+  rule=$(meshctl observe --all-clusters --from-pod demo/x-wing --verdict DROPPED --last 20 -o json |
+    jq -r 'select(.flow.ingress_denied_by) | .flow.ingress_denied_by[0] | "\(.kind) \(.namespace)/\(.name)"' | head -1)
+done
+run meshctl observe --all-clusters --from-pod demo/x-wing --verdict DROPPED --last 3 -o table
+echo "  ok: dropped in west by $rule"
+kc west -n demo delete ciliumnetworkpolicy rebel-base-deny-east-x-wing
 check east rebel-base cluster east west
 
 say "The mesh as east's apiserver sees it"

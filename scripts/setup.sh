@@ -13,6 +13,7 @@ packages=(
   nftables                       # mesh-lab: kube-proxy rules and node NAT inside node netns
   jq shellcheck                  # demo scripts and their lint
   g++                            # the fuzz targets: libfuzzer-sys builds libFuzzer (C++)
+  python3-grpcio python3-protobuf protobuf-compiler-grpc  # independent Observer client test (Python, generated from proto/)
   ca-certificates git pkg-config
 )
 # The subset `cargo build` of the workspace needs besides Rust. images/Dockerfile's toolchain

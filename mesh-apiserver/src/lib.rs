@@ -20,6 +20,7 @@ pub mod leader;
 pub mod metrics;
 pub mod peer;
 pub mod publisher;
+pub mod relay;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -355,6 +356,7 @@ pub async fn start(
         (rx, Some(tx))
     };
 
+    let mut peer_set = None;
     // === peer importer (peer.rs): needs TLS (its client identity is the serving cert);
     // peers come from --peers-dir, else from the Secret when Kubernetes is configured.
     if let (Security::Tls { cert, key, .. }, Some(tls)) = (&settings.security, &server_tls) {
@@ -384,6 +386,7 @@ pub async fn start(
                     .map_err(config::ConfigError::from)?,
             };
             let importer = peer::Importer::spawn(cfg, &mut registry, shutdown.clone());
+            peer_set = Some(importer.peers());
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 stop.cancelled().await;
@@ -399,11 +402,30 @@ pub async fn start(
     let svc = MeshService::new(
         serve_cfg,
         index.clone(),
-        etcd,
+        etcd.clone(),
         auth,
         metrics.clone(),
         leader_rx.clone(),
         shutdown.clone(),
+    );
+    // The flow relay (relay/): Hubble's Observer on the same port, same TLS and roles.
+    let relay_identity = match &settings.security {
+        Security::Insecure => None,
+        Security::Tls { cert, key, ca, .. } => Some(relay::RelayIdentity {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+    };
+    let relay = relay::Relay::new(
+        relay::RelayConfig::new(
+            settings.cluster_name.clone(),
+            settings.keys.clone(),
+            relay_identity,
+        ),
+        svc.clone(),
+        etcd,
+        peer_set,
     );
 
     let registry = Arc::new(registry);
@@ -423,7 +445,8 @@ pub async fn start(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(svc.into_server());
+        .add_service(svc.into_server())
+        .add_service(relay.into_server());
     let stop = shutdown.clone();
     match &server_tls {
         None => {

@@ -178,6 +178,25 @@ fn setup_sh_names_every_package_the_project_reads_from_the_system() {
         "protoc include google/protobuf/descriptor.proto".into(),
         PathBuf::from("/usr/include/google/protobuf/descriptor.proto"),
     ));
+    // The independent Observer client (mesh-apiserver/tests/observer_client.rs): Debian's
+    // python3 with grpcio and protobuf, and the gRPC Python code generator.
+    for (what, path) in [
+        ("observer client: python3", "/usr/bin/python3"),
+        (
+            "observer client: grpc_python_plugin",
+            "/usr/bin/grpc_python_plugin",
+        ),
+        (
+            "observer client: grpcio",
+            "/usr/lib/python3/dist-packages/grpc/__init__.py",
+        ),
+        (
+            "observer client: protobuf",
+            "/usr/lib/python3/dist-packages/google/protobuf/__init__.py",
+        ),
+    ] {
+        files.push((what.into(), PathBuf::from(path)));
+    }
     for h in bpf_headers() {
         files.push((format!("bpf/ header {}", h.display()), h));
     }

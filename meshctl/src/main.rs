@@ -5,6 +5,7 @@ mod cert;
 mod conn;
 mod connect;
 mod inspect;
+mod observe;
 mod output;
 mod policy;
 mod service;
@@ -50,6 +51,8 @@ enum Command {
     Bpf(bpf::BpfCommand),
     /// Flow counters per (source, destination) identity pair from this node's maps.
     Flows(bpf::PinArgs),
+    /// Flows from the apiserver's relay (Hubble's Observer API), with Hubble's flags.
+    Observe(Box<observe::ObserveArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bpf(c) => bpf::run(c),
         Command::Flows(a) => bpf::run_flows(a),
+        Command::Observe(a) => runtime()?.block_on(observe::run(*a)),
     }
 }
 

@@ -145,7 +145,7 @@ impl std::fmt::Debug for Authenticator {
 
 /// The caller's access, relative to the serving cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Access {
+pub(crate) enum Access {
     /// An agent (node known under TLS), a replica, or an insecure caller: reads everything.
     Local {
         who: String,
@@ -157,7 +157,7 @@ pub(super) enum Access {
 }
 
 impl Access {
-    pub(super) fn who(&self) -> &str {
+    pub(crate) fn who(&self) -> &str {
         match self {
             Access::Local { who, .. } | Access::Peer { who } => who,
         }

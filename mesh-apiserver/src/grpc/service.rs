@@ -121,7 +121,7 @@ impl MeshService {
     }
 
     /// Identifies the caller; refusals are counted and logged.
-    pub(super) fn access<T>(&self, req: &Request<T>) -> Result<Access, ServeError> {
+    pub(crate) fn access<T>(&self, req: &Request<T>) -> Result<Access, ServeError> {
         let r = match &self.inner.auth {
             Authenticator::Insecure => Ok(Access::Local {
                 who: "insecure loopback client".into(),

@@ -284,6 +284,7 @@ pub struct ImporterConfig {
 
 /// A running importer.
 pub struct Importer {
+    peers: watch::Receiver<Option<PeerSet>>,
     stats: watch::Receiver<BTreeMap<ClusterName, PeerStats>>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -311,6 +312,7 @@ impl Importer {
         let (stats_tx, stats) = watch::channel(BTreeMap::new());
         let shutdown = shutdown.child_token();
         let peers = cfg.source.spawn(shutdown.clone());
+        let peers_out = peers.clone();
         let shared = Arc::new(Shared {
             etcd: cfg.etcd,
             keys: cfg.keys,
@@ -334,6 +336,7 @@ impl Importer {
         let stop = shutdown.clone();
         let task = tokio::spawn(supervisor.run(stop).instrument(info_span!("peers")));
         Self {
+            peers: peers_out,
             stats,
             shutdown,
             task: Some(task),
@@ -343,6 +346,12 @@ impl Importer {
     /// What the importer knows about each running peer.
     pub fn stats(&self) -> BTreeMap<ClusterName, PeerStats> {
         self.stats.borrow().clone()
+    }
+
+    /// The configured peers as the source reads them (on every replica, leader or not):
+    /// the flow relay dials their relays with the importer's credentials.
+    pub fn peers(&self) -> watch::Receiver<Option<PeerSet>> {
+        self.peers.clone()
     }
 
     /// A receiver of [`Importer::stats`] changes.

@@ -22,7 +22,7 @@ use super::process::{self, ChildSpec, Running};
 use super::runtime::{NetnsRuntime, PodPlace};
 use super::sys::{self, Enter};
 use super::topology::{
-    APISERVER_METRICS_PORT, APISERVER_PORT, BPFFS, ClusterSpec, KUBE_API_PORT, LabSpec,
+    APISERVER_METRICS_PORT, APISERVER_PORT, BPFFS, ClusterSpec, HUBBLE_PORT, KUBE_API_PORT, LabSpec,
 };
 use super::{LabFiles, find_binary};
 use crate::controllers::{self, Controllers, ControllersConfig};
@@ -650,6 +650,12 @@ impl Supervisor {
                             p(&self.spec.pin_dir(&c.name, &n.name)),
                             "--status-interval".into(),
                             "2s".into(),
+                            // Hubble's Observer API on the node's address, which the
+                            // cluster's apiserver (the relay) dials.
+                            "--hubble-listen-address".into(),
+                            format!("{}:{HUBBLE_PORT}", n.ip),
+                            "--hubble-advertise-address".into(),
+                            format!("{}:{HUBBLE_PORT}", n.ip),
                         ],
                         env: vec![],
                         enter: Enter {

@@ -18,6 +18,8 @@ pub const KUBE_API_PORT: u16 = 6443;
 /// gRPC port of each mesh-apiserver (on its control-plane IP).
 pub const APISERVER_PORT: u16 = 7443;
 pub const APISERVER_METRICS_PORT: u16 = 9962;
+/// Port of each agent's Observer API (Hubble's default 4244), on its node IP.
+pub const HUBBLE_PORT: u16 = 4244;
 /// The next hop every pod routes through (on the node side of each pod's veth).
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
