@@ -167,14 +167,28 @@ fn observe_shows_cross_cluster_flows_with_service_verdict_and_the_denying_rule()
         long_flows[long_flows.len() - 5..],
         "the newest 5 overall"
     );
+    // The answer holds records of nodes of both clusters: a flow's own node, or the node of
+    // the other end joined into it (a connection from east to west is one flow with east's
+    // node name and west's node as its ingress node).
     let nodes: std::collections::BTreeSet<&str> = long
         .iter()
         .filter_map(|l| l["node_name"].as_str())
+        .chain(flows(&long).into_iter().flat_map(|f| {
+            f["node_labels"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l.as_str())
+                .filter_map(|l| {
+                    l.strip_prefix("mesh.io/ingress-node=")
+                        .or_else(|| l.strip_prefix("mesh.io/egress-node="))
+                })
+        }))
         .collect();
     assert!(
         nodes.iter().any(|n| n.starts_with("east/"))
             && nodes.iter().any(|n| n.starts_with("west/")),
-        "60 flows from nodes of both clusters: {nodes:?}"
+        "60 flows with records of nodes of both clusters: {nodes:?}"
     );
     let times: Vec<&str> = long.iter().filter_map(|l| l["time"].as_str()).collect();
     assert!(times.is_sorted(), "time order: {times:?}");
