@@ -100,10 +100,13 @@ impl LabGuard {
     }
 
     fn lab(&self, args: &[&str]) -> Result<String> {
+        // `--name` goes before a `--` (exec's command line), never after it.
+        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
         let out = Command::new(&self.mesh_lab)
-            .args(args)
+            .args(&args[..split])
             .arg("--name")
             .arg(&self.name)
+            .args(&args[split..])
             .output()
             .with_context(|| format!("running mesh-lab {args:?}"))?;
         if !out.status.success() {
