@@ -156,6 +156,41 @@ async fn connections_become_decorated_flows_served_over_mutual_tls() {
     assert_eq!(last3.len(), 3);
     let all_now = flows(&mut client, GetFlowsRequest::default()).await;
     assert_eq!(last3, all_now[all_now.len() - 3..].to_vec());
+
+    // An independent client built from Hubble's Observer API definitions (Python grpcio)
+    // reads the same last 3 from the agent, over mutual TLS, naming the server as Hubble's
+    // CLI does with --tls-server-name (the test certificates name localhost).
+    let dir = mesh.dir.path().to_path_buf();
+    let ca = mesh.files.ca.clone();
+    let python = tokio::task::spawn_blocking(move || {
+        mesh_testkit::hubble::PythonObserver::generate().read(
+            &mesh_testkit::hubble::Target {
+                address: format!("{}:4244", NET.host(2)),
+                ca: &ca,
+                cert: &dir.join("apiserver.crt"),
+                key: &dir.join("apiserver.key"),
+                server_name: Some("localhost"),
+                all_clusters: false,
+            },
+            3,
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"));
+    let python: serde_json::Value = serde_json::from_str(&python).unwrap();
+    let uuids: Vec<&str> = python["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["node_name"], "east/node-1", "{r}");
+            r["flow"]["uuid"].as_str().unwrap()
+        })
+        .collect();
+    let expected: Vec<&str> = last3.iter().map(|f| f.uuid.as_str()).collect();
+    assert_eq!(uuids, expected, "{python:#}");
+    assert_eq!(python["status"]["max_flows"], "4095", "{python:#}");
     let times: Vec<_> = all_now.iter().map(|f| f.time.unwrap()).collect();
     assert!(
         times

@@ -1,74 +1,43 @@
 //! An independent client of the relay (issue 13, "an independent client built from Hubble's
-//! Observer API definitions"): Python's grpcio with modules that Debian's protoc and
-//! grpc_python_plugin generate from proto/proto/*.proto at test time, in a temp dir. It
-//! shares no code with mesh: what it reads proves the wire contract, not our codegen.
-//! Needs python3-grpcio, python3-protobuf and protobuf-compiler-grpc (scripts/setup.sh).
+//! Observer API definitions"): Python's grpcio over modules generated from
+//! proto/proto/*.proto at test time (`mesh_testkit::hubble`), sharing no code with mesh.
 
 mod relay_support;
 
-use std::path::Path;
-use std::process::Command;
-
+use mesh_testkit::hubble::{PythonObserver, Target};
 use relay_support::*;
 use serde_json::Value;
 
-const PYTHON: &str = "/usr/bin/python3";
-const PLUGIN: &str = "/usr/bin/grpc_python_plugin";
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
-}
-
-/// protoc + grpc_python_plugin over the three .proto files, into `out`.
-fn generate(out: &Path) {
-    for tool in [PYTHON, PLUGIN] {
-        assert!(
-            Path::new(tool).exists(),
-            "{tool} is missing: run scripts/setup.sh (python3-grpcio, python3-protobuf, protobuf-compiler-grpc)"
-        );
-    }
-    let protos = repo().join("proto/proto");
-    let st = Command::new("/usr/bin/protoc")
-        .arg(format!("-I{}", protos.display()))
-        .arg("-I/usr/include")
-        .arg(format!("--python_out={}", out.display()))
-        .arg(format!("--grpc_python_out={}", out.display()))
-        .arg(format!("--plugin=protoc-gen-grpc_python={PLUGIN}"))
-        .args([
-            "flow/flow.proto",
-            "relay/relay.proto",
-            "observer/observer.proto",
-        ])
-        .current_dir(&protos)
-        .status()
-        .expect("protoc runs (scripts/setup.sh installs protobuf-compiler)");
-    assert!(st.success(), "protoc failed: {st}");
-}
-
-async fn python_read(generated: &Path, cluster: &Cluster, number: u64, all: bool) -> Value {
+async fn python_read(
+    py: &std::sync::Arc<PythonObserver>,
+    cluster: &Cluster,
+    number: u64,
+    all: bool,
+) -> Value {
     let (ca, cert, key) = cluster.operator_files();
-    let mut cmd = tokio::process::Command::new(PYTHON);
-    cmd.arg(repo().join("mesh-apiserver/tests/observer_client/observer_client.py"))
-        .arg(generated)
-        .arg(cluster.addr().to_string())
-        .args([&ca, &cert, &key])
-        .arg(number.to_string());
-    if all {
-        cmd.arg("all-clusters");
-    }
-    // Debian's python3 and its dist-packages, whatever python is first on PATH.
-    cmd.env_remove("PYTHONPATH").env_remove("PYTHONHOME");
-    let out = tokio::time::timeout(STEP, cmd.output())
-        .await
-        .expect("the python client returns")
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "python client: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("the client prints JSON")
+    let address = cluster.addr().to_string();
+    let py = py.clone();
+    let out = tokio::time::timeout(
+        STEP,
+        tokio::task::spawn_blocking(move || {
+            py.read(
+                &Target {
+                    address,
+                    ca: ca.as_ref(),
+                    cert: cert.as_ref(),
+                    key: key.as_ref(),
+                    server_name: None,
+                    all_clusters: all,
+                },
+                number,
+            )
+        }),
+    )
+    .await
+    .expect("the python client returns")
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_str(&out).expect("the client prints JSON")
 }
 
 fn flow_uuids(v: &Value) -> Vec<String> {
@@ -82,8 +51,7 @@ fn flow_uuids(v: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_generated_from_the_protos_reads_get_flows_and_server_status() {
-    let generated = tempfile::tempdir().unwrap();
-    generate(generated.path());
+    let py = std::sync::Arc::new(PythonObserver::generate());
 
     let east = Cluster::start("east", 1, "10.1.0.0/16").await;
     let west = Cluster::start("west", 2, "10.2.0.0/16").await;
@@ -114,7 +82,7 @@ async fn python_grpcio_client_generated_from_the_protos_reads_get_flows_and_serv
     west.report("west-node1", &w1.addr.to_string()).await;
 
     // This cluster's relay.
-    let v = python_read(generated.path(), &east, 10, false).await;
+    let v = python_read(&py, &east, 10, false).await;
     assert_eq!(
         flow_uuids(&v),
         [format!("east/east-node1-{t}"), "east-other".to_string()],
@@ -134,7 +102,7 @@ async fn python_grpcio_client_generated_from_the_protos_reads_get_flows_and_serv
     // Every cluster, --last 1: the joined cross-cluster flow is older than east-other.
     let deadline = tokio::time::Instant::now() + STEP;
     let v = loop {
-        let v = python_read(generated.path(), &east, 10, true).await;
+        let v = python_read(&py, &east, 10, true).await;
         if v["status"]["num_connected_nodes"] == 3 {
             break v;
         }
@@ -151,6 +119,6 @@ async fn python_grpcio_client_generated_from_the_protos_reads_get_flows_and_serv
     assert_eq!(joined["drop_reason_desc"], "POLICY_DENY");
     assert_eq!(joined["ingress_denied_by"][0]["name"], "deny-east");
     assert_eq!(v["status"]["num_flows"], "3");
-    let v = python_read(generated.path(), &east, 1, true).await;
+    let v = python_read(&py, &east, 1, true).await;
     assert_eq!(flow_uuids(&v), ["east-other"]);
 }

@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod etcd;
+pub mod hubble;
 
 use std::net::{SocketAddr, TcpListener};
 

@@ -207,6 +207,12 @@ fn spiffe_id(args: &CertIssue) -> anyhow::Result<String> {
     })
 }
 
+/// The DNS name in an agent's certificate for clients of its Observer API that check a server
+/// name (Hubble's `--tls-server-name`).
+pub fn hubble_server_name(node: &str, cluster: &str) -> String {
+    format!("{node}.{cluster}.hubble-grpc.mesh")
+}
+
 /// Issues a leaf certificate as `args` describe; returns the (cert, key) paths.
 pub fn issue(args: &CertIssue) -> anyhow::Result<(PathBuf, PathBuf)> {
     if args.days <= 0 {
@@ -239,7 +245,15 @@ pub fn issue(args: &CertIssue) -> anyhow::Result<(PathBuf, PathBuf)> {
         .distinguished_name
         .push(DnType::OrganizationName, "mesh");
     let mut sans = vec![SanType::URI(id.clone().try_into().context("URI SAN")?)];
-    for d in &args.dns {
+    // An agent serves Hubble's Observer API: Hubble's CLI and other grpc clients check one DNS
+    // name (`--tls-server-name`), so its certificate names NODE.CLUSTER.hubble-grpc.mesh as
+    // Cilium's agents name NODE.CLUSTER.hubble-grpc.cilium.io. mesh's own clients check the
+    // SPIFFE identity instead.
+    let hubble_name = args
+        .agent
+        .as_ref()
+        .map(|node| hubble_server_name(node, args.cluster.as_str()));
+    for d in args.dns.iter().chain(hubble_name.as_ref()) {
         sans.push(SanType::DnsName(
             d.clone()
                 .try_into()
@@ -373,6 +387,26 @@ mod tests {
         assert!(crt.ends_with("agent-node-1.crt"));
         let pem = fs::read_to_string(crt).unwrap();
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        // An agent's certificate names its Observer server for Hubble's clients.
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = p.parse_x509().unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert!(
+            names.contains(&"DNSName(node-1.east.hubble-grpc.mesh)".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("spiffe://east.mesh/agent/node-1")),
+            "{names:?}"
+        );
     }
 
     #[test]
