@@ -70,7 +70,7 @@ static __always_inline void event_emit(struct mesh_flow_event *ev)
 	__u32 zero = 0;
 	struct mesh_event_config *cfg = events_on();
 	struct mesh_event_stats *st;
-	__u64 now;
+	__u64 now, flags;
 
 	if (!cfg)
 		return;
@@ -88,7 +88,13 @@ static __always_inline void event_emit(struct mesh_flow_event *ev)
 	if (!event_admit(cfg, st, now))
 		return;
 	ev->time_ns = now;
-	if (bpf_ringbuf_output(&mesh_events, ev, sizeof(*ev), 0))
+	/* Adaptive notification: the reader is woken only once a batch is waiting and drains on
+	 * its own short timer otherwise, so a busy node pays no wakeup (and context switch) per
+	 * connection. */
+	flags = bpf_ringbuf_query(&mesh_events, BPF_RB_AVAIL_DATA) >= MESH_EVENT_WAKEUP_BYTES
+			? BPF_RB_FORCE_WAKEUP
+			: BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(&mesh_events, ev, sizeof(*ev), flags))
 		st->lost_ring_full += 1;
 	else
 		st->emitted += 1;

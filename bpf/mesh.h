@@ -210,6 +210,9 @@ struct mesh_policy_rule_name {
 #define MESH_EVENTS_RING_BYTES (1U << 20)
 #define MESH_EVENT_SEEN_MAX 65536
 #define MESH_EVENT_UDP_REPEAT_NS (5ULL * 1000000000ULL)
+/* A record wakes the reader only when this much is waiting; the agent also drains the ring
+ * every 10 ms (mesh-agent flows::DRAIN_INTERVAL), so a record is read within 10 ms. */
+#define MESH_EVENT_WAKEUP_BYTES (64U * 1024)
 
 /* mesh_flow_event.verdict */
 #define MESH_EVENT_FORWARDED 1

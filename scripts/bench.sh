@@ -8,6 +8,7 @@
 #   bash scripts/bench.sh fanout --streams 400 --events 5000
 #   bash scripts/bench.sh policy --policies 50 --nodes 3   # in a lab (mesh-lab up)
 #   bash scripts/bench.sh policy-compile                   # 10k identities x 500 rules
+#   bash scripts/bench.sh flows 20000 5                    # connect() with flow events on/off
 #
 # Benchmarks print distributions and figures beside their targets; they never fail on a
 # speed. Everything a benchmark starts (etcd, apiservers, agents, cgroups, bpffs pins,
@@ -15,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-benches="propagation failover initial-sync fanout policy policy-compile"
+benches="propagation failover initial-sync fanout policy policy-compile flows"
 usage() {
     echo "usage: bash scripts/bench.sh [all|${benches// /|}] [FLAGS...]" >&2
     echo "       flags of one benchmark: bash scripts/bench.sh BENCH --help" >&2
@@ -25,7 +26,7 @@ name="${1:-all}"
 case "$name" in
     -h|--help) usage; exit 0 ;;
     -*) name=all ;;
-    all|propagation|failover|initial-sync|fanout|policy|policy-compile) shift || true ;;
+    all|propagation|failover|initial-sync|fanout|policy|policy-compile|flows) shift || true ;;
     *) echo "unknown benchmark \"$name\"" >&2; usage; exit 2 ;;
 esac
 
@@ -51,6 +52,17 @@ if [ "$name" = policy-compile ]; then
     exit 0
 fi
 
+# connect() to a socket-LB service with flow events off and on, the agent reader's CPU per
+# flow and the records lost (target: within 5%). Args: [connects-per-phase] [rounds].
+flows() {
+    echo "flows: building and running the example in release..." >&2
+    cargo run --release -q -p mesh-agent --example flow_events -- "$@"
+}
+if [ "$name" = flows ]; then
+    flows "$@"
+    exit 0
+fi
+
 echo "building release binaries (mesh-bench, mesh-apiserver, mesh-agent, and for the policy lab mesh-lab, meshctl)..." >&2
 cargo build --release -p mesh-bench -p mesh-apiserver -p mesh-agent -p mesh-lab -p meshctl >&2
 bin_dir="${CARGO_TARGET_DIR:-target}/release"
@@ -59,6 +71,7 @@ if [ "$name" = all ]; then
     "$bin_dir/mesh-bench" --bin-dir "$bin_dir" all "$@"
     "$bin_dir/mesh-bench" --bin-dir "$bin_dir" policy "$@"
     policy_compile
+    flows
     exit 0
 fi
 exec "$bin_dir/mesh-bench" --bin-dir "$bin_dir" "$name" "$@"

@@ -73,6 +73,27 @@ struct Phase {
     p99_us: f64,
 }
 
+/// Closes with a reset (SO_LINGER 0): no TIME_WAIT, so a long run never waits for a free
+/// ephemeral port and measures connect(), not the port search.
+fn abort(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a pointer to a linger of the size passed.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    drop(s);
+}
+
 fn connects(target: SocketAddr, n: u64) -> Phase {
     let mut lat = Vec::with_capacity(n as usize);
     let t0 = Instant::now();
@@ -80,7 +101,7 @@ fn connects(target: SocketAddr, n: u64) -> Phase {
         let t = Instant::now();
         let s = TcpStream::connect(target).expect("connect to the service");
         lat.push(t.elapsed());
-        drop(s);
+        abort(s);
     }
     let total = t0.elapsed();
     lat.sort();
@@ -102,6 +123,13 @@ fn run(
     let mut dp = Datapath::open(DatapathConfig::new(bpffs.join("node"), cgroup))?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let backend = listener.local_addr()?;
+    // A deep accept queue: a full one drops SYNs, and each drop costs a 1 s retransmit,
+    // which a busy machine's accept thread would otherwise put into the figures.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: listen() again on a listening socket only resizes its queue.
+        unsafe { libc::listen(listener.as_raw_fd(), 65535) };
+    }
     std::thread::spawn(move || {
         for s in listener.incoming() {
             drop(s);

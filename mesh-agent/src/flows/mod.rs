@@ -224,6 +224,30 @@ pub async fn run_reader(
     let mut events = crate::datapath::async_ring(events)?;
     let mut tick = tokio::time::interval(settings.stats_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The datapath wakes this reader only once MESH_EVENT_WAKEUP_BYTES wait (bpf/mesh.h):
+    // below that, records are read on this timer.
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let drain = |rb: &mut aya::maps::RingBuf<aya::maps::MapData>| {
+        let ctx = ctx.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (now_boot, now_wall) = (boottime_ns(), SystemTime::now());
+        let mut n = 0usize;
+        while let Some(item) = rb.next() {
+            let Some(ev) = FlowEvent::from_bytes(&item) else {
+                warn!(len = item.len(), "flow record of unexpected size; skipped");
+                continue;
+            };
+            drop(item);
+            let time = decorate::wall_time(ev.time_ns, now_boot, now_wall);
+            let flow = decorate(&ev, &ctx, time, new_uuid());
+            metrics.observe(&flow);
+            ring.push(flow);
+            n += 1;
+        }
+        if n > 0 {
+            debug!(records = n, "flow records read");
+        }
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -231,30 +255,20 @@ pub async fn run_reader(
                 report_losses(&control, &mut last, &ring, &metrics);
                 metrics.ring_flows.set(ring.len() as i64);
             }
+            _ = drain_tick.tick() => drain(events.get_mut()),
             guard = events.readable_mut() => {
                 let mut guard = guard?;
-                let ctx = ctx.read().unwrap_or_else(|e| e.into_inner()).clone();
-                let (now_boot, now_wall) = (boottime_ns(), SystemTime::now());
-                let rb = guard.get_inner_mut();
-                let mut n = 0usize;
-                while let Some(item) = rb.next() {
-                    let Some(ev) = FlowEvent::from_bytes(&item) else {
-                        warn!(len = item.len(), "flow record of unexpected size; skipped");
-                        continue;
-                    };
-                    drop(item);
-                    let time = decorate::wall_time(ev.time_ns, now_boot, now_wall);
-                    let flow = decorate(&ev, &ctx, time, new_uuid());
-                    metrics.observe(&flow);
-                    ring.push(flow);
-                    n += 1;
-                }
-                debug!(records = n, "flow records read");
+                drain(guard.get_inner_mut());
                 guard.clear_ready();
             }
         }
     }
 }
+
+/// How often the reader drains the flow ring without being woken (the datapath wakes it
+/// only for a batch: `MESH_EVENT_WAKEUP_BYTES` in bpf/mesh.h): the most a flow waits to be
+/// read.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Why the Observer server stopped.
 #[derive(Debug, thiserror::Error)]
