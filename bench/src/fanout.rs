@@ -285,6 +285,7 @@ async fn via_apiserver(
                 backoff: Backoff::full_jitter(Duration::from_millis(50), Duration::from_secs(1)),
                 healthy_after: Duration::from_secs(5),
                 buffer: 1024,
+                recorder: None,
             },
         );
         let events = opts.events;

@@ -162,6 +162,11 @@ pub struct Args {
     #[arg(long, env = "MESH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
+    /// Record every message the watch client receives and every update it delivers to this
+    /// file (for tests: the watch-history checker reads it; see `mesh_proto::record`).
+    #[arg(long, env = "MESH_WATCH_RECORD", hide = true)]
+    pub watch_record: Option<PathBuf>,
+
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -182,6 +187,8 @@ pub struct Settings {
     pub resync_interval: Duration,
     pub initial_sync_timeout: Duration,
     pub heartbeat_interval: Duration,
+    /// `--watch-record`.
+    pub watch_record: Option<PathBuf>,
     pub flows: FlowConfig,
     pub health_interval: Duration,
     pub health: mesh_core::health::HealthConfig,
@@ -292,6 +299,7 @@ impl Args {
             resync_interval: self.resync_interval,
             initial_sync_timeout: self.initial_sync_timeout,
             heartbeat_interval: self.heartbeat_interval,
+            watch_record: self.watch_record.clone(),
             health_interval: self.health_interval,
             health: mesh_core::health::HealthConfig {
                 base: self.quarantine_base,

@@ -67,6 +67,12 @@ pub enum Error {
         addr: std::net::SocketAddr,
         reason: String,
     },
+    #[error("--watch-record {}: {source}", path.display())]
+    WatchRecord {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the agent until `shutdown` is cancelled. The pinned maps, links and routes stay
@@ -185,8 +191,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let endpoint = endpoint.clone();
         async move { tls::connect(&endpoint).await.map(max_message_size) }
     });
+    let recorder = match &settings.watch_record {
+        Some(path) => {
+            let file = mesh_proto::record::FileRecorder::create(path).map_err(|source| {
+                Error::WatchRecord {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            let recorder: Arc<dyn mesh_proto::client::WatchRecorder> = Arc::new(file);
+            Some(recorder)
+        }
+        None => None,
+    };
     let options = WatchOptions {
         heartbeat_interval: settings.heartbeat_interval,
+        recorder,
         ..WatchOptions::default()
     };
     let watch = spawn_watch(connect, pb::WatchRequest::default(), options);

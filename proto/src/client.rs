@@ -21,6 +21,11 @@
 //! Values are passed through unconverted (the consumer decides what an invalid value means);
 //! a malformed message (an event without a kind, an unparsable cluster name, a value of
 //! another kind) is logged and skipped.
+//!
+//! An optional [`WatchRecorder`] ([`WatchOptions::recorder`]) is told every stream the
+//! client opens, every message it receives and every update it delivers, as they happen: the
+//! watch-history checker (mesh-testkit's `history`) checks those recordings against etcd's
+//! own history. It observes the real client; it is not a second implementation of it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -196,6 +201,28 @@ pub use mesh_core::backoff::{Backoff, Jitter};
 pub const DEFAULT_BACKOFF: Backoff =
     Backoff::full_jitter(Duration::from_millis(200), Duration::from_secs(30));
 
+/// What a [`WatchRecorder`] is told, in the order it happens.
+#[derive(Debug, Clone, Copy)]
+pub enum Recorded<'a> {
+    /// A client started from this resume point (0: from scratch). A consumer that restarts
+    /// its client (the importer, from its persisted revision) starts a new one.
+    Started(&'a ResumePoint),
+    /// A stream opened with this request (its `resume_revision` is where it resumes; 0: a
+    /// snapshot follows).
+    Opened(&'a pb::WatchRequest),
+    /// A message of the open stream, before the client applies it.
+    Message(&'a pb::WatchResponse),
+    /// An update handed to the consumer (`Connected`, `Disconnected`, ... included).
+    Delivered(&'a WatchUpdate),
+}
+
+/// Receives everything a watch client sees and does (see [`Recorded`]); for tests and
+/// diagnosis (`crate::record` has a file and an in-memory recorder). Called on the watch
+/// task: it must not block for long.
+pub trait WatchRecorder: Send + Sync + std::fmt::Debug {
+    fn record(&self, what: Recorded<'_>);
+}
+
 /// Options of [`spawn_watch`].
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
@@ -208,6 +235,8 @@ pub struct WatchOptions {
     /// Capacity of the update channel; a slow consumer slows the stream down (and, if it
     /// falls behind the server's history, gets a `Reset`).
     pub buffer: usize,
+    /// Told every stream, message and update (tests: the watch-history checker).
+    pub recorder: Option<Arc<dyn WatchRecorder>>,
 }
 
 impl Default for WatchOptions {
@@ -217,6 +246,7 @@ impl Default for WatchOptions {
             backoff: DEFAULT_BACKOFF,
             healthy_after: Duration::from_secs(10),
             buffer: 1024,
+            recorder: None,
         }
     }
 }
@@ -310,6 +340,9 @@ pub fn spawn_watch_from(
     options: WatchOptions,
     resume: ResumePoint,
 ) -> Watch {
+    if let Some(recorder) = &options.recorder {
+        recorder.record(Recorded::Started(&resume));
+    }
     let (tx, rx) = mpsc::channel(options.buffer.max(1));
     let stats = Arc::new(WatchStats::default());
     stats.revision.store(resume.revision, Ordering::Relaxed);
@@ -614,12 +647,11 @@ impl Worker {
             }
             let delay = retries.next_delay(rng.random());
             warn!(%error, revision = self.state.revision(), ?delay, "watch stream lost; reconnecting");
-            if self
-                .tx
-                .send(WatchUpdate::Disconnected { error })
-                .await
-                .is_err()
-            {
+            let lost = WatchUpdate::Disconnected { error };
+            if let Some(recorder) = &self.options.recorder {
+                recorder.record(Recorded::Delivered(&lost));
+            }
+            if self.tx.send(lost).await.is_err() {
                 return;
             }
             tokio::select! {
@@ -659,6 +691,7 @@ impl Worker {
             ..self.request.clone()
         };
         let limit = self.silence_limit();
+        let recorded_request = self.options.recorder.as_ref().map(|_| request.clone());
         let mut stream = tokio::select! {
             r = tokio::time::timeout(limit, client.watch(request)) => match r {
                 Ok(Ok(s)) => s.into_inner(),
@@ -670,6 +703,9 @@ impl Worker {
         let started = Instant::now();
         self.stats.connected.store(true, Ordering::Relaxed);
         info!(resume_revision = resume, "watch stream open");
+        if let (Some(recorder), Some(request)) = (&self.options.recorder, &recorded_request) {
+            recorder.record(Recorded::Opened(request));
+        }
         let opened = self.state.open();
         if self.emit(opened).await.is_err() {
             return End::ConsumerGone;
@@ -689,6 +725,9 @@ impl Worker {
                         .last_message
                         .lock()
                         .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    if let Some(recorder) = &self.options.recorder {
+                        recorder.record(Recorded::Message(&response));
+                    }
                     let updates = self.state.apply(response);
                     if self.emit(updates).await.is_err() {
                         return End::ConsumerGone;
@@ -706,6 +745,9 @@ impl Worker {
     /// revision is visible in the stats only once what led to it was handed over).
     async fn emit(&self, updates: Vec<WatchUpdate>) -> Result<(), ()> {
         for update in updates {
+            if let Some(recorder) = &self.options.recorder {
+                recorder.record(Recorded::Delivered(&update));
+            }
             self.tx.send(update).await.map_err(|_| ())?;
         }
         self.stats

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod flows;
 pub mod keys;
 pub mod peer_entry;
+pub mod record;
 pub mod request;
 #[cfg(feature = "serve")]
 pub mod serve;

@@ -198,6 +198,7 @@ fn options() -> WatchOptions {
         backoff: Backoff::full_jitter(Duration::from_millis(10), Duration::from_millis(100)),
         healthy_after: Duration::from_secs(10),
         buffer: 64,
+        recorder: None,
     }
 }
 

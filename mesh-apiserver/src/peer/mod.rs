@@ -108,6 +108,11 @@ pub struct PeerArgs {
     /// demote its backends below every fresh one. Loss detection is bounded by 3 intervals.
     #[arg(long, env = "MESH_PEER_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub peer_heartbeat_interval: Duration,
+
+    /// Record each peer's watch (every message received, every update delivered) to
+    /// `<dir>/<peer>.rec`, for the watch-history checker (tests; `mesh_proto::record`).
+    #[arg(long, env = "MESH_PEER_WATCH_RECORD_DIR", hide = true)]
+    pub peer_watch_record_dir: Option<PathBuf>,
 }
 
 impl Default for PeerArgs {
@@ -120,6 +125,7 @@ impl Default for PeerArgs {
             peer_refusal_retry: Duration::from_secs(30),
             peer_status_interval: Duration::from_secs(1),
             peer_heartbeat_interval: DEFAULT_PEER_HEARTBEAT,
+            peer_watch_record_dir: None,
         }
     }
 }
@@ -182,6 +188,7 @@ impl PeerArgs {
                 heartbeat_interval: heartbeat,
                 ..defaults.watch.clone()
             },
+            record_dir: self.peer_watch_record_dir.clone(),
             ..defaults
         })
     }
@@ -218,6 +225,8 @@ pub struct ImporterOptions {
     pub watch: WatchOptions,
     pub connect_timeout: Duration,
     pub max_txn_ops: usize,
+    /// Record each peer's watch to `<dir>/<peer>.rec` (`--peer-watch-record-dir`).
+    pub record_dir: Option<PathBuf>,
 }
 
 impl Default for ImporterOptions {
@@ -233,6 +242,7 @@ impl Default for ImporterOptions {
             },
             connect_timeout: Duration::from_secs(5),
             max_txn_ops: crate::store::DEFAULT_MAX_TXN_OPS,
+            record_dir: None,
         }
     }
 }

@@ -509,7 +509,15 @@ impl Worker {
             // Set on every connection by the client, from `options.watch`.
             heartbeat_interval_ms: 0,
         };
-        spawn_watch_from(connect, request, self.shared.options.watch.clone(), resume)
+        let mut options = self.shared.options.watch.clone();
+        if let Some(dir) = &self.shared.options.record_dir {
+            let path = dir.join(format!("{}.rec", self.peer()));
+            match mesh_proto::record::FileRecorder::create(&path) {
+                Ok(file) => options.recorder = Some(Arc::new(file)),
+                Err(error) => warn!(%error, path = %path.display(), "cannot record the watch"),
+            }
+        }
+        spawn_watch_from(connect, request, options, resume)
     }
 
     async fn import(

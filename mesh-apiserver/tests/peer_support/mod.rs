@@ -291,9 +291,11 @@ pub fn test_options(stale_ttl: Option<Duration>) -> ImporterOptions {
             backoff: Backoff::full_jitter(Duration::from_millis(50), Duration::from_millis(300)),
             healthy_after: Duration::from_secs(1),
             buffer: 1024,
+            recorder: None,
         },
         connect_timeout: Duration::from_secs(3),
         max_txn_ops: 128,
+        record_dir: None,
     }
 }
 
