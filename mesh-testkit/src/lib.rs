@@ -3,6 +3,8 @@
 
 pub mod certs;
 pub mod etcd;
+#[cfg(feature = "history")]
+pub mod history;
 pub mod hubble;
 
 use std::net::{SocketAddr, TcpListener};
