@@ -656,9 +656,20 @@ impl Checker<'_> {
             }
         }
         if !order_ok {
+            let revs: Vec<String> = events
+                .iter()
+                .map(|e| {
+                    let op = if e.value.is_some() { "" } else { "-" };
+                    format!("{op}{}", e.revision)
+                })
+                .collect();
             self.violation(
                 Property::Ordered,
-                format!("event revisions out of order or above the message's {rev}"),
+                format!(
+                    "event revisions out of order or above the message's {rev}: [{}]{}",
+                    revs.iter().take(30).cloned().collect::<Vec<_>>().join(" "),
+                    if revs.len() > 30 { " ..." } else { "" }
+                ),
             );
         }
         if let (Some(got), Some(want)) = (&state, self.view_at(rev)) {

@@ -13,6 +13,8 @@
 //! Every resource is released by a Drop guard, processes first.
 #![allow(dead_code)]
 
+pub mod history;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -857,6 +857,13 @@ impl State {
                 changes.push(IndexChange::Object(ev.clone()));
             }
         }
+        // In revision order, as every other batch (the watch-history checker's "ordered"):
+        // upserts by their mod revision, then the deletes, which carry the index revision
+        // (when a vanished key was deleted is not known from a keys-only read).
+        changes.sort_by_key(|c| match c {
+            IndexChange::Object(o) => o.revision,
+            IndexChange::Synced { .. } => i64::MAX,
+        });
         info!(
             from,
             revision = self.revision,
