@@ -10,7 +10,7 @@
 mod agent_support;
 
 use agent_support::history::{
-    Churn, await_churn, await_record, converge_and_check, read_history, records,
+    await_churn, await_record, converge_and_check, read_history, records, start_churn,
     start_recorded_agent,
 };
 use agent_support::{Mesh, Net, Proc, answered, vip};
@@ -50,7 +50,7 @@ fn is_reset(r: &Record) -> bool {
 async fn apiserver_restart_under_churn() {
     require_root!();
     let mut mesh = start("hap", 51).await;
-    let churn = Churn::start(&mesh, 51);
+    let churn = start_churn(&mesh, 51);
     await_churn(&churn, 50).await;
     let mark = records(&mesh).len();
     mesh.stop_apiserver().await;
@@ -71,7 +71,7 @@ async fn apiserver_restart_under_churn() {
 async fn etcd_kill_and_restart_under_churn() {
     require_root!();
     let mut mesh = start("het", 52).await;
-    let churn = Churn::start(&mesh, 52);
+    let churn = start_churn(&mesh, 52);
     await_churn(&churn, 50).await;
     // SIGKILL; churn's writes fail while it is down.
     mesh.etcd.kill();
@@ -87,7 +87,7 @@ async fn etcd_kill_and_restart_under_churn() {
 async fn partition_and_heal_under_churn() {
     require_root!();
     let mesh = start("hpt", 53).await;
-    let churn = Churn::start(&mesh, 53);
+    let churn = start_churn(&mesh, 53);
     await_churn(&churn, 50).await;
     let mark = records(&mesh).len();
     // Cut the node from its apiserver (no RST, no FIN: packets are dropped) until the
@@ -109,7 +109,7 @@ async fn partition_and_heal_under_churn() {
 async fn compaction_forces_reset_under_churn() {
     require_root!();
     let mut mesh = start("hcp", 54).await;
-    let churn = Churn::start(&mesh, 54);
+    let churn = start_churn(&mesh, 54);
     await_churn(&churn, 50).await;
     let mark = records(&mesh).len();
     // The apiserver goes away while churn goes on; etcd is compacted past the agent's
@@ -136,7 +136,7 @@ async fn compaction_forces_reset_under_churn() {
 async fn agent_kill_during_traffic_under_churn() {
     require_root!();
     let mut mesh = start("hak", 55).await;
-    let churn = Churn::start(&mesh, 55);
+    let churn = start_churn(&mesh, 55);
     await_churn(&churn, 50).await;
     // 300 connections to default/web (not churned), 10 ms apart, across the kill and the
     // restart: not one fails.

@@ -822,5 +822,7 @@ pub fn converged(records: &[Record], history: &History, keys: &Keys, view: &View
         .any(|v| v.property == Property::Converged)
 }
 
+pub mod churn;
+
 #[cfg(test)]
 mod tests;

@@ -6,24 +6,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Txn, TxnOp};
 use mesh_agent::desired::{self, BackendInfo, BackendKey, DesiredState, ServiceKey};
 use mesh_agent::reconcile::from_dump;
 use mesh_core::select::GateInput;
 use mesh_proto::client::WatchUpdate;
 use mesh_proto::keys::{Keys, PUBLISHED_KINDS};
-use mesh_proto::pb::{self, Kind};
 use mesh_proto::record::{self, Record};
 use mesh_proto::state::MeshState;
+use mesh_testkit::history::churn::{Churn, ChurnCluster};
 use mesh_testkit::history::{self, History, Verdict, View, ViewState};
-use prost::Message;
-use rand::{Rng, SeedableRng};
 
-use super::{Mesh, backend, identity};
+use super::Mesh;
 
 /// Where the agent records its watch.
 pub fn record_path(mesh: &Mesh) -> PathBuf {
@@ -42,135 +37,26 @@ pub fn records(mesh: &Mesh) -> Vec<Record> {
 
 // === churn ===
 
-/// Changes written into etcd until stopped: endpoints created and deleted, services scaled
-/// (backends), their affinity and shared flag changed (annotations), whole services created
-/// and deleted, in both clusters; some in one transaction with several keys (one revision).
-pub struct Churn {
-    stop: Arc<AtomicBool>,
-    ops: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Churn {
-    pub fn start(mesh: &Mesh, seed: u64) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ops = Arc::new(AtomicU64::new(0));
-        let endpoint = mesh.etcd.endpoint();
-        let keys = mesh.keys.clone();
-        let (s, o) = (stop.clone(), ops.clone());
-        let node_ip = mesh.net.host(3);
-        let task = tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let mut kv: Option<etcd_client::Client> = None;
-            while !s.load(Ordering::Relaxed) {
-                if kv.is_none() {
-                    kv = etcd_client::Client::connect([endpoint.as_str()], None)
-                        .await
-                        .ok();
-                }
-                if let Some(client) = kv.as_mut() {
-                    let txn = churn_op(&keys, &mut rng, node_ip);
-                    // etcd may be down (a fault under test): the op is lost, churn goes on.
-                    if client.txn(txn).await.is_ok() {
-                        o.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                // Pacing of the load, not a wait for an event.
-                tokio::time::sleep(Duration::from_millis(8)).await;
-            }
-        });
-        Self { stop, ops, task }
-    }
-
-    pub fn ops(&self) -> u64 {
-        self.ops.load(Ordering::Relaxed)
-    }
-
-    /// Stops and returns how many changes were committed.
-    pub async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let ops = self.ops.clone();
-        let _ = self.task.await;
-        ops.load(Ordering::Relaxed)
-    }
-}
-
-const CHURN_VIP_EAST: &str = "10.96.0.20";
-const CHURN_VIP_WEST: &str = "10.97.0.20";
-
-fn churn_op(keys: &Keys, rng: &mut impl Rng, node_ip: std::net::Ipv4Addr) -> Txn {
-    let (cluster, id, net, vip) = if rng.random_bool(0.5) {
-        ("east", 1, 3, CHURN_VIP_EAST)
-    } else {
-        ("west", 2, 3, CHURN_VIP_WEST)
+/// Churn in both clusters of [`super::two_clusters`]: `default/churn` (ClusterIP 10.96.0.20
+/// in east, 10.97.0.20 in west), pods on node-2 (east, 10.1.3.x) and w1 (west, 10.2.3.x).
+pub fn start_churn(mesh: &Mesh, seed: u64) -> Churn {
+    let cluster = |name: &str, id: u32, node: &str, host: u8, vip: [u8; 4]| ChurnCluster {
+        name: name.into(),
+        id,
+        node: node.into(),
+        node_ip: mesh.net.host(host),
+        vip: vip.into(),
+        pods: [10, id as u8, 3],
     };
-    let node = if cluster == "east" { "node-2" } else { "w1" };
-    let ip = format!("10.{id}.{net}.{}", rng.random_range(1..=12));
-    let put = |kind: Kind, name: &str, value: Vec<u8>| {
-        TxnOp::put(keys.object(cluster, kind, name), value, None)
-    };
-    let mut ops = Vec::new();
-    match rng.random_range(0..10) {
-        // A pod starts: endpoint, and the service scaled up with it, in one transaction.
-        0..=3 => {
-            ops.push(put(
-                Kind::Endpoint,
-                &ip,
-                pb::Endpoint {
-                    ip: ip.clone(),
-                    identity: identity(id, 256),
-                    host_ip: Some(node_ip.to_string()),
-                    node: node.into(),
-                    namespace: "default".into(),
-                    pod: format!("churn-{ip}"),
-                    named_ports: vec![],
-                }
-                .encode_to_vec(),
-            ));
-            ops.push(put(
-                Kind::Service,
-                "default/churn",
-                churn_service(cluster, vip, rng).encode_to_vec(),
-            ));
-        }
-        // A pod goes away.
-        4..=5 => ops.push(TxnOp::delete(
-            keys.object(cluster, Kind::Endpoint, &ip),
-            None,
-        )),
-        // Scale, or an annotation change (affinity, shared).
-        6..=8 => ops.push(put(
-            Kind::Service,
-            "default/churn",
-            churn_service(cluster, vip, rng).encode_to_vec(),
-        )),
-        // The service is deleted (it comes back with the next change).
-        _ => ops.push(TxnOp::delete(
-            keys.object(cluster, Kind::Service, "default/churn"),
-            None,
-        )),
-    }
-    Txn::new().and_then(ops)
-}
-
-fn churn_service(cluster: &str, vip: &str, rng: &mut impl Rng) -> pb::GlobalService {
-    let id = if cluster == "east" { 1 } else { 2 };
-    let mut backends = Vec::new();
-    for n in 1..=12 {
-        if rng.random_bool(0.4) {
-            let ready = rng.random_bool(0.8);
-            backends.push(backend(&format!("10.{id}.3.{n}"), "node-2", ready));
-        }
-    }
-    let affinity = [
-        pb::Affinity::None,
-        pb::Affinity::Local,
-        pb::Affinity::Remote,
-    ][rng.random_range(0..3)];
-    let mut svc = super::web(cluster, vip, affinity, backends);
-    svc.name = "churn".into();
-    svc.shared = rng.random_bool(0.8);
-    svc
+    Churn::start(
+        mesh.etcd.endpoint(),
+        mesh.keys.clone(),
+        vec![
+            cluster("east", 1, "node-2", 3, [10, 96, 0, 20]),
+            cluster("west", 2, "w1", 4, [10, 97, 0, 20]),
+        ],
+        seed,
+    )
 }
 
 // === checking ===
@@ -386,10 +272,5 @@ pub async fn await_record(mesh: &Mesh, from: usize, what: &str, pred: impl Fn(&R
 
 /// Waits until churn committed `n` more changes.
 pub async fn await_churn(churn: &Churn, n: u64) {
-    let target = churn.ops() + n;
-    let deadline = Instant::now() + super::CONVERGE;
-    while churn.ops() < target {
-        assert!(Instant::now() < deadline, "churn made no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    churn.wait_ops(n, super::CONVERGE).await;
 }

@@ -130,6 +130,9 @@ impl Cluster {
             "127.0.0.1:0",
             "--heartbeat-interval",
             "1s",
+            // Certificate rotation tests wait for the reload.
+            "--tls-reload-interval",
+            "200ms",
             "--tls-cert",
             self.cert.to_str().unwrap(),
             "--tls-key",
