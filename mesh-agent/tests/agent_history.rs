@@ -68,6 +68,28 @@ async fn apiserver_restart_under_churn() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_kill9_under_churn() {
+    require_root!();
+    let mut mesh = start("hak9", 56).await;
+    mesh.apiserver_as_process().await;
+    let churn = start_churn(&mesh, 56);
+    await_churn(&churn, 50).await;
+    let mark = records(&mesh).len();
+    // SIGKILL: no graceful end of the stream, the index and its history are gone.
+    mesh.kill9_apiserver();
+    await_record(&mesh, mark, "the stream lost", is_lost).await;
+    await_churn(&churn, 50).await;
+    mesh.restart_apiserver_process();
+    await_record(&mesh, mark, "a resumed stream", is_resumed_open).await;
+    await_churn(&churn, 50).await;
+    let ops = churn.stop().await;
+    let v = converge_and_check(&mesh, "apiserver kill -9 and restart", None).await;
+    println!("churn: {ops} changes");
+    v.assert_ok();
+    assert!(v.resumes >= 1, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_kill_and_restart_under_churn() {
     require_root!();
     let mut mesh = start("het", 52).await;

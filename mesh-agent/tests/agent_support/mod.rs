@@ -389,6 +389,28 @@ fn child_main(role: &str, args: &[&str]) {
                 Err(e) => print!("ERROR {e}"),
             }
         }
+        // The serving side of mesh-apiserver in a process of its own, so a test can SIGKILL
+        // it: args are its argv (with --listen); prints READY once its index is loaded.
+        ("apiserver", argv) => {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let settings = ServerArgs::try_parse_from(argv.iter().copied())
+                    .expect("apiserver args")
+                    .validate()
+                    .expect("apiserver settings");
+                let running = mesh_apiserver::start(
+                    settings,
+                    StartOptions { publisher: false },
+                    CancellationToken::new(),
+                )
+                .await
+                .expect("apiserver starts");
+                running.index.wait_loaded().await.expect("index loads");
+                println!("READY");
+                std::io::stdout().flush().unwrap();
+                std::future::pending::<()>().await;
+            });
+        }
         _ => panic!("unknown child role {role} {args:?}"),
     }
 }
@@ -431,6 +453,18 @@ pub struct Mesh {
     /// test's own datapath handle must name it too, or opening would detach it.
     pub flow_iface: Option<String>,
     apiserver_argv: Vec<String>,
+    /// The apiserver when it runs as a process ([`Mesh::apiserver_as_process`]).
+    apiserver_process: Option<ApiserverProcess>,
+}
+
+/// The apiserver's process, killed on drop.
+pub struct ApiserverProcess(Child);
+
+impl Drop for ApiserverProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The serving side of mesh-apiserver (no publisher) on `listen`, its index loaded.
@@ -546,6 +580,7 @@ impl Mesh {
             },
             flow_iface: None,
             apiserver_argv,
+            apiserver_process: None,
         }
     }
 
@@ -563,6 +598,59 @@ impl Mesh {
         let (running, shutdown) = start_apiserver(&self.apiserver_argv, self.grpc_addr).await;
         self.apiserver = Some(running);
         self.shutdown = shutdown;
+    }
+
+    /// Moves the apiserver into a process of its own (this test binary re-executed, on
+    /// the same address), so that [`Mesh::kill9_apiserver`] can SIGKILL it.
+    pub async fn apiserver_as_process(&mut self) {
+        self.stop_apiserver().await;
+        self.spawn_apiserver_process();
+    }
+
+    fn spawn_apiserver_process(&mut self) {
+        assert!(
+            self.apiserver_process.is_none(),
+            "the apiserver process runs"
+        );
+        let mut argv = self.apiserver_argv.clone();
+        argv.extend(["--listen".to_owned(), self.grpc_addr.to_string()]);
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env("MESH_AGENT_TEST_CHILD", "apiserver")
+            .env("MESH_AGENT_TEST_ARGS", argv.join(" "))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the apiserver process");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            // The port of the previous server can take a moment to be free: the child
+            // panics (and exits) then, and is started again.
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                return self.spawn_apiserver_process();
+            }
+            if line.trim_end() == "READY" {
+                break;
+            }
+        }
+        self.apiserver_process = Some(ApiserverProcess(child));
+    }
+
+    /// SIGKILLs the apiserver process ([`Mesh::apiserver_as_process`]).
+    pub fn kill9_apiserver(&mut self) {
+        let mut p = self.apiserver_process.take().expect("an apiserver process");
+        p.0.kill().expect("SIGKILL");
+        p.0.wait().unwrap();
+    }
+
+    /// Starts the apiserver process again on the same address.
+    pub fn restart_apiserver_process(&mut self) {
+        self.spawn_apiserver_process();
     }
 
     /// A backend server answering `name` on `ip:port` (the address is added to `lo`).
@@ -775,6 +863,7 @@ impl Drop for Mesh {
         self.servers.clear();
         self.shutdown.cancel();
         self.apiserver.take();
+        self.apiserver_process.take();
     }
 }
 
