@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
-    -h|--help) echo "usage: bash scripts/soak.sh [--minutes N] [FLAGS...]   (flags: --help after building)" >&2
+    -h|--help)
         exec_help=1 ;;
 esac
 
