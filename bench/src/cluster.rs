@@ -44,6 +44,8 @@ pub struct ClusterSpec<'a> {
     /// for benchmarks that compare transports: agents and peers of such a cluster must
     /// connect in plaintext too.
     pub insecure: bool,
+    /// Extra flags for the mesh-apiserver process.
+    pub apiserver_args: &'a [&'a str],
 }
 
 /// One cluster: mesh-apiserver process, lab Kubernetes API, etcd.
@@ -94,6 +96,7 @@ impl Cluster {
             .arg(dir.join("peers"))
             .args(["--peers-dir-interval", "200ms"])
             .args(["--heartbeat-interval", "1s"])
+            .args(spec.apiserver_args)
             .env("RUST_LOG", "warn");
         if spec.insecure {
             cmd.arg("--insecure");

@@ -227,6 +227,7 @@ async fn via_apiserver(
             pod_cidr: "10.1.0.0/16",
             service_cidr: "10.96.0.0/16",
             insecure,
+            apiserver_args: &[],
         },
     )
     .await?;

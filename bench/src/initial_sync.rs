@@ -384,6 +384,7 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
             pod_cidr: "10.1.0.0/16",
             service_cidr: "10.96.0.0/12",
             insecure: false,
+            apiserver_args: &[],
         },
     )
     .await?;

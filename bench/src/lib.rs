@@ -18,6 +18,7 @@ pub mod initial_sync;
 pub mod policy;
 pub mod propagation;
 pub mod report;
+pub mod soak;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -67,6 +68,10 @@ pub enum Command {
     /// egress policy vs without (needs mesh-lab, meshctl, mesh-apiserver, mesh-agent in
     /// --bin-dir or next to mesh-bench).
     Policy(policy::Opts),
+    /// A cluster with an agent and N synthetic agent streams under continuous churn for
+    /// --minutes: RSS and fds of every process over time, and a verdict (no unbounded
+    /// growth; every stream converged to etcd key for key). Exits 1 when it fails.
+    Soak(soak::Opts),
     /// Times COUNT connect() calls to ADDR (run inside a pod by the policy benchmark).
     #[command(hide = true)]
     ConnectLoop { addr: String, count: usize },
@@ -156,6 +161,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let components = Components::resolve(cli.bin_dir.clone(), cli.self_exec)?;
     let machine = Machine::detect(components.describe());
     let mut reports = Vec::new();
+    let mut failed = false;
     let emit = |r: &Report| {
         if cli.output == Output::Table {
             println!("{}", r.render_table());
@@ -212,6 +218,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             emit(&r);
             reports.push(r);
         }
+        Command::Soak(o) => {
+            let r = soak::run(&o, &components, &machine).await?;
+            emit(&r);
+            failed |= !soak::passed(&r);
+            reports.push(r);
+        }
         Command::Component { .. } | Command::ConnectLoop { .. } => {
             unreachable!("handled in main")
         }
@@ -221,6 +233,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             "{}",
             serde_json::to_string_pretty(&reports).context("encoding the results")?
         );
+    }
+    if failed {
+        anyhow::bail!("the soak's verdict is FAIL (see the figures above)");
     }
     Ok(())
 }

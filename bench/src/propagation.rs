@@ -215,6 +215,7 @@ async fn setup(kind: Kind, opts: &Opts, components: &Components) -> Result<(Topo
             pod_cidr: "10.1.0.0/16",
             service_cidr: "10.96.0.0/16",
             insecure: false,
+            apiserver_args: &[],
         },
     )
     .await?;
@@ -227,6 +228,7 @@ async fn setup(kind: Kind, opts: &Opts, components: &Components) -> Result<(Topo
             pod_cidr: "10.2.0.0/16",
             service_cidr: "10.96.0.0/16",
             insecure: false,
+            apiserver_args: &[],
         },
     )
     .await?;

@@ -177,6 +177,23 @@ pub struct ServeArgs {
     /// Agent status reports expire after this long without a new report.
     #[arg(long, env = "MESH_AGENT_STATUS_TTL", default_value = "30s", value_parser = parse_duration)]
     pub agent_status_ttl: Duration,
+
+    /// Largest gRPC request message decoded, in bytes (every method of mesh.v1.Mesh). A
+    /// bigger one is refused with OUT_OF_RANGE from its 5-byte frame header, before its
+    /// body is read. The biggest legitimate request is an agent's status report.
+    #[arg(long, env = "MESH_MAX_REQUEST_BYTES", default_value_t = crate::grpc::MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+
+    /// Watch streams open at once, over all connections; one more is refused with
+    /// RESOURCE_EXHAUSTED. An idle stream costs a few KiB; a stalled one at most its
+    /// --stream-buffer batches (shared with the history) and one encoded message.
+    #[arg(long, env = "MESH_MAX_WATCH_STREAMS", default_value_t = 10_000)]
+    pub max_watch_streams: usize,
+
+    /// HTTP/2 streams (calls) open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// a client asking for more waits for one to end.
+    #[arg(long, env = "MESH_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024)]
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for ServeArgs {
@@ -186,6 +203,9 @@ impl Default for ServeArgs {
             history_events: 100_000,
             stream_buffer: 1024,
             agent_status_ttl: Duration::from_secs(30),
+            max_request_bytes: crate::grpc::MAX_REQUEST_BYTES,
+            max_watch_streams: 10_000,
+            max_streams_per_connection: 1024,
         }
     }
 }
@@ -285,10 +305,18 @@ impl Args {
                 flag: "--history-events",
             });
         }
-        if self.serve.stream_buffer == 0 {
-            return Err(ConfigError::Zero {
-                flag: "--stream-buffer",
-            });
+        for (flag, n) in [
+            ("--stream-buffer", self.serve.stream_buffer),
+            ("--max-request-bytes", self.serve.max_request_bytes),
+            ("--max-watch-streams", self.serve.max_watch_streams),
+            (
+                "--max-streams-per-connection",
+                self.serve.max_streams_per_connection as usize,
+            ),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::Zero { flag });
+            }
         }
 
         // === peer importer (peer.rs) ===

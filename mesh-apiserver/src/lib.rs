@@ -399,6 +399,8 @@ pub async fn start(
     let mut serve_cfg = ServeConfig::new(settings.cluster_config(), settings.keys.clone());
     serve_cfg.heartbeat_interval = settings.serve.heartbeat_interval;
     serve_cfg.agent_status_ttl = settings.serve.agent_status_ttl;
+    serve_cfg.max_request_bytes = settings.serve.max_request_bytes;
+    serve_cfg.max_watch_streams = settings.serve.max_watch_streams;
     let svc = MeshService::new(
         serve_cfg,
         index.clone(),
@@ -445,6 +447,8 @@ pub async fn start(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // tonic leaves HTTP/2's concurrent streams unbounded unless told.
+        .max_concurrent_streams(Some(settings.serve.max_streams_per_connection))
         .add_service(svc.into_server())
         .add_service(relay.into_server());
     let stop = shutdown.clone();

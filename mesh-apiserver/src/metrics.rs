@@ -70,6 +70,8 @@ pub struct Metrics {
     pub auth_refusals: Family<ReasonLabels, Counter>,
     /// Agent status reports stored.
     pub status_reports: Counter,
+    /// Watch streams refused because `--max-watch-streams` were open.
+    pub watch_streams_refused: Counter,
 }
 
 // === impl Metrics ===
@@ -149,6 +151,11 @@ impl Metrics {
             "status_reports",
             "Agent status reports stored",
             m.status_reports.clone(),
+        );
+        r.register(
+            "watch_streams_refused",
+            "Watch streams refused with RESOURCE_EXHAUSTED because --max-watch-streams were open",
+            m.watch_streams_refused.clone(),
         );
         m
     }

@@ -55,6 +55,14 @@ pub enum ServeError {
     ShuttingDown,
     #[error("malformed WatchRequest: {0}")]
     MalformedRequest(#[source] prost::DecodeError),
+    #[error("malformed {what}: {source}")]
+    MalformedMessage {
+        what: &'static str,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("too many watch streams: {limit} are open (--max-watch-streams); retry later")]
+    TooManyStreams { limit: usize },
     #[error("re-decoding a watch message this server encoded: {0}")]
     Reencode(#[source] prost::DecodeError),
 }
@@ -114,7 +122,9 @@ impl From<ServeError> for Status {
             | ServeError::InvalidKind(_)
             | ServeError::InvalidRevision(_)
             | ServeError::InvalidNode(_)
-            | ServeError::MalformedRequest(_) => Status::invalid_argument(e.to_string()),
+            | ServeError::MalformedRequest(_)
+            | ServeError::MalformedMessage { .. } => Status::invalid_argument(e.to_string()),
+            ServeError::TooManyStreams { .. } => Status::resource_exhausted(e.to_string()),
             // Our own bytes did not decode: a bug here, not the caller's.
             ServeError::Reencode(_) => Status::internal(e.to_string()),
             ServeError::Etcd { .. } | ServeError::ShuttingDown => {

@@ -119,6 +119,62 @@ impl tonic::codec::Decoder for WireCodec {
     }
 }
 
+/// The codec of the unary methods: prost, except that a request that does not decode is
+/// the caller's fault (`InvalidArgument` naming the message type), where tonic's own prost
+/// codec answers `Internal`.
+pub(super) struct StrictCodec<E, D>(std::marker::PhantomData<fn(E) -> D>);
+
+impl<E, D> Default for StrictCodec<E, D> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<E, D> tonic::codec::Codec for StrictCodec<E, D>
+where
+    E: Message + Send + 'static,
+    D: Message + Default + Send + 'static,
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = StrictCodec<E, D>;
+    type Decoder = StrictCodec<E, D>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        StrictCodec::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        StrictCodec::default()
+    }
+}
+
+impl<E: Message, D> tonic::codec::Encoder for StrictCodec<E, D> {
+    type Item = E;
+    type Error = Status;
+
+    fn encode(&mut self, item: E, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        // EncodeBuf grows as needed: encoding cannot run out of space.
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("encoding a response: {e}")))
+    }
+}
+
+impl<E, D: Message + Default> tonic::codec::Decoder for StrictCodec<E, D> {
+    type Item = D;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<D>, Status> {
+        let what = std::any::type_name::<D>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("request");
+        D::decode(src)
+            .map(Some)
+            .map_err(|source| ServeError::MalformedMessage { what, source }.into())
+    }
+}
+
 /// Packs encoded events into `Events` bodies bounded by count and encoded size.
 pub(super) struct Chunker {
     max_events: usize,

@@ -32,6 +32,10 @@ pub struct ServeConfig {
     pub max_message_bytes: usize,
     /// Agent status reports expire after this long.
     pub agent_status_ttl: Duration,
+    /// Largest request message decoded (`--max-request-bytes`).
+    pub max_request_bytes: usize,
+    /// Watch streams open at once (`--max-watch-streams`).
+    pub max_watch_streams: usize,
 }
 
 impl ServeConfig {
@@ -43,6 +47,8 @@ impl ServeConfig {
             max_events_per_message: 4096,
             max_message_bytes: 1024 * 1024,
             agent_status_ttl: Duration::from_secs(30),
+            max_request_bytes: MAX_REQUEST_BYTES,
+            max_watch_streams: 10_000,
         }
     }
 }
@@ -70,6 +76,8 @@ pub(super) struct Inner {
     pub(super) metrics: Metrics,
     leader: watch::Receiver<bool>,
     pub(super) shutdown: CancellationToken,
+    /// Watch streams open now (bounded by `cfg.max_watch_streams`).
+    pub(super) open_watches: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn unix_ms() -> i64 {
@@ -100,17 +108,19 @@ impl MeshService {
                 metrics,
                 leader,
                 shutdown,
+                open_watches: Arc::default(),
             }),
         }
     }
 
     /// The tonic server for this service with message size limits: `Watch` is served
-    /// with [`WireCodec`] (events encoded once in the index), the other methods by the
-    /// generated server.
+    /// with [`WireCodec`] (events encoded once in the index), the unary methods with
+    /// [`StrictCodec`] (an undecodable request is `InvalidArgument`), anything else by the
+    /// generated server (`Unimplemented`).
     pub fn into_server(self) -> MeshGrpc {
         MeshGrpc {
             typed: mesh_server::MeshServer::new(self.clone())
-                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_decoding_message_size(self.inner.cfg.max_request_bytes)
                 .max_encoding_message_size(MAX_RESPONSE_BYTES),
             svc: self,
         }
@@ -261,23 +271,77 @@ where
     }
 
     fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
-        if req.uri().path() == WATCH_PATH {
-            let svc = WatchWire(self.svc.clone());
-            Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(WireCodec).apply_max_message_size_config(
-                    Some(MAX_REQUEST_BYTES),
-                    Some(MAX_RESPONSE_BYTES),
-                );
-                Ok(grpc.server_streaming(svc, req).await)
-            })
-        } else {
-            self.typed.call(req)
+        use mesh_server::Mesh;
+        let limit = Some(self.svc.inner.cfg.max_request_bytes);
+        let svc = self.svc.clone();
+        match req.uri().path() {
+            WATCH_PATH => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(WireCodec)
+                    .apply_max_message_size_config(limit, Some(MAX_RESPONSE_BYTES));
+                Ok(grpc.server_streaming(WatchWire(svc), req).await)
+            }),
+            INFO_PATH => unary(svc, req, limit, |s, r| {
+                Box::pin(async move { s.info(r).await })
+            }),
+            STATUS_PATH => unary(svc, req, limit, |s, r| {
+                Box::pin(async move { s.status(r).await })
+            }),
+            REPORT_STATUS_PATH => unary(svc, req, limit, |s, r| {
+                Box::pin(async move { s.report_status(r).await })
+            }),
+            _ => self.typed.call(req),
         }
     }
 }
 
-/// The path of the `Watch` method.
+/// The paths of the methods.
 const WATCH_PATH: &str = "/mesh.v1.Mesh/Watch";
+const INFO_PATH: &str = "/mesh.v1.Mesh/Info";
+const STATUS_PATH: &str = "/mesh.v1.Mesh/Status";
+const REPORT_STATUS_PATH: &str = "/mesh.v1.Mesh/ReportStatus";
+
+type UnaryFuture<Resp> = tonic::codegen::BoxFuture<Response<Resp>, Status>;
+
+/// Serves one unary method with [`StrictCodec`] and the request size limit.
+fn unary<B, Req, Resp>(
+    svc: MeshService,
+    req: tonic::codegen::http::Request<B>,
+    limit: Option<usize>,
+    f: fn(MeshService, Request<Req>) -> UnaryFuture<Resp>,
+) -> tonic::codegen::BoxFuture<
+    tonic::codegen::http::Response<tonic::body::Body>,
+    std::convert::Infallible,
+>
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+    Req: Message + Default + Send + 'static,
+    Resp: Message + Send + 'static,
+{
+    Box::pin(async move {
+        let mut grpc = tonic::server::Grpc::new(StrictCodec::<Resp, Req>::default())
+            .apply_max_message_size_config(limit, Some(MAX_RESPONSE_BYTES));
+        Ok(grpc.unary(Unary { svc, f }, req).await)
+    })
+}
+
+/// A unary method of [`MeshService`] as a tonic service.
+struct Unary<Req, Resp> {
+    svc: MeshService,
+    f: fn(MeshService, Request<Req>) -> UnaryFuture<Resp>,
+}
+
+impl<Req, Resp> tonic::server::UnaryService<Req> for Unary<Req, Resp>
+where
+    Resp: Send + 'static,
+{
+    type Response = Resp;
+    type Future = UnaryFuture<Resp>;
+
+    fn call(&mut self, request: Request<Req>) -> Self::Future {
+        (self.f)(self.svc.clone(), request)
+    }
+}
 
 #[tonic::async_trait]
 impl mesh_server::Mesh for MeshService {

@@ -7,7 +7,7 @@ use futures::Stream;
 use mesh_proto::pb::{self, Kind};
 use mesh_proto::tls::ConnInfo;
 use tonic::{Request, Status};
-use tracing::{debug, info, info_span};
+use tracing::{debug, info, info_span, warn};
 
 use super::*;
 use crate::index::{Batch, IndexChange, Start, Subscription, Update};
@@ -292,14 +292,16 @@ fn count(metrics: &Metrics, m: &WireMsg) {
     }
 }
 
-/// Decrements the open-streams gauge when a stream ends, however it ends.
+/// Decrements the open-streams gauge and count when a stream ends, however it ends.
 pub(super) struct OpenStream {
     metrics: Metrics,
     role: &'static str,
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         self.metrics
             .watch_streams
             .get_or_create(&RoleLabels {
@@ -322,6 +324,21 @@ impl MeshService {
         let filter = self
             .filter(&access, req.get_ref())
             .inspect_err(|e| self.refused(e, &req))?;
+        // Counted before anything is allocated for the stream; released by its guard.
+        let open = self.inner.open_watches.clone();
+        let limit = self.inner.cfg.max_watch_streams;
+        if open
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| (n < limit).then_some(n + 1),
+            )
+            .is_err()
+        {
+            self.inner.metrics.watch_streams_refused.inc();
+            warn!(caller = %access.who(), ?remote, limit, "watch stream refused: too many streams");
+            return Err(ServeError::TooManyStreams { limit }.into());
+        }
         let body = req.into_inner();
         let span = info_span!(
             "watch",
@@ -341,6 +358,7 @@ impl MeshService {
         let guard = OpenStream {
             metrics: self.inner.metrics.clone(),
             role,
+            open,
         };
         let inner = WatchStream {
             svc: self.clone(),
