@@ -345,6 +345,7 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
                 backoff: Backoff::full_jitter(Duration::from_millis(50), Duration::from_secs(1)),
                 healthy_after: Duration::from_secs(5),
                 buffer: 1024,
+                recorder: None,
             },
         );
         let state = state.clone();
