@@ -9,6 +9,7 @@
 #   bash scripts/bench.sh policy --policies 50 --nodes 3   # in a lab (mesh-lab up)
 #   bash scripts/bench.sh policy-compile                   # 10k identities x 500 rules
 #   bash scripts/bench.sh flows 20000 5                    # connect() with flow events on/off
+#   bash scripts/bench.sh lose-cluster --runs 5            # partition / pods dying unseen, in a lab
 #
 # Benchmarks print distributions and figures beside their targets; they never fail on a
 # speed. Everything a benchmark starts (etcd, apiservers, agents, cgroups, bpffs pins,
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-benches="propagation failover initial-sync fanout policy policy-compile flows"
+benches="propagation failover initial-sync fanout policy policy-compile flows lose-cluster"
 usage() {
     echo "usage: bash scripts/bench.sh [all|${benches// /|}] [FLAGS...]" >&2
     echo "       flags of one benchmark: bash scripts/bench.sh BENCH --help" >&2
@@ -26,7 +27,7 @@ name="${1:-all}"
 case "$name" in
     -h|--help) usage; exit 0 ;;
     -*) name=all ;;
-    all|propagation|failover|initial-sync|fanout|policy|policy-compile|flows) shift || true ;;
+    all|propagation|failover|initial-sync|fanout|policy|policy-compile|flows|lose-cluster) shift || true ;;
     *) echo "unknown benchmark \"$name\"" >&2; usage; exit 2 ;;
 esac
 
@@ -70,6 +71,7 @@ bin_dir="${CARGO_TARGET_DIR:-target}/release"
 if [ "$name" = all ]; then
     "$bin_dir/mesh-bench" --bin-dir "$bin_dir" all "$@"
     "$bin_dir/mesh-bench" --bin-dir "$bin_dir" policy "$@"
+    "$bin_dir/mesh-bench" --bin-dir "$bin_dir" lose-cluster "$@"
     policy_compile
     flows
     exit 0

@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 
+# A clean checkout gains nothing from incremental compilation, and its caches double the
+# target directory; a CI machine with little free disk then fails at link (ld: Bus error).
+[ "${CI:-}" = "true" ] && export CARGO_INCREMENTAL=0
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"

@@ -10,11 +10,16 @@
 //! - [`fanout`]: one apiserver feeding N watch streams vs N clients watching etcd directly.
 //! - [`policy`]: in a lab, a policy applied with kubectl -> enforced in every node's maps,
 //!   and connect() to a global service with an egress policy vs without.
+//! - [`lose_cluster`]: in a lab, requests from west while east is partitioned away or
+//!   east's pods die unseen: time to the last failed request, failures per loss, time to
+//!   quarantine.
 
 pub mod cluster;
 pub mod env;
 pub mod fanout;
 pub mod initial_sync;
+pub mod lab;
+pub mod lose_cluster;
 pub mod policy;
 pub mod propagation;
 pub mod report;
@@ -68,6 +73,10 @@ pub enum Command {
     /// egress policy vs without (needs mesh-lab, meshctl, mesh-apiserver, mesh-agent in
     /// --bin-dir or next to mesh-bench).
     Policy(policy::Opts),
+    /// In a lab: east partitioned from west, and east's pods deleted while its etcd is down;
+    /// west's failed requests and the time to the last one, time to quarantine (needs the
+    /// lab binaries like `policy`).
+    LoseCluster(lose_cluster::Opts),
     /// A cluster with an agent and N synthetic agent streams under continuous churn for
     /// --minutes: RSS and fds of every process over time, and a verdict (no unbounded
     /// growth; every stream converged to etcd key for key). Exits 1 when it fails.
@@ -75,6 +84,14 @@ pub enum Command {
     /// Times COUNT connect() calls to ADDR (run inside a pod by the policy benchmark).
     #[command(hide = true)]
     ConnectLoop { addr: String, count: usize },
+    /// HTTP GETs to ADDR for SECONDS, one line per request (run inside a pod by the
+    /// lose-cluster benchmark).
+    #[command(hide = true)]
+    RequestLoop {
+        addr: String,
+        seconds: u64,
+        timeout_ms: u64,
+    },
     /// Runs a component (used when no binaries are next to mesh-bench).
     #[command(hide = true)]
     Component {
@@ -89,6 +106,20 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::ConnectLoop { addr, count } = &cli.command {
         return match policy::connect_loop(addr, *count) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Command::RequestLoop {
+        addr,
+        seconds,
+        timeout_ms,
+    } = &cli.command
+    {
+        return match lose_cluster::request_loop(addr, *seconds, *timeout_ms) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -206,15 +237,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             reports.push(r);
         }
         Command::Policy(o) => {
-            let dir = match &cli.bin_dir {
-                Some(d) => d.clone(),
-                None => std::env::current_exe()
-                    .context("mesh-bench's own path")?
-                    .parent()
-                    .context("mesh-bench's directory")?
-                    .to_owned(),
-            };
-            let r = policy::run(&o, &dir, &machine).await?;
+            let r = policy::run(&o, &lab_bin_dir(&cli.bin_dir)?, &machine).await?;
+            emit(&r);
+            reports.push(r);
+        }
+        Command::LoseCluster(o) => {
+            let r = lose_cluster::run(&o, &lab_bin_dir(&cli.bin_dir)?, &machine).await?;
             emit(&r);
             reports.push(r);
         }
@@ -224,7 +252,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             failed |= !soak::passed(&r);
             reports.push(r);
         }
-        Command::Component { .. } | Command::ConnectLoop { .. } => {
+        Command::Component { .. } | Command::ConnectLoop { .. } | Command::RequestLoop { .. } => {
             unreachable!("handled in main")
         }
     }
@@ -238,6 +266,18 @@ pub async fn run(cli: Cli) -> Result<()> {
         anyhow::bail!("the soak's verdict is FAIL (see the figures above)");
     }
     Ok(())
+}
+
+/// Where the lab binaries are: `--bin-dir`, else next to mesh-bench.
+fn lab_bin_dir(bin_dir: &Option<PathBuf>) -> Result<PathBuf> {
+    match bin_dir {
+        Some(d) => Ok(d.clone()),
+        None => Ok(std::env::current_exe()
+            .context("mesh-bench's own path")?
+            .parent()
+            .context("mesh-bench's directory")?
+            .to_owned()),
+    }
 }
 
 /// `mesh-bench component apiserver|agent -- ARGS`: the component's own `main`.

@@ -18,14 +18,14 @@
 //! the end (`mesh-lab down`), also on Ctrl-C.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mesh_maps::policy::{PolicyDump, PolicyMaps};
 use mesh_maps::sys::Access;
 
+use crate::lab::LabGuard;
 use crate::report::{Distribution, Figure, LatencyTarget, Machine, Report, Target};
 
 const REBEL_BASE: &str = include_str!("../../examples/lab-demo/rebel-base.yaml");
@@ -59,132 +59,17 @@ impl Default for Opts {
     }
 }
 
-/// A lab; `mesh-lab down` on drop.
-struct LabGuard {
-    name: String,
-    mesh_lab: PathBuf,
-    kubeconfig: String,
-}
-
-impl LabGuard {
-    fn up(mesh_lab: &Path, nodes: usize) -> Result<Self> {
-        let name = format!("pb{:05x}", std::process::id() & 0xf_ffff);
-        let mut guard = LabGuard {
-            name,
-            mesh_lab: mesh_lab.to_owned(),
-            kubeconfig: String::new(),
-        };
-        eprintln!(
-            "policy: starting lab {} (1 cluster, {nodes} nodes)",
-            guard.name
-        );
-        let status = Command::new(mesh_lab)
-            .args([
-                "up",
-                "--name",
-                &guard.name,
-                "--clusters",
-                "1",
-                "--underlay",
-                "auto",
-            ])
-            .args(["--nodes", &nodes.to_string()])
-            .stdout(Stdio::null())
-            .status()
-            .context("running mesh-lab up")?;
-        if !status.success() {
-            bail!("mesh-lab up failed ({status})");
-        }
-        guard.kubeconfig = guard.lab(&["kubeconfig"])?.trim().to_owned();
-        Ok(guard)
-    }
-
-    fn lab(&self, args: &[&str]) -> Result<String> {
-        // `--name` goes before a `--` (exec's command line), never after it.
-        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
-        let out = Command::new(&self.mesh_lab)
-            .args(&args[..split])
-            .arg("--name")
-            .arg(&self.name)
-            .args(&args[split..])
-            .output()
-            .with_context(|| format!("running mesh-lab {args:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "mesh-lab {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        let mut cmd = Command::new("kubectl");
-        cmd.args(["--kubeconfig", &self.kubeconfig])
-            .args(["--context", &format!("{}-{CLUSTER}", self.name)])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let out = match stdin {
-            None => cmd.stdin(Stdio::null()).output(),
-            Some(text) => {
-                use std::io::Write;
-                let mut child = cmd
-                    .stdin(Stdio::piped())
-                    .spawn()
-                    .context("running kubectl")?;
-                child
-                    .stdin
-                    .take()
-                    .context("kubectl stdin")?
-                    .write_all(text.as_bytes())?;
-                child.wait_with_output()
-            }
-        }
-        .context("running kubectl")?;
-        if !out.status.success() {
-            bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// The pinned policy maps of every node of the cluster, opened read-only.
-    fn node_maps(&self) -> Result<Vec<(String, PolicyMaps)>> {
-        let env = self.lab(&["env", CLUSTER])?;
-        let root = env
-            .lines()
-            .find_map(|l| {
-                l.trim()
-                    .trim_start_matches("export ")
-                    .strip_prefix("MESH_BPFFS_ROOT=")
-            })
-            .context("mesh-lab env prints no MESH_BPFFS_ROOT")?
-            .trim_matches('\'')
-            .to_owned();
-        let nodes = self.kubectl(
-            &["get", "nodes", "-o", "jsonpath={.items[*].metadata.name}"],
-            None,
-        )?;
-        nodes
-            .split_whitespace()
-            .map(|n| {
-                let dir = Path::new(&root).join(n).join("maps");
-                PolicyMaps::open_pinned(&dir, Access::ReadOnly)
-                    .with_context(|| format!("opening {}", dir.display()))
-                    .map(|m| (n.to_owned(), m))
-            })
-            .collect()
-    }
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.mesh_lab)
-            .args(["down", "--name", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
+/// The pinned policy maps of every node of the cluster, opened read-only.
+fn node_maps(lab: &LabGuard) -> Result<Vec<(String, PolicyMaps)>> {
+    lab.node_pin_dirs(CLUSTER)?
+        .into_iter()
+        .map(|(n, pin)| {
+            let dir = pin.join("maps");
+            PolicyMaps::open_pinned(&dir, Access::ReadOnly)
+                .with_context(|| format!("opening {}", dir.display()))
+                .map(|m| (n, m))
+        })
+        .collect()
 }
 
 /// Whether a rule whose name contains `policy` is in the table of some endpoint (ingress or
@@ -305,10 +190,11 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
         }
     }
     let bench = std::env::current_exe().context("mesh-bench's own path")?;
-    let lab = LabGuard::up(&mesh_lab, opts.nodes)?;
-    lab.kubectl(&["apply", "-f", "-"], Some(REBEL_BASE))?;
-    lab.kubectl(&["apply", "-f", "-"], Some(X_WING))?;
+    let lab = LabGuard::up(&mesh_lab, "pb", 1, opts.nodes)?;
+    lab.kubectl(CLUSTER, &["apply", "-f", "-"], Some(REBEL_BASE))?;
+    lab.kubectl(CLUSTER, &["apply", "-f", "-"], Some(X_WING))?;
     lab.kubectl(
+        CLUSTER,
         &[
             "-n",
             "demo",
@@ -321,6 +207,7 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
     )?;
     for d in ["rebel-base", "x-wing"] {
         lab.kubectl(
+            CLUSTER,
             &[
                 "-n",
                 "demo",
@@ -332,7 +219,7 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
             None,
         )?;
     }
-    let maps = lab.node_maps()?;
+    let maps = node_maps(&lab)?;
     let poll = Duration::from_micros(opts.poll_interval_us);
     let timeout = Duration::from_secs(10);
 
@@ -354,7 +241,7 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
             10000 + i
         );
         let t = Instant::now();
-        lab.kubectl(&["apply", "-f", "-"], Some(&cnp(&name, &spec)))?;
+        lab.kubectl(CLUSTER, &["apply", "-f", "-"], Some(&cnp(&name, &spec)))?;
         kubectl_times.push(t.elapsed());
         let t0 = Instant::now();
         let done = wait_enforced(&maps, &format!("demo/{name} "), t0, poll, timeout)?;
@@ -370,6 +257,7 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
         }
     }
     lab.kubectl(
+        CLUSTER,
         &[
             "-n",
             "demo",
@@ -383,6 +271,7 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
 
     // connect() to the global service, without and with an egress policy on the client.
     let vip = lab.kubectl(
+        CLUSTER,
         &[
             "-n",
             "demo",
@@ -402,7 +291,11 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
     let without = connects(&lab, &bench, &addr, opts.connects)?;
     let spec = "  endpointSelector: {matchLabels: {app: x-wing}}\n  egress:\n  - toEndpoints:\n    \
                 - matchLabels: {app: rebel-base}\n    toPorts:\n    - ports:\n      - {port: \"8080\", protocol: TCP}\n";
-    lab.kubectl(&["apply", "-f", "-"], Some(&cnp("bench-egress", spec)))?;
+    lab.kubectl(
+        CLUSTER,
+        &["apply", "-f", "-"],
+        Some(&cnp("bench-egress", spec)),
+    )?;
     let t0 = Instant::now();
     let done = wait_enforced(&maps, "demo/bench-egress ", t0, poll, timeout)?;
     if done.iter().any(Option::is_none) {
@@ -410,6 +303,7 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
     }
     // The client's namespace must be known to its node's agent for egress to apply.
     let xwing_ip = lab.kubectl(
+        CLUSTER,
         &[
             "-n",
             "demo",
@@ -443,6 +337,7 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
     }
     let with = connects(&lab, &bench, &addr, opts.connects)?;
     lab.kubectl(
+        CLUSTER,
         &[
             "-n",
             "demo",

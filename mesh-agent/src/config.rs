@@ -133,6 +133,12 @@ pub struct Args {
     #[arg(long, env = "MESH_QUARANTINE_MAX", default_value = "60s", value_parser = parse_duration)]
     pub quarantine_max: Duration,
 
+    /// When a TCP backend's quarantine period is over, the agent connects to it itself; the
+    /// quarantine ends only when that probe connects within this time (else the next,
+    /// doubled period starts), so no client connect is spent on a dead backend.
+    #[arg(long, env = "MESH_QUARANTINE_PROBE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub quarantine_probe_timeout: Duration,
+
     /// Routing mode.
     #[arg(long, env = "MESH_ROUTING", value_enum, default_value_t = Routing::Native)]
     pub routing: Routing,
@@ -192,6 +198,8 @@ pub struct Settings {
     pub flows: FlowConfig,
     pub health_interval: Duration,
     pub health: mesh_core::health::HealthConfig,
+    /// `--quarantine-probe-timeout`.
+    pub probe_timeout: Duration,
 }
 
 /// Flow visibility settings.
@@ -224,6 +232,7 @@ impl Args {
             ("--heartbeat-interval", self.heartbeat_interval),
             ("--health-interval", self.health_interval),
             ("--quarantine-base", self.quarantine_base),
+            ("--quarantine-probe-timeout", self.quarantine_probe_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Zero { flag });
@@ -304,7 +313,9 @@ impl Args {
             health: mesh_core::health::HealthConfig {
                 base: self.quarantine_base,
                 max: self.quarantine_max.max(self.quarantine_base),
+                probe: true,
             },
+            probe_timeout: self.quarantine_probe_timeout,
             flows: FlowConfig {
                 listen,
                 tls: server_tls,

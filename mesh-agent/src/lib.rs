@@ -244,6 +244,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     agent.run(watch, shutdown).await
 }
 
+/// Where probes of quarantined backends report `(backend, connected)`.
+type ProbeSender = tokio::sync::mpsc::UnboundedSender<(mesh_core::health::BackendAddr, bool)>;
+
 fn max_message_size(c: MeshClient<Channel>) -> MeshClient<Channel> {
     c.max_decoding_message_size(256 * 1024 * 1024)
 }
@@ -297,10 +300,16 @@ impl Agent {
         let mut reconnects = 0;
         let mut health_tick = tokio::time::interval(self.settings.health_interval);
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (probe_tx, mut probe_rx) = tokio::sync::mpsc::unbounded_channel();
         loop {
             tokio::select! {
                 _ = health_tick.tick(), if self.programmed => {
-                    if self.check_health() {
+                    if self.check_health(&probe_tx) {
+                        due.get_or_insert_with(Instant::now);
+                    }
+                }
+                Some((addr, ok)) = probe_rx.recv() => {
+                    if self.on_probe(addr, ok) {
                         due.get_or_insert_with(Instant::now);
                     }
                 }
@@ -347,9 +356,10 @@ impl Agent {
         }
     }
 
-    /// Feeds the datapath's connect counters to the health tracker; returns whether the set
-    /// of quarantined backends changed (a quarantine began or ended).
-    fn check_health(&mut self) -> bool {
+    /// Feeds the datapath's connect counters to the health tracker and starts the probes
+    /// that are due (their results come back through `probes`); returns whether the set of
+    /// quarantined backends changed (a quarantine began or ended).
+    fn check_health(&mut self, probes: &ProbeSender) -> bool {
         let now = crate::datapath::boottime_ns();
         let counters = match self.reconciler.maps_mut().health_counters() {
             Ok(c) => c,
@@ -385,8 +395,38 @@ impl Agent {
                 }
             }
         }
+        for addr in self.health.start_probes(now) {
+            let (tx, timeout) = (probes.clone(), self.settings.probe_timeout);
+            tokio::spawn(async move {
+                let target = std::net::SocketAddr::new(addr.ip, addr.port);
+                let ok = matches!(
+                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await,
+                    Ok(Ok(_))
+                );
+                let _ = tx.send((addr, ok));
+            });
+        }
         let now_set = self.health.quarantined(now);
         !now_set.keys().eq(self.quarantined.keys())
+    }
+
+    /// A probe's result (see [`mesh_core::health::HealthTracker::start_probes`]); returns
+    /// whether the quarantine ended.
+    fn on_probe(&mut self, addr: mesh_core::health::BackendAddr, ok: bool) -> bool {
+        let result = if ok { "success" } else { "failure" };
+        self.metrics
+            .quarantine_probes
+            .get_or_create(&metrics::ProbeLabels { result })
+            .inc();
+        let ended = self
+            .health
+            .probe_result(addr, ok, crate::datapath::boottime_ns());
+        if ended {
+            info!(backend = %addr.ip, port = addr.port, "probe connected: backend healthy again");
+        } else {
+            debug!(backend = %addr.ip, port = addr.port, "probe failed: quarantined again");
+        }
+        ended
     }
 
     /// Writes the quarantines in force to `mesh_quarantine` (for `meshctl bpf lb list`),
@@ -526,7 +566,19 @@ impl Agent {
             }
             None => None,
         };
-        // Passive health: quarantined backends leave the services that have others.
+        // Passive health: backends no service selects any more are forgotten (no probe, no
+        // quarantine), and quarantined backends leave the services that have others.
+        let selected: std::collections::BTreeSet<mesh_core::health::BackendAddr> = desired
+            .services
+            .values()
+            .flatten()
+            .map(|b| mesh_core::health::BackendAddr {
+                ip: b.ip,
+                port: b.port,
+                protocol: b.proto,
+            })
+            .collect();
+        self.health.retain(|a| selected.contains(a));
         self.quarantined = self.health.quarantined(crate::datapath::boottime_ns());
         desired::apply_quarantine(&mut desired, &self.quarantined);
         let computed = t0.elapsed();

@@ -60,6 +60,14 @@ pub struct Metrics {
     pub backend_quarantines: Counter,
     /// Backends quarantined on this node now.
     pub backends_quarantined: Gauge,
+    /// The agent's own probe connects to quarantined backends, by result.
+    pub quarantine_probes: Family<ProbeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    /// `success` or `failure`.
+    pub result: &'static str,
 }
 
 // === impl Metrics ===
@@ -81,6 +89,7 @@ impl Metrics {
             status_report_errors: Counter::default(),
             backend_quarantines: Counter::default(),
             backends_quarantined: Gauge::default(),
+            quarantine_probes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("mesh_agent");
         r.register("map_entries", "Entries per eBPF map", m.map_entries.clone());
@@ -150,6 +159,14 @@ impl Metrics {
             "Backends quarantined on this node now",
             m.backends_quarantined.clone(),
         );
+        r.register(
+            "quarantine_probes",
+            "Probe connects to quarantined backends whose period is over, by result",
+            m.quarantine_probes.clone(),
+        );
+        for result in ["success", "failure"] {
+            let _ = m.quarantine_probes.get_or_create(&ProbeLabels { result });
+        }
         m
     }
 }

@@ -1,7 +1,9 @@
 //! Passive backend health on one node (DESIGN.md section 13b, issue #14 part 3): connects
 //! to a backend that refuses them quarantine it on this node, so the next connections go to
-//! the others without failing; the quarantine ends by itself and a healthy backend returns;
-//! the last usable backends are never quarantined away.
+//! the others without failing; while it stays dead the agent's own probes keep it
+//! quarantined past its period, so no client connect reaches it again; once it answers, a
+//! probe ends the quarantine and it returns; the last usable backends are never quarantined
+//! away.
 //!
 //! Root only. Own etcd, apiserver, namespace, cgroup, bpffs and node network.
 
@@ -29,7 +31,14 @@ async fn failing_backends_are_quarantined_on_the_node_never_the_last() {
     require_root!();
     let mut mesh = Mesh::start("hlt", Net(42)).await;
     agent_support::two_clusters(&mut mesh, pb::Affinity::None).await;
-    mesh.start_agent(&["--quarantine-base", "3s", "--quarantine-max", "3s"]);
+    mesh.start_agent(&[
+        "--quarantine-base",
+        "1s",
+        "--quarantine-max",
+        "2s",
+        "--quarantine-probe-timeout",
+        "500ms",
+    ]);
     let all = targets(&["10.1.1.11", "10.1.2.11", "10.2.1.11"]);
     mesh.converge("affinity none", |d| exactly(d, &all)).await;
     let ok = Proc::connect(&mesh.netns, &mesh.cgroup, vip(), 20);
@@ -73,8 +82,34 @@ async fn failing_backends_are_quarantined_on_the_node_never_the_last() {
         ("10.1.1.11".to_string(), TARGET_PORT)
     );
 
-    // Back: the server answers again; the quarantine ends by itself and the backend
-    // returns to the service.
+    // The period is over and the backend is still dead: the agent's probe fails and the
+    // quarantine goes on, so clients' connects still never reach it.
+    let probe_failed = r#"mesh_agent_quarantine_probes_total{result="failure"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while mesh.metric(probe_failed).unwrap_or(0.0) < 2.0 {
+        mesh.agent.as_mut().expect("agent").assert_running();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no two failed probes in 30 s: {:?}",
+            mesh.metric(probe_failed)
+        );
+        // Another process's state, read through its metrics: no event to await.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let still = Proc::connect(&mesh.netns, &mesh.cgroup, vip(), 40);
+    assert_eq!(
+        failed(&still),
+        0,
+        "no connect fails after the period while probes fail: {still:?}"
+    );
+    exactly(&mesh.dump(), &rest).expect("still quarantined after failed probes");
+    assert_eq!(
+        mesh.metric(r#"mesh_agent_quarantine_probes_total{result="success"}"#),
+        Some(0.0)
+    );
+
+    // Back: the server answers again; the next probe connects, the quarantine ends and the
+    // backend returns to the service.
     mesh.servers.push(Proc::server(
         &mesh.netns,
         &format!("10.1.1.11:{TARGET_PORT}"),
@@ -85,6 +120,11 @@ async fn failing_backends_are_quarantined_on_the_node_never_the_last() {
     let back = Proc::connect(&mesh.netns, &mesh.cgroup, vip(), 30);
     assert_eq!(failed(&back), 0);
     assert_eq!(mesh.metric("mesh_agent_backends_quarantined"), Some(0.0));
+    assert!(
+        mesh.metric(r#"mesh_agent_quarantine_probes_total{result="success"}"#)
+            .unwrap()
+            >= 1.0
+    );
 
     // Every backend fails: none is quarantined away, the service keeps all three (a
     // quarantined backend is better than refusing every connection).

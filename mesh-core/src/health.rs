@@ -5,8 +5,13 @@
 //! given up, or a SYN retransmission) and connects that succeeded. [`HealthTracker`] turns
 //! the growth of those counters into quarantines: a backend whose connects fail is
 //! quarantined for `base << level` (capped at `max`); each new quarantine of the same
-//! backend doubles the period; a success clears it and resets the level. A quarantine ends
-//! by itself when its period is over (the next connect is the probe). [`apply_quarantine`]
+//! backend doubles the period; a success clears it and resets the level. When the period
+//! is over, a TCP backend stays quarantined until the agent's own probe connect succeeds
+//! ([`HealthTracker::start_probes`], [`HealthTracker::probe_result`]): a failed probe
+//! starts the next, doubled period, so no client connect is spent on a dead backend. Without
+//! probes ([`HealthConfig::probe`] off, and always for UDP, which has no handshake to
+//! probe) a quarantine ends with its period and the next client connect is the probe.
+//! [`apply_quarantine`]
 //! removes quarantined backends from a frontend's selection, **never the last usable
 //! ones**: when every backend of the frontend is quarantined, all are kept.
 //!
@@ -52,6 +57,8 @@ pub struct HealthConfig {
     pub base: Duration,
     /// The longest period.
     pub max: Duration,
+    /// TCP quarantines end only when a probe connect succeeds (see the module docs).
+    pub probe: bool,
 }
 
 impl Default for HealthConfig {
@@ -59,6 +66,7 @@ impl Default for HealthConfig {
         Self {
             base: Duration::from_secs(2),
             max: Duration::from_secs(60),
+            probe: true,
         }
     }
 }
@@ -69,6 +77,8 @@ struct Tracked {
     failures: u64,
     level: u32,
     until_ns: Option<u64>,
+    /// A probe of it is under way (started by [`HealthTracker::start_probes`]).
+    probing: bool,
 }
 
 /// The quarantine state of a node's backends.
@@ -89,6 +99,18 @@ impl HealthTracker {
             start_ns,
             backends: BTreeMap::new(),
         }
+    }
+
+    /// Whether `addr`'s quarantines end only with a successful probe.
+    fn probed(config: &HealthConfig, addr: &BackendAddr) -> bool {
+        config.probe && addr.protocol == Protocol::Tcp
+    }
+
+    /// Whether a quarantine is in force at `now_ns`: within its period, or after it while
+    /// the backend awaits a successful probe.
+    fn in_force(config: &HealthConfig, addr: &BackendAddr, t: &Tracked, now_ns: u64) -> bool {
+        t.until_ns
+            .is_some_and(|u| u > now_ns || Self::probed(config, addr))
     }
 
     fn period(config: &HealthConfig, level: u32) -> u64 {
@@ -117,12 +139,13 @@ impl HealthTracker {
         let new_failures = sample.failures.saturating_sub(t.seen.failures);
         let new_successes = sample.successes.saturating_sub(t.seen.successes);
         t.seen = sample;
-        let was = t.until_ns.is_some_and(|u| u > now_ns);
+        let was = Self::in_force(&config, &addr, t, now_ns);
         if new_successes > 0 && sample.last_success_ns >= sample.last_failure_ns {
             // The latest word is a success: healthy again.
             t.failures = 0;
             t.level = 0;
             t.until_ns = None;
+            t.probing = false;
             return was;
         }
         if new_failures == 0 {
@@ -138,6 +161,46 @@ impl HealthTracker {
         true
     }
 
+    /// The quarantined TCP backends whose period is over and that no probe is testing yet:
+    /// the caller probes each (a connect of its own, with a timeout) and reports the result
+    /// to [`HealthTracker::probe_result`]. Empty when probes are off.
+    pub fn start_probes(&mut self, now_ns: u64) -> Vec<BackendAddr> {
+        let config = self.config;
+        self.backends
+            .iter_mut()
+            .filter(|(a, t)| {
+                Self::probed(&config, a) && !t.probing && t.until_ns.is_some_and(|u| u <= now_ns)
+            })
+            .map(|(a, t)| {
+                t.probing = true;
+                *a
+            })
+            .collect()
+    }
+
+    /// The result of a probe [`HealthTracker::start_probes`] asked for: a success ends the
+    /// quarantine (returns `true`), a failure starts the next, doubled period. A result for a
+    /// backend forgotten or healed meanwhile is ignored.
+    pub fn probe_result(&mut self, addr: BackendAddr, ok: bool, now_ns: u64) -> bool {
+        let config = self.config;
+        let Some(t) = self.backends.get_mut(&addr) else {
+            return false;
+        };
+        if !std::mem::take(&mut t.probing) || t.until_ns.is_none() {
+            return false;
+        }
+        if ok {
+            t.failures = 0;
+            t.level = 0;
+            t.until_ns = None;
+            return true;
+        }
+        t.failures += 1;
+        t.until_ns = Some(now_ns.saturating_add(Self::period(&config, t.level)));
+        t.level = t.level.saturating_add(1);
+        false
+    }
+
     /// Forgets backends not in `keep` (they left every service).
     pub fn retain(&mut self, keep: impl Fn(&BackendAddr) -> bool) {
         self.backends.retain(|a, _| keep(a));
@@ -148,7 +211,10 @@ impl HealthTracker {
         self.backends
             .iter()
             .filter_map(|(a, t)| {
-                let until = t.until_ns.filter(|u| *u > now_ns)?;
+                if !Self::in_force(&self.config, a, t, now_ns) {
+                    return None;
+                }
+                let until = t.until_ns?;
                 Some((
                     *a,
                     Quarantine {
@@ -161,7 +227,8 @@ impl HealthTracker {
             .collect()
     }
 
-    /// The earliest end of a quarantine after `now_ns`: when the selection changes next.
+    /// The earliest end of a quarantine period after `now_ns`: when the selection changes
+    /// next, or a probe is due.
     pub fn next_expiry(&self, now_ns: u64) -> Option<u64> {
         self.backends
             .values()
@@ -227,9 +294,16 @@ mod tests {
         }
     }
 
+    fn unprobed() -> HealthConfig {
+        HealthConfig {
+            probe: false,
+            ..HealthConfig::default()
+        }
+    }
+
     #[test]
     fn failures_quarantine_with_doubling_periods_and_a_success_clears() {
-        let mut t = HealthTracker::new(HealthConfig::default(), 5);
+        let mut t = HealthTracker::new(unprobed(), 5);
         let a = addr(1);
         assert!(
             !t.observe(a, sample(5, 10, 1, 2), 5),
@@ -265,6 +339,7 @@ mod tests {
             HealthConfig {
                 base: Duration::from_secs(2),
                 max: Duration::from_secs(10),
+                probe: false,
             },
             0,
         );
@@ -278,6 +353,64 @@ mod tests {
             periods.push((t.quarantined(now)[&a].until_ns - now) / S);
         }
         assert_eq!(periods, vec![2, 4, 8, 10, 10]);
+    }
+
+    #[test]
+    fn a_tcp_quarantine_ends_only_with_a_successful_probe() {
+        let mut t = HealthTracker::new(HealthConfig::default(), 0);
+        let a = addr(1);
+        t.observe(a, sample(0, 0, 0, 0), 0);
+        assert!(t.observe(a, sample(1, 0, S, 0), S));
+        assert!(
+            t.start_probes(2 * S).is_empty(),
+            "within the period: no probe"
+        );
+        // The period is over: still quarantined, one probe due, asked for once.
+        assert!(t.quarantined(3 * S + 1).contains_key(&a));
+        assert_eq!(t.start_probes(3 * S + 1), vec![a]);
+        assert!(t.start_probes(3 * S + 2).is_empty(), "already probing");
+        assert!(
+            t.quarantined(4 * S).contains_key(&a),
+            "in force while probing"
+        );
+        // The probe fails: the next period, doubled, with no client connect spent.
+        assert!(!t.probe_result(a, false, 4 * S));
+        let q = t.quarantined(4 * S)[&a];
+        assert_eq!((q.until_ns, q.failures, q.level), (8 * S, 2, 2));
+        assert_eq!(t.next_expiry(4 * S), Some(8 * S));
+        assert!(t.start_probes(7 * S).is_empty());
+        // The next probe succeeds: healthy, level reset.
+        assert_eq!(t.start_probes(8 * S), vec![a]);
+        assert!(t.probe_result(a, true, 8 * S));
+        assert!(t.quarantined(8 * S).is_empty());
+        assert!(t.observe(a, sample(2, 0, 9 * S, 0), 9 * S));
+        assert_eq!(
+            t.quarantined(9 * S)[&a].until_ns,
+            11 * S,
+            "base period again"
+        );
+        // A result for a backend forgotten meanwhile is ignored.
+        assert_eq!(t.start_probes(11 * S), vec![a]);
+        t.retain(|_| false);
+        assert!(!t.probe_result(a, true, 12 * S));
+        assert!(t.quarantined(12 * S).is_empty());
+    }
+
+    #[test]
+    fn udp_quarantines_end_with_their_period_even_with_probes_on() {
+        let mut t = HealthTracker::new(HealthConfig::default(), 0);
+        let u = BackendAddr {
+            protocol: Protocol::Udp,
+            ..addr(1)
+        };
+        t.observe(u, sample(0, 0, 0, 0), 0);
+        assert!(t.observe(u, sample(1, 0, S, 0), S));
+        assert!(t.quarantined(2 * S).contains_key(&u));
+        assert!(t.quarantined(3 * S + 1).is_empty());
+        assert!(
+            t.start_probes(3 * S + 1).is_empty(),
+            "no handshake to probe"
+        );
     }
 
     #[test]

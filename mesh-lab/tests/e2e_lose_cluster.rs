@@ -4,6 +4,12 @@
 //! stale within three heartbeats and west's agents demote east's backends, so from 5 s after
 //! the partition no request from west fails. Every request is counted, per second since the
 //! partition. After heal, east's backends return without a failed request.
+//!
+//! The second loss keeps east's control plane up but blind: east's etcd is killed and then
+//! east's rebel-base pods are deleted, so east cannot withdraw them and west keeps them as
+//! backends. West's agents see the connects to them fail in the datapath and quarantine them
+//! on their node (passive health; their own probes keep the quarantine while they stay
+//! dead), so from 5 s after the deletion no request from west fails either.
 
 mod e2e_support;
 mod lab_support;
@@ -11,7 +17,7 @@ mod lab_support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use e2e_support::{Failures, Lab, require_root};
+use e2e_support::{Failures, Lab, Reply, require_root};
 
 const STEP: Duration = Duration::from_secs(60);
 /// DESIGN.md section 13b: from this long after the loss, no failed request.
@@ -27,20 +33,24 @@ fn unix_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn peer_status(lab: &Lab, cluster: &str, peer: &str) -> serde_json::Value {
-    let v: serde_json::Value =
-        serde_json::from_str(&lab.meshctl(cluster, &["status", "-o", "json"]))
-            .expect("status JSON");
-    v["peers"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == peer).cloned())
-        .unwrap_or_else(|| panic!("{cluster} has no peer {peer}: {v}"))
+fn scale(lab: &Lab, cluster: &str, replicas: u32) {
+    lab.kubectl(
+        cluster,
+        &[
+            "-n",
+            "demo",
+            "scale",
+            "deployment",
+            "rebel-base",
+            &format!("--replicas={replicas}"),
+        ],
+    );
 }
 
-#[test]
-fn partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal() {
-    require_root("partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal");
-    let lab = Lab::up('l', 2, 2);
+/// A lab with rebel-base global (affinity none) in east and west and x-wing in both,
+/// converged: west's requests reach both clusters.
+fn two_cluster_lab(tag: char) -> Lab {
+    let lab = Lab::up(tag, 2, 2);
     for c in ["east", "west"] {
         lab.apply_example(c, "rebel-base.yaml");
         lab.apply_example(c, "x-wing.yaml");
@@ -69,6 +79,76 @@ fn partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal() {
         STEP,
         Failures::Forbidden,
     );
+    lab
+}
+
+/// Prints every request by the second (since `lost_at`) it started in, and asserts the
+/// goal: from `GOAL_MS` after the loss, enough requests were sent, none failed, and only
+/// west answered.
+fn judge_loss(replies: &[Reply], lost_at: u64, what: &str) {
+    let mut per_second: BTreeMap<i64, (usize, usize)> = BTreeMap::new();
+    for r in replies {
+        let second = (r.started_ms as i64 - lost_at as i64).div_euclid(1000);
+        let e = per_second.entry(second).or_default();
+        e.0 += 1;
+        if r.value.is_none() {
+            e.1 += 1;
+        }
+    }
+    eprintln!("requests from west by second since {what} (sent, failed):");
+    for (s, (n, failed)) in &per_second {
+        eprintln!("  {s:>4}s: {n:>4} sent, {failed:>3} failed");
+    }
+    let last_failed = replies
+        .iter()
+        .filter(|r| r.value.is_none())
+        .map(|r| r.started_ms as i64 - lost_at as i64)
+        .max();
+    eprintln!(
+        "{} requests, {} failed; the last failed one started {last_failed:?} ms after {what}",
+        replies.len(),
+        replies.iter().filter(|r| r.value.is_none()).count()
+    );
+    let after_goal: Vec<_> = replies
+        .iter()
+        .filter(|r| r.started_ms >= lost_at + GOAL_MS)
+        .collect();
+    assert!(
+        after_goal.len() >= 50,
+        "only {} requests started more than {GOAL_MS} ms after {what}: the traffic must \
+         outlast the goal (raise REQUESTS)",
+        after_goal.len()
+    );
+    let failed_after: Vec<_> = after_goal.iter().filter(|r| r.value.is_none()).collect();
+    assert!(
+        failed_after.is_empty(),
+        "{} of {} requests started more than {GOAL_MS} ms after {what} failed: {:?}",
+        failed_after.len(),
+        after_goal.len(),
+        failed_after
+    );
+    assert!(
+        after_goal
+            .iter()
+            .all(|r| r.value.as_deref() == Some("west")),
+        "after the goal only west answers: {after_goal:?}"
+    );
+}
+
+fn peer_status(lab: &Lab, cluster: &str, peer: &str) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(cluster, &["status", "-o", "json"]))
+            .expect("status JSON");
+    v["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == peer).cloned())
+        .unwrap_or_else(|| panic!("{cluster} has no peer {peer}: {v}"))
+}
+
+#[test]
+fn partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal() {
+    require_root("partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal");
+    let lab = two_cluster_lab('l');
     let p = peer_status(&lab, "west", "east");
     assert_eq!(p["heartbeat_interval_ms"], 1000, "default heartbeat: {p}");
     assert_eq!(p["loss_detection_ms"], 3000, "3 heartbeats: {p}");
@@ -81,56 +161,7 @@ fn partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal() {
     lab.lab(&["partition", "east", "west"]);
     let mut replies = vec![first];
     replies.extend(stream.finish("cluster"));
-
-    // Every request, by the second (since the partition) it started in.
-    let mut per_second: BTreeMap<i64, (usize, usize)> = BTreeMap::new();
-    for r in &replies {
-        let second = (r.started_ms as i64 - partition_at as i64).div_euclid(1000);
-        let e = per_second.entry(second).or_default();
-        e.0 += 1;
-        if r.value.is_none() {
-            e.1 += 1;
-        }
-    }
-    eprintln!("requests from west by second since the partition (sent, failed):");
-    for (s, (n, failed)) in &per_second {
-        eprintln!("  {s:>4}s: {n:>4} sent, {failed:>3} failed");
-    }
-    let last_failed = replies
-        .iter()
-        .filter(|r| r.value.is_none())
-        .map(|r| r.started_ms as i64 - partition_at as i64)
-        .max();
-    eprintln!(
-        "{} requests, {} failed; the last failed one started {last_failed:?} ms after the \
-         partition",
-        replies.len(),
-        replies.iter().filter(|r| r.value.is_none()).count()
-    );
-    let after_goal: Vec<_> = replies
-        .iter()
-        .filter(|r| r.started_ms >= partition_at + GOAL_MS)
-        .collect();
-    assert!(
-        after_goal.len() >= 50,
-        "only {} requests started more than {GOAL_MS} ms after the partition: the traffic \
-         must outlast the goal (raise REQUESTS)",
-        after_goal.len()
-    );
-    let failed_after: Vec<_> = after_goal.iter().filter(|r| r.value.is_none()).collect();
-    assert!(
-        failed_after.is_empty(),
-        "{} of {} requests started more than {GOAL_MS} ms after the partition failed: {:?}",
-        failed_after.len(),
-        after_goal.len(),
-        failed_after
-    );
-    assert!(
-        after_goal
-            .iter()
-            .all(|r| r.value.as_deref() == Some("west")),
-        "after the goal only west answers: {after_goal:?}"
-    );
+    judge_loss(&replies, partition_at, "the partition");
 
     // The decision as the operator sees it: east demoted, with its staleness.
     let node = lab
@@ -166,6 +197,68 @@ fn partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal() {
         // Another process's state, read through the users' tool: no event to await.
         std::thread::sleep(Duration::from_millis(500));
     }
+    lab.converge(
+        "west",
+        "rebel-base",
+        "cluster",
+        &["east", "west"],
+        STEP,
+        Failures::Forbidden,
+    );
+}
+
+#[test]
+fn pods_deleted_while_etcd_is_down_are_quarantined_within_seconds() {
+    require_root("pods_deleted_while_etcd_is_down_are_quarantined_within_seconds");
+    let lab = two_cluster_lab('k');
+
+    // East's etcd dies: east's apiserver can publish nothing, so the pods deleted next stay
+    // in west's view of east.
+    let mut stream = lab.spawn_requests("west", "rebel-base", REQUESTS);
+    let first = stream.next_reply("cluster").expect("a first reply");
+    assert!(first.value.is_some(), "the first request failed: {first:?}");
+    lab.lab(&["kill", "east", "etcd"]);
+    let deleted_at = unix_ms();
+    scale(&lab, "east", 0);
+    let mut replies = vec![first];
+    replies.extend(stream.finish("cluster"));
+    judge_loss(&replies, deleted_at, "the deletion");
+
+    // What west's node decided, as the operator reads it: east's pods quarantined there.
+    let node = lab
+        .pod_nodes("west", "x-wing")
+        .into_iter()
+        .next()
+        .expect("x-wing's node");
+    let rows: serde_json::Value = serde_json::from_str(&lab.meshctl(
+        "west",
+        &["bpf", "lb", "list", "--node", &node, "-o", "json"],
+    ))
+    .expect("bpf lb list JSON");
+    let quarantined = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["quarantined_until_unix_ms"].is_u64())
+        .count();
+    assert!(
+        quarantined >= 1,
+        "east's dead pods are quarantined on {node} (their probes keep failing): {rows:#}"
+    );
+
+    // East's etcd returns: east withdraws the deleted pods, and its new pods come back as
+    // backends without a failed request on the way.
+    lab.lab(&["start", "east", "etcd"]);
+    lab.converge(
+        "west",
+        "rebel-base",
+        "cluster",
+        &["west"],
+        STEP,
+        Failures::Forbidden,
+    );
+    scale(&lab, "east", 2);
+    lab.rollout("east", "rebel-base");
     lab.converge(
         "west",
         "rebel-base",

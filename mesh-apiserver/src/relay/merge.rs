@@ -61,6 +61,26 @@ pub fn last_n(mut items: Vec<GetFlowsResponse>, n: u64, first: bool) -> Vec<GetF
         .collect()
 }
 
+/// How many flows to ask each source for when the answer is `n` in total (`0`: all). A
+/// joined flow spends two records, one of each end's node, so the newest `n` answers can
+/// use up to `2n` records of one source; asking each for only `n` would leave the oldest
+/// of them unjoined, or cut flows that belong in the answer (an unjoined ingress record
+/// would stand in for a joined flow older than it).
+pub fn per_source_number(n: u64) -> u64 {
+    n.saturating_mul(2)
+}
+
+/// A bounded answer (`--last N`, `--first N`): the sources' answers (each cut to
+/// [`per_source_number`]) ordered, their ends joined, and cut to `n` in total.
+pub fn bounded_answer(
+    items: Vec<GetFlowsResponse>,
+    n: u64,
+    first: bool,
+    join_window: Duration,
+) -> Vec<GetFlowsResponse> {
+    last_n(join_ends(last_n(items, 0, false), join_window), n, first)
+}
+
 /// What must be equal for two records to be the two ends of one connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct JoinKey {

@@ -357,9 +357,13 @@ impl Relay {
     async fn collect(&self, sources: Vec<Source>, req: GetFlowsRequest) -> Vec<GetFlowsResponse> {
         let timeout = self.inner.cfg.request_timeout;
         let mut set = JoinSet::new();
+        let per_source = GetFlowsRequest {
+            number: merge::per_source_number(req.number),
+            ..req.clone()
+        };
         for s in sources {
             let relay = self.clone();
-            let req = req.clone();
+            let req = per_source.clone();
             set.spawn(async move {
                 let name = relay.source_name(&s);
                 let run = async {
@@ -401,11 +405,7 @@ impl Relay {
         let (status, flows): (Vec<_>, Vec<_>) = items
             .into_iter()
             .partition(|r| !matches!(r.response_types, Some(ResponseTypes::Flow(_))));
-        let flows = merge::last_n(
-            merge::join_ends(merge::last_n(flows, 0, false), self.inner.cfg.join_window),
-            req.number,
-            req.first,
-        );
+        let flows = merge::bounded_answer(flows, req.number, req.first, self.inner.cfg.join_window);
         let mut out = Vec::new();
         if !unavailable.is_empty() {
             out.push(unavailable_event(&unavailable));

@@ -406,3 +406,47 @@ fn the_nearest_ingress_is_the_partner_when_an_older_egress_is_missing() {
         .collect();
     assert_eq!(ports, [(false, 41000), (true, 41001)]);
 }
+
+#[test]
+fn a_bounded_answer_from_cut_sources_equals_the_answer_from_everything() {
+    // east/n1: ten connections to distinct ports (egress at 0, 10, .. 90), then three
+    // flows of its own at 91..93; west/n1: the ingress end of each connection, 1 ms later.
+    let mut east = Vec::new();
+    let mut west = Vec::new();
+    for i in 0..10u32 {
+        let ms = i64::from(i) * 10;
+        east.push(resp(flow(F {
+            dport: 80 + i,
+            ..egress(ms, "east/n1")
+        })));
+        west.push(resp(flow(F {
+            dport: 80 + i,
+            ..ingress(ms + 1, "west/n1")
+        })));
+    }
+    for ms in 91..=93 {
+        east.push(plain(ms, "east/n1"));
+    }
+    let window = Duration::from_secs(2);
+    let all: Vec<_> = east.iter().chain(&west).cloned().collect();
+    // What a source answers when asked for `k`: its own newest (or oldest) k.
+    let cut = |k: u64, first: bool| -> Vec<GetFlowsResponse> {
+        let mut v = last_n(east.clone(), k, first);
+        v.extend(last_n(west.clone(), k, first));
+        v
+    };
+    for first in [false, true] {
+        for n in 1..=14 {
+            let want = bounded_answer(all.clone(), n, first, window);
+            let got = bounded_answer(cut(per_source_number(n), first), n, first, window);
+            assert_eq!(uuids(&got), uuids(&want), "n={n} first={first}");
+            assert_eq!(uuids(&got).len(), want.len());
+        }
+    }
+    // Asking each source for only n gets it wrong: west's ingress at 91 stands alone in
+    // the newest 3 in place of east's own flow at 91.
+    let want = bounded_answer(all, 3, false, window);
+    assert_eq!(uuids(&want), ["east/n1-91", "east/n1-92", "east/n1-93"]);
+    let naive = bounded_answer(cut(3, false), 3, false, window);
+    assert_ne!(uuids(&naive), uuids(&want));
+}
