@@ -227,7 +227,7 @@ impl Requests {
     }
 }
 
-/// Rounds of 20 requests until both clusters answer and none fails (the lab converged).
+/// Rounds of requests (one second each) until both clusters answer and none fails (the lab converged).
 fn wait_both(lab: &LabGuard, bench: &Path, addr: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let opts = Opts {
@@ -270,14 +270,22 @@ fn pod_ips(lab: &LabGuard, cluster: &str) -> Result<Vec<(String, String)>> {
             "-l",
             "app=rebel-base",
             "-o",
-            "jsonpath={range .items[*]}{.metadata.name} {.status.podIP}{\"\\n\"}{end}",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.podIP} \
+             {.metadata.deletionTimestamp}{\"\\n\"}{end}",
         ],
         None,
     )?;
+    // A pod deleted by an earlier run may still be listed while it terminates: only pods
+    // without a deletion timestamp.
     Ok(out
         .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(n, ip)| (n.to_owned(), ip.to_owned()))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            match (f.next(), f.next(), f.next()) {
+                (Some(n), Some(ip), None) => Some((n.to_owned(), ip.to_owned())),
+                _ => None,
+            }
+        })
         .collect())
 }
 
@@ -367,6 +375,23 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
             .next()
             .context("east has no rebel-base pod")?;
         let ip: std::net::Ipv4Addr = ip.parse().with_context(|| format!("{pod}'s IP {ip}"))?;
+        // The pod must be a backend on every west node before it dies (east may have
+        // published it only just).
+        let deadline = Instant::now() + converge;
+        loop {
+            let mut everywhere = true;
+            for (_, pin) in &west_nodes {
+                let dump = mesh_maps::open_pinned_readonly(pin)?.dump()?;
+                everywhere &= dump.backends.values().any(|b| b.ip == ip);
+            }
+            if everywhere {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{pod} ({ip}) never became a backend on every west node");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let mut r = Requests::start(&lab, &bench, &addr, opts)?;
         let before = r.first_success()?;
         lab.lab(&["kill", "east", "etcd"])?;
