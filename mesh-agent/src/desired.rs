@@ -715,6 +715,7 @@ mod tests {
             name: n.into(),
             internal_ips: vec![ip(addr)],
             pod_cidrs: vec![],
+            stale_since: None,
         }
     }
 

@@ -761,6 +761,7 @@ mod tests {
                 name: node.into(),
                 internal_ips: vec![],
                 pod_cidrs: vec![],
+                stale_since: None,
             };
             self.put(
                 cluster,
