@@ -123,9 +123,14 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("invalid cluster name {local:?}: {e}"))?;
             let (watched, _) = read_watch(&a.conn, vec![], a.timeout).await?;
             let gate = agent_gate(&local);
-            let quarantines = Quarantines::Pinned {
-                root: a.bpffs_root.clone(),
-                dir: a.bpffs_dir.clone(),
+            // With --from the node defaults to the client's, known only once it is found.
+            let quarantines = if a.node.is_empty() && a.from.is_none() && a.bpffs_dir.is_none() {
+                Quarantines::NotRead("no --node given (quarantines are per node)".into())
+            } else {
+                Quarantines::Pinned {
+                    root: a.bpffs_root.clone(),
+                    dir: a.bpffs_dir.clone(),
+                }
             };
             let report = match &a.from {
                 None => explain(&watched, &a.node, &a.service, &gate, &quarantines)?,
@@ -151,6 +156,7 @@ pub enum Quarantines {
     /// The node's pinned `mesh_quarantine` map: under `dir`, else `<root>/<node>`.
     Pinned { root: PathBuf, dir: Option<PathBuf> },
     /// The quarantines in force on the node, as the pinned map holds them (tests).
+    #[cfg(test)]
     Given(BTreeMap<BackendAddr, QuarantineInfo>),
 }
 
@@ -171,6 +177,7 @@ impl Quarantines {
     pub fn read(&self, node: &str) -> Result<BTreeMap<BackendAddr, QuarantineInfo>, String> {
         let dir = match self {
             Quarantines::NotRead(why) => return Err(why.clone()),
+            #[cfg(test)]
             Quarantines::Given(q) => return Ok(q.clone()),
             Quarantines::Pinned { dir: Some(d), .. } => d.clone(),
             Quarantines::Pinned { dir: None, .. } if node.is_empty() => {
@@ -1580,7 +1587,7 @@ mod tests {
             .unwrap();
         assert!(st.success(), "mount bpffs");
         let root = bpffs.path().join("mesh");
-        let mut dp = Datapath::open(DatapathConfig::new(&root.join("e1"), &cgroup)).unwrap();
+        let mut dp = Datapath::open(DatapathConfig::new(root.join("e1"), &cgroup)).unwrap();
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
