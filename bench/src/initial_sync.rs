@@ -183,6 +183,7 @@ fn peer_data(keys: &Keys, sizes: &Sizes, per_node: usize) -> Vec<(String, Vec<u8
                 name: format!("node-{n}"),
                 internal_ips: vec![node_ip(n)],
                 pod_cidrs: vec![],
+                ..Default::default()
             }),
         ));
     }

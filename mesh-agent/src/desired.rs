@@ -715,6 +715,7 @@ mod tests {
             name: n.into(),
             internal_ips: vec![ip(addr)],
             pod_cidrs: vec![],
+            stale_since: None,
         }
     }
 
@@ -873,6 +874,42 @@ mod tests {
         let mut clusters = mesh(vec![], vec![backend("10.2.0.5", "e1", true, 8080)]);
         clusters.get_mut(&name("local")).unwrap().services.clear();
         assert!(desired_of(&clusters).services.is_empty());
+    }
+
+    #[test]
+    fn compute_demotes_backends_on_nodes_not_reporting() {
+        // node-b of the local cluster marked not reporting by its publisher (issue 14
+        // part 4): its ready backend gives way to fresh ones, local or remote, and carries
+        // the traffic again when nothing fresh is ready; never an empty frontend.
+        let lost = |mut clusters: BTreeMap<ClusterName, ClusterState>| {
+            let local = clusters.get_mut(&name("local")).unwrap();
+            local.nodes.get_mut("node-b").unwrap().stale_since =
+                Some(std::time::SystemTime::now() - std::time::Duration::from_secs(40));
+            clusters
+        };
+        let clusters = lost(mesh(
+            vec![
+                backend("10.1.0.5", NODE, true, 8080),
+                backend("10.1.0.6", "node-b", true, 8080),
+            ],
+            vec![backend("10.2.0.5", "e1", true, 8080)],
+        ));
+        assert_eq!(
+            desired_of(&clusters).services[&frontend("10.96.0.10")],
+            [tcp("10.1.0.5", 8080), tcp("10.2.0.5", 8080)]
+        );
+        // Only the lost node's backend is ready: used.
+        let clusters = lost(mesh(
+            vec![
+                backend("10.1.0.5", NODE, false, 8080),
+                backend("10.1.0.6", "node-b", true, 8080),
+            ],
+            vec![backend("10.2.0.5", "e1", false, 8080)],
+        ));
+        assert_eq!(
+            desired_of(&clusters).services[&frontend("10.96.0.10")],
+            [tcp("10.1.0.6", 8080)]
+        );
     }
 
     #[test]

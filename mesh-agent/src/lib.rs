@@ -171,6 +171,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
         observer_address,
+        // The publisher judges the node not reporting after --node-stale-intervals of these.
+        status_interval_ms: u64::try_from(settings.status_interval.as_millis()).unwrap_or(u64::MAX),
         ..Default::default()
     }));
     let report_now = Arc::new(Notify::new());

@@ -281,6 +281,7 @@ mod tests {
             name: name.into(),
             internal_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
             pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            stale_since: None,
         }
     }
 

@@ -88,6 +88,12 @@ pub struct Args {
     /// How long an identity no pod uses is kept before it is released.
     #[arg(long, env = "MESH_IDENTITY_GC_GRACE", default_value = "5m", value_parser = parse_duration)]
     pub identity_gc_grace: Duration,
+
+    /// A node whose agent has not reported for this many of its status intervals
+    /// (`AgentStatus.status_interval_ms`) is marked not reporting on its Node object, and
+    /// selection demotes its backends (never withdraws them).
+    #[arg(long, env = "MESH_NODE_STALE_INTERVALS", default_value_t = 3)]
+    pub node_stale_intervals: u32,
 }
 
 /// The serving cluster's identity.
@@ -239,6 +245,8 @@ pub struct Settings {
     pub kube: KubeArgs,
     pub serve: ServeArgs,
     pub identity_gc_grace: Duration,
+    /// `--node-stale-intervals` (at least 1).
+    pub node_stale_intervals: u32,
     /// Peer importer flags (peer.rs).
     pub peers: crate::peer::PeerArgs,
 }
@@ -300,6 +308,11 @@ impl Args {
                 return Err(ConfigError::Zero { flag });
             }
         }
+        if self.node_stale_intervals == 0 {
+            return Err(ConfigError::Zero {
+                flag: "--node-stale-intervals",
+            });
+        }
         if self.serve.history_events == 0 {
             return Err(ConfigError::Zero {
                 flag: "--history-events",
@@ -336,6 +349,7 @@ impl Args {
             kube: self.kube.clone(),
             serve: self.serve.clone(),
             identity_gc_grace: self.identity_gc_grace,
+            node_stale_intervals: self.node_stale_intervals,
             peers: self.peers.clone(),
         })
     }

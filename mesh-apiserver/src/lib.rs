@@ -17,6 +17,7 @@ pub mod identity;
 pub mod index;
 pub mod kube_source;
 pub mod leader;
+pub mod liveness;
 pub mod metrics;
 pub mod peer;
 pub mod publisher;
@@ -339,6 +340,7 @@ pub async fn start(
         let mut pcfg = publisher::PublisherConfig::new(settings.core_cluster_config());
         pcfg.prefix = settings.keys.prefix().to_owned();
         pcfg.identity_gc_grace = settings.identity_gc_grace;
+        pcfg.node_stale_intervals = settings.node_stale_intervals;
         let publisher = publisher::Publisher::new(pcfg, &mut registry);
         let leader = publisher.is_leader().receiver();
         let kube = kube_client(&settings.kube).await?;

@@ -214,6 +214,7 @@ pub struct PublisherMetrics {
     pub(crate) terms: Counter,
     pub(crate) kube_events: Counter,
     pub(crate) kube_event_failures: Counter,
+    pub(crate) nodes_not_reporting: Gauge,
 }
 
 impl PublisherMetrics {
@@ -293,6 +294,11 @@ impl PublisherMetrics {
             "kube_event_failures",
             "Kubernetes Events that could not be created",
             m.kube_event_failures.clone(),
+        );
+        r.register(
+            "nodes_not_reporting",
+            "Nodes of this cluster marked not reporting (their agent's status is overdue)",
+            m.nodes_not_reporting.clone(),
         );
         Arc::new(m)
     }

@@ -20,11 +20,17 @@
 //!
 //! Nothing is deleted before the initial sync, and a value equal to the one in etcd is not
 //! rewritten, so a restart neither makes objects blink nor produces write churn.
+//!
+//! Nodes not reporting (issue 14 part 4): every `node_check_interval` the term reads the
+//! agents' status records (`agents/<node>`) and [`NodeLiveness`] judges each node; a node
+//! whose agent stopped reporting is published with `stale_since_unix_ms` set (only marked,
+//! never withdrawn: its endpoints and backends stay), and without it once it reports again.
+//! A mark found in etcd at the start of a term is kept until the node is judged (grace).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1 as corev1;
 use kube::api::{Api, PostParams};
@@ -47,6 +53,7 @@ use crate::kube_source::{
     self, ClusterModel, KubeObjectKey, PolicyInfo, ResourceKind, ServiceInfo,
 };
 use crate::leader::{self, Elector, IsLeader, LeaderConfig, LeaderSignal};
+use crate::liveness::{Liveness, NodeLiveness, Report};
 pub use crate::metrics::PublisherMetrics;
 use crate::metrics::{KindLabel, PolicyProblemLabels};
 use crate::store::{self, EtcdStore, Fence, KeyChange};
@@ -94,6 +101,11 @@ pub struct PublisherConfig {
     pub max_txn_ops: usize,
     /// Create Kubernetes Events for invalid annotations.
     pub kube_events: bool,
+    /// A node whose agent has not reported for this many of its status intervals is marked
+    /// not reporting (`--node-stale-intervals`, default 3).
+    pub node_stale_intervals: u32,
+    /// How often the agents' status records are read to judge the nodes (default 1 s).
+    pub node_check_interval: Duration,
 }
 
 impl PublisherConfig {
@@ -115,9 +127,16 @@ impl PublisherConfig {
             holder: format!("{host}-{}", std::process::id()),
             max_txn_ops: store::DEFAULT_MAX_TXN_OPS,
             kube_events: true,
+            node_stale_intervals: DEFAULT_NODE_STALE_INTERVALS,
+            node_check_interval: DEFAULT_NODE_CHECK_INTERVAL,
         }
     }
 }
+
+/// Default of [`PublisherConfig::node_stale_intervals`].
+pub const DEFAULT_NODE_STALE_INTERVALS: u32 = 3;
+/// Default of [`PublisherConfig::node_check_interval`].
+pub const DEFAULT_NODE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 fn kind_name(kind: pb::Kind) -> &'static str {
     mesh_proto::keys::kind_segment(kind).unwrap_or("unknown")
@@ -491,6 +510,11 @@ struct Term<'a> {
     /// timer; their keys in etcd (if any) are left alone meanwhile.
     retry: BTreeSet<IpAddr>,
     synced: HashSet<pb::Kind>,
+    /// Sightings of the agents' status reports in this term.
+    liveness: NodeLiveness,
+    /// Nodes marked not reporting, and since when: what the published Node objects carry.
+    /// Loaded from etcd at the term's start (kept until judged), then this term's marks.
+    not_reporting: HashMap<String, SystemTime>,
 }
 
 impl<'a> Term<'a> {
@@ -512,6 +536,8 @@ impl<'a> Term<'a> {
             endpoints: HashMap::new(),
             retry: BTreeSet::new(),
             synced: HashSet::new(),
+            liveness: NodeLiveness::new(cfg.node_stale_intervals),
+            not_reporting: HashMap::new(),
         }
     }
 
@@ -541,6 +567,7 @@ impl<'a> Term<'a> {
         )
         .await?;
         self.metrics.identities.set(alloc.len() as i64);
+        self.not_reporting = marked_nodes(&store, self.keys, &cluster);
         info!(
             keys = store
                 .keys_under(&self.keys.cluster_prefix(&cluster))
@@ -561,6 +588,9 @@ impl<'a> Term<'a> {
         let mut watchers =
             kube_source::spawn_watchers(kube, tx, self.metrics.clone(), token.child_token());
         let mut gc_timer = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
+        let mut liveness_timer = tokio::time::interval(self.cfg.node_check_interval);
+        liveness_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut agents = etcd.kv_client();
         // After a failed collection, wait before the next attempt.
         let mut gc_not_before = Instant::now();
         loop {
@@ -610,6 +640,12 @@ impl<'a> Term<'a> {
                         }
                     }
                 }
+                _ = liveness_timer.tick() => {
+                    tokio::select! {
+                        r = self.check_nodes(&mut store, &mut agents, &token) => r?,
+                        _ = token.cancelled() => break,
+                    }
+                }
                 _ = tokio::time::sleep(RETRY_INTERVAL), if !self.retry.is_empty() => {
                     debug!(endpoints = self.retry.len(), "retrying endpoints without an identity");
                     tokio::select! {
@@ -653,14 +689,7 @@ impl<'a> Term<'a> {
                 dirty.nodes.iter().cloned().collect()
             };
             for name in &names {
-                let key = self.keys.object(&cluster, pb::Kind::Node, name);
-                match self.model.node(name) {
-                    Some(n) => store.set(
-                        key,
-                        encode::node(&kube_source::build_node(&self.cluster, n)),
-                    ),
-                    None => store.remove(&key),
-                }
+                self.publish_node(store, &cluster, name);
             }
             if first {
                 let desired: HashSet<String> = names
@@ -780,6 +809,102 @@ impl<'a> Term<'a> {
             })
             .set(alloc.len() as i64);
         Ok(())
+    }
+
+    /// Publishes (or removes) one node, with its not-reporting mark.
+    fn publish_node(&self, store: &mut EtcdStore, cluster: &str, name: &str) {
+        let key = self.keys.object(cluster, pb::Kind::Node, name);
+        match self.model.node(name) {
+            Some(n) => {
+                let mut node = kube_source::build_node(&self.cluster, n);
+                node.stale_since = self.not_reporting.get(name).copied();
+                store.set(key, encode::node(&node));
+            }
+            None => store.remove(&key),
+        }
+    }
+
+    /// Reads the agents' status records, judges every node, and republishes the nodes whose
+    /// mark changed. A failed read is logged and retried at the next tick (nothing is
+    /// judged from it).
+    async fn check_nodes(
+        &mut self,
+        store: &mut EtcdStore,
+        kv: &mut etcd_client::KvClient,
+        token: &CancellationToken,
+    ) -> Result<()> {
+        // Nodes are judged once Kubernetes' nodes are listed: the first read after that is
+        // the term's baseline.
+        if !self.ready(pb::Kind::Node) {
+            return Ok(());
+        }
+        let prefix = self.keys.agents_prefix();
+        let resp = match kv
+            .get(
+                prefix.as_str(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(error) => {
+                warn!(%error, "reading the agents' status reports failed; retrying");
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        let reports: Vec<Report> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let node = kv.key_str().ok()?.strip_prefix(prefix.as_str())?.to_owned();
+                let status = match pb::AgentStatus::decode(kv.value()) {
+                    Ok(s) => s,
+                    Err(error) => {
+                        debug!(%node, %error, "skipping an undecodable agent status");
+                        return None;
+                    }
+                };
+                Some(Report {
+                    node,
+                    revision: kv.mod_revision(),
+                    interval: Duration::from_millis(status.status_interval_ms),
+                })
+            })
+            .collect();
+        self.liveness.observe(reports, now);
+        self.liveness.retain(|n| self.model.node(n).is_some());
+        let mut changed = Vec::new();
+        for name in self.model.node_names() {
+            let marked = self.not_reporting.contains_key(name);
+            match self.liveness.judge(name, now) {
+                Liveness::NotReporting if !marked => {
+                    warn!(node = %name, "the node's agent stopped reporting: its backends are demoted");
+                    self.not_reporting.insert(name.clone(), SystemTime::now());
+                    changed.push(name.clone());
+                }
+                Liveness::Reporting if marked => {
+                    info!(node = %name, "the node's agent reports again");
+                    self.not_reporting.remove(name);
+                    changed.push(name.clone());
+                }
+                _ => {}
+            }
+        }
+        self.not_reporting
+            .retain(|n, _| self.model.node(n).is_some());
+        self.metrics
+            .nodes_not_reporting
+            .set(self.not_reporting.len() as i64);
+        // Before the initial sync of nodes, the marks go out with it.
+        if changed.is_empty() || !self.synced.contains(&pb::Kind::Node) {
+            return Ok(());
+        }
+        let cluster = self.cluster.as_str().to_string();
+        for name in &changed {
+            self.publish_node(store, &cluster, name);
+        }
+        self.flush(store, token).await
     }
 
     async fn publish_endpoint(
@@ -1003,6 +1128,22 @@ impl<'a> Term<'a> {
         );
         Ok(())
     }
+}
+
+/// The not-reporting marks the cluster's Node objects carry in etcd (`store`, as listed at a
+/// term's start): a new term keeps them until it judges the nodes itself.
+fn marked_nodes(store: &EtcdStore, keys: &Keys, cluster: &str) -> HashMap<String, SystemTime> {
+    let prefix = keys.kind_prefix(cluster, pb::Kind::Node);
+    store
+        .keys_under(&prefix)
+        .filter_map(|k| {
+            let node = pb::Node::decode(store.get(k)?).ok()?;
+            let ms = u64::try_from(node.stale_since_unix_ms)
+                .ok()
+                .filter(|ms| *ms > 0)?;
+            Some((node.name, std::time::UNIX_EPOCH + Duration::from_millis(ms)))
+        })
+        .collect()
 }
 
 /// The policy path of a term with its real neighbours: a real etcd, the lab Kubernetes API

@@ -170,6 +170,11 @@ impl EtcdStore {
         self.written.contains_key(key)
     }
 
+    /// The value etcd holds at `key` (as far as the store knows, staged changes excluded).
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.written.get(key).map(Vec::as_slice)
+    }
+
     /// Keys etcd holds under `prefix`.
     pub fn keys_under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a String> + 'a {
         self.written

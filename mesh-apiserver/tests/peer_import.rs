@@ -26,10 +26,15 @@ async fn b_imports_a_and_follows_changes() {
     let mut eb = b.etcd_client().await;
     publish_config_and_markers(&mut ea, &a).await;
     let id_ok = (1 << 16) | 300;
+    // n1's agent stopped reporting: A's publisher marked it (issue 14 part 4). The byte for
+    // byte comparison below shows the importer relays the mark, so B's agents demote it.
     put(
         &mut ea,
         keys.object("a", Kind::Node, "n1"),
-        &node("a", "n1", "192.168.1.1"),
+        &pb::Node {
+            stale_since_unix_ms: 1_700_000_000_000,
+            ..node("a", "n1", "192.168.1.1")
+        },
     )
     .await;
     put(

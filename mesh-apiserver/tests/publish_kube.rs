@@ -4,12 +4,15 @@
 mod publish_common;
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions};
 use mesh_proto::keys::Keys;
 use mesh_proto::pb;
 use mesh_testkit::etcd::Etcd;
+use prost::Message;
 use publish_common::*;
 use serde_json::json;
 
@@ -740,4 +743,131 @@ async fn policies_applied_with_kubectl_are_published_and_invalid_ones_reported()
         !s.raw.contains_key(&np)
     })
     .await;
+}
+
+/// Issue 14 part 4: a node whose agent stops reporting is marked on its Node object
+/// (`stale_since_unix_ms`), and unmarked when it reports again; a node whose agent never
+/// reported is not judged; a new leader keeps an existing mark until it judges the node.
+/// The reports are written as `ReportStatus` stores them (`agents/<node>`); the publisher
+/// only reads etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_agent_stops_reporting_is_marked_until_it_reports_again() {
+    init_logs();
+    let etcd = Etcd::start();
+    let client = connect(&etcd).await;
+    let lab = Lab::start().await;
+    lab.node("n1", "192.168.0.1", "10.0.1.0/24").await;
+    lab.node("n2", "192.168.0.2", "10.0.2.0/24").await;
+    let keys = Keys::new(PREFIX);
+    let prefix = format!("{PREFIX}clusters/{CLUSTER}/");
+    let agent_key = keys.agent("n1");
+
+    // n1's agent reports every 100 ms, saying its interval is 200 ms (stale after 600 ms).
+    let reporting = Arc::new(AtomicBool::new(true));
+    let reporter = tokio::spawn({
+        let (mut kv, reporting, key) = (client.kv_client(), reporting.clone(), agent_key.clone());
+        async move {
+            loop {
+                if reporting.load(Ordering::SeqCst) {
+                    let status = pb::AgentStatus {
+                        node: "n1".into(),
+                        status_interval_ms: 200,
+                        ..Default::default()
+                    };
+                    kv.put(key.as_str(), status.encode_to_vec(), None)
+                        .await
+                        .expect("writing n1's status");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let _stop_reporter = AbortOnDrop(reporter);
+
+    let mut cfg = publisher_config("p1", Duration::from_secs(60));
+    cfg.node_check_interval = Duration::from_millis(50);
+    let p1 = Running::start(&client, lab.client().await, cfg.clone());
+    let s = wait_until(&client, &prefix, T, "both nodes", |s| {
+        s.node("n1").is_some() && s.node("n2").is_some()
+    })
+    .await;
+    assert_eq!(s.node("n1").unwrap().stale_since_unix_ms, 0);
+    // Well past 3 intervals while n1 reports, and with n2 never reporting: nothing marked
+    // (an absence, so a bounded wait).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (raw, _) = list(&client, &prefix).await;
+    let s = State::new(raw);
+    assert_eq!(s.node("n1").unwrap().stale_since_unix_ms, 0, "n1 reports");
+    assert_eq!(
+        s.node("n2").unwrap().stale_since_unix_ms,
+        0,
+        "n2 never reported: not judged"
+    );
+
+    // n1's agent stops reporting: marked within 3 intervals plus a check.
+    reporting.store(false, Ordering::SeqCst);
+    let stopped_ms = unix_ms();
+    let s = wait_until(&client, &prefix, T, "n1 marked not reporting", |s| {
+        s.node("n1").is_some_and(|n| n.stale_since_unix_ms != 0)
+    })
+    .await;
+    let n1 = s.node("n1").unwrap();
+    assert!(
+        (stopped_ms..=unix_ms()).contains(&n1.stale_since_unix_ms),
+        "stale since {} (stopped at {stopped_ms})",
+        n1.stale_since_unix_ms
+    );
+    assert_eq!(n1.internal_ips, ["192.168.0.1"], "only marked: {n1:?}");
+    assert_eq!(s.node("n2").unwrap().stale_since_unix_ms, 0);
+    let marked_at = n1.stale_since_unix_ms;
+
+    // Reporting again: unmarked.
+    reporting.store(true, Ordering::SeqCst);
+    wait_until(&client, &prefix, T, "n1 reporting again", |s| {
+        s.node("n1").is_some_and(|n| n.stale_since_unix_ms == 0)
+    })
+    .await;
+
+    // Lost again, then a new leader: it keeps the mark (same time) until it judges n1, and
+    // clears it when n1 reports.
+    reporting.store(false, Ordering::SeqCst);
+    let s = wait_until(&client, &prefix, T, "n1 marked again", |s| {
+        s.node("n1").is_some_and(|n| n.stale_since_unix_ms != 0)
+    })
+    .await;
+    let marked_again = s.node("n1").unwrap().stale_since_unix_ms;
+    assert!(marked_again >= marked_at);
+    drop(p1);
+    cfg.holder = "p2".into();
+    let mut p2 = Running::start(&client, lab.client().await, cfg);
+    tokio::time::timeout(T, p2.is_leader.wait_for(true))
+        .await
+        .expect("p2 became leader");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (raw, _) = list(&client, &prefix).await;
+    assert_eq!(
+        State::new(raw).node("n1").unwrap().stale_since_unix_ms,
+        marked_again,
+        "the new leader keeps the mark it found"
+    );
+    reporting.store(true, Ordering::SeqCst);
+    wait_until(&client, &prefix, T, "n1 reporting to the new leader", |s| {
+        s.node("n1").is_some_and(|n| n.stale_since_unix_ms == 0)
+    })
+    .await;
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }

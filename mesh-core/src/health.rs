@@ -241,10 +241,13 @@ impl HealthTracker {
 /// are kept (a quarantined backend is better than refusing every connection). `addr` gives
 /// each item's address. Returns the backends to program and the ones left out. The agent
 /// applies it to the maps it programs and `meshctl service explain --node` to what it shows.
-pub fn apply_quarantine<T: Clone>(
+///
+/// Only the keys of `quarantined` matter: the agent passes its [`Quarantine`]s, meshctl what
+/// it read from the node's pinned quarantine map.
+pub fn apply_quarantine<T: Clone, Q>(
     backends: &[T],
     addr: impl Fn(&T) -> BackendAddr,
-    quarantined: &BTreeMap<BackendAddr, Quarantine>,
+    quarantined: &BTreeMap<BackendAddr, Q>,
 ) -> (Vec<T>, Vec<T>) {
     let (out, kept): (Vec<T>, Vec<T>) = backends
         .iter()

@@ -27,6 +27,12 @@ pub struct Node {
     pub name: String,
     pub internal_ips: Vec<IpAddr>,
     pub pod_cidrs: Vec<IpNet>,
+    /// Since when the node's agent has not reported (marked by the cluster's publisher after
+    /// `--node-stale-intervals` status intervals without a report); `None`: reporting, or
+    /// never judged. Selection demotes the node's backends
+    /// ([`SelectInput::stale_nodes`](crate::select::SelectInput::stale_nodes)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_since: Option<std::time::SystemTime>,
 }
 
 /// A security identity and its labels.

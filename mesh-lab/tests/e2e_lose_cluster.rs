@@ -10,6 +10,8 @@
 //! backends. West's agents see the connects to them fail in the datapath and quarantine them
 //! on their node (passive health; their own probes keep the quarantine while they stay
 //! dead), so from 5 s after the deletion no request from west fails either.
+//!
+//! A third test loses a node instead: its agent is killed (issue 14 part 4).
 
 mod e2e_support;
 mod lab_support;
@@ -245,6 +247,15 @@ fn pods_deleted_while_etcd_is_down_are_quarantined_within_seconds() {
         quarantined >= 1,
         "east's dead pods are quarantined on {node} (their probes keep failing): {rows:#}"
     );
+    // service explain, run on that node, leaves them out with the agent's own function.
+    let explained = lab.meshctl(
+        "west",
+        &["service", "explain", "demo/rebel-base", "--node", &node],
+    );
+    assert!(
+        explained.contains("quarantined on this node for"),
+        "{explained}"
+    );
 
     // East's etcd returns: east withdraws the deleted pods, and its new pods come back as
     // backends without a failed request on the way.
@@ -267,4 +278,81 @@ fn pods_deleted_while_etcd_is_down_are_quarantined_within_seconds() {
         STEP,
         Failures::Forbidden,
     );
+}
+
+/// The nodes `meshctl status` lists as not reporting in `cluster`.
+fn nodes_not_reporting(lab: &Lab, cluster: &str) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(cluster, &["status", "-o", "json"]))
+            .expect("status JSON");
+    v["nodes_not_reporting"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes_not_reporting in status: {v}"))
+        .iter()
+        .map(|n| n["node"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Issue 14 part 4 in a lab: a node's agent is killed (its pods and pinned maps stay); the
+/// cluster's publisher marks the node within 3 status intervals (the lab's agents report
+/// every 2 s), `meshctl status` lists it and `service explain` demotes its backends; the
+/// agent restarted, the mark goes.
+#[test]
+fn a_node_whose_agent_stops_is_marked_demoted_and_returns() {
+    require_root("a_node_whose_agent_stops_is_marked_demoted_and_returns");
+    let lab = Lab::up('n', 1, 2);
+    let c = lab.clusters[0].clone();
+    lab.apply_example(&c, "rebel-base.yaml");
+    lab.rollout(&c, "rebel-base");
+    let nodes: Vec<String> = lab.pod_nodes(&c, "rebel-base").into_iter().collect();
+    let lost = nodes[0].clone();
+    // Explained from another node holding a backend when there is one.
+    let viewer = nodes.last().unwrap().clone();
+    assert!(nodes_not_reporting(&lab, &c).is_empty());
+
+    let killed_at = Instant::now();
+    lab.lab(&["kill", &c, &format!("agent/{lost}")]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !nodes_not_reporting(&lab, &c).contains(&lost) {
+        assert!(
+            Instant::now() < deadline,
+            "{lost} never marked not reporting"
+        );
+        // Another process's state, read through the users' tool: no event to await.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "{lost} marked not reporting {} ms after its agent was killed",
+        killed_at.elapsed().as_millis()
+    );
+    let explained = lab.meshctl(
+        &c,
+        &["service", "explain", "demo/rebel-base", "--node", &viewer],
+    );
+    if viewer != lost {
+        assert!(
+            explained.contains(&format!("demoted: node {lost} not reporting for")),
+            "{explained}"
+        );
+    } else {
+        assert!(
+            explained.contains("stale clusters or lost nodes only"),
+            "{explained}"
+        );
+    }
+
+    lab.lab(&["start", &c, &format!("agent/{lost}")]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes_not_reporting(&lab, &c).contains(&lost) {
+        assert!(
+            Instant::now() < deadline,
+            "{lost} still marked after its agent restarted"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let explained = lab.meshctl(
+        &c,
+        &["service", "explain", "demo/rebel-base", "--node", &viewer],
+    );
+    assert!(!explained.contains("not reporting"), "{explained}");
 }

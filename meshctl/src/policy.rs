@@ -761,6 +761,7 @@ mod tests {
                 name: node.into(),
                 internal_ips: vec![],
                 pod_cidrs: vec![],
+                stale_since: None,
             };
             self.put(
                 cluster,
@@ -1163,6 +1164,7 @@ mod tests {
             "default/rebel-base",
             &gate(),
             "east/default/x-wing",
+            &crate::service::Quarantines::NotRead("not asked".into()),
         )
         .unwrap();
         assert_eq!(e.node, "e1", "the client's node by default");
@@ -1201,6 +1203,7 @@ mod tests {
             "default/rebel-base",
             &gate(),
             "east/default/tie-fighter",
+            &crate::service::Quarantines::NotRead("not asked".into()),
         )
         .unwrap();
         assert_eq!(e.programmed[0].egress.as_ref().unwrap().result, "any");
@@ -1211,6 +1214,7 @@ mod tests {
             "default/kube-dns",
             &gate(),
             "east/default/x-wing",
+            &crate::service::Quarantines::NotRead("not asked".into()),
         )
         .unwrap();
         assert!(!e.global);
@@ -1228,6 +1232,7 @@ mod tests {
             "default/rebel-base",
             &gate(),
             "west/default/rebel-base-west",
+            &crate::service::Quarantines::NotRead("not asked".into()),
         )
         .unwrap_err()
         .to_string();
@@ -1284,7 +1289,15 @@ mod tests {
                         .map_or(mesh_core::identity::RESERVED_WORLD, |(_, v)| v.identity)
                 };
                 for svc in ["default/rebel-base", "default/kube-dns"] {
-                    let e = crate::service::explain_from(&s.0, "", svc, &gate(), &from).unwrap();
+                    let e = crate::service::explain_from(
+                        &s.0,
+                        "",
+                        svc,
+                        &gate(),
+                        &from,
+                        &crate::service::Quarantines::NotRead("not asked".into()),
+                    )
+                    .unwrap();
                     for f in &e.programmed {
                         let key = agent
                             .services

@@ -9,13 +9,18 @@
 //! agent's own state (`mesh_proto::state::MeshState`), through its sync gate
 //! (`MeshState::programmable`), and into the same `mesh_core::select::plan_node` on the same
 //! `MeshView` (`mesh_proto::state::mesh_view`) from which `desired::compute` programs the
-//! maps.
+//! maps. Nodes not reporting (`Node::stale_since`) and stale clusters come into that view the
+//! same way. With `--node N` run on node N, the node's quarantines (passive health) are read
+//! from its pinned `mesh_quarantine` map and applied with the agent's own
+//! `mesh_core::health::apply_quarantine`; elsewhere explain says they were not read.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
+use mesh_core::health::{BackendAddr, apply_quarantine};
 use mesh_core::identity::RESERVED_WORLD;
 use mesh_core::policy::{Decision, Outcome, choose_backends};
 use mesh_core::select::{
@@ -71,6 +76,14 @@ pub struct ExplainArgs {
     /// node defaults to the pod's.
     #[arg(long, value_name = "CLUSTER/NS/POD")]
     from: Option<String>,
+    /// Where nodes' pin directories are: run on node N with `--node N`, explain reads the
+    /// node's quarantines (passive health) from `<root>/<N>/maps` and applies them as the
+    /// agent does; elsewhere it says they were not read.
+    #[arg(long, env = "MESH_BPFFS_ROOT", default_value = "/sys/fs/bpf/mesh")]
+    bpffs_root: PathBuf,
+    /// The node's pin directory (holds `maps/`); overrides --bpffs-root.
+    #[arg(long)]
+    bpffs_dir: Option<PathBuf>,
     /// Give up waiting for the snapshot after this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
@@ -110,9 +123,20 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("invalid cluster name {local:?}: {e}"))?;
             let (watched, _) = read_watch(&a.conn, vec![], a.timeout).await?;
             let gate = agent_gate(&local);
+            // With --from the node defaults to the client's, known only once it is found.
+            let quarantines = if a.node.is_empty() && a.from.is_none() && a.bpffs_dir.is_none() {
+                Quarantines::NotRead("no --node given (quarantines are per node)".into())
+            } else {
+                Quarantines::Pinned {
+                    root: a.bpffs_root.clone(),
+                    dir: a.bpffs_dir.clone(),
+                }
+            };
             let report = match &a.from {
-                None => explain(&watched, &a.node, &a.service, &gate)?,
-                Some(from) => explain_from(&watched, &a.node, &a.service, &gate, from)?,
+                None => explain(&watched, &a.node, &a.service, &gate, &quarantines)?,
+                Some(from) => {
+                    explain_from(&watched, &a.node, &a.service, &gate, from, &quarantines)?
+                }
             };
             match a.output {
                 Format::Table => print!("{}", render_explain(&report)),
@@ -121,6 +145,76 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Where `service explain` gets the node's quarantines (passive health) from.
+#[derive(Debug, Clone)]
+pub enum Quarantines {
+    /// Not read, and why (printed as such).
+    NotRead(String),
+    /// The node's pinned `mesh_quarantine` map: under `dir`, else `<root>/<node>`.
+    Pinned { root: PathBuf, dir: Option<PathBuf> },
+    /// The quarantines in force on the node, as the pinned map holds them (tests).
+    #[cfg(test)]
+    Given(BTreeMap<BackendAddr, QuarantineInfo>),
+}
+
+/// One quarantine in the node's pinned map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuarantineInfo {
+    pub until_unix_ms: u64,
+    /// Failed connects since the backend's last success.
+    pub failures: u32,
+}
+
+// === impl Quarantines ===
+
+impl Quarantines {
+    /// The node's quarantines, or why they were not read. The map holds exactly the
+    /// quarantines the node's services were last programmed with (the agent writes it in
+    /// the same reconcile), so they are applied as they are.
+    pub fn read(&self, node: &str) -> Result<BTreeMap<BackendAddr, QuarantineInfo>, String> {
+        let dir = match self {
+            Quarantines::NotRead(why) => return Err(why.clone()),
+            #[cfg(test)]
+            Quarantines::Given(q) => return Ok(q.clone()),
+            Quarantines::Pinned { dir: Some(d), .. } => d.clone(),
+            Quarantines::Pinned { dir: None, .. } if node.is_empty() => {
+                return Err("no --node given (quarantines are per node)".into());
+            }
+            Quarantines::Pinned { root, dir: None } => root.join(node),
+        };
+        if !dir.join("maps").is_dir() {
+            return Err(format!(
+                "no pin directory {} here: explain does not run on node {node:?} (run it \
+                 there, or give --bpffs-dir)",
+                dir.display()
+            ));
+        }
+        let read = mesh_maps::open_pinned_readonly(&dir).and_then(|m| m.quarantines());
+        let rows = read.map_err(|e| format!("reading the maps under {}: {e}", dir.display()))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|q| {
+                let protocol = match q.proto {
+                    mesh_maps::PROTO_TCP => Protocol::Tcp,
+                    mesh_maps::PROTO_UDP => Protocol::Udp,
+                    _ => return None,
+                };
+                Some((
+                    BackendAddr {
+                        ip: q.ip.into(),
+                        port: q.port,
+                        protocol,
+                    },
+                    QuarantineInfo {
+                        until_unix_ms: q.until_unix_ms,
+                        failures: q.failures,
+                    },
+                ))
+            })
+            .collect())
     }
 }
 
@@ -241,6 +335,11 @@ pub struct Explanation {
     pub programmed: Vec<ProgrammedFrontend>,
     /// Values the agent rejects (and so does not use), with the reason.
     pub invalid: Vec<String>,
+    /// Whether the node's quarantines (passive health) were read and applied to
+    /// `programmed`; when not, why.
+    pub quarantines_read: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantines_not_read: Option<String>,
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
@@ -287,6 +386,9 @@ pub struct ProgrammedFrontend {
     pub backends: Vec<MapBackend>,
     /// This service's selected backends left out of this frontend for their address family.
     pub other_family: Vec<String>,
+    /// Backends of this frontend the node quarantined (passive health): left out while
+    /// others remain, kept when every one is quarantined (never the last usable ones).
+    pub quarantined: Vec<QuarantinedRow>,
     /// With `--from`: the client's egress decision for each of `backends` and where its
     /// connections go.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -318,7 +420,44 @@ pub struct BackendVerdict {
     pub explanation: String,
 }
 
+/// A backend the node quarantined, as explain shows it.
 #[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct QuarantinedRow {
+    pub cluster: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    /// Seconds until the quarantine ends (rounded up), as of the explanation.
+    pub remaining_secs: u64,
+    pub until_unix_ms: u64,
+    /// Failed connects since its last success.
+    pub failures: u32,
+    /// `false`: kept, because every backend of the frontend is quarantined.
+    pub left_out: bool,
+}
+
+// === impl QuarantinedRow ===
+
+impl QuarantinedRow {
+    fn describe(&self) -> String {
+        let what = format!(
+            "{}/{} quarantined on this node for {}s after {} failed connect{}",
+            self.cluster,
+            SocketAddr::new(self.ip, self.port),
+            self.remaining_secs,
+            self.failures,
+            if self.failures == 1 { "" } else { "s" }
+        );
+        if self.left_out {
+            format!("{what}: left out")
+        } else {
+            format!(
+                "{what}: kept, every backend of this frontend is quarantined (never the last usable ones)"
+            )
+        }
+    }
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq, Clone)]
 pub struct MapBackend {
     pub cluster: String,
     pub ip: IpAddr,
@@ -363,12 +502,14 @@ pub fn agent_state(watched: &Watched, local: &ClusterName) -> (MeshState, Vec<St
 }
 
 /// Explains `NS/NAME` on `node` of `gate.local_cluster`: the node plan the agent programs
-/// from what was watched, under the sync gate `gate`.
+/// from what was watched, under the sync gate `gate`, with the node's `quarantines` applied
+/// to each frontend as the agent applies them (`mesh_core::health::apply_quarantine`).
 pub fn explain(
     watched: &Watched,
     node: &str,
     key: &str,
     gate: &GateInput<'_>,
+    quarantines: &Quarantines,
 ) -> anyhow::Result<Explanation> {
     let Some((ns, name)) = key.split_once('/') else {
         anyhow::bail!("expected NAMESPACE/NAME, got {key:?}");
@@ -422,20 +563,73 @@ pub fn explain(
         );
     };
     let svc = &clusters[local].services[&(ns.to_owned(), name.to_owned())];
+    // The agent programs IPv4 frontends only (mesh is IPv4-only; it drops IPv6 ones with
+    // reason ipv6), so explain shows what the maps hold.
+    let mut programmed: Vec<ProgrammedFrontend> = svc_plan
+        .frontends
+        .iter()
+        .filter(|f| !f.frontend.vip.is_ipv6())
+        .map(|f| programmed_frontend(&plan, svc_plan, f))
+        .collect();
+    let (quarantines_read, quarantines_not_read) = match quarantines.read(node) {
+        Ok(q) => {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            for f in &mut programmed {
+                quarantine_frontend(f, &q, now_ms);
+            }
+            (true, None)
+        }
+        Err(why) => (false, Some(why)),
+    };
     Ok(Explanation {
         waiting,
         clusters_left_out,
-        // The agent programs IPv4 frontends only (mesh is IPv4-only; it drops IPv6 ones
-        // with reason ipv6), so explain shows what the maps hold.
-        programmed: svc_plan
-            .frontends
-            .iter()
-            .filter(|f| !f.frontend.vip.is_ipv6())
-            .map(|f| programmed_frontend(&plan, svc_plan, f))
-            .collect(),
+        programmed,
         invalid,
+        quarantines_read,
+        quarantines_not_read,
         ..explanation(key, local, node, svc, svc_plan)
     })
+}
+
+/// Applies the node's quarantines to one frontend's backends with the agent's function, and
+/// lists the quarantined ones.
+fn quarantine_frontend(
+    f: &mut ProgrammedFrontend,
+    q: &BTreeMap<BackendAddr, QuarantineInfo>,
+    now_ms: u64,
+) {
+    let protocol = f.protocol;
+    let addr = |b: &MapBackend| BackendAddr {
+        ip: b.ip,
+        port: b.port,
+        protocol,
+    };
+    let (kept, out) = apply_quarantine(&f.backends, addr, q);
+    let row = |b: &MapBackend, left_out: bool| {
+        let info = q[&addr(b)];
+        QuarantinedRow {
+            cluster: b.cluster.clone(),
+            ip: b.ip,
+            port: b.port,
+            remaining_secs: info.until_unix_ms.saturating_sub(now_ms).div_ceil(1000),
+            until_unix_ms: info.until_unix_ms,
+            failures: info.failures,
+            left_out,
+        }
+    };
+    f.quarantined = out
+        .iter()
+        .map(|b| row(b, true))
+        .chain(
+            kept.iter()
+                .filter(|b| q.contains_key(&addr(b)))
+                .map(|b| row(b, false)),
+        )
+        .collect();
+    f.backends = kept;
 }
 
 /// [`explain`] for the connections of client pod `from` (`CLUSTER/NS/POD`, of the local
@@ -450,6 +644,7 @@ pub fn explain_from(
     key: &str,
     gate: &GateInput<'_>,
     from: &str,
+    quarantines: &Quarantines,
 ) -> anyhow::Result<Explanation> {
     let local = gate.local_cluster;
     let loaded = crate::policy::load(watched, local)?;
@@ -466,7 +661,7 @@ pub fn explain_from(
     } else {
         node
     };
-    let mut e = explain(watched, node, key, gate)?;
+    let mut e = explain(watched, node, key, gate, quarantines)?;
     let client_name = format!("{from} ({}, identity {})", client.ip, client.identity.0);
     let identity_of = |ip: IpAddr| -> IdentityId { ipcache_identity(&loaded, local, node, ip) };
     for f in &mut e.programmed {
@@ -624,6 +819,8 @@ fn explanation(
         excluded: sel.excluded.iter().map(excluded_row).collect(),
         programmed: Vec::new(),
         invalid: Vec::new(),
+        quarantines_read: false,
+        quarantines_not_read: None,
     }
 }
 
@@ -659,6 +856,7 @@ fn programmed_frontend(plan: &NodePlan, svc: &ServicePlan, f: &FrontendPlan) -> 
             .other_family(f)
             .map(|b| format!("{}/{}:{}", b.cluster, b.ip, b.port))
             .collect(),
+        quarantined: Vec::new(),
         egress: None,
     }
 }
@@ -701,7 +899,7 @@ pub fn render_explain(e: &Explanation) -> String {
         s.push('\n');
         let failover = if p.used_failover { ", failover" } else { "" };
         let stale = if p.stale {
-            ", stale clusters only: no fresh backend"
+            ", stale clusters or lost nodes only: no fresh backend"
         } else {
             ""
         };
@@ -762,6 +960,9 @@ pub fn render_explain(e: &Explanation) -> String {
                 f.other_family.join(", ")
             ));
         }
+        for q in &f.quarantined {
+            s.push_str(&format!("  {}\n", q.describe()));
+        }
         if let Some(eg) = &f.egress {
             s.push_str(&format!("  Egress policy of {}:\n", eg.client));
             let rows: Vec<Vec<String>> = eg
@@ -785,6 +986,14 @@ pub fn render_explain(e: &Explanation) -> String {
             }
             s.push_str(&format!("  => {}\n", eg.outcome));
         }
+    }
+    if let Some(why) = &e.quarantines_not_read {
+        s.push_str(&format!(
+            "\nQuarantines (passive health) not read: {why}; the node may leave out backends \
+             whose connects failed\n"
+        ));
+    } else if e.quarantines_read && e.programmed.iter().all(|f| f.quarantined.is_empty()) {
+        s.push_str("\nNo backend of this service is quarantined on this node.\n");
     }
     for i in &e.invalid {
         s.push_str(&format!("Invalid value skipped: {i}\n"));
@@ -1050,6 +1259,7 @@ mod tests {
                 c.node,
                 "default/web",
                 &agent_gate(&east),
+                &Quarantines::NotRead("not asked".into()),
             )
             .unwrap_or_else(|err| panic!("{}: {err:#}", c.name));
             assert_eq!(e.ports.len(), 1, "{}", c.name);
@@ -1122,6 +1332,7 @@ mod tests {
             "e1",
             "default/web",
             &agent_gate(&east),
+            &Quarantines::NotRead("not asked".into()),
         )
         .unwrap();
         let text = render_explain(&e);
@@ -1147,15 +1358,291 @@ mod tests {
             "e1",
             "default/web",
             &agent_gate(&east),
+            &Quarantines::NotRead("not asked".into()),
         )
         .unwrap();
         assert_eq!(e.ports[0].backends[0].cluster, "west");
         assert!(e.ports[0].stale);
         assert!(
-            render_explain(&e).contains("stale clusters only: no fresh backend"),
+            render_explain(&e).contains("stale clusters or lost nodes only: no fresh backend"),
             "{}",
             render_explain(&e)
         );
+    }
+
+    /// Adds node `name` of `cluster` to `w`, not reporting for `secs` seconds if given.
+    fn with_node(w: &mut Watched, cluster: &str, name: &str, secs: Option<u64>) {
+        let node = mesh_core::Node {
+            cluster: ClusterName::new(cluster).unwrap(),
+            name: name.into(),
+            internal_ips: vec![],
+            pod_cidrs: vec![],
+            stale_since: secs.map(|s| SystemTime::now() - Duration::from_secs(s)),
+        };
+        w.objects.insert(
+            (cluster.into(), pb::Kind::Node as i32, name.into()),
+            pb::event::Value::Node((&node).into()),
+        );
+    }
+
+    #[test]
+    fn explain_shows_a_node_not_reporting_demoted_and_used_when_nothing_fresh_is_left() {
+        let east = ClusterName::new("east").unwrap();
+        let mut w = watched(&[svc(
+            "east",
+            vec![
+                backend("10.1.0.1", "e1", READY),
+                backend("10.1.0.2", "e2", READY),
+            ],
+        )]);
+        with_node(&mut w, "east", "e1", None);
+        with_node(&mut w, "east", "e2", Some(12));
+        let e = explain(
+            &w,
+            "e1",
+            "default/web",
+            &agent_gate(&east),
+            &no_quarantines(),
+        )
+        .unwrap();
+        let text = render_explain(&e);
+        assert_eq!(e.ports[0].backends.len(), 1, "{text}");
+        assert_eq!(e.ports[0].backends[0].address, "10.1.0.1:8080");
+        let row = text
+            .lines()
+            .find(|l| l.contains("10.1.0.2"))
+            .unwrap_or_else(|| panic!("no row for the demoted backend:\n{text}"));
+        assert!(
+            row.contains("demoted: node e2 not reporting for 12s")
+                || row.contains("demoted: node e2 not reporting for 13s"),
+            "{text}"
+        );
+        // The only ready backend is on the lost node: used, and said so.
+        let mut w = watched(&[svc(
+            "east",
+            vec![
+                backend("10.1.0.1", "e1", NOT_READY),
+                backend("10.1.0.2", "e2", READY),
+            ],
+        )]);
+        with_node(&mut w, "east", "e2", Some(12));
+        let e = explain(
+            &w,
+            "e1",
+            "default/web",
+            &agent_gate(&east),
+            &no_quarantines(),
+        )
+        .unwrap();
+        assert_eq!(e.ports[0].backends[0].address, "10.1.0.2:8080");
+        assert!(e.ports[0].stale);
+        assert!(
+            render_explain(&e).contains("stale clusters or lost nodes only: no fresh backend"),
+            "{}",
+            render_explain(&e)
+        );
+    }
+
+    fn no_quarantines() -> Quarantines {
+        Quarantines::NotRead("not asked".into())
+    }
+
+    fn quarantine(
+        ip: &str,
+        port: u16,
+        in_secs: u64,
+        failures: u32,
+    ) -> (BackendAddr, QuarantineInfo) {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        (
+            BackendAddr {
+                ip: ip.parse().unwrap(),
+                port,
+                protocol: Protocol::Tcp,
+            },
+            QuarantineInfo {
+                until_unix_ms: now_ms + in_secs * 1000,
+                failures,
+            },
+        )
+    }
+
+    #[test]
+    fn explain_applies_the_nodes_quarantines_as_the_agent_does() {
+        let east = ClusterName::new("east").unwrap();
+        let w = watched(&[svc(
+            "east",
+            vec![
+                backend("10.1.0.1", "e1", READY),
+                backend("10.1.0.2", "e2", READY),
+            ],
+        )]);
+        // One of two quarantined: left out of the frontend.
+        let q = Quarantines::Given(BTreeMap::from([quarantine("10.1.0.2", 8080, 9, 3)]));
+        let e = explain(&w, "e1", "default/web", &agent_gate(&east), &q).unwrap();
+        let text = render_explain(&e);
+        assert!(e.quarantines_read, "{text}");
+        let f = &e.programmed[0];
+        assert_eq!(f.backends.len(), 1, "{text}");
+        assert_eq!(f.backends[0].ip.to_string(), "10.1.0.1");
+        assert_eq!(f.quarantined.len(), 1);
+        assert!(f.quarantined[0].left_out);
+        assert!(
+            text.contains("east/10.1.0.2:8080 quarantined on this node for 9s after 3 failed connects: left out")
+                || text.contains("east/10.1.0.2:8080 quarantined on this node for 8s after 3 failed connects: left out"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Frontend 10.96.0.10:80/TCP forwards to east/10.1.0.1:8080\n"),
+            "{text}"
+        );
+        // The selection itself is unchanged: quarantine is the node's, after selection.
+        assert_eq!(e.ports[0].backends.len(), 2);
+
+        // Both quarantined: both kept (never the last usable ones), and said so.
+        let q = Quarantines::Given(BTreeMap::from([
+            quarantine("10.1.0.1", 8080, 5, 1),
+            quarantine("10.1.0.2", 8080, 9, 3),
+        ]));
+        let e = explain(&w, "e1", "default/web", &agent_gate(&east), &q).unwrap();
+        let f = &e.programmed[0];
+        assert_eq!(f.backends.len(), 2);
+        assert_eq!(f.quarantined.len(), 2);
+        assert!(f.quarantined.iter().all(|r| !r.left_out));
+        assert!(
+            render_explain(&e).contains("kept, every backend of this frontend is quarantined"),
+            "{}",
+            render_explain(&e)
+        );
+        // Another port's quarantine does not apply; nothing quarantined is said too.
+        let q = Quarantines::Given(BTreeMap::from([quarantine("10.1.0.2", 9090, 9, 3)]));
+        let e = explain(&w, "e1", "default/web", &agent_gate(&east), &q).unwrap();
+        assert_eq!(e.programmed[0].backends.len(), 2);
+        assert!(
+            render_explain(&e).contains("No backend of this service is quarantined on this node.")
+        );
+
+        // Not read: said so, and nothing is applied.
+        let e = explain(
+            &w,
+            "e1",
+            "default/web",
+            &agent_gate(&east),
+            &no_quarantines(),
+        )
+        .unwrap();
+        assert!(!e.quarantines_read);
+        assert!(
+            render_explain(&e).contains("Quarantines (passive health) not read: not asked"),
+            "{}",
+            render_explain(&e)
+        );
+        // Pinned, but explain does not run on the node: the pin directory is named.
+        let pinned = Quarantines::Pinned {
+            root: "/nonexistent/mesh".into(),
+            dir: None,
+        };
+        let e = explain(&w, "e1", "default/web", &agent_gate(&east), &pinned).unwrap();
+        let why = e.quarantines_not_read.unwrap();
+        assert!(
+            why.contains("/nonexistent/mesh/e1") && why.contains("does not run on node \"e1\""),
+            "{why}"
+        );
+        let e = explain(&w, "", "default/web", &agent_gate(&east), &pinned).unwrap();
+        assert!(e.quarantines_not_read.unwrap().contains("no --node given"));
+    }
+
+    /// `Quarantines::Pinned` against a real pinned `mesh_quarantine` map, written by the
+    /// agent's own datapath (as `meshctl bpf lb list`'s tests do): explain run "on the
+    /// node" reads and applies it. Needs root (bpffs, cgroup, eBPF); nextest's
+    /// `unprivileged` profile leaves it out.
+    #[test]
+    fn explain_reads_the_quarantines_pinned_on_the_node() {
+        use mesh_agent::datapath::{Datapath, DatapathConfig, layout, unpin_dir};
+        use std::process::Command;
+        mesh_testkit::require_root("meshctl's pinned quarantine test");
+        let cgroup = std::path::Path::new("/sys/fs/cgroup/unified")
+            .join(format!("meshctl-explain-test-{}", std::process::id()));
+        std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("create cgroup {cgroup:?}: {e}"));
+        let bpffs = tempfile::Builder::new()
+            .prefix("meshctl-explain-bpffs")
+            .tempdir()
+            .unwrap();
+        // Cleans up even when an assertion fails.
+        struct Cleanup(std::path::PathBuf, std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = unpin_dir(&self.1.join("mesh").join("e1"));
+                let _ = Command::new("umount").arg(&self.1).status();
+                let _ = std::fs::remove_dir(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(cgroup.clone(), bpffs.path().to_owned());
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "bpf", bpffs.path().to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount bpffs");
+        let root = bpffs.path().join("mesh");
+        let mut dp = Datapath::open(DatapathConfig::new(root.join("e1"), &cgroup)).unwrap();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        dp.set_quarantines(&BTreeMap::from([(
+            layout::HealthKey {
+                ip: u32::from(std::net::Ipv4Addr::new(10, 1, 0, 2)).to_be(),
+                port: 8080u16.to_be(),
+                proto: 6,
+                pad: 0,
+            },
+            layout::QuarantineValue {
+                until_unix_ms: now_ms + 20_000,
+                failures: 4,
+                level: 2,
+            },
+        )]))
+        .unwrap();
+
+        let east = ClusterName::new("east").unwrap();
+        let w = watched(&[svc(
+            "east",
+            vec![
+                backend("10.1.0.1", "e1", READY),
+                backend("10.1.0.2", "e2", READY),
+            ],
+        )]);
+        let pinned = Quarantines::Pinned { root, dir: None };
+        let e = explain(&w, "e1", "default/web", &agent_gate(&east), &pinned).unwrap();
+        let text = render_explain(&e);
+        assert!(e.quarantines_read, "{text}");
+        let f = &e.programmed[0];
+        assert_eq!(
+            f.backends
+                .iter()
+                .map(|b| b.ip.to_string())
+                .collect::<Vec<_>>(),
+            ["10.1.0.1"],
+            "{text}"
+        );
+        assert!(
+            text.contains("east/10.1.0.2:8080 quarantined on this node for 20s after 4 failed connects: left out")
+                || text.contains("east/10.1.0.2:8080 quarantined on this node for 19s after 4 failed connects: left out"),
+            "{text}"
+        );
+        // Another node's explanation on this host: its pins are not here.
+        let e = explain(&w, "e2", "default/web", &agent_gate(&east), &pinned).unwrap();
+        assert!(
+            e.quarantines_not_read
+                .as_deref()
+                .is_some_and(|w| w.contains("does not run on node \"e2\"")),
+            "{:?}",
+            e.quarantines_not_read
+        );
+        dp.close();
     }
 
     #[test]
@@ -1163,18 +1650,39 @@ mod tests {
         let east = ClusterName::new("east").unwrap();
         let services = watched(&[svc("west", vec![backend("10.2.0.1", "w1", READY)])]);
         let gate = agent_gate(&east);
-        let err = explain(&services, "e1", "default/web", &gate)
-            .unwrap_err()
-            .to_string();
+        let err = explain(
+            &services,
+            "e1",
+            "default/web",
+            &gate,
+            &Quarantines::NotRead("not asked".into()),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("default/web"), "{err}");
         assert!(err.contains("does not exist in cluster east"), "{err}");
         assert!(err.contains("only in west"), "{err}");
         assert!(err.contains("not reachable by ClusterIP"), "{err}");
-        let err = explain(&services, "e1", "default/nope", &gate)
-            .unwrap_err()
-            .to_string();
+        let err = explain(
+            &services,
+            "e1",
+            "default/nope",
+            &gate,
+            &Quarantines::NotRead("not asked".into()),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("does not exist in any cluster"), "{err}");
-        assert!(explain(&services, "e1", "nope", &gate).is_err());
+        assert!(
+            explain(
+                &services,
+                "e1",
+                "nope",
+                &gate,
+                &Quarantines::NotRead("not asked".into())
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -1189,7 +1697,14 @@ mod tests {
         let w = watched(&[a, b]);
         let gate = agent_gate(&east);
 
-        let e = explain(&w, "e1", "a/web", &gate).unwrap();
+        let e = explain(
+            &w,
+            "e1",
+            "a/web",
+            &gate,
+            &Quarantines::NotRead("not asked".into()),
+        )
+        .unwrap();
         let rows: Vec<(&str, bool, &str, Vec<String>)> = e
             .programmed
             .iter()
@@ -1225,7 +1740,14 @@ mod tests {
         );
 
         // The loser: held by a/web, forwarding to a/web's backends, not its own.
-        let e = explain(&w, "e1", "b/web", &gate).unwrap();
+        let e = explain(
+            &w,
+            "e1",
+            "b/web",
+            &gate,
+            &Quarantines::NotRead("not asked".into()),
+        )
+        .unwrap();
         let f = &e.programmed[0];
         assert!(!f.held);
         assert_eq!(f.held_by, "a/web port \"http\" 80/TCP");
@@ -1251,7 +1773,14 @@ mod tests {
         ]);
         // west never finished its sync: left out, named.
         w.synced.retain(|(c, _)| c != "west");
-        let e = explain(&w, "e1", "default/web", &agent_gate(&east)).unwrap();
+        let e = explain(
+            &w,
+            "e1",
+            "default/web",
+            &agent_gate(&east),
+            &Quarantines::NotRead("not asked".into()),
+        )
+        .unwrap();
         assert_eq!(e.waiting, None);
         assert_eq!(e.clusters_left_out, ["west"]);
         assert_eq!(e.programmed[0].backends.len(), 1, "{e:?}");
@@ -1259,7 +1788,14 @@ mod tests {
 
         // The local cluster not synced: the agent waits, and says for what.
         w.synced.clear();
-        let e = explain(&w, "e1", "default/web", &agent_gate(&east)).unwrap();
+        let e = explain(
+            &w,
+            "e1",
+            "default/web",
+            &agent_gate(&east),
+            &Quarantines::NotRead("not asked".into()),
+        )
+        .unwrap();
         assert_eq!(
             e.waiting.as_deref(),
             Some("waiting for the initial sync of cluster east")
@@ -1430,6 +1966,10 @@ mod tests {
             node: &'static str,
             deadline_passed: bool,
             programming: bool,
+            /// Bit `c * 3 + n`: node `NODES[n]` of cluster `c` not reporting.
+            lost_nodes: u16,
+            /// Backends the node quarantined: (address pool `c / 2 + 1`, host, port, UDP).
+            quarantined: BTreeSet<(u8, u8, u16, bool)>,
         }
 
         fn mesh() -> impl Strategy<Value = Mesh> {
@@ -1439,18 +1979,68 @@ mod tests {
                 proptest::sample::select(NODES.to_vec()),
                 any::<bool>(),
                 any::<bool>(),
+                0u16..(1 << 12),
+                proptest::collection::btree_set(
+                    (1u8..=2, 0u8..5, 8000u16..8003, any::<bool>()),
+                    0..6,
+                ),
             )
-                .prop_map(|(clusters, node, deadline_passed, programming)| Mesh {
-                    clusters,
-                    node,
-                    deadline_passed,
-                    programming,
+                .prop_map(
+                    |(clusters, node, deadline_passed, programming, lost_nodes, quarantined)| {
+                        Mesh {
+                            clusters,
+                            node,
+                            deadline_passed,
+                            programming,
+                            lost_nodes,
+                            quarantined,
+                        }
+                    },
+                )
+        }
+
+        /// The node's quarantines of `mesh`, keyed as the agent keys them.
+        fn quarantines<Q>(mesh: &Mesh, q: impl Fn(u64) -> Q) -> BTreeMap<BackendAddr, Q> {
+            mesh.quarantined
+                .iter()
+                .enumerate()
+                .map(|(i, &(pool, host, port, udp))| {
+                    let addr = BackendAddr {
+                        ip: IpAddr::from([10, pool, 0, host]),
+                        port,
+                        protocol: if udp { Protocol::Udp } else { Protocol::Tcp },
+                    };
+                    (addr, q(i as u64))
                 })
+                .collect()
         }
 
         /// The watch stream an apiserver sends for `mesh`: a snapshot of every service,
         /// then the Synced markers.
         fn stream(mesh: &Mesh) -> Vec<pb::WatchResponse> {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            // Every node of every cluster, some not reporting (marked by their publisher).
+            let nodes = (0..mesh.clusters.len()).flat_map(|c| {
+                NODES.iter().enumerate().map(move |(n, node)| {
+                    let lost = mesh.lost_nodes & (1 << (c * NODES.len() + n)) != 0;
+                    pb::Event {
+                        kind: pb::Kind::Node as i32,
+                        cluster: CLUSTERS[c].into(),
+                        name: (*node).into(),
+                        revision: 1,
+                        value: Some(pb::event::Value::Node(pb::Node {
+                            cluster: CLUSTERS[c].into(),
+                            name: (*node).into(),
+                            internal_ips: vec![format!("192.168.{c}.{n}")],
+                            pod_cidrs: vec![],
+                            stale_since_unix_ms: if lost { now_ms - 5_000 } else { 0 },
+                        })),
+                    }
+                })
+            });
             let events = mesh
                 .clusters
                 .iter()
@@ -1462,6 +2052,7 @@ mod tests {
                     revision: 1,
                     value: Some(pb::event::Value::Service(s.into())),
                 })
+                .chain(nodes)
                 .collect();
             let mut msgs = vec![pb::WatchResponse {
                 revision: 1,
@@ -1529,9 +2120,21 @@ mod tests {
                     let applied = state.apply(u);
                     prop_assert!(!matches!(applied, Applied::Rejected { .. }), "{applied:?}");
                 }
-                let agent = state
-                    .programmable(&gate)
-                    .map(|clusters| desired::compute(&clusters, &local, mesh.node).0);
+                let agent_quarantines = quarantines(&mesh, |i| mesh_core::health::Quarantine {
+                    until_ns: 1_000_000_000 * (i + 1),
+                    failures: i + 1,
+                    level: 1,
+                });
+                let agent = state.programmable(&gate).map(|clusters| {
+                    let mut d = desired::compute(&clusters, &local, mesh.node).0;
+                    desired::apply_quarantine(&mut d, &agent_quarantines);
+                    d
+                });
+                // What the node's pinned map holds for the same quarantines.
+                let pinned = Quarantines::Given(quarantines(&mesh, |i| QuarantineInfo {
+                    until_unix_ms: 4_000_000_000_000 + i,
+                    failures: i as u32 + 1,
+                }));
 
                 // meshctl.
                 let mut watched = Watched::default();
@@ -1542,7 +2145,7 @@ mod tests {
                 for (ns, name) in SERVICES {
                     let key = format!("{ns}/{name}");
                     let exists = mesh.clusters[0].0.iter().any(|s| s.key() == key);
-                    let e = match explain(&watched, mesh.node, &key, &gate) {
+                    let e = match explain(&watched, mesh.node, &key, &gate, &pinned) {
                         Ok(e) => e,
                         Err(err) => {
                             // Only a service that is not local, or whose cluster the gate

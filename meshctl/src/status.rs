@@ -1,5 +1,6 @@
 //! `meshctl status [--wait] [--timeout]`: the mesh as one apiserver sees it: clusters and
-//! their object counts, peers, and how many agents are synced with every cluster.
+//! their object counts, peers, how many agents are synced with every cluster, and the nodes
+//! marked not reporting (a watch of Node objects only).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -9,6 +10,7 @@ use mesh_proto::pb;
 use serde::Serialize;
 
 use crate::conn::ConnArgs;
+use crate::inspect::Watched;
 use crate::output::{Format, table};
 use mesh_core::parse_duration;
 
@@ -38,8 +40,20 @@ pub struct StatusView {
     pub peers: Vec<PeerView>,
     pub agents: Vec<AgentView>,
     pub agents_synced: usize,
+    /// Nodes whose agent stopped reporting (marked by their cluster's publisher; their
+    /// backends are demoted, never withdrawn), of every cluster.
+    pub nodes_not_reporting: Vec<NodeNotReporting>,
     /// Why the mesh is not ready yet; empty when it is.
     pub not_ready: Vec<String>,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct NodeNotReporting {
+    pub cluster: String,
+    pub node: String,
+    /// Since when it is marked (Unix ms) and for how long as of now.
+    pub since_unix_ms: i64,
+    pub for_seconds: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -234,8 +248,73 @@ pub fn view(resp: &pb::StatusResponse) -> StatusView {
         peers,
         agents,
         agents_synced,
+        nodes_not_reporting: Vec::new(),
         not_ready,
     }
+}
+
+/// The nodes of `watched` (Node objects of every cluster) marked not reporting.
+pub fn nodes_not_reporting(watched: &Watched, now_ms: i64) -> Vec<NodeNotReporting> {
+    watched
+        .objects
+        .iter()
+        .filter_map(|((cluster, _, _), v)| match v {
+            pb::event::Value::Node(n) if n.stale_since_unix_ms > 0 => Some(NodeNotReporting {
+                cluster: cluster.clone(),
+                node: n.name.clone(),
+                since_unix_ms: n.stale_since_unix_ms,
+                for_seconds: ((now_ms - n.stale_since_unix_ms).max(0) / 1000) as u64,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads every cluster's Node objects (a watch of that kind only, until each cluster's Node
+/// marker, the server going idle, or `timeout`).
+async fn read_nodes(
+    conn: &ConnArgs,
+    resp: &pb::StatusResponse,
+    timeout: Duration,
+) -> anyhow::Result<Watched> {
+    use tokio_stream::StreamExt;
+    let node = pb::Kind::Node as i32;
+    let mut expected: std::collections::BTreeSet<String> = resp
+        .clusters
+        .iter()
+        .filter(|c| c.counts.iter().any(|k| k.kind == node && k.synced))
+        .map(|c| c.cluster.clone())
+        .collect();
+    let mut client = conn.connect().await?;
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            kinds: vec![node],
+            heartbeat_interval_ms: 500,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("watch on {}: {}", conn.server, s.message()))?
+        .into_inner();
+    let mut watched = Watched::default();
+    let read = async {
+        while !expected.is_empty() {
+            let Some(msg) = stream.next().await else {
+                break;
+            };
+            let msg = msg.map_err(|s| anyhow::anyhow!("watch: {}", s.message()))?;
+            if let Some(pb::watch_response::Payload::Synced(s)) = &msg.payload {
+                expected.remove(&s.cluster);
+            }
+            if !watched.apply(msg) {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("reading the nodes took more than {timeout:?}"))??;
+    Ok(watched)
 }
 
 /// Whether `resp` (one apiserver's Status) shows `peer` connected and synced; otherwise
@@ -422,6 +501,24 @@ pub fn render(v: &StatusView) -> String {
             &rows,
         ));
     }
+    if !v.nodes_not_reporting.is_empty() {
+        s.push_str(&format!(
+            "\nNodes not reporting: {} (their backends are demoted, not withdrawn)\n",
+            v.nodes_not_reporting.len()
+        ));
+        let rows: Vec<Vec<String>> = v
+            .nodes_not_reporting
+            .iter()
+            .map(|n| {
+                vec![
+                    n.cluster.clone(),
+                    n.node.clone(),
+                    format!("{}s", n.for_seconds),
+                ]
+            })
+            .collect();
+        s.push_str(&table(&["CLUSTER", "NODE", "NOT REPORTING FOR"], &rows));
+    }
     if !v.not_ready.is_empty() {
         s.push_str("\nNot ready:\n");
         for r in &v.not_ready {
@@ -441,8 +538,13 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             .await
             .map_err(|s| anyhow::anyhow!("status from {}: {}", args.conn.server, s.message()))?
             .into_inner();
-        let v = view(&resp);
+        let mut v = view(&resp);
         if !args.wait || v.not_ready.is_empty() {
+            // Best effort: the rest of the status stands without it.
+            match read_nodes(&args.conn, &resp, Duration::from_secs(5)).await {
+                Ok(w) => v.nodes_not_reporting = nodes_not_reporting(&w, now_ms()),
+                Err(e) => eprintln!("warning: nodes not read: {e:#}"),
+            }
             if args.wait && args.output == Format::Table && !last_line.is_empty() {
                 eprintln!();
             }
@@ -474,5 +576,50 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             last_line = line;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_not_reporting_are_listed_with_how_long() {
+        let mut w = Watched::default();
+        for (cluster, name, since) in [
+            ("east", "e1", 0),
+            ("east", "e2", 10_000),
+            ("west", "w1", 55_500),
+        ] {
+            w.objects.insert(
+                (cluster.into(), pb::Kind::Node as i32, name.into()),
+                pb::event::Value::Node(pb::Node {
+                    cluster: cluster.into(),
+                    name: name.into(),
+                    stale_since_unix_ms: since,
+                    ..Default::default()
+                }),
+            );
+        }
+        let nodes = nodes_not_reporting(&w, 100_000);
+        assert_eq!(
+            nodes
+                .iter()
+                .map(|n| (n.cluster.as_str(), n.node.as_str(), n.for_seconds))
+                .collect::<Vec<_>>(),
+            [("east", "e2", 90), ("west", "w1", 44)]
+        );
+        let mut v = view(&pb::StatusResponse::default());
+        v.nodes_not_reporting = nodes;
+        let text = render(&v);
+        assert!(
+            text.contains("Nodes not reporting: 2 (their backends are demoted, not withdrawn)"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.contains("west") && l.contains("w1") && l.contains("44s")),
+            "{text}"
+        );
     }
 }

@@ -176,8 +176,27 @@ impl TryFrom<pb::Node> for Node {
             name: ctx.non_empty("name", &n.name)?,
             internal_ips: ctx.ips("internal_ips", &n.internal_ips)?,
             pod_cidrs: ctx.cidrs("pod_cidrs", &n.pod_cidrs)?,
+            stale_since: match n.stale_since_unix_ms {
+                0 => None,
+                ms => Some(unix_ms_time(&ctx, "stale_since_unix_ms", ms)?),
+            },
         })
     }
+}
+
+/// A positive Unix time in milliseconds as a `SystemTime`.
+fn unix_ms_time(ctx: &Ctx, field: &str, ms: i64) -> Result<SystemTime, ConvertError> {
+    let ms = u64::try_from(ms)
+        .ok()
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| ctx.err(field, ms, "must be a positive Unix time in milliseconds"))?;
+    Ok(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// A `SystemTime` as Unix milliseconds (0 before the epoch).
+fn time_unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl From<&Node> for pb::Node {
@@ -187,6 +206,7 @@ impl From<&Node> for pb::Node {
             name: n.name.clone(),
             internal_ips: n.internal_ips.iter().map(|i| i.to_string()).collect(),
             pod_cidrs: n.pod_cidrs.iter().map(|c| c.to_string()).collect(),
+            stale_since_unix_ms: n.stale_since.map_or(0, time_unix_ms),
         }
     }
 }
@@ -510,19 +530,9 @@ impl TryFrom<pb::PeerLink> for PeerLink {
     fn try_from(l: pb::PeerLink) -> Result<Self, ConvertError> {
         let ctx = Ctx(format!("link {}", l.cluster));
         let cluster = ctx.cluster("cluster", &l.cluster)?;
-        let ms = u64::try_from(l.stale_since_unix_ms)
-            .ok()
-            .filter(|ms| *ms > 0)
-            .ok_or_else(|| {
-                ctx.err(
-                    "stale_since_unix_ms",
-                    l.stale_since_unix_ms,
-                    "must be a positive Unix time in milliseconds",
-                )
-            })?;
         Ok(PeerLink {
             cluster,
-            stale_since: UNIX_EPOCH + Duration::from_millis(ms),
+            stale_since: unix_ms_time(&ctx, "stale_since_unix_ms", l.stale_since_unix_ms)?,
         })
     }
 }
@@ -531,10 +541,7 @@ impl From<&PeerLink> for pb::PeerLink {
     fn from(l: &PeerLink) -> Self {
         pb::PeerLink {
             cluster: l.cluster.to_string(),
-            stale_since_unix_ms: l
-                .stale_since
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            stale_since_unix_ms: time_unix_ms(l.stale_since),
         }
     }
 }

@@ -475,8 +475,11 @@ pub struct ClusterState {
 }
 
 /// The view of the mesh that [`plan_node`] takes: the services of `clusters` (the ones the
-/// sync gate lets in) and which of them are stale, for how long as of now.
-/// `meshctl service explain` builds it with this function too.
+/// sync gate lets in), which of them are stale (`ClusterState::stale_since`) and which of
+/// their nodes are not reporting (`Node::stale_since`, marked by each cluster's publisher
+/// and relayed by importers), each for how long as of now. The one path from the watched
+/// state to the selection's staleness: the agent's `desired::compute` and
+/// `meshctl service explain` both build their view with this function.
 ///
 /// [`plan_node`]: mesh_core::select::plan_node
 pub fn mesh_view<'a, S: Borrow<ClusterState>>(
@@ -507,6 +510,18 @@ pub fn mesh_view_at<'a, S: Borrow<ClusterState>>(
                 Some((name, now.duration_since(since).unwrap_or_default()))
             })
             .collect(),
+        stale_nodes: clusters
+            .iter()
+            .flat_map(|(name, c)| {
+                c.borrow().nodes.values().filter_map(move |n| {
+                    let since = n.stale_since?;
+                    Some((
+                        (name, n.name.as_str()),
+                        now.duration_since(since).unwrap_or_default(),
+                    ))
+                })
+            })
+            .collect(),
     }
 }
 
@@ -524,6 +539,7 @@ mod tests {
             name: name.into(),
             internal_ips: vec!["192.168.0.2".into()],
             pod_cidrs: vec!["10.1.2.0/24".into()],
+            ..Default::default()
         })
     }
 
@@ -901,6 +917,63 @@ mod tests {
         };
         assert_eq!(s.apply(del), Applied::Changed);
         assert_eq!(s.cluster(&east()).unwrap().state.stale_since, None);
+    }
+
+    #[test]
+    fn a_node_marked_stale_is_in_the_view_in_any_cluster() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let west: ClusterName = "west".parse().unwrap();
+        let mut s = MeshState::new(west.clone());
+        let since_ms = 1_700_000_000_000i64;
+        let node = |cluster: &str, name: &str, stale_since_unix_ms: i64| WatchUpdate::Upsert {
+            cluster: cluster.parse().unwrap(),
+            kind: Kind::Node,
+            name: name.into(),
+            revision: 1,
+            value: pb::event::Value::Node(pb::Node {
+                cluster: cluster.into(),
+                name: name.into(),
+                internal_ips: vec!["192.168.0.2".into()],
+                stale_since_unix_ms,
+                ..Default::default()
+            }),
+        };
+        for u in [
+            node("west", "w1", since_ms),
+            node("west", "w2", 0),
+            node("east", "e1", since_ms - 3_000),
+        ] {
+            assert_eq!(s.apply(u), Applied::Changed);
+        }
+        let clusters: BTreeMap<ClusterName, ClusterState> = s
+            .clusters()
+            .iter()
+            .map(|(n, c)| (n.clone(), c.state.clone()))
+            .collect();
+        let now = UNIX_EPOCH + Duration::from_millis(since_ms as u64 + 12_000);
+        let view = mesh_view_at(&clusters, &west, now);
+        assert_eq!(
+            view.stale_nodes
+                .iter()
+                .map(|((c, n), d)| (c.to_string(), n.to_string(), d.as_secs()))
+                .collect::<Vec<_>>(),
+            [
+                ("east".into(), "e1".into(), 15),
+                ("west".into(), "w1".into(), 12)
+            ]
+        );
+        assert!(view.stale.is_empty());
+        // Reporting again: the publisher writes the node without the mark.
+        assert_eq!(s.apply(node("west", "w1", 0)), Applied::Changed);
+        assert_eq!(
+            s.cluster(&west).unwrap().state.nodes["w1"].stale_since,
+            None
+        );
+        // A negative time is a bad value, rejected like any other.
+        assert!(matches!(
+            s.apply(node("west", "w2", -5)),
+            Applied::Rejected { .. }
+        ));
     }
 
     #[test]

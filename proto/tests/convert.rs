@@ -101,13 +101,17 @@ fn object() -> impl Strategy<Value = WatchedObject> {
         name(),
         proptest::collection::vec(ip(), 0..3),
         proptest::collection::vec(net(), 0..3),
+        proptest::option::of(1u64..=4_000_000_000_000),
     )
-        .prop_map(|(cluster, name, internal_ips, pod_cidrs)| {
+        .prop_map(|(cluster, name, internal_ips, pod_cidrs, stale_ms)| {
             WatchedObject::Node(Node {
                 cluster,
                 name,
                 internal_ips,
                 pod_cidrs,
+                // Whole milliseconds: the wire's resolution.
+                stale_since: stale_ms
+                    .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
             })
         });
     let identity = (

@@ -812,6 +812,7 @@ impl Mesh {
             name: name.into(),
             internal_ips: vec![ip.to_string()],
             pod_cidrs: vec![pod_cidr.into()],
+            ..Default::default()
         };
         self.put(cluster, Kind::Node, name, &v).await;
     }

@@ -24,6 +24,7 @@ fn node_put(cluster: &str, name: &str, rev: i64) -> RawEvent {
                 name: name.into(),
                 internal_ips: vec![format!("10.0.0.{rev}")],
                 pod_cidrs: vec![],
+                ..Default::default()
             }
             .encode_to_vec(),
         ),

@@ -55,6 +55,8 @@ pub fn build_node(cluster: &ClusterName, node: &NodeInfo) -> Node {
         name: node.name.clone(),
         internal_ips: node.internal_ips.clone(),
         pod_cidrs: node.pod_cidrs.clone(),
+        // Marked by the publisher from the agents' reports, not from Kubernetes.
+        stale_since: None,
     }
 }
 

@@ -365,6 +365,7 @@ pub fn node(cluster: &str, name: &str, ip: &str) -> pb::Node {
         name: name.into(),
         internal_ips: vec![ip.into()],
         pod_cidrs: vec![],
+        ..Default::default()
     }
 }
 

@@ -130,6 +130,7 @@ pub fn node(cluster: &str, name: &str, ip: &str) -> pb::Node {
         name: name.into(),
         internal_ips: vec![ip.into()],
         pod_cidrs: vec!["10.1.1.0/24".into()],
+        ..Default::default()
     }
 }
 

@@ -41,6 +41,9 @@
 //!   preference within it. So a stale cluster's backends carry traffic only when no fresh
 //!   ready backend exists for the port, and the switch in either direction is one change of
 //!   the selection (one map update, never an empty set). The local cluster is never stale.
+//! - *Lost nodes* (issue 14 part 4): a backend on a node whose agent stopped reporting
+//!   ([`SelectInput::stale_nodes`], in any cluster, the local one included) ranks exactly as
+//!   a backend of a stale cluster: stale ready, below every fresh ready backend.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -80,10 +83,18 @@ pub struct SelectInput<'a> {
     /// clock: the duration only names the reason, the decision is "stale or not"). An entry
     /// for the local cluster is ignored.
     pub stale: &'a Stale<'a>,
+    /// Nodes, by (cluster, node name), whose agent stopped reporting, with how long they have
+    /// been marked so (the publisher's `Node::stale_since`). A backend on such a node ranks
+    /// as a backend of a stale cluster, whatever its cluster (the local one included).
+    pub stale_nodes: &'a StaleNodes<'a>,
 }
 
 /// Stale remote clusters and for how long they have been stale (see [`SelectInput::stale`]).
 pub type Stale<'a> = BTreeMap<&'a ClusterName, Duration>;
+
+/// Nodes not reporting, by (cluster, node name), and for how long they have been marked so
+/// (see [`SelectInput::stale_nodes`]).
+pub type StaleNodes<'a> = BTreeMap<(&'a ClusterName, &'a str), Duration>;
 
 /// Which class of backends a port's selection was made from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -120,7 +131,8 @@ pub struct Selection {
     pub tier: Tier,
     /// Whether some port fell back from the preferred side of its affinity to the other.
     pub used_failover: bool,
-    /// Whether some port uses backends of stale clusters (no fresh one of its tier).
+    /// Whether some port uses backends of stale clusters or nodes (no fresh one of its
+    /// tier).
     pub stale: bool,
 }
 
@@ -132,7 +144,8 @@ pub struct PortSelection {
     pub backends: Vec<SelectedBackend>,
     pub tier: Tier,
     pub used_failover: bool,
-    /// The backends are of stale clusters: no fresh backend of `tier` exists for the port.
+    /// The backends are of stale clusters or on nodes not reporting: no fresh backend of
+    /// `tier` exists for the port.
     pub stale: bool,
 }
 
@@ -193,6 +206,9 @@ pub enum Reason {
         cluster: ClusterName,
         stale_for: Duration,
     },
+    /// It is on a node whose agent stopped reporting and a fresh backend of the same
+    /// condition class serves the port (stale demotion of a lost node).
+    NodeNotReporting { node: String, stale_for: Duration },
 }
 
 impl fmt::Display for Reason {
@@ -232,6 +248,11 @@ impl fmt::Display for Reason {
                 "demoted: cluster {cluster} stale for {}s",
                 stale_for.as_secs()
             ),
+            Reason::NodeNotReporting { node, stale_for } => write!(
+                f,
+                "demoted: node {node} not reporting for {}s",
+                stale_for.as_secs()
+            ),
         }
     }
 }
@@ -243,7 +264,7 @@ pub fn select(input: &SelectInput<'_>) -> Selection {
 
     // Candidates, one per (cluster, ip). The local service is taken from the local cluster
     // whatever its `shared` flag says.
-    let mut candidates = merge_backends(input.local_cluster, local_svc, true, None);
+    let mut candidates = merge_backends(input, input.local_cluster, local_svc, true, None);
     let mut seen: BTreeMap<&ClusterName, usize> = BTreeMap::new();
     for r in input.remotes {
         *seen.entry(&r.cluster).or_default() += 1;
@@ -261,7 +282,7 @@ pub fn select(input: &SelectInput<'_>) -> Selection {
             }
         } else {
             let stale = input.stale.get(&r.cluster).copied();
-            candidates.extend(merge_backends(&r.cluster, r, false, stale));
+            candidates.extend(merge_backends(input, &r.cluster, r, false, stale));
             continue;
         };
         for b in &r.backends {
@@ -297,8 +318,17 @@ struct Candidate<'a> {
     cluster: &'a ClusterName,
     backend: Cow<'a, Backend>,
     local: bool,
-    /// How long its cluster has been stale; `None`: fresh (always for the local cluster).
-    stale: Option<Duration>,
+    /// Why and how long it has been stale; `None`: fresh.
+    stale: Option<Staleness>,
+}
+
+/// Why a candidate ranks as stale.
+#[derive(Debug, Clone, Copy)]
+enum Staleness {
+    /// Its (remote) cluster's peer link is stale.
+    Cluster(Duration),
+    /// Its node's agent stopped reporting.
+    Node(Duration),
 }
 
 // === impl Candidate ===
@@ -309,6 +339,20 @@ impl Candidate<'_> {
     }
 
     /// Why a backend of class `Tier::None` is not used.
+    /// Why it is left out for a fresh backend of its rank (it is stale).
+    fn demoted_reason(&self, stale: Staleness) -> Reason {
+        match stale {
+            Staleness::Cluster(stale_for) => Reason::Demoted {
+                cluster: self.cluster.clone(),
+                stale_for,
+            },
+            Staleness::Node(stale_for) => Reason::NodeNotReporting {
+                node: self.backend.node.clone(),
+                stale_for,
+            },
+        }
+    }
+
     fn unusable_reason(&self) -> Reason {
         let c = self.backend.conditions;
         if c.terminating && !c.serving {
@@ -330,8 +374,10 @@ fn class(c: BackendConditions) -> Tier {
 }
 
 /// The backends of one service, one per IP ([`merge_addresses`]: a service may list an IP
-/// twice, e.g. from two EndpointSlices during a change).
+/// twice, e.g. from two EndpointSlices during a change). `stale`: how long the cluster has
+/// been stale; a fresh cluster's backend on a node not reporting is stale too.
 fn merge_backends<'a>(
+    input: &SelectInput<'_>,
     cluster: &'a ClusterName,
     svc: &'a GlobalService,
     local: bool,
@@ -339,11 +385,19 @@ fn merge_backends<'a>(
 ) -> Vec<Candidate<'a>> {
     merge_addresses(svc.backends.iter().map(Cow::Borrowed))
         .into_iter()
-        .map(|backend| Candidate {
-            cluster,
-            backend,
-            local,
-            stale,
+        .map(|backend| {
+            let stale = stale.map(Staleness::Cluster).or_else(|| {
+                input
+                    .stale_nodes
+                    .get(&(cluster, backend.node.as_str()))
+                    .map(|d| Staleness::Node(*d))
+            });
+            Candidate {
+                cluster,
+                backend,
+                local,
+                stale,
+            }
         })
         .collect()
 }
@@ -436,15 +490,9 @@ fn select_port(
         } else if class != tier {
             // Only a serving-terminating backend can be below a Ready selection.
             exclude(c, Reason::TerminatingNotNeeded);
-        } else if let (Some(stale_for), false) = (c.stale, stale_rank) {
+        } else if let (Some(stale), false) = (c.stale, stale_rank) {
             // A fresh backend of this class serves the port (the rank above a stale one).
-            exclude(
-                c,
-                Reason::Demoted {
-                    cluster: c.cluster.clone(),
-                    stale_for,
-                },
-            );
+            exclude(c, c.demoted_reason(stale));
         } else if !side {
             exclude(
                 c,
@@ -554,10 +602,26 @@ mod tests {
         remotes: &[&GlobalService],
         stale: &[(&str, u64)],
     ) -> Selection {
+        run_lost(local, remotes, stale, &[])
+    }
+
+    /// [`run_stale`] with the nodes `(cluster, node, seconds)` of `lost` not reporting.
+    fn run_lost(
+        local: &GlobalService,
+        remotes: &[&GlobalService],
+        stale: &[(&str, u64)],
+        lost: &[(&str, &str, u64)],
+    ) -> Selection {
         let names: Vec<(ClusterName, u64)> = stale.iter().map(|(c, s)| (name(c), *s)).collect();
         let stale: Stale<'_> = names
             .iter()
             .map(|(c, s)| (c, Duration::from_secs(*s)))
+            .collect();
+        let lost_names: Vec<(ClusterName, &str, u64)> =
+            lost.iter().map(|(c, n, s)| (name(c), *n, *s)).collect();
+        let stale_nodes: StaleNodes<'_> = lost_names
+            .iter()
+            .map(|(c, n, s)| ((c, *n), Duration::from_secs(*s)))
             .collect();
         select(&SelectInput {
             local_cluster: &name("local"),
@@ -565,6 +629,7 @@ mod tests {
             local,
             remotes,
             stale: &stale,
+            stale_nodes: &stale_nodes,
         })
     }
 
@@ -993,6 +1058,155 @@ mod tests {
     }
 
     #[test]
+    fn lost_node_demotion_table() {
+        // local: L1 on NODE, L2 on node-b (ready or terminating); east: E1 on e1.
+        let b = |ip: &str, node: &str, c| backend(ip, node, c);
+        struct Row {
+            what: &'static str,
+            affinity: Affinity,
+            local: Vec<Backend>,
+            east: Vec<Backend>,
+            stale: &'static [(&'static str, u64)],
+            lost: &'static [(&'static str, &'static str, u64)],
+            want: &'static [&'static str],
+            tier: Tier,
+            stale_used: bool,
+            failover: bool,
+        }
+        use Affinity::*;
+        let rows = [
+            Row {
+                what: "a backend on a lost local node gives way to fresh ones",
+                affinity: None,
+                local: vec![b("10.1.0.1", NODE, READY), b("10.1.0.2", "node-b", READY)],
+                east: vec![b("10.2.0.1", "e1", READY)],
+                stale: &[],
+                lost: &[("local", "node-b", 12)],
+                want: &["east/10.2.0.1:8080", "local/10.1.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: false,
+                failover: false,
+            },
+            Row {
+                what: "a lost node of a remote cluster is demoted too",
+                affinity: None,
+                local: vec![],
+                east: vec![b("10.2.0.1", "e1", READY), b("10.2.0.2", "e2", READY)],
+                stale: &[],
+                lost: &[("east", "e2", 5)],
+                want: &["east/10.2.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: false,
+                failover: false,
+            },
+            Row {
+                what: "the node name is per cluster: e2 of local is not e2 of east",
+                affinity: None,
+                local: vec![],
+                east: vec![b("10.2.0.1", "e1", READY), b("10.2.0.2", "e2", READY)],
+                stale: &[],
+                lost: &[("local", "e2", 5)],
+                want: &["east/10.2.0.1:8080", "east/10.2.0.2:8080"],
+                tier: Tier::Ready,
+                stale_used: false,
+                failover: false,
+            },
+            Row {
+                what: "only lost nodes hold ready backends: they are used",
+                affinity: None,
+                local: vec![b("10.1.0.2", "node-b", READY)],
+                east: vec![b("10.2.0.1", "e1", NOT_READY)],
+                stale: &[],
+                lost: &[("local", "node-b", 12)],
+                want: &["local/10.1.0.2:8080"],
+                tier: Tier::Ready,
+                stale_used: true,
+                failover: false,
+            },
+            Row {
+                what: "ready on a lost node beats fresh serving-terminating",
+                affinity: None,
+                local: vec![
+                    b("10.1.0.1", NODE, TERMINATING),
+                    b("10.1.0.2", "node-b", READY),
+                ],
+                east: vec![],
+                stale: &[],
+                lost: &[("local", "node-b", 1)],
+                want: &["local/10.1.0.2:8080"],
+                tier: Tier::Ready,
+                stale_used: true,
+                failover: false,
+            },
+            Row {
+                what: "a lost node ranks with a stale cluster: both used when nothing is fresh",
+                affinity: None,
+                local: vec![b("10.1.0.2", "node-b", READY)],
+                east: vec![b("10.2.0.1", "e1", READY)],
+                stale: &[("east", 3)],
+                lost: &[("local", "node-b", 1)],
+                want: &["east/10.2.0.1:8080", "local/10.1.0.2:8080"],
+                tier: Tier::Ready,
+                stale_used: true,
+                failover: false,
+            },
+            Row {
+                what: "affinity local: the local backends are all on a lost node, fresh remote wins",
+                affinity: Local,
+                local: vec![b("10.1.0.2", "node-b", READY)],
+                east: vec![b("10.2.0.1", "e1", READY)],
+                stale: &[],
+                lost: &[("local", "node-b", 1)],
+                want: &["east/10.2.0.1:8080"],
+                tier: Tier::Ready,
+                stale_used: false,
+                failover: true,
+            },
+        ];
+        for row in rows {
+            let local = with_affinity(svc("local", row.local), row.affinity);
+            let east = svc("east", row.east);
+            let s = run_lost(&local, &[&east], row.stale, row.lost);
+            assert_eq!(chosen(&s), row.want, "{}: {:?}", row.what, reasons(&s));
+            assert_eq!(s.tier, row.tier, "{}", row.what);
+            assert_eq!(s.stale, row.stale_used, "{}", row.what);
+            assert_eq!(s.used_failover, row.failover, "{}", row.what);
+        }
+    }
+
+    #[test]
+    fn a_lost_node_is_explained_with_the_node_and_how_long() {
+        let local = svc(
+            "local",
+            vec![
+                backend("10.1.0.1", NODE, READY),
+                backend("10.1.0.2", "node-b", READY),
+            ],
+        );
+        let east = svc("east", vec![backend("10.2.0.1", "e1", READY)]);
+        // A node of a stale cluster is named as the cluster (the coarser cause).
+        let s = run_lost(
+            &local,
+            &[&east],
+            &[("east", 40)],
+            &[("local", "node-b", 12), ("east", "e1", 30)],
+        );
+        assert_eq!(chosen(&s), ["local/10.1.0.1:8080"]);
+        let text: Vec<String> = s
+            .excluded
+            .iter()
+            .map(|e| format!("{}/{}: {}", e.cluster, e.ip, e.reason))
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "east/10.2.0.1: demoted: cluster east stale for 40s",
+                "local/10.1.0.2: demoted: node node-b not reporting for 12s",
+            ]
+        );
+    }
+
+    #[test]
     fn ready_beats_preference() {
         // Affinity local with only a terminating local backend and a ready remote: ready
         // wins, the terminating local one is left out.
@@ -1258,6 +1472,13 @@ mod tests {
                 },
                 "demoted: cluster east stale for 12s",
             ),
+            (
+                Reason::NodeNotReporting {
+                    node: "n2".into(),
+                    stale_for: Duration::from_millis(12_900),
+                },
+                "demoted: node n2 not reporting for 12s",
+            ),
         ];
         for (r, want) in cases {
             assert_eq!(r.to_string(), want);
@@ -1372,11 +1593,13 @@ mod tests {
             run(local, &refs)
         }
 
-        /// [`sel`] with the remotes whose bit is set in `stale_mask` stale.
+        /// [`sel`] with the remotes whose bit is set in `stale_mask` stale, and the nodes
+        /// whose bit is set in `lost_mask` not reporting ([`lost_bit`]).
         fn sel_stale(
             local: &GlobalService,
             remotes: &[GlobalService],
             stale_mask: u8,
+            lost_mask: u16,
         ) -> Selection {
             let refs: Vec<&GlobalService> = remotes.iter().collect();
             let stale: Stale<'_> = remotes
@@ -1385,13 +1608,33 @@ mod tests {
                 .filter(|(i, _)| stale_mask & (1 << i) != 0)
                 .map(|(i, r)| (&r.cluster, Duration::from_secs(i as u64)))
                 .collect();
+            let stale_nodes: StaleNodes<'_> = std::iter::once(local)
+                .chain(remotes)
+                .enumerate()
+                .flat_map(|(c, svc)| {
+                    NODES
+                        .iter()
+                        .enumerate()
+                        .filter(move |(n, _)| lost_mask & lost_bit(c, *n) != 0)
+                        .map(move |(n, node)| {
+                            ((&svc.cluster, *node), Duration::from_secs(n as u64))
+                        })
+                })
+                .collect();
             select(&SelectInput {
                 local_cluster: &local.cluster,
                 node: NODE,
                 local,
                 remotes: &refs,
                 stale: &stale,
+                stale_nodes: &stale_nodes,
             })
+        }
+
+        /// The bit of node `NODES[node]` of cluster `cluster` (0 the local one, i + 1 the
+        /// remote `i`) in a lost-node mask.
+        fn lost_bit(cluster: usize, node: usize) -> u16 {
+            1 << (cluster * NODES.len() + node)
         }
 
         fn is_stale(remotes: &[GlobalService], stale_mask: u8, cluster: &ClusterName) -> bool {
@@ -1399,6 +1642,26 @@ mod tests {
                 .iter()
                 .position(|r| r.cluster == *cluster)
                 .is_some_and(|i| stale_mask & (1 << i) != 0)
+        }
+
+        /// Whether the node `node` of `cluster` is not reporting.
+        fn is_lost(
+            local: &GlobalService,
+            remotes: &[GlobalService],
+            lost_mask: u16,
+            cluster: &ClusterName,
+            node: &str,
+        ) -> bool {
+            let Some(c) = std::iter::once(local)
+                .chain(remotes)
+                .position(|s| s.cluster == *cluster)
+            else {
+                return false;
+            };
+            NODES
+                .iter()
+                .position(|n| *n == node)
+                .is_some_and(|n| lost_mask & lost_bit(c, n) != 0)
         }
 
         fn has_port(b: &Backend, fp: &ServicePort) -> bool {
@@ -1428,38 +1691,47 @@ mod tests {
                 }
             }
 
+            /// Stale clusters and lost nodes alike: while a fresh ready backend (of a fresh
+            /// cluster, on a reporting node) serves a port, no stale one is selected.
             #[test]
             fn a_fresh_ready_backend_is_always_preferred_to_a_stale_one(
                 (mut local, remotes, _) in inputs(),
                 stale_mask in 0u8..16,
+                lost_mask in 0u16..(1 << 15),
             ) {
                 local.internal_traffic_policy = TrafficPolicy::Cluster;
-                let s = sel_stale(&local, &remotes, stale_mask);
+                let s = sel_stale(&local, &remotes, stale_mask, lost_mask);
+                let stale_backend = |cluster: &ClusterName, node: &str| {
+                    is_stale(&remotes, stale_mask, cluster)
+                        || is_lost(&local, &remotes, lost_mask, cluster, node)
+                };
                 for p in &s.ports {
                     let fp = &p.frontend;
-                    let fresh_ready = local
-                        .backends
-                        .iter()
-                        .chain(
-                            remotes
+                    // Over the merged backends (one per address), as selection sees them.
+                    let fresh_ready = std::iter::once(&local)
+                        .chain(remotes.iter().filter(|r| r.shared))
+                        .any(|svc| {
+                            merge_addresses(svc.backends.iter().map(Cow::Borrowed))
                                 .iter()
-                                .filter(|r| r.shared && !is_stale(&remotes, stale_mask, &r.cluster))
-                                .flat_map(|r| &r.backends),
-                        )
-                        .any(|b| b.conditions.ready && has_port(b, fp));
+                                .any(|b| {
+                                    b.conditions.ready
+                                        && has_port(b, fp)
+                                        && !stale_backend(&svc.cluster, &b.node)
+                                })
+                        });
                     if fresh_ready {
                         prop_assert!(!p.stale, "port {fp:?}: {s:?}");
                         for b in &p.backends {
                             prop_assert!(
-                                !is_stale(&remotes, stale_mask, &b.cluster),
-                                "port {fp:?} selected {b:?} of a stale cluster: {s:?}"
+                                !stale_backend(&b.cluster, &b.node),
+                                "port {fp:?} selected {b:?}, a stale one: {s:?}"
                             );
                         }
                     }
                     for b in &p.backends {
                         prop_assert_eq!(
                             p.stale,
-                            is_stale(&remotes, stale_mask, &b.cluster),
+                            stale_backend(&b.cluster, &b.node),
                             "port {:?}: {:?}", fp, s
                         );
                     }
@@ -1470,8 +1742,9 @@ mod tests {
             fn no_empty_set_while_any_backend_is_usable(
                 (local, remotes, _) in inputs(),
                 stale_mask in 0u8..16,
+                lost_mask in 0u16..(1 << 15),
             ) {
-                let s = sel_stale(&local, &remotes, stale_mask);
+                let s = sel_stale(&local, &remotes, stale_mask, lost_mask);
                 let plain = sel(&local, &remotes);
                 for (p, q) in s.ports.iter().zip(&plain.ports) {
                     // Demotion reorders, never removes: the port has backends exactly when it
@@ -1484,6 +1757,10 @@ mod tests {
                         prop_assert!(is_stale(&remotes, stale_mask, cluster));
                         prop_assert!(*cluster != local.cluster);
                     }
+                    if let Reason::NodeNotReporting { node, .. } = &e.reason {
+                        prop_assert!(is_lost(&local, &remotes, lost_mask, &e.cluster, node));
+                        prop_assert!(!is_stale(&remotes, stale_mask, &e.cluster));
+                    }
                 }
             }
 
@@ -1491,8 +1768,9 @@ mod tests {
             fn every_backend_is_selected_or_excluded_once_with_staleness(
                 (local, remotes, _) in inputs(),
                 stale_mask in 0u8..16,
+                lost_mask in 0u16..(1 << 15),
             ) {
-                let s = sel_stale(&local, &remotes, stale_mask);
+                let s = sel_stale(&local, &remotes, stale_mask, lost_mask);
                 for p in &s.ports {
                     for svc in std::iter::once(&local).chain(&remotes) {
                         for b in &svc.backends {
@@ -1561,7 +1839,7 @@ mod tests {
             ) {
                 local.global = false;
                 local.affinity = Affinity::None;
-                let s = sel_stale(&local, &remotes, stale_mask);
+                let s = sel_stale(&local, &remotes, stale_mask, 0);
                 let alone = sel(&local, &[]);
                 prop_assert_eq!(&s.ports, &alone.ports);
                 prop_assert!(!s.stale && !s.used_failover);

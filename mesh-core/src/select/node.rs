@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::select::{SelectInput, SelectedBackend, Selection, Stale, select};
+use crate::select::{SelectInput, SelectedBackend, Selection, Stale, StaleNodes, select};
 use crate::{ClusterName, GlobalService, Protocol, ServicePort};
 
 /// Global services of one cluster, by `(namespace, name)` (as the agent holds them).
@@ -35,6 +35,9 @@ pub struct MeshView<'a> {
     /// Remote clusters whose peer link is stale, and for how long (stale demotion:
     /// [`SelectInput::stale`]).
     pub stale: Stale<'a>,
+    /// Nodes whose agent stopped reporting, by (cluster, node), and for how long they have
+    /// been marked so ([`SelectInput::stale_nodes`]).
+    pub stale_nodes: StaleNodes<'a>,
 }
 
 /// A frontend: one ClusterIP, port and protocol.
@@ -215,6 +218,7 @@ pub fn plan_node(view: &MeshView<'_>, node: &str) -> NodePlan {
             local,
             remotes,
             stale: &view.stale,
+            stale_nodes: &view.stale_nodes,
         });
         let mut svc = ServicePlan {
             namespace: local.namespace.clone(),
@@ -333,6 +337,7 @@ mod tests {
                 local_cluster: &local,
                 clusters: clusters.iter().collect(),
                 stale: Stale::new(),
+                stale_nodes: StaleNodes::new(),
             },
             NODE,
         )

@@ -15,6 +15,7 @@ fn node(name: &str, ip: &str) -> pb::Node {
         name: name.into(),
         internal_ips: vec![ip.into()],
         pod_cidrs: vec![],
+        ..Default::default()
     }
 }
 
