@@ -613,6 +613,13 @@ fn run_blocking(
             )
             .with_target(Target::AtMost(5.0)),
         );
+        // The rate includes socket() and the reset close; connect() alone, as latency:
+        let p50 = |s: usize| pct_us(&samples[s], 50.0);
+        report.figures.push(Figure::new(
+            &format!("{n} services: socket LB vs direct (% slower, p50 connect())"),
+            ((p50(0) / p50(1) - 1.0) * 1000.0).round() / 10.0,
+            "%",
+        ));
         let faster = median(vs_dnat);
         report.figures.push(
             Figure::new(
