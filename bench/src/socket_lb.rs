@@ -589,6 +589,11 @@ fn run_blocking(
             progress.set(round + 1);
         }
         progress.finish();
+        report.figures.push(Figure::new(
+            &format!("{n} services: connect() calls timed per side"),
+            samples.iter().map(Vec::len).min().unwrap_or(0) as f64,
+            "connects",
+        ));
         for (s, side) in Side::ALL.iter().enumerate() {
             let name = format!("{n} services: {}", side.name());
             report.figures.push(Figure::new(
