@@ -13,6 +13,8 @@
 //! - [`lose_cluster`]: in a lab, requests from west while east is partitioned away or
 //!   east's pods die unseen: time to the last failed request, failures per loss, time to
 //!   quarantine.
+//! - [`socket_lb`]: connect() to a service VIP translated by socket LB vs a direct connect()
+//!   to the backend vs nftables DNAT, with 1k and 10k services, from pod namespaces.
 
 pub mod cluster;
 pub mod env;
@@ -24,6 +26,7 @@ pub mod policy;
 pub mod propagation;
 pub mod report;
 pub mod soak;
+pub mod socket_lb;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -81,6 +84,33 @@ pub enum Command {
     /// --minutes: RSS and fds of every process over time, and a verdict (no unbounded
     /// growth; every stream converged to etcd key for key). Exits 1 when it fails.
     Soak(soak::Opts),
+    /// connect() from a pod netns to a service VIP translated by the socket-LB programs vs
+    /// directly to a backend vs nftables DNAT (kube-proxy's nftables shape), 1k and 10k
+    /// services: connect rate and latency percentiles.
+    SocketLb(socket_lb::Opts),
+    /// One socket-lb client run: joins CGROUP, times COUNT connect() calls (run by the
+    /// socket-lb benchmark with nsenter in a client netns).
+    #[command(hide = true)]
+    SocketLbClient {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long, value_enum)]
+        target: socket_lb::ClientTarget,
+        #[arg(long)]
+        services: usize,
+        #[arg(long)]
+        backends: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        start: usize,
+    },
+    /// The socket-lb benchmark's listener (run with nsenter in the server netns).
+    #[command(hide = true)]
+    SocketLbServer {
+        #[arg(long)]
+        port: u16,
+    },
     /// Times COUNT connect() calls to ADDR (run inside a pod by the policy benchmark).
     #[command(hide = true)]
     ConnectLoop { addr: String, count: usize },
@@ -120,6 +150,29 @@ pub fn main() -> ExitCode {
     } = &cli.command
     {
         return match lose_cluster::request_loop(addr, *seconds, *timeout_ms) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let helper = match &cli.command {
+        Command::SocketLbClient {
+            cgroup,
+            target,
+            services,
+            backends,
+            count,
+            start,
+        } => Some(socket_lb::client(
+            cgroup, *target, *services, *backends, *count, *start,
+        )),
+        Command::SocketLbServer { port } => Some(socket_lb::server(*port)),
+        _ => None,
+    };
+    if let Some(r) = helper {
+        return match r {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -252,7 +305,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             failed |= !soak::passed(&r);
             reports.push(r);
         }
-        Command::Component { .. } | Command::ConnectLoop { .. } | Command::RequestLoop { .. } => {
+        Command::SocketLb(o) => {
+            let r = socket_lb::run(&o, &machine).await?;
+            emit(&r);
+            reports.push(r);
+        }
+        Command::Component { .. }
+        | Command::ConnectLoop { .. }
+        | Command::RequestLoop { .. }
+        | Command::SocketLbClient { .. }
+        | Command::SocketLbServer { .. } => {
             unreachable!("handled in main")
         }
     }

@@ -114,3 +114,32 @@ fn fanout_delivers_every_event_to_every_stream() {
         assert_eq!(figure(&r, &format!("{side}: events delivered")), 150.0);
     }
 }
+
+#[test]
+fn socket_lb_times_every_connect_of_every_side() {
+    require_root_and_etcd();
+    let r = bench(&[
+        "socket-lb",
+        "--services",
+        "10,40",
+        "--connects",
+        "30",
+        "--rounds",
+        "2",
+    ]);
+    for n in [10, 40] {
+        assert_eq!(
+            figure(&r, &format!("{n} services: connect() calls timed per side")),
+            60.0,
+            "{r:#}"
+        );
+        for side in ["socket-lb", "direct", "nft-dnat"] {
+            assert!(
+                figure(
+                    &r,
+                    &format!("{n} services: {side} connect rate (median round)")
+                ) > 0.0
+            );
+        }
+    }
+}
