@@ -42,6 +42,21 @@ impl LabGuard {
         Ok(guard)
     }
 
+    /// [`LabGuard::up`] with the lab binaries of `bin_dir` (mesh-lab, meshctl,
+    /// mesh-apiserver, mesh-agent), after checking they are all there.
+    pub fn up_from(bin_dir: &Path, prefix: &str, clusters: usize, nodes: usize) -> Result<Self> {
+        for b in ["mesh-lab", "meshctl", "mesh-apiserver", "mesh-agent"] {
+            if !bin_dir.join(b).is_file() {
+                bail!(
+                    "{b} is not in {}: build the lab binaries (cargo build --release -p \
+                     mesh-lab -p meshctl -p mesh-apiserver -p mesh-agent) or pass --bin-dir",
+                    bin_dir.display()
+                );
+            }
+        }
+        Self::up(&bin_dir.join("mesh-lab"), prefix, clusters, nodes)
+    }
+
     /// Runs `mesh-lab ARGS --name <lab>`; its stdout.
     pub fn lab(&self, args: &[&str]) -> Result<String> {
         let out = self.lab_command(args).output()?;

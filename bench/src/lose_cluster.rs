@@ -290,18 +290,8 @@ fn pod_ips(lab: &LabGuard, cluster: &str) -> Result<Vec<(String, String)>> {
 }
 
 fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report> {
-    let mesh_lab = bin_dir.join("mesh-lab");
-    for b in ["mesh-lab", "meshctl", "mesh-apiserver", "mesh-agent"] {
-        if !bin_dir.join(b).is_file() {
-            bail!(
-                "{b} is not in {}: build the lab binaries (cargo build --release -p mesh-lab \
-                 -p meshctl -p mesh-apiserver -p mesh-agent) or pass --bin-dir",
-                bin_dir.display()
-            );
-        }
-    }
     let bench = std::env::current_exe().context("mesh-bench's own path")?;
-    let lab = LabGuard::up(&mesh_lab, "lc", 2, 2)?;
+    let lab = LabGuard::up_from(bin_dir, "lc", 2, 2)?;
     for c in ["east", "west"] {
         lab.kubectl(c, &["apply", "-f", "-"], Some(REBEL_BASE))?;
         lab.kubectl(c, &["apply", "-f", "-"], Some(X_WING))?;

@@ -28,30 +28,6 @@ fn annotate(lab: &Lab, cluster: &str, kv: &str) {
     );
 }
 
-fn scale(lab: &Lab, cluster: &str, replicas: u32) {
-    lab.kubectl(
-        cluster,
-        &[
-            "-n",
-            "demo",
-            "scale",
-            "deployment",
-            "rebel-base",
-            &format!("--replicas={replicas}"),
-        ],
-    );
-}
-
-fn peer_status(lab: &Lab, cluster: &str, peer: &str) -> serde_json::Value {
-    let v: serde_json::Value =
-        serde_json::from_str(&lab.meshctl(cluster, &["status", "-o", "json"]))
-            .expect("status JSON");
-    v["peers"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == peer).cloned())
-        .unwrap_or_else(|| panic!("{cluster} has no peer {peer}: {v}"))
-}
-
 #[test]
 fn faults_agent_apiserver_partition() {
     require_root("faults_agent_apiserver_partition");
@@ -127,7 +103,7 @@ fn faults_agent_apiserver_partition() {
         Failures::Forbidden,
     );
     lab.lab(&["kill", "west", "apiserver"]);
-    scale(&lab, "west", 1);
+    lab.scale("west", "rebel-base", 1);
     let west_pods = wait_pods(&lab, "west", 1);
     lab.lab(&["start", "west", "apiserver"]);
     let want: Vec<&str> = west_pods.iter().map(String::as_str).collect();
@@ -145,7 +121,7 @@ fn faults_agent_apiserver_partition() {
     lab.lab(&["partition", "east", "west"]);
     let deadline = Instant::now() + STEP;
     loop {
-        let p = peer_status(&lab, "east", "west");
+        let p = lab.peer_status("east", "west");
         if p["connected"] == false && p["stale_for_seconds"].is_u64() {
             break;
         }
@@ -155,14 +131,14 @@ fn faults_agent_apiserver_partition() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    scale(&lab, "west", 2);
+    lab.scale("west", "rebel-base", 2);
     lab.rollout("west", "rebel-base");
     let west_pods = wait_pods(&lab, "west", 2);
     lab.lab(&["heal"]);
     // The importer reconnects with capped exponential backoff (at most 30 s plus jitter).
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let p = peer_status(&lab, "east", "west");
+        let p = lab.peer_status("east", "west");
         if p["connected"] == true && p["synced"] == true {
             eprintln!("after heal: {p}");
             break;
@@ -182,7 +158,7 @@ fn faults_agent_apiserver_partition() {
         STEP,
         Failures::Tolerated,
     );
-    let p = peer_status(&lab, "east", "west");
+    let p = lab.peer_status("east", "west");
     assert_eq!(p["connected"], true, "west still connected: {p}");
 }
 

@@ -35,20 +35,6 @@ fn unix_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn scale(lab: &Lab, cluster: &str, replicas: u32) {
-    lab.kubectl(
-        cluster,
-        &[
-            "-n",
-            "demo",
-            "scale",
-            "deployment",
-            "rebel-base",
-            &format!("--replicas={replicas}"),
-        ],
-    );
-}
-
 /// A lab with rebel-base global (affinity none) in east and west and x-wing in both,
 /// converged: west's requests reach both clusters.
 fn two_cluster_lab(tag: char) -> Lab {
@@ -137,21 +123,11 @@ fn judge_loss(replies: &[Reply], lost_at: u64, what: &str) {
     );
 }
 
-fn peer_status(lab: &Lab, cluster: &str, peer: &str) -> serde_json::Value {
-    let v: serde_json::Value =
-        serde_json::from_str(&lab.meshctl(cluster, &["status", "-o", "json"]))
-            .expect("status JSON");
-    v["peers"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == peer).cloned())
-        .unwrap_or_else(|| panic!("{cluster} has no peer {peer}: {v}"))
-}
-
 #[test]
 fn partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal() {
     require_root("partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal");
     let lab = two_cluster_lab('l');
-    let p = peer_status(&lab, "west", "east");
+    let p = lab.peer_status("west", "east");
     assert_eq!(p["heartbeat_interval_ms"], 1000, "default heartbeat: {p}");
     assert_eq!(p["loss_detection_ms"], 3000, "3 heartbeats: {p}");
 
@@ -179,7 +155,7 @@ fn partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal() {
         explained.contains("demoted: cluster east stale for"),
         "{explained}"
     );
-    let p = peer_status(&lab, "west", "east");
+    let p = lab.peer_status("west", "east");
     assert_eq!(p["connected"], false, "{p}");
     assert!(p["stale_for_seconds"].is_u64(), "{p}");
 
@@ -188,7 +164,7 @@ fn partitioned_cluster_is_demoted_within_seconds_and_returns_after_heal() {
     lab.lab(&["heal"]);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let p = peer_status(&lab, "west", "east");
+        let p = lab.peer_status("west", "east");
         if p["connected"] == true && p["synced"] == true {
             break;
         }
@@ -221,7 +197,7 @@ fn pods_deleted_while_etcd_is_down_are_quarantined_within_seconds() {
     assert!(first.value.is_some(), "the first request failed: {first:?}");
     lab.lab(&["kill", "east", "etcd"]);
     let deleted_at = unix_ms();
-    scale(&lab, "east", 0);
+    lab.scale("east", "rebel-base", 0);
     let mut replies = vec![first];
     replies.extend(stream.finish("cluster"));
     judge_loss(&replies, deleted_at, "the deletion");
@@ -268,7 +244,7 @@ fn pods_deleted_while_etcd_is_down_are_quarantined_within_seconds() {
         STEP,
         Failures::Forbidden,
     );
-    scale(&lab, "east", 2);
+    lab.scale("east", "rebel-base", 2);
     lab.rollout("east", "rebel-base");
     lab.converge(
         "west",

@@ -272,6 +272,32 @@ impl Lab {
         }
     }
 
+    /// Scales deployment `demo/<deploy>` of `cluster` to `replicas`.
+    pub fn scale(&self, cluster: &str, deploy: &str, replicas: u32) {
+        self.kubectl(
+            cluster,
+            &[
+                "-n",
+                "demo",
+                "scale",
+                "deployment",
+                deploy,
+                &format!("--replicas={replicas}"),
+            ],
+        );
+    }
+
+    /// `cluster`'s view of its peer `peer`, from `meshctl status -o json`.
+    pub fn peer_status(&self, cluster: &str, peer: &str) -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.meshctl(cluster, &["status", "-o", "json"]))
+                .expect("status JSON");
+        v["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == peer).cloned())
+            .unwrap_or_else(|| panic!("{cluster} has no peer {peer}: {v}"))
+    }
+
     /// Names of a deployment's pods' nodes in a cluster.
     pub fn pod_nodes(&self, cluster: &str, app: &str) -> BTreeSet<String> {
         self.kubectl(
