@@ -94,6 +94,18 @@ struct mesh_rev_nat_value {
 	__u16 pad;
 };
 
+/* mesh_sock_rev: socket-local storage of a socket whose connect() socket LB
+ * rewrote: the backend it was given and the frontend to show again. Read by
+ * recvmsg4/getpeername4 and by sock_ops (passive health). Freed with the
+ * socket: no hash, no LRU eviction. Unconnected UDP (sendmsg4: one socket,
+ * many destinations) keeps mesh_rev_nat. */
+struct mesh_sock_rev {
+	__u32 backend_ip;   /* network order */
+	__u16 backend_port; /* network order */
+	__u16 port;         /* frontend, network order */
+	__u32 vip;          /* network order */
+};
+
 /* mesh_flows: LRU per-CPU hash, per identity pair. */
 struct mesh_flow_key {
 	__u32 src_identity;
@@ -341,6 +353,14 @@ struct {
 	__type(value, struct mesh_rev_nat_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_rev_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct mesh_sock_rev);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_sock_rev SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);

@@ -236,6 +236,23 @@ static __always_inline void record_rev_nat(struct bpf_sock_addr *ctx,
 	bpf_map_update_elem(&mesh_rev_nat, &key, &value, BPF_ANY);
 }
 
+/* The same for a connect(): kept with the socket (mesh_sock_rev). Best effort too: without
+ * it the peer address shows the backend and passive health does not see the socket. */
+static __always_inline void record_sock_rev(struct bpf_sock_addr *ctx,
+					    const struct mesh_backend_value *backend,
+					    __u32 vip, __u16 port)
+{
+	struct mesh_sock_rev *r;
+
+	r = bpf_sk_storage_get(&mesh_sock_rev, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!r)
+		return;
+	r->backend_ip = backend->ip;
+	r->backend_port = backend->port;
+	r->vip = vip;
+	r->port = port;
+}
+
 /* The egress record of a connect()/sendmsg(): `dst_ip`/`dst_port` the final destination. */
 static __always_inline void egress_event(struct bpf_sock_addr *ctx, const struct client *c,
 					 __u32 vip, __u16 port, __u8 proto, __u32 dst_ip,
@@ -244,6 +261,9 @@ static __always_inline void egress_event(struct bpf_sock_addr *ctx, const struct
 {
 	struct mesh_flow_event ev;
 
+	/* Off (the default): not even the record's cookie and ipcache lookup. */
+	if (!events_on())
+		return;
 	__builtin_memset(&ev, 0, sizeof(ev));
 	ev.cookie = bpf_get_socket_cookie(ctx);
 	ev.src_ip = c->ip4;
@@ -265,9 +285,10 @@ static __always_inline void egress_event(struct bpf_sock_addr *ctx, const struct
 	event_emit(&ev);
 }
 
-/* Forward translation and egress policy, shared by connect4 and sendmsg4. Records a flow
- * event for every refusal, every translation, and every connection of a known endpoint. */
-static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
+/* Forward translation and egress policy, shared by connect4 (`connected`) and sendmsg4.
+ * Records a flow event for every refusal, every translation, and every connection of a
+ * known endpoint. */
+static __always_inline int sock4_forward(struct bpf_sock_addr *ctx, int connected)
 {
 	struct mesh_backend_value backend;
 	struct policy_verdict v = { MESH_RULE_NONE, MESH_VERDICT_ALLOW };
@@ -316,7 +337,10 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
 			     MESH_EVENT_FORWARDED, MESH_DROP_NONE,
 			     MESH_EVENT_F_TRANSLATED | (v.rule ? policy_flag : 0),
 			     backend.cluster_id);
-		record_rev_nat(ctx, &backend, vip, port);
+		if (connected)
+			record_sock_rev(ctx, &backend, vip, port);
+		else
+			record_rev_nat(ctx, &backend, vip, port);
 		ctx->user_ip4 = backend.ip;
 		ctx->user_port = (__u32)backend.port;
 		break;
@@ -326,21 +350,34 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
 	return SOCK_ALLOW;
 }
 
-/* Reverse translation shared by recvmsg4 and getpeername4. */
+/* Reverse translation shared by recvmsg4 and getpeername4: the socket's connect()
+ * translation, else a datagram's (or one recorded before mesh_sock_rev existed). */
 static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 {
 	struct mesh_rev_nat_key key;
 	struct mesh_rev_nat_value *value;
+	struct mesh_sock_rev *r;
+	__u32 vip, port;
 
-	__builtin_memset(&key, 0, sizeof(key));
-	key.cookie = bpf_get_socket_cookie(ctx);
-	key.backend_ip = ctx->user_ip4;
-	key.backend_port = (__u16)ctx->user_port;
-	value = bpf_map_lookup_elem(&mesh_rev_nat, &key);
-	if (value) {
-		ctx->user_ip4 = value->vip;
-		ctx->user_port = (__u32)value->port;
+	r = bpf_sk_storage_get(&mesh_sock_rev, ctx->sk, 0, 0);
+	if (r && r->backend_ip == ctx->user_ip4 && r->backend_port == (__u16)ctx->user_port) {
+		vip = r->vip;
+		port = r->port;
+	} else {
+		__builtin_memset(&key, 0, sizeof(key));
+		key.cookie = bpf_get_socket_cookie(ctx);
+		key.backend_ip = ctx->user_ip4;
+		key.backend_port = (__u16)ctx->user_port;
+		value = bpf_map_lookup_elem(&mesh_rev_nat, &key);
+		if (!value)
+			return SOCK_ALLOW;
+		vip = value->vip;
+		port = value->port;
 	}
+	/* One store of each field (the verifier refuses a ctx pointer the compiler would
+	 * offset to share the stores of two branches). */
+	ctx->user_ip4 = vip;
+	ctx->user_port = port;
 	return SOCK_ALLOW;
 }
 
@@ -432,21 +469,21 @@ static __always_inline int policy_ingress(struct __sk_buff *skb)
  * translated by socket LB (its peer is no mesh backend). */
 static __always_inline int health_key_of(struct bpf_sock_ops *skops, struct mesh_health_key *key)
 {
-	struct mesh_rev_nat_key rk;
+	struct bpf_sock *sk = skops->sk;
+	struct mesh_sock_rev *r;
+	__u16 port;
 
-	if (skops->family != 2 /* AF_INET */)
+	if (skops->family != 2 /* AF_INET */ || !sk)
 		return 0;
-	__builtin_memset(&rk, 0, sizeof(rk));
-	rk.cookie = bpf_get_socket_cookie(skops);
-	rk.backend_ip = skops->remote_ip4;
+	r = bpf_sk_storage_get(&mesh_sock_rev, sk, 0, 0);
 	/* remote_port holds the network-order port in its upper 16 bits (the kernel loads
-	 * the be16 and shifts it), so the shift gives it back as mesh_rev_nat stores it. */
-	rk.backend_port = (__u16)(skops->remote_port >> 16);
-	if (!bpf_map_lookup_elem(&mesh_rev_nat, &rk))
+	 * the be16 and shifts it), so the shift gives it back as mesh_sock_rev stores it. */
+	port = (__u16)(skops->remote_port >> 16);
+	if (!r || r->backend_ip != skops->remote_ip4 || r->backend_port != port)
 		return 0;
 	__builtin_memset(key, 0, sizeof(*key));
-	key->ip = rk.backend_ip;
-	key->port = rk.backend_port;
+	key->ip = r->backend_ip;
+	key->port = r->backend_port;
 	key->proto = IPPROTO_TCP;
 	return 1;
 }
@@ -511,13 +548,13 @@ int mesh_sock_ops(struct bpf_sock_ops *skops)
 SEC("cgroup/connect4")
 int mesh_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock4_forward(ctx);
+	return sock4_forward(ctx, 1);
 }
 
 SEC("cgroup/sendmsg4")
 int mesh_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock4_forward(ctx);
+	return sock4_forward(ctx, 0);
 }
 
 SEC("cgroup/recvmsg4")

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mesh_agent::datapath::{
-    BackendValue, Datapath, DatapathConfig, PROTO_TCP, ServiceEntryKey, ServiceEntryValue,
+    BackendValue, Datapath, DatapathConfig, PROTO_TCP, ProgramStats, RunTimeStats, ServiceEntryKey,
+    ServiceEntryValue,
 };
 
 use crate::env::{Bpffs, Cgroup, Proc};
@@ -162,11 +163,33 @@ pub fn client(
     Ok(())
 }
 
-/// One client run: the loop's wall time and each connect()'s.
+/// One client run: the loop's wall time and each connect()'s, and the time the kernel
+/// accounted to each of the datapath's programs during the run (warm-up included).
 #[derive(Debug, Clone, PartialEq)]
 struct Run {
     wall: Duration,
     connects: Vec<Duration>,
+    programs: Vec<ProgramStats>,
+}
+
+/// The programs whose time a connect() pays, as the benchmark reports them.
+const PROGRAMS: [&str; 3] = ["mesh_connect4", "mesh_sock_ops", "mesh_policy_ingress"];
+
+/// `after - before` per program (both from [`Datapath::program_stats`]).
+fn program_delta(before: &[ProgramStats], after: &[ProgramStats]) -> Vec<ProgramStats> {
+    after
+        .iter()
+        .map(|a| {
+            let b = before.iter().find(|b| b.name == a.name);
+            ProgramStats {
+                name: a.name.clone(),
+                run_time: a
+                    .run_time
+                    .saturating_sub(b.map_or(Duration::ZERO, |b| b.run_time)),
+                run_count: a.run_count - b.map_or(0, |b| b.run_count),
+            }
+        })
+        .collect()
 }
 
 impl Run {
@@ -187,7 +210,11 @@ fn parse_run(line: &str) -> Result<Run> {
     if connects.is_empty() {
         bail!("the client timed no connect()");
     }
-    Ok(Run { wall, connects })
+    Ok(Run {
+        wall,
+        connects,
+        programs: Vec::new(),
+    })
 }
 
 // === the server process ===
@@ -462,6 +489,7 @@ impl Topology {
             Side::Direct => (&self.lb_ns, &self.lb_cgroup, "backend"),
             Side::Dnat => (&self.nat_ns, &self.plain_cgroup, "vip"),
         };
+        let before = self.datapath.program_stats()?;
         let out = Command::new("nsenter")
             .arg(format!("--net={}", ns.path().display()))
             .arg("--")
@@ -485,7 +513,9 @@ impl Topology {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        parse_run(&String::from_utf8_lossy(&out.stdout))
+        let mut run = parse_run(&String::from_utf8_lossy(&out.stdout))?;
+        run.programs = program_delta(&before, &self.datapath.program_stats()?);
+        Ok(run)
     }
 }
 
@@ -589,6 +619,21 @@ fn run_blocking(
             progress.set(round + 1);
         }
         progress.finish();
+        // Where a connect()'s eBPF time goes: one more run of the two sides with programs,
+        // with the kernel's per-program accounting on (two clock reads per program run, so
+        // not during the timed rounds). Warm-up connects included.
+        let mut prog_time = vec![vec![(Duration::ZERO, 0u64); PROGRAMS.len()]; 2];
+        {
+            let _stats = RunTimeStats::enable()?;
+            for (s, side) in [Side::SocketLb, Side::Direct].into_iter().enumerate() {
+                let r = topo.measure(&self_exe, side, n, b, opts.connects, 0)?;
+                for (p, name) in PROGRAMS.iter().enumerate() {
+                    if let Some(d) = r.programs.iter().find(|d| d.name == *name) {
+                        prog_time[s][p] = (d.run_time, d.run_count);
+                    }
+                }
+            }
+        }
         report.figures.push(Figure::new(
             &format!("{n} services: connect() calls timed per side"),
             samples.iter().map(Vec::len).min().unwrap_or(0) as f64,
@@ -606,6 +651,30 @@ fn run_blocking(
                     &format!("{name} connect() p{p}"),
                     (pct_us(&samples[s], p) * 10.0).round() / 10.0,
                     "us",
+                ));
+            }
+        }
+        for s in [0, 1] {
+            let connects = prog_time[s][0].1.max(1) as f64;
+            let ns = |t: Duration| (t.as_nanos() as f64 / connects).round();
+            let total: Duration = prog_time[s].iter().map(|p| p.0).sum();
+            report.figures.push(Figure::new(
+                &format!(
+                    "{n} services: {} eBPF time per connect()",
+                    Side::ALL[s].name()
+                ),
+                ns(total),
+                "ns",
+            ));
+            for (p, name) in PROGRAMS.iter().enumerate() {
+                report.figures.push(Figure::new(
+                    &format!(
+                        "{n} services: {}   {name} ({:.1} runs per connect())",
+                        Side::ALL[s].name(),
+                        prog_time[s][p].1 as f64 / connects
+                    ),
+                    ns(prog_time[s][p].0),
+                    "ns",
                 ));
             }
         }

@@ -510,6 +510,9 @@ fn tcp_connect_to_service_is_load_balanced_and_refused_without_backends() {
         BTreeSet::from(["backend-a".to_owned(), "backend-b".to_owned()]),
         "every connection reaches a backend and both backends are used"
     );
+    // names() checked getpeername() showed the vip: TCP sockets keep their reverse
+    // translation in their own storage, nothing in the LRU map.
+    assert_eq!(rev_nat_entries(&bpffs.pin_dir("node")), 0);
 
     // A process outside the cgroup is not load balanced: nothing routes the vip.
     let outside = Proc::client(&net.netns, None, "tcp-client", &[&vip.to_string(), "1"]);
@@ -596,7 +599,10 @@ fn udp_replies_appear_to_come_from_the_service() {
             3
         ]
     );
-    // connect4 rewrites, getpeername4 reports the service.
+    // Each unconnected socket's reverse entry is in the LRU map (one socket, many peers).
+    let pin_dir = bpffs.pin_dir("node");
+    assert_eq!(rev_nat_entries(&pin_dir), 3);
+    // connect4 rewrites, getpeername4 reports the service: from the socket's own storage.
     let connected = Proc::client(
         &netns,
         Some(&cgroup),
@@ -612,6 +618,11 @@ fn udp_replies_appear_to_come_from_the_service() {
             };
             3
         ]
+    );
+    assert_eq!(
+        rev_nat_entries(&pin_dir),
+        3,
+        "a connected socket's entry is its own"
     );
 
     // A TCP frontend on the same vip and port is a different service.
@@ -633,6 +644,19 @@ fn udp_replies_appear_to_come_from_the_service() {
         &[&vip.to_string(), "unconnected", "1"],
     );
     assert_eq!(refused, vec![Outcome::Err { errno: EPERM }]);
+}
+
+/// Entries of the LRU reverse-translation map (datagrams of unconnected sockets).
+fn rev_nat_entries(pin_dir: &Path) -> usize {
+    let path = pin_dir.join("maps/mesh_rev_nat");
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool map dump {}", path.display());
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    entries.len()
 }
 
 /// Counts the programs attached to a cgroup, as the kernel reports them.

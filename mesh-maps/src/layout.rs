@@ -11,13 +11,13 @@ use std::mem::size_of;
 use crate::sys::{
     BPF_F_NO_PREALLOC, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE,
     BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
-    BPF_MAP_TYPE_RINGBUF, MapShape,
+    BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_SK_STORAGE, MapShape,
 };
 use crate::{
     MAP_BACKEND_HEALTH, MAP_BACKENDS, MAP_EVENT_CONFIG, MAP_EVENT_SEEN, MAP_EVENT_STATS,
     MAP_EVENTS, MAP_FLOWS, MAP_IPCACHE, MAP_POLICY, MAP_POLICY_COUNTERS, MAP_POLICY_ENDPOINTS,
     MAP_POLICY_NETNS, MAP_POLICY_REPLIES, MAP_POLICY_RULES, MAP_QUARANTINE, MAP_REV_NAT,
-    MAP_SERVICES,
+    MAP_SERVICES, MAP_SOCK_REV,
 };
 
 /// Reserved identity of addresses the ipcache does not know.
@@ -153,6 +153,21 @@ pub struct RevNatValue {
     /// Network order.
     pub port: u16,
     pub pad: u16,
+}
+
+/// `struct mesh_sock_rev`: socket-local storage (`mesh_sock_rev`, key `int`) of a socket
+/// whose connect() socket LB rewrote.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRev {
+    /// Network order.
+    pub backend_ip: u32,
+    /// Network order.
+    pub backend_port: u16,
+    /// The frontend's, network order.
+    pub port: u16,
+    /// Network order.
+    pub vip: u32,
 }
 
 /// `struct mesh_flow_key`.
@@ -389,7 +404,7 @@ impl PolicyRuleName {
 
 /// Every map of bpf/mesh.h with the type, sizes and flags its definition
 /// gives it: what a pinned map must be for this build to use it.
-pub fn expected_shapes() -> [(&'static str, MapShape); 17] {
+pub fn expected_shapes() -> [(&'static str, MapShape); 18] {
     let shape = |map_type, key: usize, value: usize, max_entries, map_flags| MapShape {
         map_type,
         key_size: key as u32,
@@ -436,6 +451,16 @@ pub fn expected_shapes() -> [(&'static str, MapShape); 17] {
                 size_of::<RevNatValue>(),
                 REV_NAT_MAX,
                 0,
+            ),
+        ),
+        (
+            MAP_SOCK_REV,
+            shape(
+                BPF_MAP_TYPE_SK_STORAGE,
+                size_of::<i32>(),
+                size_of::<SockRev>(),
+                0,
+                BPF_F_NO_PREALLOC,
             ),
         ),
         (
@@ -627,6 +652,7 @@ fn layouts() -> Layout {
         BackendValue => "mesh_backend_value" { ip, port, proto, pad, cluster_id, pad2, flags },
         RevNatKey => "mesh_rev_nat_key" { cookie, backend_ip, backend_port, pad },
         RevNatValue => "mesh_rev_nat_value" { vip, port, pad },
+        SockRev => "mesh_sock_rev" { backend_ip, backend_port, port, vip },
         FlowKey => "mesh_flow_key" { src_identity, dst_identity },
         FlowValue => "mesh_flow_value" { packets, bytes },
         PolicyEndpoint => "mesh_policy_endpoint" { ingress_table, egress_table, flags },
@@ -717,6 +743,16 @@ mod tests {
                 "mesh_rev_nat_value",
                 8,
                 vec![("vip", 0), ("port", 4), ("pad", 6)],
+            ),
+            (
+                "mesh_sock_rev",
+                12,
+                vec![
+                    ("backend_ip", 0),
+                    ("backend_port", 4),
+                    ("port", 6),
+                    ("vip", 8),
+                ],
             ),
             (
                 "mesh_flow_key",

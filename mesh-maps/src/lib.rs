@@ -39,6 +39,7 @@ pub const MAP_IPCACHE: &str = "mesh_ipcache";
 pub const MAP_SERVICES: &str = "mesh_services";
 pub const MAP_BACKENDS: &str = "mesh_backends";
 pub const MAP_REV_NAT: &str = "mesh_rev_nat";
+pub const MAP_SOCK_REV: &str = "mesh_sock_rev";
 pub const MAP_FLOWS: &str = "mesh_flows";
 pub const MAP_POLICY_ENDPOINTS: &str = "mesh_policy_endpoints";
 pub const MAP_POLICY: &str = "mesh_policy";

@@ -44,6 +44,7 @@ pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 pub const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
 pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 pub const BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE: u32 = 21;
+pub const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
 pub const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 /// `map_flags`: entries are allocated on insert.
 pub const BPF_F_NO_PREALLOC: u32 = 1;

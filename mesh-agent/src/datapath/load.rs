@@ -162,7 +162,7 @@ impl Datapath {
                 ipcache: true,
             },
             links,
-            _objects: objects,
+            objects,
         })
     }
 
@@ -174,6 +174,25 @@ impl Datapath {
     /// The links set up by [`Datapath::open`], and whether each was reused.
     pub fn links(&self) -> &[LinkStatus] {
         &self.links
+    }
+
+    /// Run time and runs of each loaded program (zero unless [`RunTimeStats`] are on).
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        let mut out = Vec::new();
+        for obj in &self.objects {
+            for (name, prog) in obj.programs() {
+                let info = prog.info().map_err(|e| Error::ProgramInfo {
+                    program: name.to_owned(),
+                    source: Box::new(e),
+                })?;
+                out.push(ProgramStats {
+                    name: name.to_owned(),
+                    run_time: info.run_time(),
+                    run_count: info.run_count(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// The per-node pin directory.

@@ -112,6 +112,17 @@ pub enum Error {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    #[error("program {program}: reading its info: {source}")]
+    ProgramInfo {
+        program: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("enabling eBPF run-time statistics (BPF_ENABLE_STATS): {source}")]
+    Stats {
+        #[source]
+        source: io::Error,
+    },
     #[error("program {program} is missing from eBPF object {object}")]
     MissingProgram {
         object: &'static str,
@@ -268,7 +279,34 @@ pub struct Datapath {
     links: Vec<LinkStatus>,
     // The loaded objects; their programs stay attached through the pinned
     // links, these only keep the program file descriptors for our lifetime.
-    _objects: Vec<Ebpf>,
+    objects: Vec<Ebpf>,
+}
+
+/// The kernel's accounting of one of this datapath's programs: total run time and runs,
+/// counted only while run-time statistics are on ([`RunTimeStats::enable`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: String,
+    pub run_time: std::time::Duration,
+    pub run_count: u64,
+}
+
+/// Kernel-wide eBPF run-time statistics (`BPF_ENABLE_STATS`), on while this value lives.
+/// They cost every program on the machine two clock reads per run: for benchmarks and
+/// diagnosis, not for the agent's normal operation.
+#[derive(Debug)]
+pub struct RunTimeStats {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl RunTimeStats {
+    pub fn enable() -> Result<Self> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map(|fd| Self { _fd: fd })
+            .map_err(|e| Error::Stats {
+                source: io::Error::other(e),
+            })
+    }
 }
 
 impl std::fmt::Debug for Datapath {
