@@ -496,10 +496,14 @@ static __always_inline void health_record(struct bpf_sock_ops *skops, int ok)
 
 	if (!health_key_of(skops, &key))
 		return;
-	now = bpf_ktime_get_boot_ns();
 	v = bpf_map_lookup_elem(&mesh_backend_health, &key);
 	if (!v) {
 		struct mesh_health_value init;
+
+		/* A success of a backend with no failure on record heals nothing: no entry, so
+		 * healthy traffic neither pays for one nor evicts a failing backend's. */
+		if (ok)
+			return;
 
 		__builtin_memset(&init, 0, sizeof(init));
 		bpf_map_update_elem(&mesh_backend_health, &key, &init, BPF_NOEXIST);
@@ -507,6 +511,7 @@ static __always_inline void health_record(struct bpf_sock_ops *skops, int ok)
 		if (!v)
 			return;
 	}
+	now = bpf_ktime_get_boot_ns();
 	if (ok) {
 		__sync_fetch_and_add(&v->successes, 1);
 		v->last_success_ns = now;

@@ -1560,7 +1560,7 @@ fn flow_events_record_connections_and_drops_and_count_what_is_lost() {
 }
 
 #[test]
-fn sock_ops_counts_failed_and_successful_connects_per_backend() {
+fn sock_ops_counts_failed_connects_per_backend_and_successes_after_them() {
     require_root!();
     let cgroup = Cgroup::new("hlth");
     let bpffs = Bpffs::mounted();
@@ -1593,22 +1593,28 @@ fn sock_ops_counts_failed_and_successful_connects_per_backend() {
         &["10.0.1.3:8080", "2"],
     );
     assert!(direct.iter().all(|o| matches!(o, Outcome::Err { .. })));
-    let counters: std::collections::BTreeMap<(Ipv4Addr, u16), (u64, u64)> = dp
-        .health_counters()
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                (Ipv4Addr::from(u32::from_be(k.ip)), u16::from_be(k.port)),
-                (v.successes, v.failures),
-            )
-        })
-        .collect();
+    let counters = |dp: &Datapath| -> std::collections::BTreeMap<(Ipv4Addr, u16), (u64, u64)> {
+        dp.health_counters()
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    (Ipv4Addr::from(u32::from_be(k.ip)), u16::from_be(k.port)),
+                    (v.successes, v.failures),
+                )
+            })
+            .collect()
+    };
+    // Successes of a backend with no failure on record make no entry (nothing to heal).
     assert_eq!(
-        counters,
-        std::collections::BTreeMap::from([
-            ((BACKEND_A, 8080), (4, 0)),
-            ((Ipv4Addr::new(10, 0, 1, 3), 8080), (0, 3)),
-        ])
+        counters(&dp),
+        std::collections::BTreeMap::from([((Ipv4Addr::new(10, 0, 1, 3), 8080), (0, 3))])
+    );
+    // Once it has failed, its successes are counted (the agent heals it on them).
+    let _back = Proc::server(&net.netns, "tcp-server", &["10.0.1.3:8080", "back"]);
+    assert!(connect("2").iter().all(|o| matches!(o, Outcome::Ok { .. })));
+    assert_eq!(
+        counters(&dp),
+        std::collections::BTreeMap::from([((Ipv4Addr::new(10, 0, 1, 3), 8080), (2, 3))])
     );
 }
