@@ -229,50 +229,79 @@ pub fn compute<S: Borrow<ClusterState>>(
     }
 
     // Ipcache: the local cluster first, so its entries win a conflict.
-    let local_id = cluster_id(local_cluster);
-    let order = clusters
+    let (ipcache, ipcache_dropped) = compute_ipcache(clusters, local_cluster, node);
+    desired.ipcache = ipcache;
+    dropped.extend(ipcache_dropped);
+    (desired, dropped)
+}
+
+/// The ipcache of [`compute`] and what it leaves out, in the order the entries are
+/// considered: the local cluster, then the others by name; in each, node IPs (nodes by
+/// name), then endpoints (by IP). The first entry of an IP wins, the later ones are dropped
+/// as duplicates.
+///
+/// Built in bulk: the candidates are collected into one vector (each cluster's endpoints
+/// come sorted by IP), sorted stably by prefix (a merge of sorted runs), the first of each
+/// prefix kept, and the map built from the sorted entries at once; for 512k entries this is
+/// several times faster than inserting them one by one into the map and into a map of
+/// owners.
+fn compute_ipcache<S: Borrow<ClusterState>>(
+    clusters: &BTreeMap<ClusterName, S>,
+    local_cluster: &ClusterName,
+    node: &str,
+) -> (BTreeMap<IpNet, IpcacheInfo>, Vec<Dropped>) {
+    let local_id = clusters
+        .get(local_cluster)
+        .and_then(|c| c.borrow().config.as_ref())
+        .map_or(0, |c| c.id.get());
+    let order: Vec<(&ClusterName, &ClusterState)> = clusters
         .get_key_value(local_cluster)
         .into_iter()
-        .chain(clusters.iter().filter(|(n, _)| *n != local_cluster));
-    let mut owner: BTreeMap<IpNet, &ClusterName> = BTreeMap::new();
-    for (name, cluster) in order {
-        let cluster: &ClusterState = cluster.borrow();
+        .chain(clusters.iter().filter(|(n, _)| *n != local_cluster))
+        .map(|(n, c)| (n, c.borrow()))
+        .collect();
+    // Dropped entries with their position in the order above, to report them in it.
+    let mut dropped: Vec<(usize, Dropped)> = Vec::new();
+    let capacity = order
+        .iter()
+        .map(|(_, c)| c.endpoints.len() + c.nodes.len())
+        .sum();
+    // (prefix, info, index of the cluster in `order`, position).
+    let mut candidates: Vec<(IpNet, IpcacheInfo, u32, u32)> = Vec::with_capacity(capacity);
+    let mut position = 0usize;
+    for (index, &(name, cluster)) in order.iter().enumerate() {
         let Some(config) = &cluster.config else {
-            dropped.extend(cluster.endpoints.keys().map(|ip| Dropped {
-                cluster: name.clone(),
-                ip: *ip,
-                reason: DropReason::ConfigUnknown,
-            }));
+            for ip in cluster.endpoints.keys() {
+                position += 1;
+                let d = Dropped {
+                    cluster: name.clone(),
+                    ip: *ip,
+                    reason: DropReason::ConfigUnknown,
+                };
+                dropped.push((position, d));
+            }
             continue;
         };
         let is_local = name == local_cluster;
-        let mut insert = |ip: IpAddr, info: IpcacheInfo, dropped: &mut Vec<Dropped>| {
+        let mut push = |ip: IpAddr,
+                        info: IpcacheInfo,
+                        position: usize,
+                        dropped: &mut Vec<(usize, Dropped)>| {
             let ipv6 = match (ip, info.host_ip) {
                 (IpAddr::V6(_), _) => Some(DropReason::Ipv6),
                 (_, Some(host @ IpAddr::V6(_))) => Some(DropReason::Ipv6NodeIp(host)),
                 _ => None,
             };
             if let Some(reason) = ipv6 {
-                dropped.push(Dropped {
+                let d = Dropped {
                     cluster: name.clone(),
                     ip,
                     reason,
-                });
+                };
+                dropped.push((position, d));
                 return;
             }
-            let prefix = IpNet::from(ip);
-            if let Some(kept) = owner.get(&prefix) {
-                dropped.push(Dropped {
-                    cluster: name.clone(),
-                    ip,
-                    reason: DropReason::DuplicateIp {
-                        kept: (*kept).clone(),
-                    },
-                });
-                return;
-            }
-            owner.insert(prefix, name);
-            desired.ipcache.insert(prefix, info);
+            candidates.push((IpNet::from(ip), info, index as u32, position as u32));
         };
         for n in cluster.nodes.values() {
             let this_node = is_local && n.name == node;
@@ -288,16 +317,19 @@ pub fn compute<S: Borrow<ClusterState>>(
                     local_node: this_node,
                     remote_cluster: !is_local,
                 };
-                insert(ip, info, &mut dropped);
+                position += 1;
+                push(ip, info, position, &mut dropped);
             }
         }
         for ep in cluster.endpoints.values() {
             if let Err(e) = ep.identity.check_range(name, config.id) {
-                dropped.push(Dropped {
+                position += 1;
+                let d = Dropped {
                     cluster: name.clone(),
                     ip: ep.ip,
                     reason: DropReason::IdentityOutOfRange(e),
-                });
+                };
+                dropped.push((position, d));
                 continue;
             }
             let info = IpcacheInfo {
@@ -307,10 +339,38 @@ pub fn compute<S: Borrow<ClusterState>>(
                 local_node: is_local && ep.node == node,
                 remote_cluster: config.id.get() != local_id || !is_local,
             };
-            insert(ep.ip, info, &mut dropped);
+            position += 1;
+            push(ep.ip, info, position, &mut dropped);
         }
     }
-    (desired, dropped)
+    // Stable: the entries of one prefix stay in the order they were considered.
+    candidates.sort_by_key(|c| c.0);
+    let mut kept: Option<(IpNet, u32)> = None;
+    let entries = candidates
+        .into_iter()
+        .filter_map(|(prefix, info, index, position)| {
+            if let Some((prev, owner)) = kept
+                && prev == prefix
+            {
+                let (name, _) = order[index as usize];
+                let (owner, _) = order[owner as usize];
+                let d = Dropped {
+                    cluster: name.clone(),
+                    ip: prefix.addr(),
+                    reason: DropReason::DuplicateIp {
+                        kept: owner.clone(),
+                    },
+                };
+                dropped.push((position as usize, d));
+                return None;
+            }
+            kept = Some((prefix, index));
+            Some((prefix, info))
+        });
+    // Sorted and without duplicates: `collect` builds the tree in one pass.
+    let ipcache: BTreeMap<IpNet, IpcacheInfo> = entries.collect();
+    dropped.sort_by_key(|(position, _)| *position);
+    (ipcache, dropped.into_iter().map(|(_, d)| d).collect())
 }
 
 // === the maps as they are ===
@@ -517,18 +577,20 @@ pub fn plan(current: &DatapathState, desired: &DesiredState) -> Vec<Op> {
     let ids = BackendIds::assign(current, desired);
     let id_of = |key: &BackendKey| ids.get(key).expect("every desired backend has an id");
 
+    // Both maps iterate in prefix order: one merge pass, no lookups.
     let mut ipcache_upserts = Vec::new();
     let mut ipcache_deletes = Vec::new();
+    let mut cur = current.ipcache.iter().peekable();
     for (&prefix, &info) in &desired.ipcache {
-        if current.ipcache.get(&prefix) != Some(&info) {
-            ipcache_upserts.push(Op::IpcacheUpsert { prefix, info });
+        while let Some((&gone, _)) = cur.next_if(|(p, _)| **p < prefix) {
+            ipcache_deletes.push(Op::IpcacheDelete { prefix: gone });
+        }
+        match cur.next_if(|(p, _)| **p == prefix) {
+            Some((_, have)) if *have == info => {}
+            _ => ipcache_upserts.push(Op::IpcacheUpsert { prefix, info }),
         }
     }
-    for prefix in current.ipcache.keys() {
-        if !desired.ipcache.contains_key(prefix) {
-            ipcache_deletes.push(Op::IpcacheDelete { prefix: *prefix });
-        }
-    }
+    ipcache_deletes.extend(cur.map(|(&prefix, _)| Op::IpcacheDelete { prefix }));
 
     let mut backend_upserts = Vec::new();
     for (key, &info) in &desired.backends {

@@ -93,9 +93,56 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     // Its failure is logged where it happens; the agent keeps programming the datapath.
     tokio::spawn(health);
 
+    // The watch starts before the datapath opens: the snapshot is received and applied to
+    // the state while the programs load (a few hundred ms, on a blocking thread). Nothing
+    // is programmed before the sync gate passes, in `Agent::run`, as before.
+    let endpoint = settings.endpoint.clone();
+    let connect = connect_fn(move || {
+        let endpoint = endpoint.clone();
+        async move { tls::connect(&endpoint).await.map(max_message_size) }
+    });
+    let recorder = match &settings.watch_record {
+        Some(path) => {
+            let file = mesh_proto::record::FileRecorder::create(path).map_err(|source| {
+                Error::WatchRecord {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            let recorder: Arc<dyn mesh_proto::client::WatchRecorder> = Arc::new(file);
+            Some(recorder)
+        }
+        None => None,
+    };
+    let options = WatchOptions {
+        heartbeat_interval: settings.heartbeat_interval,
+        recorder,
+        ..WatchOptions::default()
+    };
+    let mut watch = spawn_watch(connect, pb::WatchRequest::default(), options);
+    let mut state = MeshState::new(settings.cluster.clone());
     let mut dp_config = DatapathConfig::new(&settings.pin_dir, &settings.cgroup_path);
     dp_config.flow_iface = settings.flow_iface.clone();
-    let mut dp = Datapath::open(dp_config)?;
+    let mut open = tokio::task::spawn_blocking(move || Datapath::open(dp_config));
+    let mut changed = false;
+    let opened = loop {
+        tokio::select! {
+            opened = &mut open => break opened,
+            batch = watch.recv_batch() => {
+                let Some(batch) = batch else { return Err(Error::WatchEnded) };
+                metrics.initial_sync.mark("first_message");
+                for update in batch {
+                    changed |= apply_update(&mut state, &metrics, update);
+                }
+            }
+        }
+    };
+    let mut dp = match opened {
+        Ok(dp) => dp?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("opening the datapath was cancelled: {e}"),
+    };
+    metrics.initial_sync.mark("datapath_open");
     info!(node = %settings.node, cluster = %settings.cluster, pin_dir = %settings.pin_dir.display(),
         links = ?dp.links(), "datapath ready");
 
@@ -188,36 +235,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .instrument(info_span!("status_report")),
     );
 
-    let endpoint = settings.endpoint.clone();
-    let connect = connect_fn(move || {
-        let endpoint = endpoint.clone();
-        async move { tls::connect(&endpoint).await.map(max_message_size) }
-    });
-    let recorder = match &settings.watch_record {
-        Some(path) => {
-            let file = mesh_proto::record::FileRecorder::create(path).map_err(|source| {
-                Error::WatchRecord {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-            let recorder: Arc<dyn mesh_proto::client::WatchRecorder> = Arc::new(file);
-            Some(recorder)
-        }
-        None => None,
-    };
-    let options = WatchOptions {
-        heartbeat_interval: settings.heartbeat_interval,
-        recorder,
-        ..WatchOptions::default()
-    };
-    let watch = spawn_watch(connect, pb::WatchRequest::default(), options);
-
     let routes = match settings.routing {
         config::Routing::Native => Some(RouteTable::new()?),
         config::Routing::None => None,
     };
-    let state = MeshState::new(settings.cluster.clone());
     let health_config = settings.health;
     let netns = crate::datapath::NetnsScanner::new(&settings.cgroup_path);
     let mut agent = Agent {
@@ -243,7 +264,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         last_error: None,
         failures: 0,
     };
-    agent.run(watch, shutdown).await
+    agent.run(watch, shutdown, changed).await
 }
 
 /// Where probes of quarantined backends report `(backend, connected)`.
@@ -285,15 +306,17 @@ struct Agent {
 // === impl Agent ===
 
 impl Agent {
+    /// `changed`: updates applied before (while the datapath opened) changed the state.
     async fn run(
         &mut self,
         mut watch: mesh_proto::client::Watch,
         shutdown: CancellationToken,
+        changed: bool,
     ) -> Result<(), Error> {
         let stats = watch.stats();
         let started = Instant::now();
         let initial_deadline = started + self.settings.initial_sync_timeout;
-        let mut due: Option<Instant> = None;
+        let mut due: Option<Instant> = changed.then(|| Instant::now() + self.settings.debounce);
         let mut timed_out = false;
         let mut resync = tokio::time::interval_at(
             started + self.settings.resync_interval,
@@ -319,9 +342,9 @@ impl Agent {
                     info!("shutting down; the pinned datapath keeps serving");
                     return Ok(());
                 }
-                update = watch.recv() => {
-                    let Some(update) = update else { return Err(Error::WatchEnded) };
-                    if self.on_update(update) {
+                batch = watch.recv_batch() => {
+                    let Some(batch) = batch else { return Err(Error::WatchEnded) };
+                    if self.on_updates(batch) {
                         due.get_or_insert_with(|| Instant::now() + self.settings.debounce);
                     }
                     let r = stats.reconnects();
@@ -481,42 +504,22 @@ impl Agent {
             .quarantines = report;
     }
 
+    /// Applies a batch of updates (one message of the watch stream), in order; returns
+    /// whether a reconcile is needed.
+    fn on_updates(&mut self, batch: Vec<WatchUpdate>) -> bool {
+        if !self.programmed {
+            self.metrics.initial_sync.mark("first_message");
+        }
+        let mut changed = false;
+        for update in batch {
+            changed |= self.on_update(update);
+        }
+        changed
+    }
+
     /// Applies one update; returns whether a reconcile is needed.
     fn on_update(&mut self, update: WatchUpdate) -> bool {
-        match &update {
-            WatchUpdate::Connected { resumed, revision } => {
-                info!(resumed, revision, "watching the local apiserver");
-            }
-            WatchUpdate::Disconnected { error } => {
-                warn!(%error, "lost the local apiserver; the datapath keeps its state");
-            }
-            WatchUpdate::Reset { reason } => {
-                info!(%reason, "watch reset: a fresh snapshot follows");
-            }
-            _ => {}
-        }
-        match self.state.apply(update) {
-            Applied::Changed => true,
-            Applied::ClusterSynced(cluster) => {
-                self.metrics
-                    .cluster_synced
-                    .get_or_create(&ClusterLabels {
-                        cluster: cluster.to_string(),
-                    })
-                    .set(1);
-                true
-            }
-            Applied::Unchanged => false,
-            Applied::Rejected { kind, .. } => {
-                self.metrics
-                    .rejected_objects
-                    .get_or_create(&KindLabels {
-                        kind: state::kind_name(kind).to_owned(),
-                    })
-                    .inc();
-                false
-            }
-        }
+        apply_update(&mut self.state, &self.metrics, update)
     }
 
     /// Recomputes and applies the desired datapath; `Err(delay)` asks for a retry.
@@ -543,6 +546,7 @@ impl Agent {
                 "initial sync done: programming the datapath"
             );
             self.programmed = true;
+            self.metrics.initial_sync.mark("snapshot_applied");
         }
 
         let t0 = Instant::now();
@@ -584,6 +588,9 @@ impl Agent {
         self.quarantined = self.health.quarantined(crate::datapath::boottime_ns());
         desired::apply_quarantine(&mut desired, &self.quarantined);
         let computed = t0.elapsed();
+        if first {
+            self.metrics.initial_sync.mark("computed");
+        }
         self.record_dropped(&dropped);
         let flow_ctx = flows::FlowContext::build(
             &local,
@@ -598,6 +605,7 @@ impl Agent {
         match self.reconciler.reconcile(&desired) {
             Ok(counts) => {
                 if first {
+                    self.metrics.initial_sync.mark("maps_written");
                     info!(
                         compute_ms = computed.as_millis() as u64,
                         maps_ms = (t0.elapsed() - computed).as_millis() as u64,
@@ -661,6 +669,9 @@ impl Agent {
         let changed_error = self.last_error != error;
         self.last_error = error;
         self.update_status(None, changed_error);
+        if first {
+            self.metrics.initial_sync.mark("finished");
+        }
         if failed {
             Err(Duration::from_millis(100 << self.failures.min(7)))
         } else {
@@ -778,6 +789,44 @@ impl Agent {
         drop(status);
         if sync_changed || changed_error {
             self.report_now.notify_one();
+        }
+    }
+}
+
+/// Applies one update to `state` (logged, counted); returns whether a reconcile is needed.
+fn apply_update(state: &mut MeshState, metrics: &Metrics, update: WatchUpdate) -> bool {
+    match &update {
+        WatchUpdate::Connected { resumed, revision } => {
+            info!(resumed, revision, "watching the local apiserver");
+        }
+        WatchUpdate::Disconnected { error } => {
+            warn!(%error, "lost the local apiserver; the datapath keeps its state");
+        }
+        WatchUpdate::Reset { reason } => {
+            info!(%reason, "watch reset: a fresh snapshot follows");
+        }
+        _ => {}
+    }
+    match state.apply(update) {
+        Applied::Changed => true,
+        Applied::ClusterSynced(cluster) => {
+            metrics
+                .cluster_synced
+                .get_or_create(&ClusterLabels {
+                    cluster: cluster.to_string(),
+                })
+                .set(1);
+            true
+        }
+        Applied::Unchanged => false,
+        Applied::Rejected { kind, .. } => {
+            metrics
+                .rejected_objects
+                .get_or_create(&KindLabels {
+                    kind: state::kind_name(kind).to_owned(),
+                })
+                .inc();
+            false
         }
     }
 }

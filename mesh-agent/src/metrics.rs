@@ -2,7 +2,8 @@
 //! `/readyz` answers (the server is [`mesh_proto::serve`], shared with mesh-apiserver).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -62,6 +63,57 @@ pub struct Metrics {
     pub backends_quarantined: Gauge,
     /// The agent's own probe connects to quarantined backends, by result.
     pub quarantine_probes: Family<ProbeLabels, Counter>,
+    /// When each phase of the initial sync ended, in seconds since the agent started.
+    pub initial_sync: InitialSync,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+/// The phases of the initial sync, in order (`mesh_agent_initial_sync_seconds{phase}`):
+/// when each ended, in seconds since the agent started. A phase that has not ended has no
+/// series.
+pub const SYNC_PHASES: [&str; 6] = [
+    // The pinned maps and programs are loaded and attached.
+    "datapath_open",
+    // The first message of the watch stream arrived (the stream is open).
+    "first_message",
+    // The snapshot is applied to the state and the sync gate let it through.
+    "snapshot_applied",
+    // The desired datapath is computed (services, backends, ipcache, policy).
+    "computed",
+    // The service, backend and ipcache maps are written.
+    "maps_written",
+    // Policy maps, routes, flow context and status are done: the first reconcile is over.
+    "finished",
+];
+
+/// `mesh_agent_initial_sync_seconds`: marks the end of each phase of the initial sync
+/// (see [`SYNC_PHASES`]), once.
+#[derive(Clone, Debug)]
+pub struct InitialSync {
+    started: Instant,
+    family: Family<PhaseLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl InitialSync {
+    /// Marks `phase` as ended now, unless it was marked before.
+    pub fn mark(&self, phase: &'static str) {
+        debug_assert!(SYNC_PHASES.contains(&phase), "unknown phase {phase}");
+        let labels = PhaseLabels { phase };
+        if self.family.get(&labels).is_none() {
+            self.family
+                .get_or_create(&labels)
+                .set(self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// When `phase` ended (seconds since the agent started), if it did.
+    pub fn get(&self, phase: &'static str) -> Option<f64> {
+        self.family.get(&PhaseLabels { phase }).map(|g| g.get())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +142,10 @@ impl Metrics {
             backend_quarantines: Counter::default(),
             backends_quarantined: Gauge::default(),
             quarantine_probes: Family::default(),
+            initial_sync: InitialSync {
+                started: Instant::now(),
+                family: Family::default(),
+            },
         };
         let r = registry.sub_registry_with_prefix("mesh_agent");
         r.register("map_entries", "Entries per eBPF map", m.map_entries.clone());
@@ -163,6 +219,11 @@ impl Metrics {
             "quarantine_probes",
             "Probe connects to quarantined backends whose period is over, by result",
             m.quarantine_probes.clone(),
+        );
+        r.register(
+            "initial_sync_seconds",
+            "When each phase of the initial sync ended, in seconds since the agent started",
+            m.initial_sync.family.clone(),
         );
         for result in ["success", "failure"] {
             let _ = m.quarantine_probes.get_or_create(&ProbeLabels { result });

@@ -9,6 +9,7 @@
 //! The maps are IPv4 only for now: IPv6 entries are dropped from the desired state (and
 //! cannot appear in the maps), so a plan never tries to write them.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -162,20 +163,47 @@ impl<M: Maps> Reconciler<M> {
         for batch in ops.chunk_by(|a, b| op_kind(a) == op_kind(b)) {
             // On failure the mirror stays `None`: the next attempt re-reads the maps.
             self.maps.apply_batch(batch)?;
-            for op in batch {
-                current.apply(op);
+            let ipcache = matches!(
+                batch[0],
+                Op::IpcacheUpsert { .. } | Op::IpcacheDelete { .. }
+            );
+            if !ipcache {
+                for op in batch {
+                    current.apply(op);
+                }
             }
             *counts.entry(op_kind(&batch[0])).or_default() += batch.len() as u64;
         }
+        // The whole plan is applied, so the ipcache is the desired one (`plan`'s
+        // property): taken at once rather than inserted op by op into the mirror (512k
+        // inserts for a large mesh's first reconcile).
+        current.ipcache = match desired {
+            Cow::Owned(d) => d.ipcache,
+            Cow::Borrowed(d) => d.ipcache.clone(),
+        };
         debug!(ops = ops.len(), "reconciled");
         self.mirror = Some(current);
         Ok(counts)
     }
 }
 
-/// `desired` without IPv6 frontends, backends and prefixes.
-pub fn ipv4_only(desired: &DesiredState) -> DesiredState {
-    DesiredState {
+/// `desired` without IPv6 frontends, backends and prefixes (borrowed when it has none:
+/// `desired::compute` leaves them out already, only policy CIDRs may add some).
+pub fn ipv4_only(desired: &DesiredState) -> Cow<'_, DesiredState> {
+    let v4_backend = |b: &BackendKey| b.ip.is_ipv4();
+    let all_v4 = desired
+        .services
+        .iter()
+        .all(|(k, b)| k.vip.is_ipv4() && b.iter().all(v4_backend))
+        && desired.backends.keys().all(v4_backend)
+        && desired
+            .ipcache
+            .keys()
+            .all(|k| matches!(k, ipnet::IpNet::V4(_)));
+    if all_v4 {
+        return Cow::Borrowed(desired);
+    }
+    Cow::Owned(DesiredState {
         services: desired
             .services
             .iter()
@@ -194,7 +222,7 @@ pub fn ipv4_only(desired: &DesiredState) -> DesiredState {
             .filter(|(k, _)| matches!(k, ipnet::IpNet::V4(_)))
             .map(|(k, v)| (*k, *v))
             .collect(),
-    }
+    })
 }
 
 /// The maps' content as a [`DatapathState`], and the entries it cannot express.

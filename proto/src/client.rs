@@ -2,7 +2,10 @@
 //! meshctl.
 //!
 //! [`spawn_watch`] runs one task that keeps a `Watch` stream open to a mesh-apiserver and
-//! delivers [`WatchUpdate`]s to a bounded channel:
+//! delivers [`WatchUpdate`]s to a bounded channel, one batch per message of the stream (a
+//! snapshot message carries thousands of objects: one channel send each would cost more
+//! than applying them); the consumer takes them one by one ([`Watch::recv`]) or a batch at
+//! a time ([`Watch::recv_batch`]):
 //!
 //! - the first connection asks for a snapshot (`resume_revision` 0): the consumer gets the
 //!   objects as `Upsert`s, then a `Synced` per (cluster, kind), then live changes;
@@ -27,7 +30,7 @@
 //! watch-history checker (mesh-testkit's `history`) checks those recordings against etcd's
 //! own history. It observes the real client; it is not a second implementation of it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -35,6 +38,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+// foldhash, not SipHash: the known-keys sets hash every key of a snapshot (512k names
+// for a large mesh) and the keys come from the apiserver, not from an attacker.
+use foldhash::{HashMap, HashSet};
 use futures::future::BoxFuture;
 use mesh_core::ClusterName;
 use rand::{Rng, SeedableRng};
@@ -232,8 +238,9 @@ pub struct WatchOptions {
     pub backoff: Backoff,
     /// A stream that stayed open this long resets the backoff.
     pub healthy_after: Duration,
-    /// Capacity of the update channel; a slow consumer slows the stream down (and, if it
-    /// falls behind the server's history, gets a `Reset`).
+    /// Capacity of the update channel, in batches (one per message of the stream, up to
+    /// the server's message size); a slow consumer slows the stream down (and, if it falls
+    /// behind the server's history, gets a `Reset`).
     pub buffer: usize,
     /// Told every stream, message and update (tests: the watch-history checker).
     pub recorder: Option<Arc<dyn WatchRecorder>>,
@@ -245,7 +252,7 @@ impl Default for WatchOptions {
             heartbeat_interval: Duration::from_secs(5),
             backoff: DEFAULT_BACKOFF,
             healthy_after: Duration::from_secs(10),
-            buffer: 1024,
+            buffer: 256,
             recorder: None,
         }
     }
@@ -292,10 +299,12 @@ impl WatchStats {
     }
 }
 
-/// A running watch: receive updates with [`Watch::recv`] or as a `Stream`. Dropping it stops
-/// the watch.
+/// A running watch: receive updates with [`Watch::recv`], [`Watch::recv_batch`] or as a
+/// `Stream`. Dropping it stops the watch.
 pub struct Watch {
-    rx: mpsc::Receiver<WatchUpdate>,
+    rx: mpsc::Receiver<Vec<WatchUpdate>>,
+    /// The rest of the batch [`Watch::recv`] took its last update from.
+    pending: VecDeque<WatchUpdate>,
     stats: Arc<WatchStats>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -304,7 +313,23 @@ pub struct Watch {
 
 impl Watch {
     /// The next update; `None` only if the watch task ended (it does not end on errors).
+    /// Cancel-safe.
     pub async fn recv(&mut self) -> Option<WatchUpdate> {
+        if let Some(update) = self.pending.pop_front() {
+            return Some(update);
+        }
+        let batch = self.rx.recv().await?;
+        self.pending = batch.into();
+        self.pending.pop_front()
+    }
+
+    /// The next updates, in order, never empty: what is left of a batch [`Watch::recv`]
+    /// started, or the next batch (the updates of one message of the stream). `None` only
+    /// if the watch task ended. Cancel-safe.
+    pub async fn recv_batch(&mut self) -> Option<Vec<WatchUpdate>> {
+        if !self.pending.is_empty() {
+            return Some(self.pending.drain(..).collect());
+        }
         self.rx.recv().await
     }
 
@@ -316,7 +341,17 @@ impl Watch {
 impl futures::Stream for Watch {
     type Item = WatchUpdate;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchUpdate>> {
-        self.rx.poll_recv(cx)
+        if let Some(update) = self.pending.pop_front() {
+            return Poll::Ready(Some(update));
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(batch)) => {
+                self.pending = batch.into();
+                Poll::Ready(self.pending.pop_front())
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -357,7 +392,12 @@ pub fn spawn_watch_from(
     };
     // The caller's span (e.g. the importer's `peer{cluster=...}`) names whose watch logs.
     let task = tokio::spawn(worker.run().instrument(tracing::Span::current()));
-    Watch { rx, stats, task }
+    Watch {
+        rx,
+        pending: VecDeque::new(),
+        stats,
+        task,
+    }
 }
 
 // ================================================================ the protocol state
@@ -517,7 +557,7 @@ impl StreamState {
     fn begin_snapshot(&mut self) {
         let known = std::mem::take(&mut self.known);
         let snapshot = self.snapshot.get_or_insert_with(|| Snapshot {
-            before: HashMap::new(),
+            before: HashMap::default(),
             synced_seen: false,
             revision: 0,
         });
@@ -577,10 +617,15 @@ impl StreamState {
         }
         match event.value {
             Some(value) => {
-                self.known
-                    .entry(ck.clone())
-                    .or_default()
-                    .insert(event.name.clone());
+                match self.known.get_mut(&ck) {
+                    Some(names) => {
+                        names.insert(event.name.clone());
+                    }
+                    None => {
+                        let names = HashSet::from_iter([event.name.clone()]);
+                        self.known.insert(ck.clone(), names);
+                    }
+                }
                 out.push(WatchUpdate::Upsert {
                     cluster: ck.0,
                     kind,
@@ -621,7 +666,7 @@ struct Worker {
     connect: ConnectFn,
     request: pb::WatchRequest,
     options: WatchOptions,
-    tx: mpsc::Sender<WatchUpdate>,
+    tx: mpsc::Sender<Vec<WatchUpdate>>,
     stats: Arc<WatchStats>,
     state: StreamState,
 }
@@ -651,7 +696,7 @@ impl Worker {
             if let Some(recorder) = &self.options.recorder {
                 recorder.record(Recorded::Delivered(&lost));
             }
-            if self.tx.send(lost).await.is_err() {
+            if self.tx.send(vec![lost]).await.is_err() {
                 return;
             }
             tokio::select! {
@@ -741,14 +786,17 @@ impl Worker {
         }
     }
 
-    /// Delivers `updates` in order, then publishes the resume point they reached (a
-    /// revision is visible in the stats only once what led to it was handed over).
+    /// Delivers `updates` in order, as one batch, then publishes the resume point they
+    /// reached (a revision is visible in the stats only once what led to it was handed
+    /// over).
     async fn emit(&self, updates: Vec<WatchUpdate>) -> Result<(), ()> {
-        for update in updates {
-            if let Some(recorder) = &self.options.recorder {
-                recorder.record(Recorded::Delivered(&update));
+        if let Some(recorder) = &self.options.recorder {
+            for update in &updates {
+                recorder.record(Recorded::Delivered(update));
             }
-            self.tx.send(update).await.map_err(|_| ())?;
+        }
+        if !updates.is_empty() {
+            self.tx.send(updates).await.map_err(|_| ())?;
         }
         self.stats
             .revision
