@@ -320,8 +320,9 @@ fn phase_text(phase: &str) -> &'static str {
         "datapath_open" => "open the datapath (load, pin, attach programs)",
         "first_message" => "first message of the watch stream",
         "snapshot_applied" => "snapshot received and applied (sync gate passed)",
-        "computed" => "compute the desired state",
-        "maps_written" => "write the service, backend, ipcache maps",
+        "computed" => "compute services, backends, policy (thread 1)",
+        "ipcache_written" => "compute and write the ipcache (thread 2)",
+        "maps_written" => "write the service and backend maps",
         "finished" => "policy maps, routes, status (end of 1st reconcile)",
         _ => "?",
     }
@@ -339,13 +340,18 @@ fn read_phases(agent: &AgentNode) -> Vec<(&'static str, f64)> {
         .collect()
 }
 
-/// One figure per phase of the sync: how long it took (from the end of the one before),
+/// One figure per phase of the sync: how long after the end of the previous one it ended,
 /// named with when it ended; then the rest of the wall clock (spawning the process,
-/// observing the gauges). The phases sum to the wall clock.
+/// observing the gauges). The figures sum to the wall clock.
 fn phase_figures(case: &str, r: &SyncResult) -> Vec<Figure> {
     let mut out = Vec::new();
     let mut prev = 0.0;
-    for &(phase, end) in &r.phases {
+    // Phases may overlap (the datapath opens while the snapshot arrives; the ipcache is
+    // written while the services are computed): in the order they ended, each from the end
+    // of the one before.
+    let mut phases = r.phases.clone();
+    phases.sort_by(|a, b| a.1.total_cmp(&b.1));
+    for &(phase, end) in &phases {
         out.push(Figure::new(
             &format!(
                 "{case} phase: {} (ends at {:.0} ms)",

@@ -184,6 +184,21 @@ pub fn compute<S: Borrow<ClusterState>>(
     local_cluster: &ClusterName,
     node: &str,
 ) -> (DesiredState, Vec<Dropped>) {
+    let (mut desired, mut dropped) = compute_services(clusters, local_cluster, node);
+    let (ipcache, ipcache_dropped) = compute_ipcache(clusters, local_cluster, node);
+    desired.ipcache = ipcache;
+    dropped.extend(ipcache_dropped);
+    (desired, dropped)
+}
+
+/// The services and backends of [`compute`] (its ipcache left empty), and the frontends it
+/// leaves out. With [`compute_ipcache`], the two halves of [`compute`]: the agent computes
+/// this one while another thread writes the ipcache.
+pub fn compute_services<S: Borrow<ClusterState>>(
+    clusters: &BTreeMap<ClusterName, S>,
+    local_cluster: &ClusterName,
+    node: &str,
+) -> (DesiredState, Vec<Dropped>) {
     let mut desired = DesiredState::default();
     let mut dropped = Vec::new();
     let cluster_id = |name: &ClusterName| -> u8 {
@@ -228,10 +243,6 @@ pub fn compute<S: Borrow<ClusterState>>(
         desired.services.insert(key, backends);
     }
 
-    // Ipcache: the local cluster first, so its entries win a conflict.
-    let (ipcache, ipcache_dropped) = compute_ipcache(clusters, local_cluster, node);
-    desired.ipcache = ipcache;
-    dropped.extend(ipcache_dropped);
     (desired, dropped)
 }
 
@@ -245,7 +256,7 @@ pub fn compute<S: Borrow<ClusterState>>(
 /// prefix kept, and the map built from the sorted entries at once; for 512k entries this is
 /// several times faster than inserting them one by one into the map and into a map of
 /// owners.
-fn compute_ipcache<S: Borrow<ClusterState>>(
+pub fn compute_ipcache<S: Borrow<ClusterState>>(
     clusters: &BTreeMap<ClusterName, S>,
     local_cluster: &ClusterName,
     node: &str,
@@ -577,20 +588,7 @@ pub fn plan(current: &DatapathState, desired: &DesiredState) -> Vec<Op> {
     let ids = BackendIds::assign(current, desired);
     let id_of = |key: &BackendKey| ids.get(key).expect("every desired backend has an id");
 
-    // Both maps iterate in prefix order: one merge pass, no lookups.
-    let mut ipcache_upserts = Vec::new();
-    let mut ipcache_deletes = Vec::new();
-    let mut cur = current.ipcache.iter().peekable();
-    for (&prefix, &info) in &desired.ipcache {
-        while let Some((&gone, _)) = cur.next_if(|(p, _)| **p < prefix) {
-            ipcache_deletes.push(Op::IpcacheDelete { prefix: gone });
-        }
-        match cur.next_if(|(p, _)| **p == prefix) {
-            Some((_, have)) if *have == info => {}
-            _ => ipcache_upserts.push(Op::IpcacheUpsert { prefix, info }),
-        }
-    }
-    ipcache_deletes.extend(cur.map(|(&prefix, _)| Op::IpcacheDelete { prefix }));
+    let (ipcache_upserts, ipcache_deletes) = diff_ipcache(&current.ipcache, &desired.ipcache);
 
     let mut backend_upserts = Vec::new();
     for (key, &info) in &desired.backends {
@@ -665,6 +663,29 @@ pub fn plan(current: &DatapathState, desired: &DesiredState) -> Vec<Op> {
     ops.extend(backend_deletes);
     ops.extend(ipcache_deletes);
     ops
+}
+
+/// The ipcache upserts and deletes that turn `current` into `desired` (groups 1 and 7 of
+/// [`plan`]), each in prefix order. Both maps iterate in prefix order: one merge pass, no
+/// lookups.
+pub fn diff_ipcache(
+    current: &BTreeMap<IpNet, IpcacheInfo>,
+    desired: &BTreeMap<IpNet, IpcacheInfo>,
+) -> (Vec<Op>, Vec<Op>) {
+    let mut upserts = Vec::new();
+    let mut deletes = Vec::new();
+    let mut cur = current.iter().peekable();
+    for (&prefix, &info) in desired {
+        while let Some((&gone, _)) = cur.next_if(|(p, _)| **p < prefix) {
+            deletes.push(Op::IpcacheDelete { prefix: gone });
+        }
+        match cur.next_if(|(p, _)| **p == prefix) {
+            Some((_, have)) if *have == info => {}
+            _ => upserts.push(Op::IpcacheUpsert { prefix, info }),
+        }
+    }
+    deletes.extend(cur.map(|(&prefix, _)| Op::IpcacheDelete { prefix }));
+    (upserts, deletes)
 }
 
 /// Slots `1..=want.len()` for the backend ids `want` (no duplicates): a slot that already

@@ -550,28 +550,60 @@ impl Agent {
         }
 
         let t0 = Instant::now();
-        let (mut desired, dropped) = desired::compute(&clusters, &local, &self.settings.node);
-        let want_routes = self
-            .routes
-            .is_some()
-            .then(|| routes::desired_routes(&clusters, &local, &self.settings.node));
+        let programmed: std::collections::BTreeSet<ClusterName> =
+            clusters.keys().cloned().collect();
+        let node = self.settings.node.as_str();
+        let metrics = &self.metrics;
+        let reconciler = &mut self.reconciler;
+        // Two threads: this one computes the services, routes, policy and flow context
+        // while a second one computes the ipcache and writes its new entries, the larger
+        // part of a large mesh's first reconcile (the kernel's LPM trie takes entries one
+        // by one, about 1 us each: half a second for 512k). The ipcache upserts are the
+        // first group of the plan anyway; the rest of it (backends, slots, masters,
+        // deletes) follows once both are done, in its order.
+        let (ipcache_part, services_part) = std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                let (ipcache, dropped) = desired::compute_ipcache(&clusters, &local, node);
+                let written = reconciler.upsert_ipcache(&ipcache);
+                if first && written.is_ok() {
+                    metrics.initial_sync.mark("ipcache_written");
+                }
+                (ipcache, dropped, written)
+            });
+            let (desired, dropped) = desired::compute_services(&clusters, &local, node);
+            let want_routes = self
+                .routes
+                .is_some()
+                .then(|| routes::desired_routes(&clusters, &local, node));
+            // Policy: compiled against the identities of the clusters programmed.
+            let policy = self.state.compile_policy(clusters.keys(), &mut self.cidr);
+            let policy_tables = match &policy {
+                Some(Ok(view)) => Some(mesh_core::policy::policy_tables(&view.compiled)),
+                _ => None,
+            };
+            if first {
+                metrics.initial_sync.mark("computed");
+            }
+            let ipcache_part = writer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let services_part = (desired, dropped, want_routes, policy, policy_tables);
+            (ipcache_part, services_part)
+        });
+        let (ipcache, ipcache_dropped, written) = ipcache_part;
+        let (mut desired, mut dropped, want_routes, policy, policy_tables) = services_part;
+        desired.ipcache = ipcache;
+        dropped.extend(ipcache_dropped);
         let mut error = None;
-        // Policy: compiled against the identities of the clusters programmed; its CIDR
-        // identities join the ipcache before the policy maps name them.
-        let policy_tables = match self.state.compile_policy(clusters.keys(), &mut self.cidr) {
-            Some(Ok(view)) => {
-                policy::add_cidr_identities(
-                    &mut desired,
-                    view.identities.cidrs().map(|(id, net)| (net, id.0)),
-                );
-                Some(mesh_core::policy::policy_tables(&view.compiled))
-            }
-            Some(Err(e)) => {
-                error = Some(format!("policy: {e}"));
-                None
-            }
-            None => None,
-        };
+        // The policy's CIDR identities join the ipcache before the policy maps name them.
+        match policy {
+            Some(Ok(view)) => policy::add_cidr_identities(
+                &mut desired,
+                view.identities.cidrs().map(|(id, net)| (net, id.0)),
+            ),
+            Some(Err(e)) => error = Some(format!("policy: {e}")),
+            None => {}
+        }
         // Passive health: backends no service selects any more are forgotten (no probe, no
         // quarantine), and quarantined backends leave the services that have others.
         let selected: std::collections::BTreeSet<mesh_core::health::BackendAddr> = desired
@@ -588,21 +620,14 @@ impl Agent {
         self.quarantined = self.health.quarantined(crate::datapath::boottime_ns());
         desired::apply_quarantine(&mut desired, &self.quarantined);
         let computed = t0.elapsed();
-        if first {
-            self.metrics.initial_sync.mark("computed");
-        }
         self.record_dropped(&dropped);
-        let flow_ctx = flows::FlowContext::build(
-            &local,
-            &self.settings.node,
-            self.state
-                .clusters()
-                .iter()
-                .filter(|(name, _)| clusters.contains_key(*name)),
-            policy_tables.as_ref().map(|t| &t.rules),
-        );
-        *self.flow_ctx.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(flow_ctx);
-        match self.reconciler.reconcile(&desired) {
+        let written = written.and_then(|mut counts| {
+            for (op, n) in self.reconciler.reconcile(&desired)? {
+                *counts.entry(op).or_default() += n;
+            }
+            Ok(counts)
+        });
+        match written {
             Ok(counts) => {
                 if first {
                     self.metrics.initial_sync.mark("maps_written");
@@ -672,6 +697,19 @@ impl Agent {
         if first {
             self.metrics.initial_sync.mark("finished");
         }
+        // What flow records are decorated with follows the maps rather than precedes them:
+        // it is not on the datapath's path, and for a large mesh it is a copy of every
+        // endpoint's names (512k: a few hundred ms).
+        let flow_ctx = flows::FlowContext::build(
+            &local,
+            &self.settings.node,
+            self.state
+                .clusters()
+                .iter()
+                .filter(|(name, _)| programmed.contains(*name)),
+            policy_tables.as_ref().map(|t| &t.rules),
+        );
+        *self.flow_ctx.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(flow_ctx);
         if failed {
             Err(Duration::from_millis(100 << self.failures.min(7)))
         } else {

@@ -75,18 +75,21 @@ pub struct PhaseLabels {
 /// The phases of the initial sync, in order (`mesh_agent_initial_sync_seconds{phase}`):
 /// when each ended, in seconds since the agent started. A phase that has not ended has no
 /// series.
-pub const SYNC_PHASES: [&str; 6] = [
+pub const SYNC_PHASES: [&str; 7] = [
     // The pinned maps and programs are loaded and attached.
     "datapath_open",
     // The first message of the watch stream arrived (the stream is open).
     "first_message",
     // The snapshot is applied to the state and the sync gate let it through.
     "snapshot_applied",
-    // The desired datapath is computed (services, backends, ipcache, policy).
+    // The services, backends, routes and policy are computed (while another thread
+    // computes and writes the ipcache).
     "computed",
-    // The service, backend and ipcache maps are written.
+    // The ipcache is computed and its new entries written (the LPM trie).
+    "ipcache_written",
+    // The rest of the service, backend and ipcache maps are written.
     "maps_written",
-    // Policy maps, routes, flow context and status are done: the first reconcile is over.
+    // Policy maps, routes and status are done (the flow context follows).
     "finished",
 ];
 

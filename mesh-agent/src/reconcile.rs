@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
+use ipnet::IpNet;
 use mesh_core::Protocol;
 use tracing::{debug, warn};
 
@@ -140,50 +141,94 @@ impl<M: Maps> Reconciler<M> {
     pub fn reconcile(&mut self, desired: &DesiredState) -> Result<OpCounts> {
         let desired = ipv4_only(desired);
         let mut counts = OpCounts::new();
-        let mut current = match self.mirror.take() {
-            Some(m) => m,
-            None => {
-                let dump = self.maps.dump().map_err(Error::Dump)?;
-                let (state, foreign) = from_dump(&dump);
-                for entry in foreign {
-                    warn!(?entry, "removing a map entry the agent cannot represent");
-                    self.maps
-                        .remove_foreign(entry)
-                        .map_err(|source| Error::Foreign {
-                            what: format!("{entry:?}"),
-                            source,
-                        })?;
-                    *counts.entry("foreign_delete").or_default() += 1;
-                }
-                state
-            }
-        };
+        let mut current = self.current(&mut counts)?;
         let ops = desired::plan(&current, &desired);
+        let is_ipcache =
+            |op: &Op| matches!(op, Op::IpcacheUpsert { .. } | Op::IpcacheDelete { .. });
+        // Many ipcache changes (a first reconcile: 512k): the mirror takes the desired
+        // ipcache at once at the end (the whole plan applied, it is the desired one:
+        // `plan`'s property) rather than op by op.
+        let ipcache_ops = ops.iter().filter(|op| is_ipcache(op)).count();
+        let bulk = ipcache_ops > 0 && ipcache_ops >= current.ipcache.len() / 4;
         // The plan is grouped by kind, in order: each group is one batch.
         for batch in ops.chunk_by(|a, b| op_kind(a) == op_kind(b)) {
             // On failure the mirror stays `None`: the next attempt re-reads the maps.
             self.maps.apply_batch(batch)?;
-            let ipcache = matches!(
-                batch[0],
-                Op::IpcacheUpsert { .. } | Op::IpcacheDelete { .. }
-            );
-            if !ipcache {
+            if !(bulk && is_ipcache(&batch[0])) {
                 for op in batch {
                     current.apply(op);
                 }
             }
             *counts.entry(op_kind(&batch[0])).or_default() += batch.len() as u64;
         }
-        // The whole plan is applied, so the ipcache is the desired one (`plan`'s
-        // property): taken at once rather than inserted op by op into the mirror (512k
-        // inserts for a large mesh's first reconcile).
-        current.ipcache = match desired {
-            Cow::Owned(d) => d.ipcache,
-            Cow::Borrowed(d) => d.ipcache.clone(),
-        };
+        if bulk {
+            current.ipcache = match desired {
+                Cow::Owned(d) => d.ipcache,
+                Cow::Borrowed(d) => d.ipcache.clone(),
+            };
+        }
         debug!(ops = ops.len(), "reconciled");
         self.mirror = Some(current);
         Ok(counts)
+    }
+
+    /// Writes the entries of `ipcache` that the maps lack or hold with another value: the
+    /// first group of [`desired::plan`], done ahead (the agent writes the ipcache on one
+    /// thread while it computes the services on another). The next [`Self::reconcile`]
+    /// finds them written and goes on with the backends; deletes are left to it (they come
+    /// last). IPv6 prefixes are ignored. Returns the operations applied, by kind.
+    pub fn upsert_ipcache(&mut self, ipcache: &BTreeMap<IpNet, IpcacheInfo>) -> Result<OpCounts> {
+        let v4;
+        let ipcache = if ipcache.keys().all(|k| matches!(k, IpNet::V4(_))) {
+            ipcache
+        } else {
+            v4 = ipcache
+                .iter()
+                .filter(|(k, _)| matches!(k, IpNet::V4(_)))
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            &v4
+        };
+        let mut counts = OpCounts::new();
+        let mut current = self.current(&mut counts)?;
+        let (upserts, _) = desired::diff_ipcache(&current.ipcache, ipcache);
+        // On failure the mirror stays `None`: the next attempt re-reads the maps.
+        self.maps.apply_batch(&upserts)?;
+        if current.ipcache.is_empty() {
+            // A first reconcile: every entry was written.
+            current.ipcache = ipcache.clone();
+        } else {
+            for op in &upserts {
+                current.apply(op);
+            }
+        }
+        if !upserts.is_empty() {
+            counts.insert(op_kind(&upserts[0]), upserts.len() as u64);
+        }
+        self.mirror = Some(current);
+        Ok(counts)
+    }
+
+    /// The maps as they are: the mirror (taken; put back by the caller once its writes
+    /// succeeded), or read from the kernel, removing the entries the agent cannot
+    /// represent (counted in `counts`).
+    fn current(&mut self, counts: &mut OpCounts) -> Result<DatapathState> {
+        if let Some(m) = self.mirror.take() {
+            return Ok(m);
+        }
+        let dump = self.maps.dump().map_err(Error::Dump)?;
+        let (state, foreign) = from_dump(&dump);
+        for entry in foreign {
+            warn!(?entry, "removing a map entry the agent cannot represent");
+            self.maps
+                .remove_foreign(entry)
+                .map_err(|source| Error::Foreign {
+                    what: format!("{entry:?}"),
+                    source,
+                })?;
+            *counts.entry("foreign_delete").or_default() += 1;
+        }
+        Ok(state)
     }
 }
 
@@ -624,6 +669,47 @@ mod tests {
             2,
             "the old backend is gone: {state:?}"
         );
+    }
+
+    /// The agent writes the ipcache ahead (`upsert_ipcache`, on a second thread), then
+    /// reconciles the rest: the same maps and mirror as one reconcile, ipcache upserts
+    /// still before the backends, deletes still last; IPv6 prefixes ignored.
+    #[test]
+    fn ipcache_written_ahead_then_the_rest_equals_one_reconcile() {
+        let ip = |s: &str| s.parse::<IpNet>().unwrap();
+        let mut first = desired(&["10.1.0.5", "10.1.0.6"], true);
+        let info = first.ipcache[&ip("10.1.0.5/32")];
+        first.ipcache.insert(ip("10.1.0.7/32"), info);
+        let mut second = desired(&["10.1.0.6"], false);
+        second.ipcache.remove(&ip("10.1.0.5/32"));
+        second.ipcache.insert(
+            ip("10.1.0.8/32"),
+            IpcacheInfo {
+                identity: 70_000,
+                ..info
+            },
+        );
+        let mut ahead = Reconciler::new(FakeMaps::default());
+        let mut plain = Reconciler::new(FakeMaps::default());
+        for want in [&first, &second] {
+            let upserts = ahead.upsert_ipcache(&want.ipcache).unwrap();
+            assert!(
+                upserts.keys().all(|k| *k == "ipcache_upsert"),
+                "{upserts:?}"
+            );
+            let rest = ahead.reconcile(want).unwrap();
+            assert!(!rest.contains_key("ipcache_upsert"), "{rest:?}");
+            plain.reconcile(want).unwrap();
+            assert_eq!(ahead.maps().dump, plain.maps().dump);
+            assert_eq!(ahead.mirror(), plain.mirror());
+            let (state, _) = from_dump(&ahead.maps().dump);
+            assert_eq!(Some(&state), ahead.mirror());
+        }
+        // The second round: ipcache upserts (ahead), backends..., ipcache deletes last.
+        let kinds: Vec<&str> = ahead.maps().batches.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds.first(), Some(&"ipcache_upsert"));
+        assert_eq!(kinds.last(), Some(&"ipcache_delete"));
+        assert_eq!(ahead.maps().dumps.get(), 1, "one read, then the mirror");
     }
 
     #[test]

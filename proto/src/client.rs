@@ -499,6 +499,8 @@ impl StreamState {
                 if self.snapshot.as_ref().is_some_and(|s| s.synced_seen) {
                     self.finish_snapshot(&mut out);
                 }
+                // A snapshot message carries thousands of events: no regrowth.
+                out.reserve(events.events.len());
                 for event in events.events {
                     self.apply_event(event, &mut out);
                 }
