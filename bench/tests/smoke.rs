@@ -99,6 +99,20 @@ fn initial_sync_fills_the_maps_at_a_tiny_scale() {
     assert_eq!(r["params"]["ipcache_entries"], 512);
     assert!(figure(&r, "agent RSS after case 2") > 0.0);
     assert!(figure(&r, "apiserver RSS per cached endpoint (case 2)") > 0.0);
+    // Where the time went: every phase of the agent's initial sync, and the rest.
+    for case in ["case 1", "case 2"] {
+        let phases = r["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| {
+                f["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("{case} phase: ")))
+            })
+            .count();
+        assert_eq!(phases, 8, "7 phases and the rest in {r:#}");
+    }
 }
 
 #[test]
