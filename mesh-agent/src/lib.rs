@@ -4,7 +4,8 @@
 //!
 //! - the resumable watch of the local mesh-apiserver (`mesh_proto::client`), feeding
 //!   [`state::MeshState`] (every cluster's config, nodes, identities, endpoints, services);
-//! - after a batch of updates (debounced by `--debounce`), [`desired::compute`] over the
+//! - after a batch of updates (paced by [`pace::Pacer`]: at once on a quiet mesh, in a burst
+//!   after a cool-down of a few reconcile durations, at most `--debounce`), [`desired::compute`] over the
 //!   clusters that are synced, then [`reconcile::Reconciler`] applies the difference to the
 //!   pinned maps and [`routes::RouteTable`] to the agent's routes;
 //! - status reports to the apiserver (`ReportStatus`), `/metrics`, `/healthz`, `/readyz`.
@@ -19,6 +20,7 @@ pub mod datapath;
 pub mod desired;
 pub mod flows;
 pub mod metrics;
+pub mod pace;
 pub mod policy;
 pub mod reconcile;
 pub mod routes;
@@ -294,6 +296,7 @@ impl Agent {
         let started = Instant::now();
         let initial_deadline = started + self.settings.initial_sync_timeout;
         let mut due: Option<Instant> = None;
+        let mut pacer = pace::Pacer::new(self.settings.debounce);
         let mut timed_out = false;
         let mut resync = tokio::time::interval_at(
             started + self.settings.resync_interval,
@@ -322,7 +325,7 @@ impl Agent {
                 update = watch.recv() => {
                     let Some(update) = update else { return Err(Error::WatchEnded) };
                     if self.on_update(update) {
-                        due.get_or_insert_with(|| Instant::now() + self.settings.debounce);
+                        due.get_or_insert_with(|| pacer.due(Instant::now()));
                     }
                     let r = stats.reconnects();
                     if r > reconnects {
@@ -332,7 +335,10 @@ impl Agent {
                 }
                 _ = sleep_until(due) => {
                     due = None;
-                    if let Err(retry_in) = self.reconcile(started).await {
+                    let began = Instant::now();
+                    let result = self.reconcile(started).await;
+                    pacer.reconciled(began, Instant::now());
+                    if let Err(retry_in) = result {
                         due = Some(Instant::now() + retry_in);
                     } else if self.unresolved_endpoints > 0 {
                         // A pod's namespace not found yet: look again soon, so its egress
