@@ -96,6 +96,41 @@ mod tests {
         assert_eq!(p.due(t + 11 * MS), t + 15 * MS);
     }
 
+    /// The agent's loop driven by a steady stream of changes (one every 100 us for 100 ms)
+    /// with reconciles of 1 ms: changes are batched (one reconcile per 1 ms + 4 ms cool-down,
+    /// not one per change) and the last change is applied.
+    #[test]
+    fn a_steady_stream_is_batched_and_fully_applied() {
+        let us = Duration::from_micros;
+        let mut p = Pacer::new(5 * MS);
+        let start = Instant::now();
+        let arrivals: Vec<Instant> = (0..1000).map(|i| start + us(100 * i)).collect();
+        let (mut next, mut now) = (0, start);
+        let (mut due, mut reconciles, mut applied) = (None::<Instant>, 0, 0);
+        while applied < arrivals.len() {
+            // Updates that arrived by `now` are received; the first sets when to reconcile.
+            while next < arrivals.len() && arrivals[next] <= now {
+                due.get_or_insert_with(|| p.due(arrivals[next]));
+                next += 1;
+            }
+            match due {
+                Some(at) if at <= now => {
+                    due = None;
+                    reconciles += 1;
+                    applied = next;
+                    p.reconciled(now, now + MS);
+                    now += MS;
+                }
+                Some(at) => now = at.min(arrivals.get(next).copied().unwrap_or(at)),
+                None => now = arrivals[next],
+            }
+        }
+        assert!(
+            (19..=22).contains(&reconciles),
+            "{reconciles} reconciles for 1000 changes over 100 ms"
+        );
+    }
+
     #[test]
     fn a_zero_max_wait_never_waits() {
         let mut p = Pacer::new(Duration::ZERO);
