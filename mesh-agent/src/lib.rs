@@ -790,6 +790,9 @@ impl Agent {
 
 async fn sleep_until(due: Option<Instant>) {
     match due {
+        // Due now (the pacer's answer to a lone change): a timer would round up to the next
+        // millisecond tick of tokio's wheel.
+        Some(at) if at <= Instant::now() => {}
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
