@@ -3,8 +3,8 @@
 //! A fixed debounce makes every lone change wait the whole window (5 ms was half of the
 //! propagation time on an idle mesh), while under churn any window shorter than a reconcile
 //! buys little. The [`Pacer`] decides from what the agent just did: after a reconcile that
-//! took `c`, the agent **cools down** for [`BURST_FACTOR`] x `c` (at most `max_wait`,
-//! `--debounce`):
+//! took `c`, the agent **cools down** for [`BURST_FACTOR`] x `c` (at least
+//! [`MIN_COOL_DOWN`], at most `max_wait`, `--debounce`):
 //!
 //! - a change that arrives after the cool-down (a quiet mesh) reconciles at once;
 //! - a change that arrives during it (a burst: changes back to back) waits until it ends,
@@ -22,6 +22,11 @@ use tokio::time::Instant;
 
 /// In a burst, wait this many times the last reconcile's duration.
 pub const BURST_FACTOR: u32 = 4;
+
+/// The shortest cool-down: a reconcile that did almost nothing (e.g. the sync gate still
+/// closed during an initial snapshot of 512k entries) would otherwise allow one reconcile
+/// per update. Changes on a quiet mesh arrive further apart than this and never wait.
+pub const MIN_COOL_DOWN: Duration = Duration::from_millis(1);
 
 /// Decides when a reconcile triggered by watch updates is due.
 #[derive(Debug, Clone)]
@@ -46,7 +51,12 @@ impl Pacer {
     /// A change arrived at `now` and no reconcile is due yet: when it should run.
     pub fn due(&self, now: Instant) -> Instant {
         match self.last_done {
-            Some(done) => now.max(done + (self.last_cost * BURST_FACTOR).min(self.max_wait)),
+            Some(done) => {
+                let cool = (self.last_cost * BURST_FACTOR)
+                    .max(MIN_COOL_DOWN)
+                    .min(self.max_wait);
+                now.max(done + cool)
+            }
             None => now,
         }
     }
@@ -86,6 +96,16 @@ mod tests {
             done + 2 * MS,
             "the same end, whenever it arrives"
         );
+    }
+
+    #[test]
+    fn a_cheap_reconcile_still_cools_down_a_millisecond() {
+        let mut p = Pacer::new(5 * MS);
+        let t = Instant::now();
+        let done = t + Duration::from_micros(5);
+        p.reconciled(t, done);
+        assert_eq!(p.due(done), done + MS);
+        assert_eq!(p.due(done + 2 * MS), done + 2 * MS, "past it: at once");
     }
 
     #[test]
