@@ -19,6 +19,7 @@
 pub mod cluster;
 pub mod env;
 pub mod fanout;
+pub mod hops;
 pub mod initial_sync;
 pub mod lab;
 pub mod lose_cluster;

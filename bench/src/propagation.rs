@@ -23,6 +23,7 @@ use serde_json::json;
 
 use crate::cluster::{AgentNode, Cluster, ClusterSpec, Ctx};
 use crate::env::Components;
+use crate::hops::Hops;
 use crate::report::{Distribution, Figure, LatencyTarget, Machine, Report};
 use crate::{Progress, step};
 
@@ -191,7 +192,13 @@ async fn poll_until(
         if interval.is_zero() {
             tokio::task::yield_now().await;
         } else {
-            tokio::time::sleep(interval).await;
+            // `interval` after this read's start, slept on the thread (the runtime moves its
+            // other tasks away): tokio's timer rounds up to its 1 ms ticks, which made reads
+            // about 2 ms apart with the default 1 ms.
+            let wake = t + interval;
+            tokio::task::block_in_place(|| {
+                std::thread::sleep(wake.saturating_duration_since(Instant::now()))
+            });
         }
     }
 }
@@ -283,6 +290,25 @@ async fn setup(kind: Kind, opts: &Opts, components: &Components) -> Result<(Topo
     ))
 }
 
+/// The observation points of the path (see [`crate::hops`]): a's Kubernetes watch, etcd
+/// and index, then b's etcd and index for propagation; b's alone for failover.
+async fn observe_hops(kind: Kind, topo: &Topology) -> Result<Hops> {
+    let svc = format!("{NS}/{SVC}");
+    let mut hops = Hops::new(topo.agent.metrics);
+    let (src, clusters) = match kind {
+        Kind::Propagation => (&topo.a, vec![&topo.a, &topo.b]),
+        Kind::Failover => (&topo.b, vec![&topo.b]),
+    };
+    hops.kube_watch(&format!("{} k8s watch", src.name), src.kube.store(), NS)?;
+    for c in clusters {
+        hops.etcd_key(&format!("etcd {}", c.name), c, &src.name, &svc)
+            .await?;
+        hops.index_watch(&format!("{}'s index", c.name), c, &src.name)
+            .await?;
+    }
+    Ok(hops)
+}
+
 /// Runs `propagation` or `failover`.
 pub async fn run(
     kind: Kind,
@@ -337,6 +363,8 @@ pub async fn run(
         );
     }
     let mut reads: Reads = (0, Duration::ZERO, 0);
+    step("opening the hop observers (Kubernetes, etcd and gRPC watches)");
+    let mut hops = observe_hops(kind, &topo).await?;
 
     let a_store = topo.a.kube.store().clone();
     let b_store = topo.b.kube.store().clone();
@@ -348,6 +376,7 @@ pub async fn run(
         topo.agent.proc_mut()?.check_running()?;
         // Forward change, then its reversal; each timed separately.
         for forward_step in [true, false] {
+            hops.before_sample();
             let t0 = Instant::now();
             let seen = match (kind, forward_step) {
                 (Kind::Propagation, ready) => {
@@ -363,6 +392,8 @@ pub async fn run(
                     poll_until(&maps, vip, interval, timeout, &mut reads, |b| b == want).await?
                 }
             };
+            let label = if forward_step { "forward" } else { "back" };
+            hops.after_sample(label, t0, seen).await;
             match (seen, forward_step) {
                 (Some(t), true) => forward.push(t.saturating_duration_since(t0)),
                 (Some(t), false) => backward.push(t.saturating_duration_since(t0)),
@@ -407,8 +438,8 @@ pub async fn run(
         name,
         machine.clone(),
         &format!(
-            "{method}; reads every {} us (tokio timer, ~1 ms granularity), so the resolution is \
-             the read interval plus one read (mean {mean_read_us:.0} us); path: Kubernetes \
+            "{method}; a read starts every {} us (a thread sleep), so the resolution is the read \
+             interval (mean read {mean_read_us:.0} us); path: Kubernetes \
              watch -> apiserver {src} publisher -> etcd -> {relay}gRPC watch -> agent -> maps",
             opts.poll_interval_us,
             src = if kind == Kind::Propagation { "a" } else { "b" },
@@ -432,6 +463,9 @@ pub async fn run(
     report
         .distributions
         .push(Distribution::new(back_name, &backward, back_timeouts, None));
+    let (hop_dists, samples) = hops.finish("write");
+    report.hops = hop_dists;
+    report.samples = Some(samples);
     report
         .figures
         .push(Figure::new("map reads", reads.0 as f64, "reads"));

@@ -28,6 +28,20 @@ pub struct Report {
     pub distributions: Vec<Distribution>,
     pub figures: Vec<Figure>,
     pub notes: Vec<String>,
+    /// Where the time of a distribution's samples goes, one distribution per hop (samples
+    /// missing the hop counted in `timeouts`). Empty for most benchmarks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hops: Vec<Distribution>,
+    /// One row per sample (e.g. each sample's hops, in ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<SampleTable>,
+}
+
+/// A table of per-sample values, printed as it is.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleTable {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -252,6 +266,8 @@ impl Report {
             distributions: Vec::new(),
             figures: Vec::new(),
             notes: Vec::new(),
+            hops: Vec::new(),
+            samples: None,
         }
     }
 
@@ -302,6 +318,35 @@ impl Report {
                 &[
                     "LATENCY", "SAMPLES", "TIMEOUTS", "P50(ms)", "P90(ms)", "P99(ms)", "MAX(ms)",
                     "TARGET", "MET",
+                ],
+                &rows,
+            ));
+        }
+        if let Some(t) = &self.samples {
+            out.push('\n');
+            let headers: Vec<&str> = t.columns.iter().map(String::as_str).collect();
+            out.push_str(&table(&headers, &t.rows));
+        }
+        if !self.hops.is_empty() {
+            out.push('\n');
+            let rows: Vec<Vec<String>> = self
+                .hops
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.name.clone(),
+                        d.count.to_string(),
+                        d.timeouts.to_string(),
+                        format!("{:.2}", d.p50_ms),
+                        format!("{:.2}", d.p90_ms),
+                        format!("{:.2}", d.p99_ms),
+                        format!("{:.2}", d.max_ms),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(
+                &[
+                    "HOP", "SAMPLES", "MISSING", "P50(ms)", "P90(ms)", "P99(ms)", "MAX(ms)",
                 ],
                 &rows,
             ));

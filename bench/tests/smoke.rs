@@ -66,12 +66,30 @@ fn assert_samples(report: &Value, samples: u64) {
     }
 }
 
+/// The hop breakdown: `hops` hop rows plus the agent's reconcile, each over both changes
+/// of every sample, and one per-sample row per change (counts only, no speed).
+fn assert_hops(report: &Value, samples: u64, hops: usize) {
+    let rows = report["hops"].as_array().expect("a hop table");
+    assert_eq!(rows.len(), hops + 1, "{report:#}");
+    assert!(rows[hops]["name"].as_str().unwrap().contains("reconcile"));
+    for h in rows {
+        let seen = h["count"].as_u64().unwrap() + h["timeouts"].as_u64().unwrap();
+        assert_eq!(seen, 2 * samples, "{h:#}");
+    }
+    let table = &report["samples"];
+    assert_eq!(table["rows"].as_array().unwrap().len() as u64, 2 * samples);
+    // #, change, total, one column per hop, reconcile.
+    assert_eq!(table["columns"].as_array().unwrap().len(), hops + 4);
+}
+
 #[test]
 fn propagation_reports_every_sample() {
     require_root_and_etcd();
     let r = bench(&["propagation", "--samples", "3"]);
     assert_eq!(r["benchmark"], "propagation");
     assert_samples(&r, 3);
+    // write -> k8s watch -> etcd a -> a's index -> etcd b -> b's index -> maps.
+    assert_hops(&r, 3, 6);
     assert!(
         r["distributions"][0]["target"]
             .as_str()
@@ -86,6 +104,8 @@ fn failover_reports_every_sample() {
     let r = bench(&["failover", "--samples", "3"]);
     assert_eq!(r["benchmark"], "failover");
     assert_samples(&r, 3);
+    // write -> k8s watch -> etcd b -> b's index -> maps.
+    assert_hops(&r, 3, 4);
 }
 
 #[test]

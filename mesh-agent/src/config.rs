@@ -151,7 +151,9 @@ pub struct Args {
     #[arg(long, env = "MESH_STATUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub status_interval: Duration,
 
-    /// Updates arriving within this delay of each other are applied in one reconcile.
+    /// The longest a watch update waits for others to be applied with it. After a reconcile
+    /// the agent cools down for 4x its duration (at least 1 ms), at most this: a change after the cool-down
+    /// reconciles at once, changes during it wait for its end together (`pace.rs`).
     #[arg(long, env = "MESH_DEBOUNCE", default_value = "5ms", value_parser = parse_duration)]
     pub debounce: Duration,
 

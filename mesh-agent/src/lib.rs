@@ -4,7 +4,8 @@
 //!
 //! - the resumable watch of the local mesh-apiserver (`mesh_proto::client`), feeding
 //!   [`state::MeshState`] (every cluster's config, nodes, identities, endpoints, services);
-//! - after a batch of updates (debounced by `--debounce`), [`desired::compute`] over the
+//! - after a batch of updates (paced by [`pace::Pacer`]: at once on a quiet mesh, in a burst
+//!   after a cool-down of a few reconcile durations, at most `--debounce`), [`desired::compute`] over the
 //!   clusters that are synced, then [`reconcile::Reconciler`] applies the difference to the
 //!   pinned maps and [`routes::RouteTable`] to the agent's routes;
 //! - status reports to the apiserver (`ReportStatus`), `/metrics`, `/healthz`, `/readyz`.
@@ -19,6 +20,7 @@ pub mod datapath;
 pub mod desired;
 pub mod flows;
 pub mod metrics;
+pub mod pace;
 pub mod policy;
 pub mod reconcile;
 pub mod routes;
@@ -316,7 +318,8 @@ impl Agent {
         let stats = watch.stats();
         let started = Instant::now();
         let initial_deadline = started + self.settings.initial_sync_timeout;
-        let mut due: Option<Instant> = changed.then(|| Instant::now() + self.settings.debounce);
+        let mut pacer = pace::Pacer::new(self.settings.debounce);
+        let mut due: Option<Instant> = changed.then(|| pacer.due(Instant::now()));
         let mut timed_out = false;
         let mut resync = tokio::time::interval_at(
             started + self.settings.resync_interval,
@@ -345,7 +348,7 @@ impl Agent {
                 batch = watch.recv_batch() => {
                     let Some(batch) = batch else { return Err(Error::WatchEnded) };
                     if self.on_updates(batch) {
-                        due.get_or_insert_with(|| Instant::now() + self.settings.debounce);
+                        due.get_or_insert_with(|| pacer.due(Instant::now()));
                     }
                     let r = stats.reconnects();
                     if r > reconnects {
@@ -355,7 +358,10 @@ impl Agent {
                 }
                 _ = sleep_until(due) => {
                     due = None;
-                    if let Err(retry_in) = self.reconcile(started).await {
+                    let began = Instant::now();
+                    let result = self.reconcile(started).await;
+                    pacer.reconciled(began, Instant::now());
+                    if let Err(retry_in) = result {
                         due = Some(Instant::now() + retry_in);
                     } else if self.unresolved_endpoints > 0 {
                         // A pod's namespace not found yet: look again soon, so its egress
@@ -871,6 +877,9 @@ fn apply_update(state: &mut MeshState, metrics: &Metrics, update: WatchUpdate) -
 
 async fn sleep_until(due: Option<Instant>) {
     match due {
+        // Due now (the pacer's answer to a lone change): a timer would round up to the next
+        // millisecond tick of tokio's wheel.
+        Some(at) if at <= Instant::now() => {}
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
