@@ -9,8 +9,8 @@ use ipnet::{IpNet, Ipv4Net};
 
 use crate::sys::{Access, BatchError, RawMap};
 use crate::{
-    DatapathDump, FlowCounters, IdentityPair, MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE, MAP_SERVICES,
-    ip_from_raw, layout,
+    DatapathDump, FlowCounters, IdentityPair, IpcacheValue, MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE,
+    MAP_SERVICES, ip_from_raw, layout,
 };
 
 /// Errors of opening and reading maps. Each names the map or the path.
@@ -279,6 +279,18 @@ impl PinnedMaps {
     /// Every entry of the service, backend and ipcache maps.
     pub fn dump(&self) -> Result<DatapathDump> {
         self.lb.dump()
+    }
+
+    /// The ipcache entry the datapath finds for `ip` (one longest-prefix-match lookup, so
+    /// a covering prefix answers when there is no /32 entry): for readers that watch a
+    /// few addresses of a large map without dumping it. `None` when nothing covers `ip`.
+    pub fn ipcache_lookup(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>> {
+        let key = aya::maps::lpm_trie::Key::new(32, crate::ip_to_raw(ip));
+        match self.lb.ipcache.get(&key, 0) {
+            Ok(v) => Ok(Some(v.into())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_IPCACHE)(e)),
+        }
     }
 
     /// Flow counters per identity pair, summed over CPUs.
