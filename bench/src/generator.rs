@@ -476,8 +476,8 @@ impl Shape {
             "nodes per cluster must be 1..=1024"
         );
         anyhow::ensure!(
-            self.pods() >= 1 && self.pods() <= 60_000,
-            "pods per cluster (nodes x pods per node) must be 1..=60000 (one /16 each)"
+            self.pods() >= 1 && self.pods() <= 16_000,
+            "pods per cluster (nodes x pods per node) must be 1..=16000 (one /18 each)"
         );
         anyhow::ensure!(
             (1..=60_000).contains(&self.identities_per_cluster),
@@ -500,13 +500,19 @@ fn cluster_id(i: usize) -> u32 {
     (FIRST_ID + i) as u32
 }
 
-/// Pod address `slot` (1..=65534) of cluster `i`: 10.(3+i).0.0/16.
+/// Pod address `slot` (1..=SLOTS) of cluster `i`: its /18 in 10.128.0.0/9 (clear of the
+/// benchmarks' own clusters, 10.1/16 and 10.2/16, and of the 10.96/12 service CIDRs).
 pub fn pod_ip(i: usize, slot: u32) -> Ipv4Addr {
-    Ipv4Addr::from((10u32 << 24) | ((cluster_id(i)) << 16) | (slot & 0xffff))
+    Ipv4Addr::from(POD_BASE + ((i as u32) << 14) + (slot & 0x3fff))
 }
 
-/// Address slots of a cluster's /16 (its first and last addresses are left out).
-const SLOTS: u32 = 65_534;
+fn pod_cidr(i: usize) -> String {
+    format!("{}/18", Ipv4Addr::from(POD_BASE + ((i as u32) << 14)))
+}
+
+const POD_BASE: u32 = (10 << 24) | (128 << 16);
+/// Address slots of a cluster's /18 (its first and last addresses are left out).
+const SLOTS: u32 = (1 << 14) - 2;
 
 /// Node `n` of cluster `i`: 100.64.0.0/10, 1024 addresses per cluster.
 pub fn node_ip(i: usize, n: usize) -> Ipv4Addr {
@@ -538,7 +544,7 @@ pub fn profile_cluster(i: usize, shape: &Shape) -> Arc<SynthCluster> {
     let config = pb::ClusterConfig {
         name: name.clone(),
         id: cluster_id(i),
-        pod_cidrs: vec![format!("10.{}.0.0/16", cluster_id(i))],
+        pod_cidrs: vec![pod_cidr(i)],
         service_cidr: Some("10.96.0.0/12".into()),
         capabilities: vec![],
         version: "synthetic".into(),

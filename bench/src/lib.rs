@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod env;
 pub mod fanout;
 pub mod generator;
+pub mod import_sync;
 pub mod initial_sync;
 pub mod lab;
 pub mod lose_cluster;
@@ -270,6 +271,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             let r =
                 initial_sync::run(&initial_sync::Opts::default(), &components, &machine).await?;
+            emit(&r);
+            reports.push(r);
+            // The honest variant: the peer served over gRPC and imported by the importer.
+            let via = initial_sync::Opts {
+                via_importer: true,
+                ..initial_sync::Opts::default()
+            };
+            let r = initial_sync::run(&via, &components, &machine).await?;
             emit(&r);
             reports.push(r);
             let r = fanout::run(&fanout::Opts::default(), &components, &machine).await?;

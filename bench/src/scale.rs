@@ -225,6 +225,32 @@ async fn wait_agent_ipcache(agent: &mut AgentNode, want: u64, stall: Duration) -
     }
 }
 
+/// Waits until the agent reports at least `want` ipcache entries (other clusters' entries
+/// may come on top).
+async fn wait_agent_ipcache_at_least(
+    agent: &mut AgentNode,
+    want: u64,
+    stall: Duration,
+) -> Result<()> {
+    let mut last = (0u64, Instant::now());
+    loop {
+        agent.proc_mut()?.check_running()?;
+        let got = agent.map_entries("ipcache").unwrap_or(0);
+        if got >= want {
+            return Ok(());
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if last.1.elapsed() > stall {
+            bail!(
+                "the agent's ipcache stalled at {got} entries (want at least {want}) for {stall:?}; log:\n{}",
+                agent.proc_mut()?.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 // ================================================================ churn
 
 /// A replacement being timed.
@@ -271,7 +297,7 @@ pub fn spawn_churn(
                 let pod = rng.random_range(0..shape.pods());
                 let (old, new) = generator::replace_pod(&clusters[i], &mut pods[i], i, &shape, pod);
                 if let Some(tx) = &samples
-                    && done % sample_every.max(1) as u64 == 0
+                    && done.is_multiple_of(sample_every.max(1) as u64)
                 {
                     let _ = tx.send(Sample {
                         old,
@@ -396,13 +422,21 @@ pub struct Background {
     fleet: Fleet,
     stop: CancellationToken,
     churn: Option<tokio::task::JoinHandle<ChurnDone>>,
+    /// Peer entries written -> the importer's index holds every background endpoint.
     pub sync: Duration,
+    /// Pods replaced per second while it ran (set by [`Background::stop`]).
+    pub rate: f64,
 }
 
 impl Background {
     /// Serves the background clusters, has `importer` import them, waits until its index
-    /// holds them all, and starts the churn. `None` when no background is asked for.
-    pub async fn start(opts: &BackgroundOpts, importer: &mut Cluster) -> Result<Option<Self>> {
+    /// holds them all and `agent` (a node of `importer`) has them in its ipcache, and
+    /// starts the churn. `None` when no background is asked for.
+    pub async fn start(
+        opts: &BackgroundOpts,
+        importer: &mut Cluster,
+        agent: &mut AgentNode,
+    ) -> Result<Option<Self>> {
         if opts.background_clusters == 0 {
             return Ok(None);
         }
@@ -422,8 +456,11 @@ impl Background {
         let fleet = Fleet::start(shape, importer).await?;
         let t0 = Instant::now();
         fleet.connect(importer)?;
-        wait_index(importer, &fleet, Duration::from_secs(120)).await?;
+        let stall = Duration::from_secs(120);
+        wait_index(importer, &fleet, stall).await?;
         let sync = t0.elapsed();
+        let want = (shape.total_endpoints() + shape.total_nodes()) as u64;
+        wait_agent_ipcache_at_least(agent, want, stall).await?;
         let stop = CancellationToken::new();
         let churn = spawn_churn(
             fleet.clusters(),
@@ -438,22 +475,22 @@ impl Background {
             stop,
             churn: Some(churn),
             sync,
+            rate: 0.0,
         }))
     }
 
-    /// Stops the churn; returns the replacements made per second.
-    pub async fn stop(mut self) -> Result<f64> {
+    /// Stops the churn and records the replacements made per second.
+    pub async fn stop(&mut self) -> Result<()> {
         self.stop.cancel();
-        let done = self
-            .churn
-            .take()
-            .context("background churn already stopped")?
-            .await?;
-        Ok(done.replacements as f64 / done.elapsed.as_secs_f64().max(1e-9))
+        if let Some(churn) = self.churn.take() {
+            let done = churn.await?;
+            self.rate = done.replacements as f64 / done.elapsed.as_secs_f64().max(1e-9);
+        }
+        Ok(())
     }
 
     /// Adds the background's parameters and figures to `report`.
-    pub fn describe(&self, report: &mut Report, rate: f64) {
+    pub fn describe(&self, report: &mut Report) {
         let s = &self.fleet.shape;
         report.param("background_clusters", s.clusters);
         report.param("background_nodes", s.nodes);
@@ -465,13 +502,13 @@ impl Background {
         ));
         report.figures.push(Figure::new(
             "background: pods replaced during the samples",
-            rate,
+            self.rate,
             "per s",
         ));
         report.notes.push(format!(
             "measured while {} synthetic clusters ({} endpoints, served by mesh-bench's \
-             generator over gRPC, imported by the measured cluster's importer) had pods \
-             replaced in the background",
+             generator over gRPC, imported by the measured cluster's importer, in the \
+             measured agent's ipcache) had pods replaced in the background",
             s.clusters,
             s.total_endpoints()
         ));

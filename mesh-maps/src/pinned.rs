@@ -78,15 +78,7 @@ impl LbMaps {
     /// order: a dump that overlaps an update can see a slot whose backend was
     /// just removed.
     pub fn dump(&self) -> Result<DatapathDump> {
-        let mut dump = DatapathDump::default();
-        let services = read_all(&self.raw.services, || self.services.iter().collect())?;
-        for (k, v) in services {
-            dump.services.insert(k.into(), v.into());
-        }
-        let backends = read_all(&self.raw.backends, || self.backends.iter().collect())?;
-        for (k, v) in backends {
-            dump.backends.insert(k, v.into());
-        }
+        let mut dump = self.dump_services()?;
         let ipcache = read_all(&self.raw.ipcache, || {
             self.ipcache
                 .iter()
@@ -112,6 +104,23 @@ impl LbMaps {
                     detail: format!("prefix length {} of {:?}", k.prefixlen, k.ip4),
                 })?;
             dump.ipcache.insert(IpNet::V4(net), v.into());
+        }
+        Ok(dump)
+    }
+}
+
+impl LbMaps {
+    /// The service and backend maps only (the ipcache left empty): what a reader of
+    /// services needs, without reading a large ipcache.
+    pub fn dump_services(&self) -> Result<DatapathDump> {
+        let mut dump = DatapathDump::default();
+        let services = read_all(&self.raw.services, || self.services.iter().collect())?;
+        for (k, v) in services {
+            dump.services.insert(k.into(), v.into());
+        }
+        let backends = read_all(&self.raw.backends, || self.backends.iter().collect())?;
+        for (k, v) in backends {
+            dump.backends.insert(k, v.into());
         }
         Ok(dump)
     }
@@ -279,6 +288,11 @@ impl PinnedMaps {
     /// Every entry of the service, backend and ipcache maps.
     pub fn dump(&self) -> Result<DatapathDump> {
         self.lb.dump()
+    }
+
+    /// The service and backend maps (service map first), the ipcache left empty.
+    pub fn dump_services(&self) -> Result<DatapathDump> {
+        self.lb.dump_services()
     }
 
     /// The ipcache entry the datapath finds for `ip` (one longest-prefix-match lookup, so
