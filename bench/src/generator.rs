@@ -511,6 +511,8 @@ fn pod_cidr(i: usize) -> String {
 }
 
 const POD_BASE: u32 = (10 << 24) | (128 << 16);
+/// Where every synthetic cluster's pods are.
+pub const POD_RANGE: &str = "10.128.0.0/9";
 /// Address slots of a cluster's /18 (its first and last addresses are left out).
 const SLOTS: u32 = (1 << 14) - 2;
 

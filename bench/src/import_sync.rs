@@ -222,6 +222,16 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     );
 
     step("writing the peer entry; the importer takes the peer's snapshot");
+    let etcd_pid = env::etcd_pid(cluster.etcd.data_dir())?;
+    let agent_pid = agent.proc_mut()?.pid();
+    let pids = [
+        cluster.apiserver.pid(),
+        etcd_pid,
+        agent_pid,
+        std::process::id(),
+    ];
+    let cpu = || -> Result<Vec<Duration>> { pids.iter().map(|p| env::cpu_time(*p)).collect() };
+    let cpu0 = cpu()?;
     let t0 = Instant::now();
     std::fs::write(
         cluster.dir.join("peers").join(format!("{PEER}.yaml")),
@@ -262,6 +272,8 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     progress.finish();
+    let cpu1 = cpu()?;
+    let txns = crate::scale::metric_sum(&cluster.metrics_text()?, "mesh_apiserver_peer_txns_total");
     let (index_at, agent_at) = (
         index_at.context("index time")?,
         agent_at.context("agent time")?,
@@ -312,6 +324,21 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
         )
         .with_target_if(opts.scale == 1.0, Target::AtMost(2.0)),
     );
+    report.figures.push(Figure::new(
+        "importer etcd transactions (snapshot written)",
+        txns,
+        "txns",
+    ));
+    for (i, name) in ["apiserver", "etcd", "agent", "mesh-bench (generator)"]
+        .iter()
+        .enumerate()
+    {
+        report.figures.push(Figure::new(
+            &format!("CPU until the agent's maps were full: {name}"),
+            cpu1[i].saturating_sub(cpu0[i]).as_secs_f64(),
+            "s",
+        ));
+    }
     let per = |kib: u64| kib as f64 * 1024.0 / sizes.endpoints as f64;
     report.figures.push(Figure::new(
         "agent RSS per remote endpoint",

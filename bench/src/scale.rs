@@ -63,6 +63,10 @@ pub struct Opts {
     /// Give up the initial sync when nothing progressed for this many seconds.
     #[arg(long, default_value_t = 120)]
     pub stall_s: u64,
+    /// Churn during the initial sync too (untimed): snapshots taken while the clusters
+    /// change; the end-of-run check then shows whether any change was lost.
+    #[arg(long)]
+    pub churn_during_sync: bool,
 }
 
 impl Default for Opts {
@@ -78,6 +82,7 @@ impl Default for Opts {
             poll_interval_us: 2000,
             sample_timeout_ms: 30_000,
             stall_s: 120,
+            churn_during_sync: false,
         }
     }
 }
@@ -253,12 +258,19 @@ async fn wait_agent_ipcache_at_least(
 
 // ================================================================ churn
 
-/// A replacement being timed.
+/// The pods of fresh profile clusters.
+pub fn fresh_pods(shape: &Shape) -> Vec<Pods> {
+    (0..shape.clusters).map(|i| Pods::new(i, shape)).collect()
+}
+
+/// A replacement: timed, or only reported so that a timed one it supersedes (the same
+/// pod replaced again before the first change was seen) is dropped, not counted as lost.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
     pub old: Ipv4Addr,
     pub new: Ipv4Addr,
     pub at: Instant,
+    pub timed: bool,
 }
 
 /// What a churn run did.
@@ -270,9 +282,11 @@ pub struct ChurnDone {
 }
 
 /// Replaces pods at `rate` per second (round robin over the clusters, a random pod of each)
-/// until `stop`; every `sample_every`th replacement is sent to `samples`.
+/// until `stop`; every `sample_every`th replacement is sent to `samples`. `pods`: the
+/// clusters' pods as they are now ([`Pods::new`] for fresh clusters).
 pub fn spawn_churn(
     clusters: Vec<Arc<SynthCluster>>,
+    mut pods: Vec<Pods>,
     shape: Shape,
     rate: f64,
     sample_every: usize,
@@ -280,7 +294,6 @@ pub fn spawn_churn(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<ChurnDone> {
     tokio::spawn(async move {
-        let mut pods: Vec<Pods> = (0..clusters.len()).map(|i| Pods::new(i, &shape)).collect();
         let mut rng = rand::rngs::SmallRng::from_os_rng();
         let t0 = Instant::now();
         let mut done = 0u64;
@@ -296,13 +309,12 @@ pub fn spawn_churn(
                 let i = (done % clusters.len() as u64) as usize;
                 let pod = rng.random_range(0..shape.pods());
                 let (old, new) = generator::replace_pod(&clusters[i], &mut pods[i], i, &shape, pod);
-                if let Some(tx) = &samples
-                    && done.is_multiple_of(sample_every.max(1) as u64)
-                {
+                if let Some(tx) = &samples {
                     let _ = tx.send(Sample {
                         old,
                         new,
                         at: Instant::now(),
+                        timed: done.is_multiple_of(sample_every.max(1) as u64),
                     });
                 }
                 done += 1;
@@ -323,8 +335,32 @@ pub struct Timings {
     pub removed: Vec<Duration>,
     pub timeouts_added: usize,
     pub timeouts_removed: usize,
+    /// Timed replacements whose pod was replaced again before both were seen: dropped
+    /// (the agent may never program an address that lived shorter than a reconcile).
+    pub superseded: usize,
     pub lookups: u64,
     pub lookup_time: Duration,
+    /// (replaced at, latency) of `added`, to see a trend (a backlog grows).
+    pub added_in_order: Vec<(Instant, Duration)>,
+}
+
+impl Timings {
+    /// Median latency of the first and of the last third of the samples (by replacement
+    /// time): equal in a steady state, growing when a backlog builds up.
+    pub fn thirds(&self) -> (f64, f64) {
+        let mut v = self.added_in_order.clone();
+        v.sort_by_key(|(at, _)| *at);
+        let n = v.len() / 3;
+        let median = |xs: &[(Instant, Duration)]| {
+            let mut ms: Vec<f64> = xs.iter().map(|(_, d)| d.as_secs_f64() * 1e3).collect();
+            ms.sort_by(f64::total_cmp);
+            ms.get(ms.len() / 2).copied().unwrap_or(0.0)
+        };
+        if n == 0 {
+            return (0.0, 0.0);
+        }
+        (median(&v[..n]), median(&v[v.len() - n..]))
+    }
 }
 
 struct Pending {
@@ -347,11 +383,18 @@ pub async fn time_samples(
     while open || !pending.is_empty() {
         loop {
             match rx.try_recv() {
-                Ok(s) => pending.push(Pending {
-                    s,
-                    added: None,
-                    removed: None,
-                }),
+                Ok(s) => {
+                    let before = pending.len();
+                    pending.retain(|p| p.s.new != s.old || p.added.is_some());
+                    t.superseded += before - pending.len();
+                    if s.timed {
+                        pending.push(Pending {
+                            s,
+                            added: None,
+                            removed: None,
+                        });
+                    }
+                }
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     open = false;
@@ -384,7 +427,11 @@ pub async fn time_samples(
             let done = p.added.is_some() && p.removed.is_some();
             if done || expired {
                 match p.added {
-                    Some(a) => t.added.push(a.saturating_duration_since(p.s.at)),
+                    Some(a) => {
+                        let d = a.saturating_duration_since(p.s.at);
+                        t.added.push(d);
+                        t.added_in_order.push((p.s.at, d));
+                    }
                     None => t.timeouts_added += 1,
                 }
                 match p.removed {
@@ -394,7 +441,9 @@ pub async fn time_samples(
             }
             !(done || expired)
         });
-        tokio::time::sleep(interval).await;
+        // The lookups must not compete with what they measure: when a round is long (many
+        // samples pending), wait 20 rounds' time, so they take at most ~5% of a core.
+        tokio::time::sleep(interval.max(round.elapsed() * 20)).await;
     }
     Ok(t)
 }
@@ -464,6 +513,7 @@ impl Background {
         let stop = CancellationToken::new();
         let churn = spawn_churn(
             fleet.clusters(),
+            fresh_pods(&shape),
             shape,
             opts.background_churn,
             1,
@@ -590,6 +640,19 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
 
     step("connecting: one peer entry per synthetic cluster in the apiserver's peers directory");
     let stall = Duration::from_secs(opts.stall_s);
+    let sync_stop = CancellationToken::new();
+    let sync_churn = opts.churn_during_sync.then(|| {
+        step("the churn runs during the initial sync too (--churn-during-sync)");
+        spawn_churn(
+            fleet.clusters(),
+            fresh_pods(&shape),
+            shape,
+            opts.churn,
+            1,
+            None,
+            sync_stop.clone(),
+        )
+    });
     let t0 = Instant::now();
     fleet.connect(&cluster)?;
     wait_index(&mut cluster, &fleet, stall).await?;
@@ -597,6 +660,13 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     let want_ipcache = (shape.total_endpoints() + shape.total_nodes()) as u64;
     wait_agent_ipcache(&mut agent, want_ipcache, stall).await?;
     let agent_sync = t0.elapsed();
+    let pods = match sync_churn {
+        Some(task) => {
+            sync_stop.cancel();
+            task.await?.pods
+        }
+        None => fresh_pods(&shape),
+    };
     let body = cluster.metrics_text()?;
     let sync_snapshots = metric_sum(&body, "mesh_apiserver_peer_snapshots_total");
     let sync_reconnects = metric_sum(&body, "mesh_apiserver_peer_reconnects_total");
@@ -622,9 +692,12 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     let c0 = cpu(apiserver_pid, agent_pid, etcd_pid)?;
+    let agent_body0 = env::http_get(agent.metrics, "/metrics").unwrap_or_default();
+    let txns0 = metric_sum(&cluster.metrics_text()?, "mesh_apiserver_peer_txns_total");
     let w0 = Instant::now();
     let churn = spawn_churn(
         fleet.clusters(),
+        pods,
         shape,
         opts.churn,
         sample_every,
@@ -651,23 +724,51 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     let done = churn.await?;
     let c1 = cpu(apiserver_pid, agent_pid, etcd_pid)?;
     let window = w0.elapsed();
+    let agent_body1 = env::http_get(agent.metrics, "/metrics").unwrap_or_default();
+    let txns1 = metric_sum(&cluster.metrics_text()?, "mesh_apiserver_peer_txns_total");
+    let delta = |name: &str| metric_sum(&agent_body1, name) - metric_sum(&agent_body0, name);
+    let reconciles = delta("mesh_agent_reconcile_duration_seconds_count");
+    let reconcile_s = delta("mesh_agent_reconcile_duration_seconds_sum");
     agent.proc_mut()?.check_running()?;
     cluster.apiserver.check_running()?;
 
-    step("after the churn: checking that the index and the agent's ipcache converged");
+    step("after the churn: waiting for the agent's ipcache to hold exactly the live pods");
     wait_index(&mut cluster, &fleet, stall).await?;
     wait_agent_ipcache(&mut agent, want_ipcache, stall).await?;
-    let dump = maps.dump().context("dumping the agent's maps")?;
-    let missing = done
-        .pods
-        .iter()
-        .flat_map(|p| p.live())
-        .filter(|ip| {
-            !dump
-                .ipcache
-                .contains_key(&ipnet::IpNet::V4(ipnet::Ipv4Net::from(**ip)))
-        })
-        .count();
+    let live: std::collections::HashSet<Ipv4Addr> =
+        done.pods.iter().flat_map(|p| p.live()).copied().collect();
+    let pod_range: ipnet::Ipv4Net = generator::POD_RANGE.parse()?;
+    let converge_from = Instant::now();
+    let (dump, missing, stale) = loop {
+        agent.proc_mut()?.check_running()?;
+        let dump = maps.dump().context("dumping the agent's maps")?;
+        let missing = live
+            .iter()
+            .filter(|ip| {
+                !dump
+                    .ipcache
+                    .contains_key(&ipnet::IpNet::V4(ipnet::Ipv4Net::from(**ip)))
+            })
+            .count();
+        // Entries of synthetic pod addresses no live pod has (a delete not applied).
+        let stale = dump
+            .ipcache
+            .keys()
+            .filter(|net| match net {
+                ipnet::IpNet::V4(n) => {
+                    n.prefix_len() == 32
+                        && pod_range.contains(&n.addr())
+                        && !live.contains(&n.addr())
+                }
+                ipnet::IpNet::V6(_) => false,
+            })
+            .count();
+        if (missing == 0 && stale == 0) || converge_from.elapsed() > stall {
+            break (dump, missing, stale);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let converged_in = converge_from.elapsed();
     let ipcache_entries = dump.ipcache.len();
     drop(dump);
     let rss_end = (env::rss_kib(apiserver_pid)?, env::rss_kib(agent_pid)?);
@@ -697,6 +798,7 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     report.param("duration_s", opts.duration);
     report.param("sample_every", sample_every);
     report.param("poll_interval_us", opts.poll_interval_us);
+    report.param("churn_during_sync", opts.churn_during_sync);
     report.figures.push(Figure::new(
         "full sync: peer entries -> apiserver index holds every endpoint",
         index_sync.as_secs_f64(),
@@ -728,6 +830,17 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
         timings.timeouts_removed,
         None,
     ));
+    let (first, last) = timings.thirds();
+    report.figures.push(Figure::new(
+        "new address in ipcache: p50 of the first / last third of the churn",
+        first,
+        &format!("ms / {last:.0} ms"),
+    ));
+    report.figures.push(Figure::new(
+        "timed replacements superseded (pod replaced again first; not counted)",
+        timings.superseded as f64,
+        "samples",
+    ));
     let achieved = done.replacements as f64 / done.elapsed.as_secs_f64().max(1e-9);
     report.figures.push(Figure::new(
         "churn achieved (pods replaced)",
@@ -753,6 +866,30 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
             "% of a core",
         ));
     }
+    report.figures.push(Figure::new(
+        "agent reconciles during churn",
+        reconciles,
+        "reconciles",
+    ));
+    report.figures.push(Figure::new(
+        "agent mean reconcile during churn (desired state computed and applied)",
+        if reconciles > 0.0 {
+            reconcile_s * 1e3 / reconciles
+        } else {
+            0.0
+        },
+        "ms",
+    ));
+    report.figures.push(Figure::new(
+        "agent time in reconciles during churn",
+        reconcile_s * 100.0 / window.as_secs_f64(),
+        "% of the window",
+    ));
+    report.figures.push(Figure::new(
+        "importer etcd transactions during churn",
+        (txns1 - txns0) / window.as_secs_f64(),
+        "per s",
+    ));
     let endpoints = shape.total_endpoints() as f64;
     let per = |kib: u64| kib as f64 * 1024.0 / endpoints;
     report.figures.push(Figure::new(
@@ -806,6 +943,11 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
         ipcache_entries as f64,
         "entries",
     ));
+    report.figures.push(Figure::new(
+        "churn stopped -> agent ipcache holds exactly the live pods",
+        converged_in.as_secs_f64(),
+        "s",
+    ));
     report.figures.push(
         Figure::new(
             "live synthetic pods missing from the agent's ipcache after churn",
@@ -813,6 +955,14 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
             "pods",
         )
         .with_target_text("= 0", missing == 0),
+    );
+    report.figures.push(
+        Figure::new(
+            "replaced pods' old addresses still in the agent's ipcache after churn",
+            stale as f64,
+            "entries",
+        )
+        .with_target_text("= 0", stale == 0),
     );
     report.figures.push(Figure::new(
         "peer snapshots / resumes / reconnects (whole run)",
