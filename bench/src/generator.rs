@@ -66,6 +66,8 @@ pub struct SynthCluster {
     pub config: pb::ClusterConfig,
     state: Mutex<State>,
     live: broadcast::Sender<Arc<Batch>>,
+    /// Ends every open stream of the cluster (a lost connection, for resume tests).
+    kick: tokio::sync::Notify,
 }
 
 impl SynthCluster {
@@ -89,7 +91,14 @@ impl SynthCluster {
             config,
             state: Mutex::new(state),
             live,
+            kick: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Ends every stream open now with `UNAVAILABLE`, as a lost connection: the importer
+    /// reconnects and resumes (or takes a snapshot again if the first was not complete).
+    pub fn kick(&self) {
+        self.kick.notify_waiters();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -331,6 +340,10 @@ async fn serve_stream(
     loop {
         let out = tokio::select! {
             _ = tx.closed() => return,
+            _ = cluster.kick.notified() => {
+                let _ = tx.send(Err(Status::unavailable("synthetic cluster dropped the stream"))).await;
+                return;
+            }
             _ = tokio::time::sleep_until(next_heartbeat) => {
                 Some(msg(sent, Payload::Progress(pb::Progress {})))
             }

@@ -67,6 +67,10 @@ pub struct Opts {
     /// change; the end-of-run check then shows whether any change was lost.
     #[arg(long)]
     pub churn_during_sync: bool,
+    /// Every this many ms, drop the open streams of one synthetic cluster (round robin),
+    /// so the importer reconnects and resumes under the churn (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub kick_every_ms: u64,
 }
 
 impl Default for Opts {
@@ -83,6 +87,7 @@ impl Default for Opts {
             sample_timeout_ms: 30_000,
             stall_s: 120,
             churn_during_sync: false,
+            kick_every_ms: 0,
         }
     }
 }
@@ -653,6 +658,18 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
             sync_stop.clone(),
         )
     });
+    let kicker = (opts.kick_every_ms > 0).then(|| {
+        let clusters = fleet.clusters();
+        let every = Duration::from_millis(opts.kick_every_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            for i in 0.. {
+                tick.tick().await;
+                clusters[i % clusters.len()].kick();
+            }
+        })
+    });
     let t0 = Instant::now();
     fleet.connect(&cluster)?;
     wait_index(&mut cluster, &fleet, stall).await?;
@@ -732,6 +749,9 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     agent.proc_mut()?.check_running()?;
     cluster.apiserver.check_running()?;
 
+    if let Some(k) = kicker {
+        k.abort();
+    }
     step("after the churn: waiting for the agent's ipcache to hold exactly the live pods");
     wait_index(&mut cluster, &fleet, stall).await?;
     wait_agent_ipcache(&mut agent, want_ipcache, stall).await?;
@@ -801,6 +821,7 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     report.param("sample_every", sample_every);
     report.param("poll_interval_us", opts.poll_interval_us);
     report.param("churn_during_sync", opts.churn_during_sync);
+    report.param("kick_every_ms", opts.kick_every_ms);
     report.figures.push(Figure::new(
         "full sync: peer entries -> apiserver index holds every endpoint",
         index_sync.as_secs_f64(),
