@@ -11,6 +11,11 @@
 #   bash scripts/bench.sh flows 20000 5                    # connect() with flow events on/off
 #   bash scripts/bench.sh lose-cluster --runs 5            # partition / pods dying unseen, in a lab
 #   bash scripts/bench.sh socket-lb --services 1000,10000  # connect(): socket LB vs direct vs nft DNAT
+#   bash scripts/bench.sh scale                            # Cilium's profile: 250 clusters x 100 nodes, 325 changes/s
+#   bash scripts/bench.sh scale --clusters 20 --nodes 10 --churn 50 --duration 20
+#   bash scripts/bench.sh fanout --txn-ops 1               # one object per etcd transaction
+#   bash scripts/bench.sh initial-sync --via-importer      # the peer served over gRPC, imported by the importer
+#   bash scripts/bench.sh propagation --background-clusters 250 --background-nodes 100 --background-churn 325
 #
 # Benchmarks print distributions and figures beside their targets; they never fail on a
 # speed. Everything a benchmark starts (etcd, apiservers, agents, cgroups, bpffs pins,
@@ -18,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-benches="propagation failover initial-sync fanout policy policy-compile flows lose-cluster socket-lb"
+benches="propagation failover initial-sync fanout scale policy policy-compile flows lose-cluster socket-lb"
 usage() {
     echo "usage: bash scripts/bench.sh [all|${benches// /|}] [FLAGS...]" >&2
     echo "       flags of one benchmark: bash scripts/bench.sh BENCH --help" >&2
@@ -28,7 +33,7 @@ name="${1:-all}"
 case "$name" in
     -h|--help) usage; exit 0 ;;
     -*) name=all ;;
-    all|propagation|failover|initial-sync|fanout|policy|policy-compile|flows|lose-cluster|socket-lb) shift || true ;;
+    all|propagation|failover|initial-sync|fanout|scale|policy|policy-compile|flows|lose-cluster|socket-lb) shift || true ;;
     *) echo "unknown benchmark \"$name\"" >&2; usage; exit 2 ;;
 esac
 
@@ -80,6 +85,7 @@ bin_dir="${CARGO_TARGET_DIR:-target}/release"
 
 if [ "$name" = all ]; then
     "$bin_dir/mesh-bench" --bin-dir "$bin_dir" all "$@"
+    "$bin_dir/mesh-bench" --bin-dir "$bin_dir" scale "$@"
     "$bin_dir/mesh-bench" --bin-dir "$bin_dir" policy "$@"
     "$bin_dir/mesh-bench" --bin-dir "$bin_dir" lose-cluster "$@"
     "$bin_dir/mesh-bench" socket-lb "$@"

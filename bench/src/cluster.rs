@@ -304,11 +304,24 @@ pub async fn put_batched(
     client: &etcd_client::Client,
     kvs: Vec<(String, Vec<u8>)>,
     parallel: usize,
+    progress: impl FnMut(usize),
+) -> Result<()> {
+    put_batched_ops(client, kvs, 128, parallel, progress).await
+}
+
+/// [`put_batched`] with `ops` operations per transaction (1..=128).
+pub async fn put_batched_ops(
+    client: &etcd_client::Client,
+    kvs: Vec<(String, Vec<u8>)>,
+    ops: usize,
+    parallel: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<()> {
     use futures::StreamExt;
-    let chunks: Vec<Vec<(String, Vec<u8>)>> =
-        kvs.chunks(128).map(<[(String, Vec<u8>)]>::to_vec).collect();
+    let chunks: Vec<Vec<(String, Vec<u8>)>> = kvs
+        .chunks(ops.clamp(1, 128))
+        .map(<[(String, Vec<u8>)]>::to_vec)
+        .collect();
     let mut done = 0;
     let mut results = futures::stream::iter(chunks.into_iter().map(|chunk| {
         let mut c = client.clone();

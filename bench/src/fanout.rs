@@ -28,7 +28,7 @@ use mesh_proto::tls::{self, ClientEndpoint, ClientTls, TlsIdentity};
 use mesh_testkit::etcd::Etcd;
 use tokio::task::JoinSet;
 
-use crate::cluster::{Cluster, ClusterSpec, Ctx, put_batched};
+use crate::cluster::{Cluster, ClusterSpec, Ctx, put_batched, put_batched_ops};
 use crate::env::{self, Components};
 use crate::report::{Figure, Machine, Report, Target};
 use crate::{Progress, step};
@@ -47,6 +47,10 @@ pub struct Opts {
     /// Give up waiting for the streams after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_s: u64,
+    /// Objects per etcd transaction of the writer (128: etcd's default limit, which
+    /// spreads each message's cost over 128 events; 1: one event per transaction).
+    #[arg(long, default_value_t = 128)]
+    pub txn_ops: usize,
 }
 
 impl Default for Opts {
@@ -56,6 +60,7 @@ impl Default for Opts {
             events: 2000,
             parallel_txns: 2,
             timeout_s: 300,
+            txn_ops: 128,
         }
     }
 }
@@ -162,7 +167,7 @@ async fn drive(
     );
     let t0 = Instant::now();
     let data = events_data(keys, opts.events);
-    put_batched(etcd, data, opts.parallel_txns, |_| {}).await?;
+    put_batched_ops(etcd, data, opts.txn_ops, opts.parallel_txns, |_| {}).await?;
     let write = t0.elapsed();
     let total = (opts.streams * opts.events) as u64;
     let mut progress = Progress::new(&format!("{label}: events delivered"), total as usize);
@@ -432,8 +437,8 @@ async fn direct_etcd(opts: &Opts) -> Result<Side> {
 }
 
 pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Result<Report> {
-    if opts.streams == 0 || opts.events == 0 {
-        bail!("--streams and --events must be at least 1");
+    if opts.streams == 0 || opts.events == 0 || opts.txn_ops == 0 {
+        bail!("--streams, --events and --txn-ops must be at least 1");
     }
     let (tls, tls_notes) = via_apiserver(opts, components, false).await?;
     let (plain, plain_notes) = via_apiserver(opts, components, true).await?;
@@ -452,6 +457,7 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     report.param("streams", opts.streams);
     report.param("events", opts.events);
     report.param("deliveries", total as u64);
+    report.param("txn_ops", opts.txn_ops);
     let us_per = |cpu: Duration, n: u64| {
         if n == 0 {
             0.0

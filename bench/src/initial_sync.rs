@@ -40,6 +40,10 @@ pub struct Opts {
     /// The agent's service and backend maps hold 262144 entries each (bpf/mesh.h).
     #[arg(long, default_value_t = 10)]
     pub backends_per_service: usize,
+    /// Instead: the services case from a peer served by the generator over gRPC and
+    /// imported by the real importer, into a running agent (bench/src/import_sync.rs).
+    #[arg(long)]
+    pub via_importer: bool,
 }
 
 impl Default for Opts {
@@ -50,6 +54,7 @@ impl Default for Opts {
             endpoints_per_node: 100,
             parallel_txns: 4,
             backends_per_service: 10,
+            via_importer: false,
         }
     }
 }
@@ -436,6 +441,9 @@ async fn time_agent_sync(
 }
 
 pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Result<Report> {
+    if opts.via_importer {
+        return crate::import_sync::run(opts, components, machine).await;
+    }
     let sizes = Sizes::new(opts)?;
     let per_node = opts.endpoints_per_node.max(1);
     let ctx = Ctx::new(components.clone())?;

@@ -15,17 +15,23 @@
 //!   quarantine.
 //! - [`socket_lb`]: connect() to a service VIP translated by socket LB vs a direct connect()
 //!   to the backend vs nftables DNAT, with 1k and 10k services, from pod namespaces.
+//! - [`scale`]: Cilium's clustermesh scale profile (250 synthetic clusters x 100 nodes served
+//!   by the [`generator`] over gRPC, imported by the real importer) into one apiserver and
+//!   one agent, under churn.
 
 pub mod cluster;
 pub mod env;
 pub mod fanout;
+pub mod generator;
 pub mod hops;
+pub mod import_sync;
 pub mod initial_sync;
 pub mod lab;
 pub mod lose_cluster;
 pub mod policy;
 pub mod propagation;
 pub mod report;
+pub mod scale;
 pub mod soak;
 pub mod socket_lb;
 
@@ -89,6 +95,10 @@ pub enum Command {
     /// directly to a backend vs nftables DNAT (kube-proxy's nftables shape), 1k and 10k
     /// services: connect rate and latency percentiles.
     SocketLb(socket_lb::Opts),
+    /// Cilium's clustermesh scale profile: N synthetic clusters (mesh-bench's generator,
+    /// real gRPC Watch, one CA and port each) imported by one apiserver, one agent; time to
+    /// full sync, propagation under churn, CPU, RSS per endpoint, etcd size.
+    Scale(scale::Opts),
     /// One socket-lb client run: joins CGROUP, times COUNT connect() calls (run by the
     /// socket-lb benchmark with nsenter in a client netns).
     #[command(hide = true)]
@@ -264,7 +274,23 @@ pub async fn run(cli: Cli) -> Result<()> {
                 initial_sync::run(&initial_sync::Opts::default(), &components, &machine).await?;
             emit(&r);
             reports.push(r);
+            // The honest variant: the peer served over gRPC and imported by the importer.
+            let via = initial_sync::Opts {
+                via_importer: true,
+                ..initial_sync::Opts::default()
+            };
+            let r = initial_sync::run(&via, &components, &machine).await?;
+            emit(&r);
+            reports.push(r);
             let r = fanout::run(&fanout::Opts::default(), &components, &machine).await?;
+            emit(&r);
+            reports.push(r);
+            // The honest variant: one object per etcd transaction.
+            let one = fanout::Opts {
+                txn_ops: 1,
+                ..fanout::Opts::default()
+            };
+            let r = fanout::run(&one, &components, &machine).await?;
             emit(&r);
             reports.push(r);
         }
@@ -304,6 +330,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             let r = soak::run(&o, &components, &machine).await?;
             emit(&r);
             failed |= !soak::passed(&r);
+            reports.push(r);
+        }
+        Command::Scale(o) => {
+            let r = scale::run(&o, &components, &machine).await?;
+            emit(&r);
             reports.push(r);
         }
         Command::SocketLb(o) => {

@@ -41,6 +41,9 @@ pub struct Opts {
     /// Ready backends of A that never change.
     #[arg(long, default_value_t = 3)]
     pub remote_backends: u8,
+    /// The scale profile's churn in the background (bench/src/scale.rs).
+    #[command(flatten)]
+    pub background: crate::scale::BackgroundOpts,
 }
 
 impl Default for Opts {
@@ -50,6 +53,7 @@ impl Default for Opts {
             poll_interval_us: 1000,
             timeout_ms: 5000,
             remote_backends: 3,
+            background: Default::default(),
         }
     }
 }
@@ -165,7 +169,7 @@ async fn poll_until(
     let deadline = Instant::now() + timeout;
     loop {
         let t = Instant::now();
-        let dump = maps.dump().context("reading the pinned maps")?;
+        let dump = maps.dump_services().context("reading the pinned maps")?;
         let seen = Instant::now();
         reads.0 += 1;
         reads.1 += seen - t;
@@ -362,6 +366,8 @@ pub async fn run(
             "b's agent did not program {NS}/{SVC} ({vip}:{PORT}) with {initial:?} within 60s; agent log:\n{log}"
         );
     }
+    let mut background =
+        crate::scale::Background::start(&opts.background, &mut topo.b, &mut topo.agent).await?;
     let mut reads: Reads = (0, Duration::ZERO, 0);
     step("opening the hop observers (Kubernetes, etcd and gRPC watches)");
     let mut hops = observe_hops(kind, &topo).await?;
@@ -404,6 +410,9 @@ pub async fn run(
         progress.set(i + 1);
     }
     progress.finish();
+    if let Some(bg) = background.as_mut() {
+        bg.stop().await?;
+    }
 
     let mean_read_us = if reads.0 == 0 {
         0.0
@@ -472,6 +481,9 @@ pub async fn run(
     report
         .figures
         .push(Figure::new("mean map read", mean_read_us, "us"));
+    if let Some(bg) = &background {
+        bg.describe(&mut report);
+    }
     report.figures.push(Figure::new(
         "torn map reads (read again)",
         reads.2 as f64,

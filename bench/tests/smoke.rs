@@ -177,3 +177,94 @@ fn socket_lb_times_every_connect_of_every_side() {
         }
     }
 }
+
+#[test]
+fn scale_syncs_every_synthetic_endpoint_and_times_the_churn() {
+    require_root_and_etcd();
+    // 3 synthetic clusters x 2 nodes x 10 pods, served by the generator and imported by
+    // the real importer; the benchmark itself fails unless the index and the agent's
+    // ipcache hold every endpoint, before and after the churn.
+    let r = bench(&[
+        "scale",
+        "--clusters",
+        "3",
+        "--nodes",
+        "2",
+        "--churn",
+        "20",
+        "--duration",
+        "3",
+        "--sample-every",
+        "1",
+    ]);
+    assert_eq!(r["benchmark"], "scale");
+    assert_eq!(r["params"]["endpoints"], 60);
+    assert_eq!(r["params"]["identities"], 300);
+    // 60 endpoints + 6 nodes.
+    assert_eq!(figure(&r, "agent ipcache entries after churn"), 66.0);
+    assert_eq!(
+        figure(
+            &r,
+            "live synthetic pods missing from the agent's ipcache after churn"
+        ),
+        0.0
+    );
+    let dists = r["distributions"].as_array().unwrap();
+    assert_eq!(dists.len(), 2, "{r:#}");
+    for d in dists {
+        assert_eq!(d["timeouts"].as_u64().unwrap(), 0, "{d:#}");
+        assert!(d["count"].as_u64().unwrap() > 0, "{d:#}");
+    }
+}
+
+#[test]
+fn fanout_with_one_object_per_transaction_delivers_every_event() {
+    require_root_and_etcd();
+    let r = bench(&[
+        "fanout",
+        "--streams",
+        "2",
+        "--events",
+        "30",
+        "--txn-ops",
+        "1",
+    ]);
+    assert_eq!(r["params"]["txn_ops"], 1);
+    for side in ["apiserver (mTLS)", "apiserver (plaintext)", "direct etcd"] {
+        assert_eq!(
+            figure(&r, &format!("{side}: events delivered")),
+            60.0,
+            "{r:#}"
+        );
+    }
+}
+
+#[test]
+fn initial_sync_via_the_importer_fills_the_maps_at_a_tiny_scale() {
+    require_root_and_etcd();
+    // The benchmark fails unless the pinned maps hold exactly the expected entries.
+    let r = bench(&["initial-sync", "--scale", "0.001", "--via-importer"]);
+    assert_eq!(r["benchmark"], "initial-sync (via importer)");
+    assert_eq!(r["params"]["peer_endpoints"], 100);
+    assert_eq!(r["params"]["peer_services"], 10);
+    assert!(figure(&r, "agent RSS per remote endpoint") > 0.0);
+}
+
+#[test]
+fn propagation_reports_every_sample_with_background_churn() {
+    require_root_and_etcd();
+    let r = bench(&[
+        "propagation",
+        "--samples",
+        "3",
+        "--background-clusters",
+        "3",
+        "--background-nodes",
+        "2",
+        "--background-churn",
+        "20",
+    ]);
+    assert_samples(&r, 3);
+    assert_eq!(r["params"]["background_endpoints"], 60);
+    assert!(figure(&r, "background: pods replaced during the samples") > 0.0);
+}

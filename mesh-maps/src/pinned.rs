@@ -9,8 +9,8 @@ use ipnet::{IpNet, Ipv4Net};
 
 use crate::sys::{Access, BatchError, RawMap};
 use crate::{
-    DatapathDump, FlowCounters, IdentityPair, MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE, MAP_SERVICES,
-    ip_from_raw, layout,
+    DatapathDump, FlowCounters, IdentityPair, IpcacheValue, MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE,
+    MAP_SERVICES, ip_from_raw, layout,
 };
 
 /// Errors of opening and reading maps. Each names the map or the path.
@@ -78,15 +78,7 @@ impl LbMaps {
     /// order: a dump that overlaps an update can see a slot whose backend was
     /// just removed.
     pub fn dump(&self) -> Result<DatapathDump> {
-        let mut dump = DatapathDump::default();
-        let services = read_all(&self.raw.services, || self.services.iter().collect())?;
-        for (k, v) in services {
-            dump.services.insert(k.into(), v.into());
-        }
-        let backends = read_all(&self.raw.backends, || self.backends.iter().collect())?;
-        for (k, v) in backends {
-            dump.backends.insert(k, v.into());
-        }
+        let mut dump = self.dump_services()?;
         let ipcache = read_all(&self.raw.ipcache, || {
             self.ipcache
                 .iter()
@@ -112,6 +104,23 @@ impl LbMaps {
                     detail: format!("prefix length {} of {:?}", k.prefixlen, k.ip4),
                 })?;
             dump.ipcache.insert(IpNet::V4(net), v.into());
+        }
+        Ok(dump)
+    }
+}
+
+impl LbMaps {
+    /// The service and backend maps only (the ipcache left empty): what a reader of
+    /// services needs, without reading a large ipcache.
+    pub fn dump_services(&self) -> Result<DatapathDump> {
+        let mut dump = DatapathDump::default();
+        let services = read_all(&self.raw.services, || self.services.iter().collect())?;
+        for (k, v) in services {
+            dump.services.insert(k.into(), v.into());
+        }
+        let backends = read_all(&self.raw.backends, || self.backends.iter().collect())?;
+        for (k, v) in backends {
+            dump.backends.insert(k, v.into());
         }
         Ok(dump)
     }
@@ -279,6 +288,23 @@ impl PinnedMaps {
     /// Every entry of the service, backend and ipcache maps.
     pub fn dump(&self) -> Result<DatapathDump> {
         self.lb.dump()
+    }
+
+    /// The service and backend maps (service map first), the ipcache left empty.
+    pub fn dump_services(&self) -> Result<DatapathDump> {
+        self.lb.dump_services()
+    }
+
+    /// The ipcache entry the datapath finds for `ip` (one longest-prefix-match lookup, so
+    /// a covering prefix answers when there is no /32 entry): for readers that watch a
+    /// few addresses of a large map without dumping it. `None` when nothing covers `ip`.
+    pub fn ipcache_lookup(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>> {
+        let key = aya::maps::lpm_trie::Key::new(32, crate::ip_to_raw(ip));
+        match self.lb.ipcache.get(&key, 0) {
+            Ok(v) => Ok(Some(v.into())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_IPCACHE)(e)),
+        }
     }
 
     /// Flow counters per identity pair, summed over CPUs.
