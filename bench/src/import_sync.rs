@@ -13,22 +13,20 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mesh_lab::kube_api::resources;
 use mesh_proto::pb::{self, Kind, event::Value};
 use mesh_proto::peer_entry::render_entry;
-use serde_json::json;
 
-use crate::cluster::{AgentNode, Cluster, ClusterSpec, Ctx};
+use crate::cluster::{AgentNode, Ctx};
 use crate::env::{self, Components};
 use crate::generator::{self, SynthCluster};
-use crate::initial_sync::{Opts, Sizes};
+use crate::initial_sync::{
+    LOCAL, NAMESPACES, Opts, Sizes, create_global_services, service_name, start_local_cluster,
+};
 use crate::report::{Figure, Machine, Report, Target};
 use crate::{Progress, step};
 
-const LOCAL: &str = "local";
 const PEER: &str = "peer";
 const PEER_ID: u32 = 2;
-const NAMESPACES: usize = 10;
 
 fn endpoint_ip(i: usize) -> String {
     std::net::Ipv4Addr::from((10u32 << 24) | (128 << 16) | i as u32).to_string()
@@ -36,10 +34,6 @@ fn endpoint_ip(i: usize) -> String {
 
 fn node_ip(n: usize) -> String {
     std::net::Ipv4Addr::from((172u32 << 24) | (20 << 16) | n as u32).to_string()
-}
-
-fn service_name(s: usize) -> (String, String) {
-    (format!("ns-{}", s % NAMESPACES), format!("svc-{s}"))
 }
 
 /// The peer's objects: initial-sync's services case.
@@ -158,44 +152,8 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     let sizes = Sizes::new(opts)?;
     let per_node = opts.endpoints_per_node.max(1);
     let ctx = Ctx::new(components.clone())?;
-    step("via importer: starting the local cluster (etcd, lab Kubernetes API, mesh-apiserver)");
-    let mut cluster = Cluster::start(
-        &ctx,
-        ClusterSpec {
-            name: LOCAL,
-            id: 1,
-            pod_cidr: "10.1.0.0/16",
-            service_cidr: "10.96.0.0/12",
-            insecure: false,
-            apiserver_args: &[],
-        },
-    )
-    .await?;
-    step(&format!(
-        "creating {} global Services in the local Kubernetes API",
-        sizes.services
-    ));
-    let store = cluster.kube.store().clone();
-    for n in 0..NAMESPACES.min(sizes.services) {
-        store
-            .create(
-                &resources::NAMESPACES,
-                None,
-                json!({"metadata": {"name": format!("ns-{n}")}}),
-            )
-            .map_err(|e| anyhow::anyhow!("creating namespace ns-{n}: {e:?}"))?;
-    }
-    for s in 0..sizes.services {
-        let (ns, name) = service_name(s);
-        let svc = json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"namespace": ns, "name": name, "annotations": {"service.cilium.io/global": "true"}},
-            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}
-        });
-        store
-            .create(&resources::SERVICES, Some(&ns), svc)
-            .map_err(|e| anyhow::anyhow!("creating Service {ns}/{name}: {e:?}"))?;
-    }
+    let mut cluster = start_local_cluster(&ctx).await?;
+    create_global_services(&cluster, sizes.services)?;
     // The lab API's default/kubernetes is local-only: one more local service.
     let local_services = (sizes.services + 1) as u64;
     wait_until(

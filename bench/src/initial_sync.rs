@@ -59,10 +59,10 @@ impl Default for Opts {
     }
 }
 
-const LOCAL: &str = "local";
+pub(crate) const LOCAL: &str = "local";
 const PEER: &str = "peer";
 const PEER_ID: u32 = 2;
-const NAMESPACES: usize = 10;
+pub(crate) const NAMESPACES: usize = 10;
 const NODE: &str = "n1";
 
 /// Sizes of one run.
@@ -128,7 +128,7 @@ fn identity_id(i: usize) -> u32 {
     (PEER_ID << 16) | (256 + i as u32)
 }
 
-fn service_name(i: usize) -> (String, String) {
+pub(crate) fn service_name(i: usize) -> (String, String) {
     (format!("ns-{}", i % NAMESPACES), format!("svc-{i}"))
 }
 
@@ -440,16 +440,12 @@ async fn time_agent_sync(
     })
 }
 
-pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Result<Report> {
-    if opts.via_importer {
-        return crate::import_sync::run(opts, components, machine).await;
-    }
-    let sizes = Sizes::new(opts)?;
-    let per_node = opts.endpoints_per_node.max(1);
-    let ctx = Ctx::new(components.clone())?;
+/// Starts the benchmark's local cluster (etcd, lab Kubernetes API, mesh-apiserver over
+/// mutual TLS): the one that imports the peer here, in `import_sync` and in `scale`.
+pub(crate) async fn start_local_cluster(ctx: &Ctx) -> Result<Cluster> {
     step("starting the local cluster (etcd, lab Kubernetes API, mesh-apiserver)");
-    let mut cluster = Cluster::start(
-        &ctx,
+    Cluster::start(
+        ctx,
         ClusterSpec {
             name: LOCAL,
             id: 1,
@@ -459,13 +455,17 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
             apiserver_args: &[],
         },
     )
-    .await?;
+    .await
+}
+
+/// Creates `services` global Services (`service_name(i)`, port 80 -> 8080) and their
+/// namespaces in the cluster's Kubernetes API: the local halves of the peer's services.
+pub(crate) fn create_global_services(cluster: &Cluster, services: usize) -> Result<()> {
     step(&format!(
-        "creating {} global Services in the local Kubernetes API",
-        sizes.services
+        "creating {services} global Services in the local Kubernetes API"
     ));
     let store = cluster.kube.store().clone();
-    for n in 0..NAMESPACES.min(sizes.services) {
+    for n in 0..NAMESPACES.min(services) {
         store
             .create(
                 &resources::NAMESPACES,
@@ -474,7 +474,7 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
             )
             .map_err(|e| anyhow::anyhow!("creating namespace ns-{n}: {e:?}"))?;
     }
-    for s in 0..sizes.services {
+    for s in 0..services {
         let (ns, name) = service_name(s);
         let svc = json!({
             "apiVersion": "v1", "kind": "Service",
@@ -485,6 +485,18 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
             .create(&resources::SERVICES, Some(&ns), svc)
             .map_err(|e| anyhow::anyhow!("creating Service {ns}/{name}: {e:?}"))?;
     }
+    Ok(())
+}
+
+pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Result<Report> {
+    if opts.via_importer {
+        return crate::import_sync::run(opts, components, machine).await;
+    }
+    let sizes = Sizes::new(opts)?;
+    let per_node = opts.endpoints_per_node.max(1);
+    let ctx = Ctx::new(components.clone())?;
+    let mut cluster = start_local_cluster(&ctx).await?;
+    create_global_services(&cluster, sizes.services)?;
 
     let keys = Keys::default();
     let etcd = cluster.etcd_client().await?;

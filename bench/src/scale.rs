@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{AgentNode, Cluster, ClusterSpec, Ctx};
+use crate::cluster::{AgentNode, Cluster, Ctx};
 use crate::env::{self, Components};
 use crate::generator::{self, Pods, Served, Shape, SynthCluster};
 use crate::report::{Distribution, Figure, LatencyTarget, Machine, Report, Target};
@@ -92,7 +92,6 @@ impl Default for Opts {
     }
 }
 
-const LOCAL: &str = "local";
 const NODE: &str = "n1";
 
 /// The synthetic clusters of a run, served, with their pods.
@@ -611,19 +610,7 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     };
     shape.check()?;
     let ctx = Ctx::new(components.clone())?;
-    step("starting the local cluster (etcd, lab Kubernetes API, mesh-apiserver)");
-    let mut cluster = Cluster::start(
-        &ctx,
-        ClusterSpec {
-            name: LOCAL,
-            id: 1,
-            pod_cidr: "10.1.0.0/16",
-            service_cidr: "10.96.0.0/12",
-            insecure: false,
-            apiserver_args: &[],
-        },
-    )
-    .await?;
+    let mut cluster = crate::initial_sync::start_local_cluster(&ctx).await?;
     step("starting mesh-agent on node n1");
     let mut agent = AgentNode::prepare(&cluster, NODE, &[])?;
     agent.start(components)?;
