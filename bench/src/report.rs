@@ -220,6 +220,19 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
+/// A distribution's name, counts and percentiles as table cells (latencies and hops).
+fn distribution_cells(d: &Distribution) -> Vec<String> {
+    vec![
+        d.name.clone(),
+        d.count.to_string(),
+        d.timeouts.to_string(),
+        format!("{:.2}", d.p50_ms),
+        format!("{:.2}", d.p90_ms),
+        format!("{:.2}", d.p99_ms),
+        format!("{:.2}", d.max_ms),
+    ]
+}
+
 fn met_text(met: Option<bool>) -> &'static str {
     match met {
         Some(true) => "yes",
@@ -301,17 +314,10 @@ impl Report {
                 .distributions
                 .iter()
                 .map(|d| {
-                    vec![
-                        d.name.clone(),
-                        d.count.to_string(),
-                        d.timeouts.to_string(),
-                        format!("{:.2}", d.p50_ms),
-                        format!("{:.2}", d.p90_ms),
-                        format!("{:.2}", d.p99_ms),
-                        format!("{:.2}", d.max_ms),
-                        d.target.clone().unwrap_or_default(),
-                        met_text(d.met).to_owned(),
-                    ]
+                    let mut row = distribution_cells(d);
+                    row.push(d.target.clone().unwrap_or_default());
+                    row.push(met_text(d.met).to_owned());
+                    row
                 })
                 .collect();
             out.push_str(&table(
@@ -329,21 +335,7 @@ impl Report {
         }
         if !self.hops.is_empty() {
             out.push('\n');
-            let rows: Vec<Vec<String>> = self
-                .hops
-                .iter()
-                .map(|d| {
-                    vec![
-                        d.name.clone(),
-                        d.count.to_string(),
-                        d.timeouts.to_string(),
-                        format!("{:.2}", d.p50_ms),
-                        format!("{:.2}", d.p90_ms),
-                        format!("{:.2}", d.p99_ms),
-                        format!("{:.2}", d.max_ms),
-                    ]
-                })
-                .collect();
+            let rows: Vec<Vec<String>> = self.hops.iter().map(distribution_cells).collect();
             out.push_str(&table(
                 &[
                     "HOP", "SAMPLES", "MISSING", "P50(ms)", "P90(ms)", "P99(ms)", "MAX(ms)",
