@@ -22,7 +22,6 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use mesh_core::identity::{RESERVED_HOST, RESERVED_REMOTE_NODE};
 use mesh_core::select::plan_node;
 use mesh_core::{ClusterName, Protocol};
 
@@ -246,142 +245,23 @@ pub fn compute_services<S: Borrow<ClusterState>>(
     (desired, dropped)
 }
 
-/// The ipcache of [`compute`] and what it leaves out, in the order the entries are
-/// considered: the local cluster, then the others by name; in each, node IPs (nodes by
-/// name), then endpoints (by IP). The first entry of an IP wins, the later ones are dropped
-/// as duplicates.
+/// The ipcache of [`compute`] and what it leaves out. The entries of each cluster are
+/// considered in the order local cluster, then the others by name; in each, node IPs (nodes
+/// by name), then endpoints (by IP). The first entry of an IP wins, the later ones are
+/// dropped as duplicates. What is left out is listed in cluster order, by IP within a
+/// cluster.
 ///
-/// Built in bulk: the candidates are collected into one vector (each cluster's endpoints
-/// come sorted by IP), sorted stably by prefix (a merge of sorted runs), the first of each
-/// prefix kept, and the map built from the sorted entries at once; for 512k entries this is
-/// several times faster than inserting them one by one into the map and into a map of
-/// owners.
+/// This is the first update of an [`IpcacheBuilder`](crate::ipcache::IpcacheBuilder), the
+/// structure the agent keeps to update the ipcache cluster by cluster afterwards.
 pub fn compute_ipcache<S: Borrow<ClusterState>>(
     clusters: &BTreeMap<ClusterName, S>,
     local_cluster: &ClusterName,
     node: &str,
 ) -> (BTreeMap<IpNet, IpcacheInfo>, Vec<Dropped>) {
-    let local_id = clusters
-        .get(local_cluster)
-        .and_then(|c| c.borrow().config.as_ref())
-        .map_or(0, |c| c.id.get());
-    let order: Vec<(&ClusterName, &ClusterState)> = clusters
-        .get_key_value(local_cluster)
-        .into_iter()
-        .chain(clusters.iter().filter(|(n, _)| *n != local_cluster))
-        .map(|(n, c)| (n, c.borrow()))
-        .collect();
-    // Dropped entries with their position in the order above, to report them in it.
-    let mut dropped: Vec<(usize, Dropped)> = Vec::new();
-    let capacity = order
-        .iter()
-        .map(|(_, c)| c.endpoints.len() + c.nodes.len())
-        .sum();
-    // (prefix, info, index of the cluster in `order`, position).
-    let mut candidates: Vec<(IpNet, IpcacheInfo, u32, u32)> = Vec::with_capacity(capacity);
-    let mut position = 0usize;
-    for (index, &(name, cluster)) in order.iter().enumerate() {
-        let Some(config) = &cluster.config else {
-            for ip in cluster.endpoints.keys() {
-                position += 1;
-                let d = Dropped {
-                    cluster: name.clone(),
-                    ip: *ip,
-                    reason: DropReason::ConfigUnknown,
-                };
-                dropped.push((position, d));
-            }
-            continue;
-        };
-        let is_local = name == local_cluster;
-        let mut push = |ip: IpAddr,
-                        info: IpcacheInfo,
-                        position: usize,
-                        dropped: &mut Vec<(usize, Dropped)>| {
-            let ipv6 = match (ip, info.host_ip) {
-                (IpAddr::V6(_), _) => Some(DropReason::Ipv6),
-                (_, Some(host @ IpAddr::V6(_))) => Some(DropReason::Ipv6NodeIp(host)),
-                _ => None,
-            };
-            if let Some(reason) = ipv6 {
-                let d = Dropped {
-                    cluster: name.clone(),
-                    ip,
-                    reason,
-                };
-                dropped.push((position, d));
-                return;
-            }
-            candidates.push((IpNet::from(ip), info, index as u32, position as u32));
-        };
-        for n in cluster.nodes.values() {
-            let this_node = is_local && n.name == node;
-            for &ip in &n.internal_ips {
-                let info = IpcacheInfo {
-                    identity: if this_node {
-                        RESERVED_HOST
-                    } else {
-                        RESERVED_REMOTE_NODE
-                    },
-                    host_ip: None,
-                    cluster_id: config.id.get(),
-                    local_node: this_node,
-                    remote_cluster: !is_local,
-                };
-                position += 1;
-                push(ip, info, position, &mut dropped);
-            }
-        }
-        for ep in cluster.endpoints.values() {
-            if let Err(e) = ep.identity.check_range(name, config.id) {
-                position += 1;
-                let d = Dropped {
-                    cluster: name.clone(),
-                    ip: ep.ip,
-                    reason: DropReason::IdentityOutOfRange(e),
-                };
-                dropped.push((position, d));
-                continue;
-            }
-            let info = IpcacheInfo {
-                identity: ep.identity.0,
-                host_ip: ep.host_ip,
-                cluster_id: config.id.get(),
-                local_node: is_local && ep.node == node,
-                remote_cluster: config.id.get() != local_id || !is_local,
-            };
-            position += 1;
-            push(ep.ip, info, position, &mut dropped);
-        }
-    }
-    // Stable: the entries of one prefix stay in the order they were considered.
-    candidates.sort_by_key(|c| c.0);
-    let mut kept: Option<(IpNet, u32)> = None;
-    let entries = candidates
-        .into_iter()
-        .filter_map(|(prefix, info, index, position)| {
-            if let Some((prev, owner)) = kept
-                && prev == prefix
-            {
-                let (name, _) = order[index as usize];
-                let (owner, _) = order[owner as usize];
-                let d = Dropped {
-                    cluster: name.clone(),
-                    ip: prefix.addr(),
-                    reason: DropReason::DuplicateIp {
-                        kept: owner.clone(),
-                    },
-                };
-                dropped.push((position as usize, d));
-                return None;
-            }
-            kept = Some((prefix, index));
-            Some((prefix, info))
-        });
-    // Sorted and without duplicates: `collect` builds the tree in one pass.
-    let ipcache: BTreeMap<IpNet, IpcacheInfo> = entries.collect();
-    dropped.sort_by_key(|(position, _)| *position);
-    (ipcache, dropped.into_iter().map(|(_, d)| d).collect())
+    let mut builder = crate::ipcache::IpcacheBuilder::new();
+    builder.update(clusters, |_| None, local_cluster, node);
+    let dropped = builder.dropped();
+    (builder.take(), dropped)
 }
 
 // === the maps as they are ===
@@ -585,10 +465,24 @@ impl BackendIds {
 ///
 /// Applying the result to `current` gives a state for which `plan` returns nothing.
 pub fn plan(current: &DatapathState, desired: &DesiredState) -> Vec<Op> {
+    plan_scoped(current, desired, None)
+}
+
+/// [`plan`], with the ipcache compared only at `ipcache_changed` when given: the caller
+/// knows `current.ipcache` equals `desired.ipcache` at every other prefix (the agent's
+/// mirror after its last reconcile, and the prefixes its ipcache builder changed since).
+pub fn plan_scoped(
+    current: &DatapathState,
+    desired: &DesiredState,
+    ipcache_changed: Option<&BTreeSet<IpNet>>,
+) -> Vec<Op> {
     let ids = BackendIds::assign(current, desired);
     let id_of = |key: &BackendKey| ids.get(key).expect("every desired backend has an id");
 
-    let (ipcache_upserts, ipcache_deletes) = diff_ipcache(&current.ipcache, &desired.ipcache);
+    let (ipcache_upserts, ipcache_deletes) = match ipcache_changed {
+        None => diff_ipcache(&current.ipcache, &desired.ipcache),
+        Some(prefixes) => diff_ipcache_at(&current.ipcache, &desired.ipcache, prefixes),
+    };
 
     let mut backend_upserts = Vec::new();
     for (key, &info) in &desired.backends {
@@ -688,6 +582,26 @@ pub fn diff_ipcache(
     (upserts, deletes)
 }
 
+/// [`diff_ipcache`] at `prefixes` only (in prefix order).
+pub fn diff_ipcache_at(
+    current: &BTreeMap<IpNet, IpcacheInfo>,
+    desired: &BTreeMap<IpNet, IpcacheInfo>,
+    prefixes: &BTreeSet<IpNet>,
+) -> (Vec<Op>, Vec<Op>) {
+    let mut upserts = Vec::new();
+    let mut deletes = Vec::new();
+    for &prefix in prefixes {
+        match (current.get(&prefix), desired.get(&prefix)) {
+            (have, Some(&info)) if have != Some(&info) => {
+                upserts.push(Op::IpcacheUpsert { prefix, info });
+            }
+            (Some(_), None) => deletes.push(Op::IpcacheDelete { prefix }),
+            _ => {}
+        }
+    }
+    (upserts, deletes)
+}
+
 /// Slots `1..=want.len()` for the backend ids `want` (no duplicates): a slot that already
 /// holds a wanted id keeps it, the other ids fill the free slots in order.
 fn assign_slots(cur: &ServiceSlots, want: &[u32]) -> BTreeMap<u16, u32> {
@@ -714,6 +628,7 @@ fn assign_slots(cur: &ServiceSlots, want: &[u32]) -> BTreeMap<u16, u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_core::identity::{RESERVED_HOST, RESERVED_REMOTE_NODE};
     use mesh_core::{
         Affinity, Backend, BackendConditions, ClusterConfig, ClusterId, Endpoint, GlobalService,
         IdentityId, Node, ServicePort, TrafficPolicy,

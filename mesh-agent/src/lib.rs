@@ -19,6 +19,7 @@ pub mod config;
 pub mod datapath;
 pub mod desired;
 pub mod flows;
+pub mod ipcache;
 pub mod metrics;
 pub mod pace;
 pub mod policy;
@@ -247,6 +248,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         netns,
         policy: crate::policy::PolicyReconciler::default(),
         cidr: mesh_core::policy::CidrIdentities::new(),
+        policy_cache: crate::policy::PolicyCache::default(),
+        ipcache: crate::ipcache::IpcacheBuilder::new(),
         unresolved_endpoints: 0,
         routes,
         settings,
@@ -288,6 +291,10 @@ struct Agent {
     policy: crate::policy::PolicyReconciler,
     /// CIDR identities of the prefixes policies name, stable across compiles.
     cidr: mesh_core::policy::CidrIdentities,
+    /// The last policy compilation, with the inputs it was made from.
+    policy_cache: crate::policy::PolicyCache,
+    /// The desired ipcache, kept up to date cluster by cluster.
+    ipcache: crate::ipcache::IpcacheBuilder,
     /// Local endpoints whose network namespace the last scan did not find.
     unresolved_endpoints: usize,
     settings: Settings,
@@ -561,55 +568,64 @@ impl Agent {
         let node = self.settings.node.as_str();
         let metrics = &self.metrics;
         let reconciler = &mut self.reconciler;
-        // Two threads: this one computes the services, routes, policy and flow context
-        // while a second one computes the ipcache and writes its new entries, the larger
-        // part of a large mesh's first reconcile (the kernel's LPM trie takes entries one
-        // by one, about 1 us each: half a second for 512k). The ipcache upserts are the
-        // first group of the plan anyway; the rest of it (backends, slots, masters,
-        // deletes) follows once both are done, in its order.
+        let builder = &mut self.ipcache;
+        let state = &self.state;
+        let addresses = |name: &ClusterName| state.cluster(name).map(|c| c.generations.addresses);
+        // Two threads: this one computes the services, routes and policy while a second one
+        // brings the ipcache up to date and writes its new entries, the larger part of a
+        // large mesh's first reconcile (the kernel's LPM trie takes entries one by one,
+        // about 1 us each: half a second for 512k). Under churn the ipcache builder only
+        // recomputes the clusters that changed. The ipcache upserts are the first group of
+        // the plan anyway; the rest of it (backends, slots, masters, deletes) follows once
+        // both are done, in its order.
         let (ipcache_part, services_part) = std::thread::scope(|s| {
             let writer = s.spawn(|| {
-                let (ipcache, dropped) = desired::compute_ipcache(&clusters, &local, node);
-                let written = reconciler.upsert_ipcache(&ipcache);
+                let changes = builder.update(&clusters, addresses, &local, node);
+                let written = reconciler.upsert_ipcache_changes(builder.ipcache(), &changes);
                 if first && written.is_ok() {
                     metrics.initial_sync.mark("ipcache_written");
                 }
-                (ipcache, dropped, written)
+                (changes, written)
             });
             let (desired, dropped) = desired::compute_services(&clusters, &local, node);
             let want_routes = self
                 .routes
                 .is_some()
                 .then(|| routes::desired_routes(&clusters, &local, node));
-            // Policy: compiled against the identities of the clusters programmed.
-            let policy = self.state.compile_policy(clusters.keys(), &mut self.cidr);
-            let policy_tables = match &policy {
-                Some(Ok(view)) => Some(mesh_core::policy::policy_tables(&view.compiled)),
-                _ => None,
-            };
+            // Policy: compiled against the identities of the clusters programmed, again only
+            // when its inputs changed.
+            let policy = self
+                .policy_cache
+                .compile(&self.state, &clusters, &mut self.cidr);
             if first {
                 metrics.initial_sync.mark("computed");
             }
             let ipcache_part = writer
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            let services_part = (desired, dropped, want_routes, policy, policy_tables);
+            let services_part = (desired, dropped, want_routes, policy);
             (ipcache_part, services_part)
         });
-        let (ipcache, ipcache_dropped, written) = ipcache_part;
-        let (mut desired, mut dropped, want_routes, policy, policy_tables) = services_part;
-        desired.ipcache = ipcache;
-        dropped.extend(ipcache_dropped);
+        let (mut ipcache_changes, written) = ipcache_part;
+        let (mut desired, mut dropped, want_routes, policy) = services_part;
         let mut error = None;
-        // The policy's CIDR identities join the ipcache before the policy maps name them.
-        match policy {
-            Some(Ok(view)) => policy::add_cidr_identities(
-                &mut desired,
-                view.identities.cidrs().map(|(id, net)| (net, id.0)),
-            ),
-            Some(Err(e)) => error = Some(format!("policy: {e}")),
-            None => {}
-        }
+        // The policy's CIDR identities join the ipcache (under every endpoint and node
+        // entry) before the policy maps name them.
+        let policy_tables = match policy {
+            policy::Compiled::Tables { tables, cidrs } => {
+                let changes = self.ipcache.set_cidrs(cidrs);
+                ipcache_changes = ipcache_changes.merge(changes);
+                Some(tables)
+            }
+            policy::Compiled::Failed(e) => {
+                error = Some(format!("policy: {e}"));
+                None
+            }
+            policy::Compiled::NoLocalCluster => None,
+        };
+        dropped.extend(self.ipcache.dropped());
+        // Lent to the desired state for this reconcile, returned at its end.
+        desired.ipcache = self.ipcache.take();
         // Passive health: backends no service selects any more are forgotten (no probe, no
         // quarantine), and quarantined backends leave the services that have others.
         let selected: std::collections::BTreeSet<mesh_core::health::BackendAddr> = desired
@@ -628,7 +644,10 @@ impl Agent {
         let computed = t0.elapsed();
         self.record_dropped(&dropped);
         let written = written.and_then(|mut counts| {
-            for (op, n) in self.reconciler.reconcile(&desired)? {
+            for (op, n) in self
+                .reconciler
+                .reconcile_changes(&desired, &ipcache_changes)?
+            {
                 *counts.entry(op).or_default() += n;
             }
             Ok(counts)
@@ -706,6 +725,7 @@ impl Agent {
         // What flow records are decorated with follows the maps rather than precedes them:
         // it is not on the datapath's path, and for a large mesh it is a copy of every
         // endpoint's names (512k: a few hundred ms).
+        self.ipcache.put_back(std::mem::take(&mut desired.ipcache));
         let flow_ctx = flows::FlowContext::build(
             &local,
             &self.settings.node,
@@ -714,6 +734,7 @@ impl Agent {
                 .iter()
                 .filter(|(name, _)| programmed.contains(*name)),
             policy_tables.as_ref().map(|t| &t.rules),
+            Some(&self.flow_ctx.read().unwrap_or_else(|e| e.into_inner())),
         );
         *self.flow_ctx.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(flow_ctx);
         if failed {

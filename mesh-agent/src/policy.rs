@@ -13,11 +13,14 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
-use mesh_core::policy::{PolicyTables, Verdict};
+use mesh_core::ClusterName;
+use mesh_core::policy::{CidrIdentities, PolicyTables, Verdict};
 use mesh_maps::layout;
 use mesh_maps::policy::{PolicyDump, PolicyEntryKey, PolicyEntryValue, PolicyNetns};
+use mesh_proto::state::MeshState;
 
 use crate::datapath::{self, Datapath, NetnsInfo};
 use crate::desired::DesiredState;
@@ -104,23 +107,84 @@ pub fn desired_policy(
     (out, missing)
 }
 
-/// The CIDR identities the compiled policy needs in the ipcache, added to `desired` where no
-/// entry of the same prefix exists (an endpoint or node entry keeps its own identity).
-pub fn add_cidr_identities(
-    desired: &mut DesiredState,
-    cidrs: impl IntoIterator<Item = (IpNet, u32)>,
-) {
-    for (net, identity) in cidrs {
-        desired
-            .ipcache
-            .entry(net)
-            .or_insert(crate::desired::IpcacheInfo {
-                identity,
-                host_ip: None,
-                cluster_id: 0,
-                local_node: false,
-                remote_cluster: false,
-            });
+/// The outcome of a policy compilation, as the agent programs it.
+#[derive(Debug, Clone)]
+pub enum Compiled {
+    /// The datapath's tables, and the CIDR identities of the prefixes the policies name
+    /// (prefix -> identity), which join the ipcache.
+    Tables {
+        tables: Arc<PolicyTables>,
+        cidrs: BTreeMap<IpNet, u32>,
+    },
+    /// The CIDR identities ran out.
+    Failed(String),
+    /// No local cluster (a reader of services only).
+    NoLocalCluster,
+}
+
+/// What a compilation depends on: the local cluster's policies and, of every programmed
+/// cluster, its identities and its endpoints that declare named ports (the clusters'
+/// generations of those parts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PolicyInputs {
+    policies: Option<u64>,
+    clusters: Vec<(ClusterName, u64, u64)>,
+}
+
+/// The last compilation and its inputs: the agent compiles again only when they changed
+/// (under the scale profile's churn, pods replaced under the same identities change none).
+#[derive(Debug, Default)]
+pub struct PolicyCache {
+    last: Option<(PolicyInputs, Compiled)>,
+}
+
+// === impl PolicyCache ===
+
+impl PolicyCache {
+    /// `MeshState::compile_policy` against the identities of `clusters`, or the last result
+    /// if its inputs did not change. A failure is not kept: it is tried again.
+    pub fn compile<S>(
+        &mut self,
+        state: &MeshState,
+        clusters: &BTreeMap<ClusterName, S>,
+        cidr: &mut CidrIdentities,
+    ) -> Compiled {
+        let generations = |name: &ClusterName| state.cluster(name).map(|c| c.generations);
+        let inputs = PolicyInputs {
+            policies: state
+                .local_cluster()
+                .and_then(generations)
+                .map(|g| g.policies),
+            clusters: clusters
+                .keys()
+                .map(|name| {
+                    let g = generations(name).unwrap_or_default();
+                    (name.clone(), g.identities, g.named_ports)
+                })
+                .collect(),
+        };
+        if let Some((last, compiled)) = &self.last
+            && *last == inputs
+        {
+            return compiled.clone();
+        }
+        let compiled = match state.compile_policy(clusters.keys(), cidr) {
+            Some(Ok(view)) => Compiled::Tables {
+                tables: Arc::new(mesh_core::policy::policy_tables(&view.compiled)),
+                cidrs: view
+                    .identities
+                    .cidrs()
+                    .map(|(id, net)| (net, id.0))
+                    .collect(),
+            },
+            Some(Err(e)) => Compiled::Failed(e.to_string()),
+            None => Compiled::NoLocalCluster,
+        };
+        self.last = match compiled {
+            Compiled::Failed(_) => None,
+            _ => Some((inputs, compiled.clone())),
+        };
+        compiled
     }
 }
 

@@ -17,6 +17,8 @@ use ipnet::IpNet;
 use mesh_core::Protocol;
 use tracing::{debug, warn};
 
+use crate::ipcache::IpcacheChanges;
+
 use crate::datapath::{
     self, BackendValue, Datapath, DatapathDump, IpcacheValue, ServiceEntryKey, ServiceEntryValue,
 };
@@ -108,13 +110,21 @@ pub fn op_kind(op: &Op) -> &'static str {
 pub struct Reconciler<M> {
     maps: M,
     mirror: Option<DatapathState>,
+    /// The mirror's ipcache is the desired one of the last reconcile (so a scoped
+    /// comparison at the prefixes changed since is complete): false until a full
+    /// comparison succeeded after the maps were read.
+    mirror_matches_desired: bool,
 }
 
 // === impl Reconciler ===
 
 impl<M: Maps> Reconciler<M> {
     pub fn new(maps: M) -> Self {
-        Self { maps, mirror: None }
+        Self {
+            maps,
+            mirror: None,
+            mirror_matches_desired: false,
+        }
     }
 
     pub fn maps(&self) -> &M {
@@ -134,15 +144,32 @@ impl<M: Maps> Reconciler<M> {
     /// Forgets the mirror: the next reconcile reads the maps from the kernel.
     pub fn invalidate(&mut self) {
         self.mirror = None;
+        self.mirror_matches_desired = false;
     }
 
     /// Brings the maps to `desired` (IPv6 entries are ignored); returns the operations
     /// applied, by kind.
     pub fn reconcile(&mut self, desired: &DesiredState) -> Result<OpCounts> {
+        self.reconcile_changes(desired, &IpcacheChanges::All)
+    }
+
+    /// [`Self::reconcile`] knowing that `desired.ipcache` differs from the one of the last
+    /// successful reconcile only at `changes` (the agent's ipcache builder's account): the
+    /// ipcache is compared at those prefixes only, unless the maps had to be read again (a
+    /// first reconcile, a resync, a failure before), when it is compared whole.
+    pub fn reconcile_changes(
+        &mut self,
+        desired: &DesiredState,
+        changes: &IpcacheChanges,
+    ) -> Result<OpCounts> {
         let desired = ipv4_only(desired);
         let mut counts = OpCounts::new();
+        let scope = match self.mirror.is_some() && self.mirror_matches_desired {
+            true => changes.prefixes(),
+            false => None,
+        };
         let mut current = self.current(&mut counts)?;
-        let ops = desired::plan(&current, &desired);
+        let ops = desired::plan_scoped(&current, &desired, scope);
         let is_ipcache =
             |op: &Op| matches!(op, Op::IpcacheUpsert { .. } | Op::IpcacheDelete { .. });
         // Many ipcache changes (a first reconcile: 512k): the mirror takes the desired
@@ -169,6 +196,7 @@ impl<M: Maps> Reconciler<M> {
         }
         debug!(ops = ops.len(), "reconciled");
         self.mirror = Some(current);
+        self.mirror_matches_desired = true;
         Ok(counts)
     }
 
@@ -178,6 +206,19 @@ impl<M: Maps> Reconciler<M> {
     /// finds them written and goes on with the backends; deletes are left to it (they come
     /// last). IPv6 prefixes are ignored. Returns the operations applied, by kind.
     pub fn upsert_ipcache(&mut self, ipcache: &BTreeMap<IpNet, IpcacheInfo>) -> Result<OpCounts> {
+        self.upsert_ipcache_changes(ipcache, &IpcacheChanges::All)
+    }
+
+    /// [`Self::upsert_ipcache`] at `changes` only (see [`Self::reconcile_changes`]).
+    pub fn upsert_ipcache_changes(
+        &mut self,
+        ipcache: &BTreeMap<IpNet, IpcacheInfo>,
+        changes: &IpcacheChanges,
+    ) -> Result<OpCounts> {
+        let scope = match self.mirror.is_some() && self.mirror_matches_desired {
+            true => changes.prefixes(),
+            false => None,
+        };
         let v4;
         let ipcache = if ipcache.keys().all(|k| matches!(k, IpNet::V4(_))) {
             ipcache
@@ -191,7 +232,10 @@ impl<M: Maps> Reconciler<M> {
         };
         let mut counts = OpCounts::new();
         let mut current = self.current(&mut counts)?;
-        let (upserts, _) = desired::diff_ipcache(&current.ipcache, ipcache);
+        let (upserts, _) = match scope {
+            None => desired::diff_ipcache(&current.ipcache, ipcache),
+            Some(prefixes) => desired::diff_ipcache_at(&current.ipcache, ipcache, prefixes),
+        };
         // On failure the mirror stays `None`: the next attempt re-reads the maps.
         self.maps.apply_batch(&upserts)?;
         if current.ipcache.is_empty() {
@@ -206,6 +250,11 @@ impl<M: Maps> Reconciler<M> {
             counts.insert(op_kind(&upserts[0]), upserts.len() as u64);
         }
         self.mirror = Some(current);
+        // Its deletes are still to come: the reconcile that follows must be told the same
+        // changes, which it compares again (a scoped comparison stays right).
+        if scope.is_none() {
+            self.mirror_matches_desired = false;
+        }
         Ok(counts)
     }
 

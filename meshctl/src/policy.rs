@@ -1275,14 +1275,19 @@ mod tests {
             for client in ["x-wing", "tie-fighter", "rebel-base-east"] {
                 let from = format!("east/default/{client}");
                 let (_, ep) = find_pod(&state, "--from", &from).unwrap();
-                let (mut agent, _) = desired::compute(&clusters, &east(), &ep.node);
-                mesh_agent::policy::add_cidr_identities(
-                    &mut agent,
-                    view.identities.cidrs().map(|(id, net)| (net, id.0)),
+                let (agent, _) = desired::compute(&clusters, &east(), &ep.node);
+                // The agent's ipcache: its builder, endpoints and nodes, the CIDRs under them.
+                let mut builder = mesh_agent::ipcache::IpcacheBuilder::new();
+                builder.update(&clusters, |_| None, &east(), &ep.node);
+                builder.set_cidrs(
+                    view.identities
+                        .cidrs()
+                        .map(|(id, net)| (net, id.0))
+                        .collect(),
                 );
                 let ipcache = |ip: std::net::IpAddr| {
-                    agent
-                        .ipcache
+                    builder
+                        .ipcache()
                         .iter()
                         .filter(|(net, _)| net.contains(&ip))
                         .max_by_key(|(net, _)| net.prefix_len())

@@ -732,8 +732,8 @@ pub fn explain_from(
     Ok(e)
 }
 
-/// The identity the node's ipcache gives `ip`, as the agent's `desired::compute` and
-/// `add_cidr_identities` build it: clusters whose config is known, the local cluster first
+/// The identity the node's ipcache gives `ip`, as the agent's ipcache builder
+/// (`mesh_agent::ipcache::IpcacheBuilder`: clusters' entries, then policy CIDRs) builds it: clusters whose config is known, the local cluster first
 /// (the first owner of an address keeps it), in each its nodes' addresses (host for this
 /// node, remote-node otherwise) then its endpoints with an identity in the cluster's range;
 /// else the longest CIDR identity prefix holding it; else world.

@@ -68,6 +68,32 @@ pub struct ClusterData {
     /// Set once every kind was synced; stays set across reconnects and resets (the watch
     /// client keeps the state consistent through them).
     pub ever_synced: bool,
+    /// What changed in the cluster, as generations: a reader that derives something from
+    /// one part (the agent's per-cluster ipcache, flow context, policy inputs) keeps the
+    /// generation it derived it at and recomputes only when that part's generation moved.
+    pub generations: Generations,
+}
+
+/// Per-part change counters of one cluster. Every value is drawn from one counter of the
+/// [`MeshState`], so a part's generation never repeats, not even across a cluster that is
+/// removed and seen again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Generations {
+    /// Anything of the cluster.
+    pub any: u64,
+    /// What its ipcache entries derive from: config, nodes, endpoints.
+    pub addresses: u64,
+    /// Its identities.
+    pub identities: u64,
+    /// Its global services.
+    pub services: u64,
+    /// Its policies (the local cluster's).
+    pub policies: u64,
+    /// The inputs of policy compilation that are not identities or policies: endpoints
+    /// that declare named container ports (before or after the change).
+    pub named_ports: u64,
+    /// Its config or staleness (`stale_since` of the cluster).
+    pub config: u64,
 }
 
 // === impl ClusterData ===
@@ -80,6 +106,48 @@ impl ClusterData {
         kinds
             .iter()
             .all(|k| self.synced_kinds.contains(&(*k as i32)))
+    }
+}
+
+/// The part of a cluster an update changed (see [`Generations`]).
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Config,
+    /// The cluster's staleness (`clusters/<c>/link`).
+    Link,
+    Addresses,
+    /// An endpoint; `named`: it declares named ports (before or after the change).
+    Endpoint {
+        named: bool,
+    },
+    Services,
+    Identities,
+    Policies,
+}
+
+// === impl Generations ===
+
+impl Generations {
+    fn bump(&mut self, part: Part, generation: u64) {
+        self.any = generation;
+        match part {
+            // The config holds the cluster id, which every ipcache entry carries.
+            Part::Config => {
+                self.config = generation;
+                self.addresses = generation;
+            }
+            Part::Link => self.config = generation,
+            Part::Addresses => self.addresses = generation,
+            Part::Endpoint { named } => {
+                self.addresses = generation;
+                if named {
+                    self.named_ports = generation;
+                }
+            }
+            Part::Services => self.services = generation,
+            Part::Identities => self.identities = generation,
+            Part::Policies => self.policies = generation,
+        }
     }
 }
 
@@ -105,6 +173,8 @@ pub struct MeshState {
     /// (`Default`): a reader of services only, for which no cluster needs policies and every
     /// policy is rejected.
     local: Option<ClusterName>,
+    /// The last generation handed out (see [`Generations`]).
+    generation: u64,
 }
 
 // === impl MeshState ===
@@ -115,6 +185,7 @@ impl MeshState {
         Self {
             clusters: BTreeMap::new(),
             local: Some(local),
+            generation: 0,
         }
     }
 
@@ -267,26 +338,54 @@ impl MeshState {
                 inner: inner.to_string(),
             });
         }
-        let c = &mut self.clusters.entry(cluster.clone()).or_default();
+        let c = self.clusters.entry(cluster.clone()).or_default();
         let s = &mut c.state;
-        Ok(match object {
-            WatchedObject::Config(v) => replace(&mut s.config, Some(v)),
-            WatchedObject::Node(v) => insert(&mut s.nodes, v.name.clone(), v),
-            WatchedObject::Endpoint(v) => insert(&mut s.endpoints, v.ip, v),
-            WatchedObject::Service(v) => {
-                insert(&mut s.services, (v.namespace.clone(), v.name.clone()), v)
-            }
-            WatchedObject::Identity(v) => insert(&mut c.identities, v.id.0, v),
-            WatchedObject::Link(l) => replace(&mut s.stale_since, Some(l.stale_since)),
-            WatchedObject::Policy(p) => {
-                if s.policies.get(&p.policy.reference) == Some(&p.policy) {
-                    false
-                } else {
-                    s.policies.upsert(p.policy);
-                    true
+        let (changed, part) = match object {
+            WatchedObject::Config(v) => (replace(&mut s.config, Some(v)), Part::Config),
+            WatchedObject::Node(v) => (insert(&mut s.nodes, v.name.clone(), v), Part::Addresses),
+            WatchedObject::Endpoint(v) => {
+                let named = !v.named_ports.is_empty();
+                let ip = v.ip;
+                match s.endpoints.entry(ip) {
+                    Entry::Occupied(o) if *o.get() == v => (false, Part::Addresses),
+                    Entry::Occupied(mut o) => {
+                        let was_named = !o.get().named_ports.is_empty();
+                        o.insert(v);
+                        (
+                            true,
+                            Part::Endpoint {
+                                named: named || was_named,
+                            },
+                        )
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(v);
+                        (true, Part::Endpoint { named })
+                    }
                 }
             }
-        })
+            WatchedObject::Service(v) => (
+                insert(&mut s.services, (v.namespace.clone(), v.name.clone()), v),
+                Part::Services,
+            ),
+            WatchedObject::Identity(v) => (insert(&mut c.identities, v.id.0, v), Part::Identities),
+            WatchedObject::Link(l) => {
+                (replace(&mut s.stale_since, Some(l.stale_since)), Part::Link)
+            }
+            WatchedObject::Policy(p) => {
+                if s.policies.get(&p.policy.reference) == Some(&p.policy) {
+                    (false, Part::Policies)
+                } else {
+                    s.policies.upsert(p.policy);
+                    (true, Part::Policies)
+                }
+            }
+        };
+        if changed {
+            self.generation += 1;
+            c.generations.bump(part, self.generation);
+        }
+        Ok(changed)
     }
 
     fn delete(
@@ -303,35 +402,53 @@ impl MeshState {
             return Ok(false);
         };
         let s = &mut c.state;
-        Ok(match kind {
-            Kind::Config => s.config.take().is_some(),
-            Kind::Link => s.stale_since.take().is_some(),
-            Kind::Node => s.nodes.remove(name).is_some(),
+        let (changed, part) = match kind {
+            Kind::Config => (s.config.take().is_some(), Part::Config),
+            Kind::Link => (s.stale_since.take().is_some(), Part::Link),
+            Kind::Node => (s.nodes.remove(name).is_some(), Part::Addresses),
             Kind::Endpoint => {
                 let ip: IpAddr = name.parse().map_err(|_| bad())?;
-                s.endpoints.remove(&ip).is_some()
+                match s.endpoints.remove(&ip) {
+                    Some(old) => (
+                        true,
+                        Part::Endpoint {
+                            named: !old.named_ports.is_empty(),
+                        },
+                    ),
+                    None => (false, Part::Addresses),
+                }
             }
             Kind::Service => {
                 let (ns, n) = name.split_once('/').ok_or_else(bad)?;
-                s.services.remove(&(ns.to_owned(), n.to_owned())).is_some()
+                (
+                    s.services.remove(&(ns.to_owned(), n.to_owned())).is_some(),
+                    Part::Services,
+                )
             }
             Kind::Identity => {
                 let id: u32 = name.parse().map_err(|_| bad())?;
-                c.identities.remove(&id).is_some()
+                (c.identities.remove(&id).is_some(), Part::Identities)
             }
             Kind::Policy => {
                 let (kind, namespace, name) = parse_policy_name(name).ok_or_else(bad)?;
-                s.policies
+                let removed = s
+                    .policies
                     .remove(&PolicyRef {
                         kind,
                         cluster: cluster.clone(),
                         namespace: namespace.map(str::to_owned),
                         name: name.to_owned(),
                     })
-                    .is_some()
+                    .is_some();
+                (removed, Part::Policies)
             }
             Kind::Unspecified => return Err(bad()),
-        })
+        };
+        if changed {
+            self.generation += 1;
+            c.generations.bump(part, self.generation);
+        }
+        Ok(changed)
     }
 }
 

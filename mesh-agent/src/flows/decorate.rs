@@ -2,7 +2,7 @@
 //! nodes and clusters, service frontends to names, rule ids to policies. Pure: the agent
 //! builds a [`FlowContext`] after each reconcile and decorates every record with it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,20 +28,81 @@ pub struct AddressInfo {
     pub node: String,
 }
 
-/// What the agent knows to decorate records: rebuilt after each reconcile, shared by
-/// reference with the flow reader.
+/// A pod address of one cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub pod: String,
+    pub node: String,
+}
+
+/// What flows are decorated with from one cluster: its identities' labels and its pod and
+/// node addresses. Built from the cluster's state when its addresses or identities changed
+/// (`generation`), shared by reference between contexts otherwise, so that a context
+/// after a reconcile under churn costs the clusters that changed, not a copy of every
+/// endpoint's names.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterFlowInfo {
+    /// The cluster's `(addresses, identities)` generations it was built at (`None`: not
+    /// from a watched state, e.g. built by hand).
+    pub generation: Option<(u64, u64)>,
+    /// Identity -> labels (`k8s:key=value`).
+    pub identities: HashMap<u32, Arc<[String]>>,
+    pub pods: HashMap<Ipv4Addr, PodInfo>,
+    /// Node addresses -> node name.
+    pub nodes: HashMap<Ipv4Addr, String>,
+}
+
+impl ClusterFlowInfo {
+    /// The part of cluster `data` (whose generations it records).
+    pub fn build(data: &mesh_proto::state::ClusterData) -> Self {
+        let g = data.generations;
+        let state = &data.state;
+        let mut part = ClusterFlowInfo {
+            generation: Some((g.addresses, g.identities)),
+            ..Default::default()
+        };
+        part.identities = data
+            .identities
+            .iter()
+            .map(|(id, identity)| (*id, identity.labels.iter().map(str::to_owned).collect()))
+            .collect();
+        part.pods = state
+            .endpoints
+            .iter()
+            .filter_map(|(ip, ep)| match ip {
+                IpAddr::V4(ip) => Some((
+                    *ip,
+                    PodInfo {
+                        namespace: ep.namespace.clone(),
+                        pod: ep.pod.clone(),
+                        node: ep.node.clone(),
+                    },
+                )),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        for n in state.nodes.values() {
+            for ip in &n.internal_ips {
+                if let IpAddr::V4(ip) = ip {
+                    part.nodes.insert(*ip, n.name.clone());
+                }
+            }
+        }
+        part
+    }
+}
+
+/// What the agent knows to decorate records: replaced after each reconcile (built from the
+/// previous one, see [`ClusterFlowInfo`]), shared by reference with the flow reader.
 #[derive(Debug, Clone)]
 pub struct FlowContext {
     pub cluster: ClusterName,
     pub node: String,
     /// Cluster id -> name (the upper 16 bits of an identity, a backend's cluster id).
     pub clusters: HashMap<u16, ClusterName>,
-    /// Identity -> labels (`k8s:key=value`).
-    pub identities: HashMap<u32, Arc<[String]>>,
-    /// Pod addresses of every synced cluster.
-    pub pods: HashMap<Ipv4Addr, AddressInfo>,
-    /// Node addresses of every synced cluster: (cluster, node).
-    pub nodes: HashMap<Ipv4Addr, (ClusterName, String)>,
+    /// Each synced cluster's identities and addresses.
+    pub parts: BTreeMap<ClusterName, Arc<ClusterFlowInfo>>,
     /// Service frontend (vip, port, protocol number) -> (namespace, name).
     pub services: HashMap<(Ipv4Addr, u16, u8), (String, String)>,
     /// Policy rule id (as in the policy maps) -> rule.
@@ -55,21 +116,21 @@ impl FlowContext {
             cluster,
             node,
             clusters: HashMap::new(),
-            identities: HashMap::new(),
-            pods: HashMap::new(),
-            nodes: HashMap::new(),
+            parts: BTreeMap::new(),
             services: HashMap::new(),
             rules: HashMap::new(),
         }
     }
 
     /// Builds the context from the clusters the agent programs and the policy tables'
-    /// rules.
+    /// rules, taking from `previous` the parts of clusters whose addresses and identities
+    /// did not change since it was built.
     pub fn build<'a>(
         cluster: &ClusterName,
         node: &str,
         clusters: impl IntoIterator<Item = (&'a ClusterName, &'a mesh_proto::state::ClusterData)>,
-        rules: Option<&std::collections::BTreeMap<u32, RuleRef>>,
+        rules: Option<&BTreeMap<u32, RuleRef>>,
+        previous: Option<&FlowContext>,
     ) -> Self {
         let mut ctx = Self::new(cluster.clone(), node.to_owned());
         for (name, data) in clusters {
@@ -78,30 +139,15 @@ impl FlowContext {
                 ctx.clusters
                     .insert(u16::from(config.id.get()), name.clone());
             }
-            for (id, identity) in &data.identities {
-                ctx.identities
-                    .insert(*id, identity.labels.iter().map(str::to_owned).collect());
-            }
-            for (ip, ep) in &state.endpoints {
-                if let IpAddr::V4(ip) = ip {
-                    ctx.pods.insert(
-                        *ip,
-                        AddressInfo {
-                            cluster: name.clone(),
-                            namespace: ep.namespace.clone(),
-                            pod: ep.pod.clone(),
-                            node: ep.node.clone(),
-                        },
-                    );
-                }
-            }
-            for n in state.nodes.values() {
-                for ip in &n.internal_ips {
-                    if let IpAddr::V4(ip) = ip {
-                        ctx.nodes.insert(*ip, (name.clone(), n.name.clone()));
-                    }
-                }
-            }
+            let g = data.generations;
+            let kept = previous
+                .and_then(|p| p.parts.get(name))
+                .filter(|p| p.generation == Some((g.addresses, g.identities)));
+            let part = match kept {
+                Some(p) => p.clone(),
+                None => Arc::new(ClusterFlowInfo::build(data)),
+            };
+            ctx.parts.insert(name.clone(), part);
             // Frontends of the local cluster's services are what this node's clients dial.
             if name == cluster {
                 for svc in state.services.values() {
@@ -128,6 +174,62 @@ impl FlowContext {
         ctx
     }
 
+    /// Adds `labels` of `identity` to `cluster`'s part (contexts built by hand).
+    pub fn insert_identity(&mut self, cluster: &ClusterName, identity: u32, labels: Arc<[String]>) {
+        let part = self.parts.entry(cluster.clone()).or_default();
+        Arc::make_mut(part).identities.insert(identity, labels);
+    }
+
+    /// Adds a pod address to its cluster's part (contexts built by hand).
+    pub fn insert_pod(&mut self, ip: Ipv4Addr, info: AddressInfo) {
+        let part = self.parts.entry(info.cluster.clone()).or_default();
+        Arc::make_mut(part).pods.insert(
+            ip,
+            PodInfo {
+                namespace: info.namespace,
+                pod: info.pod,
+                node: info.node,
+            },
+        );
+    }
+
+    /// The pod at `ip`, with its cluster.
+    pub fn pod(&self, ip: Ipv4Addr, identity: u32) -> Option<AddressInfo> {
+        let (cluster, pod) = self.find(identity, |p| p.pods.get(&ip))?;
+        Some(AddressInfo {
+            cluster: cluster.clone(),
+            namespace: pod.namespace.clone(),
+            pod: pod.pod.clone(),
+            node: pod.node.clone(),
+        })
+    }
+
+    /// The labels of `identity`, from the part of the cluster its upper bits name.
+    pub fn labels(&self, identity: u32) -> Option<&Arc<[String]>> {
+        let cluster = self.cluster_of_identity(identity)?;
+        self.parts.get(cluster)?.identities.get(&identity)
+    }
+
+    /// What `get` finds in the part of `identity`'s cluster, else in the first part that
+    /// has it: the local cluster's, then the others by name (the ipcache's order).
+    fn find<'s, T>(
+        &'s self,
+        identity: u32,
+        get: impl Fn(&'s ClusterFlowInfo) -> Option<&'s T>,
+    ) -> Option<(&'s ClusterName, &'s T)> {
+        if let Some(c) = self.cluster_of_identity(identity)
+            && let Some((name, part)) = self.parts.get_key_value(c)
+            && let Some(v) = get(part)
+        {
+            return Some((name, v));
+        }
+        let local = self.parts.get_key_value(&self.cluster);
+        local
+            .into_iter()
+            .chain(self.parts.iter().filter(|(n, _)| **n != self.cluster))
+            .find_map(|(name, part)| get(part).map(|v| (name, v)))
+    }
+
     fn cluster_of_identity(&self, identity: u32) -> Option<&ClusterName> {
         let id = (identity >> 16) as u16;
         if id == 0 {
@@ -147,18 +249,18 @@ impl FlowContext {
             identity,
             ..Default::default()
         };
-        if let Some(info) = self.pods.get(&ip) {
+        if let Some(info) = self.pod(ip, identity) {
             ep.cluster_name = info.cluster.to_string();
-            ep.namespace = info.namespace.clone();
-            ep.pod_name = info.pod.clone();
+            ep.namespace = info.namespace;
+            ep.pod_name = info.pod;
         } else if let Some(c) = self.cluster_of_identity(identity) {
             ep.cluster_name = c.to_string();
         } else if identity == layout::IDENTITY_HOST {
             ep.cluster_name = self.cluster.to_string();
-        } else if let Some((c, _)) = self.nodes.get(&ip) {
+        } else if let Some((c, _)) = self.find(identity, |p| p.nodes.get(&ip)) {
             ep.cluster_name = c.to_string();
         }
-        ep.labels = match self.identities.get(&identity) {
+        ep.labels = match self.labels(identity) {
             Some(labels) => labels.to_vec(),
             None => reserved_labels(identity, ip),
         };

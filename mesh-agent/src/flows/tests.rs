@@ -22,7 +22,8 @@ fn ctx() -> FlowContext {
     let mut c = FlowContext::new(cluster("west"), "west-node1".into());
     c.clusters.insert(1, cluster("west"));
     c.clusters.insert(2, cluster("east"));
-    c.identities.insert(
+    c.insert_identity(
+        &cluster("west"),
         WEST_XWING,
         vec![
             "k8s:app=x-wing".to_string(),
@@ -31,7 +32,8 @@ fn ctx() -> FlowContext {
         ]
         .into(),
     );
-    c.identities.insert(
+    c.insert_identity(
+        &cluster("east"),
         EAST_REBEL,
         vec![
             "k8s:app=rebel-base".to_string(),
@@ -40,7 +42,7 @@ fn ctx() -> FlowContext {
         ]
         .into(),
     );
-    c.pods.insert(
+    c.insert_pod(
         Ipv4Addr::new(10, 1, 0, 5),
         AddressInfo {
             cluster: cluster("west"),
@@ -49,7 +51,7 @@ fn ctx() -> FlowContext {
             node: "west-node1".into(),
         },
     );
-    c.pods.insert(
+    c.insert_pod(
         Ipv4Addr::new(10, 2, 0, 7),
         AddressInfo {
             cluster: cluster("east"),
