@@ -14,7 +14,7 @@
 //! a builder's first update).
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -29,6 +29,9 @@ use crate::desired::{ClusterState, DropReason, Dropped, IpcacheInfo};
 pub struct ClusterIpcache {
     pub entries: Vec<(IpNet, IpcacheInfo)>,
     pub dropped: Vec<Dropped>,
+    /// The address blocks ([`block`]) its entries fall in, sorted: a cluster's pods are in
+    /// its pod CIDRs, so a handful per cluster.
+    pub blocks: Vec<u32>,
 }
 
 impl ClusterIpcache {
@@ -132,8 +135,19 @@ pub fn cluster_ipcache(
         }
         entries.push((prefix, info));
     }
+    out.blocks = entries.iter().filter_map(|(p, _)| block(p)).collect();
+    out.blocks.dedup();
     out.entries = entries;
     out
+}
+
+/// The /16 an IPv4 prefix's address is in (cluster entries are IPv4 host addresses): the
+/// key of [`IpcacheBuilder`]'s index from addresses to the clusters that may hold them.
+fn block(prefix: &IpNet) -> Option<u32> {
+    match prefix {
+        IpNet::V4(n) => Some(u32::from(n.addr()) >> 16),
+        IpNet::V6(_) => None,
+    }
 }
 
 /// What an [`IpcacheBuilder::update`] changed.
@@ -185,6 +199,10 @@ pub struct IpcacheBuilder {
     cidrs: BTreeMap<IpNet, u32>,
     /// The merged ipcache.
     merged: BTreeMap<IpNet, IpcacheInfo>,
+    /// Address block -> the clusters with entries in it. Resolving a prefix looks only
+    /// there: a lookup in each of 250 clusters' entries costs a few cache misses each,
+    /// more than the rest of a reconcile under churn.
+    blocks: HashMap<u32, Vec<ClusterName>>,
     /// Entries of other clusters (or CIDRs) left out for a prefix another cluster holds.
     duplicates: BTreeMap<IpNet, Vec<Dropped>>,
 }
@@ -203,6 +221,14 @@ impl IpcacheBuilder {
     /// The merged ipcache.
     pub fn ipcache(&self) -> &BTreeMap<IpNet, IpcacheInfo> {
         &self.merged
+    }
+
+    /// The entries of cluster `name` (sorted by prefix; the local cluster's are all in the
+    /// ipcache, the others' where no earlier cluster holds the prefix).
+    pub fn cluster_entries(&self, name: &ClusterName) -> &[(IpNet, IpcacheInfo)] {
+        self.parts
+            .get(name)
+            .map_or(&[][..], |(_, p)| p.entries.as_slice())
     }
 
     /// Takes the merged ipcache out (for a caller that owns its desired state for a while);
@@ -276,7 +302,6 @@ impl IpcacheBuilder {
         if self.basis.as_ref() != Some(&basis) {
             // Every entry depends on these: start again.
             self.basis = Some(basis);
-            self.parts.clear();
             self.parts = clusters
                 .iter()
                 .map(|(name, c)| {
@@ -284,6 +309,12 @@ impl IpcacheBuilder {
                     (name.clone(), (generation(name), part))
                 })
                 .collect();
+            self.blocks.clear();
+            for (name, (_, part)) in &self.parts {
+                for b in &part.blocks {
+                    self.blocks.entry(*b).or_default().push(name.clone());
+                }
+            }
             self.merge_all();
             return IpcacheChanges::All;
         }
@@ -297,6 +328,7 @@ impl IpcacheBuilder {
         for name in gone {
             if let Some((_, part)) = self.parts.remove(&name) {
                 changed.extend(part.entries.iter().map(|(p, _)| *p));
+                self.move_blocks(&name, &part.blocks, &[]);
             }
         }
         for (name, c) in clusters {
@@ -309,10 +341,20 @@ impl IpcacheBuilder {
             }
             let part = cluster_ipcache(name, c.borrow(), name == local, local_id, node);
             let old = self.parts.insert(name.clone(), (generation, part));
-            let new = &self.parts[name].1.entries;
-            match old {
-                Some((_, old)) => diff_entries(&old.entries, new, &mut changed),
-                None => changed.extend(new.iter().map(|(p, _)| *p)),
+            let new = &self.parts[name].1;
+            let new_blocks = new.blocks.clone();
+            let old_blocks = match old {
+                Some((_, old)) => {
+                    diff_entries(&old.entries, &new.entries, &mut changed);
+                    old.blocks
+                }
+                None => {
+                    changed.extend(new.entries.iter().map(|(p, _)| *p));
+                    Vec::new()
+                }
+            };
+            if old_blocks != new_blocks {
+                self.move_blocks(name, &old_blocks, &new_blocks);
             }
         }
         self.resolve(changed)
@@ -379,11 +421,35 @@ impl IpcacheBuilder {
             .map(|(n, (_, p))| (n, p))
     }
 
+    /// Updates the block index for `name`'s blocks going from `old` to `new`.
+    fn move_blocks(&mut self, name: &ClusterName, old: &[u32], new: &[u32]) {
+        for b in old.iter().filter(|b| !new.contains(b)) {
+            if let Some(v) = self.blocks.get_mut(b) {
+                v.retain(|n| n != name);
+                if v.is_empty() {
+                    self.blocks.remove(b);
+                }
+            }
+        }
+        for b in new.iter().filter(|b| !old.contains(b)) {
+            self.blocks.entry(*b).or_default().push(name.clone());
+        }
+    }
+
     /// The entry of `prefix` and the entries left out for it.
     fn resolve_one(&self, prefix: &IpNet) -> (Option<IpcacheInfo>, Vec<Dropped>) {
         let mut kept: Option<(&ClusterName, IpcacheInfo)> = None;
         let mut duplicates = Vec::new();
-        for (name, part) in self.order() {
+        // Only the clusters with entries in the prefix's block, in winning order.
+        let local = self.basis.as_ref().map(|b| &b.local);
+        let mut holders: Vec<(&ClusterName, &ClusterIpcache)> = block(prefix)
+            .and_then(|b| self.blocks.get(&b))
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.parts.get_key_value(n).map(|(n, (_, p))| (n, p)))
+            .collect();
+        holders.sort_by_key(|(n, _)| (Some(*n) != local, *n));
+        for (name, part) in holders {
             let Some(info) = part.get(prefix) else {
                 continue;
             };
@@ -607,7 +673,8 @@ mod tests {
         if rng.below(20) == 0 {
             return "fd00::5".parse().unwrap();
         }
-        IpAddr::V4(Ipv4Addr::new(10, 0, 0, rng.below(12) as u8))
+        // Two blocks: clusters come to and leave a block as their entries do.
+        IpAddr::V4(Ipv4Addr::new(10, rng.below(2) as u8, 0, rng.below(8) as u8))
     }
 
     fn config(cluster: &ClusterName, id: u32) -> ClusterConfig {

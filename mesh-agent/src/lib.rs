@@ -250,6 +250,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         cidr: mesh_core::policy::CidrIdentities::new(),
         policy_cache: crate::policy::PolicyCache::default(),
         ipcache: crate::ipcache::IpcacheBuilder::new(),
+        flow_inputs: None,
         unresolved_endpoints: 0,
         routes,
         settings,
@@ -271,6 +272,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     };
     agent.run(watch, shutdown, changed).await
 }
+
+/// The shortest interval between two rebuilds of the flow context under churn: flows of a
+/// pod that appeared less than this ago may be decorated without its names.
+const FLOW_CONTEXT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where probes of quarantined backends report `(backend, connected)`.
 type ProbeSender = tokio::sync::mpsc::UnboundedSender<(mesh_core::health::BackendAddr, bool)>;
@@ -295,6 +300,12 @@ struct Agent {
     policy_cache: crate::policy::PolicyCache,
     /// The desired ipcache, kept up to date cluster by cluster.
     ipcache: crate::ipcache::IpcacheBuilder,
+    /// The clusters and policy rules of the last reconcile, until the flow context is
+    /// rebuilt from them.
+    flow_inputs: Option<(
+        std::collections::BTreeSet<ClusterName>,
+        Option<Arc<mesh_core::policy::PolicyTables>>,
+    )>,
     /// Local endpoints whose network namespace the last scan did not find.
     unresolved_endpoints: usize,
     settings: Settings,
@@ -327,6 +338,9 @@ impl Agent {
         let initial_deadline = started + self.settings.initial_sync_timeout;
         let mut pacer = pace::Pacer::new(self.settings.debounce);
         let mut due: Option<Instant> = changed.then(|| pacer.due(Instant::now()));
+        // When the flow context is rebuilt next, and when it last was.
+        let mut flow_due: Option<Instant> = None;
+        let mut flow_built: Option<Instant> = None;
         let mut timed_out = false;
         let mut resync = tokio::time::interval_at(
             started + self.settings.resync_interval,
@@ -368,6 +382,10 @@ impl Agent {
                     let began = Instant::now();
                     let result = self.reconcile(started).await;
                     pacer.reconciled(began, Instant::now());
+                    if self.flow_inputs.is_some() {
+                        let at = flow_built.map_or(began, |b| b + FLOW_CONTEXT_INTERVAL);
+                        flow_due.get_or_insert(at);
+                    }
                     if let Err(retry_in) = result {
                         due = Some(Instant::now() + retry_in);
                     } else if self.unresolved_endpoints > 0 {
@@ -375,6 +393,11 @@ impl Agent {
                         // policy applies within a second of its process appearing.
                         due = Some(Instant::now() + Duration::from_secs(1));
                     }
+                }
+                _ = sleep_until(flow_due) => {
+                    flow_due = None;
+                    flow_built = Some(Instant::now());
+                    self.refresh_flow_context();
                 }
                 _ = tokio::time::sleep_until(initial_deadline), if !self.programmed && !timed_out => {
                     // Program what is synced, even if some cluster never finishes its sync.
@@ -681,7 +704,7 @@ impl Agent {
         self.publish_quarantines();
         if let Some(tables) = &policy_tables
             && error.is_none()
-            && let Err(e) = self.reconcile_policy(tables, &desired)
+            && let Err(e) = self.reconcile_policy(tables)
         {
             error!(error = %e, "reconciling the policy maps failed; retrying");
             self.metrics.reconcile_errors.inc();
@@ -726,17 +749,13 @@ impl Agent {
         // it is not on the datapath's path, and for a large mesh it is a copy of every
         // endpoint's names (512k: a few hundred ms).
         self.ipcache.put_back(std::mem::take(&mut desired.ipcache));
-        let flow_ctx = flows::FlowContext::build(
-            &local,
-            &self.settings.node,
-            self.state
-                .clusters()
-                .iter()
-                .filter(|(name, _)| programmed.contains(*name)),
-            policy_tables.as_ref().map(|t| &t.rules),
-            Some(&self.flow_ctx.read().unwrap_or_else(|e| e.into_inner())),
-        );
-        *self.flow_ctx.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(flow_ctx);
+        // What flow records are decorated with follows the maps (see `refresh_flow_context`);
+        // the reader holds records back until it does.
+        self.flow_inputs = Some((programmed, policy_tables));
+        self.flow_ctx
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .supersede();
         if failed {
             Err(Duration::from_millis(100 << self.failures.min(7)))
         } else {
@@ -744,13 +763,39 @@ impl Agent {
         }
     }
 
+    /// Rebuilds what flow records are decorated with from the last reconcile's clusters and
+    /// rules. Not on the datapath's path: it follows the maps, at most every
+    /// [`FLOW_CONTEXT_INTERVAL`] under churn (a cluster's part is rebuilt when its addresses
+    /// or identities changed: under the scale profile's churn, rebuilding after each of ~20
+    /// reconciles a second cost more than the reconciles' own ipcache work).
+    fn refresh_flow_context(&mut self) {
+        let Some((programmed, tables)) = self.flow_inputs.take() else {
+            return;
+        };
+        let flow_ctx = flows::FlowContext::build(
+            &self.settings.cluster,
+            &self.settings.node,
+            self.state
+                .clusters()
+                .iter()
+                .filter(|(name, _)| programmed.contains(*name)),
+            tables.as_ref().map(|t| &t.rules),
+            Some(&self.flow_ctx.read().unwrap_or_else(|e| e.into_inner())),
+        );
+        *self.flow_ctx.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(flow_ctx);
+    }
+
     /// Programs the policy maps: `tables`, and the namespaces of the node's endpoints.
     fn reconcile_policy(
         &mut self,
         tables: &mesh_core::policy::PolicyTables,
-        desired: &desired::DesiredState,
     ) -> Result<(), datapath::Error> {
-        let endpoints = policy::local_endpoints(desired);
+        let endpoints = policy::local_endpoints(
+            self.ipcache
+                .cluster_entries(&self.settings.cluster)
+                .iter()
+                .map(|(p, i)| (p, i)),
+        );
         let namespaces = self.netns.scan().unwrap_or_else(|e| {
             warn!(error = %e, cgroup = %self.settings.cgroup_path.display(),
                 "cannot scan the cgroup for pod network namespaces");

@@ -23,14 +23,15 @@ use mesh_maps::policy::{PolicyDump, PolicyEntryKey, PolicyEntryValue, PolicyNetn
 use mesh_proto::state::MeshState;
 
 use crate::datapath::{self, Datapath, NetnsInfo};
-use crate::desired::DesiredState;
 
 /// The local endpoints of this node: IPv4 address -> identity (ipcache entries of this
-/// node's pods, as the agent programs them).
-pub fn local_endpoints(desired: &DesiredState) -> BTreeMap<Ipv4Addr, u32> {
-    desired
-        .ipcache
-        .iter()
+/// node's pods, as the agent programs them: the local cluster's entries, which win every
+/// prefix they hold).
+pub fn local_endpoints<'a>(
+    ipcache: impl IntoIterator<Item = (&'a IpNet, &'a crate::desired::IpcacheInfo)>,
+) -> BTreeMap<Ipv4Addr, u32> {
+    ipcache
+        .into_iter()
         .filter(|(_, info)| info.local_node && info.identity != mesh_core::identity::RESERVED_HOST)
         .filter_map(|(net, info)| match net {
             IpNet::V4(n) if n.prefix_len() == 32 => Some((n.addr(), info.identity)),

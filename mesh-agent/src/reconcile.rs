@@ -220,7 +220,7 @@ impl<M: Maps> Reconciler<M> {
             false => None,
         };
         let v4;
-        let ipcache = if ipcache.keys().all(|k| matches!(k, IpNet::V4(_))) {
+        let ipcache = if all_v4(ipcache) {
             ipcache
         } else {
             v4 = ipcache
@@ -281,6 +281,14 @@ impl<M: Maps> Reconciler<M> {
     }
 }
 
+/// Whether every prefix of `ipcache` is IPv4: IPv4 prefixes sort before IPv6 ones, so
+/// whether the last one is (one lookup, not a pass over 275k entries per reconcile).
+fn all_v4<V>(ipcache: &BTreeMap<IpNet, V>) -> bool {
+    ipcache
+        .last_key_value()
+        .is_none_or(|(k, _)| matches!(k, IpNet::V4(_)))
+}
+
 /// `desired` without IPv6 frontends, backends and prefixes (borrowed when it has none:
 /// `desired::compute` leaves them out already, only policy CIDRs may add some).
 pub fn ipv4_only(desired: &DesiredState) -> Cow<'_, DesiredState> {
@@ -290,10 +298,7 @@ pub fn ipv4_only(desired: &DesiredState) -> Cow<'_, DesiredState> {
         .iter()
         .all(|(k, b)| k.vip.is_ipv4() && b.iter().all(v4_backend))
         && desired.backends.keys().all(v4_backend)
-        && desired
-            .ipcache
-            .keys()
-            .all(|k| matches!(k, ipnet::IpNet::V4(_)));
+        && all_v4(&desired.ipcache);
     if all_v4 {
         return Cow::Borrowed(desired);
     }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use mesh_core::ClusterName;
@@ -107,9 +108,23 @@ pub struct FlowContext {
     pub services: HashMap<(Ipv4Addr, u16, u8), (String, String)>,
     /// Policy rule id (as in the policy maps) -> rule.
     pub rules: HashMap<u32, RuleRef>,
+    /// Set by the agent when a reconcile changed what this context was built from, until
+    /// the next one replaces it: the reader holds new records back meanwhile (at most
+    /// [`super::MAX_HOLD`]), so a flow is decorated with a context at least as new as the
+    /// maps were when its record was read.
+    pub superseded: Arc<AtomicBool>,
 }
 
 impl FlowContext {
+    /// Marks the context as out of date (see [`FlowContext::superseded`]).
+    pub fn supersede(&self) {
+        self.superseded.store(true, Ordering::Release);
+    }
+
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
+    }
+
     /// An empty context for `node` of `cluster` (records decorate with addresses only).
     pub fn new(cluster: ClusterName, node: String) -> Self {
         Self {
@@ -119,6 +134,7 @@ impl FlowContext {
             parts: BTreeMap::new(),
             services: HashMap::new(),
             rules: HashMap::new(),
+            superseded: Arc::new(AtomicBool::new(false)),
         }
     }
 

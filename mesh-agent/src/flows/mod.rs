@@ -228,8 +228,19 @@ pub async fn run_reader(
     // below that, records are read on this timer.
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let drain = |rb: &mut aya::maps::RingBuf<aya::maps::MapData>| {
+    // Since when the context has been superseded while records waited.
+    let mut held_since: Option<std::time::Instant> = None;
+    let mut drain = |rb: &mut aya::maps::RingBuf<aya::maps::MapData>| {
         let ctx = ctx.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if ctx.is_superseded() {
+            // The agent rebuilds it shortly: leave the records in the ring buffer until then
+            // (the drain timer comes back), unless that takes too long.
+            let since = *held_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() < MAX_HOLD {
+                return;
+            }
+        }
+        held_since = None;
         let (now_boot, now_wall) = (boottime_ns(), SystemTime::now());
         let mut n = 0usize;
         while let Some(item) = rb.next() {
@@ -264,6 +275,10 @@ pub async fn run_reader(
         }
     }
 }
+
+/// The longest the reader holds records back while the agent rebuilds a superseded flow
+/// context (it rebuilds within the agent's flow context interval, 100 ms, of a reconcile).
+pub const MAX_HOLD: Duration = Duration::from_millis(300);
 
 /// How often the reader drains the flow ring without being woken (the datapath wakes it
 /// only for a batch: `MESH_EVENT_WAKEUP_BYTES` in bpf/mesh.h): the most a flow waits to be
