@@ -273,8 +273,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     agent.run(watch, shutdown, changed).await
 }
 
-/// The shortest interval between two rebuilds of the flow context under churn: flows of a
-/// pod that appeared less than this ago may be decorated without its names.
+/// The shortest interval between two rebuilds of the flow context under churn (the flow
+/// reader holds records back until the rebuild).
 const FLOW_CONTEXT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where probes of quarantined backends report `(backend, connected)`.
@@ -341,6 +341,12 @@ impl Agent {
         // When the flow context is rebuilt next, and when it last was.
         let mut flow_due: Option<Instant> = None;
         let mut flow_built: Option<Instant> = None;
+        let flow_wanted = self
+            .flow_ctx
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .wanted
+            .clone();
         let mut timed_out = false;
         let mut resync = tokio::time::interval_at(
             started + self.settings.resync_interval,
@@ -382,10 +388,7 @@ impl Agent {
                     let began = Instant::now();
                     let result = self.reconcile(started).await;
                     pacer.reconciled(began, Instant::now());
-                    if self.flow_inputs.is_some() {
-                        let at = flow_built.map_or(began, |b| b + FLOW_CONTEXT_INTERVAL);
-                        flow_due.get_or_insert(at);
-                    }
+
                     if let Err(retry_in) = result {
                         due = Some(Instant::now() + retry_in);
                     } else if self.unresolved_endpoints > 0 {
@@ -393,6 +396,11 @@ impl Agent {
                         // policy applies within a second of its process appearing.
                         due = Some(Instant::now() + Duration::from_secs(1));
                     }
+                }
+                _ = flow_wanted.notified(), if self.flow_inputs.is_some() => {
+                    let now = Instant::now();
+                    let at = flow_built.map_or(now, |b| (b + FLOW_CONTEXT_INTERVAL).max(now));
+                    flow_due.get_or_insert(at);
                 }
                 _ = sleep_until(flow_due) => {
                     flow_due = None;
@@ -764,10 +772,11 @@ impl Agent {
     }
 
     /// Rebuilds what flow records are decorated with from the last reconcile's clusters and
-    /// rules. Not on the datapath's path: it follows the maps, at most every
-    /// [`FLOW_CONTEXT_INTERVAL`] under churn (a cluster's part is rebuilt when its addresses
-    /// or identities changed: under the scale profile's churn, rebuilding after each of ~20
-    /// reconciles a second cost more than the reconciles' own ipcache work).
+    /// rules. Not on the datapath's path: when the flow reader asks for it (it has records
+    /// and the context is superseded), at most every [`FLOW_CONTEXT_INTERVAL`] (a
+    /// cluster's part is rebuilt when its addresses or identities changed: under the scale
+    /// profile's churn, rebuilding after each of ~20 reconciles a second cost more than the
+    /// reconciles' own ipcache work).
     fn refresh_flow_context(&mut self) {
         let Some((programmed, tables)) = self.flow_inputs.take() else {
             return;

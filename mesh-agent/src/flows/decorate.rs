@@ -68,21 +68,18 @@ impl ClusterFlowInfo {
             .iter()
             .map(|(id, identity)| (*id, identity.labels.iter().map(str::to_owned).collect()))
             .collect();
-        part.pods = state
-            .endpoints
-            .iter()
-            .filter_map(|(ip, ep)| match ip {
-                IpAddr::V4(ip) => Some((
-                    *ip,
-                    PodInfo {
-                        namespace: ep.namespace.clone(),
-                        pod: ep.pod.clone(),
-                        node: ep.node.clone(),
-                    },
-                )),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
+        // Sized up front: growing a map of ~1000 pods rehashed and moved it several times.
+        part.pods.reserve(state.endpoints.len());
+        for (ip, ep) in &state.endpoints {
+            if let IpAddr::V4(ip) = ip {
+                let pod = PodInfo {
+                    namespace: ep.namespace.clone(),
+                    pod: ep.pod.clone(),
+                    node: ep.node.clone(),
+                };
+                part.pods.insert(*ip, pod);
+            }
+        }
         for n in state.nodes.values() {
             for ip in &n.internal_ips {
                 if let IpAddr::V4(ip) = ip {
@@ -109,10 +106,14 @@ pub struct FlowContext {
     /// Policy rule id (as in the policy maps) -> rule.
     pub rules: HashMap<u32, RuleRef>,
     /// Set by the agent when a reconcile changed what this context was built from, until
-    /// the next one replaces it: the reader holds new records back meanwhile (at most
-    /// [`super::MAX_HOLD`]), so a flow is decorated with a context at least as new as the
-    /// maps were when its record was read.
+    /// the next one replaces it: the reader then asks for a new one ([`Self::want_fresh`])
+    /// and holds new records back meanwhile (at most [`super::MAX_HOLD`]), so a flow is
+    /// decorated with a context at least as new as the maps were when its record was read,
+    /// and the agent builds contexts only when records need them (under churn without
+    /// traffic, never).
     pub superseded: Arc<AtomicBool>,
+    /// Where the reader asks for a fresh context: one for every context of an agent.
+    pub wanted: Arc<tokio::sync::Notify>,
 }
 
 impl FlowContext {
@@ -125,6 +126,11 @@ impl FlowContext {
         self.superseded.load(Ordering::Acquire)
     }
 
+    /// Asks the agent for a context as new as its maps.
+    pub fn want_fresh(&self) {
+        self.wanted.notify_one();
+    }
+
     /// An empty context for `node` of `cluster` (records decorate with addresses only).
     pub fn new(cluster: ClusterName, node: String) -> Self {
         Self {
@@ -135,6 +141,7 @@ impl FlowContext {
             services: HashMap::new(),
             rules: HashMap::new(),
             superseded: Arc::new(AtomicBool::new(false)),
+            wanted: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -149,6 +156,9 @@ impl FlowContext {
         previous: Option<&FlowContext>,
     ) -> Self {
         let mut ctx = Self::new(cluster.clone(), node.to_owned());
+        if let Some(p) = previous {
+            ctx.wanted = p.wanted.clone();
+        }
         for (name, data) in clusters {
             let state = &data.state;
             if let Some(config) = &state.config {

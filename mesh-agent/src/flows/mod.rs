@@ -228,13 +228,25 @@ pub async fn run_reader(
     // below that, records are read on this timer.
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Since when the context has been superseded while records waited.
+    // Records read while the context was superseded (see `FlowContext::superseded`), and
+    // since when they wait.
+    let mut pending: Vec<FlowEvent> = Vec::new();
     let mut held_since: Option<std::time::Instant> = None;
     let mut drain = |rb: &mut aya::maps::RingBuf<aya::maps::MapData>| {
+        while let Some(item) = rb.next() {
+            match FlowEvent::from_bytes(&item) {
+                Some(ev) => pending.push(ev),
+                None => warn!(len = item.len(), "flow record of unexpected size; skipped"),
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
         let ctx = ctx.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if ctx.is_superseded() {
-            // The agent rebuilds it shortly: leave the records in the ring buffer until then
-            // (the drain timer comes back), unless that takes too long.
+        if ctx.is_superseded() && pending.len() < MAX_PENDING {
+            // Ask the agent for a context as new as the maps, and decorate with it (the
+            // drain timer comes back), unless that takes too long.
+            ctx.want_fresh();
             let since = *held_since.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() < MAX_HOLD {
                 return;
@@ -242,22 +254,14 @@ pub async fn run_reader(
         }
         held_since = None;
         let (now_boot, now_wall) = (boottime_ns(), SystemTime::now());
-        let mut n = 0usize;
-        while let Some(item) = rb.next() {
-            let Some(ev) = FlowEvent::from_bytes(&item) else {
-                warn!(len = item.len(), "flow record of unexpected size; skipped");
-                continue;
-            };
-            drop(item);
+        let n = pending.len();
+        for ev in pending.drain(..) {
             let time = decorate::wall_time(ev.time_ns, now_boot, now_wall);
             let flow = decorate(&ev, &ctx, time, new_uuid());
             metrics.observe(&flow);
             ring.push(flow);
-            n += 1;
         }
-        if n > 0 {
-            debug!(records = n, "flow records read");
-        }
+        debug!(records = n, "flow records read");
     };
     loop {
         tokio::select! {
@@ -277,8 +281,11 @@ pub async fn run_reader(
 }
 
 /// The longest the reader holds records back while the agent rebuilds a superseded flow
-/// context (it rebuilds within the agent's flow context interval, 100 ms, of a reconcile).
+/// context (it rebuilds within the agent's flow context interval, 100 ms, of being asked).
 pub const MAX_HOLD: Duration = Duration::from_millis(300);
+
+/// The most records the reader holds back (beyond, it decorates with what it has).
+pub const MAX_PENDING: usize = 65_536;
 
 /// How often the reader drains the flow ring without being woken (the datapath wakes it
 /// only for a batch: `MESH_EVENT_WAKEUP_BYTES` in bpf/mesh.h): the most a flow waits to be
