@@ -221,7 +221,9 @@ impl EtcdStore {
             Some(ClusterKey::Object { kind, .. }) => Some(kind),
             _ => None,
         };
-        let committed = write_batched(kv, pending, *max_ops, fence.as_ref(), |batch| {
+        // One in flight, as before the importer pipelined its writes: the publisher's flushes
+        // commit in key order (its synced markers after its objects).
+        let committed = write_batched(kv, pending, *max_ops, 1, fence.as_ref(), |batch| {
             for (k, v) in batch {
                 match v {
                     Some(v) => {

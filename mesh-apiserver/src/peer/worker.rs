@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::metrics::{PeerKindLabels, PeerMetrics, kind_label};
 use super::{ClientIdentity, ImporterOptions, PeerStats};
-use crate::etcd_write::{WriteError, write_batched};
+use crate::etcd_write::{Committed, WriteError, write_batched};
 use mesh_proto::peer_entry::{PeerSpec, split_address};
 
 /// Why a connection to a peer failed or the peer was refused. Each names the peer.
@@ -973,17 +973,31 @@ impl Worker {
     }
 
     /// Writes the staged changes with [`write_batched`] (no fence: the importer's task is
-    /// cancelled with the leadership term). On error, the run starts over from etcd.
+    /// cancelled with the leadership term), up to [`ImporterOptions::txns_in_flight`]
+    /// transactions at a time. Those may commit in any order, so the synced markers go in a
+    /// second call, once every object staged with them is committed: a reader that sees a
+    /// marker has the objects it vouches for. Each key is staged once, so no order decides
+    /// a value; the resume revision moves only after this returns (see [`Self::pump`]). On
+    /// error, the run starts over from etcd.
     async fn flush(&mut self) -> Result<(), PeerError> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
         let mut kv = self.shared.etcd.kv_client();
         let (mut puts, mut deletes) = (0usize, 0usize);
         let txns = &self.shared.metrics.txns;
         let labels = PeerMetrics::peer(self.spec.name.as_str());
         let max_ops = self.shared.options.max_txn_ops;
-        write_batched(&mut kv, &mut self.pending, max_ops, None, |batch| {
+        let in_flight = self.shared.options.txns_in_flight;
+        let mut markers = BTreeMap::new();
+        for kind in ALL_KINDS {
+            let key = self.shared.keys.synced(self.peer(), kind);
+            if let Some(v) = self.pending.remove(&key) {
+                markers.insert(key, v);
+            }
+        }
+        let mut count = |batch: Committed| {
             for (_, v) in &batch {
                 match v {
                     Some(_) => puts += 1,
@@ -991,13 +1005,27 @@ impl Worker {
                 }
             }
             txns.get_or_create(&labels).inc();
-        })
-        .await
-        .map_err(|source| PeerError::Write {
+        };
+        let mut written = write_batched(
+            &mut kv,
+            &mut self.pending,
+            max_ops,
+            in_flight,
+            None,
+            &mut count,
+        )
+        .await;
+        if written.is_ok() {
+            written = write_batched(&mut kv, &mut markers, max_ops, 1, None, &mut count).await;
+        }
+        // What was not committed stays staged.
+        self.pending.append(&mut markers);
+        written.map_err(|source| PeerError::Write {
             peer: self.spec.name.clone(),
             source,
         })?;
-        debug!(puts, deletes, "imported changes written");
+        let ms = started.elapsed().as_millis() as u64;
+        debug!(puts, deletes, ms, "imported changes written");
         let objects = self.present.values().map(|s| s.len() as u64).sum();
         if objects != self.stats.objects {
             self.stats.objects = objects;
