@@ -365,6 +365,21 @@ impl Timings {
         }
         (median(&v[..n]), median(&v[v.len() - n..]))
     }
+
+    /// The samples slower than `limit`, by the second of the churn they were replaced in
+    /// (seconds since the first sample): whether the tail is spread out or comes in stalls.
+    pub fn slow_by_second(&self, limit: Duration) -> Vec<(u64, usize)> {
+        let Some(start) = self.added_in_order.iter().map(|(at, _)| *at).min() else {
+            return Vec::new();
+        };
+        let mut by: BTreeMap<u64, usize> = BTreeMap::new();
+        for (at, d) in &self.added_in_order {
+            if *d > limit {
+                *by.entry(at.duration_since(start).as_secs()).or_default() += 1;
+            }
+        }
+        by.into_iter().collect()
+    }
 }
 
 struct Pending {
@@ -845,6 +860,20 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
         "new address in ipcache: p50 of the first / last third of the churn",
         first,
         &format!("ms / {last:.0} ms"),
+    ));
+    let slow = timings.slow_by_second(Duration::from_millis(100));
+    let when: Vec<String> = slow.iter().map(|(s, n)| format!("{n}@{s}s")).collect();
+    report.figures.push(Figure::new(
+        "new address in ipcache: samples over 100 ms (count@second of the churn)",
+        slow.iter().map(|(_, n)| *n).sum::<usize>() as f64,
+        &format!(
+            "samples: {}",
+            if when.is_empty() {
+                "none".to_owned()
+            } else {
+                when.join(" ")
+            }
+        ),
     ));
     report.figures.push(Figure::new(
         "timed replacements superseded (pod replaced again first; not counted)",

@@ -5,10 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Unbounded};
+use std::sync::Arc;
 
 use etcd_client::{KvClient, Txn, TxnOp};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use tokio::sync::Semaphore;
 
 use crate::store::Fence;
 
@@ -43,6 +45,12 @@ pub enum WriteError {
 /// (a synced marker after the objects it vouches for) writes it in a later call. Every key
 /// appears once in `pending`, so the order never decides a key's final value.
 ///
+/// `extra`: permits shared between writers (the peer importers) for every transaction in
+/// flight beyond each writer's first: one writer alone keeps `in_flight` transactions
+/// going, many writing at once (250 peers after a restart) share the permits, so the
+/// transactions in flight, and the memory their copies of the values hold, stay bounded by
+/// writers + permits.
+///
 /// After each commit, its entries leave `pending` and are handed to `on_commit` (in commit
 /// order). On error no new transaction is sent, those in flight are awaited (what they
 /// commit is handed over as usual), and what was not committed stays in `pending`, so the
@@ -53,6 +61,7 @@ pub async fn write_batched(
     pending: &mut Staged,
     max_ops: usize,
     in_flight: usize,
+    extra: Option<&Arc<Semaphore>>,
     fence: Option<&Fence>,
     mut on_commit: impl FnMut(Committed),
 ) -> Result<usize, WriteError> {
@@ -70,10 +79,23 @@ pub async fn write_batched(
                 None => pending.range::<String, _>(..),
                 Some(k) => pending.range::<String, _>((Excluded(k), Unbounded)),
             };
+            // Beyond the first, a transaction needs one of the shared permits.
+            let permit = match (running.is_empty(), extra) {
+                (false, Some(extra)) => match extra.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => break,
+                },
+                _ => None,
+            };
             let batch = next_batch(rest, max_ops);
             let Some((last, _)) = batch.last() else { break };
             next = Some(last.clone());
-            running.push(send(kv.clone(), batch, fence));
+            let txn = send(kv.clone(), batch, fence);
+            running.push(async move {
+                let out = txn.await;
+                drop(permit);
+                out
+            });
         }
         let Some((batch, result)) = running.next().await else {
             break;

@@ -223,7 +223,7 @@ impl EtcdStore {
         };
         // One in flight, as before the importer pipelined its writes: the publisher's flushes
         // commit in key order (its synced markers after its objects).
-        let committed = write_batched(kv, pending, *max_ops, 1, fence.as_ref(), |batch| {
+        let committed = write_batched(kv, pending, *max_ops, 1, None, fence.as_ref(), |batch| {
             for (k, v) in batch {
                 match v {
                     Some(v) => {

@@ -347,6 +347,7 @@ impl Importer {
         let shutdown = shutdown.child_token();
         let peers = cfg.source.spawn(shutdown.clone());
         let peers_out = peers.clone();
+        let permits = cfg.options.txns_in_flight;
         let shared = Arc::new(Shared {
             etcd: cfg.etcd,
             keys: cfg.keys,
@@ -357,6 +358,7 @@ impl Importer {
             accepted: Mutex::new(BTreeMap::new()),
             resolver: tokio::sync::OnceCell::new(),
             stats: stats_tx,
+            txn_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
         });
         let supervisor = Supervisor {
             shared,

@@ -143,6 +143,9 @@ pub(crate) struct Shared {
     pub accepted: Mutex<BTreeMap<ClusterName, ClusterConfig>>,
     pub resolver: tokio::sync::OnceCell<Result<TokioResolver, String>>,
     pub stats: watch::Sender<BTreeMap<ClusterName, PeerStats>>,
+    /// Transactions in flight beyond each peer's first, shared by every peer
+    /// (`ImporterOptions::txns_in_flight` of them; `etcd_write::write_batched`).
+    pub txn_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -1011,12 +1014,14 @@ impl Worker {
             &mut self.pending,
             max_ops,
             in_flight,
+            Some(&self.shared.txn_permits),
             None,
             &mut count,
         )
         .await;
         if written.is_ok() {
-            written = write_batched(&mut kv, &mut markers, max_ops, 1, None, &mut count).await;
+            written =
+                write_batched(&mut kv, &mut markers, max_ops, 1, None, None, &mut count).await;
         }
         // What was not committed stays staged.
         self.pending.append(&mut markers);
