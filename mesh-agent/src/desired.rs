@@ -198,6 +198,22 @@ pub fn compute_services<S: Borrow<ClusterState>>(
     local_cluster: &ClusterName,
     node: &str,
 ) -> (DesiredState, Vec<Dropped>) {
+    compute_services_in(
+        &mesh_view(clusters, local_cluster),
+        clusters,
+        local_cluster,
+        node,
+    )
+}
+
+/// [`compute_services`] over a view of the mesh the caller built (the agent: with the stale
+/// nodes it keeps per cluster, `mesh_proto::state::mesh_view_with`).
+pub fn compute_services_in<S: Borrow<ClusterState>>(
+    view: &mesh_core::select::MeshView<'_>,
+    clusters: &BTreeMap<ClusterName, S>,
+    local_cluster: &ClusterName,
+    node: &str,
+) -> (DesiredState, Vec<Dropped>) {
     let mut desired = DesiredState::default();
     let mut dropped = Vec::new();
     let cluster_id = |name: &ClusterName| -> u8 {
@@ -208,7 +224,7 @@ pub fn compute_services<S: Borrow<ClusterState>>(
     };
 
     // Services.
-    let plan = plan_node(&mesh_view(clusters, local_cluster), node);
+    let plan = plan_node(view, node);
     for (frontend, selected) in plan.programmed() {
         if frontend.vip.is_ipv6() {
             // Its backends are IPv6 too (`plan_node` matches address families).

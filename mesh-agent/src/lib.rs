@@ -250,6 +250,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         cidr: mesh_core::policy::CidrIdentities::new(),
         policy_cache: crate::policy::PolicyCache::default(),
         ipcache: crate::ipcache::IpcacheBuilder::new(),
+        stale_nodes: BTreeMap::new(),
         flow_inputs: None,
         unresolved_endpoints: 0,
         routes,
@@ -262,6 +263,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             crate::datapath::boottime_ns(),
         ),
         quarantined: BTreeMap::new(),
+        published_quarantines: None,
         metrics,
         readiness,
         status,
@@ -276,6 +278,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// The shortest interval between two rebuilds of the flow context under churn (the flow
 /// reader holds records back until the rebuild).
 const FLOW_CONTEXT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A cluster's nodes marked not reporting, and since when.
+type StaleNodes = Vec<(String, std::time::SystemTime)>;
 
 /// Where probes of quarantined backends report `(backend, connected)`.
 type ProbeSender = tokio::sync::mpsc::UnboundedSender<(mesh_core::health::BackendAddr, bool)>;
@@ -293,6 +298,10 @@ struct Agent {
     health: mesh_core::health::HealthTracker,
     /// The quarantines the maps were last programmed with.
     quarantined: BTreeMap<mesh_core::health::BackendAddr, mesh_core::health::Quarantine>,
+    /// The quarantines last written to the quarantine map and the status (`None`: write
+    /// again, after a failure or at the periodic resync).
+    published_quarantines:
+        Option<BTreeMap<mesh_core::health::BackendAddr, mesh_core::health::Quarantine>>,
     policy: crate::policy::PolicyReconciler,
     /// CIDR identities of the prefixes policies name, stable across compiles.
     cidr: mesh_core::policy::CidrIdentities,
@@ -300,6 +309,9 @@ struct Agent {
     policy_cache: crate::policy::PolicyCache,
     /// The desired ipcache, kept up to date cluster by cluster.
     ipcache: crate::ipcache::IpcacheBuilder,
+    /// Each programmed cluster's nodes marked not reporting, with the cluster's addresses
+    /// generation they were read at.
+    stale_nodes: BTreeMap<ClusterName, (Option<u64>, StaleNodes)>,
     /// The clusters and policy rules of the last reconcile, until the flow context is
     /// rebuilt from them.
     flow_inputs: Option<(
@@ -416,6 +428,7 @@ impl Agent {
                     debug!("periodic resync: re-reading the maps and routes");
                     self.reconciler.invalidate();
                     self.policy.invalidate();
+                    self.published_quarantines = None;
                     if let Some(table) = &mut self.routes {
                         table.invalidate();
                     }
@@ -501,6 +514,11 @@ impl Agent {
     /// Writes the quarantines in force to `mesh_quarantine` (for `meshctl bpf lb list`),
     /// the metrics and the status report.
     fn publish_quarantines(&mut self) {
+        // Unchanged since the last write (most reconciles under churn): nothing to do.
+        if self.published_quarantines.as_ref() == Some(&self.quarantined) {
+            return;
+        }
+        self.published_quarantines = Some(self.quarantined.clone());
         let now_boot = crate::datapath::boottime_ns();
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -540,6 +558,7 @@ impl Agent {
         }
         if let Err(e) = self.reconciler.maps_mut().set_quarantines(&want) {
             warn!(error = %e, "writing the quarantine map failed");
+            self.published_quarantines = None;
         }
         self.metrics.backends_quarantined.set(want.len() as i64);
         self.status
@@ -618,7 +637,29 @@ impl Agent {
                 }
                 (changes, written)
             });
-            let (desired, dropped) = desired::compute_services(&clusters, &local, node);
+            // The view's stale nodes, kept per cluster with its addresses generation.
+            let cache = &mut self.stale_nodes;
+            cache.retain(|name, _| clusters.contains_key(name));
+            for (name, c) in &clusters {
+                let g = state.cluster(name).map(|c| c.generations.addresses);
+                if cache
+                    .get(name)
+                    .is_none_or(|(have, _)| g.is_none() || *have != g)
+                {
+                    cache.insert(name.clone(), (g, mesh_proto::state::stale_nodes(c)));
+                }
+            }
+            let stale = cache
+                .iter()
+                .flat_map(|(n, (_, v))| v.iter().map(move |(node, t)| (n, node.as_str(), *t)));
+            let view = mesh_proto::state::mesh_view_with(
+                &clusters,
+                &local,
+                std::time::SystemTime::now(),
+                stale,
+            );
+            let (desired, dropped) = desired::compute_services_in(&view, &clusters, &local, node);
+            drop(view);
             let want_routes = self
                 .routes
                 .is_some()
@@ -880,14 +921,6 @@ impl Agent {
             .filter(|(n, _)| !self.state.is_synced(n))
             .map(|(n, _)| n)
             .collect();
-        for name in self.state.clusters().keys() {
-            self.metrics
-                .cluster_synced
-                .get_or_create(&ClusterLabels {
-                    cluster: name.to_string(),
-                })
-                .set(i64::from(self.state.is_synced(name)));
-        }
         let unsynced: Vec<&str> = unsynced.iter().map(|c| c.as_str()).collect();
         match (waiting, &self.last_error) {
             (Some(reason), _) => self.readiness.set(false, reason),
@@ -902,6 +935,18 @@ impl Agent {
         }
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let sync_changed = status.clusters != clusters;
+        // One gauge per cluster: set when a cluster's sync state or counts changed, not on
+        // every reconcile (250 label sets looked up each time under churn).
+        if sync_changed {
+            for c in &clusters {
+                self.metrics
+                    .cluster_synced
+                    .get_or_create(&ClusterLabels {
+                        cluster: c.cluster.clone(),
+                    })
+                    .set(i64::from(c.synced));
+            }
+        }
         status.clusters = clusters;
         status.map_entries = entries.into_iter().collect();
         status.last_error = self.last_error.clone().unwrap_or_default();

@@ -613,6 +613,35 @@ pub fn mesh_view_at<'a, S: Borrow<ClusterState>>(
     local_cluster: &'a ClusterName,
     now: SystemTime,
 ) -> MeshView<'a> {
+    let stale_nodes = clusters.iter().flat_map(|(name, c)| {
+        c.borrow()
+            .nodes
+            .values()
+            .filter_map(move |n| Some((name, n.name.as_str(), n.stale_since?)))
+    });
+    mesh_view_with(clusters, local_cluster, now, stale_nodes)
+}
+
+/// The nodes of `cluster` marked not reporting, and since when: what [`mesh_view_at`] finds
+/// by looking at every node. A reader that keeps this per cluster with the cluster's
+/// `addresses` generation (the agent: 25k nodes under the scale profile, looked at on every
+/// reconcile, were most of its cost) passes it to [`mesh_view_with`] instead.
+pub fn stale_nodes(cluster: &ClusterState) -> Vec<(String, SystemTime)> {
+    cluster
+        .nodes
+        .values()
+        .filter_map(|n| Some((n.name.clone(), n.stale_since?)))
+        .collect()
+}
+
+/// [`mesh_view_at`] with the stale nodes given, `(cluster, node, stale since)` (only those
+/// of `clusters` are taken).
+pub fn mesh_view_with<'a, S: Borrow<ClusterState>>(
+    clusters: &'a BTreeMap<ClusterName, S>,
+    local_cluster: &'a ClusterName,
+    now: SystemTime,
+    stale_nodes: impl IntoIterator<Item = (&'a ClusterName, &'a str, SystemTime)>,
+) -> MeshView<'a> {
     MeshView {
         local_cluster,
         clusters: clusters
@@ -627,16 +656,14 @@ pub fn mesh_view_at<'a, S: Borrow<ClusterState>>(
                 Some((name, now.duration_since(since).unwrap_or_default()))
             })
             .collect(),
-        stale_nodes: clusters
-            .iter()
-            .flat_map(|(name, c)| {
-                c.borrow().nodes.values().filter_map(move |n| {
-                    let since = n.stale_since?;
-                    Some((
-                        (name, n.name.as_str()),
-                        now.duration_since(since).unwrap_or_default(),
-                    ))
-                })
+        stale_nodes: stale_nodes
+            .into_iter()
+            .filter(|(cluster, _, _)| clusters.contains_key(*cluster))
+            .map(|(cluster, node, since)| {
+                (
+                    (cluster, node),
+                    now.duration_since(since).unwrap_or_default(),
+                )
             })
             .collect(),
     }
@@ -981,6 +1008,44 @@ mod tests {
         assert_eq!(verdict(client, Egress, web2, 9091), Verdict::Allow);
         assert_eq!(verdict(client, Egress, web, 9091), Verdict::Deny);
         assert_eq!(verdict(client, Egress, web2, 9090), Verdict::Deny);
+
+        // Generations: an endpoint without named ports moves the addresses only, one with
+        // them (before or after) the named ports too, an unchanged value nothing.
+        let gens = |s: &MeshState| s.cluster(&east()).unwrap().generations;
+        let g0 = gens(&s);
+        let plain = endpoint("10.1.0.9", client, &[]);
+        assert_eq!(
+            s.apply(upsert(Kind::Endpoint, "10.1.0.9", plain.clone())),
+            Applied::Changed
+        );
+        let g1 = gens(&s);
+        assert!(g1.addresses > g0.addresses && g1.any == g1.addresses);
+        assert_eq!(
+            (g1.named_ports, g1.identities, g1.policies, g1.services),
+            (g0.named_ports, g0.identities, g0.policies, g0.services)
+        );
+        assert_eq!(
+            s.apply(upsert(Kind::Endpoint, "10.1.0.9", plain)),
+            Applied::Unchanged
+        );
+        assert_eq!(gens(&s), g1);
+        let named = endpoint("10.1.0.9", client, &[("http", 80)]);
+        s.apply(upsert(Kind::Endpoint, "10.1.0.9", named));
+        let g2 = gens(&s);
+        assert!(g2.named_ports > g1.named_ports && g2.addresses == g2.named_ports);
+        s.apply(WatchUpdate::Delete {
+            cluster: east(),
+            kind: Kind::Endpoint,
+            name: "10.1.0.9".into(),
+            revision: 0,
+        });
+        assert!(
+            gens(&s).named_ports > g2.named_ports,
+            "the deleted one had named ports"
+        );
+        s.apply(upsert(Kind::Identity, "65795", identity(0x1_0103, "other")));
+        let g3 = gens(&s);
+        assert!(g3.identities > g2.identities && g3.addresses < g3.identities);
     }
 
     #[test]
@@ -1080,8 +1145,30 @@ mod tests {
             ]
         );
         assert!(view.stale.is_empty());
+        // The same view from the stale nodes kept per cluster (the agent's way).
+        let kept: Vec<(ClusterName, Vec<(String, SystemTime)>)> = clusters
+            .iter()
+            .map(|(n, c)| (n.clone(), stale_nodes(c)))
+            .collect();
+        let from_kept = mesh_view_with(
+            &clusters,
+            &west,
+            now,
+            kept.iter()
+                .flat_map(|(n, v)| v.iter().map(move |(node, t)| (n, node.as_str(), *t))),
+        );
+        assert_eq!(from_kept.stale_nodes, view.stale_nodes);
+        assert_eq!(from_kept.stale, view.stale);
+        // The marks are in the cluster's addresses generation: what the agent keys them by.
+        let before = s.cluster(&west).unwrap().generations;
         // Reporting again: the publisher writes the node without the mark.
         assert_eq!(s.apply(node("west", "w1", 0)), Applied::Changed);
+        let after = s.cluster(&west).unwrap().generations;
+        assert!(after.addresses > before.addresses && after.any == after.addresses);
+        assert_eq!(
+            (after.identities, after.services, after.policies),
+            (before.identities, before.services, before.policies)
+        );
         assert_eq!(
             s.cluster(&west).unwrap().state.nodes["w1"].stale_since,
             None
