@@ -292,7 +292,8 @@ fn max_message_size(c: MeshClient<Channel>) -> MeshClient<Channel> {
 struct Agent {
     /// Finds the network namespaces of the node's pods (egress policy).
     netns: crate::datapath::NetnsScanner,
-    /// What flow records are decorated with; rebuilt after each reconcile.
+    /// What flow records are decorated with; rebuilt after reconciles, when the flow reader
+    /// has records for it (`refresh_flow_context`).
     flow_ctx: flows::SharedContext,
     /// Passive backend health: the datapath's connect counters judged into quarantines.
     health: mesh_core::health::HealthTracker,
@@ -794,9 +795,6 @@ impl Agent {
         if first {
             self.metrics.initial_sync.mark("finished");
         }
-        // What flow records are decorated with follows the maps rather than precedes them:
-        // it is not on the datapath's path, and for a large mesh it is a copy of every
-        // endpoint's names (512k: a few hundred ms).
         self.ipcache.put_back(std::mem::take(&mut desired.ipcache));
         // What flow records are decorated with follows the maps (see `refresh_flow_context`);
         // the reader holds records back until it does.

@@ -2,10 +2,10 @@
 //!
 //! The datapath writes a record for each new connection and each drop to the `mesh_events`
 //! ring buffer (bpf/events.h). [`run_reader`] drains it as records arrive, decorates each
-//! with what the agent knows ([`decorate::FlowContext`], rebuilt after every reconcile), and
-//! pushes the resulting Hubble flow into the node's bounded [`ring::FlowRing`], which
-//! [`observer::AgentObserver`] serves over Hubble's Observer API to the apiserver's relay
-//! and to operators. Every flow also feeds the flow metrics; records the datapath could not
+//! with what the agent knows ([`decorate::FlowContext`], rebuilt after reconciles when
+//! records need it: the reader asks and waits for it), and pushes the resulting Hubble
+//! flow into the node's bounded [`ring::FlowRing`], which [`observer::AgentObserver`]
+//! serves over Hubble's Observer API to the apiserver's relay and to operators. Every flow also feeds the flow metrics; records the datapath could not
 //! write (ring full, rate limited) are counted and reported to followers as lost events.
 
 pub mod decorate;
@@ -30,7 +30,7 @@ use crate::datapath::{EventControl, EventCounters, EventMaps, boottime_ns};
 pub use decorate::{FlowContext, decorate};
 pub use ring::FlowRing;
 
-/// The context the reader decorates with; replaced whole after each reconcile.
+/// The context the reader decorates with; replaced whole when the agent rebuilds it.
 pub type SharedContext = Arc<RwLock<Arc<FlowContext>>>;
 
 /// Labels of `mesh_agent_flows_total`.
