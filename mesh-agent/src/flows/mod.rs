@@ -5,8 +5,9 @@
 //! with what the agent knows ([`decorate::FlowContext`], rebuilt after reconciles when
 //! records need it: the reader asks and waits for it), and pushes the resulting Hubble
 //! flow into the node's bounded [`ring::FlowRing`], which [`observer::AgentObserver`]
-//! serves over Hubble's Observer API to the apiserver's relay and to operators. Every flow also feeds the flow metrics; records the datapath could not
-//! write (ring full, rate limited) are counted and reported to followers as lost events.
+//! serves over Hubble's Observer API to the apiserver's relay and to operators. Every flow
+//! also feeds the flow metrics; records the datapath could not write (ring full, rate
+//! limited) are counted and reported to followers as lost events.
 
 pub mod decorate;
 pub mod observer;
