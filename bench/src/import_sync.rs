@@ -231,7 +231,10 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     }
     progress.finish();
     let cpu1 = cpu()?;
-    let txns = crate::scale::metric_sum(&cluster.metrics_text()?, "mesh_apiserver_peer_txns_total");
+    let txns = crate::scale::metric_sum(
+        &cluster.metrics_text()?,
+        "mesh_apiserver_peer_etcd_txns_total",
+    );
     let (index_at, agent_at) = (
         index_at.context("index time")?,
         agent_at.context("agent time")?,

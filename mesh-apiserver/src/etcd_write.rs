@@ -1,16 +1,19 @@
 //! The one batched etcd writer, used by the publisher's store ([`crate::store`]) and the peer
 //! importer ([`crate::peer`]): staged puts and deletes are written in key order, in
 //! transactions bounded by operation count and payload bytes, each guarded by the leader
-//! fence when one is given, one at a time or several in flight.
+//! fence when one is given, one at a time or several in flight; and the [`GroupWriter`],
+//! through which the importer's peers share transactions (group commit).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 
 use etcd_client::{KvClient, Txn, TxnOp};
 use futures::StreamExt;
+use futures::future::Either;
 use futures::stream::FuturesUnordered;
-use tokio::sync::Semaphore;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::store::Fence;
 
@@ -37,9 +40,23 @@ pub enum WriteError {
     Fenced { key: String, revision: i64 },
 }
 
-/// Writes `pending` in transactions of at most `max_ops` operations (clamped to
-/// `1..=DEFAULT_MAX_TXN_OPS`) and [`MAX_TXN_BYTES`], each conditional on `fence`, keeping up
-/// to `in_flight` of them (at least 1) in flight on the client's connection. Transactions are
+/// Where [`write_batched`] sends its batches.
+#[derive(Clone, Copy)]
+pub enum Sink<'a> {
+    /// One transaction per batch on the client's connection, conditional on `fence`.
+    Etcd {
+        kv: &'a KvClient,
+        fence: Option<&'a Fence>,
+    },
+    /// Through a [`GroupWriter`]: a batch may share its transaction with other writers'
+    /// batches (never with a fence).
+    Group(&'a GroupWriter),
+}
+
+/// Writes `pending` in batches of at most `max_ops` operations (clamped to
+/// `1..=DEFAULT_MAX_TXN_OPS`) and [`MAX_TXN_BYTES`], each one transaction (or part of one,
+/// with [`Sink::Group`]) conditional on the sink's fence, keeping up to `in_flight` of them
+/// (at least 1) in flight. Transactions are
 /// sent in key order; with one in flight each waits for the previous commit, with more they
 /// may commit in any order, so a caller whose readers need one key committed after others
 /// (a synced marker after the objects it vouches for) writes it in a later call. Every key
@@ -57,12 +74,11 @@ pub enum WriteError {
 /// call can be retried. Returns the transactions committed; when it returns, none is in
 /// flight.
 pub async fn write_batched(
-    kv: &mut KvClient,
+    sink: Sink<'_>,
     pending: &mut Staged,
     max_ops: usize,
     in_flight: usize,
     extra: Option<&Arc<Semaphore>>,
-    fence: Option<&Fence>,
     mut on_commit: impl FnMut(Committed),
 ) -> Result<usize, WriteError> {
     let max_ops = max_ops.clamp(1, DEFAULT_MAX_TXN_OPS);
@@ -90,7 +106,10 @@ pub async fn write_batched(
             let batch = next_batch(rest, max_ops);
             let Some((last, _)) = batch.last() else { break };
             next = Some(last.clone());
-            let txn = send(kv.clone(), batch, fence);
+            let txn = match sink {
+                Sink::Etcd { kv, fence } => Either::Left(send(kv.clone(), batch, fence)),
+                Sink::Group(group) => Either::Right(group.write(batch)),
+            };
             running.push(async move {
                 let out = txn.await;
                 drop(permit);
@@ -126,13 +145,7 @@ async fn send(
     batch: Committed,
     fence: Option<&Fence>,
 ) -> (Committed, Result<(), WriteError>) {
-    let ops: Vec<TxnOp> = batch
-        .iter()
-        .map(|(k, v)| match v {
-            Some(v) => TxnOp::put(k.clone(), v.clone(), None),
-            None => TxnOp::delete(k.clone(), None),
-        })
-        .collect();
+    let ops: Vec<TxnOp> = batch.iter().map(|(k, v)| txn_op(k, v)).collect();
     let mut txn = Txn::new();
     if let Some(f) = fence {
         txn = txn.when(vec![f.compare()]);
@@ -147,6 +160,166 @@ async fn send(
         Ok(_) => Ok(()),
     };
     (batch, result)
+}
+
+/// Group commit for many writers of one etcd (the importer's peers): each writer's batch is
+/// a request; the requests queued while a transaction is in flight go out together in the
+/// next one, as long as they fit `max_ops` operations and [`MAX_TXN_BYTES`] and share no
+/// key. A lone request goes out at once; a partial group waits for the transaction in
+/// flight, full groups go out up to `in_flight` at a time. 250 peers each writing a change
+/// and a status every second were 500+ transactions per second on etcd, most of one core on
+/// the scale profile; grouped they are a few dozen. A batch is never split (each writer's
+/// batch commits atomically, as it would alone). When a shared transaction fails, its
+/// requests are sent again one by one, so each writer gets its own batch's outcome.
+/// Requests whose writer stopped waiting are not sent.
+#[derive(Clone)]
+pub struct GroupWriter {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+struct Request {
+    batch: Committed,
+    bytes: usize,
+    done: oneshot::Sender<(Committed, Result<(), WriteError>)>,
+}
+
+impl GroupWriter {
+    /// Starts the writer's task; it ends when every clone of the writer is dropped and the
+    /// requests sent before are done. `txns` counts the transactions sent.
+    pub fn spawn(kv: KvClient, max_ops: usize, in_flight: usize, txns: Counter) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let max_ops = max_ops.clamp(1, DEFAULT_MAX_TXN_OPS);
+        tokio::spawn(run_group(kv, rx, max_ops, in_flight.max(1), txns));
+        Self { tx }
+    }
+
+    /// Writes `batch` (at most the writer's `max_ops` operations for it to share a
+    /// transaction; a larger one goes alone) and hands it back with the outcome.
+    pub async fn write(&self, batch: Committed) -> (Committed, Result<(), WriteError>) {
+        let bytes = batch_bytes(&batch);
+        let (done, result) = oneshot::channel();
+        let lost = |batch| {
+            let status = tonic::Status::unavailable("the etcd group writer has stopped");
+            (
+                batch,
+                Err(WriteError::Etcd(etcd_client::Error::GRpcStatus(status))),
+            )
+        };
+        if let Err(mpsc::error::SendError(r)) = self.tx.send(Request { batch, bytes, done }) {
+            return lost(r.batch);
+        }
+        match result.await {
+            Ok(out) => out,
+            // The task ended with the runtime; the caller keeps its staged copy.
+            Err(_) => lost(Vec::new()),
+        }
+    }
+}
+
+fn batch_bytes(batch: &Committed) -> usize {
+    batch
+        .iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+        .sum()
+}
+
+async fn run_group(
+    kv: KvClient,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    max_ops: usize,
+    in_flight: usize,
+    txns: Counter,
+) {
+    let mut queue: VecDeque<Request> = VecDeque::new();
+    let mut running = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        while running.len() < in_flight {
+            queue.retain(|r| !r.done.is_closed());
+            let (n, full) = group_len(&queue, max_ops);
+            // A partial group waits for the transaction in flight: what arrives meanwhile
+            // joins it.
+            if n == 0 || (!running.is_empty() && !full) {
+                break;
+            }
+            let group: Vec<Request> = queue.drain(..n).collect();
+            txns.inc();
+            running.push(send_group(kv.clone(), group));
+        }
+        if !open && queue.is_empty() && running.is_empty() {
+            return;
+        }
+        tokio::select! {
+            Some(()) = running.next(), if !running.is_empty() => {}
+            r = rx.recv(), if open => match r {
+                Some(r) => {
+                    queue.push_back(r);
+                    while let Ok(r) = rx.try_recv() {
+                        queue.push_back(r);
+                    }
+                }
+                None => open = false,
+            },
+        }
+    }
+}
+
+/// How many requests at the head of `queue` share the next transaction (at least one when
+/// the queue is not empty), and whether that transaction is full (the next request would
+/// not fit, or the operations reached `max_ops`).
+fn group_len(queue: &VecDeque<Request>, max_ops: usize) -> (usize, bool) {
+    let (mut ops, mut bytes, mut n) = (0, 0, 0);
+    let mut keys: HashSet<&str> = HashSet::new();
+    for r in queue {
+        let fits = ops + r.batch.len() <= max_ops
+            && bytes + r.bytes <= MAX_TXN_BYTES
+            && r.batch.iter().all(|(k, _)| !keys.contains(k.as_str()));
+        if n > 0 && !fits {
+            return (n, true);
+        }
+        keys.extend(r.batch.iter().map(|(k, _)| k.as_str()));
+        ops += r.batch.len();
+        bytes += r.bytes;
+        n += 1;
+    }
+    (n, ops >= max_ops)
+}
+
+/// One transaction of every request's batch; on failure each request is sent alone.
+async fn send_group(kv: KvClient, group: Vec<Request>) {
+    if group.len() == 1 {
+        let r = group.into_iter().next().expect("one request");
+        let _ = r.done.send(send(kv, r.batch, None).await);
+        return;
+    }
+    let ops: Vec<TxnOp> = group
+        .iter()
+        .flat_map(|r| r.batch.iter())
+        .map(|(k, v)| txn_op(k, v))
+        .collect();
+    match kv.clone().txn(Txn::new().and_then(ops)).await {
+        Ok(_) => {
+            for r in group {
+                let _ = r.done.send((r.batch, Ok(())));
+            }
+        }
+        Err(_) => {
+            let alone = group.into_iter().map(|r| {
+                let kv = kv.clone();
+                async move {
+                    let _ = r.done.send(send(kv, r.batch, None).await);
+                }
+            });
+            futures::future::join_all(alone).await;
+        }
+    }
+}
+
+fn txn_op(k: &str, v: &Option<Vec<u8>>) -> TxnOp {
+    match v {
+        Some(v) => TxnOp::put(k, v.clone(), None),
+        None => TxnOp::delete(k, None),
+    }
 }
 
 /// The first entries of `pending` that fit one transaction: at most `max_ops`, and at most

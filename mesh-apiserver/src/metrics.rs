@@ -400,8 +400,10 @@ pub struct PeerMetrics {
     pub resumes: Family<PeerLabels, Counter>,
     /// Times the peer's data was withdrawn after the stale TTL.
     pub withdrawals: Family<PeerLabels, Counter>,
-    /// etcd transactions written for the peer.
+    /// Batches written for the peer (several peers' batches may share one transaction).
     pub txns: Family<PeerLabels, Counter>,
+    /// etcd transactions the importer sent, all peers together (`etcd_write::GroupWriter`).
+    pub etcd_txns: Counter,
 }
 
 // === impl PeerMetrics ===
@@ -468,8 +470,13 @@ impl PeerMetrics {
         );
         r.register(
             "txns",
-            "etcd transactions written for the peer",
+            "Write batches of the peer (batches of several peers may share one etcd transaction)",
             m.txns.clone(),
+        );
+        r.register(
+            "etcd_txns",
+            "etcd transactions sent by the importer, all peers together",
+            m.etcd_txns.clone(),
         );
         m
     }

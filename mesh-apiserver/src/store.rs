@@ -17,7 +17,7 @@ use mesh_core::Backoff;
 use mesh_proto::keys::{ClusterKey, Keys};
 use mesh_proto::pb;
 
-use crate::etcd_write::{WriteError, write_batched};
+use crate::etcd_write::{Sink, WriteError, write_batched};
 use tracing::{debug, warn};
 
 pub use crate::etcd_write::{DEFAULT_MAX_TXN_OPS, MAX_TXN_BYTES};
@@ -223,7 +223,11 @@ impl EtcdStore {
         };
         // One in flight, as before the importer pipelined its writes: the publisher's flushes
         // commit in key order (its synced markers after its objects).
-        let committed = write_batched(kv, pending, *max_ops, 1, None, fence.as_ref(), |batch| {
+        let sink = Sink::Etcd {
+            kv,
+            fence: fence.as_ref(),
+        };
+        let committed = write_batched(sink, pending, *max_ops, 1, None, |batch| {
             for (k, v) in batch {
                 match v {
                     Some(v) => {

@@ -56,6 +56,7 @@ pub use metrics::PeerMetrics;
 pub use source::PeerSource;
 pub use worker::PeerError;
 
+use crate::etcd_write::GroupWriter;
 use mesh_core::parse_duration;
 use worker::{Shared, Worker, withdraw};
 
@@ -348,6 +349,12 @@ impl Importer {
         let peers = cfg.source.spawn(shutdown.clone());
         let peers_out = peers.clone();
         let permits = cfg.options.txns_in_flight;
+        let writer = GroupWriter::spawn(
+            cfg.etcd.kv_client(),
+            cfg.options.max_txn_ops,
+            cfg.options.txns_in_flight,
+            metrics.etcd_txns.clone(),
+        );
         let shared = Arc::new(Shared {
             etcd: cfg.etcd,
             keys: cfg.keys,
@@ -359,6 +366,7 @@ impl Importer {
             resolver: tokio::sync::OnceCell::new(),
             stats: stats_tx,
             txn_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
+            writer,
         });
         let supervisor = Supervisor {
             shared,

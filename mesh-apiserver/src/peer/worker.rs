@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::metrics::{PeerKindLabels, PeerMetrics, kind_label};
 use super::{ClientIdentity, ImporterOptions, PeerStats};
-use crate::etcd_write::{Committed, WriteError, write_batched};
+use crate::etcd_write::{Committed, GroupWriter, Sink, WriteError, write_batched};
 use mesh_proto::peer_entry::{PeerSpec, split_address};
 
 /// Why a connection to a peer failed or the peer was refused. Each names the peer.
@@ -146,6 +146,9 @@ pub(crate) struct Shared {
     /// Transactions in flight beyond each peer's first, shared by every peer
     /// (`ImporterOptions::txns_in_flight` of them; `etcd_write::write_batched`).
     pub txn_permits: Arc<tokio::sync::Semaphore>,
+    /// Every peer's writes (objects, markers, statuses) go through it: the batches queued
+    /// while a transaction is in flight share the next one (`etcd_write::GroupWriter`).
+    pub writer: GroupWriter,
 }
 
 impl Shared {
@@ -987,7 +990,7 @@ impl Worker {
             return Ok(());
         }
         let started = Instant::now();
-        let mut kv = self.shared.etcd.kv_client();
+        let sink = Sink::Group(&self.shared.writer);
         let (mut puts, mut deletes) = (0usize, 0usize);
         let txns = &self.shared.metrics.txns;
         let labels = PeerMetrics::peer(self.spec.name.as_str());
@@ -1010,18 +1013,16 @@ impl Worker {
             txns.get_or_create(&labels).inc();
         };
         let mut written = write_batched(
-            &mut kv,
+            sink,
             &mut self.pending,
             max_ops,
             in_flight,
             Some(&self.shared.txn_permits),
-            None,
             &mut count,
         )
         .await;
         if written.is_ok() {
-            written =
-                write_batched(&mut kv, &mut markers, max_ops, 1, None, None, &mut count).await;
+            written = write_batched(sink, &mut markers, max_ops, 1, None, &mut count).await;
         }
         // What was not committed stays staged.
         self.pending.append(&mut markers);
@@ -1153,16 +1154,17 @@ impl Worker {
     async fn write_status(&mut self, stats: &WatchStats) -> Result<(), PeerError> {
         self.write_link().await?;
         let status = self.status(stats);
-        self.shared
-            .etcd
-            .kv_client()
-            .put(
-                self.shared.keys.peer_status(self.peer()),
-                status.encode_to_vec(),
-                None,
-            )
-            .await
-            .map_err(self.etcd_err("put status"))?;
+        // Through the group writer: 250 peers' periodic statuses share transactions.
+        let key = self.shared.keys.peer_status(self.peer());
+        let (_, written) = self
+            .shared
+            .writer
+            .write(vec![(key, Some(status.encode_to_vec()))])
+            .await;
+        written.map_err(|source| PeerError::Write {
+            peer: self.spec.name.clone(),
+            source,
+        })?;
         self.dirty = false;
         self.last_status_write = Some(Instant::now());
         self.update_gauges(&status);
