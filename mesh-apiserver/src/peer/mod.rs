@@ -110,8 +110,9 @@ pub struct PeerArgs {
     #[arg(long, env = "MESH_PEER_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub peer_heartbeat_interval: Duration,
 
-    /// etcd transactions kept in flight while writing what a peer sent (a snapshot is
-    /// hundreds of them); 1 writes them one at a time.
+    /// etcd transactions the importer keeps in flight, all peers together (a snapshot is
+    /// hundreds of them); small batches of many peers share one transaction meanwhile.
+    /// 1 writes them one at a time.
     #[arg(long, env = "MESH_PEER_TXNS_IN_FLIGHT", default_value_t = DEFAULT_PEER_TXNS_IN_FLIGHT)]
     pub peer_txns_in_flight: usize,
 
@@ -246,8 +247,8 @@ pub struct ImporterOptions {
     pub watch: WatchOptions,
     pub connect_timeout: Duration,
     pub max_txn_ops: usize,
-    /// etcd transactions in flight while writing what a peer sent (at least 1); see
-    /// [`DEFAULT_PEER_TXNS_IN_FLIGHT`].
+    /// etcd transactions in flight (at least 1): the group writer's bound, and each peer's
+    /// (its first batch, plus the shared permits); see [`DEFAULT_PEER_TXNS_IN_FLIGHT`].
     pub txns_in_flight: usize,
     /// Record each peer's watch to `<dir>/<peer>.rec` (`--peer-watch-record-dir`).
     pub record_dir: Option<PathBuf>,
