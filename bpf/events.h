@@ -64,29 +64,30 @@ static __always_inline int event_udp_fresh(__u64 cookie, __u32 ip4, __u16 port, 
 	return 1;
 }
 
-/* Writes `ev` (its time set here) if events are on and the bucket has a token. */
-static __always_inline void event_emit(struct mesh_flow_event *ev)
+/* Writes `ev` (its time set here) if events are on and the bucket has a token. A global
+ * function: verified once, not once per call site (see policy_decide). */
+__noinline int event_emit(struct mesh_flow_event *ev)
 {
 	__u32 zero = 0;
 	struct mesh_event_config *cfg = events_on();
 	struct mesh_event_stats *st;
 	__u64 now, flags;
 
-	if (!cfg)
-		return;
+	if (!cfg || !ev)
+		return 0;
 	st = bpf_map_lookup_elem(&mesh_event_stats, &zero);
 	if (!st)
-		return;
+		return 0;
 	now = bpf_ktime_get_boot_ns();
 	if (ev->proto == IPPROTO_UDP && ev->verdict == MESH_EVENT_FORWARDED) {
 		__u32 remote_ip = ev->direction == MESH_DIRECTION_EGRESS ? ev->dst_ip : ev->src_ip;
 		__u16 remote_port = ev->direction == MESH_DIRECTION_EGRESS ? ev->dst_port : ev->src_port;
 
 		if (!event_udp_fresh(ev->cookie, remote_ip, remote_port, ev->direction, now))
-			return;
+			return 0;
 	}
 	if (!event_admit(cfg, st, now))
-		return;
+		return 0;
 	ev->time_ns = now;
 	/* Adaptive notification: the reader is woken only once a batch is waiting and drains on
 	 * its own short timer otherwise, so a busy node pays no wakeup (and context switch) per
@@ -98,6 +99,7 @@ static __always_inline void event_emit(struct mesh_flow_event *ev)
 		st->lost_ring_full += 1;
 	else
 		st->emitted += 1;
+	return 0;
 }
 
 /* The drop reason of a policy refusal. */

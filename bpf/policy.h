@@ -57,50 +57,69 @@ static __always_inline void policy_fold(const struct mesh_policy_value *value,
 		*best = *value;
 }
 
-/* The verdict for `remote` talking to the endpoint `ep` in direction `dir`
- * (port in network order). */
-static __always_inline void policy_decide(const struct mesh_policy_endpoint *ep,
-					  __u8 dir, __u32 remote, __u8 proto,
-					  __u16 port, struct policy_verdict *out)
+/* A policy question: may `remote` talk to the endpoint in direction `dir` on (proto,
+ * port) (port in network order). */
+struct policy_query {
+	__u32 remote;
+	__u16 port;
+	__u8 proto;
+	__u8 dir; /* MESH_DIRECTION_* */
+};
+
+/* The verdict for the query about the endpoint `ep`.
+ *
+ * A global function (not inlined): the verifier checks it once, on its own, instead of
+ * once per call site and path of the caller. Inlined into connect4 and sendmsg4 with the
+ * other helpers below, each program took 123k verifier steps and 0.45 s to load. */
+__noinline int policy_decide(const struct mesh_policy_endpoint *ep,
+			     const struct policy_query *q, struct policy_verdict *out)
 {
 	struct mesh_policy_value deny, allow;
-	__u32 table = dir == MESH_DIRECTION_INGRESS ? ep->ingress_table : ep->egress_table;
-	__u32 enforced = ep->flags & (dir == MESH_DIRECTION_INGRESS ?
-					      MESH_POLICY_F_INGRESS_ENFORCED :
-					      MESH_POLICY_F_EGRESS_ENFORCED);
+	__u32 table, enforced;
 
+	if (!out)
+		return 0;
 	out->rule = MESH_RULE_NONE;
 	out->verdict = MESH_VERDICT_ALLOW;
-	if (dir == MESH_DIRECTION_INGRESS && remote == MESH_IDENTITY_HOST)
-		return;
+	if (!ep || !q)
+		return 0;
+	table = q->dir == MESH_DIRECTION_INGRESS ? ep->ingress_table : ep->egress_table;
+	enforced = ep->flags & (q->dir == MESH_DIRECTION_INGRESS ? MESH_POLICY_F_INGRESS_ENFORCED
+								 : MESH_POLICY_F_EGRESS_ENFORCED);
+	if (q->dir == MESH_DIRECTION_INGRESS && q->remote == MESH_IDENTITY_HOST)
+		return 0;
 	__builtin_memset(&deny, 0, sizeof(deny));
 	__builtin_memset(&allow, 0, sizeof(allow));
 	if (table) {
-		policy_fold(policy_lookup(table, remote, proto, port), &deny, &allow);
-		policy_fold(policy_lookup(table, remote, 0, port), &deny, &allow);
-		policy_fold(policy_lookup(table, 0, proto, port), &deny, &allow);
-		policy_fold(policy_lookup(table, 0, 0, port), &deny, &allow);
+		policy_fold(policy_lookup(table, q->remote, q->proto, q->port), &deny, &allow);
+		policy_fold(policy_lookup(table, q->remote, 0, q->port), &deny, &allow);
+		policy_fold(policy_lookup(table, 0, q->proto, q->port), &deny, &allow);
+		policy_fold(policy_lookup(table, 0, 0, q->port), &deny, &allow);
 	}
 	if (deny.rule) {
 		out->rule = deny.rule;
 		out->verdict = MESH_VERDICT_DENY;
-		return;
+		return 0;
 	}
 	if (!enforced)
-		return;
+		return 0;
 	if (allow.rule) {
 		out->rule = allow.rule;
-		return;
+		return 0;
 	}
 	out->verdict = MESH_VERDICT_DENY;
+	return 0;
 }
 
-static __always_inline void policy_count(__u32 local, __u32 remote, __u8 dir,
-					 const struct policy_verdict *v, __u64 bytes)
+/* Counts one decision. Global, like policy_decide. */
+__noinline int policy_count(__u32 local, __u32 remote, __u32 dir,
+			    const struct policy_verdict *v, __u64 bytes)
 {
 	struct mesh_policy_counter_key key;
 	struct mesh_policy_counter_value *value;
 
+	if (!v)
+		return 0;
 	__builtin_memset(&key, 0, sizeof(key));
 	key.local = local;
 	key.remote = remote;
@@ -112,10 +131,11 @@ static __always_inline void policy_count(__u32 local, __u32 remote, __u8 dir,
 		/* Per-CPU value: no other writer, plain adds are exact. */
 		value->packets += 1;
 		value->bytes += bytes;
-		return;
+		return 0;
 	}
 	struct mesh_policy_counter_value init = { .packets = 1, .bytes = bytes };
 	bpf_map_update_elem(&mesh_policy_counters, &key, &init, BPF_NOEXIST);
+	return 0;
 }
 
 #endif /* MESH_POLICY_H */

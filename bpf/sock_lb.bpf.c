@@ -86,8 +86,11 @@ static __always_inline void egress_verdict(const struct client *c, __u32 ip4, __
 					   __u8 proto, __u32 *remote,
 					   struct policy_verdict *v)
 {
+	struct policy_query q = { .port = port, .proto = proto, .dir = MESH_DIRECTION_EGRESS };
+
 	*remote = ipcache_identity(ip4);
-	policy_decide(&c->policy, MESH_DIRECTION_EGRESS, *remote, proto, port, v);
+	q.remote = *remote;
+	policy_decide(&c->policy, &q, v);
 }
 
 static __always_inline struct mesh_backend_value *
@@ -433,7 +436,14 @@ static __always_inline int policy_ingress(struct __sk_buff *skb)
 	}
 	remote = ipcache_identity(ip.saddr);
 	if (ep) {
-		policy_decide(ep, MESH_DIRECTION_INGRESS, remote, ip.protocol, ports[1], &v);
+		struct policy_query q = {
+			.remote = remote,
+			.port = ports[1],
+			.proto = ip.protocol,
+			.dir = MESH_DIRECTION_INGRESS,
+		};
+
+		policy_decide(ep, &q, &v);
 		if (v.rule != MESH_RULE_NONE || v.verdict == MESH_VERDICT_DENY ||
 		    (ep->flags & MESH_POLICY_F_INGRESS_ENFORCED))
 			policy_count(local, remote, MESH_DIRECTION_INGRESS, &v, skb->len);

@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     let arch_include = arch_include()?;
 
     println!("cargo:rerun-if-env-changed=CLANG");
-    for header in ["mesh.h", "policy.h"] {
+    for header in ["mesh.h", "policy.h", "events.h"] {
         println!("cargo:rerun-if-changed={}", bpf_dir.join(header).display());
     }
 
