@@ -52,20 +52,15 @@ struct mesh_ipcache_value {
 };
 
 /* mesh_services: hash. Slot 0 is the master entry (count = number of backend
- * slots, backend_id unused); slots 1..=count hold backend ids. */
+ * slots, backend_id unused); slots 1..=count hold backend ids, each with a copy of
+ * its mesh_backends entry (the connect path reads the backend here: one hash lookup
+ * fewer per translated connect()). */
 struct mesh_service_key {
 	__u32 vip;   /* network order */
 	__u16 port;  /* network order */
 	__u16 slot;  /* host order */
 	__u8 proto;  /* IPPROTO_TCP / IPPROTO_UDP */
 	__u8 pad[3];
-};
-
-struct mesh_service_value {
-	__u32 backend_id; /* slot > 0: key of mesh_backends */
-	__u16 count;      /* slot 0: number of backend slots */
-	__u16 pad;
-	__u32 flags;
 };
 
 /* mesh_backends: hash, key = backend id (__u32, host order, never 0). */
@@ -78,6 +73,15 @@ struct mesh_backend_value {
 	__u16 pad2;
 	__u32 flags;
 };
+
+struct mesh_service_value {
+	__u32 backend_id; /* slot > 0: key of mesh_backends */
+	__u16 count;      /* slot 0: number of backend slots */
+	__u16 pad;
+	__u32 flags;
+	struct mesh_backend_value backend; /* slot > 0: mesh_backends[backend_id]; slot 0: 0 */
+};
+
 
 /* mesh_rev_nat: LRU hash. Written when a socket's destination is rewritten to
  * a backend; read by recvmsg4/getpeername4 to show the service address again. */

@@ -98,16 +98,15 @@ backend_at(__u32 vip, __u16 port, __u8 proto, __u16 slot)
 {
 	struct mesh_service_key key;
 	struct mesh_service_value *slot_entry;
-	__u32 backend_id;
 
 	service_key_init(&key, vip, port, proto, slot);
 	slot_entry = bpf_map_lookup_elem(&mesh_services, &key);
 	/* The agent writes slots before the count, so a missing slot means a
 	 * broken map: fail closed rather than connect somewhere unexpected. */
-	if (!slot_entry)
+	if (!slot_entry || !slot_entry->backend_id)
 		return NULL;
-	backend_id = slot_entry->backend_id;
-	return bpf_map_lookup_elem(&mesh_backends, &backend_id);
+	/* The slot's copy of mesh_backends[backend_id], kept equal by the agent. */
+	return &slot_entry->backend;
 }
 
 /* bpf_loop state of the search for an allowed backend. */
@@ -475,27 +474,32 @@ static __always_inline int policy_ingress(struct __sk_buff *skb)
 
 /* ---- passive backend health ---- */
 
-/* The health key of a translated TCP connection's backend, or 0 when the socket was not
- * translated by socket LB (its peer is no mesh backend). */
+/* The health key of a TCP connection's peer (IPv4 only). */
 static __always_inline int health_key_of(struct bpf_sock_ops *skops, struct mesh_health_key *key)
+{
+	if (skops->family != 2 /* AF_INET */)
+		return 0;
+	__builtin_memset(key, 0, sizeof(*key));
+	key->ip = skops->remote_ip4;
+	/* remote_port holds the network-order port in its upper 16 bits (the kernel loads
+	 * the be16 and shifts it), so the shift gives it back as mesh_sock_rev stores it. */
+	key->port = (__u16)(skops->remote_port >> 16);
+	key->proto = IPPROTO_TCP;
+	return 1;
+}
+
+/* Whether socket LB translated this socket's connect() to the backend `key` names (its
+ * socket storage says so): only those connects count for passive health. */
+static __always_inline int health_translated(struct bpf_sock_ops *skops,
+					     const struct mesh_health_key *key)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct mesh_sock_rev *r;
-	__u16 port;
 
-	if (skops->family != 2 /* AF_INET */ || !sk)
+	if (!sk)
 		return 0;
 	r = bpf_sk_storage_get(&mesh_sock_rev, sk, 0, 0);
-	/* remote_port holds the network-order port in its upper 16 bits (the kernel loads
-	 * the be16 and shifts it), so the shift gives it back as mesh_sock_rev stores it. */
-	port = (__u16)(skops->remote_port >> 16);
-	if (!r || r->backend_ip != skops->remote_ip4 || r->backend_port != port)
-		return 0;
-	__builtin_memset(key, 0, sizeof(*key));
-	key->ip = r->backend_ip;
-	key->port = r->backend_port;
-	key->proto = IPPROTO_TCP;
-	return 1;
+	return r && r->backend_ip == key->ip && r->backend_port == key->port;
 }
 
 static __always_inline void health_record(struct bpf_sock_ops *skops, int ok)
@@ -511,8 +515,9 @@ static __always_inline void health_record(struct bpf_sock_ops *skops, int ok)
 		struct mesh_health_value init;
 
 		/* A success of a backend with no failure on record heals nothing: no entry, so
-		 * healthy traffic neither pays for one nor evicts a failing backend's. */
-		if (ok)
+		 * healthy traffic neither pays for one (nor for reading the socket's storage)
+		 * nor evicts a failing backend's. */
+		if (ok || !health_translated(skops, &key))
 			return;
 
 		__builtin_memset(&init, 0, sizeof(init));
@@ -520,6 +525,8 @@ static __always_inline void health_record(struct bpf_sock_ops *skops, int ok)
 		v = bpf_map_lookup_elem(&mesh_backend_health, &key);
 		if (!v)
 			return;
+	} else if (!health_translated(skops, &key)) {
+		return;
 	}
 	now = bpf_ktime_get_boot_ns();
 	if (ok) {

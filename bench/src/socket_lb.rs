@@ -444,19 +444,17 @@ impl Topology {
             let frontend = ServiceEntryKey::master(vip(i), SERVICE_PORT, PROTO_TCP);
             for j in 0..backends {
                 let id = i * backends + j;
-                be.push((
-                    id as u32 + 1,
-                    BackendValue {
-                        ip: backend_ip(id),
-                        port: BACKEND_PORT,
-                        proto: PROTO_TCP,
-                        cluster_id: 1,
-                        flags: 0,
-                    },
-                ));
+                let backend = BackendValue {
+                    ip: backend_ip(id),
+                    port: BACKEND_PORT,
+                    proto: PROTO_TCP,
+                    cluster_id: 1,
+                    flags: 0,
+                };
+                be.push((id as u32 + 1, backend));
                 slots.push((
                     frontend.with_slot(j as u16 + 1),
-                    ServiceEntryValue::backend(id as u32 + 1),
+                    ServiceEntryValue::backend(id as u32 + 1, backend),
                 ));
             }
             masters.push((frontend, ServiceEntryValue::master(backends as u16)));

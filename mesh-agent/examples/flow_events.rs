@@ -137,17 +137,15 @@ fn run(
     });
     let vip = Ipv4Addr::new(10, 200, 0, 1);
     let frontend = ServiceEntryKey::master(vip, 80, PROTO_TCP);
-    dp.upsert_backend(
-        1,
-        BackendValue {
-            ip: Ipv4Addr::LOCALHOST,
-            port: backend.port(),
-            proto: PROTO_TCP,
-            cluster_id: 1,
-            flags: 0,
-        },
-    )?;
-    dp.upsert_service_slot(frontend.with_slot(1), ServiceEntryValue::backend(1))?;
+    let entry = BackendValue {
+        ip: Ipv4Addr::LOCALHOST,
+        port: backend.port(),
+        proto: PROTO_TCP,
+        cluster_id: 1,
+        flags: 0,
+    };
+    dp.upsert_backend(1, entry)?;
+    dp.upsert_service_slot(frontend.with_slot(1), ServiceEntryValue::backend(1, entry))?;
     dp.upsert_service_slot(frontend, ServiceEntryValue::master(1))?;
     let target = SocketAddr::from((vip, 80));
     let mut events = dp.take_events().expect("event maps");

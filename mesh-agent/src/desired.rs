@@ -43,7 +43,7 @@ pub struct BackendKey {
     pub proto: Protocol,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct BackendInfo {
     /// The cluster of the backend (0 if its config is not known yet).
     pub cluster_id: u8,
@@ -320,11 +320,13 @@ pub enum Op {
         id: u32,
         backend: BackendEntry,
     },
-    /// Slot `slot` (>= 1) of `service` points at backend `backend_id`.
+    /// Slot `slot` (>= 1) of `service` points at backend `backend_id`, whose entry is
+    /// `backend` (the slot carries a copy of it for the datapath).
     SlotUpsert {
         service: ServiceKey,
         slot: u16,
         backend_id: u32,
+        backend: BackendEntry,
     },
     /// The master entry (slot 0) of `service` with `count` backend slots.
     MasterUpsert {
@@ -368,6 +370,7 @@ impl DatapathState {
                 service,
                 slot,
                 backend_id,
+                ..
             } => {
                 self.services
                     .entry(service)
@@ -501,13 +504,26 @@ pub fn plan_scoped(
     };
 
     let mut backend_upserts = Vec::new();
+    // Backends whose entry changes in place: the slots pointing at them carry a copy of
+    // the entry, so they are written again too.
+    let mut rewritten = BTreeSet::new();
     for (key, &info) in &desired.backends {
         let id = id_of(key);
         let backend = BackendEntry { key: *key, info };
-        if current.backends.get(&id) != Some(&backend) {
-            backend_upserts.push(Op::BackendUpsert { id, backend });
+        match current.backends.get(&id) {
+            Some(have) if *have == backend => {}
+            have => {
+                if have.is_some() {
+                    rewritten.insert(id);
+                }
+                backend_upserts.push(Op::BackendUpsert { id, backend });
+            }
         }
     }
+    let entry_of = |key: &BackendKey| BackendEntry {
+        key: *key,
+        info: desired.backends.get(key).copied().unwrap_or_default(),
+    };
     let wanted_ids: BTreeSet<u32> = ids.iter().map(|(_, id)| id).collect();
     let backend_deletes: Vec<Op> = current
         .backends
@@ -524,20 +540,26 @@ pub fn plan_scoped(
     for (&service, backends) in &desired.services {
         let cur = current.services.get(&service).unwrap_or(&empty);
         let mut seen = BTreeSet::new();
+        let mut entries = BTreeMap::new();
         let mut want: Vec<u32> = backends
             .iter()
-            .map(id_of)
+            .map(|key| {
+                let id = id_of(key);
+                entries.entry(id).or_insert_with(|| entry_of(key));
+                id
+            })
             .filter(|id| seen.insert(*id))
             .collect();
         // The count is a u16: a frontend with more backends uses the first 65535.
         want.truncate(usize::from(u16::MAX));
         let count = want.len() as u16;
         for (slot, backend_id) in assign_slots(cur, &want) {
-            if cur.slots.get(&slot) != Some(&backend_id) {
+            if cur.slots.get(&slot) != Some(&backend_id) || rewritten.contains(&backend_id) {
                 slot_upserts.push(Op::SlotUpsert {
                     service,
                     slot,
                     backend_id,
+                    backend: entries[&backend_id],
                 });
             }
         }
@@ -1138,6 +1160,57 @@ mod tests {
         assert_eq!(ids, [1, 2]);
     }
 
+    /// Each slot carries a copy of its backend's entry (the datapath reads the copy): a
+    /// backend whose entry changes in place has every slot pointing at it written again,
+    /// after the backend and with the new entry.
+    #[test]
+    fn slots_carry_their_backend_and_follow_its_changes() {
+        let before = desired_of(&mesh(
+            vec![
+                backend("10.1.0.5", NODE, true, 8080),
+                backend("10.1.0.6", NODE, true, 8080),
+            ],
+            vec![],
+        ));
+        let mut state = DatapathState::default();
+        let ops = plan(&state, &before);
+        let slot_copies = |ops: &[Op], d: &DesiredState| {
+            for op in ops {
+                if let Op::SlotUpsert { backend, .. } = op {
+                    assert_eq!(
+                        d.backends.get(&backend.key),
+                        Some(&backend.info),
+                        "{op:?} carries another entry than the desired backend's"
+                    );
+                }
+            }
+        };
+        slot_copies(&ops, &before);
+        apply_checked(&mut state, &before, &ops);
+
+        // The cluster of 10.1.0.6 becomes known: same key and id, new entry.
+        let mut after = before.clone();
+        let changed = tcp("10.1.0.6", 8080);
+        after.backends.get_mut(&changed).unwrap().cluster_id = 9;
+        let ops = plan(&state, &after);
+        assert_eq!(kinds(&ops), ["backend+", "slot+"]);
+        let [
+            Op::BackendUpsert { id, backend },
+            Op::SlotUpsert {
+                backend_id,
+                backend: copy,
+                ..
+            },
+        ] = ops.as_slice()
+        else {
+            panic!("{ops:?}")
+        };
+        assert_eq!((id, backend), (backend_id, copy));
+        assert_eq!(copy.info.cluster_id, 9);
+        slot_copies(&ops, &after);
+        apply_checked(&mut state, &after, &ops);
+    }
+
     #[test]
     fn failover_switches_in_one_write() {
         // Affinity local: local backends, then the last one goes not ready -> remote ones.
@@ -1236,7 +1309,11 @@ mod tests {
             [&Op::SlotUpsert {
                 service: frontend("10.96.0.10"),
                 slot: 1,
-                backend_id: 4
+                backend_id: 4,
+                backend: BackendEntry {
+                    key: tcp("10.1.0.8", 8080),
+                    info: d2.backends[&tcp("10.1.0.8", 8080)],
+                },
             }]
         );
         apply_checked(&mut state, &d2, &ops);

@@ -341,9 +341,11 @@ pub fn from_dump(dump: &DatapathDump) -> (DatapathState, Vec<Foreign>) {
         let slots = state.services.entry(key).or_default();
         if k.slot == 0 {
             slots.count = Some(v.count);
-        } else {
+        } else if v.backend.is_some() && v.backend == dump.backends.get(&v.backend_id).copied() {
             slots.slots.insert(k.slot, v.backend_id);
         }
+        // A slot whose copy differs from its backend's entry (a crash between writing the
+        // backend and its slots) reads as missing, so the plan writes it again.
     }
     for (&id, v) in &dump.backends {
         let Some(proto) = Protocol::from_number(v.proto) else {
@@ -423,10 +425,11 @@ impl Maps for Datapath {
                 service,
                 slot,
                 backend_id,
+                backend,
             } => {
                 let key = service_key(&service, slot, op)?;
-                self.upsert_service_slot(key, ServiceEntryValue::backend(backend_id))
-                    .map_err(err)
+                let value = ServiceEntryValue::backend(backend_id, backend_value(&backend, op)?);
+                self.upsert_service_slot(key, value).map_err(err)
             }
             Op::MasterUpsert { service, count } => {
                 let key = service_key(&service, 0, op)?;
@@ -484,10 +487,11 @@ impl Maps for Datapath {
                             service,
                             slot,
                             backend_id,
-                        } => Some(
-                            service_key(&service, slot, op)
-                                .map(|k| (k, ServiceEntryValue::backend(backend_id))),
-                        ),
+                            backend,
+                        } => Some(service_key(&service, slot, op).and_then(|k| {
+                            let value = backend_value(&backend, op)?;
+                            Ok((k, ServiceEntryValue::backend(backend_id, value)))
+                        })),
                         Op::MasterUpsert { service, count } => Some(
                             service_key(&service, 0, op)
                                 .map(|k| (k, ServiceEntryValue::master(count))),
@@ -596,10 +600,6 @@ mod tests {
             if let Some(c) = slots.count {
                 d.services.insert(master, ServiceEntryValue::master(c));
             }
-            for (&slot, &id) in &slots.slots {
-                d.services
-                    .insert(master.with_slot(slot), ServiceEntryValue::backend(id));
-            }
         }
         for (&id, b) in &s.backends {
             let IpAddr::V4(ip) = b.key.ip else { panic!() };
@@ -613,6 +613,21 @@ mod tests {
                     flags: 0,
                 },
             );
+        }
+        for (k, slots) in &s.services {
+            let IpAddr::V4(vip) = k.vip else { panic!() };
+            let master = ServiceEntryKey::master(vip, k.port, k.proto.number());
+            for (&slot, &id) in &slots.slots {
+                // A slot without its backend (a state the invariant forbids) has no copy.
+                let value = match d.backends.get(&id) {
+                    Some(b) => ServiceEntryValue::backend(id, *b),
+                    None => ServiceEntryValue {
+                        backend_id: id,
+                        ..Default::default()
+                    },
+                };
+                d.services.insert(master.with_slot(slot), value);
+            }
         }
         for (&net, i) in &s.ipcache {
             d.ipcache.insert(
@@ -704,6 +719,35 @@ mod tests {
         r.invalidate();
         assert!(r.reconcile(&want).unwrap().is_empty());
         assert_eq!(r.maps().dumps.get(), 2);
+    }
+
+    /// A slot whose copy of its backend differs from the backend's entry (a crash between
+    /// writing a changed backend and its slots) reads as missing: the next reconcile that
+    /// reads the maps writes it again, with the backend's entry.
+    #[test]
+    fn a_slot_with_a_stale_copy_of_its_backend_is_written_again() {
+        let mut r = Reconciler::new(FakeMaps::default());
+        let want = desired(&["10.1.0.5", "10.1.0.6"], false);
+        r.reconcile(&want).unwrap();
+        let slot = *r
+            .maps()
+            .dump
+            .services
+            .keys()
+            .find(|k| k.slot == 2)
+            .expect("slot 2");
+        let good = r.maps().dump.services[&slot];
+        let mut stale = good;
+        stale.backend.as_mut().unwrap().cluster_id = 7;
+        r.maps.dump.services.insert(slot, stale);
+        let (state, _) = from_dump(&r.maps().dump);
+        assert!(!state.services.values().any(|s| s.slots.contains_key(&2)));
+
+        r.invalidate();
+        let counts = r.reconcile(&want).unwrap();
+        assert_eq!(counts["slot_upsert"], 1, "{counts:?}");
+        assert_eq!(counts.len(), 1, "{counts:?}");
+        assert_eq!(r.maps().dump.services[&slot], good);
     }
 
     #[test]

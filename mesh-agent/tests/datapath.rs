@@ -406,22 +406,20 @@ fn program_service(
     frontend: ServiceEntryKey,
     backends: &[(u32, Ipv4Addr, u16)],
 ) {
+    let value = |ip, port| BackendValue {
+        ip,
+        port,
+        proto: frontend.proto,
+        cluster_id: 1,
+        flags: 0,
+    };
     for &(id, ip, port) in backends {
-        dp.upsert_backend(
-            id,
-            BackendValue {
-                ip,
-                port,
-                proto: frontend.proto,
-                cluster_id: 1,
-                flags: 0,
-            },
-        )
-        .unwrap();
+        dp.upsert_backend(id, value(ip, port)).unwrap();
     }
-    for (i, &(id, _, _)) in backends.iter().enumerate() {
+    for (i, &(id, ip, port)) in backends.iter().enumerate() {
         let slot = u16::try_from(i + 1).unwrap();
-        dp.upsert_service_slot(frontend.with_slot(slot), ServiceEntryValue::backend(id))
+        let entry = ServiceEntryValue::backend(id, value(ip, port));
+        dp.upsert_service_slot(frontend.with_slot(slot), entry)
             .unwrap();
     }
     let count = u16::try_from(backends.len()).unwrap();
@@ -553,7 +551,7 @@ fn tcp_connect_to_service_is_load_balanced_and_refused_without_backends() {
     assert_eq!(dump.services[&frontend], ServiceEntryValue::master(0));
     assert_eq!(
         dump.services[&frontend.with_slot(2)],
-        ServiceEntryValue::backend(2)
+        ServiceEntryValue::backend(2, dump.backends[&2])
     );
 
     // Removal reports whether the entry existed.
@@ -911,7 +909,7 @@ fn bulk_ipcache_updates_are_all_readable() {
         .map(|s| {
             (
                 frontend.with_slot(s),
-                ServiceEntryValue::backend(u32::from(s)),
+                ServiceEntryValue::backend(u32::from(s), backends[usize::from(s) - 1].1),
             )
         })
         .collect();

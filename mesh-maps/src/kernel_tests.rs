@@ -118,7 +118,7 @@ fn batch_calls_refuse_element_types_of_another_size() {
         "{err}"
     );
     assert!(err.to_string().contains("test_services"), "{err}");
-    // A value type of 16 bytes for 12-byte values on lookup: the kernel would
+    // A value type of 16 bytes for 28-byte values on lookup: the kernel would
     // write past the buffer.
     let err = map
         .lookup_all::<layout::ServiceKey, [u32; 4]>(64)
@@ -129,7 +129,7 @@ fn batch_calls_refuse_element_types_of_another_size() {
             BatchError::SizeMismatch {
                 what: "value",
                 rust_size: 16,
-                map_size: 12,
+                map_size: 28,
                 ..
             }
         ),
@@ -203,7 +203,7 @@ fn pinned_maps_are_opened_read_only_and_dumped() {
             &[master.into(), master.with_slot(1).into()],
             &[
                 ServiceEntryValue::master(1).into(),
-                ServiceEntryValue::backend(7).into(),
+                ServiceEntryValue::backend(7, backend).into(),
             ],
         )
         .unwrap();
@@ -238,7 +238,7 @@ fn pinned_maps_are_opened_read_only_and_dumped() {
         .insert(master, ServiceEntryValue::master(1));
     expected
         .services
-        .insert(master.with_slot(1), ServiceEntryValue::backend(7));
+        .insert(master.with_slot(1), ServiceEntryValue::backend(7, backend));
     expected.backends.insert(7, backend);
     expected.ipcache.insert(net, ipcache_value);
     assert_eq!(ro.dump().unwrap(), expected);

@@ -115,6 +115,8 @@ pub struct ServiceValue {
     pub count: u16,
     pub pad: u16,
     pub flags: u32,
+    /// Slot > 0: a copy of `mesh_backends[backend_id]` (what the connect path reads).
+    pub backend: BackendValue,
 }
 
 /// `struct mesh_backend_value` (the key is a `u32` backend id).
@@ -648,7 +650,7 @@ fn layouts() -> Layout {
         IpcacheKey => "mesh_ipcache_key" { prefixlen, ip4 },
         IpcacheValue => "mesh_ipcache_value" { identity, tunnel_endpoint, cluster_id, pad, flags },
         ServiceKey => "mesh_service_key" { vip, port, slot, proto, pad },
-        ServiceValue => "mesh_service_value" { backend_id, count, pad, flags },
+        ServiceValue => "mesh_service_value" { backend_id, count, pad, flags, backend },
         BackendValue => "mesh_backend_value" { ip, port, proto, pad, cluster_id, pad2, flags },
         RevNatKey => "mesh_rev_nat_key" { cookie, backend_ip, backend_port, pad },
         RevNatValue => "mesh_rev_nat_value" { vip, port, pad },
@@ -713,8 +715,14 @@ mod tests {
             ),
             (
                 "mesh_service_value",
-                12,
-                vec![("backend_id", 0), ("count", 4), ("pad", 6), ("flags", 8)],
+                28,
+                vec![
+                    ("backend_id", 0),
+                    ("count", 4),
+                    ("pad", 6),
+                    ("flags", 8),
+                    ("backend", 12),
+                ],
             ),
             (
                 "mesh_backend_value",

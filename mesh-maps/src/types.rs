@@ -52,6 +52,9 @@ pub struct ServiceEntryValue {
     /// Slot > 0: unused (0).
     pub count: u16,
     pub flags: u32,
+    /// Slot > 0: the copy of the backend's `mesh_backends` entry the datapath reads (the
+    /// agent keeps it equal to that entry). Slot 0: `None`.
+    pub backend: Option<BackendValue>,
 }
 
 impl ServiceEntryValue {
@@ -63,10 +66,11 @@ impl ServiceEntryValue {
         }
     }
 
-    /// A slot entry pointing at `backend_id`.
-    pub fn backend(backend_id: u32) -> Self {
+    /// A slot entry pointing at `backend_id`, whose `mesh_backends` entry is `backend`.
+    pub fn backend(backend_id: u32, backend: BackendValue) -> Self {
         Self {
             backend_id,
+            backend: Some(backend),
             ..Self::default()
         }
     }
@@ -157,6 +161,7 @@ impl From<ServiceEntryValue> for layout::ServiceValue {
             count: v.count,
             pad: 0,
             flags: v.flags,
+            backend: v.backend.map(Into::into).unwrap_or_default(),
         }
     }
 }
@@ -167,6 +172,8 @@ impl From<layout::ServiceValue> for ServiceEntryValue {
             backend_id: v.backend_id,
             count: v.count,
             flags: v.flags,
+            // Backend ids are never 0: a slot entry carries the copy, a master entry none.
+            backend: (v.backend_id != 0).then(|| v.backend.into()),
         }
     }
 }

@@ -102,26 +102,24 @@ fn bpf_lb_ipcache_and_flows_read_pinned_maps() {
 
     let vip = Ipv4Addr::new(10, 96, 0, 10);
     let frontend = ServiceEntryKey::master(vip, 80, PROTO_TCP);
-    for (id, ip, cluster_id) in [
-        (7, Ipv4Addr::new(10, 1, 0, 1), 1),
-        (8, Ipv4Addr::new(10, 2, 0, 1), 2),
+    for (slot, id, ip, cluster_id) in [
+        (1, 7, Ipv4Addr::new(10, 1, 0, 1), 1),
+        (2, 8, Ipv4Addr::new(10, 2, 0, 1), 2),
     ] {
-        dp.upsert_backend(
-            id,
-            BackendValue {
-                ip,
-                port: 8080,
-                proto: PROTO_TCP,
-                cluster_id,
-                flags: 0,
-            },
+        let backend = BackendValue {
+            ip,
+            port: 8080,
+            proto: PROTO_TCP,
+            cluster_id,
+            flags: 0,
+        };
+        dp.upsert_backend(id, backend).unwrap();
+        dp.upsert_service_slot(
+            frontend.with_slot(slot),
+            ServiceEntryValue::backend(id, backend),
         )
         .unwrap();
     }
-    dp.upsert_service_slot(frontend.with_slot(1), ServiceEntryValue::backend(7))
-        .unwrap();
-    dp.upsert_service_slot(frontend.with_slot(2), ServiceEntryValue::backend(8))
-        .unwrap();
     dp.upsert_service_slot(frontend, ServiceEntryValue::master(2))
         .unwrap();
     // A frontend with no backend: refused.
