@@ -20,6 +20,18 @@ async fn connect(etcd: &Etcd) -> Client {
         .expect("connecting to etcd")
 }
 
+/// The keys under `prefix`, in order.
+async fn keys_under(client: &mut Client, prefix: &str) -> Vec<String> {
+    client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap()
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Writer `w`'s batch of round `r`: its `w % 5 + 1` keys, each holding `r`.
 fn batch(w: usize, r: usize) -> Committed {
     (0..w % 5 + 1)
@@ -156,15 +168,7 @@ async fn a_failing_shared_transaction_is_retried_batch_by_batch() {
         "the writer of the bad batch gets etcd's error: {err}"
     );
     assert_eq!(b.0, bad, "the failed batch is handed back");
-    let keys: Vec<String> = client
-        .get("f/", Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap()
-        .kvs()
-        .iter()
-        .map(|kv| kv.key_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(keys, ["f/a", "f/c"]);
+    assert_eq!(keys_under(&mut client, "f/").await, ["f/a", "f/c"]);
 }
 
 #[tokio::test]
@@ -183,13 +187,5 @@ async fn a_batch_whose_writer_stopped_waiting_is_not_written() {
         .write(vec![("s/kept".to_owned(), Some(b"v".to_vec()))])
         .await;
     kept.expect("the batch still awaited");
-    let keys: Vec<String> = client
-        .get("s/", Some(GetOptions::new().with_prefix()))
-        .await
-        .unwrap()
-        .kvs()
-        .iter()
-        .map(|kv| kv.key_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(keys, ["s/kept"]);
+    assert_eq!(keys_under(&mut client, "s/").await, ["s/kept"]);
 }
