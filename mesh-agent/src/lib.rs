@@ -901,25 +901,24 @@ impl Agent {
                 .get_or_create(&MapLabels { map: map.clone() })
                 .set(*n as i64);
         }
-        let clusters: Vec<pb::ClusterSync> = self
-            .state
-            .clusters()
+        // Under churn this runs after every reconcile (hundreds per second with 250
+        // clusters): compare the clusters' sync state with the report in place, and build
+        // the report's copy (names as strings) only when it changed.
+        let syncs: Vec<(&ClusterName, &mesh_proto::state::ClusterData, bool)> =
+            self.state.sync_states().collect();
+        let unsynced: Vec<&str> = syncs
             .iter()
-            .map(|(name, c)| pb::ClusterSync {
+            .filter(|(_, _, synced)| !synced)
+            .map(|(n, _, _)| n.as_str())
+            .collect();
+        let report = |(name, c, synced): &(&ClusterName, &mesh_proto::state::ClusterData, bool)| {
+            pb::ClusterSync {
                 cluster: name.to_string(),
-                synced: self.state.is_synced(name),
+                synced: *synced,
                 endpoints: c.state.endpoints.len() as u64,
                 services: c.state.services.len() as u64,
-            })
-            .collect();
-        let unsynced: Vec<&ClusterName> = self
-            .state
-            .clusters()
-            .iter()
-            .filter(|(n, _)| !self.state.is_synced(n))
-            .map(|(n, _)| n)
-            .collect();
-        let unsynced: Vec<&str> = unsynced.iter().map(|c| c.as_str()).collect();
+            }
+        };
         match (waiting, &self.last_error) {
             (Some(reason), _) => self.readiness.set(false, reason),
             (None, Some(e)) => self
@@ -932,10 +931,21 @@ impl Agent {
             (None, None) => self.readiness.set(true, ""),
         }
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        let sync_changed = status.clusters != clusters;
+        let sync_changed = status.clusters.len() != syncs.len()
+            || !status
+                .clusters
+                .iter()
+                .zip(&syncs)
+                .all(|(have, (name, c, synced))| {
+                    have.cluster == name.as_str()
+                        && have.synced == *synced
+                        && have.endpoints == c.state.endpoints.len() as u64
+                        && have.services == c.state.services.len() as u64
+                });
         // One gauge per cluster: set when a cluster's sync state or counts changed, not on
         // every reconcile (250 label sets looked up each time under churn).
         if sync_changed {
+            let clusters: Vec<pb::ClusterSync> = syncs.iter().map(report).collect();
             for c in &clusters {
                 self.metrics
                     .cluster_synced
@@ -944,8 +954,8 @@ impl Agent {
                     })
                     .set(i64::from(c.synced));
             }
+            status.clusters = clusters;
         }
-        status.clusters = clusters;
         status.map_entries = entries.into_iter().collect();
         status.last_error = self.last_error.clone().unwrap_or_default();
         drop(status);

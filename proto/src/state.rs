@@ -238,6 +238,14 @@ impl MeshState {
             .is_some_and(|c| c.synced(self.local.as_ref() == Some(cluster)))
     }
 
+    /// Every cluster seen, with whether it is synced now ([`Self::is_synced`]), in name
+    /// order, without looking each one up again.
+    pub fn sync_states(&self) -> impl Iterator<Item = (&ClusterName, &ClusterData, bool)> {
+        self.clusters
+            .iter()
+            .map(|(n, c)| (n, c, c.synced(self.local.as_ref() == Some(n))))
+    }
+
     /// Whether every cluster seen so far has been synced at least once.
     pub fn all_synced(&self) -> bool {
         self.clusters.values().all(|c| c.ever_synced)
