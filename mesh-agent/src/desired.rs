@@ -540,16 +540,14 @@ pub fn plan_scoped(
     for (&service, backends) in &desired.services {
         let cur = current.services.get(&service).unwrap_or(&empty);
         let mut seen = BTreeSet::new();
-        let mut entries = BTreeMap::new();
         let mut want: Vec<u32> = backends
             .iter()
-            .map(|key| {
-                let id = id_of(key);
-                entries.entry(id).or_insert_with(|| entry_of(key));
-                id
-            })
+            .map(id_of)
             .filter(|id| seen.insert(*id))
             .collect();
+        // The entries the slot writes copy, built only for a frontend with a slot to write
+        // (most reconciles write none, and this runs for every frontend).
+        let mut entries: Option<BTreeMap<u32, BackendEntry>> = None;
         // The count is a u16: a frontend with more backends uses the first 65535.
         want.truncate(usize::from(u16::MAX));
         let count = want.len() as u16;
@@ -559,7 +557,9 @@ pub fn plan_scoped(
                     service,
                     slot,
                     backend_id,
-                    backend: entries[&backend_id],
+                    backend: entries.get_or_insert_with(|| {
+                        backends.iter().map(|k| (id_of(k), entry_of(k))).collect()
+                    })[&backend_id],
                 });
             }
         }
