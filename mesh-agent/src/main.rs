@@ -3,6 +3,10 @@ use clap::Parser;
 use mesh_agent::config::Args;
 use tokio_util::sync::CancellationToken;
 
+/// See ARCHITECTURE, "Decision (issue 17, allocator)".
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
