@@ -213,6 +213,16 @@ impl Chunker {
         self.events += 1;
     }
 
+    /// The oldest chunk closed by [`Chunker::push`], if any: lets a caller send chunks as
+    /// they fill instead of holding all of them.
+    pub(super) fn take_closed(&mut self) -> Option<(Vec<u8>, usize)> {
+        if self.out.is_empty() {
+            None
+        } else {
+            Some(self.out.remove(0))
+        }
+    }
+
     pub(super) fn finish(mut self) -> Vec<(Vec<u8>, usize)> {
         if self.events > 0 {
             self.out.push((self.body, self.events));

@@ -47,18 +47,18 @@ const HISTORY_READ_PAGE: i64 = 10_000;
 
 impl WatchStream {
     /// Messages for a snapshot: optional reset, chunks, the closing revision, Synced.
+    /// Built one chunk at a time as the stream is polled ([`SnapshotMessages`]).
     fn snapshot_messages(
         &self,
         snapshot: crate::index::Snapshot,
         reset: Option<crate::index::ResetReason>,
-    ) -> Vec<WireMsg> {
-        let cfg = &self.svc.inner.cfg;
+    ) -> SnapshotMessages {
         let metrics = &self.svc.inner.metrics;
-        let mut out = Vec::new();
+        let mut head = Vec::new();
         if let Some(reason) = reset {
             Metrics::inc_reason(&metrics.resets, reason.label());
             info!(%reason, "resetting watch stream");
-            out.push(msg(
+            head.push(msg(
                 0,
                 pb::watch_response::Payload::Reset(pb::Reset {
                     reason: reason.to_string(),
@@ -66,27 +66,16 @@ impl WatchStream {
             ));
         }
         metrics.snapshots.inc();
-        let mut chunker = Chunker::new(cfg);
-        for obj in &snapshot.objects {
-            // A peer never sees non-global or non-shared services: absent from its snapshot.
-            if obj.deleted || !self.filter.presented(obj) {
-                continue;
-            }
-            if let Some(e) = self.filter.present(obj) {
-                chunker.push(&e);
-            }
+        SnapshotMessages {
+            head: head.into_iter(),
+            revision: snapshot.revision,
+            objects: snapshot.objects.into_iter(),
+            chunker: Some(Chunker::new(&self.svc.inner.cfg)),
+            filter: self.filter.clone(),
+            synced: self
+                .synced_messages(&snapshot.synced, snapshot.revision)
+                .into_iter(),
         }
-        let mut chunks = chunker.finish();
-        if chunks.is_empty() {
-            chunks.push((Vec::new(), 0));
-        }
-        let n = chunks.len();
-        for (i, (body, events)) in chunks.into_iter().enumerate() {
-            let rev = if i + 1 == n { snapshot.revision } else { 0 };
-            out.push(WireMsg::events(rev, body, events));
-        }
-        out.extend(self.synced_messages(&snapshot.synced, snapshot.revision));
-        out
     }
 
     fn synced_messages(&self, synced: &[(String, Kind)], revision: i64) -> Vec<WireMsg> {
@@ -156,7 +145,7 @@ impl WatchStream {
     pub(super) async fn start(
         &mut self,
         resume: i64,
-    ) -> Result<(Subscription, Vec<WireMsg>), Status> {
+    ) -> Result<(Subscription, StartMessages), Status> {
         let filter = self.filter.clone();
         let keys = &self.svc.inner.cfg.keys;
         // Where a resume older than the history reads etcd's past: only the clusters this
@@ -191,7 +180,7 @@ impl WatchStream {
         let msgs = match start {
             Start::Snapshot { snapshot, reset } => {
                 self.revision = snapshot.revision;
-                self.snapshot_messages(snapshot, reset)
+                StartMessages::Snapshot(Box::new(self.snapshot_messages(snapshot, reset)))
             }
             Start::Resume {
                 from,
@@ -210,7 +199,7 @@ impl WatchStream {
                 let mut msgs = self.batch_messages(&missed);
                 self.revision = revision;
                 msgs.extend(self.synced_messages(&synced, revision));
-                msgs
+                StartMessages::Resume(msgs.into_iter())
             }
         };
         Ok((sub, msgs))
@@ -282,6 +271,76 @@ impl WatchStream {
                 }
             }
         }
+    }
+}
+
+/// The first messages of a stream: a snapshot built as it is sent, or what a resume missed.
+pub(super) enum StartMessages {
+    Snapshot(Box<SnapshotMessages>),
+    Resume(std::vec::IntoIter<WireMsg>),
+}
+
+impl Iterator for StartMessages {
+    type Item = WireMsg;
+    fn next(&mut self) -> Option<WireMsg> {
+        match self {
+            StartMessages::Snapshot(s) => s.next(),
+            StartMessages::Resume(r) => r.next(),
+        }
+    }
+}
+
+/// A snapshot's messages, encoded one chunk at a time as the stream is polled: the first
+/// chunk leaves as soon as it is full, and a stream holds one chunk rather than the whole
+/// encoded snapshot (512k entries are about 50 MB; an apiserver restart reconnects every
+/// agent at once). Chunks before the last carry revision 0: only the last completes the
+/// snapshot at its revision. Then the `Synced` markers.
+pub(super) struct SnapshotMessages {
+    head: std::vec::IntoIter<WireMsg>,
+    revision: i64,
+    objects: std::vec::IntoIter<Arc<crate::index::Obj>>,
+    /// `None` once the last chunk is out.
+    chunker: Option<Chunker>,
+    filter: StreamFilter,
+    synced: std::vec::IntoIter<WireMsg>,
+}
+
+impl SnapshotMessages {
+    /// Objects not encoded yet.
+    #[cfg(test)]
+    pub(super) fn objects_left(&self) -> usize {
+        self.objects.len()
+    }
+}
+
+impl Iterator for SnapshotMessages {
+    type Item = WireMsg;
+    fn next(&mut self) -> Option<WireMsg> {
+        if let Some(m) = self.head.next() {
+            return Some(m);
+        }
+        if let Some(chunker) = self.chunker.as_mut() {
+            for obj in self.objects.by_ref() {
+                // A peer never sees non-global or non-shared services: absent from its
+                // snapshot.
+                if obj.deleted || !self.filter.presented(&obj) {
+                    continue;
+                }
+                if let Some(e) = self.filter.present(&obj) {
+                    chunker.push(&e);
+                }
+                // Closed by an event that follows it: not the last chunk.
+                if let Some((body, events)) = chunker.take_closed() {
+                    return Some(WireMsg::events(0, body, events));
+                }
+            }
+            let mut rest = self.chunker.take().map(Chunker::finish).unwrap_or_default();
+            // An empty snapshot still sends its revision.
+            let (body, events) = rest.pop().unwrap_or_default();
+            debug_assert!(rest.is_empty(), "closed chunks are taken as they close");
+            return Some(WireMsg::events(self.revision, body, events));
+        }
+        self.synced.next()
     }
 }
 

@@ -136,6 +136,56 @@ async fn snapshot_chunks_carry_the_revision_only_on_the_last_and_heartbeats_when
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_snapshot_is_encoded_one_chunk_at_a_time_as_it_is_sent() {
+    let index = Index::new(&IndexConfig::new(Keys::default()), Metrics::default());
+    index.with_state(|st| {
+        st.reset(
+            9,
+            (1..=7).map(|i| node("east", &format!("n{i}"), i)).collect(),
+        )
+    });
+    let (svc, _stop) = svc(&index, |c| c.max_events_per_message = 2);
+    let req = Request::new(pb::WatchRequest::default());
+    let access = svc.access(&req).expect("insecure access");
+    let mut stream = stream::WatchStream {
+        filter: svc.filter(&access, req.get_ref()).expect("filter"),
+        svc: svc.clone(),
+        revision: 0,
+        heartbeat: Duration::from_secs(5),
+    };
+    let (_sub, start) = stream.start(0).await.expect("subscribed");
+    let stream::StartMessages::Snapshot(mut snapshot) = start else {
+        panic!("a fresh stream starts with a snapshot");
+    };
+    assert_eq!(
+        snapshot.objects_left(),
+        7,
+        "nothing encoded before the first poll"
+    );
+    let first = snapshot
+        .next()
+        .expect("first chunk")
+        .decode()
+        .expect("decodes");
+    assert_eq!(
+        (first.revision, events(&first)),
+        (0, vec!["n1".into(), "n2".into()])
+    );
+    // The third object closed the first chunk; the rest waits for the next poll.
+    assert_eq!(snapshot.objects_left(), 4);
+    let rest = decoded(&snapshot.collect::<Vec<_>>());
+    assert_eq!(
+        rest.iter().map(|m| m.revision).collect::<Vec<_>>(),
+        [0, 0, 9],
+        "chunks before the last carry no revision"
+    );
+    assert_eq!(
+        rest.iter().flat_map(events).collect::<Vec<_>>(),
+        ["n3", "n4", "n5", "n6", "n7"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn queued_batches_are_coalesced_and_synced_follows_its_events() {
     let index = Index::new(&IndexConfig::new(Keys::default()), Metrics::default());
     index.with_state(|st| st.reset(1, vec![]));
@@ -207,7 +257,7 @@ async fn peers_see_only_the_serving_cluster_and_no_unshared_services() {
         heartbeat: Duration::from_secs(5),
     };
     let (mut sub, msgs) = ws.start(0).await.unwrap();
-    let msgs = decoded(&msgs);
+    let msgs = decoded(&msgs.collect::<Vec<_>>());
     assert_eq!(msgs.iter().flat_map(events).collect::<Vec<_>>(), ["e1"]);
     index.with_state(|st| {
         st.apply(vec![put(
@@ -293,7 +343,10 @@ async fn peers_never_see_local_only_services() {
             heartbeat: Duration::from_secs(5),
         };
         let (sub, msgs) = ws.start(0).await.unwrap();
-        let got: Vec<String> = decoded(&msgs).iter().flat_map(events).collect();
+        let got: Vec<String> = decoded(&msgs.collect::<Vec<_>>())
+            .iter()
+            .flat_map(events)
+            .collect();
         let want: &[&str] = match reader {
             Reader::Peer => &["kube-system/web"],
             Reader::OwnCluster => &["kube-system/kube-dns", "kube-system/web"],
@@ -398,7 +451,7 @@ async fn peers_never_receive_policies_even_when_they_ask_for_the_kind() {
             }
             (objects, markers)
         };
-        let (objects, markers) = received(&decoded(&msgs));
+        let (objects, markers) = received(&decoded(&msgs.collect::<Vec<_>>()));
         let policy_objects = objects.iter().filter(|(k, _)| *k == Kind::Policy as i32);
         assert_eq!(
             policy_objects.count(),
