@@ -114,7 +114,15 @@ pub struct Reconciler<M> {
     /// comparison at the prefixes changed since is complete): false until a full
     /// comparison succeeded after the maps were read.
     mirror_matches_desired: bool,
+    /// The services and backends the mirror was last brought to by a whole plan: while the
+    /// desired ones equal them, a reconcile plans the ipcache only ([`desired::plan_ipcache`]).
+    planned_services: Option<PlannedServices>,
 }
+
+type PlannedServices = (
+    BTreeMap<ServiceKey, Vec<BackendKey>>,
+    BTreeMap<BackendKey, BackendInfo>,
+);
 
 // === impl Reconciler ===
 
@@ -124,6 +132,7 @@ impl<M: Maps> Reconciler<M> {
             maps,
             mirror: None,
             mirror_matches_desired: false,
+            planned_services: None,
         }
     }
 
@@ -145,6 +154,7 @@ impl<M: Maps> Reconciler<M> {
     pub fn invalidate(&mut self) {
         self.mirror = None;
         self.mirror_matches_desired = false;
+        self.planned_services = None;
     }
 
     /// Brings the maps to `desired` (IPv6 entries are ignored); returns the operations
@@ -168,8 +178,17 @@ impl<M: Maps> Reconciler<M> {
             true => changes.prefixes(),
             false => None,
         };
+        // The services and backends as the mirror holds them: only the ipcache can differ.
+        let services_unchanged = self.mirror.is_some()
+            && self
+                .planned_services
+                .as_ref()
+                .is_some_and(|(s, b)| *s == desired.services && *b == desired.backends);
         let mut current = self.current(&mut counts)?;
-        let ops = desired::plan_scoped(&current, &desired, scope);
+        let ops = match services_unchanged {
+            true => desired::plan_ipcache(&current, &desired, scope),
+            false => desired::plan_scoped(&current, &desired, scope),
+        };
         let is_ipcache =
             |op: &Op| matches!(op, Op::IpcacheUpsert { .. } | Op::IpcacheDelete { .. });
         // Many ipcache changes (a first reconcile: 512k): the mirror takes the desired
@@ -187,6 +206,9 @@ impl<M: Maps> Reconciler<M> {
                 }
             }
             *counts.entry(op_kind(&batch[0])).or_default() += batch.len() as u64;
+        }
+        if !services_unchanged {
+            self.planned_services = Some((desired.services.clone(), desired.backends.clone()));
         }
         if bulk {
             current.ipcache = match desired {
@@ -265,6 +287,9 @@ impl<M: Maps> Reconciler<M> {
         if let Some(m) = self.mirror.take() {
             return Ok(m);
         }
+        // The maps as read may hold anything (a partial write, another version): the next
+        // reconcile plans the services again.
+        self.planned_services = None;
         let dump = self.maps.dump().map_err(Error::Dump)?;
         let (state, foreign) = from_dump(&dump);
         for entry in foreign {
@@ -576,6 +601,10 @@ mod tests {
             Ok(())
         }
         fn apply_batch(&mut self, ops: &[Op]) -> Result<()> {
+            // The ipcache thread's upserts may be none.
+            if ops.is_empty() {
+                return Ok(());
+            }
             assert!(
                 ops.iter().all(|op| op_kind(op) == op_kind(&ops[0])),
                 "{ops:?}"
@@ -719,6 +748,57 @@ mod tests {
         r.invalidate();
         assert!(r.reconcile(&want).unwrap().is_empty());
         assert_eq!(r.maps().dumps.get(), 2);
+    }
+
+    /// While the services and backends stay what the mirror was last planned to, only the
+    /// ipcache is planned; any change of them, a backend's entry included, is planned whole,
+    /// and so is everything after the maps were read again.
+    #[test]
+    fn services_are_planned_again_whenever_they_or_the_maps_may_have_changed() {
+        let mut r = Reconciler::new(FakeMaps::default());
+        let converged = |r: &Reconciler<FakeMaps>, want: &DesiredState| {
+            let (state, _) = from_dump(&r.maps().dump);
+            desired::plan(&state, &ipv4_only(want)).is_empty()
+        };
+        let none = IpcacheChanges::Prefixes(std::collections::BTreeSet::new());
+        let d1 = desired(&["10.1.0.5", "10.1.0.6"], false);
+        r.reconcile(&d1).unwrap();
+        // The ipcache alone changes: ipcache ops only.
+        let mut d1b = d1.clone();
+        let net: IpNet = "10.1.0.9/32".parse().unwrap();
+        d1b.ipcache
+            .insert(net, d1.ipcache.values().next().copied().unwrap());
+        let counts = r
+            .reconcile_changes(&d1b, &IpcacheChanges::Prefixes([net].into()))
+            .unwrap();
+        assert_eq!(
+            counts.keys().copied().collect::<Vec<_>>(),
+            ["ipcache_upsert"]
+        );
+        assert!(converged(&r, &d1b));
+        // Only a backend's entry changes (same keys): its slots are written again.
+        let mut d2 = d1b.clone();
+        for info in d2.backends.values_mut() {
+            info.cluster_id = 2;
+        }
+        let counts = r.reconcile_changes(&d2, &none).unwrap();
+        assert_eq!((counts["backend_upsert"], counts["slot_upsert"]), (2, 2));
+        assert!(converged(&r, &d2));
+        // And back: the services planned last are d2's, not d1's.
+        let counts = r.reconcile_changes(&d1b, &none).unwrap();
+        assert_eq!(counts["backend_upsert"], 2);
+        assert!(converged(&r, &d1b));
+        // A write fails halfway to d3; the ipcache thread then reads the maps again
+        // (as the agent's next reconcile does), and the reconcile back to d1b must repair
+        // the services the failed write left, though they equal the ones planned last.
+        let d3 = desired(&["10.1.0.7", "10.1.0.8"], false);
+        r.maps.fail_at = Some(r.maps.applied + 3);
+        assert!(r.reconcile_changes(&d3, &none).is_err());
+        assert!(!converged(&r, &d1b));
+        r.upsert_ipcache_changes(&d1b.ipcache, &IpcacheChanges::All)
+            .unwrap();
+        r.reconcile_changes(&d1b, &IpcacheChanges::All).unwrap();
+        assert!(converged(&r, &d1b));
     }
 
     /// A slot whose copy of its backend differs from the backend's entry (a crash between
