@@ -152,8 +152,7 @@ pub struct Args {
     pub status_interval: Duration,
 
     /// The longest a watch update waits for others to be applied with it. After a reconcile
-    /// the agent cools down for 4x its duration (at least 1 ms), at most this (or the
-    /// reconcile's own duration when it took longer): a change after the cool-down
+    /// the agent cools down for 4x its duration (at least 1 ms), at most this: a change after the cool-down
     /// reconciles at once, changes during it wait for its end together (`pace.rs`).
     #[arg(long, env = "MESH_DEBOUNCE", default_value = "5ms", value_parser = parse_duration)]
     pub debounce: Duration,
