@@ -250,6 +250,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         cidr: mesh_core::policy::CidrIdentities::new(),
         policy_cache: crate::policy::PolicyCache::default(),
         ipcache: crate::ipcache::IpcacheBuilder::new(),
+        services_cache: desired::ServicesCache::default(),
         stale_nodes: BTreeMap::new(),
         flow_inputs: None,
         unresolved_endpoints: 0,
@@ -310,6 +311,8 @@ struct Agent {
     policy_cache: crate::policy::PolicyCache,
     /// The desired ipcache, kept up to date cluster by cluster.
     ipcache: crate::ipcache::IpcacheBuilder,
+    /// The desired services and backends, computed again when their inputs moved.
+    services_cache: desired::ServicesCache,
     /// Each programmed cluster's nodes marked not reporting, with the cluster's addresses
     /// generation they were read at.
     stale_nodes: BTreeMap<ClusterName, (Option<u64>, StaleNodes)>,
@@ -659,7 +662,13 @@ impl Agent {
                 std::time::SystemTime::now(),
                 stale,
             );
-            let (desired, dropped) = desired::compute_services_in(&view, &clusters, &local, node);
+            let (desired, dropped) = self.services_cache.compute(
+                &view,
+                &clusters,
+                |name| state.cluster(name).map(|c| c.generations),
+                &local,
+                node,
+            );
             drop(view);
             let want_routes = self
                 .routes
