@@ -326,7 +326,7 @@ fn phase_text(phase: &str) -> &'static str {
         "first_message" => "first message of the watch stream",
         "snapshot_applied" => "snapshot received and applied (sync gate passed)",
         "computed" => "compute services, backends, policy (thread 1)",
-        "ipcache_written" => "compute and write the ipcache (thread 2)",
+        "ipcache_computed" => "compute the ipcache (thread 2)",
         "maps_written" => "write the service and backend maps",
         "finished" => "policy maps, routes, status (end of 1st reconcile)",
         _ => "?",

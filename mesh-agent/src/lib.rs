@@ -621,25 +621,20 @@ impl Agent {
             clusters.keys().cloned().collect();
         let node = self.settings.node.as_str();
         let metrics = &self.metrics;
-        let reconciler = &mut self.reconciler;
         let builder = &mut self.ipcache;
         let state = &self.state;
         let addresses = |name: &ClusterName| state.cluster(name).map(|c| c.generations.addresses);
         // Two threads: this one computes the services, routes and policy while a second one
-        // brings the ipcache up to date and writes its new entries, the larger part of a
-        // large mesh's first reconcile (the kernel's LPM trie takes entries one by one,
-        // about 1 us each: half a second for 512k). Under churn the ipcache builder only
-        // recomputes the clusters that changed. The ipcache upserts are the first group of
-        // the plan anyway; the rest of it (backends, slots, masters, deletes) follows once
-        // both are done, in its order.
+        // brings the ipcache up to date (under churn the ipcache builder only recomputes
+        // the clusters that changed). The plan then writes the ipcache upserts first, a
+        // large number of them beside the rest of the plan (`Reconciler::reconcile_changes`).
         let (ipcache_part, services_part) = std::thread::scope(|s| {
-            let writer = s.spawn(|| {
+            let ipcache = s.spawn(|| {
                 let changes = builder.update(&clusters, addresses, &local, node);
-                let written = reconciler.upsert_ipcache_changes(builder.ipcache(), &changes);
-                if first && written.is_ok() {
-                    metrics.initial_sync.mark("ipcache_written");
+                if first {
+                    metrics.initial_sync.mark("ipcache_computed");
                 }
-                (changes, written)
+                changes
             });
             // The view's stale nodes, kept per cluster with its addresses generation.
             let cache = &mut self.stale_nodes;
@@ -682,13 +677,13 @@ impl Agent {
             if first {
                 metrics.initial_sync.mark("computed");
             }
-            let ipcache_part = writer
+            let ipcache_part = ipcache
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             let services_part = (desired, dropped, want_routes, policy);
             (ipcache_part, services_part)
         });
-        let (mut ipcache_changes, written) = ipcache_part;
+        let mut ipcache_changes = ipcache_part;
         let (mut desired, mut dropped, want_routes, policy) = services_part;
         let mut error = None;
         // The policy's CIDR identities join the ipcache (under every endpoint and node
@@ -725,15 +720,9 @@ impl Agent {
         desired::apply_quarantine(&mut desired, &self.quarantined);
         let computed = t0.elapsed();
         self.record_dropped(&dropped);
-        let written = written.and_then(|mut counts| {
-            for (op, n) in self
-                .reconciler
-                .reconcile_changes(&desired, &ipcache_changes)?
-            {
-                *counts.entry(op).or_default() += n;
-            }
-            Ok(counts)
-        });
+        let written = self
+            .reconciler
+            .reconcile_changes(&desired, &ipcache_changes);
         match written {
             Ok(counts) => {
                 if first {

@@ -83,11 +83,12 @@ pub const SYNC_PHASES: [&str; 7] = [
     // The snapshot is applied to the state and the sync gate let it through.
     "snapshot_applied",
     // The services, backends, routes and policy are computed (while another thread
-    // computes and writes the ipcache).
+    // computes the ipcache).
     "computed",
-    // The ipcache is computed and its new entries written (the LPM trie).
-    "ipcache_written",
-    // The rest of the service, backend and ipcache maps are written.
+    // The ipcache is computed (the second thread).
+    "ipcache_computed",
+    // The ipcache, service and backend maps are written (a large ipcache beside the
+    // others, once the entries the backends need are in).
     "maps_written",
     // Policy maps, routes and status are done (the flow context follows).
     "finished",

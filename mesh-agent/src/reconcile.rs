@@ -73,6 +73,37 @@ pub trait Maps {
         ops.iter().try_for_each(|op| self.apply(op))
     }
     fn remove_foreign(&mut self, entry: Foreign) -> Result<(), datapath::Error>;
+    /// A writer of ipcache upserts that another thread may use while these maps write the
+    /// others ([`Reconciler::reconcile_changes`] writes a large ipcache beside the
+    /// services); `None`: everything is written here, in the plan's order.
+    fn ipcache_writer(&self) -> Option<Box<dyn IpcacheWrite>> {
+        None
+    }
+}
+
+/// Writes ipcache upserts from another thread ([`Maps::ipcache_writer`]).
+pub trait IpcacheWrite: Send {
+    /// Applies `ops`, all `Op::IpcacheUpsert`.
+    fn upsert(&mut self, ops: &[Op]) -> Result<()>;
+}
+
+/// Below this many ipcache upserts a reconcile writes everything on its own thread: a
+/// second thread is worth it for a first sync or a large peer arriving, not for churn.
+pub const IPCACHE_BESIDE_MIN: usize = 4096;
+
+/// Splits a plan's ipcache upserts into those a backend of `desired` needs first (an
+/// upsert of a shorter prefix than a host's, or of a backend's own address) and the rest,
+/// which may be written beside the service maps: the classifier then knows every backend
+/// before any connection reaches it, as in the plan's order.
+pub fn split_ipcache_upserts(upserts: &[Op], desired: &DesiredState) -> (Vec<Op>, Vec<Op>) {
+    let backend_ips: std::collections::HashSet<IpAddr> =
+        desired.backends.keys().map(|b| b.ip).collect();
+    upserts.iter().partition(|op| match op {
+        Op::IpcacheUpsert { prefix, .. } => {
+            prefix.prefix_len() < prefix.max_prefix_len() || backend_ips.contains(&prefix.addr())
+        }
+        _ => true,
+    })
 }
 
 /// Number of operations of a reconcile, by kind (metric label values).
@@ -117,6 +148,8 @@ pub struct Reconciler<M> {
     /// The services and backends the mirror was last brought to by a whole plan: while the
     /// desired ones equal them, a reconcile plans the ipcache only ([`desired::plan_ipcache`]).
     planned_services: Option<PlannedServices>,
+    /// The last reconcile wrote part of its ipcache upserts on a second thread.
+    ipcache_written_beside: bool,
 }
 
 type PlannedServices = (
@@ -133,7 +166,14 @@ impl<M: Maps> Reconciler<M> {
             mirror: None,
             mirror_matches_desired: false,
             planned_services: None,
+            ipcache_written_beside: false,
         }
+    }
+
+    /// Whether the last reconcile wrote part of its ipcache upserts on a second thread
+    /// (see [`IPCACHE_BESIDE_MIN`]).
+    pub fn ipcache_written_beside(&self) -> bool {
+        self.ipcache_written_beside
     }
 
     pub fn maps(&self) -> &M {
@@ -196,16 +236,62 @@ impl<M: Maps> Reconciler<M> {
         // `plan`'s property) rather than op by op.
         let ipcache_ops = ops.iter().filter(|op| is_ipcache(op)).count();
         let bulk = ipcache_ops > 0 && ipcache_ops >= current.ipcache.len() / 4;
-        // The plan is grouped by kind, in order: each group is one batch.
-        for batch in ops.chunk_by(|a, b| op_kind(a) == op_kind(b)) {
+        // Many ipcache upserts (the first group of the plan): those the backends need are
+        // written first, the others on a second thread beside the rest of the plan (512k
+        // entries into the LPM trie are about 0.4 s of kernel time, the service maps of a
+        // large mesh 0.25 s more).
+        let upserts = ops
+            .iter()
+            .take_while(|op| matches!(op, Op::IpcacheUpsert { .. }))
+            .count();
+        let writer = (upserts >= IPCACHE_BESIDE_MIN)
+            .then(|| self.maps.ipcache_writer())
+            .flatten();
+        self.ipcache_written_beside = writer.is_some();
+        let (first, beside, rest): (Vec<Op>, Vec<Op>, &[Op]) = match writer {
+            Some(_) => {
+                let (first, beside) = split_ipcache_upserts(&ops[..upserts], &desired);
+                (first, beside, &ops[upserts..])
+            }
+            None => (Vec::new(), Vec::new(), &ops[..]),
+        };
+        let mut apply = |maps: &mut M, current: &mut DatapathState, batch: &[Op]| {
             // On failure the mirror stays `None`: the next attempt re-reads the maps.
-            self.maps.apply_batch(batch)?;
+            maps.apply_batch(batch)?;
             if !(bulk && is_ipcache(&batch[0])) {
                 for op in batch {
                     current.apply(op);
                 }
             }
             *counts.entry(op_kind(&batch[0])).or_default() += batch.len() as u64;
+            Ok::<_, Error>(())
+        };
+        if !first.is_empty() {
+            apply(&mut self.maps, &mut current, &first)?;
+        }
+        let maps = &mut self.maps;
+        std::thread::scope(|s| {
+            let beside_done = writer.map(|mut w| {
+                let beside = &beside;
+                s.spawn(move || w.upsert(beside))
+            });
+            // The plan is grouped by kind, in order: each group is one batch.
+            let applied = rest
+                .chunk_by(|a, b| op_kind(a) == op_kind(b))
+                .try_for_each(|batch| apply(maps, &mut current, batch));
+            if let Some(done) = beside_done {
+                done.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            }
+            applied
+        })?;
+        if !beside.is_empty() {
+            if !bulk {
+                for op in &beside {
+                    current.apply(op);
+                }
+            }
+            *counts.entry("ipcache_upsert").or_default() += beside.len() as u64;
         }
         if !services_unchanged {
             self.planned_services = Some((desired.services.clone(), desired.backends.clone()));
@@ -219,64 +305,6 @@ impl<M: Maps> Reconciler<M> {
         debug!(ops = ops.len(), "reconciled");
         self.mirror = Some(current);
         self.mirror_matches_desired = true;
-        Ok(counts)
-    }
-
-    /// Writes the entries of `ipcache` that the maps lack or hold with another value: the
-    /// first group of [`desired::plan`], done ahead (the agent writes the ipcache on one
-    /// thread while it computes the services on another). The next [`Self::reconcile`]
-    /// finds them written and goes on with the backends; deletes are left to it (they come
-    /// last). IPv6 prefixes are ignored. Returns the operations applied, by kind.
-    pub fn upsert_ipcache(&mut self, ipcache: &BTreeMap<IpNet, IpcacheInfo>) -> Result<OpCounts> {
-        self.upsert_ipcache_changes(ipcache, &IpcacheChanges::All)
-    }
-
-    /// [`Self::upsert_ipcache`] at `changes` only (see [`Self::reconcile_changes`]).
-    pub fn upsert_ipcache_changes(
-        &mut self,
-        ipcache: &BTreeMap<IpNet, IpcacheInfo>,
-        changes: &IpcacheChanges,
-    ) -> Result<OpCounts> {
-        let scope = match self.mirror.is_some() && self.mirror_matches_desired {
-            true => changes.prefixes(),
-            false => None,
-        };
-        let v4;
-        let ipcache = if all_v4(ipcache) {
-            ipcache
-        } else {
-            v4 = ipcache
-                .iter()
-                .filter(|(k, _)| matches!(k, IpNet::V4(_)))
-                .map(|(k, v)| (*k, *v))
-                .collect();
-            &v4
-        };
-        let mut counts = OpCounts::new();
-        let mut current = self.current(&mut counts)?;
-        let (upserts, _) = match scope {
-            None => desired::diff_ipcache(&current.ipcache, ipcache),
-            Some(prefixes) => desired::diff_ipcache_at(&current.ipcache, ipcache, prefixes),
-        };
-        // On failure the mirror stays `None`: the next attempt re-reads the maps.
-        self.maps.apply_batch(&upserts)?;
-        if current.ipcache.is_empty() {
-            // A first reconcile: every entry was written.
-            current.ipcache = ipcache.clone();
-        } else {
-            for op in &upserts {
-                current.apply(op);
-            }
-        }
-        if !upserts.is_empty() {
-            counts.insert(op_kind(&upserts[0]), upserts.len() as u64);
-        }
-        self.mirror = Some(current);
-        // Its deletes are still to come: the reconcile that follows must be told the same
-        // changes, which it compares again (a scoped comparison stays right).
-        if scope.is_none() {
-            self.mirror_matches_desired = false;
-        }
         Ok(counts)
     }
 
@@ -536,6 +564,30 @@ impl Maps for Datapath {
             Foreign::Backend(id) => self.remove_backend(id).map(drop),
         }
     }
+
+    fn ipcache_writer(&self) -> Option<Box<dyn IpcacheWrite>> {
+        Datapath::ipcache_writer(self).map(|w| Box::new(w) as Box<dyn IpcacheWrite>)
+    }
+}
+
+impl IpcacheWrite for datapath::IpcacheWriter {
+    fn upsert(&mut self, ops: &[Op]) -> Result<()> {
+        let Some(first) = ops.first() else {
+            return Ok(());
+        };
+        let entries = ops
+            .iter()
+            .filter_map(|op| match *op {
+                Op::IpcacheUpsert { prefix, info } => Some((prefix, ipcache_value(&info))),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        self.upsert_entries(&entries)
+            .map_err(|source| Error::Apply {
+                op: Box::new(*first),
+                source,
+            })
+    }
 }
 
 fn ipcache_value(info: &IpcacheInfo) -> IpcacheValue {
@@ -573,7 +625,8 @@ mod tests {
     use super::*;
     use ipnet::IpNet;
 
-    /// Maps in memory, in the datapath's own types, with an optional failure injected.
+    /// Maps in memory, in the datapath's own types, with an optional failure injected and
+    /// an optional second ipcache writer (its upserts are logged for the test to apply).
     #[derive(Default)]
     struct FakeMaps {
         dump: DatapathDump,
@@ -581,6 +634,31 @@ mod tests {
         applied: usize,
         dumps: std::cell::Cell<usize>,
         batches: Vec<(&'static str, usize)>,
+        beside: Option<std::sync::Arc<std::sync::Mutex<Vec<Op>>>>,
+    }
+
+    struct LoggedWriter(std::sync::Arc<std::sync::Mutex<Vec<Op>>>);
+
+    impl IpcacheWrite for LoggedWriter {
+        fn upsert(&mut self, ops: &[Op]) -> Result<()> {
+            assert!(ops.iter().all(|op| matches!(op, Op::IpcacheUpsert { .. })));
+            self.0.lock().unwrap().extend_from_slice(ops);
+            Ok(())
+        }
+    }
+
+    impl FakeMaps {
+        /// Writes what the second writer logged into the maps.
+        fn settle(&mut self) -> usize {
+            let Some(log) = self.beside.clone() else {
+                return 0;
+            };
+            let ops = std::mem::take(&mut *log.lock().unwrap());
+            for op in &ops {
+                self.apply(op).unwrap();
+            }
+            ops.len()
+        }
     }
 
     impl Maps for FakeMaps {
@@ -594,6 +672,11 @@ mod tests {
                 return Err(Error::NotIpv4 { op: Box::new(*op) });
             }
             self.applied += 1;
+            if let Op::IpcacheUpsert { prefix, info } = *op {
+                // As the datapath converts it (and cheap: tests write thousands).
+                self.dump.ipcache.insert(prefix, ipcache_value(&info));
+                return Ok(());
+            }
             // Mirror what the datapath writes, through the same conversion as a dump.
             let (mut state, _) = from_dump(&self.dump);
             state.apply(op);
@@ -611,6 +694,11 @@ mod tests {
             );
             self.batches.push((op_kind(&ops[0]), ops.len()));
             ops.iter().try_for_each(|op| self.apply(op))
+        }
+        fn ipcache_writer(&self) -> Option<Box<dyn IpcacheWrite>> {
+            self.beside
+                .clone()
+                .map(|log| Box::new(LoggedWriter(log)) as Box<dyn IpcacheWrite>)
         }
         fn remove_foreign(&mut self, entry: Foreign) -> Result<(), datapath::Error> {
             match entry {
@@ -788,15 +876,13 @@ mod tests {
         let counts = r.reconcile_changes(&d1b, &none).unwrap();
         assert_eq!(counts["backend_upsert"], 2);
         assert!(converged(&r, &d1b));
-        // A write fails halfway to d3; the ipcache thread then reads the maps again
-        // (as the agent's next reconcile does), and the reconcile back to d1b must repair
-        // the services the failed write left, though they equal the ones planned last.
+        // A write fails halfway to d3: the reconcile back to d1b reads the maps again and
+        // repairs the services the failed write left, though they equal the ones planned
+        // last.
         let d3 = desired(&["10.1.0.7", "10.1.0.8"], false);
         r.maps.fail_at = Some(r.maps.applied + 3);
         assert!(r.reconcile_changes(&d3, &none).is_err());
         assert!(!converged(&r, &d1b));
-        r.upsert_ipcache_changes(&d1b.ipcache, &IpcacheChanges::All)
-            .unwrap();
         r.reconcile_changes(&d1b, &IpcacheChanges::All).unwrap();
         assert!(converged(&r, &d1b));
     }
@@ -849,45 +935,55 @@ mod tests {
         );
     }
 
-    /// The agent writes the ipcache ahead (`upsert_ipcache`, on a second thread), then
-    /// reconciles the rest: the same maps and mirror as one reconcile, ipcache upserts
-    /// still before the backends, deletes still last; IPv6 prefixes ignored.
+    /// A large ipcache change: the upserts the backends need go first on the reconcile's
+    /// thread, the others through the second writer beside the rest of the plan; the maps
+    /// and mirror end as one plain reconcile leaves them, with the backends written only
+    /// after their ipcache entries. Below the threshold everything stays on one thread.
     #[test]
-    fn ipcache_written_ahead_then_the_rest_equals_one_reconcile() {
+    fn a_large_ipcache_is_written_beside_the_services_once_the_backends_are_in() {
         let ip = |s: &str| s.parse::<IpNet>().unwrap();
-        let mut first = desired(&["10.1.0.5", "10.1.0.6"], true);
-        let info = first.ipcache[&ip("10.1.0.5/32")];
-        first.ipcache.insert(ip("10.1.0.7/32"), info);
-        let mut second = desired(&["10.1.0.6"], false);
-        second.ipcache.remove(&ip("10.1.0.5/32"));
-        second.ipcache.insert(
-            ip("10.1.0.8/32"),
-            IpcacheInfo {
-                identity: 70_000,
-                ..info
-            },
-        );
-        let mut ahead = Reconciler::new(FakeMaps::default());
-        let mut plain = Reconciler::new(FakeMaps::default());
-        for want in [&first, &second] {
-            let upserts = ahead.upsert_ipcache(&want.ipcache).unwrap();
-            assert!(
-                upserts.keys().all(|k| *k == "ipcache_upsert"),
-                "{upserts:?}"
-            );
-            let rest = ahead.reconcile(want).unwrap();
-            assert!(!rest.contains_key("ipcache_upsert"), "{rest:?}");
-            plain.reconcile(want).unwrap();
-            assert_eq!(ahead.maps().dump, plain.maps().dump);
-            assert_eq!(ahead.mirror(), plain.mirror());
-            let (state, _) = from_dump(&ahead.maps().dump);
-            assert_eq!(Some(&state), ahead.mirror());
+        let mut want = desired(&["10.1.0.5", "10.1.0.6"], false);
+        let info = want.ipcache[&ip("10.1.0.5/32")];
+        want.ipcache.insert(ip("10.1.0.6/32"), info);
+        want.ipcache.insert(ip("10.9.0.0/16"), info);
+        for i in 0..IPCACHE_BESIDE_MIN as u32 {
+            let net = ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a40_0000 + i), 32).unwrap();
+            want.ipcache.insert(IpNet::V4(net), info);
         }
-        // The second round: ipcache upserts (ahead), backends..., ipcache deletes last.
-        let kinds: Vec<&str> = ahead.maps().batches.iter().map(|(k, _)| *k).collect();
-        assert_eq!(kinds.first(), Some(&"ipcache_upsert"));
-        assert_eq!(kinds.last(), Some(&"ipcache_delete"));
-        assert_eq!(ahead.maps().dumps.get(), 1, "one read, then the mirror");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut beside = Reconciler::new(FakeMaps {
+            beside: Some(log.clone()),
+            ..FakeMaps::default()
+        });
+        let mut plain = Reconciler::new(FakeMaps::default());
+        let counts = beside.reconcile(&want).unwrap();
+        plain.reconcile(&want).unwrap();
+        assert!(beside.ipcache_written_beside());
+        assert!(!plain.ipcache_written_beside());
+        let v4 = want
+            .ipcache
+            .keys()
+            .filter(|k| matches!(k, IpNet::V4(_)))
+            .count();
+        assert_eq!(counts["ipcache_upsert"], v4 as u64);
+        // The backends' two entries and the /16 first, then the backends and services; the
+        // rest went through the second writer.
+        assert_eq!(
+            beside.maps().batches[..2],
+            [("ipcache_upsert", 3), ("backend_upsert", 2)]
+        );
+        assert_eq!(beside.maps.settle(), IPCACHE_BESIDE_MIN);
+        assert_eq!(beside.maps().dump, plain.maps().dump);
+        assert_eq!(beside.mirror(), plain.mirror());
+        let (state, _) = from_dump(&beside.maps().dump);
+        assert_eq!(Some(&state), beside.mirror());
+        // A small change: one thread.
+        want.ipcache.insert(ip("10.8.0.1/32"), info);
+        beside
+            .reconcile_changes(&want, &IpcacheChanges::Prefixes([ip("10.8.0.1/32")].into()))
+            .unwrap();
+        assert!(!beside.ipcache_written_beside());
+        assert_eq!(beside.maps.settle(), 0);
     }
 
     #[test]

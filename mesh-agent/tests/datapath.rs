@@ -935,6 +935,74 @@ fn bulk_ipcache_updates_are_all_readable() {
     );
 }
 
+/// A reconcile with more ipcache upserts than `IPCACHE_BESIDE_MIN` writes part of them
+/// through the datapath's second ipcache writer, beside the service maps: the maps read back
+/// equal the desired state.
+#[test]
+fn a_large_reconcile_writes_the_ipcache_beside_the_services() {
+    use mesh_agent::desired::{
+        self, BackendInfo, BackendKey, DesiredState, IpcacheInfo, ServiceKey,
+    };
+    use mesh_agent::reconcile::{IPCACHE_BESIDE_MIN, Reconciler, from_dump};
+    use mesh_core::Protocol;
+    require_root!();
+    let cgroup = Cgroup::new("bs");
+    let bpffs = Bpffs::mounted();
+    let dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
+    let mut want = DesiredState::default();
+    let info = |i: u32| IpcacheInfo {
+        identity: (2 << 16) | (256 + i % 1000),
+        host_ip: Some(std::net::IpAddr::V4(Ipv4Addr::new(
+            192,
+            168,
+            2,
+            (i % 200) as u8,
+        ))),
+        cluster_id: 2,
+        local_node: false,
+        remote_cluster: true,
+    };
+    let n = 2 * IPCACHE_BESIDE_MIN as u32;
+    for i in 0..n {
+        let ip = Ipv4Addr::from(0x0a40_0000 + i);
+        want.ipcache.insert(
+            ipnet::IpNet::V4(ipnet::Ipv4Net::new(ip, 32).unwrap()),
+            info(i),
+        );
+    }
+    // 50 services of 20 backends, the backends among the ipcache's addresses.
+    for s in 0..50u32 {
+        let key = ServiceKey {
+            vip: Ipv4Addr::new(10, 96, 2, s as u8).into(),
+            port: 80,
+            proto: Protocol::Tcp,
+        };
+        let backends: Vec<BackendKey> = (0..20u32)
+            .map(|b| BackendKey {
+                ip: Ipv4Addr::from(0x0a40_0000 + s * 97 + b * 13).into(),
+                port: 8080,
+                proto: Protocol::Tcp,
+            })
+            .collect();
+        for b in &backends {
+            want.backends.insert(*b, BackendInfo { cluster_id: 2 });
+        }
+        want.services.insert(key, backends);
+    }
+    let mut r = Reconciler::new(dp);
+    let counts = r.reconcile(&want).unwrap();
+    assert!(r.ipcache_written_beside());
+    assert_eq!(counts["ipcache_upsert"], u64::from(n));
+    let (state, foreign) = from_dump(&r.maps().dump().unwrap());
+    assert!(foreign.is_empty());
+    assert_eq!(state.ipcache.len(), n as usize);
+    assert!(
+        desired::plan(&state, &want).is_empty(),
+        "the maps hold the desired state"
+    );
+    assert_eq!(Some(&state), r.mirror());
+}
+
 #[test]
 fn a_pinned_map_with_another_layout_is_refused_before_attaching() {
     require_root!();

@@ -155,6 +155,19 @@ impl Datapath {
         })
     }
 
+    /// A second writer of `mesh_ipcache` (its own file descriptor), for another thread to
+    /// write ipcache entries while this one writes the other maps. `None` when the kernel
+    /// has no batch updates for the map (the writer writes only in batches).
+    pub fn ipcache_writer(&self) -> Option<IpcacheWriter> {
+        if !self.batch.ipcache {
+            return None;
+        }
+        let fd = self.lb.raw.ipcache.as_fd().try_clone_to_owned().ok()?;
+        Some(IpcacheWriter {
+            raw: RawMap::from_fd(MAP_IPCACHE, fd).ok()?,
+        })
+    }
+
     // --- whole state ---
 
     /// Reads every entry of the service, backend and ipcache maps (batched
@@ -190,6 +203,31 @@ impl Datapath {
 
 /// Per map: whether the kernel took batch updates so far (cleared the first
 /// time it refuses one, so later writes go entry by entry at once).
+/// Writes ipcache entries in batches through its own handle on `mesh_ipcache`
+/// ([`Datapath::ipcache_writer`]).
+#[derive(Debug)]
+pub struct IpcacheWriter {
+    raw: RawMap,
+}
+
+impl IpcacheWriter {
+    /// Inserts or replaces `entries`, in batches; stops at the first error (the entries
+    /// before it may be written).
+    pub fn upsert_entries(&mut self, entries: &[(IpNet, IpcacheValue)]) -> Result<()> {
+        let keys = entries
+            .iter()
+            .map(|(net, _)| ipcache_key(*net))
+            .collect::<Result<Vec<Key<u32>>>>()?;
+        let values: Vec<layout::IpcacheValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
+        for (k, v) in keys.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
+            self.raw
+                .update_batch(k, v)
+                .map_err(|e| Error::from(mesh_maps::Error::from(e)))?;
+        }
+        Ok(())
+    }
+}
+
 pub(super) struct BatchSupport {
     pub(super) services: bool,
     pub(super) backends: bool,

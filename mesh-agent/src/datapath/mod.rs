@@ -36,6 +36,7 @@ mod pinned;
 mod sys;
 
 pub use events::{EventControl, EventCounters, EventMaps};
+pub use maps::IpcacheWriter;
 pub use netns::{NetnsInfo, NetnsScanner};
 pub use sys::{async_ring, boottime_ns};
 
