@@ -510,16 +510,9 @@ impl Maps for Datapath {
             source,
         };
         match first {
-            Op::IpcacheUpsert { .. } => {
-                let entries = ops
-                    .iter()
-                    .filter_map(|op| match *op {
-                        Op::IpcacheUpsert { prefix, info } => Some((prefix, ipcache_value(&info))),
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>();
-                self.upsert_ipcache_entries(&entries).map_err(err)
-            }
+            Op::IpcacheUpsert { .. } => self
+                .upsert_ipcache_entries(&ipcache_entries(ops))
+                .map_err(err),
             Op::BackendUpsert { .. } => {
                 let entries = ops
                     .iter()
@@ -575,19 +568,22 @@ impl IpcacheWrite for datapath::IpcacheWriter {
         let Some(first) = ops.first() else {
             return Ok(());
         };
-        let entries = ops
-            .iter()
-            .filter_map(|op| match *op {
-                Op::IpcacheUpsert { prefix, info } => Some((prefix, ipcache_value(&info))),
-                _ => None,
-            })
-            .collect::<Vec<_>>();
-        self.upsert_entries(&entries)
+        self.upsert_entries(&ipcache_entries(ops))
             .map_err(|source| Error::Apply {
                 op: Box::new(*first),
                 source,
             })
     }
+}
+
+/// The entries of the `Op::IpcacheUpsert`s among `ops`, as the datapath writes them.
+fn ipcache_entries(ops: &[Op]) -> Vec<(IpNet, IpcacheValue)> {
+    ops.iter()
+        .filter_map(|op| match *op {
+            Op::IpcacheUpsert { prefix, info } => Some((prefix, ipcache_value(&info))),
+            _ => None,
+        })
+        .collect()
 }
 
 fn ipcache_value(info: &IpcacheInfo) -> IpcacheValue {

@@ -142,11 +142,7 @@ impl Datapath {
     /// [`Self::upsert_backends`]). IPv6 prefixes are refused before anything
     /// is written.
     pub fn upsert_ipcache_entries(&mut self, entries: &[(IpNet, IpcacheValue)]) -> Result<()> {
-        let keys = entries
-            .iter()
-            .map(|(net, _)| ipcache_key(*net))
-            .collect::<Result<Vec<Key<u32>>>>()?;
-        let values: Vec<layout::IpcacheValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
+        let (keys, values) = ipcache_keys_values(entries)?;
         let LbMaps { ipcache, raw, .. } = &mut self.lb;
         batch_update(&mut self.batch.ipcache, &raw.ipcache, &keys, &values, |i| {
             ipcache
@@ -214,11 +210,7 @@ impl IpcacheWriter {
     /// Inserts or replaces `entries`, in batches; stops at the first error (the entries
     /// before it may be written).
     pub fn upsert_entries(&mut self, entries: &[(IpNet, IpcacheValue)]) -> Result<()> {
-        let keys = entries
-            .iter()
-            .map(|(net, _)| ipcache_key(*net))
-            .collect::<Result<Vec<Key<u32>>>>()?;
-        let values: Vec<layout::IpcacheValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
+        let (keys, values) = ipcache_keys_values(entries)?;
         for (k, v) in keys.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
             self.raw
                 .update_batch(k, v)
@@ -226,6 +218,19 @@ impl IpcacheWriter {
         }
         Ok(())
     }
+}
+
+/// The trie's keys and values of `entries` (IPv4 only: an IPv6 prefix is an error before
+/// anything is written).
+fn ipcache_keys_values(
+    entries: &[(IpNet, IpcacheValue)],
+) -> Result<(Vec<Key<u32>>, Vec<layout::IpcacheValue>)> {
+    let keys = entries
+        .iter()
+        .map(|(net, _)| ipcache_key(*net))
+        .collect::<Result<Vec<Key<u32>>>>()?;
+    let values = entries.iter().map(|(_, v)| (*v).into()).collect();
+    Ok((keys, values))
 }
 
 pub(super) struct BatchSupport {
