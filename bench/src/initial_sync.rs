@@ -327,7 +327,7 @@ fn phase_text(phase: &str) -> &'static str {
         "snapshot_applied" => "snapshot received and applied (sync gate passed)",
         "computed" => "compute services, backends, policy (thread 1)",
         "ipcache_computed" => "compute the ipcache (thread 2)",
-        "maps_written" => "write the service and backend maps",
+        "maps_written" => "write the ipcache, service and backend maps",
         "finished" => "policy maps, routes, status (end of 1st reconcile)",
         _ => "?",
     }
