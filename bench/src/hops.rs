@@ -225,11 +225,22 @@ impl Hops {
             };
             points.push(seen);
         }
-        let reconcile = match (self.before.take(), self.reconcile_totals()) {
-            (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => {
-                Some(Duration::from_secs_f64(((s1 - s0) / (c1 - c0)).max(0.0)))
-            }
-            _ => None,
+        // The agent records a reconcile's duration after its last write, so the maps can
+        // show the change a moment before the histogram counts it: read again until it
+        // does (bounded by the same deadline).
+        let reconcile = match self.before.take() {
+            Some((s0, c0)) => loop {
+                match self.reconcile_totals() {
+                    Some((s1, c1)) if c1 > c0 => {
+                        break Some(Duration::from_secs_f64(((s1 - s0) / (c1 - c0)).max(0.0)));
+                    }
+                    Some(_) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_micros(200)).await
+                    }
+                    _ => break None,
+                }
+            },
+            None => None,
         };
         self.rows.push(Row {
             label,

@@ -243,6 +243,23 @@ fn pinned_maps_are_opened_read_only_and_dumped() {
     expected.ipcache.insert(net, ipcache_value);
     assert_eq!(ro.dump().unwrap(), expected);
     assert!(ro.flows().unwrap().is_empty());
+    // Point lookups find what the dump holds, and nothing for keys never written.
+    assert_eq!(
+        ro.service(master).unwrap(),
+        Some(ServiceEntryValue::master(1))
+    );
+    assert_eq!(
+        ro.service(master.with_slot(1)).unwrap(),
+        Some(ServiceEntryValue::backend(7, backend))
+    );
+    assert_eq!(ro.service(master.with_slot(2)).unwrap(), None);
+    assert_eq!(
+        ro.service(ServiceEntryKey::master(vip, 81, PROTO_TCP))
+            .unwrap(),
+        None
+    );
+    assert_eq!(ro.backend(7).unwrap(), Some(backend));
+    assert_eq!(ro.backend(8).unwrap(), None);
 
     // Every handle is read-only: the kernel refuses writes through the batch
     // fd and through aya's typed handle alike.

@@ -9,8 +9,8 @@ use ipnet::{IpNet, Ipv4Net};
 
 use crate::sys::{Access, BatchError, RawMap};
 use crate::{
-    DatapathDump, FlowCounters, IdentityPair, IpcacheValue, MAP_BACKENDS, MAP_FLOWS, MAP_IPCACHE,
-    MAP_SERVICES, ip_from_raw, layout,
+    BackendValue, DatapathDump, FlowCounters, IdentityPair, IpcacheValue, MAP_BACKENDS, MAP_FLOWS,
+    MAP_IPCACHE, MAP_SERVICES, ServiceEntryKey, ServiceEntryValue, ip_from_raw, layout,
 };
 
 /// Errors of opening and reading maps. Each names the map or the path.
@@ -123,6 +123,26 @@ impl LbMaps {
             dump.backends.insert(k, v.into());
         }
         Ok(dump)
+    }
+
+    /// One entry of the service map (a frontend's master or one of its slots), read
+    /// with a single lookup: for readers that follow a few frontends, where a dump
+    /// walks every bucket of the map.
+    pub fn service(&self, key: ServiceEntryKey) -> Result<Option<ServiceEntryValue>> {
+        match self.services.get(&key.into(), 0) {
+            Ok(v) => Ok(Some(v.into())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_SERVICES)(e)),
+        }
+    }
+
+    /// One entry of the backend map, read with a single lookup.
+    pub fn backend(&self, id: u32) -> Result<Option<BackendValue>> {
+        match self.backends.get(&id, 0) {
+            Ok(v) => Ok(Some(v.into())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_BACKENDS)(e)),
+        }
     }
 }
 
@@ -293,6 +313,16 @@ impl PinnedMaps {
     /// The service and backend maps (service map first), the ipcache left empty.
     pub fn dump_services(&self) -> Result<DatapathDump> {
         self.lb.dump_services()
+    }
+
+    /// One entry of the service map (see [`LbMaps::service`]).
+    pub fn service(&self, key: ServiceEntryKey) -> Result<Option<ServiceEntryValue>> {
+        self.lb.service(key)
+    }
+
+    /// One entry of the backend map.
+    pub fn backend(&self, id: u32) -> Result<Option<BackendValue>> {
+        self.lb.backend(id)
     }
 
     /// The ipcache entry the datapath finds for `ip` (one longest-prefix-match lookup, so
