@@ -7,6 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How many times [`Etcd::start`] tries new ports when another process took one first.
+pub const PORT_ATTEMPTS: u32 = 5;
+
+/// Whether etcd's log says it could not bind one of its ports.
+fn lost_port_race(log: &str) -> bool {
+    log.contains("address already in use")
+}
+
 /// A running etcd. Dropping it kills the process and removes its data.
 pub struct Etcd {
     child: Option<Child>,
@@ -20,22 +28,42 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd and waits until it answers `/health`. Panics with etcd's log when it
     /// does not start.
+    ///
+    /// The ports are found free by [`crate::free_port`] and bound by etcd a moment later:
+    /// when another process took one in between (etcd exits with "address already in
+    /// use"), etcd is started again on two new ports, in a new directory, up to
+    /// [`PORT_ATTEMPTS`] times. Any other exit panics at once.
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("mesh-etcd-")
-            .tempdir()
-            .expect("creating etcd data dir");
-        let mut etcd = Etcd {
-            child: None,
-            dir,
-            client_port: crate::free_port(),
-            peer_port: crate::free_port(),
-        };
-        etcd.spawn();
-        etcd
+        let mut attempt = 1;
+        loop {
+            let dir = tempfile::Builder::new()
+                .prefix("mesh-etcd-")
+                .tempdir()
+                .expect("creating etcd data dir");
+            let mut etcd = Etcd {
+                child: None,
+                dir,
+                client_port: crate::free_port(),
+                peer_port: crate::free_port(),
+            };
+            match etcd.try_spawn() {
+                Ok(()) => return etcd,
+                Err(log) if attempt < PORT_ATTEMPTS && lost_port_race(&log) => attempt += 1,
+                Err(log) => panic!("etcd exited:\n{log}"),
+            }
+        }
     }
 
+    /// Starts etcd on its ports and data, panicking when it does not come up.
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("etcd exited:\n{log}");
+        }
+    }
+
+    /// Starts etcd and waits until it is healthy; `Err(log)` when it exited first (it
+    /// panics when it neither exits nor becomes healthy in time).
+    fn try_spawn(&mut self) -> Result<(), String> {
         let bin = std::env::var("MESH_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -66,21 +94,22 @@ impl Etcd {
                 panic!("starting {bin}: {e} (install Debian's etcd-server: scripts/setup.sh)")
             });
         self.child = Some(child);
-        self.wait_healthy(Duration::from_secs(20));
+        self.wait_healthy(Duration::from_secs(20))
     }
 
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("etcd.log")
     }
 
-    fn wait_healthy(&mut self, timeout: Duration) {
+    fn wait_healthy(&mut self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("etcd exited with {status}:\n{}", self.log());
+                self.child = None;
+                return Err(format!("{status}:\n{}", self.log()));
             }
             if self.healthy() {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 panic!(
@@ -139,5 +168,31 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The text `start` looks for is what the real etcd prints when its port is taken,
+    /// and a healthy start is not mistaken for it.
+    #[test]
+    fn a_taken_port_is_recognised_in_etcds_own_words() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut etcd = Etcd {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            client_port: taken.local_addr().unwrap().port(),
+            peer_port: crate::free_port(),
+        };
+        let log = etcd
+            .try_spawn()
+            .expect_err("etcd must not start on a taken port");
+        assert!(lost_port_race(&log), "{log}");
+
+        let started = Etcd::start();
+        assert!(started.healthy());
+        assert!(!lost_port_race(&started.log()), "{}", started.log());
     }
 }
