@@ -310,6 +310,32 @@ impl RunTimeStats {
     }
 }
 
+/// Run time and runs of every program loaded in the kernel (by any process: the agents of a
+/// lab's nodes included) whose name is in `names`, summed per name, in the order of `names`
+/// (zero unless [`RunTimeStats`] are on). A program unloaded while the kernel's list is
+/// walked (or that cannot be opened) is left out: the caller sees no runs for it.
+pub fn kernel_program_stats(names: &[&str]) -> Vec<ProgramStats> {
+    let mut out: Vec<ProgramStats> = names
+        .iter()
+        .map(|n| ProgramStats {
+            name: (*n).to_owned(),
+            run_time: std::time::Duration::ZERO,
+            run_count: 0,
+        })
+        .collect();
+    for info in aya::programs::loaded_programs() {
+        let Ok(info) = info else { continue };
+        let Some(name) = info.name_as_str() else {
+            continue;
+        };
+        if let Some(s) = out.iter_mut().find(|s| s.name == name) {
+            s.run_time += info.run_time();
+            s.run_count += info.run_count();
+        }
+    }
+    out
+}
+
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Datapath")
