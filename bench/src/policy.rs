@@ -238,7 +238,9 @@ fn set_egress_policy(
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the egress policy was still enforced on a node {timeout:?} after its deletion");
+                bail!(
+                    "the egress policy was still enforced on a node {timeout:?} after its deletion"
+                );
             }
             std::thread::sleep(poll);
         }
@@ -258,7 +260,11 @@ fn set_egress_policy(
     loop {
         let known = maps.iter().try_fold(false, |acc, (_, m)| {
             Ok::<_, anyhow::Error>(
-                acc || m.dump()?.netns.values().any(|n| n.ip.to_string() == xwing_ip),
+                acc || m
+                    .dump()?
+                    .netns
+                    .values()
+                    .any(|n| n.ip.to_string() == xwing_ip),
             )
         })?;
         if known {
@@ -403,7 +409,11 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
     let mut ratios_p50 = Vec::new();
     let mut policy_on = false;
     for round in 0..opts.rounds {
-        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         let mut means = [0.0; 2];
         let mut p50s = [0.0; 2];
         for with_policy in order {
