@@ -23,7 +23,7 @@ use std::{
 
 use mesh_agent::datapath::{
     BackendValue, Datapath, DatapathConfig, IdentityPair, IpcacheValue, LinkState, PROTO_TCP,
-    PROTO_UDP, ServiceEntryKey, ServiceEntryValue, unpin_dir,
+    PROTO_UDP, RunTimeStats, ServiceEntryKey, ServiceEntryValue, kernel_program_stats, unpin_dir,
 };
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
@@ -563,6 +563,67 @@ fn tcp_connect_to_service_is_load_balanced_and_refused_without_backends() {
     assert_eq!(
         dp.service_slot(frontend).unwrap(),
         Some(ServiceEntryValue::master(0))
+    );
+}
+
+/// Runs of `name` in `stats` (from `Datapath::program_stats` or `kernel_program_stats`).
+fn runs(stats: &[mesh_agent::datapath::ProgramStats], name: &str) -> u64 {
+    stats
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| s.run_count)
+        .sum()
+}
+
+#[test]
+fn run_time_statistics_count_connects_by_the_kernels_program_names() {
+    require_root!();
+    let cgroup = Cgroup::new("stats");
+    let bpffs = Bpffs::mounted();
+    let net = TwoBackends::new("stats");
+    let mut dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
+    let (frontend, vip) = tcp_frontend();
+    program_service(&mut dp, frontend, &[(1, BACKEND_A, 8080)]);
+    // Names longer than the kernel keeps (15 bytes): "mesh_policy_ingress" is
+    // "mesh_policy_ing" there.
+    let names = ["mesh_connect4", "mesh_policy_ingress"];
+
+    let _stats = RunTimeStats::enable().unwrap();
+    let (own_before, all_before) = (dp.program_stats().unwrap(), kernel_program_stats(&names));
+    let outcomes = Proc::client(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &[&vip.to_string(), "10"],
+    );
+    assert_eq!(outcomes.len(), 10);
+    let (own_after, all_after) = (dp.program_stats().unwrap(), kernel_program_stats(&names));
+
+    assert_eq!(
+        all_after
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        names,
+        "one entry per name asked for, in order"
+    );
+    for name in names {
+        let own = runs(&own_after, name) - runs(&own_before, name);
+        let all = runs(&all_after, name) - runs(&all_before, name);
+        assert!(
+            own >= 10,
+            "{name}: this datapath's program ran {own} times for 10 connects"
+        );
+        // Other tests' datapaths may run meanwhile: the kernel-wide sum holds at least ours.
+        assert!(
+            all >= own,
+            "{name}: {all} runs kernel-wide, {own} in this datapath"
+        );
+    }
+    assert_eq!(
+        runs(&own_after, "mesh_connect4") - runs(&own_before, "mesh_connect4"),
+        10,
+        "one connect4 run per connect()"
     );
 }
 

@@ -311,7 +311,8 @@ impl RunTimeStats {
 }
 
 /// Run time and runs of every program loaded in the kernel (by any process: the agents of a
-/// lab's nodes included) whose name is in `names`, summed per name, in the order of `names`
+/// lab's nodes included) whose name is in `names` (as the kernel keeps it: its first 15
+/// bytes), summed per name, in the order of `names`
 /// (zero unless [`RunTimeStats`] are on). A program unloaded while the kernel's list is
 /// walked (or that cannot be opened) is left out: the caller sees no runs for it.
 pub fn kernel_program_stats(names: &[&str]) -> Vec<ProgramStats> {
@@ -328,7 +329,11 @@ pub fn kernel_program_stats(names: &[&str]) -> Vec<ProgramStats> {
         let Some(name) = info.name_as_str() else {
             continue;
         };
-        if let Some(s) = out.iter_mut().find(|s| s.name == name) {
+        // The kernel keeps the first BPF_OBJ_NAME_LEN - 1 = 15 bytes of a program's name.
+        if let Some(s) = out
+            .iter_mut()
+            .find(|s| s.name.get(..s.name.len().min(15)) == Some(name))
+        {
             s.run_time += info.run_time();
             s.run_count += info.run_count();
         }
