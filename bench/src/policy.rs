@@ -211,6 +211,30 @@ struct Side {
 
 const EGRESS_POLICY: &str = "bench-egress";
 
+/// Reads every node's maps until no rule whose name contains `marker` is enforced anywhere.
+fn wait_gone(
+    maps: &[(String, PolicyMaps)],
+    marker: &str,
+    poll: Duration,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let still = maps.iter().try_fold(false, |acc, (_, m)| {
+            Ok::<_, anyhow::Error>(acc || enforced(&m.dump()?, marker))
+        })?;
+        if !still {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "a policy matching {marker:?} was still enforced on a node {timeout:?} after its deletion"
+            );
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 /// Applies (`on`) or deletes the egress policy selecting x-wing and waits until every node's
 /// maps say so; when applying, also until x-wing's network namespace is known to its node
 /// (egress applies to a known endpoint only).
@@ -229,21 +253,7 @@ fn set_egress_policy(
             &["-n", "demo", "delete", "ciliumnetworkpolicy", EGRESS_POLICY],
             None,
         )?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let still = maps.iter().try_fold(false, |acc, (_, m)| {
-                Ok::<_, anyhow::Error>(acc || enforced(&m.dump()?, &marker))
-            })?;
-            if !still {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the egress policy was still enforced on a node {timeout:?} after its deletion"
-                );
-            }
-            std::thread::sleep(poll);
-        }
+        return wait_gone(maps, &marker, poll, timeout);
     }
     let spec = "  endpointSelector: {matchLabels: {app: x-wing}}\n  egress:\n  - toEndpoints:\n    \
                 - matchLabels: {app: rebel-base}\n    toPorts:\n    - ports:\n      - {port: \"8080\", protocol: TCP}\n";
@@ -367,6 +377,9 @@ fn run_blocking(opts: &Opts, bin_dir: &Path, machine: Machine) -> Result<Report>
         ],
         None,
     )?;
+    // rebel-base's ingress allows only those policies' ports while any is enforced: the
+    // connect() comparison starts once they are gone from every node.
+    wait_gone(&maps, "demo/bench-", poll, timeout)?;
 
     // connect() to the global service, without and with an egress policy on the client, in
     // rounds that alternate which side goes first, so drift of the machine cancels out of the

@@ -268,3 +268,70 @@ fn propagation_reports_every_sample_with_background_churn() {
     assert_eq!(r["params"]["background_endpoints"], 60);
     assert!(figure(&r, "background: pods replaced during the samples") > 0.0);
 }
+
+/// The lab benchmarks run mesh-lab, meshctl, mesh-apiserver and mesh-agent from
+/// mesh-bench's directory: built there, from the current sources.
+fn ensure_lab_binaries() {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_mesh-bench"));
+    mesh_testkit::bins::ensure_built(
+        exe.parent().expect("mesh-bench's directory"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap(),
+        &["mesh-lab", "meshctl", "mesh-apiserver", "mesh-agent"],
+    );
+}
+
+#[test]
+fn policy_times_every_enforcement_and_connect_and_counts_the_programs() {
+    require_root_and_etcd();
+    ensure_lab_binaries();
+    let r = bench(&[
+        "policy",
+        "--policies",
+        "2",
+        "--nodes",
+        "2",
+        "--rounds",
+        "2",
+        "--connects",
+        "50",
+    ]);
+    let count = |name: &str| {
+        r["distributions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .unwrap_or_else(|| panic!("no distribution {name:?} in {r:#}"))["count"]
+            .as_u64()
+            .unwrap()
+    };
+    // Every (policy, node) enforced, no timeout; every connect of both sides timed.
+    assert_eq!(count("kubectl apply returned -> enforced on a node"), 4);
+    assert_eq!(count("kubectl apply returned -> enforced on every node"), 2);
+    assert_eq!(count("connect() to the global service, no policy"), 100);
+    assert_eq!(count("connect() to the global service, egress policy"), 100);
+    // The kernel counted the programs of the lab's agents: one connect4 run per connect()
+    // (its name says how many), and the ingress program, whose name the kernel truncates.
+    for side in ["no policy", "egress policy"] {
+        assert!(
+            figure(
+                &r,
+                &format!("{side}:   mesh_connect4 (1.0 runs per connect())")
+            ) > 0.0,
+            "{r:#}"
+        );
+        let ingress = r["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| {
+                f["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("{side}:   mesh_policy_ingress (")))
+            })
+            .unwrap_or_else(|| panic!("no ingress figure for {side} in {r:#}"));
+        assert!(ingress["value"].as_f64().unwrap() > 0.0, "{r:#}");
+    }
+}

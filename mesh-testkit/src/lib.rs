@@ -1,6 +1,7 @@
 //! Test harness shared by the mesh crates. Every resource a test starts here is released
 //! by a guard's `Drop`, so a failing test leaves no process or directory behind.
 
+pub mod bins;
 pub mod certs;
 pub mod etcd;
 #[cfg(feature = "history")]

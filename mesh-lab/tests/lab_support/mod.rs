@@ -18,10 +18,7 @@ pub fn mesh_lab() -> PathBuf {
 }
 
 /// Makes sure meshctl, mesh-apiserver and mesh-agent are built, and up to date, next to
-/// mesh-lab: cargo builds only this crate's binaries for its tests, and a stale
-/// mesh-apiserver from an older tree would silently drop fields the new code sends. When one
-/// is missing or older than the newest source file of the workspace, `cargo build` runs
-/// (after `cargo nextest run --workspace`, as in CI, they are fresh and nothing runs).
+/// mesh-lab (`mesh_testkit::bins::ensure_built`), once per test process.
 pub fn ensure_binaries() {
     static BUILT: Mutex<bool> = Mutex::new(false);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
@@ -29,66 +26,12 @@ pub fn ensure_binaries() {
         return;
     }
     let exe = mesh_lab();
-    let bin_dir = exe.parent().expect("bin dir");
-    let newest_source = newest_mtime(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap());
-    let stale: Vec<&str> = ["meshctl", "mesh-apiserver", "mesh-agent"]
-        .into_iter()
-        .filter(|b| {
-            std::fs::metadata(bin_dir.join(b))
-                .and_then(|m| m.modified())
-                .map_or(true, |t| t < newest_source)
-        })
-        .collect();
-    if !stale.is_empty() {
-        // <target>/debug/mesh-lab -> <target>
-        let target = bin_dir.parent().expect("target dir");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "-p",
-                "meshctl",
-                "-p",
-                "mesh-apiserver",
-                "-p",
-                "mesh-agent",
-            ])
-            .arg("--target-dir")
-            .arg(target)
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building {stale:?} failed");
-    }
+    mesh_testkit::bins::ensure_built(
+        exe.parent().expect("bin dir"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap(),
+        &["meshctl", "mesh-apiserver", "mesh-agent"],
+    );
     *built = true;
-}
-
-/// The newest modification time of the workspace's sources (Rust, protos, eBPF C,
-/// manifests), leaving out target dirs and VCS metadata.
-fn newest_mtime(root: &Path) -> std::time::SystemTime {
-    let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            let Ok(meta) = e.metadata() else { continue };
-            if meta.is_dir() {
-                if !name.starts_with('.') && name != "target" {
-                    dirs.push(path);
-                }
-            } else if [".rs", ".proto", ".c", ".h", "Cargo.toml", "Cargo.lock"]
-                .iter()
-                .any(|s| name.ends_with(s))
-                && let Ok(t) = meta.modified()
-            {
-                newest = newest.max(t);
-            }
-        }
-    }
-    newest
 }
 
 /// A lab name unique to this test process and tag (at most 8 characters).
