@@ -41,13 +41,18 @@ fn bench(args: &[&str]) -> Value {
     reports[0].clone()
 }
 
-fn figure(report: &Value, name: &str) -> f64 {
-    report["figures"]
+/// The first entry of `report[list]` ("figures", "distributions") whose name `matches`.
+fn entry<'a>(report: &'a Value, list: &str, matches: impl Fn(&str) -> bool) -> &'a Value {
+    report[list]
         .as_array()
         .unwrap()
         .iter()
-        .find(|f| f["name"] == name)
-        .unwrap_or_else(|| panic!("no figure {name:?} in {report:#}"))["value"]
+        .find(|f| f["name"].as_str().is_some_and(&matches))
+        .unwrap_or_else(|| panic!("no such entry of {list} in {report:#}"))
+}
+
+fn figure(report: &Value, name: &str) -> f64 {
+    entry(report, "figures", |n| n == name)["value"]
         .as_f64()
         .unwrap()
 }
@@ -298,12 +303,7 @@ fn policy_times_every_enforcement_and_connect_and_counts_the_programs() {
         "50",
     ]);
     let count = |name: &str| {
-        r["distributions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == name)
-            .unwrap_or_else(|| panic!("no distribution {name:?} in {r:#}"))["count"]
+        entry(&r, "distributions", |n| n == name)["count"]
             .as_u64()
             .unwrap()
     };
@@ -322,16 +322,8 @@ fn policy_times_every_enforcement_and_connect_and_counts_the_programs() {
             ) > 0.0,
             "{r:#}"
         );
-        let ingress = r["figures"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| {
-                f["name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with(&format!("{side}:   mesh_policy_ingress (")))
-            })
-            .unwrap_or_else(|| panic!("no ingress figure for {side} in {r:#}"));
+        let prefix = format!("{side}:   mesh_policy_ingress (");
+        let ingress = entry(&r, "figures", |n| n.starts_with(&prefix));
         assert!(ingress["value"].as_f64().unwrap() > 0.0, "{r:#}");
     }
 }
