@@ -34,6 +34,7 @@ use mesh_maps::sys::Access;
 
 use crate::lab::LabGuard;
 use crate::report::{Distribution, Figure, LatencyTarget, Machine, Report, Target};
+use crate::socket_lb::{PROGRAMS, timed_connect};
 
 const REBEL_BASE: &str = include_str!("../../examples/lab-demo/rebel-base.yaml");
 const X_WING: &str = include_str!("../../examples/lab-demo/x-wing.yaml");
@@ -155,16 +156,14 @@ fn connects(lab: &LabGuard, bench: &Path, addr: &str, count: usize) -> Result<Ve
 }
 
 /// `mesh-bench connect-loop ADDR COUNT` (run inside a pod): after 100 warm-up calls, COUNT
-/// connect() calls to ADDR, each on a fresh socket closed at once; prints each call's
+/// connect() calls to ADDR, each on a fresh socket closed at once with a reset (as
+/// `socket-lb`'s client: no TIME_WAIT, no ephemeral-port search); prints each call's
 /// nanoseconds. A failed connect is an error.
 pub fn connect_loop(addr: &str, count: usize) -> Result<()> {
     let addr: std::net::SocketAddr = addr.parse().context("ADDR is IP:PORT")?;
     let mut out = String::with_capacity(count * 8);
     for i in 0..count + 100 {
-        let t = Instant::now();
-        let s = std::net::TcpStream::connect(addr).with_context(|| format!("connect #{i}"))?;
-        let e = t.elapsed();
-        drop(s);
+        let e = timed_connect(addr).with_context(|| format!("connect #{i}"))?;
         if i >= 100 {
             out.push_str(&e.as_nanos().to_string());
             out.push(' ');
@@ -196,10 +195,6 @@ fn trimmed_mean_us(v: &[Duration]) -> f64 {
     let mid = &us[cut..us.len() - cut];
     mid.iter().sum::<f64>() / mid.len().max(1) as f64
 }
-
-/// The programs whose kernel run time the connect() comparison reports; the first is run
-/// once per connect().
-const PROGRAMS: [&str; 3] = ["mesh_connect4", "mesh_sock_ops", "mesh_policy_ingress"];
 
 /// One side of the connect() comparison: its samples and its programs' kernel time.
 #[derive(Default)]
