@@ -112,9 +112,6 @@ fn backend_ip(id: usize) -> Ipv4Addr {
 
 // === the client process ===
 
-/// `mesh-bench socket-lb-client`: joins `cgroup`, connects `WARMUP` + `count` times to
-/// consecutive services (or one of their backends) from `start`, and prints the loop's
-/// wall time and then each timed connect(), in nanoseconds, on one line.
 /// One blocking connect() to `addr`, timed, then closed with a reset (SO_LINGER 0): no
 /// TIME_WAIT, so a long run never makes the kernel search for a free ephemeral port (with
 /// the range full of TIME_WAIT sockets to one destination, each connect() spins for
@@ -128,6 +125,9 @@ pub(crate) fn timed_connect(addr: SocketAddr) -> Result<Duration> {
     Ok(e)
 }
 
+/// `mesh-bench socket-lb-client`: joins `cgroup`, connects `WARMUP` + `count` times to
+/// consecutive services (or one of their backends) from `start`, and prints the loop's
+/// wall time and then each timed connect(), in nanoseconds, on one line.
 pub fn client(
     cgroup: &Path,
     target: ClientTarget,
