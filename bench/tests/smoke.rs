@@ -312,8 +312,9 @@ fn policy_times_every_enforcement_and_connect_and_counts_the_programs() {
     assert_eq!(count("kubectl apply returned -> enforced on every node"), 2);
     assert_eq!(count("connect() to the global service, no policy"), 100);
     assert_eq!(count("connect() to the global service, egress policy"), 100);
-    // The kernel counted the programs of the lab's agents: one connect4 run per connect()
-    // (its name says how many), and the ingress program, whose name the kernel truncates.
+    // The kernel counted the lab agents' programs: connect4 ran (the figures are per
+    // connect4 run, so a side where it never ran would read "0.0 runs"), and so did the
+    // ingress program, whose name the kernel truncates to 15 bytes.
     for side in ["no policy", "egress policy"] {
         assert!(
             figure(
