@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -279,6 +279,46 @@ impl Drop for Bpffs {
 
 /// USER_HZ: the unit of `utime`/`stime` in `/proc/<pid>/stat` (100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
+
+/// Busy and total CPU time of the whole machine so far, in USER_HZ ticks (the `cpu` line
+/// of `/proc/stat`: idle and iowait count as idle).
+fn machine_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().context("malformed /proc/stat cpu line"))
+        .collect::<Result<_>>()?;
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// Waits until the machine is quiet: a window of `window` in which at most `busy_share` of
+/// its CPU time was busy, for at most `max`; returns how long it waited and whether it got
+/// quiet. A benchmark that times one process calls it first, so that the kernel's deferred
+/// work of what it tore down before (freeing a stopped agent's 512k-entry maps keeps a
+/// kworker busy for about 0.3 s) does not run on the clock.
+pub async fn settle(window: Duration, busy_share: f64, max: Duration) -> Result<(Duration, bool)> {
+    let t0 = Instant::now();
+    let mut last = machine_ticks()?;
+    loop {
+        tokio::time::sleep(window).await;
+        let now = machine_ticks()?;
+        let (busy, total) = (now.0 - last.0, now.1 - last.1);
+        last = now;
+        if total > 0 && (busy as f64) <= busy_share * total as f64 {
+            return Ok((t0.elapsed(), true));
+        }
+        if t0.elapsed() >= max {
+            return Ok((t0.elapsed(), false));
+        }
+    }
+}
 
 /// User + system CPU time of a process so far.
 pub fn cpu_time(pid: u32) -> Result<Duration> {

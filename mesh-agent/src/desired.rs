@@ -559,10 +559,17 @@ pub fn plan_scoped(
     desired: &DesiredState,
     ipcache_changed: Option<&BTreeSet<IpNet>>,
 ) -> Vec<Op> {
+    let (mut ops, ipcache_deletes) = ipcache_ops(current, desired, ipcache_changed);
+    ops.extend(plan_services(current, desired));
+    ops.extend(ipcache_deletes);
+    ops
+}
+
+/// Groups 2 to 6 of [`plan`]: the backends and services, without the ipcache (which the
+/// agent may write on a second thread meanwhile: `Reconciler::reconcile_changes`).
+pub fn plan_services(current: &DatapathState, desired: &DesiredState) -> Vec<Op> {
     let ids = BackendIds::assign(current, desired);
     let id_of = |key: &BackendKey| ids.get(key).expect("every desired backend has an id");
-
-    let (ipcache_upserts, ipcache_deletes) = ipcache_ops(current, desired, ipcache_changed);
 
     let mut backend_upserts = Vec::new();
     // Backends whose entry changes in place: the slots pointing at them carry a copy of
@@ -647,18 +654,18 @@ pub fn plan_scoped(
         );
     }
 
-    let mut ops = ipcache_upserts;
-    ops.extend(backend_upserts);
+    let mut ops = backend_upserts;
     ops.extend(slot_upserts);
     ops.extend(master_upserts);
     ops.extend(master_deletes);
     ops.extend(slot_deletes);
     ops.extend(backend_deletes);
-    ops.extend(ipcache_deletes);
     ops
 }
 
-fn ipcache_ops(
+/// The ipcache upserts and deletes of [`plan_scoped`] (groups 1 and 7), each in prefix
+/// order.
+pub fn ipcache_ops(
     current: &DatapathState,
     desired: &DesiredState,
     ipcache_changed: Option<&BTreeSet<IpNet>>,
