@@ -10,13 +10,44 @@ pub mod hubble;
 
 use std::net::{SocketAddr, TcpListener};
 
-/// A loopback TCP port that was free when asked. Another process may take it before the
-/// caller binds it; callers that can bind port 0 themselves should do that instead.
+/// A loopback TCP port that was free when asked, below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`): the ports the kernel hands out on its own (a connect(),
+/// a bind to port 0, in any process of the suite) never take it before the caller binds it.
+/// Only another explicit bind to the same port can, which the random pick in a range of
+/// about 20k ports makes rare. Where that range is too small to pick from, falls back to
+/// a port the kernel picks (inside the ephemeral range). Callers that can bind port 0
+/// themselves should do that instead.
 pub fn free_port() -> u16 {
+    const LOW: u16 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOW + 1_000 {
+        for _ in 0..200 {
+            let port = LOW + (random_u64() % u64::from(ephemeral_low - LOW)) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a: SocketAddr| a.port())
         .expect("binding a loopback port")
+}
+
+/// A random number from the standard library's per-process random hash keys (no
+/// dependency for picking a port).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 /// Fails the calling test unless the process runs as root.
@@ -46,4 +77,30 @@ pub fn is_root() -> bool {
                 .map(|l| l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_bindable() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports: Vec<u16> = (0..20).map(|_| free_port()).collect();
+        for &p in &ports {
+            assert!(
+                (10_000..low).contains(&p),
+                "port {p}, ephemeral range from {low}"
+            );
+            TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert!(distinct.len() > 10, "not random: {ports:?}");
+    }
 }

@@ -307,22 +307,40 @@ impl Cluster {
         .collect()
     }
 
-    /// Starts the apiserver process and waits until it accepts connections.
+    /// Starts the apiserver process and waits until it says it started (both listeners
+    /// bound: a connect to the port alone could reach another process holding it). Its
+    /// ports are fixed (`meshctl connect` writes them into the peers' Secrets before the
+    /// first start); `free_port` picks them outside the kernel's ephemeral range, so no
+    /// other process's connect() or bind to port 0 can take them meanwhile.
     async fn start(&mut self, stale_ttl: &str) {
         self.starts += 1;
         let log = self.dir.join(format!("apiserver-{}.log", self.starts));
         self.apiserver = Some(Apiserver::spawn(&self.argv(stale_ttl), log));
         let deadline = Instant::now() + T;
-        while std::net::TcpStream::connect_timeout(&self.grpc, Duration::from_millis(200)).is_err()
-        {
+        loop {
+            let a = self.apiserver.as_mut().unwrap();
+            let text = std::fs::read_to_string(&a.log).unwrap_or_default();
+            if text.contains("mesh-apiserver started") {
+                return;
+            }
+            if let Some(status) = a.child.try_wait().unwrap() {
+                // The error is logged before the panic's backtrace: show the start.
+                let head: Vec<&str> = text.lines().take(30).collect();
+                panic!(
+                    "apiserver {} exited ({status}) before it started on {}:\n{}",
+                    self.name,
+                    self.grpc,
+                    head.join("\n")
+                );
+            }
             assert!(
                 Instant::now() < deadline,
-                "apiserver {} did not listen on {}:\n{}",
+                "apiserver {} did not start on {}:\n{}",
                 self.name,
                 self.grpc,
-                self.apiserver.as_ref().unwrap().log_tail()
+                a.log_tail()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
