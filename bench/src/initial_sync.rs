@@ -314,6 +314,8 @@ struct SyncResult {
     settled: (Duration, bool),
     elapsed: Duration,
     agent_rss_kib: u64,
+    /// VmHWM: the agent's peak RSS during the sync.
+    agent_peak_kib: u64,
     apiserver_rss_kib: u64,
     /// The agent's `mesh_agent_initial_sync_seconds{phase}`: when each phase ended, in
     /// seconds since the agent started, in the order of [`SYNC_PHASES`].
@@ -453,6 +455,7 @@ async fn time_agent_sync(
         phases: read_phases(agent),
         elapsed,
         agent_rss_kib: env::rss_kib(agent_pid)?,
+        agent_peak_kib: env::peak_rss_kib(agent_pid)?,
         apiserver_rss_kib: env::rss_kib(cluster.apiserver.pid())?,
     })
 }
@@ -540,7 +543,8 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
          the previous agent's maps is not timed) until its mesh_agent_map_entries gauges (set after each reconcile) equal the expected counts, \
          read every 5 ms over HTTP; the pinned maps are then dumped and their counts checked. \
          The data is in the apiserver's index before the agent starts. RSS is VmRSS of each \
-         process (/proc/<pid>/status) right after the sync",
+         process (/proc/<pid>/status) right after the sync and the dump, peak RSS the agent's \
+         VmHWM",
     );
     report.param("scale", opts.scale);
     report.param("peer_endpoints", sizes.endpoints);
@@ -569,6 +573,11 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     report.figures.push(Figure::new(
         "agent RSS after case 1",
         r1.agent_rss_kib as f64 / 1024.0,
+        "MiB",
+    ));
+    report.figures.push(Figure::new(
+        "agent peak RSS during case 1 (VmHWM)",
+        r1.agent_peak_kib as f64 / 1024.0,
         "MiB",
     ));
     report.figures.push(
@@ -624,6 +633,11 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
         report.figures.push(Figure::new(
             "agent RSS after case 2",
             r2.agent_rss_kib as f64 / 1024.0,
+            "MiB",
+        ));
+        report.figures.push(Figure::new(
+            "agent peak RSS during case 2 (VmHWM)",
+            r2.agent_peak_kib as f64 / 1024.0,
             "MiB",
         ));
         report.figures.push(

@@ -276,6 +276,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     agent.run(watch, shutdown, changed).await
 }
 
+/// A reconcile with at least this many map operations (a first sync, a peer arriving or
+/// leaving) is followed by giving the memory freed back to the system.
+const LARGE_RECONCILE_OPS: u64 = 4096;
+
 /// The shortest interval between two rebuilds of the flow context under churn (the flow
 /// reader holds records back until the rebuild).
 const FLOW_CONTEXT_INTERVAL: Duration = Duration::from_millis(100);
@@ -723,6 +727,7 @@ impl Agent {
         let written = self
             .reconciler
             .reconcile_changes(&desired, &ipcache_changes);
+        let mut large = false;
         match written {
             Ok(counts) => {
                 if first {
@@ -736,6 +741,7 @@ impl Agent {
                         "datapath programmed"
                     );
                 }
+                large = counts.values().sum::<u64>() >= LARGE_RECONCILE_OPS;
                 for (op, n) in counts {
                     self.metrics
                         .map_operations
@@ -792,6 +798,16 @@ impl Agent {
         self.update_status(None, changed_error);
         if first {
             self.metrics.initial_sync.mark("finished");
+        }
+        if first || large {
+            // A first sync, a peer arriving or leaving, a fresh snapshot: what they
+            // allocated on the way is freed by now; give it back (see the function).
+            let t = Instant::now();
+            crate::datapath::release_freed_memory();
+            debug!(
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "freed memory released"
+            );
         }
         self.ipcache.put_back(std::mem::take(&mut desired.ipcache));
         // What flow records are decorated with follows the maps (see `refresh_flow_context`);
