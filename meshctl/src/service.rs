@@ -999,7 +999,14 @@ pub fn render_explain(e: &Explanation) -> String {
         s.push_str(&format!("Invalid value skipped: {i}\n"));
     }
     s.push('\n');
-    if e.excluded.is_empty() {
+    // The selection's exclusions; quarantines (above) are the node's, after selection.
+    let quarantine_left_out = e
+        .programmed
+        .iter()
+        .any(|f| f.quarantined.iter().any(|q| q.left_out));
+    if e.excluded.is_empty() && quarantine_left_out {
+        s.push_str("No other backend left out.\n");
+    } else if e.excluded.is_empty() {
         s.push_str("No backend left out.\n");
     } else {
         s.push_str("Left out:\n");
@@ -1499,6 +1506,9 @@ mod tests {
             text.contains("Frontend 10.96.0.10:80/TCP forwards to east/10.1.0.1:8080\n"),
             "{text}"
         );
+        // The summary does not contradict the quarantine line.
+        assert!(text.contains("\nNo other backend left out.\n"), "{text}");
+        assert!(!text.contains("No backend left out."), "{text}");
         // The selection itself is unchanged: quarantine is the node's, after selection.
         assert_eq!(e.ports[0].backends.len(), 2);
 
@@ -1524,6 +1534,7 @@ mod tests {
         assert!(
             render_explain(&e).contains("No backend of this service is quarantined on this node.")
         );
+        assert!(render_explain(&e).contains("\nNo backend left out.\n"));
 
         // Not read: said so, and nothing is applied.
         let e = explain(
