@@ -803,7 +803,7 @@ impl Agent {
             // A first sync, a peer arriving or leaving, a fresh snapshot: what they
             // allocated on the way is freed by now; give it back (see the function).
             let t = Instant::now();
-            crate::datapath::release_freed_memory();
+            mesh_proto::serve::release_freed_memory();
             debug!(
                 ms = t.elapsed().as_secs_f64() * 1e3,
                 "freed memory released"

@@ -37,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use config::{Args, Settings};
 
@@ -250,6 +250,47 @@ async fn kube_client(kube: &config::KubeArgs) -> Result<kube::Client, RunError> 
     kube::Client::try_from(cfg).map_err(|e| err(&e))
 }
 
+/// How often the index's size is compared for [`release_memory_after_large_changes`].
+const MEMORY_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// A change of at least this many objects in the index (a peer arriving or leaving, a
+/// first load) is followed by giving the memory freed on the way back to the system.
+const LARGE_CHANGE_OBJECTS: usize = 4096;
+
+/// Gives the memory freed back to the system (`mesh_proto::serve::release_freed_memory`)
+/// once a large change of the index is over: it grew or shrank by at least
+/// [`LARGE_CHANGE_OBJECTS`] since the last time, and by less than 1/16 of that in the last
+/// [`MEMORY_CHECK_INTERVAL`]. The importer's and the feeder's transient allocations of a
+/// large change (decoded snapshots, transactions, listing pages) would otherwise stay in the
+/// RSS. Churn that replaces objects does not trigger it.
+async fn release_memory_after_large_changes(
+    index: Index,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let mut tick = tokio::time::interval(MEMORY_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut released, mut previous) = (0usize, 0usize);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let now = index.with_state(|st| st.len());
+        let settled = now.abs_diff(previous) < LARGE_CHANGE_OBJECTS / 16;
+        previous = now;
+        if settled && now.abs_diff(released) >= LARGE_CHANGE_OBJECTS {
+            let t = std::time::Instant::now();
+            mesh_proto::serve::release_freed_memory();
+            debug!(
+                objects = now,
+                was = released,
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "freed memory released"
+            );
+            released = now;
+        }
+    }
+}
+
 /// Starts the apiserver from validated settings. Listeners are bound before this returns
 /// (port 0 gets a free port: see [`Running::grpc_addr`]).
 pub async fn start(
@@ -334,6 +375,10 @@ pub async fn start(
         let _ = feeder.await;
         Ok(())
     });
+    tasks.spawn(release_memory_after_large_changes(
+        index.clone(),
+        shutdown.clone(),
+    ));
 
     // The publisher (leader election + Kubernetes -> etcd).
     let (leader_rx, leader_keep) = if opts.publisher {

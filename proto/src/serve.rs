@@ -126,3 +126,20 @@ pub async fn bind_health<R: Readiness>(
     };
     Ok((local, fut))
 }
+
+pub use alloc::release_freed_memory;
+
+mod alloc {
+    #![allow(unsafe_code)]
+
+    /// Gives the memory the process freed back to the system. The mesh's long-running
+    /// binaries allocate with mimalloc (ARCHITECTURE.md, *allocator*), which keeps freed
+    /// pages for reuse: after a large change (an initial sync, a peer arriving or leaving)
+    /// the transient allocations on the way (decoded messages, plans, write buffers) would
+    /// otherwise stay in the RSS for good. Collects the calling thread's heap and the
+    /// process's arenas; cheap: it did not show in a `perf` profile of the agent's 512k sync.
+    pub fn release_freed_memory() {
+        // SAFETY: mi_collect only walks the allocator's own state; no pointer is passed.
+        unsafe { libmimalloc_sys::mi_collect(true) };
+    }
+}

@@ -38,7 +38,7 @@ mod sys;
 pub use events::{EventControl, EventCounters, EventMaps};
 pub use maps::IpcacheWriter;
 pub use netns::{NetnsInfo, NetnsScanner};
-pub use sys::{async_ring, boottime_ns, release_freed_memory};
+pub use sys::{async_ring, boottime_ns};
 
 use std::{io, path::PathBuf};
 

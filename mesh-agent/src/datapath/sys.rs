@@ -1,7 +1,6 @@
 //! Thin wrappers over the host system calls the datapath needs besides bpf(2)
 //! (which lives in `mesh_maps::sys`): bpffs detection and mount, interface
-//! indexes, running code in another network namespace; and giving memory freed back to
-//! the system (mimalloc).
+//! indexes, and running code in another network namespace.
 #![allow(unsafe_code)]
 
 use std::{
@@ -158,13 +157,4 @@ pub fn async_ring(
     // returns that one fd every time.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| io::Error::other(e.to_string()))
-}
-
-/// Gives the memory the initial sync freed back to the system. The snapshot's decoded
-/// messages, the first plan's operations and the map writes' buffers are transient (about
-/// 10% of the agent's peak at 100k endpoints) but mimalloc keeps freed pages for reuse, so
-/// without this the agent's RSS stays at the sync's peak for good.
-pub fn release_freed_memory() {
-    // SAFETY: mi_collect only walks the allocator's own state; no pointer is passed.
-    unsafe { libmimalloc_sys::mi_collect(true) };
 }

@@ -119,7 +119,7 @@ impl Index {
         self.inner.state.lock().expect("index lock poisoned")
     }
 
-    /// Runs `f` with the state (tests, status).
+    /// Runs `f` with the state (tests, status, the memory check).
     pub fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         let mut st = self.lock();
         let was_loaded = st.loaded;
