@@ -146,7 +146,7 @@ pub struct Reconciler<M> {
     /// comparison succeeded after the maps were read.
     mirror_matches_desired: bool,
     /// The services and backends the mirror was last brought to by a whole plan: while the
-    /// desired ones equal them, a reconcile plans the ipcache only ([`desired::plan_ipcache`]).
+    /// desired ones equal them, a reconcile plans the ipcache only ([`desired::ipcache_ops`]).
     planned_services: Option<PlannedServices>,
     /// The last reconcile wrote part of its ipcache upserts on a second thread.
     ipcache_written_beside: bool,
