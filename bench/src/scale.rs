@@ -530,15 +530,25 @@ impl Background {
         let want = (shape.total_endpoints() + shape.total_nodes()) as u64;
         wait_agent_ipcache_at_least(agent, want, stall).await?;
         let stop = CancellationToken::new();
+        // The first replacement is awaited before the samples start, so that they are taken
+        // under churn however short they are (then the receiver goes: nothing queues).
+        let (first_tx, mut first_rx) = mpsc::unbounded_channel();
         let churn = spawn_churn(
             fleet.clusters(),
             fresh_pods(&shape),
             shape,
             opts.background_churn,
             1,
-            None,
+            Some(first_tx),
             stop.clone(),
         );
+        if opts.background_churn > 0.0 {
+            let within = Duration::from_secs_f64(10.0 + 2.0 / opts.background_churn);
+            if tokio::time::timeout(within, first_rx.recv()).await.is_err() {
+                bail!("background: no pod replaced within {within:?} of starting the churn");
+            }
+        }
+        drop(first_rx);
         Ok(Some(Background {
             fleet,
             stop,

@@ -87,6 +87,33 @@ async fn history(c: &mut etcd_client::Client, key: &str) -> Vec<(i64, Vec<u8>)> 
     out
 }
 
+/// Waits (an etcd watch) until the importer persisted a status claiming `revision` or later.
+async fn persisted_status_at_least(c: &mut etcd_client::Client, key: &str, revision: i64) {
+    let claims =
+        |value: &[u8]| pb::PeerStatus::decode(value).expect("PeerStatus").revision >= revision;
+    let mut stream = c.watch(key, None).await.expect("watch the status");
+    let current = c.get(key, None).await.expect("get the status");
+    if current.kvs().first().is_some_and(|kv| claims(kv.value())) {
+        return;
+    }
+    let wait = async {
+        while let Some(resp) = stream.message().await.expect("status watch") {
+            if resp
+                .events()
+                .iter()
+                .filter_map(|e| e.kv())
+                .any(|kv| claims(kv.value()))
+            {
+                return;
+            }
+        }
+        panic!("the status watch ended");
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), wait)
+        .await
+        .unwrap_or_else(|_| panic!("no status claiming revision {revision} persisted in 20 s"));
+}
+
 async fn txn(c: &mut etcd_client::Client, ops: Vec<TxnOp>) -> i64 {
     let r = c.txn(Txn::new().and_then(ops)).await.expect("txn");
     r.header().unwrap().revision()
@@ -142,6 +169,11 @@ async fn pipelined_snapshot_keeps_last_values_and_status_behind_data() {
             );
         }
         last = txn(&mut ea, ops).await;
+        if round == DELETE_ROUND {
+            // At least one status is persisted mid-way, however fast the machine: the
+            // final one alone (written on shutdown) would leave the check below one case.
+            persisted_status_at_least(&mut eb, &keys.peer_status("a"), last).await;
+        }
     }
     let expected = endpoints_at(&mut ea, 0).await;
     assert_eq!(
