@@ -87,17 +87,23 @@ async fn history(c: &mut etcd_client::Client, key: &str) -> Vec<(i64, Vec<u8>)> 
     out
 }
 
-/// Waits (an etcd watch) until the importer persisted a status claiming `revision` or later.
-async fn persisted_status_at_least(c: &mut etcd_client::Client, key: &str, revision: i64) {
-    let claims =
-        |value: &[u8]| pb::PeerStatus::decode(value).expect("PeerStatus").revision >= revision;
-    let mut stream = c.watch(key, None).await.expect("watch the status");
-    let current = c.get(key, None).await.expect("get the status");
-    if current.kvs().first().is_some_and(|kv| claims(kv.value())) {
+/// Waits (an etcd watch) until the importer persisted a status of `peer` claiming
+/// `revision` or later.
+async fn persisted_status_at_least(c: &mut etcd_client::Client, peer: &str, revision: i64) {
+    let mut stream = c
+        .watch(Keys::default().peer_status(peer), None)
+        .await
+        .expect("watch the status");
+    if peer_status(c, peer)
+        .await
+        .is_some_and(|s| s.revision >= revision)
+    {
         return;
     }
     let wait = async {
         while let Some(resp) = stream.message().await.expect("status watch") {
+            let claims =
+                |v: &[u8]| pb::PeerStatus::decode(v).expect("PeerStatus").revision >= revision;
             if resp
                 .events()
                 .iter()
@@ -172,7 +178,7 @@ async fn pipelined_snapshot_keeps_last_values_and_status_behind_data() {
         if round == DELETE_ROUND {
             // At least one status is persisted mid-way, however fast the machine: the
             // final one alone (written on shutdown) would leave the check below one case.
-            persisted_status_at_least(&mut eb, &keys.peer_status("a"), last).await;
+            persisted_status_at_least(&mut eb, "a", last).await;
         }
     }
     let expected = endpoints_at(&mut ea, 0).await;
