@@ -344,6 +344,13 @@ impl Cluster {
         }
     }
 
+    /// Whether the apiserver process is still running.
+    fn running(&mut self) -> bool {
+        self.apiserver
+            .as_mut()
+            .is_some_and(|a| a.child.try_wait().ok().flatten().is_none())
+    }
+
     fn kill(&mut self) {
         if let Some(mut a) = self.apiserver.take() {
             a.kill();
@@ -677,7 +684,16 @@ async fn connect_restart_resume_and_withdraw() {
     let mut flags = tls_flags.clone();
     flags.extend(["--timeout".into(), "60s".into()]);
     let out = meshctl_out(connect(&flags), env.clone()).await;
-    let stdout = ok(out, "meshctl connect --wait");
+    // On failure, both apiservers' logs and whether they still run (it failed once in CI
+    // with alpha's apiserver started yet unreachable for 60 s).
+    let what = format!(
+        "meshctl connect --wait (alpha running: {}, beta running: {})\n--- alpha's log:\n{}\n--- beta's log:\n{}",
+        a.running(),
+        b.running(),
+        a.log_tail(),
+        b.log_tail()
+    );
+    let stdout = ok(out, &what);
     assert!(
         stdout.contains("connected cluster alpha (id 1")
             && stdout.contains("alpha sees beta connected and synced")
