@@ -313,6 +313,7 @@ fn child_process_entry() {
     let Ok(role) = std::env::var("MESH_DP_CHILD") else {
         return;
     };
+    mesh_testkit::init_child_process();
     let args = std::env::var("MESH_DP_ARGS").unwrap_or_default();
     let args: Vec<&str> = args.split_whitespace().collect();
     child_main(&role, &args);

@@ -3,12 +3,15 @@
 
 pub mod bins;
 pub mod certs;
+mod child;
 pub mod etcd;
 #[cfg(feature = "history")]
 pub mod history;
 pub mod hubble;
 
 use std::net::{SocketAddr, TcpListener};
+
+pub use child::init_child_process;
 
 /// A loopback TCP port that was free when asked, below the kernel's ephemeral range
 /// (`net.ipv4.ip_local_port_range`): the ports the kernel hands out on its own (a connect(),

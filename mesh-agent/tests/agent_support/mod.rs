@@ -334,6 +334,7 @@ pub fn child_entry() {
     let Ok(role) = std::env::var("MESH_AGENT_TEST_CHILD") else {
         return;
     };
+    mesh_testkit::init_child_process();
     let args = std::env::var("MESH_AGENT_TEST_ARGS").unwrap_or_default();
     let args: Vec<&str> = args.split_whitespace().collect();
     child_main(&role, &args);
