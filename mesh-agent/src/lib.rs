@@ -54,6 +54,18 @@ use crate::reconcile::Reconciler;
 use crate::routes::RouteTable;
 use crate::state::{Applied, MeshState};
 
+/// What a batch of watch updates asks of the agent's loop.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Needs {
+    /// The programmed state may have changed.
+    reconcile: bool,
+    /// Only the status report's per-cluster counts moved.
+    status: bool,
+}
+
+/// How soon the status report follows changes that need no reconcile (at most this often).
+const STATUS_ONLY_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -358,6 +370,8 @@ impl Agent {
         let initial_deadline = started + self.settings.initial_sync_timeout;
         let mut pacer = pace::Pacer::new(self.settings.debounce);
         let mut due: Option<Instant> = changed.then(|| pacer.due(Instant::now()));
+        // A status report of changes that need no reconcile (see `on_updates`).
+        let mut status_due: Option<Instant> = None;
         // When the flow context is rebuilt next, and when it last was.
         let mut flow_due: Option<Instant> = None;
         let mut flow_built: Option<Instant> = None;
@@ -394,13 +408,24 @@ impl Agent {
                 }
                 batch = watch.recv_batch() => {
                     let Some(batch) = batch else { return Err(Error::WatchEnded) };
-                    if self.on_updates(batch) {
+                    let needs = self.on_updates(batch);
+                    if needs.reconcile {
                         due.get_or_insert_with(|| pacer.due(Instant::now()));
+                    }
+                    if needs.status {
+                        status_due.get_or_insert_with(|| Instant::now() + STATUS_ONLY_INTERVAL);
                     }
                     let r = stats.reconnects();
                     if r > reconnects {
                         self.metrics.watch_reconnects.inc_by(r - reconnects);
                         reconnects = r;
+                    }
+                }
+                _ = sleep_until(status_due) => {
+                    status_due = None;
+                    // A reconcile due meanwhile reports the status itself.
+                    if due.is_none() {
+                        self.update_status(None, false);
                     }
                 }
                 _ = sleep_until(due) => {
@@ -577,20 +602,33 @@ impl Agent {
 
     /// Applies a batch of updates (one message of the watch stream), in order; returns
     /// whether a reconcile is needed.
-    fn on_updates(&mut self, batch: Vec<WatchUpdate>) -> bool {
+    fn on_updates(&mut self, batch: Vec<WatchUpdate>) -> Needs {
         if !self.programmed {
             self.metrics.initial_sync.mark("first_message");
         }
-        let mut changed = false;
+        let mut needs = Needs::default();
         for update in batch {
-            changed |= self.on_update(update);
+            // Once programming has begun, the objects of a cluster that has never synced
+            // are left out of it (the sync gate) until its markers arrive, which asks for a
+            // reconcile of their own: until then a change to them only moves the counts
+            // of the status report. A peer's first snapshot (100k objects over seconds)
+            // would otherwise recompute the programmed state hundreds of times for nothing.
+            let left_out = self.programmed
+                && match &update {
+                    WatchUpdate::Upsert { cluster, .. } | WatchUpdate::Delete { cluster, .. } => {
+                        !self.state.gate_programs(cluster)
+                    }
+                    _ => false,
+                };
+            if apply_update(&mut self.state, &self.metrics, update) {
+                if left_out {
+                    needs.status = true;
+                } else {
+                    needs.reconcile = true;
+                }
+            }
         }
-        changed
-    }
-
-    /// Applies one update; returns whether a reconcile is needed.
-    fn on_update(&mut self, update: WatchUpdate) -> bool {
-        apply_update(&mut self.state, &self.metrics, update)
+        needs
     }
 
     /// Recomputes and applies the desired datapath; `Err(delay)` asks for a retry.

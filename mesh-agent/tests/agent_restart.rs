@@ -165,6 +165,91 @@ async fn a_restarted_agent_changes_nothing_until_the_local_cluster_is_synced() {
         .await;
 }
 
+/// Once the agent programs, a cluster that has never synced (a peer's first snapshot on its
+/// way) is left out of the maps: its objects arriving cost no reconcile, only a status
+/// report with their counts; its markers bring it in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_still_syncing_costs_no_reconcile_and_joins_once_synced() {
+    require_root!();
+    let mut mesh = Mesh::start("join", Net(24)).await;
+    let net = mesh.net;
+    // The local backend is on another node: a pod of this node without a network
+    // namespace would have the agent reconcile every second until it appears.
+    mesh.put_config("east", 1, "10.1.0.0/16").await;
+    mesh.put_node("east", "node-1", net.host(2), "10.1.1.0/24")
+        .await;
+    mesh.put_node("east", "node-2", net.host(3), "10.1.2.0/24")
+        .await;
+    mesh.put_identity("east", identity(1, 256), "web").await;
+    mesh.put_endpoint("east", "10.1.2.11", identity(1, 256), "node-2", net.host(3))
+        .await;
+    mesh.put_service(&web(
+        "east",
+        VIP,
+        pb::Affinity::None,
+        vec![backend("10.1.2.11", "node-2", true)],
+    ))
+    .await;
+    mesh.backend("10.1.2.11", agent_support::TARGET_PORT, "east-n2");
+    mesh.backend("10.2.1.11", agent_support::TARGET_PORT, "west-w1");
+    mesh.mark_synced("east").await;
+    mesh.start_agent(&[]);
+    let east_only = targets(&["10.1.2.11"]);
+    mesh.converge("east alone", |d| exactly(d, &east_only))
+        .await;
+    let before = reconciles(&mesh);
+    let programmed = mesh.dump();
+
+    // west's objects, without its markers.
+    mesh.put_config("west", 2, "10.2.0.0/16").await;
+    mesh.put_node("west", "w1", net.host(4), "10.2.1.0/24")
+        .await;
+    mesh.put_identity("west", identity(2, 256), "web").await;
+    mesh.put_endpoint("west", "10.2.1.11", identity(2, 256), "w1", net.host(4))
+        .await;
+    mesh.put_service(&web(
+        "west",
+        "10.97.0.10",
+        pb::Affinity::None,
+        vec![backend("10.2.1.11", "w1", true)],
+    ))
+    .await;
+    // The status report counts them (the agent has applied every one of them)...
+    let deadline = std::time::Instant::now() + agent_support::CONVERGE;
+    loop {
+        let status = mesh.agent_status().await;
+        let west = status
+            .as_ref()
+            .and_then(|s| s.clusters.iter().find(|c| c.cluster == "west"));
+        if west.is_some_and(|w| !w.synced && w.endpoints == 1 && w.services == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the status never counted west's objects: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // ...while no reconcile ran and the maps are as they were.
+    assert_eq!(
+        reconciles(&mesh),
+        before,
+        "reconciles for a cluster left out"
+    );
+    assert_eq!(mesh.dump(), programmed, "the maps changed");
+
+    mesh.mark_synced("west").await;
+    let both = targets(&["10.1.2.11", "10.2.1.11"]);
+    mesh.converge("west joined", |d| exactly(d, &both)).await;
+    assert!(reconciles(&mesh) > before);
+}
+
+/// How many reconciles the agent has run.
+fn reconciles(mesh: &Mesh) -> f64 {
+    mesh.metric("mesh_agent_reconcile_duration_seconds_count")
+        .expect("the agent exports its reconcile count")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_resumes_after_an_apiserver_restart_and_misses_no_delete() {
     require_root!();

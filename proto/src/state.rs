@@ -99,6 +99,11 @@ pub struct Generations {
 // === impl ClusterData ===
 
 impl ClusterData {
+    /// The cluster's fact for the [sync gate](MeshState::sync_gate): synced at least once.
+    fn gate_fact(&self) -> bool {
+        self.ever_synced
+    }
+
     /// Whether every kind of the cluster has its marker: [`LOCAL_KINDS`] for the local
     /// cluster, [`KINDS`] for the others.
     pub fn synced(&self, local: bool) -> bool {
@@ -209,7 +214,17 @@ impl MeshState {
 
     /// mesh-core's [`sync_gate`] over every cluster seen (synced at least once or not).
     pub fn sync_gate(&self, input: &GateInput<'_>) -> SyncGate {
-        sync_gate(input, self.clusters.iter().map(|(n, c)| (n, c.ever_synced)))
+        sync_gate(input, self.clusters.iter().map(|(n, c)| (n, c.gate_fact())))
+    }
+
+    /// Whether the [sync gate](Self::sync_gate), once open, programs `cluster`'s objects:
+    /// false for a cluster that has never synced (one not seen yet included), so a change
+    /// to its objects changes nothing programmed (the agent skips the reconcile: a peer's
+    /// first snapshot is 100k objects arriving over a few seconds).
+    pub fn gate_programs(&self, cluster: &ClusterName) -> bool {
+        self.clusters
+            .get(cluster)
+            .is_some_and(ClusterData::gate_fact)
     }
 
     /// The clusters to program (borrowed, not copied), or why nothing is programmed yet:
