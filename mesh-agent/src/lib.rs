@@ -601,7 +601,7 @@ impl Agent {
     }
 
     /// Applies a batch of updates (one message of the watch stream), in order; returns
-    /// whether a reconcile is needed.
+    /// what they ask of the loop: a reconcile, or only a status report.
     fn on_updates(&mut self, batch: Vec<WatchUpdate>) -> Needs {
         if !self.programmed {
             self.metrics.initial_sync.mark("first_message");
