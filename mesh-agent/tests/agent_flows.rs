@@ -236,17 +236,11 @@ async fn connections_become_decorated_flows_served_over_mutual_tls() {
     assert_eq!(status.num_flows, status.seen_flows.min(4095));
 
     // The relay finds the agent through its status record.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = mesh.agent_status().await;
-        if s.as_ref()
-            .is_some_and(|s| s.observer_address == format!("{}:4244", NET.host(2)))
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{s:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let observer_address = format!("{}:4244", NET.host(2));
+    mesh.wait_agent_status("the observer's address reported", |s| {
+        s.observer_address == observer_address
+    })
+    .await;
 
     // Flow metrics count by destination cluster.
     let series = "mesh_agent_flows_total{source_cluster=\"east\",destination_cluster=\"west\",source_namespace=\"\",destination_namespace=\"default\",direction=\"egress\",verdict=\"forwarded\",drop_reason=\"\"}";

@@ -63,13 +63,9 @@ async fn failing_backends_are_quarantined_on_the_node_never_the_last() {
     );
     assert_eq!(mesh.metric("mesh_agent_backends_quarantined"), Some(1.0));
     assert!(mesh.metric("mesh_agent_backend_quarantines_total").unwrap() >= 1.0);
-    let status = loop {
-        let s = mesh.agent_status().await.unwrap();
-        if !s.quarantines.is_empty() {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = mesh
+        .wait_agent_status("the quarantine reported", |s| !s.quarantines.is_empty())
+        .await;
     assert_eq!(status.quarantines.len(), 1);
     assert_eq!(status.quarantines[0].ip, "10.1.1.11");
     assert_eq!(status.quarantines[0].port, u32::from(TARGET_PORT));

@@ -126,26 +126,14 @@ async fn ipcache_holds_every_endpoint_and_routes_follow_remote_nodes() {
     assert!(all.contains(&format!("10.9.0.0/24 via {foreign}")), "{all}");
 
     // The status report reaches the apiserver: both clusters synced, entry counts.
-    let deadline = std::time::Instant::now() + agent_support::CONVERGE;
-    loop {
-        let status = mesh.agent_status().await;
-        let ok = status.as_ref().is_some_and(|s| {
-            s.clusters.len() == 2
-                && s.clusters.iter().all(|c| c.synced)
-                && s.map_entries.get("ipcache") == Some(&6)
-                && s.map_entries.get("routes") == Some(&2)
-                && s.last_error.is_empty()
-        });
-        if ok {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "status report {status:?}\nagent log:\n{}",
-            mesh.agent.as_ref().unwrap().log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    mesh.wait_agent_status("both clusters synced, entry counts", |s| {
+        s.clusters.len() == 2
+            && s.clusters.iter().all(|c| c.synced)
+            && s.map_entries.get("ipcache") == Some(&6)
+            && s.map_entries.get("routes") == Some(&2)
+            && s.last_error.is_empty()
+    })
+    .await;
 
     // Health, readiness and metrics.
     let status_line = |r: &str| r.lines().next().unwrap_or_default().to_owned();

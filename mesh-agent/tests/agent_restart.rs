@@ -215,21 +215,12 @@ async fn a_cluster_still_syncing_costs_no_reconcile_and_joins_once_synced() {
     ))
     .await;
     // The status report counts them (the agent has applied every one of them)...
-    let deadline = std::time::Instant::now() + agent_support::CONVERGE;
-    loop {
-        let status = mesh.agent_status().await;
-        let west = status
-            .as_ref()
-            .and_then(|s| s.clusters.iter().find(|c| c.cluster == "west"));
-        if west.is_some_and(|w| !w.synced && w.endpoints == 1 && w.services == 1) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the status never counted west's objects: {status:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    mesh.wait_agent_status("west's objects counted", |s| {
+        s.clusters
+            .iter()
+            .any(|w| w.cluster == "west" && !w.synced && w.endpoints == 1 && w.services == 1)
+    })
+    .await;
     // ...while no reconcile ran and the maps are as they were.
     assert_eq!(
         reconciles(&mesh),

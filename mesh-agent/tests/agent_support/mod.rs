@@ -749,6 +749,50 @@ impl Mesh {
             .map(|kv| pb::AgentStatus::decode(kv.value()).expect("an AgentStatus"))
     }
 
+    /// Waits until the agent's status report, as the apiserver stored it in etcd, passes
+    /// `check` (an etcd watch on its key: the report is awaited, not polled); panics naming
+    /// `what`, with the last report and the agent's log, after [`CONVERGE`].
+    pub async fn wait_agent_status(
+        &mut self,
+        what: &str,
+        check: impl Fn(&pb::AgentStatus) -> bool,
+    ) -> pb::AgentStatus {
+        let key = self.keys.agent("node-1");
+        // Watch first, then read: a report written between the two is in the stream.
+        let mut stream = self
+            .kv
+            .watch(key.clone(), None)
+            .await
+            .expect("watch the agent's status");
+        let mut last = self.agent_status().await;
+        if let Some(s) = last.as_ref().filter(|s| check(s)) {
+            return s.clone();
+        }
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        loop {
+            let resp = match tokio::time::timeout_at(deadline, stream.message()).await {
+                Ok(resp) => resp
+                    .expect("the agent's status watch")
+                    .expect("the agent's status watch ended"),
+                Err(_) => panic!(
+                    "{what}: the agent's status report did not pass after {CONVERGE:?}; the \
+                     last one: {last:?}\nagent log:\n{}",
+                    self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
+                ),
+            };
+            for kv in resp.events().iter().filter_map(|e| e.kv()) {
+                if kv.value().is_empty() {
+                    continue;
+                }
+                let s = pb::AgentStatus::decode(kv.value()).expect("an AgentStatus");
+                if check(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+        }
+    }
+
     // --- writing cluster data into etcd (DESIGN.md section 6) ---
 
     pub async fn put<M: Message>(&mut self, cluster: &str, kind: Kind, name: &str, value: &M) {
