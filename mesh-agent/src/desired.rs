@@ -20,6 +20,7 @@ use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use mesh_core::select::plan_node;
@@ -63,12 +64,17 @@ pub struct IpcacheInfo {
 }
 
 /// The maps a node should have.
+///
+/// The services and backends are shared (`Arc`): the [`ServicesCache`] hands the same ones
+/// to every reconcile until its inputs move, and the reconciler keeps the ones it planned
+/// and compares by pointer first. Copying and comparing them whole cost 6-13 ms per
+/// reconcile at 10k services and 100k backends, every reconcile, an ipcache change too.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// Every frontend and its backends (sorted, no duplicates). An empty list means
     /// "refuse connections": the frontend exists but nothing may serve it.
-    pub services: BTreeMap<ServiceKey, Vec<BackendKey>>,
-    pub backends: BTreeMap<BackendKey, BackendInfo>,
+    pub services: Arc<BTreeMap<ServiceKey, Vec<BackendKey>>>,
+    pub backends: Arc<BTreeMap<BackendKey, BackendInfo>>,
     pub ipcache: BTreeMap<IpNet, IpcacheInfo>,
 }
 
@@ -88,14 +94,14 @@ pub fn apply_quarantine(
         protocol: b.proto,
     };
     let mut left_out = 0;
-    for backends in desired.services.values_mut() {
+    for backends in Arc::make_mut(&mut desired.services).values_mut() {
         let (kept, out) = mesh_core::health::apply_quarantine(backends, addr, quarantined);
         left_out += out.len();
         *backends = kept;
     }
     let used: std::collections::BTreeSet<BackendKey> =
         desired.services.values().flatten().copied().collect();
-    desired.backends.retain(|b, _| used.contains(b));
+    Arc::make_mut(&mut desired.backends).retain(|b, _| used.contains(b));
     left_out
 }
 
@@ -214,7 +220,7 @@ pub fn compute_services_in<S: Borrow<ClusterState>>(
     local_cluster: &ClusterName,
     node: &str,
 ) -> (DesiredState, Vec<Dropped>) {
-    let mut desired = DesiredState::default();
+    let (mut services, mut all_backends) = (BTreeMap::new(), BTreeMap::new());
     let mut dropped = Vec::new();
     let cluster_id = |name: &ClusterName| -> u8 {
         clusters
@@ -243,7 +249,7 @@ pub fn compute_services_in<S: Borrow<ClusterState>>(
                 port: b.port,
                 proto,
             };
-            desired.backends.entry(bk).or_insert_with(|| BackendInfo {
+            all_backends.entry(bk).or_insert_with(|| BackendInfo {
                 cluster_id: cluster_id(&b.cluster),
             });
             backends.push(bk);
@@ -255,9 +261,13 @@ pub fn compute_services_in<S: Borrow<ClusterState>>(
             port: frontend.port,
             proto,
         };
-        desired.services.insert(key, backends);
+        services.insert(key, backends);
     }
-
+    let desired = DesiredState {
+        services: Arc::new(services),
+        backends: Arc::new(all_backends),
+        ipcache: BTreeMap::new(),
+    };
     (desired, dropped)
 }
 
@@ -271,8 +281,8 @@ pub fn compute_services_in<S: Borrow<ClusterState>>(
 #[derive(Debug, Default)]
 pub struct ServicesCache {
     key: Option<ServicesKey>,
-    services: BTreeMap<ServiceKey, Vec<BackendKey>>,
-    backends: BTreeMap<BackendKey, BackendInfo>,
+    services: Arc<BTreeMap<ServiceKey, Vec<BackendKey>>>,
+    backends: Arc<BTreeMap<BackendKey, BackendInfo>>,
     dropped: Vec<Dropped>,
 }
 
@@ -575,7 +585,7 @@ pub fn plan_services(current: &DatapathState, desired: &DesiredState) -> Vec<Op>
     // Backends whose entry changes in place: the slots pointing at them carry a copy of
     // the entry, so they are written again too.
     let mut rewritten = BTreeSet::new();
-    for (key, &info) in &desired.backends {
+    for (key, &info) in desired.backends.iter() {
         let id = id_of(key);
         let backend = BackendEntry { key: *key, info };
         match current.backends.get(&id) {
@@ -605,7 +615,7 @@ pub fn plan_services(current: &DatapathState, desired: &DesiredState) -> Vec<Op>
     let mut master_upserts = Vec::new();
     let mut master_deletes = Vec::new();
     let mut slot_deletes = Vec::new();
-    for (&service, backends) in &desired.services {
+    for (&service, backends) in desired.services.iter() {
         let cur = current.services.get(&service).unwrap_or(&empty);
         let mut seen = BTreeSet::new();
         let mut want: Vec<u32> = backends
@@ -911,14 +921,14 @@ mod tests {
         let d = desired_of(&clusters);
         // Only the local frontend; the remote backend with its own target port.
         assert_eq!(
-            d.services,
+            *d.services,
             BTreeMap::from([(
                 frontend("10.96.0.10"),
                 vec![tcp("10.1.0.5", 8080), tcp("10.2.0.5", 9090)]
             )])
         );
         assert_eq!(
-            d.backends,
+            *d.backends,
             BTreeMap::from([
                 (tcp("10.1.0.5", 8080), BackendInfo { cluster_id: 1 }),
                 (tcp("10.2.0.5", 9090), BackendInfo { cluster_id: 2 }),
@@ -1003,7 +1013,12 @@ mod tests {
             first,
             "the change matters to a fresh compute"
         );
-        assert_eq!(compute(&clusters, &gens), first, "served from the cache");
+        let cached = compute(&clusters, &gens);
+        assert_eq!(cached, first, "served from the cache");
+        assert!(
+            Arc::ptr_eq(&cached, &first),
+            "the cached services are shared, not copied"
+        );
         // The services generation moves: computed.
         gens.get_mut(&name("local")).unwrap().services = 7;
         let second = compute(&clusters, &gens);
@@ -1248,7 +1263,7 @@ mod tests {
     fn assert_matches(state: &DatapathState, desired: &DesiredState) {
         let backends: BTreeMap<BackendKey, BackendInfo> =
             state.backends.values().map(|b| (b.key, b.info)).collect();
-        assert_eq!(backends, desired.backends);
+        assert_eq!(backends, *desired.backends);
         assert_eq!(
             state.backends.len(),
             desired.backends.len(),
@@ -1270,7 +1285,7 @@ mod tests {
                 (*k, v)
             })
             .collect();
-        assert_eq!(services, desired.services);
+        assert_eq!(services, *desired.services);
     }
 
     fn kinds(ops: &[Op]) -> Vec<&'static str> {
@@ -1338,7 +1353,10 @@ mod tests {
         // The cluster of 10.1.0.6 becomes known: same key and id, new entry.
         let mut after = before.clone();
         let changed = tcp("10.1.0.6", 8080);
-        after.backends.get_mut(&changed).unwrap().cluster_id = 9;
+        Arc::make_mut(&mut after.backends)
+            .get_mut(&changed)
+            .unwrap()
+            .cluster_id = 9;
         let ops = plan(&state, &after);
         assert_eq!(kinds(&ops), ["backend+", "slot+"]);
         let [
@@ -1554,7 +1572,7 @@ mod tests {
             .collect();
         for b in &pool {
             if rng.below(3) > 0 {
-                d.backends.insert(
+                Arc::make_mut(&mut d.backends).insert(
                     *b,
                     BackendInfo {
                         cluster_id: 1 + rng.below(2) as u8,
@@ -1570,11 +1588,11 @@ mod tests {
                 .copied()
                 .collect();
             v.sort();
-            d.services.insert(frontend(&format!("10.96.0.{s}")), v);
+            Arc::make_mut(&mut d.services).insert(frontend(&format!("10.96.0.{s}")), v);
         }
         // Drop backends no service uses, as compute() never produces them.
         let used: BTreeSet<BackendKey> = d.services.values().flatten().copied().collect();
-        d.backends.retain(|k, _| used.contains(k));
+        Arc::make_mut(&mut d.backends).retain(|k, _| used.contains(k));
         for i in 0..rng.below(6) {
             d.ipcache.insert(
                 IpNet::from(ip(&format!("10.1.1.{i}"))),

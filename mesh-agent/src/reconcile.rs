@@ -12,6 +12,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use mesh_core::Protocol;
@@ -152,10 +153,18 @@ pub struct Reconciler<M> {
     ipcache_written_beside: bool,
 }
 
+/// The services and backends of the last reconcile that wrote them: shared with the
+/// desired state they came from (`DesiredState`'s `Arc`s), compared by pointer first.
 type PlannedServices = (
-    BTreeMap<ServiceKey, Vec<BackendKey>>,
-    BTreeMap<BackendKey, BackendInfo>,
+    Arc<BTreeMap<ServiceKey, Vec<BackendKey>>>,
+    Arc<BTreeMap<BackendKey, BackendInfo>>,
 );
+
+/// Whether two shared maps are equal: the same allocation (the services cache handed out
+/// the same maps again), else compared whole.
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
 
 // === impl Reconciler ===
 
@@ -223,7 +232,7 @@ impl<M: Maps> Reconciler<M> {
             && self
                 .planned_services
                 .as_ref()
-                .is_some_and(|(s, b)| *s == desired.services && *b == desired.backends);
+                .is_some_and(|(s, b)| same(s, &desired.services) && same(b, &desired.backends));
         let mut current = self.current(&mut counts)?;
         let (upserts, ipcache_deletes) = desired::ipcache_ops(&current, &desired, scope);
         // Many ipcache changes (a first reconcile: 512k): the mirror takes the desired
@@ -357,18 +366,22 @@ pub fn ipv4_only(desired: &DesiredState) -> Cow<'_, DesiredState> {
         return Cow::Borrowed(desired);
     }
     Cow::Owned(DesiredState {
-        services: desired
-            .services
-            .iter()
-            .filter(|(k, _)| k.vip.is_ipv4())
-            .map(|(k, b)| (*k, b.iter().filter(|b| b.ip.is_ipv4()).copied().collect()))
-            .collect(),
-        backends: desired
-            .backends
-            .iter()
-            .filter(|(k, _)| k.ip.is_ipv4())
-            .map(|(k, v)| (*k, *v))
-            .collect(),
+        services: Arc::new(
+            desired
+                .services
+                .iter()
+                .filter(|(k, _)| k.vip.is_ipv4())
+                .map(|(k, b)| (*k, b.iter().filter(|b| b.ip.is_ipv4()).copied().collect()))
+                .collect(),
+        ),
+        backends: Arc::new(
+            desired
+                .backends
+                .iter()
+                .filter(|(k, _)| k.ip.is_ipv4())
+                .map(|(k, v)| (*k, *v))
+                .collect(),
+        ),
         ipcache: desired
             .ipcache
             .iter()
@@ -779,10 +792,10 @@ mod tests {
                     port: 8080,
                     proto: Protocol::Tcp,
                 };
-                d.backends.insert(bk, BackendInfo { cluster_id: 1 });
+                Arc::make_mut(&mut d.backends).insert(bk, BackendInfo { cluster_id: 1 });
                 list.push(bk);
             }
-            d.services.insert(key, list);
+            Arc::make_mut(&mut d.services).insert(key, list);
         }
         for (net, id) in [("10.1.0.5/32", 65_792u32), ("fd00::5/128", 65_793)] {
             d.ipcache.insert(
@@ -863,7 +876,7 @@ mod tests {
         assert!(converged(&r, &d1b));
         // Only a backend's entry changes (same keys): its slots are written again.
         let mut d2 = d1b.clone();
-        for info in d2.backends.values_mut() {
+        for info in Arc::make_mut(&mut d2.backends).values_mut() {
             info.cluster_id = 2;
         }
         let counts = r.reconcile_changes(&d2, &none).unwrap();

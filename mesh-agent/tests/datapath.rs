@@ -1047,9 +1047,9 @@ fn a_large_reconcile_writes_the_ipcache_beside_the_services() {
             })
             .collect();
         for b in &backends {
-            want.backends.insert(*b, BackendInfo { cluster_id: 2 });
+            std::sync::Arc::make_mut(&mut want.backends).insert(*b, BackendInfo { cluster_id: 2 });
         }
-        want.services.insert(key, backends);
+        std::sync::Arc::make_mut(&mut want.services).insert(key, backends);
     }
     let mut r = Reconciler::new(dp);
     let counts = r.reconcile(&want).unwrap();

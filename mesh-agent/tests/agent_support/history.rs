@@ -142,7 +142,7 @@ pub fn actual_maps(mesh: &Mesh) -> Result<DesiredState, String> {
         }
         backends.sort();
         backends.dedup();
-        out.services.insert(
+        std::sync::Arc::make_mut(&mut out.services).insert(
             ServiceKey {
                 vip: key.vip,
                 port: key.port,
@@ -151,7 +151,7 @@ pub fn actual_maps(mesh: &Mesh) -> Result<DesiredState, String> {
             backends,
         );
     }
-    out.backends = by_id.into_values().collect();
+    out.backends = std::sync::Arc::new(by_id.into_values().collect());
     out.ipcache = state.ipcache;
     Ok(out)
 }
