@@ -191,7 +191,6 @@ async fn a_cluster_still_syncing_costs_no_reconcile_and_joins_once_synced() {
     ))
     .await;
     mesh.backend("10.1.2.11", agent_support::TARGET_PORT, "east-n2");
-    mesh.backend("10.2.1.11", agent_support::TARGET_PORT, "west-w1");
     mesh.mark_synced("east").await;
     mesh.start_agent(&[]);
     let east_only = targets(&["10.1.2.11"]);
@@ -201,19 +200,7 @@ async fn a_cluster_still_syncing_costs_no_reconcile_and_joins_once_synced() {
     let programmed = mesh.dump();
 
     // west's objects, without its markers.
-    mesh.put_config("west", 2, "10.2.0.0/16").await;
-    mesh.put_node("west", "w1", net.host(4), "10.2.1.0/24")
-        .await;
-    mesh.put_identity("west", identity(2, 256), "web").await;
-    mesh.put_endpoint("west", "10.2.1.11", identity(2, 256), "w1", net.host(4))
-        .await;
-    mesh.put_service(&web(
-        "west",
-        "10.97.0.10",
-        pb::Affinity::None,
-        vec![backend("10.2.1.11", "w1", true)],
-    ))
-    .await;
+    agent_support::west_unsynced(&mut mesh, pb::Affinity::None).await;
     // The status report counts them (the agent has applied every one of them)...
     mesh.wait_agent_status("west's objects counted", |s| {
         s.clusters

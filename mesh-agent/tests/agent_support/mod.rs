@@ -1073,20 +1073,14 @@ pub async fn two_clusters(mesh: &mut Mesh, affinity: pb::Affinity) {
 pub async fn two_clusters_unsynced(mesh: &mut Mesh, affinity: pb::Affinity) {
     let net = mesh.net;
     mesh.put_config("east", 1, "10.1.0.0/16").await;
-    mesh.put_config("west", 2, "10.2.0.0/16").await;
     mesh.put_node("east", "node-1", net.host(2), "10.1.1.0/24")
         .await;
     mesh.put_node("east", "node-2", net.host(3), "10.1.2.0/24")
         .await;
-    mesh.put_node("west", "w1", net.host(4), "10.2.1.0/24")
-        .await;
     mesh.put_identity("east", identity(1, 256), "web").await;
-    mesh.put_identity("west", identity(2, 256), "web").await;
     mesh.put_endpoint("east", "10.1.1.11", identity(1, 256), "node-1", net.host(2))
         .await;
     mesh.put_endpoint("east", "10.1.2.11", identity(1, 256), "node-2", net.host(3))
-        .await;
-    mesh.put_endpoint("west", "10.2.1.11", identity(2, 256), "w1", net.host(4))
         .await;
     mesh.put_service(&web(
         "east",
@@ -1098,6 +1092,21 @@ pub async fn two_clusters_unsynced(mesh: &mut Mesh, affinity: pb::Affinity) {
         ],
     ))
     .await;
+    mesh.backend("10.1.1.11", TARGET_PORT, "east-n1");
+    mesh.backend("10.1.2.11", TARGET_PORT, "east-n2");
+    west_unsynced(mesh, affinity).await;
+}
+
+/// The remote cluster `west` of [`two_clusters`], without its markers: its config, node
+/// `w1`, identity, endpoint 10.2.1.11 with its backend server, and its `web` service.
+pub async fn west_unsynced(mesh: &mut Mesh, affinity: pb::Affinity) {
+    let net = mesh.net;
+    mesh.put_config("west", 2, "10.2.0.0/16").await;
+    mesh.put_node("west", "w1", net.host(4), "10.2.1.0/24")
+        .await;
+    mesh.put_identity("west", identity(2, 256), "web").await;
+    mesh.put_endpoint("west", "10.2.1.11", identity(2, 256), "w1", net.host(4))
+        .await;
     mesh.put_service(&web(
         "west",
         "10.97.0.10",
@@ -1105,8 +1114,6 @@ pub async fn two_clusters_unsynced(mesh: &mut Mesh, affinity: pb::Affinity) {
         vec![backend("10.2.1.11", "w1", true)],
     ))
     .await;
-    mesh.backend("10.1.1.11", TARGET_PORT, "east-n1");
-    mesh.backend("10.1.2.11", TARGET_PORT, "east-n2");
     mesh.backend("10.2.1.11", TARGET_PORT, "west-w1");
 }
 
