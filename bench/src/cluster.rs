@@ -298,18 +298,20 @@ impl AgentNode {
     }
 }
 
-/// Puts `kvs` into etcd in transactions of at most 128 operations (etcd's default limit),
-/// `parallel` transactions in flight; calls `progress` with the number written so far.
+/// Puts `kvs` into etcd in transactions of the importer's size (the apiserver's default
+/// `--etcd-max-txn-ops`, which the benchmark's etcd accepts), `parallel` transactions in
+/// flight; calls `progress` with the number written so far.
 pub async fn put_batched(
     client: &etcd_client::Client,
     kvs: Vec<(String, Vec<u8>)>,
     parallel: usize,
     progress: impl FnMut(usize),
 ) -> Result<()> {
-    put_batched_ops(client, kvs, 128, parallel, progress).await
+    let ops = mesh_apiserver::store::DEFAULT_TXN_OPS;
+    put_batched_ops(client, kvs, ops, parallel, progress).await
 }
 
-/// [`put_batched`] with `ops` operations per transaction (1..=128).
+/// [`put_batched`] with `ops` operations per transaction (at least 1).
 pub async fn put_batched_ops(
     client: &etcd_client::Client,
     kvs: Vec<(String, Vec<u8>)>,
@@ -319,7 +321,7 @@ pub async fn put_batched_ops(
 ) -> Result<()> {
     use futures::StreamExt;
     let chunks: Vec<Vec<(String, Vec<u8>)>> = kvs
-        .chunks(ops.clamp(1, 128))
+        .chunks(ops.max(1))
         .map(<[(String, Vec<u8>)]>::to_vec)
         .collect();
     let mut done = 0;

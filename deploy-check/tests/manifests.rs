@@ -617,6 +617,16 @@ fn apiserver_pod_keeps_etcd_inside_and_exposes_grpc_by_load_balancer() {
     let api_args = api.args.clone().unwrap_or_default();
     assert!(api_args.contains(&"--etcd-endpoints=http://127.0.0.1:2379".to_owned()));
     assert!(etcd_args.contains(&"--listen-client-urls=http://127.0.0.1:2379".to_owned()));
+    // etcd accepts the transactions the apiserver asks for by default.
+    let txn_ops = format!("--max-txn-ops={}", mesh_apiserver::store::DEFAULT_TXN_OPS);
+    assert!(
+        etcd_args.contains(&txn_ops),
+        "{etcd_args:?} lacks {txn_ops}"
+    );
+    assert!(
+        !api_args.iter().any(|a| a.starts_with("--etcd-max-txn-ops")),
+        "the apiserver asks for its default"
+    );
     assert!(
         etcd.image
             .as_deref()

@@ -234,7 +234,7 @@ impl IdentityAllocator {
                 },
             );
         }
-        for chunk in repairs.chunks(crate::store::DEFAULT_MAX_TXN_OPS) {
+        for chunk in repairs.chunks(crate::store::ETCD_DEFAULT_MAX_TXN_OPS) {
             me.fenced_txn(Vec::new(), chunk.to_vec(), "repair").await?;
         }
         debug!(identities = me.by_id.len(), "loaded identities");

@@ -365,6 +365,21 @@ pub async fn start(
     };
 
     let etcd = connect_etcd(&settings.etcd_endpoints, &shutdown).await?;
+    // Shared by every writer of this etcd (publisher, importer); a failed probe keeps the
+    // asked size, and a refused transaction probes again (etcd_write::TxnOps).
+    let txn_ops = store::TxnOps::new(settings.etcd_max_txn_ops);
+    let kv = etcd.kv_client();
+    let probe = txn_ops.probe(&kv, settings.keys.prefix());
+    match tokio::time::timeout(Duration::from_secs(10), probe).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            warn!(%error, ops = txn_ops.get(), "cannot probe etcd's transaction size limit")
+        }
+        Err(_) => warn!(
+            ops = txn_ops.get(),
+            "etcd did not answer the transaction size probe in 10 s"
+        ),
+    }
 
     let mut index_cfg = IndexConfig::new(settings.keys.clone());
     index_cfg.history_events = settings.serve.history_events;
@@ -386,6 +401,7 @@ pub async fn start(
         pcfg.prefix = settings.keys.prefix().to_owned();
         pcfg.identity_gc_grace = settings.identity_gc_grace;
         pcfg.node_stale_intervals = settings.node_stale_intervals;
+        pcfg.max_txn_ops = txn_ops.clone();
         let publisher = publisher::Publisher::new(pcfg, &mut registry);
         let leader = publisher.is_leader().receiver();
         let kube = kube_client(&settings.kube).await?;
@@ -427,10 +443,13 @@ pub async fn start(
                 },
                 source,
                 is_leader: leader_rx.clone(),
-                options: settings
-                    .peers
-                    .options()
-                    .map_err(config::ConfigError::from)?,
+                options: peer::ImporterOptions {
+                    max_txn_ops: txn_ops.clone(),
+                    ..settings
+                        .peers
+                        .options()
+                        .map_err(config::ConfigError::from)?
+                },
             };
             let importer = peer::Importer::spawn(cfg, &mut registry, shutdown.clone());
             peer_set = Some(importer.peers());

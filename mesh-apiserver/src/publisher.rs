@@ -97,8 +97,9 @@ pub struct PublisherConfig {
     pub lease_ttl: Duration,
     /// This replica's name in the leader key (default `<hostname>-<pid>`).
     pub holder: String,
-    /// Operations per etcd transaction (at most etcd's default 128).
-    pub max_txn_ops: usize,
+    /// Operations per etcd transaction: etcd's limit as probed at start, shared with the
+    /// importer (default [`store::DEFAULT_TXN_OPS`], unprobed).
+    pub max_txn_ops: store::TxnOps,
     /// Create Kubernetes Events for invalid annotations.
     pub kube_events: bool,
     /// A node whose agent has not reported for this many of its status intervals is marked
@@ -125,7 +126,7 @@ impl PublisherConfig {
             identity_gc_grace: identity::DEFAULT_GC_GRACE,
             lease_ttl: leader::DEFAULT_LEASE_TTL,
             holder: format!("{host}-{}", std::process::id()),
-            max_txn_ops: store::DEFAULT_MAX_TXN_OPS,
+            max_txn_ops: store::TxnOps::default(),
             kube_events: true,
             node_stale_intervals: DEFAULT_NODE_STALE_INTERVALS,
             node_check_interval: DEFAULT_NODE_CHECK_INTERVAL,
@@ -554,7 +555,7 @@ impl<'a> Term<'a> {
             self.keys.clone(),
             &cluster,
             Some(fence.clone()),
-            self.cfg.max_txn_ops,
+            self.cfg.max_txn_ops.clone(),
         )
         .await?;
         let mut alloc = IdentityAllocator::load(

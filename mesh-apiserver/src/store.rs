@@ -20,7 +20,9 @@ use mesh_proto::pb;
 use crate::etcd_write::{Sink, WriteError, write_batched};
 use tracing::{debug, warn};
 
-pub use crate::etcd_write::{DEFAULT_MAX_TXN_OPS, MAX_TXN_BYTES};
+pub use crate::etcd_write::{
+    DEFAULT_TXN_OPS, ETCD_DEFAULT_MAX_TXN_OPS, MAX_TXN_BYTES, MAX_TXN_OPS, TxnOps,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -74,7 +76,7 @@ pub struct EtcdStore {
     keys: Keys,
     cluster_prefix: String,
     fence: Option<Fence>,
-    max_ops: usize,
+    max_ops: TxnOps,
     /// What etcd holds, as far as this store knows: listed at start, then every value it
     /// committed.
     written: BTreeMap<String, Vec<u8>>,
@@ -93,7 +95,7 @@ impl EtcdStore {
         keys: Keys,
         cluster: &str,
         fence: Option<Fence>,
-        max_ops: usize,
+        max_ops: impl Into<TxnOps>,
     ) -> Result<Self> {
         let cluster_prefix = keys.cluster_prefix(cluster);
         let mut store = Self {
@@ -101,7 +103,7 @@ impl EtcdStore {
             keys,
             cluster_prefix,
             fence,
-            max_ops: max_ops.clamp(1, DEFAULT_MAX_TXN_OPS),
+            max_ops: max_ops.into(),
             written: BTreeMap::new(),
             pending: BTreeMap::new(),
             counts: HashMap::new(),
@@ -227,7 +229,7 @@ impl EtcdStore {
             kv,
             fence: fence.as_ref(),
         };
-        let committed = write_batched(sink, pending, *max_ops, 1, None, |batch| {
+        let committed = write_batched(sink, pending, max_ops, 1, None, |batch| {
             for (k, v) in batch {
                 match v {
                     Some(v) => {

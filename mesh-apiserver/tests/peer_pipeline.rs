@@ -150,7 +150,7 @@ async fn pipelined_snapshot_keeps_last_values_and_status_behind_data() {
     }
 
     let mut options = test_options(None);
-    options.max_txn_ops = MAX_TXN_OPS;
+    options.max_txn_ops = MAX_TXN_OPS.into();
     assert!(options.txns_in_flight > 1, "the test is about pipelining");
     let (_peers_tx, peers_rx) = watch::channel(Some(peers(&[a.spec()])));
     let mut importer = b.importer(peers_rx, options).await;

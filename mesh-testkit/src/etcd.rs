@@ -21,6 +21,8 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Flags after the defaults (the later of two equal flags wins).
+    extra: Vec<String>,
 }
 
 // === impl Etcd ===
@@ -34,6 +36,12 @@ impl Etcd {
     /// use"), etcd is started again on two new ports, in a new directory, up to
     /// [`PORT_ATTEMPTS`] times. Any other exit panics at once.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Etcd::start`] with more flags, given after the defaults so they override them
+    /// (`--max-txn-ops=128`: etcd's own default, where the tests' etcd accepts 1024).
+    pub fn start_with(flags: &[&str]) -> Self {
         let mut attempt = 1;
         loop {
             let dir = tempfile::Builder::new()
@@ -45,6 +53,7 @@ impl Etcd {
                 dir,
                 client_port: crate::free_port(),
                 peer_port: crate::free_port(),
+                extra: flags.iter().map(|f| f.to_string()).collect(),
             };
             match etcd.try_spawn() {
                 Ok(()) => return etcd,
@@ -85,7 +94,10 @@ impl Etcd {
             .arg(format!("--initial-cluster=test={peer}"))
             .arg("--heartbeat-interval=10")
             .arg("--election-timeout=100")
+            // mesh-apiserver's default --etcd-max-txn-ops (etcd_write::DEFAULT_TXN_OPS).
+            .arg("--max-txn-ops=1024")
             .arg("--log-level=warn")
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -185,6 +197,7 @@ mod tests {
             dir: tempfile::tempdir().unwrap(),
             client_port: taken.local_addr().unwrap().port(),
             peer_port: crate::free_port(),
+            extra: Vec::new(),
         };
         let log = etcd
             .try_spawn()

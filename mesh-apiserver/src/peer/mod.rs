@@ -246,7 +246,9 @@ pub struct ImporterOptions {
     /// The resumable client's options (heartbeat, backoff).
     pub watch: WatchOptions,
     pub connect_timeout: Duration,
-    pub max_txn_ops: usize,
+    /// Operations per etcd transaction: etcd's limit as probed at start, shared with the
+    /// publisher (default [`crate::store::DEFAULT_TXN_OPS`], unprobed).
+    pub max_txn_ops: crate::store::TxnOps,
     /// etcd transactions in flight (at least 1): the group writer's bound, and each peer's
     /// (its first batch, plus the shared permits); see [`DEFAULT_PEER_TXNS_IN_FLIGHT`].
     pub txns_in_flight: usize,
@@ -266,7 +268,7 @@ impl Default for ImporterOptions {
                 ..WatchOptions::default()
             },
             connect_timeout: Duration::from_secs(5),
-            max_txn_ops: crate::store::DEFAULT_MAX_TXN_OPS,
+            max_txn_ops: crate::store::TxnOps::default(),
             txns_in_flight: DEFAULT_PEER_TXNS_IN_FLIGHT,
             record_dir: None,
         }
@@ -352,7 +354,7 @@ impl Importer {
         let permits = cfg.options.txns_in_flight;
         let writer = GroupWriter::spawn(
             cfg.etcd.kv_client(),
-            cfg.options.max_txn_ops,
+            cfg.options.max_txn_ops.clone(),
             cfg.options.txns_in_flight,
             metrics.etcd_txns.clone(),
         );

@@ -994,7 +994,7 @@ impl Worker {
         let (mut puts, mut deletes) = (0usize, 0usize);
         let txns = &self.shared.metrics.txns;
         let labels = PeerMetrics::peer(self.spec.name.as_str());
-        let max_ops = self.shared.options.max_txn_ops;
+        let max_ops = &self.shared.options.max_txn_ops;
         let in_flight = self.shared.options.txns_in_flight;
         let mut markers = BTreeMap::new();
         for kind in ALL_KINDS {

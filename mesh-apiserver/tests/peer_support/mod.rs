@@ -297,7 +297,7 @@ pub fn test_options(stale_ttl: Option<Duration>) -> ImporterOptions {
             recorder: None,
         },
         connect_timeout: Duration::from_secs(3),
-        max_txn_ops: 128,
+        max_txn_ops: 128.into(),
         txns_in_flight: mesh_apiserver::peer::DEFAULT_PEER_TXNS_IN_FLIGHT,
         record_dir: None,
     }

@@ -571,6 +571,9 @@ impl Supervisor {
                         "50",
                         "--election-timeout",
                         "500",
+                        // mesh-apiserver's default --etcd-max-txn-ops.
+                        "--max-txn-ops",
+                        "1024",
                         "--log-level",
                         "warn",
                     ]
