@@ -31,6 +31,7 @@
 #define MESH_SERVICES_MAX 262144
 #define MESH_BACKENDS_MAX 262144
 #define MESH_REV_NAT_MAX 262144
+#define MESH_SOCK_REV_MAX 131072
 #define MESH_FLOWS_MAX 65536
 
 /* mesh_ipcache: LPM trie, longest prefix wins. */
@@ -98,11 +99,14 @@ struct mesh_rev_nat_value {
 	__u16 pad;
 };
 
-/* mesh_sock_rev: socket-local storage of a socket whose connect() socket LB
- * rewrote: the backend it was given and the frontend to show again. Read by
- * recvmsg4/getpeername4 and by sock_ops (passive health). Freed with the
- * socket: no hash, no LRU eviction. Unconnected UDP (sendmsg4: one socket,
- * many destinations) keeps mesh_rev_nat. */
+/* mesh_sock_rev: LRU hash by socket cookie, of a socket whose connect() socket
+ * LB rewrote: the backend it was given and the frontend to show again. Read by
+ * recvmsg4/getpeername4 and by sock_ops (passive health); the entry is deleted
+ * when the socket is released (cgroup/sock_release), so the map holds the open
+ * translated sockets, and the LRU only evicts when more than MESH_SOCK_REV_MAX
+ * are open (or a release was missed). Preallocated: neither the connect() that
+ * writes an entry nor the close() that deletes it allocates or frees memory.
+ * Unconnected UDP (sendmsg4: one socket, many destinations) keeps mesh_rev_nat. */
 struct mesh_sock_rev {
 	__u32 backend_ip;   /* network order */
 	__u16 backend_port; /* network order */
@@ -291,7 +295,7 @@ struct mesh_event_seen_key {
 /* ---- passive backend health (DESIGN.md section 13b) ----
  *
  * A cgroup sock_ops program watches TCP connections that socket LB translated (a
- * mesh_rev_nat entry exists for the socket and its peer) and counts, per backend, connects
+ * mesh_sock_rev entry names the socket's peer) and counts, per backend, connects
  * that failed (SYN_SENT -> CLOSE: refused, unreachable, or given up; and the first SYN
  * retransmission, an early sign of a dead backend) and that succeeded. The agent reads the
  * counters and quarantines failing backends on this node (mesh_core::health).
@@ -359,9 +363,9 @@ struct {
 } mesh_rev_nat SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MESH_SOCK_REV_MAX);
+	__type(key, __u64); /* bpf_get_socket_cookie() */
 	__type(value, struct mesh_sock_rev);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mesh_sock_rev SEC(".maps");

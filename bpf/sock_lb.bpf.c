@@ -238,21 +238,22 @@ static __always_inline void record_rev_nat(struct bpf_sock_addr *ctx,
 	bpf_map_update_elem(&mesh_rev_nat, &key, &value, BPF_ANY);
 }
 
-/* The same for a connect(): kept with the socket (mesh_sock_rev). Best effort too: without
- * it the peer address shows the backend and passive health does not see the socket. */
+/* The same for a connect(): by the socket's cookie (mesh_sock_rev), deleted when the socket
+ * is released (mesh_sock_release). Best effort too: without it the peer address shows the
+ * backend and passive health does not see the socket. */
 static __always_inline void record_sock_rev(struct bpf_sock_addr *ctx,
 					    const struct mesh_backend_value *backend,
 					    __u32 vip, __u16 port)
 {
-	struct mesh_sock_rev *r;
+	struct mesh_sock_rev r;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
 
-	r = bpf_sk_storage_get(&mesh_sock_rev, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!r)
-		return;
-	r->backend_ip = backend->ip;
-	r->backend_port = backend->port;
-	r->vip = vip;
-	r->port = port;
+	__builtin_memset(&r, 0, sizeof(r));
+	r.backend_ip = backend->ip;
+	r.backend_port = backend->port;
+	r.vip = vip;
+	r.port = port;
+	bpf_map_update_elem(&mesh_sock_rev, &cookie, &r, BPF_ANY);
 }
 
 /* The egress record of a connect()/sendmsg(): `dst_ip`/`dst_port` the final destination. */
@@ -353,21 +354,22 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx, int connecte
 }
 
 /* Reverse translation shared by recvmsg4 and getpeername4: the socket's connect()
- * translation, else a datagram's (or one recorded before mesh_sock_rev existed). */
+ * translation, else a datagram's. */
 static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 {
 	struct mesh_rev_nat_key key;
 	struct mesh_rev_nat_value *value;
 	struct mesh_sock_rev *r;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
 	__u32 vip, port;
 
-	r = bpf_sk_storage_get(&mesh_sock_rev, ctx->sk, 0, 0);
+	r = bpf_map_lookup_elem(&mesh_sock_rev, &cookie);
 	if (r && r->backend_ip == ctx->user_ip4 && r->backend_port == (__u16)ctx->user_port) {
 		vip = r->vip;
 		port = r->port;
 	} else {
 		__builtin_memset(&key, 0, sizeof(key));
-		key.cookie = bpf_get_socket_cookie(ctx);
+		key.cookie = cookie;
 		key.backend_ip = ctx->user_ip4;
 		key.backend_port = (__u16)ctx->user_port;
 		value = bpf_map_lookup_elem(&mesh_rev_nat, &key);
@@ -488,45 +490,30 @@ static __always_inline int health_key_of(struct bpf_sock_ops *skops, struct mesh
 	return 1;
 }
 
-/* Whether socket LB translated this socket's connect() to the backend `key` names (its
- * socket storage says so): only those connects count for passive health. */
-static __always_inline int health_translated(struct bpf_sock_ops *skops,
-					     const struct mesh_health_key *key)
+/* Counts a connect's outcome for the backend `key` names, if socket LB translated the
+ * socket (`cookie`) to it (its mesh_sock_rev entry says so): direct connects are not
+ * judged. */
+static __always_inline void health_count(const struct mesh_health_key *key, __u64 cookie,
+					 int ok)
 {
-	struct bpf_sock *sk = skops->sk;
-	struct mesh_sock_rev *r;
-
-	if (!sk)
-		return 0;
-	r = bpf_sk_storage_get(&mesh_sock_rev, sk, 0, 0);
-	return r && r->backend_ip == key->ip && r->backend_port == key->port;
-}
-
-static __always_inline void health_record(struct bpf_sock_ops *skops, int ok)
-{
-	struct mesh_health_key key;
 	struct mesh_health_value *v;
+	struct mesh_sock_rev *r;
 	__u64 now;
 
-	if (!health_key_of(skops, &key))
+	r = bpf_map_lookup_elem(&mesh_sock_rev, &cookie);
+	if (!r || r->backend_ip != key->ip || r->backend_port != key->port)
 		return;
-	v = bpf_map_lookup_elem(&mesh_backend_health, &key);
+	v = bpf_map_lookup_elem(&mesh_backend_health, key);
 	if (!v) {
 		struct mesh_health_value init;
 
-		/* A success of a backend with no failure on record heals nothing: no entry, so
-		 * healthy traffic neither pays for one (nor for reading the socket's storage)
-		 * nor evicts a failing backend's. */
-		if (ok || !health_translated(skops, &key))
+		if (ok)
 			return;
-
 		__builtin_memset(&init, 0, sizeof(init));
-		bpf_map_update_elem(&mesh_backend_health, &key, &init, BPF_NOEXIST);
-		v = bpf_map_lookup_elem(&mesh_backend_health, &key);
+		bpf_map_update_elem(&mesh_backend_health, key, &init, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&mesh_backend_health, key);
 		if (!v)
 			return;
-	} else if (!health_translated(skops, &key)) {
-		return;
 	}
 	now = bpf_ktime_get_boot_ns();
 	if (ok) {
@@ -536,6 +523,20 @@ static __always_inline void health_record(struct bpf_sock_ops *skops, int ok)
 		__sync_fetch_and_add(&v->failures, 1);
 		v->last_failure_ns = now;
 	}
+}
+
+static __always_inline void health_record(struct bpf_sock_ops *skops, int ok)
+{
+	struct mesh_health_key key;
+
+	if (!health_key_of(skops, &key))
+		return;
+	/* A success of a backend with no failure on record heals nothing: no entry, so
+	 * healthy traffic neither pays for one (nor for its socket's lookup) nor evicts a
+	 * failing backend's. */
+	if (ok && !bpf_map_lookup_elem(&mesh_backend_health, &key))
+		return;
+	health_count(&key, bpf_get_socket_cookie(skops), ok);
 }
 
 SEC("sockops")
@@ -564,6 +565,32 @@ int mesh_sock_ops(struct bpf_sock_ops *skops)
 			health_record(skops, 0);
 		break;
 	}
+	return 1;
+}
+
+/* A socket's release (the close() of its last descriptor, also at exit): its mesh_sock_rev
+ * entry goes, so the LRU holds open sockets only. A TCP connect still in SYN_SENT here is
+ * one the application gave up: passive health counts it now, as sock_ops would at
+ * SYN_SENT -> CLOSE, which comes after this and no longer finds the entry. */
+SEC("cgroup/sock_release")
+int mesh_sock_release(struct bpf_sock *sk)
+{
+	__u64 cookie;
+
+	if (sk->family != 2 /* AF_INET */ ||
+	    (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_UDP))
+		return 1;
+	cookie = bpf_get_socket_cookie(sk);
+	if (sk->protocol == IPPROTO_TCP && sk->state == BPF_TCP_SYN_SENT) {
+		struct mesh_health_key key;
+
+		__builtin_memset(&key, 0, sizeof(key));
+		key.ip = sk->dst_ip4;
+		key.port = (__u16)sk->dst_port;
+		key.proto = IPPROTO_TCP;
+		health_count(&key, cookie, 0);
+	}
+	bpf_map_delete_elem(&mesh_sock_rev, &cookie);
 	return 1;
 }
 

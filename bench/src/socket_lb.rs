@@ -178,9 +178,14 @@ struct Run {
     programs: Vec<ProgramStats>,
 }
 
-/// The programs whose time a connect() pays, as the benchmarks report them (socket-lb,
-/// policy); the first runs once per connect().
-pub(crate) const PROGRAMS: [&str; 3] = ["mesh_connect4", "mesh_sock_ops", "mesh_policy_ingress"];
+/// The programs whose time a connect() pays, with the close that ends it (sock_release), as
+/// the benchmarks report them (socket-lb, policy); the first runs once per connect().
+pub(crate) const PROGRAMS: [&str; 4] = [
+    "mesh_connect4",
+    "mesh_sock_ops",
+    "mesh_policy_ingress",
+    "mesh_sock_release",
+];
 
 /// `after - before` per program (both from [`Datapath::program_stats`]).
 fn program_delta(before: &[ProgramStats], after: &[ProgramStats]) -> Vec<ProgramStats> {

@@ -510,8 +510,10 @@ fn tcp_connect_to_service_is_load_balanced_and_refused_without_backends() {
         "every connection reaches a backend and both backends are used"
     );
     // names() checked getpeername() showed the vip: TCP sockets keep their reverse
-    // translation in their own storage, nothing in the LRU map.
+    // translation by socket cookie, nothing in the datagrams' LRU map; the client has
+    // exited, and each socket's release deleted its entry.
     assert_eq!(rev_nat_entries(&bpffs.pin_dir("node")), 0);
+    assert_eq!(sock_rev_entries(&bpffs.pin_dir("node")), 0);
 
     // A process outside the cgroup is not load balanced: nothing routes the vip.
     let outside = Proc::client(&net.netns, None, "tcp-client", &[&vip.to_string(), "1"]);
@@ -662,7 +664,8 @@ fn udp_replies_appear_to_come_from_the_service() {
     // Each unconnected socket's reverse entry is in the LRU map (one socket, many peers).
     let pin_dir = bpffs.pin_dir("node");
     assert_eq!(rev_nat_entries(&pin_dir), 3);
-    // connect4 rewrites, getpeername4 reports the service: from the socket's own storage.
+    // connect4 rewrites, getpeername4 reports the service: from the socket's entry by
+    // cookie, deleted when the socket is released.
     let connected = Proc::client(
         &netns,
         Some(&cgroup),
@@ -684,6 +687,7 @@ fn udp_replies_appear_to_come_from_the_service() {
         3,
         "a connected socket's entry is its own"
     );
+    assert_eq!(sock_rev_entries(&pin_dir), 0, "released with the sockets");
 
     // A TCP frontend on the same vip and port is a different service.
     let tcp = Proc::client(
@@ -708,7 +712,17 @@ fn udp_replies_appear_to_come_from_the_service() {
 
 /// Entries of the LRU reverse-translation map (datagrams of unconnected sockets).
 fn rev_nat_entries(pin_dir: &Path) -> usize {
-    let path = pin_dir.join("maps/mesh_rev_nat");
+    map_entries(pin_dir, "mesh_rev_nat")
+}
+
+/// Entries of the connected sockets' reverse translations (open sockets only).
+fn sock_rev_entries(pin_dir: &Path) -> usize {
+    map_entries(pin_dir, "mesh_sock_rev")
+}
+
+/// Entries of a pinned map, as bpftool dumps them.
+fn map_entries(pin_dir: &Path, map: &str) -> usize {
+    let path = pin_dir.join("maps").join(map);
     let out = Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&path)
@@ -766,17 +780,17 @@ fn pinned_maps_and_links_survive_an_agent_restart() {
         &[&vip.to_string(), "20"],
     );
     assert_eq!(names(&outcomes, vip).len(), 2, "{outcomes:?}");
-    assert_eq!(attached_programs(&cgroup), 6);
+    assert_eq!(attached_programs(&cgroup), 7);
 
     // Restart: maps reused with their content, links taken over, not doubled.
     let mut dp = Datapath::open(config.clone()).unwrap();
-    assert_eq!(dp.links().len(), 6);
+    assert_eq!(dp.links().len(), 7);
     assert!(
         dp.links().iter().all(|l| l.state == LinkState::Reused),
         "{:?}",
         dp.links()
     );
-    assert_eq!(attached_programs(&cgroup), 6);
+    assert_eq!(attached_programs(&cgroup), 7);
     assert_eq!(dp.dump().unwrap(), before);
     let outcomes = Proc::client(
         &net.netns,
@@ -836,7 +850,7 @@ fn classifier_counts_flows_per_identity_pair() {
         .with_flow_iface(&va)
         .with_flow_netns(a.path());
     let mut dp = Datapath::open(config.clone()).unwrap();
-    assert_eq!(dp.links().len(), 8, "{:?}", dp.links());
+    assert_eq!(dp.links().len(), 9, "{:?}", dp.links());
 
     let value = |identity| IpcacheValue {
         identity,
@@ -1098,6 +1112,49 @@ fn a_pinned_map_with_another_layout_is_refused_before_attaching() {
         "{msg}"
     );
     assert_eq!(attached_programs(&cgroup), 0, "nothing is attached");
+}
+
+#[test]
+fn a_pinned_per_socket_map_of_another_layout_is_replaced() {
+    require_root!();
+    let cgroup = Cgroup::new("repl");
+    let bpffs = Bpffs::mounted();
+    let maps = bpffs.pin_dir("node").join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    // An older agent's mesh_sock_rev (socket storage then; any other shape here).
+    let stale = maps.join("mesh_sock_rev");
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            stale.to_str().unwrap(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "12",
+            "entries",
+            "16",
+            "name",
+            "mesh_sock_rev",
+        ],
+    );
+    let dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
+    assert_eq!(attached_programs(&cgroup), 7);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&stale)
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&shown["type"], &shown["bytes_key"], &shown["max_entries"]),
+        (&"lru_hash".into(), &8.into(), &131072.into()),
+        "{shown}"
+    );
+    drop(dp);
 }
 
 // === network policy ===
@@ -1745,4 +1802,30 @@ fn sock_ops_counts_failed_connects_per_backend_and_successes_after_them() {
         counters(&dp),
         std::collections::BTreeMap::from([((Ipv4Addr::new(10, 0, 1, 3), 8080), (2, 3))])
     );
+
+    // A connect the application gives up while its SYN goes unanswered (routed into a
+    // veth whose peer is down, which drops it) is a failure, counted once: when the socket
+    // is released in SYN_SENT (its translation is gone by the time sock_ops sees SYN_SENT
+    // -> CLOSE).
+    let silent = Ipv4Addr::new(10, 0, 9, 9);
+    net.netns.ip(&[
+        "link", "add", "silent0", "type", "veth", "peer", "name", "silent1",
+    ]);
+    net.netns.ip(&["link", "set", "silent0", "up"]);
+    net.netns
+        .ip(&["route", "add", "10.0.9.9/32", "dev", "silent0"]);
+    program_service(&mut dp, frontend, &[(3, silent, 8080)]);
+    let gave_up = Proc::client_with(
+        &net.netns,
+        Some(&cgroup),
+        "tcp-client",
+        &[&vip.to_string(), "2"],
+        Some(300),
+    );
+    assert!(
+        gave_up.iter().all(|o| matches!(o, Outcome::Err { .. })),
+        "{gave_up:?}"
+    );
+    assert_eq!(counters(&dp).get(&(silent, 8080)), Some(&(0, 2)));
+    assert_eq!(sock_rev_entries(&bpffs.pin_dir("node")), 0);
 }

@@ -166,8 +166,8 @@ fn pinned_maps_are_opened_read_only_and_dumped() {
     let bpffs = Bpffs::mounted();
     let maps_dir = bpffs.path().join("maps");
     std::fs::create_dir(&maps_dir).unwrap();
-    // The agent's maps as bpf/mesh.h shapes them (rev_nat and sock_rev are not read; socket
-    // storage cannot even be created without BTF).
+    // The agent's maps as bpf/mesh.h shapes them (rev_nat and sock_rev, the programs' own
+    // per-socket records, are not read).
     let mut rw = BTreeMap::new();
     for (name, shape) in crate::layout::expected_shapes() {
         if name == MAP_REV_NAT || name == MAP_SOCK_REV {

@@ -11,7 +11,7 @@ use std::mem::size_of;
 use crate::sys::{
     BPF_F_NO_PREALLOC, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE,
     BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
-    BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_SK_STORAGE, MapShape,
+    BPF_MAP_TYPE_RINGBUF, MapShape,
 };
 use crate::{
     MAP_BACKEND_HEALTH, MAP_BACKENDS, MAP_EVENT_CONFIG, MAP_EVENT_SEEN, MAP_EVENT_STATS,
@@ -28,6 +28,7 @@ pub const IPCACHE_MAX: u32 = 524_288;
 pub const SERVICES_MAX: u32 = 262_144;
 pub const BACKENDS_MAX: u32 = 262_144;
 pub const REV_NAT_MAX: u32 = 262_144;
+pub const SOCK_REV_MAX: u32 = 131_072;
 pub const FLOWS_MAX: u32 = 65_536;
 pub const POLICY_ENDPOINTS_MAX: u32 = 65_536;
 pub const POLICY_MAX: u32 = 1_048_576;
@@ -157,8 +158,8 @@ pub struct RevNatValue {
     pub pad: u16,
 }
 
-/// `struct mesh_sock_rev`: socket-local storage (`mesh_sock_rev`, key `int`) of a socket
-/// whose connect() socket LB rewrote.
+/// `struct mesh_sock_rev`: the entry (`mesh_sock_rev`, an LRU hash by socket cookie) of an
+/// open socket whose connect() socket LB rewrote.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRev {
@@ -458,11 +459,11 @@ pub fn expected_shapes() -> [(&'static str, MapShape); 18] {
         (
             MAP_SOCK_REV,
             shape(
-                BPF_MAP_TYPE_SK_STORAGE,
-                size_of::<i32>(),
+                BPF_MAP_TYPE_LRU_HASH,
+                size_of::<u64>(),
                 size_of::<SockRev>(),
+                SOCK_REV_MAX,
                 0,
-                BPF_F_NO_PREALLOC,
             ),
         ),
         (
@@ -930,6 +931,7 @@ mod tests {
             ("MESH_SERVICES_MAX", SERVICES_MAX),
             ("MESH_BACKENDS_MAX", BACKENDS_MAX),
             ("MESH_REV_NAT_MAX", REV_NAT_MAX),
+            ("MESH_SOCK_REV_MAX", SOCK_REV_MAX),
             ("MESH_FLOWS_MAX", FLOWS_MAX),
             ("MESH_POLICY_ENDPOINTS_MAX", POLICY_ENDPOINTS_MAX),
             ("MESH_POLICY_MAX", POLICY_MAX),

@@ -13,8 +13,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapError,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, ProgramError,
-        SchedClassifier, SockOps, links::FdLink, tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LinkOrder,
+        ProgramError, SchedClassifier, SockOps, links::FdLink, tc::TcAttachOptions,
     },
 };
 use mesh_maps::{
@@ -110,6 +110,16 @@ impl Datapath {
                 .map_err(program_err(name))?;
             fd_link(name, p.take_link(id).map_err(program_err(name))?)
         })?);
+        let name = SOCK_RELEASE_PROGRAM;
+        let prog: &mut CgroupSock = program(&mut sock_lb, name)?;
+        links.push(
+            cg.attach(name, bpf::BPF_CGROUP_INET_SOCK_RELEASE, prog, |p, file| {
+                let id = p
+                    .attach(file, CgroupAttachMode::Single)
+                    .map_err(program_err(name))?;
+                fd_link(name, p.take_link(id).map_err(program_err(name))?)
+            })?,
+        );
 
         let mut objects = Vec::new();
         match &flow_iface {
@@ -275,7 +285,7 @@ macro_rules! loadable {
         }
     )*};
 }
-loadable!(CgroupSockAddr, CgroupSkb, SockOps);
+loadable!(CgroupSockAddr, CgroupSkb, SockOps, CgroupSock);
 
 /// Loads the classifier and attaches it at TCX ingress and egress of `iface`
 /// (in the calling thread's network namespace), reusing pinned links.

@@ -4,11 +4,12 @@
 //! Pin layout under [`DatapathConfig::pin_dir`]:
 //!
 //! ```text
-//! <pin_dir>/maps/mesh_ipcache, mesh_services, mesh_backends, mesh_rev_nat, mesh_flows
+//! <pin_dir>/maps/mesh_ipcache, mesh_services, mesh_backends, mesh_rev_nat, mesh_sock_rev,
+//!                mesh_flows
 //! <pin_dir>/links/mesh_connect4, mesh_sendmsg4, mesh_recvmsg4, mesh_getpeername4
 //! <pin_dir>/maps/mesh_policy_endpoints, mesh_policy, mesh_policy_netns, mesh_policy_replies,
 //!                mesh_policy_counters, mesh_policy_rules
-//! <pin_dir>/links/mesh_policy_ingress, mesh_sock_ops
+//! <pin_dir>/links/mesh_policy_ingress, mesh_sock_ops, mesh_sock_release
 //! <pin_dir>/maps/mesh_backend_health, mesh_quarantine
 //! <pin_dir>/maps/mesh_events, mesh_event_config, mesh_event_stats, mesh_event_seen
 //! <pin_dir>/links/mesh_flows_tc_ingress, mesh_flows_tc_egress
@@ -72,6 +73,9 @@ const SOCK_PROGRAMS: &[(&str, u32)] = &[
 const POLICY_INGRESS_PROGRAM: &str = "mesh_policy_ingress";
 /// The cgroup sock_ops program of passive backend health (sock_lb.bpf.c).
 const SOCK_OPS_PROGRAM: &str = "mesh_sock_ops";
+/// The cgroup sock_release program that forgets a released socket's translation
+/// (sock_lb.bpf.c).
+const SOCK_RELEASE_PROGRAM: &str = "mesh_sock_release";
 const FLOWS_PROGRAM: &str = "mesh_flows_tc";
 const FLOWS_LINKS: &[(&str, TcAttachType, u32)] = &[
     (

@@ -78,8 +78,14 @@ pub(super) fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Maps of the programs' own per-socket records, which an agent of another layout may have
+/// pinned in another shape: replaced rather than refused (the open sockets they described
+/// then show their backend as peer address, and passive health no longer judges them).
+const REPLACEABLE: &[&str] = &[mesh_maps::MAP_SOCK_REV];
+
 /// Refuses to reuse a pinned map whose type, sizes or flags differ from what
-/// this build's programs expect (e.g. left by an agent with another layout).
+/// this build's programs expect (e.g. left by an agent with another layout), except the
+/// [`REPLACEABLE`] ones, whose pins are removed so the programs' load creates them anew.
 pub(super) fn check_pinned_maps(maps_dir: &Path) -> Result<()> {
     for (map, want) in layout::expected_shapes() {
         let path = maps_dir.join(map);
@@ -88,7 +94,11 @@ pub(super) fn check_pinned_maps(maps_dir: &Path) -> Result<()> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(source) => return Err(Error::PinDir { path, source }),
         };
-        if found != want {
+        if found != want && REPLACEABLE.contains(&map) {
+            tracing::warn!(path = %path.display(), ?found, expected = ?want,
+                "replacing a pinned map of another layout (per-socket records of open sockets are lost)");
+            remove_pin(&path)?;
+        } else if found != want {
             return Err(Error::IncompatibleMap {
                 path,
                 found: format!("{found:?}"),
