@@ -176,10 +176,23 @@ impl Cluster {
 
     /// `mesh_apiserver_index_objects` of (cluster, kind segment), 0 if absent.
     pub fn index_objects(&self, cluster: &str, kind: &str) -> Result<u64> {
+        Ok(self.index_counts(&[(cluster, kind)])?[0])
+    }
+
+    /// [`Cluster::index_objects`] of each (cluster, kind segment), from one read of the
+    /// metrics: a benchmark that polls reads each process's metrics once per round, so the
+    /// polling costs the processes it measures as little as it can.
+    pub fn index_counts(&self, series: &[(&str, &str)]) -> Result<Vec<u64>> {
         let body = self.metrics_text()?;
-        let series =
-            format!("mesh_apiserver_index_objects{{cluster=\"{cluster}\",kind=\"{kind}\"}}");
-        Ok(env::metric(&body, &series).unwrap_or(0.0) as u64)
+        Ok(series
+            .iter()
+            .map(|(cluster, kind)| {
+                let series = format!(
+                    "mesh_apiserver_index_objects{{cluster=\"{cluster}\",kind=\"{kind}\"}}"
+                );
+                env::metric(&body, &series).unwrap_or(0.0) as u64
+            })
+            .collect())
     }
 
     pub async fn etcd_client(&self) -> Result<etcd_client::Client> {
@@ -294,8 +307,21 @@ impl AgentNode {
     /// `mesh_agent_map_entries{map=...}` (services, backends, ipcache), if reported yet.
     pub fn map_entries(&self, map: &str) -> Option<u64> {
         let body = env::http_get(self.metrics, "/metrics").ok()?;
-        env::metric(&body, &format!("mesh_agent_map_entries{{map=\"{map}\"}}")).map(|v| v as u64)
+        map_entries(&body, map)
     }
+
+    /// The entries of the services, backends and ipcache maps (0 for a gauge not yet
+    /// there), and the body they were read from, in one read of the agent's metrics.
+    pub fn map_counts(&self) -> Option<([u64; 3], String)> {
+        let body = env::http_get(self.metrics, "/metrics").ok()?;
+        let n = |map| map_entries(&body, map).unwrap_or(0);
+        Some(([n("services"), n("backends"), n("ipcache")], body))
+    }
+}
+
+/// `mesh_agent_map_entries` of `map` in an agent's metrics.
+fn map_entries(body: &str, map: &str) -> Option<u64> {
+    env::metric(body, &format!("mesh_agent_map_entries{{map=\"{map}\"}}")).map(|v| v as u64)
 }
 
 /// Puts `kvs` into etcd in transactions of the importer's size (the apiserver's default

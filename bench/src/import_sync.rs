@@ -202,22 +202,21 @@ pub async fn run(opts: &Opts, components: &Components, machine: &Machine) -> Res
     while index_at.is_none() || agent_at.is_none() {
         cluster.apiserver.check_running()?;
         agent.proc_mut()?.check_running()?;
+        // One read of each process's metrics per round (the polling's own cost lands on
+        // the cores the import runs on).
         if index_at.is_none() {
-            let eps = cluster.index_objects(PEER, "endpoints").unwrap_or(0);
-            progress.set(eps as usize);
-            if eps == sizes.endpoints as u64
-                && cluster.index_objects(PEER, "services").unwrap_or(0) == sizes.services as u64
-            {
+            let counts = cluster
+                .index_counts(&[(PEER, "endpoints"), (PEER, "services")])
+                .unwrap_or_default();
+            let (eps, svcs) = (counts.first().copied(), counts.get(1).copied());
+            progress.set(eps.unwrap_or(0) as usize);
+            if (eps, svcs) == (Some(sizes.endpoints as u64), Some(sizes.services as u64)) {
                 index_at = Some(t0.elapsed());
             }
         }
         if agent_at.is_none() {
-            let got = (
-                agent.map_entries("services").unwrap_or(0),
-                agent.map_entries("backends").unwrap_or(0),
-                agent.map_entries("ipcache").unwrap_or(0),
-            );
-            if got == want {
+            let got = agent.map_counts().map(|(c, _)| (c[0], c[1], c[2]));
+            if got == Some(want) {
                 agent_at = Some(t0.elapsed());
             }
         }

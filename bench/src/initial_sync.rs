@@ -290,10 +290,14 @@ async fn wait_index(cluster: &mut Cluster, sizes: &Sizes, endpoints: usize) -> R
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         cluster.apiserver.check_running()?;
-        let ok = cluster.index_objects(PEER, "endpoints").unwrap_or(0) == endpoints as u64
-            && cluster.index_objects(PEER, "services").unwrap_or(0) == sizes.services as u64
-            && cluster.index_objects(LOCAL, "services").unwrap_or(0)
-                == (sizes.services + LOCAL_ONLY_SERVICES) as u64;
+        let want = [
+            endpoints as u64,
+            sizes.services as u64,
+            (sizes.services + LOCAL_ONLY_SERVICES) as u64,
+        ];
+        let ok = cluster
+            .index_counts(&[(PEER, "endpoints"), (PEER, "services"), (LOCAL, "services")])
+            .is_ok_and(|got| got == want);
         if ok {
             return Ok(());
         }
@@ -409,18 +413,17 @@ async fn time_agent_sync(
     let mut progress = Progress::new("agent maps (ipcache entries)", want.ipcache as usize);
     let elapsed = loop {
         agent.proc_mut()?.check_running()?;
+        // One read of the agent's metrics per round.
+        let (counts, body) = agent.map_counts().unwrap_or_default();
         let got = Expected {
-            services: agent.map_entries("services").unwrap_or(0),
-            backends: agent.map_entries("backends").unwrap_or(0),
-            ipcache: agent.map_entries("ipcache").unwrap_or(0),
+            services: counts[0],
+            backends: counts[1],
+            ipcache: counts[2],
         };
         if got == want {
             break t0.elapsed();
         }
-        let errors = env::http_get(agent.metrics, "/metrics")
-            .ok()
-            .and_then(|b| env::metric(&b, "mesh_agent_reconcile_errors_total"))
-            .unwrap_or(0.0);
+        let errors = env::metric(&body, "mesh_agent_reconcile_errors_total").unwrap_or(0.0);
         if errors > 0.0 {
             bail!(
                 "the agent failed to program its maps (want {want:?}); log:\n{}",
