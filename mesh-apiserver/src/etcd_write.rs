@@ -5,7 +5,6 @@
 //! through which the importer's peers share transactions (group commit).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -152,14 +151,15 @@ pub enum Sink<'a> {
 /// `extra`: permits shared between writers (the peer importers) for every transaction in
 /// flight beyond each writer's first: one writer alone keeps `in_flight` transactions
 /// going, many writing at once (250 peers after a restart) share the permits, so the
-/// transactions in flight, and the memory their copies of the values hold, stay bounded by
-/// writers + permits.
+/// transactions in flight stay bounded by writers + permits.
 ///
-/// After each commit, its entries leave `pending` and are handed to `on_commit` (in commit
-/// order). On error no new transaction is sent, those in flight are awaited (what they
-/// commit is handed over as usual), and what was not committed stays in `pending`, so the
-/// call can be retried. Returns the transactions committed; when it returns, none is in
-/// flight.
+/// A batch's entries are moved out of `pending` when it is cut (not copied: a large import
+/// holds each value once, staged or in flight); after its commit they are handed to
+/// `on_commit` (in commit order). On error no new transaction is sent, those in flight are
+/// awaited (what they commit is handed over as usual), and the batches that failed go back
+/// into `pending`, so what was not committed stays there and the call can be retried
+/// (unless the [`GroupWriter`]'s task ended with the runtime, which drops what it held).
+/// Returns the transactions committed; when it returns, none is in flight.
 pub async fn write_batched(
     sink: Sink<'_>,
     pending: &mut Staged,
@@ -172,15 +172,8 @@ pub async fn write_batched(
     let mut txns = 0;
     let mut error = None;
     let mut running = FuturesUnordered::new();
-    // Batches are cut from `pending` past the last one sent: entries stay in `pending`
-    // until their transaction commits.
-    let mut next: Option<String> = None;
     loop {
-        while error.is_none() && running.len() < in_flight {
-            let rest = match &next {
-                None => pending.range::<String, _>(..),
-                Some(k) => pending.range::<String, _>((Excluded(k), Unbounded)),
-            };
+        while error.is_none() && running.len() < in_flight && !pending.is_empty() {
             // Beyond the first, a transaction needs one of the shared permits.
             let permit = match (running.is_empty(), extra) {
                 (false, Some(extra)) => match extra.clone().try_acquire_owned() {
@@ -189,9 +182,7 @@ pub async fn write_batched(
                 },
                 _ => None,
             };
-            let batch = next_batch(rest, ops.get());
-            let Some((last, _)) = batch.last() else { break };
-            next = Some(last.clone());
+            let batch = take_batch(pending, ops.get());
             let txn = match sink {
                 Sink::Etcd { kv, fence } => Either::Left(send(kv.clone(), batch, fence, ops)),
                 Sink::Group(group) => Either::Right(group.write(batch)),
@@ -208,12 +199,12 @@ pub async fn write_batched(
         match result {
             Ok(()) => {
                 txns += 1;
-                for (k, _) in &batch {
-                    pending.remove(k);
-                }
                 on_commit(batch);
             }
             Err(e) => {
+                // Not committed: staged again (no key of it was staged meanwhile: the
+                // caller cannot touch `pending` until this returns).
+                pending.extend(batch);
                 error.get_or_insert(e);
             }
         }
@@ -301,7 +292,7 @@ impl GroupWriter {
         }
         match result.await {
             Ok(out) => out,
-            // The task ended with the runtime; the caller keeps its staged copy.
+            // The task ended with the runtime (the process is stopping): the batch is gone.
             Err(_) => lost(Vec::new()),
         }
     }
@@ -418,23 +409,24 @@ fn txn_op(k: &str, v: &Option<Vec<u8>>) -> TxnOp {
     }
 }
 
-/// The first entries of `pending` that fit one transaction: at most `max_ops`, and at most
-/// [`MAX_TXN_BYTES`] of keys and values unless the first alone is larger.
-fn next_batch<'a>(
-    pending: impl Iterator<Item = (&'a String, &'a Option<Vec<u8>>)>,
-    max_ops: usize,
-) -> Committed {
+/// Moves the first entries of `pending` that fit one transaction out of it: at most
+/// `max_ops`, and at most [`MAX_TXN_BYTES`] of keys and values unless the first alone is
+/// larger.
+fn take_batch(pending: &mut Staged, max_ops: usize) -> Committed {
     let mut bytes = 0;
-    pending
-        .take(max_ops)
-        .take_while(|(k, v)| {
-            let size = entry_bytes(k, v);
-            let fits = bytes == 0 || bytes + size <= MAX_TXN_BYTES;
-            bytes += size;
-            fits
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    let mut batch = Vec::new();
+    while batch.len() < max_ops {
+        let Some(first) = pending.first_entry() else {
+            break;
+        };
+        let size = entry_bytes(first.key(), first.get());
+        if !batch.is_empty() && bytes + size > MAX_TXN_BYTES {
+            break;
+        }
+        bytes += size;
+        batch.push(first.remove_entry());
+    }
+    batch
 }
 
 #[cfg(test)]
@@ -450,17 +442,20 @@ mod tests {
 
     #[test]
     fn batches_are_bounded_by_ops_and_bytes() {
-        let many: Staged = (0..300).map(|i| (format!("k{i:03}"), None)).collect();
-        let b = next_batch(many.iter(), 128);
+        let mut many: Staged = (0..300).map(|i| (format!("k{i:03}"), None)).collect();
+        let b = take_batch(&mut many, 128);
         assert_eq!(b.len(), 128);
         assert_eq!(b[0].0, "k000");
+        assert_eq!(many.len(), 172, "the batch's entries left the staged ones");
+        assert_eq!(many.first_key_value().unwrap().0, "k128");
 
-        let big = staged(&[("a", MAX_TXN_BYTES / 2), ("b", MAX_TXN_BYTES / 2), ("c", 1)]);
-        let b = next_batch(big.iter(), 128);
+        let mut big = staged(&[("a", MAX_TXN_BYTES / 2), ("b", MAX_TXN_BYTES / 2), ("c", 1)]);
+        let b = take_batch(&mut big, 128);
         assert_eq!(b.len(), 1, "two halves plus keys exceed the byte bound");
+        assert_eq!(big.len(), 2);
 
         // A value larger than the bound still goes, alone.
-        let huge = staged(&[("a", MAX_TXN_BYTES * 2), ("b", 1)]);
-        assert_eq!(next_batch(huge.iter(), 128).len(), 1);
+        let mut huge = staged(&[("a", MAX_TXN_BYTES * 2), ("b", 1)]);
+        assert_eq!(take_batch(&mut huge, 128).len(), 1);
     }
 }
