@@ -80,12 +80,42 @@ pub trait Maps {
     fn ipcache_writer(&self) -> Option<Box<dyn IpcacheWrite>> {
         None
     }
+    /// A writer of backend and service-entry batches that another thread may use while
+    /// these maps write the other half of a large batch ([`SPLIT_MIN`]); `None`: every
+    /// batch is written here.
+    fn lb_writer(&self) -> Option<Box<dyn LbWrite>> {
+        None
+    }
 }
 
 /// Writes ipcache upserts from another thread ([`Maps::ipcache_writer`]).
 pub trait IpcacheWrite: Send {
     /// Applies `ops`, all `Op::IpcacheUpsert`.
     fn upsert(&mut self, ops: &[Op]) -> Result<()>;
+}
+
+/// Writes part of a batch from another thread ([`Maps::lb_writer`]).
+pub trait LbWrite: Send {
+    /// Applies `ops`, all of one kind: `BackendUpsert`, `SlotUpsert` or `MasterUpsert`.
+    fn apply_batch(&mut self, ops: &[Op]) -> Result<()>;
+}
+
+/// From this many operations, a batch of backend upserts, slot upserts or master upserts
+/// is written half here, half on a second thread ([`Maps::lb_writer`]): the entries of one
+/// such batch never depend on each other (backends all go before any slot, slots before
+/// any master), so the halves may land in any order. A large peer's arrival (100k backends
+/// and 110k service entries, about 0.25 s of kernel time on one thread) then takes both
+/// cores, which etcd and the apiserver have left by then.
+pub const SPLIT_MIN: usize = 8192;
+
+/// Whether a batch of `ops` (one kind) is split: at least `min` ([`SPLIT_MIN`]) of a kind
+/// whose entries do not depend on each other.
+fn splittable(ops: &[Op], min: usize) -> bool {
+    ops.len() >= min
+        && matches!(
+            ops[0],
+            Op::BackendUpsert { .. } | Op::SlotUpsert { .. } | Op::MasterUpsert { .. }
+        )
 }
 
 /// Below this many ipcache upserts a reconcile writes everything on its own thread: a
@@ -151,6 +181,8 @@ pub struct Reconciler<M> {
     planned_services: Option<PlannedServices>,
     /// The last reconcile wrote part of its ipcache upserts on a second thread.
     ipcache_written_beside: bool,
+    /// [`SPLIT_MIN`] (smaller in tests).
+    split_min: usize,
 }
 
 /// The services and backends of the last reconcile that wrote them: shared with the
@@ -176,6 +208,7 @@ impl<M: Maps> Reconciler<M> {
             mirror_matches_desired: false,
             planned_services: None,
             ipcache_written_beside: false,
+            split_min: SPLIT_MIN,
         }
     }
 
@@ -255,9 +288,28 @@ impl<M: Maps> Reconciler<M> {
         };
         let is_ipcache =
             |op: &Op| matches!(op, Op::IpcacheUpsert { .. } | Op::IpcacheDelete { .. });
+        let mut lb_writer = None;
+        let split_min = self.split_min;
         let mut apply = |maps: &mut M, current: &mut DatapathState, batch: &[Op]| {
             // On failure the mirror stays `None`: the next attempt re-reads the maps.
-            maps.apply_batch(batch)?;
+            let split = splittable(batch, split_min);
+            if split && lb_writer.is_none() {
+                lb_writer = Some(maps.lb_writer());
+            }
+            match lb_writer.as_mut().and_then(|w| w.as_mut()) {
+                Some(w) if split => {
+                    let (here, there) = batch.split_at(batch.len() / 2);
+                    std::thread::scope(|s| {
+                        let other = s.spawn(|| w.apply_batch(there));
+                        let mine = maps.apply_batch(here);
+                        let theirs = other
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                        mine.and(theirs)
+                    })?;
+                }
+                _ => maps.apply_batch(batch)?,
+            }
             if !(bulk && is_ipcache(&batch[0])) {
                 for op in batch {
                     current.apply(op);
@@ -527,40 +579,10 @@ impl Maps for Datapath {
             Op::IpcacheUpsert { .. } => self
                 .upsert_ipcache_entries(&ipcache_entries(ops))
                 .map_err(err),
-            Op::BackendUpsert { .. } => {
-                let entries = ops
-                    .iter()
-                    .filter_map(|op| match op {
-                        Op::BackendUpsert { id, backend } => {
-                            Some(backend_value(backend, op).map(|v| (*id, v)))
-                        }
-                        _ => None,
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                self.upsert_backends(&entries).map_err(err)
-            }
-            Op::SlotUpsert { .. } | Op::MasterUpsert { .. } => {
-                let entries = ops
-                    .iter()
-                    .filter_map(|op| match *op {
-                        Op::SlotUpsert {
-                            service,
-                            slot,
-                            backend_id,
-                            backend,
-                        } => Some(service_key(&service, slot, op).and_then(|k| {
-                            let value = backend_value(&backend, op)?;
-                            Ok((k, ServiceEntryValue::backend(backend_id, value)))
-                        })),
-                        Op::MasterUpsert { service, count } => Some(
-                            service_key(&service, 0, op)
-                                .map(|k| (k, ServiceEntryValue::master(count))),
-                        ),
-                        _ => None,
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                self.upsert_service_slots(&entries).map_err(err)
-            }
+            Op::BackendUpsert { .. } => self.upsert_backends(&backend_entries(ops)?).map_err(err),
+            Op::SlotUpsert { .. } | Op::MasterUpsert { .. } => self
+                .upsert_service_slots(&service_entries(ops)?)
+                .map_err(err),
             _ => ops.iter().try_for_each(|op| self.apply(op)),
         }
     }
@@ -575,6 +597,60 @@ impl Maps for Datapath {
     fn ipcache_writer(&self) -> Option<Box<dyn IpcacheWrite>> {
         Datapath::ipcache_writer(self).map(|w| Box::new(w) as Box<dyn IpcacheWrite>)
     }
+
+    fn lb_writer(&self) -> Option<Box<dyn LbWrite>> {
+        Datapath::lb_writer(self).map(|w| Box::new(w) as Box<dyn LbWrite>)
+    }
+}
+
+impl LbWrite for datapath::LbWriter {
+    fn apply_batch(&mut self, ops: &[Op]) -> Result<()> {
+        let Some(first) = ops.first() else {
+            return Ok(());
+        };
+        let err = |source| Error::Apply {
+            op: Box::new(*first),
+            source,
+        };
+        match first {
+            Op::BackendUpsert { .. } => self.upsert_backends(&backend_entries(ops)?).map_err(err),
+            Op::SlotUpsert { .. } | Op::MasterUpsert { .. } => self
+                .upsert_service_slots(&service_entries(ops)?)
+                .map_err(err),
+            _ => unreachable!("LbWrite takes backend, slot and master upserts only"),
+        }
+    }
+}
+
+/// The backends of the `Op::BackendUpsert`s among `ops`, as the datapath writes them.
+fn backend_entries(ops: &[Op]) -> Result<Vec<(u32, datapath::BackendValue)>> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::BackendUpsert { id, backend } => Some(backend_value(backend, op).map(|v| (*id, v))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The service entries of the `Op::SlotUpsert`s and `Op::MasterUpsert`s among `ops`.
+fn service_entries(ops: &[Op]) -> Result<Vec<(ServiceEntryKey, ServiceEntryValue)>> {
+    ops.iter()
+        .filter_map(|op| match *op {
+            Op::SlotUpsert {
+                service,
+                slot,
+                backend_id,
+                backend,
+            } => Some(service_key(&service, slot, op).and_then(|k| {
+                let value = backend_value(&backend, op)?;
+                Ok((k, ServiceEntryValue::backend(backend_id, value)))
+            })),
+            Op::MasterUpsert { service, count } => {
+                Some(service_key(&service, 0, op).map(|k| (k, ServiceEntryValue::master(count))))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 impl IpcacheWrite for datapath::IpcacheWriter {
@@ -645,9 +721,31 @@ mod tests {
         dumps: std::cell::Cell<usize>,
         batches: Vec<(&'static str, usize)>,
         beside: Option<std::sync::Arc<std::sync::Mutex<Vec<Op>>>>,
+        /// A second writer of backends and service entries: its ops, and the kinds of the
+        /// batches both writers wrote, in the order their writes ended (main's: began).
+        lb_beside: Option<std::sync::Arc<std::sync::Mutex<Vec<Op>>>>,
+        order: std::sync::Arc<std::sync::Mutex<Vec<(&'static str, &'static str)>>>,
     }
 
     struct LoggedWriter(std::sync::Arc<std::sync::Mutex<Vec<Op>>>);
+
+    struct LoggedLbWriter {
+        ops: std::sync::Arc<std::sync::Mutex<Vec<Op>>>,
+        order: std::sync::Arc<std::sync::Mutex<Vec<(&'static str, &'static str)>>>,
+    }
+
+    impl LbWrite for LoggedLbWriter {
+        fn apply_batch(&mut self, ops: &[Op]) -> Result<()> {
+            let kind = op_kind(&ops[0]);
+            assert!(ops.iter().all(|op| op_kind(op) == kind), "{ops:?}");
+            // Slow enough that a missing join would let the other thread's next batch
+            // begin before this one is logged.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            self.ops.lock().unwrap().extend_from_slice(ops);
+            self.order.lock().unwrap().push(("second", kind));
+            Ok(())
+        }
+    }
 
     impl IpcacheWrite for LoggedWriter {
         fn upsert(&mut self, ops: &[Op]) -> Result<()> {
@@ -658,12 +756,13 @@ mod tests {
     }
 
     impl FakeMaps {
-        /// Writes what the second writer logged into the maps.
+        /// Writes what the second writers logged into the maps.
         fn settle(&mut self) -> usize {
-            let Some(log) = self.beside.clone() else {
-                return 0;
-            };
-            let ops = std::mem::take(&mut *log.lock().unwrap());
+            let ops: Vec<Op> = [self.beside.clone(), self.lb_beside.clone()]
+                .into_iter()
+                .flatten()
+                .flat_map(|log| std::mem::take(&mut *log.lock().unwrap()))
+                .collect();
             for op in &ops {
                 self.apply(op).unwrap();
             }
@@ -703,12 +802,21 @@ mod tests {
                 "{ops:?}"
             );
             self.batches.push((op_kind(&ops[0]), ops.len()));
+            self.order.lock().unwrap().push(("main", op_kind(&ops[0])));
             ops.iter().try_for_each(|op| self.apply(op))
         }
         fn ipcache_writer(&self) -> Option<Box<dyn IpcacheWrite>> {
             self.beside
                 .clone()
                 .map(|log| Box::new(LoggedWriter(log)) as Box<dyn IpcacheWrite>)
+        }
+        fn lb_writer(&self) -> Option<Box<dyn LbWrite>> {
+            self.lb_beside.clone().map(|ops| {
+                Box::new(LoggedLbWriter {
+                    ops,
+                    order: self.order.clone(),
+                }) as Box<dyn LbWrite>
+            })
         }
         fn remove_foreign(&mut self, entry: Foreign) -> Result<(), datapath::Error> {
             match entry {
@@ -994,6 +1102,49 @@ mod tests {
             .unwrap();
         assert!(!beside.ipcache_written_beside());
         assert_eq!(beside.maps.settle(), 0);
+    }
+
+    /// Large batches of backend, slot and master upserts are written half on a second
+    /// thread, which is joined before the next batch: every backend is in before any slot,
+    /// every slot before any master; the maps end as one plain reconcile leaves them.
+    #[test]
+    fn large_batches_are_split_between_two_threads_in_the_plans_order() {
+        let backends: Vec<String> = (1..=6).map(|i| format!("10.1.0.{i}")).collect();
+        let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+        let want = desired(&backends, false);
+        let mut split = Reconciler::new(FakeMaps {
+            lb_beside: Some(Default::default()),
+            ..FakeMaps::default()
+        });
+        split.split_min = 4;
+        let mut plain = Reconciler::new(FakeMaps::default());
+        split.reconcile(&want).unwrap();
+        plain.reconcile(&want).unwrap();
+        let order = split.maps().order.lock().unwrap().clone();
+        assert_eq!(
+            order,
+            [
+                ("main", "ipcache_upsert"),
+                ("main", "backend_upsert"),
+                ("second", "backend_upsert"),
+                ("main", "slot_upsert"),
+                ("second", "slot_upsert"),
+                ("main", "master_upsert"),
+            ],
+            "one master: not split"
+        );
+        assert_eq!(
+            split.maps().batches,
+            [
+                ("ipcache_upsert", 1),
+                ("backend_upsert", 3),
+                ("slot_upsert", 3),
+                ("master_upsert", 1)
+            ]
+        );
+        assert_eq!(split.maps.settle(), 6);
+        assert_eq!(split.maps().dump, plain.maps().dump);
+        assert_eq!(split.mirror(), plain.mirror());
     }
 
     #[test]

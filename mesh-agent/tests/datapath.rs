@@ -1019,7 +1019,7 @@ fn a_large_reconcile_writes_the_ipcache_beside_the_services() {
     use mesh_agent::desired::{
         self, BackendInfo, BackendKey, DesiredState, IpcacheInfo, ServiceKey,
     };
-    use mesh_agent::reconcile::{IPCACHE_BESIDE_MIN, Reconciler, from_dump};
+    use mesh_agent::reconcile::{IPCACHE_BESIDE_MIN, Reconciler, SPLIT_MIN, from_dump};
     use mesh_core::Protocol;
     require_root!();
     let cgroup = Cgroup::new("bs");
@@ -1046,16 +1046,18 @@ fn a_large_reconcile_writes_the_ipcache_beside_the_services() {
             info(i),
         );
     }
-    // 50 services of 20 backends, the backends among the ipcache's addresses.
-    for s in 0..50u32 {
+    // 500 services of 20 backends each, the first backends among the ipcache's
+    // addresses: 10000 backends and 10000 slots, batches large enough to be written half on
+    // a second thread (SPLIT_MIN), through the datapath's second handles on the maps.
+    for s in 0..500u32 {
         let key = ServiceKey {
-            vip: Ipv4Addr::new(10, 96, 2, s as u8).into(),
+            vip: Ipv4Addr::from(0x0a60_0200 + s).into(),
             port: 80,
             proto: Protocol::Tcp,
         };
         let backends: Vec<BackendKey> = (0..20u32)
             .map(|b| BackendKey {
-                ip: Ipv4Addr::from(0x0a40_0000 + s * 97 + b * 13).into(),
+                ip: Ipv4Addr::from(0x0a40_0000 + s * 20 + b).into(),
                 port: 8080,
                 proto: Protocol::Tcp,
             })
@@ -1069,6 +1071,11 @@ fn a_large_reconcile_writes_the_ipcache_beside_the_services() {
     let counts = r.reconcile(&want).unwrap();
     assert!(r.ipcache_written_beside());
     assert_eq!(counts["ipcache_upsert"], u64::from(n));
+    const { assert!(SPLIT_MIN <= 10000) };
+    assert_eq!(
+        (counts["backend_upsert"], counts["slot_upsert"]),
+        (10000, 10000)
+    );
     let (state, foreign) = from_dump(&r.maps().dump().unwrap());
     assert!(foreign.is_empty());
     assert_eq!(state.ipcache.len(), n as usize);

@@ -164,6 +164,23 @@ impl Datapath {
         })
     }
 
+    /// A second writer of `mesh_services` and `mesh_backends` (their own file descriptors),
+    /// for another thread to write half of a large batch while this one writes the other
+    /// half. `None` when the kernel has no batch updates for them.
+    pub fn lb_writer(&self) -> Option<LbWriter> {
+        if !(self.batch.services && self.batch.backends) {
+            return None;
+        }
+        let dup = |raw: &RawMap, name| {
+            let fd = raw.as_fd().try_clone_to_owned().ok()?;
+            RawMap::from_fd(name, fd).ok()
+        };
+        Some(LbWriter {
+            services: dup(&self.lb.raw.services, MAP_SERVICES)?,
+            backends: dup(&self.lb.raw.backends, MAP_BACKENDS)?,
+        })
+    }
+
     // --- whole state ---
 
     /// Reads every entry of the service, backend and ipcache maps (batched
@@ -211,13 +228,44 @@ impl IpcacheWriter {
     /// before it may be written).
     pub fn upsert_entries(&mut self, entries: &[(IpNet, IpcacheValue)]) -> Result<()> {
         let (keys, values) = ipcache_keys_values(entries)?;
-        for (k, v) in keys.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
-            self.raw
-                .update_batch(k, v)
-                .map_err(|e| Error::from(mesh_maps::Error::from(e)))?;
-        }
-        Ok(())
+        update_chunks(&self.raw, &keys, &values)
     }
+}
+
+/// Writes backends and service entries in batches through its own handles on
+/// `mesh_backends` and `mesh_services` ([`Datapath::lb_writer`]).
+#[derive(Debug)]
+pub struct LbWriter {
+    services: RawMap,
+    backends: RawMap,
+}
+
+impl LbWriter {
+    /// Inserts or replaces `entries`, in batches; stops at the first error.
+    pub fn upsert_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<()> {
+        let keys: Vec<u32> = entries.iter().map(|(id, _)| *id).collect();
+        let values: Vec<layout::BackendValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
+        update_chunks(&self.backends, &keys, &values)
+    }
+
+    /// Inserts or replaces `entries`, in batches; stops at the first error.
+    pub fn upsert_service_slots(
+        &mut self,
+        entries: &[(ServiceEntryKey, ServiceEntryValue)],
+    ) -> Result<()> {
+        let keys: Vec<layout::ServiceKey> = entries.iter().map(|(k, _)| (*k).into()).collect();
+        let values: Vec<layout::ServiceValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
+        update_chunks(&self.services, &keys, &values)
+    }
+}
+
+/// `keys` and `values` in batch updates of [`BATCH_CHUNK`]; stops at the first error.
+fn update_chunks<K: aya::Pod, V: aya::Pod>(raw: &RawMap, keys: &[K], values: &[V]) -> Result<()> {
+    for (k, v) in keys.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
+        raw.update_batch(k, v)
+            .map_err(|e| Error::from(mesh_maps::Error::from(e)))?;
+    }
+    Ok(())
 }
 
 /// The trie's keys and values of `entries` (IPv4 only: an IPv6 prefix is an error before

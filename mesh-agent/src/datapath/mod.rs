@@ -37,7 +37,7 @@ mod pinned;
 mod sys;
 
 pub use events::{EventControl, EventCounters, EventMaps};
-pub use maps::IpcacheWriter;
+pub use maps::{IpcacheWriter, LbWriter};
 pub use netns::{NetnsInfo, NetnsScanner};
 pub use sys::{async_ring, boottime_ns};
 
