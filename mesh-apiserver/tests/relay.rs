@@ -225,7 +225,7 @@ async fn relay_merges_agents_in_time_order_last_n_overall_and_reports_unavailabl
     );
 
     // An agent that goes away is reported, and the request still answers.
-    n2.stop();
+    n2.stop().await;
     let got = flows(&mut op, last(10), false).await;
     assert_eq!(uuids(&got).len(), 3, "{got:#?}");
     let mut un = unavailable(&got);

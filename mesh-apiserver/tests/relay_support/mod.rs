@@ -42,6 +42,7 @@ pub struct TestAgent {
     /// Callers seen, as `Caller` strings.
     pub callers: Arc<Mutex<Vec<String>>>,
     stop: CancellationToken,
+    server: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for TestAgent {
@@ -77,7 +78,7 @@ impl TestAgent {
         let stop = CancellationToken::new();
         let incoming = tls::tls_incoming(listener, server_tls, tls::IncomingOptions::default());
         let s = stop.clone();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(ObserverServer::new(svc))
                 .serve_with_incoming_shutdown(incoming, s.cancelled())
@@ -90,6 +91,7 @@ impl TestAgent {
             live,
             callers,
             stop,
+            server: Mutex::new(Some(server)),
         }
     }
 
@@ -99,9 +101,17 @@ impl TestAgent {
         let _ = self.live.send(f);
     }
 
-    /// Stops serving.
-    pub fn stop(&self) {
+    /// Stops serving, and returns once the server has closed its connections (its
+    /// graceful shutdown sends them GOAWAY): a client's next request cannot reach it.
+    pub async fn stop(&self) {
         self.stop.cancel();
+        let server = self.server.lock().unwrap().take();
+        if let Some(server) = server {
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("the test agent's server did not stop within 10 s")
+                .expect("the test agent's server task");
+        }
     }
 }
 
