@@ -579,11 +579,10 @@ impl Maps for Datapath {
             Op::IpcacheUpsert { .. } => self
                 .upsert_ipcache_entries(&ipcache_entries(ops))
                 .map_err(err),
-            Op::BackendUpsert { .. } => self.upsert_backends(&backend_entries(ops)?).map_err(err),
-            Op::SlotUpsert { .. } | Op::MasterUpsert { .. } => self
-                .upsert_service_slots(&service_entries(ops)?)
-                .map_err(err),
-            _ => ops.iter().try_for_each(|op| self.apply(op)),
+            _ => match upsert_lb_batch(self, ops) {
+                Some(done) => done,
+                None => ops.iter().try_for_each(|op| self.apply(op)),
+            },
         }
     }
 
@@ -605,21 +604,76 @@ impl Maps for Datapath {
 
 impl LbWrite for datapath::LbWriter {
     fn apply_batch(&mut self, ops: &[Op]) -> Result<()> {
-        let Some(first) = ops.first() else {
-            return Ok(());
-        };
-        let err = |source| Error::Apply {
-            op: Box::new(*first),
-            source,
-        };
-        match first {
-            Op::BackendUpsert { .. } => self.upsert_backends(&backend_entries(ops)?).map_err(err),
-            Op::SlotUpsert { .. } | Op::MasterUpsert { .. } => self
-                .upsert_service_slots(&service_entries(ops)?)
-                .map_err(err),
-            _ => unreachable!("LbWrite takes backend, slot and master upserts only"),
-        }
+        upsert_lb_batch(self, ops).unwrap_or_else(|| {
+            assert!(
+                ops.is_empty(),
+                "LbWrite takes backend, slot and master upserts only"
+            );
+            Ok(())
+        })
     }
+}
+
+/// The batch writes of backends and service entries, by the maps and by their second
+/// writer alike.
+trait LbUpsert {
+    fn upsert_backends(
+        &mut self,
+        entries: &[(u32, datapath::BackendValue)],
+    ) -> Result<(), datapath::Error>;
+    fn upsert_service_slots(
+        &mut self,
+        entries: &[(ServiceEntryKey, ServiceEntryValue)],
+    ) -> Result<(), datapath::Error>;
+}
+
+impl LbUpsert for Datapath {
+    fn upsert_backends(
+        &mut self,
+        entries: &[(u32, datapath::BackendValue)],
+    ) -> Result<(), datapath::Error> {
+        Datapath::upsert_backends(self, entries)
+    }
+    fn upsert_service_slots(
+        &mut self,
+        entries: &[(ServiceEntryKey, ServiceEntryValue)],
+    ) -> Result<(), datapath::Error> {
+        Datapath::upsert_service_slots(self, entries)
+    }
+}
+
+impl LbUpsert for datapath::LbWriter {
+    fn upsert_backends(
+        &mut self,
+        entries: &[(u32, datapath::BackendValue)],
+    ) -> Result<(), datapath::Error> {
+        datapath::LbWriter::upsert_backends(self, entries)
+    }
+    fn upsert_service_slots(
+        &mut self,
+        entries: &[(ServiceEntryKey, ServiceEntryValue)],
+    ) -> Result<(), datapath::Error> {
+        datapath::LbWriter::upsert_service_slots(self, entries)
+    }
+}
+
+/// Writes a batch of backend upserts, or of slot and master upserts, in batches; `None` for
+/// an empty batch or another kind.
+fn upsert_lb_batch(w: &mut impl LbUpsert, ops: &[Op]) -> Option<Result<()>> {
+    let first = ops.first()?;
+    let err = |source| Error::Apply {
+        op: Box::new(*first),
+        source,
+    };
+    Some(match first {
+        Op::BackendUpsert { .. } => {
+            backend_entries(ops).and_then(|e| w.upsert_backends(&e).map_err(err))
+        }
+        Op::SlotUpsert { .. } | Op::MasterUpsert { .. } => {
+            service_entries(ops).and_then(|e| w.upsert_service_slots(&e).map_err(err))
+        }
+        _ => return None,
+    })
 }
 
 /// The backends of the `Op::BackendUpsert`s among `ops`, as the datapath writes them.

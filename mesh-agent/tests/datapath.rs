@@ -1091,27 +1091,7 @@ fn a_pinned_map_with_another_layout_is_refused_before_attaching() {
     require_root!();
     let cgroup = Cgroup::new("inc");
     let bpffs = Bpffs::mounted();
-    let maps = bpffs.pin_dir("node").join("maps");
-    std::fs::create_dir_all(&maps).unwrap();
-    let stale = maps.join("mesh_services");
-    run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            stale.to_str().unwrap(),
-            "type",
-            "hash",
-            "key",
-            "4",
-            "value",
-            "4",
-            "entries",
-            "16",
-            "name",
-            "mesh_services",
-        ],
-    );
+    pin_hash_map(&bpffs.pin_dir("node"), "mesh_services", 4, 4);
     let err = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -1121,33 +1101,39 @@ fn a_pinned_map_with_another_layout_is_refused_before_attaching() {
     assert_eq!(attached_programs(&cgroup), 0, "nothing is attached");
 }
 
+/// Pins a 16-entry hash map named `name` with `key`- and `value`-byte entries where the
+/// datapath pins its map of that name (a map another layout left); returns its path.
+fn pin_hash_map(pin_dir: &Path, name: &str, key: u32, value: u32) -> PathBuf {
+    let maps = pin_dir.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let path = maps.join(name);
+    let (key, value) = (key.to_string(), value.to_string());
+    let args = [
+        "map",
+        "create",
+        path.to_str().unwrap(),
+        "type",
+        "hash",
+        "key",
+        &key,
+        "value",
+        &value,
+        "entries",
+        "16",
+        "name",
+        name,
+    ];
+    run("bpftool", &args);
+    path
+}
+
 #[test]
 fn a_pinned_per_socket_map_of_another_layout_is_replaced() {
     require_root!();
     let cgroup = Cgroup::new("repl");
     let bpffs = Bpffs::mounted();
-    let maps = bpffs.pin_dir("node").join("maps");
-    std::fs::create_dir_all(&maps).unwrap();
     // An older agent's mesh_sock_rev (socket storage then; any other shape here).
-    let stale = maps.join("mesh_sock_rev");
-    run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            stale.to_str().unwrap(),
-            "type",
-            "hash",
-            "key",
-            "4",
-            "value",
-            "12",
-            "entries",
-            "16",
-            "name",
-            "mesh_sock_rev",
-        ],
-    );
+    let stale = pin_hash_map(&bpffs.pin_dir("node"), "mesh_sock_rev", 4, 12);
     let dp = Datapath::open(DatapathConfig::new(bpffs.pin_dir("node"), &cgroup.path)).unwrap();
     assert_eq!(attached_programs(&cgroup), 7);
     let out = Command::new("bpftool")

@@ -101,8 +101,7 @@ impl Datapath {
     /// per entry on kernels without it), in order. On error, the entries
     /// before the failing one are written.
     pub fn upsert_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<()> {
-        let keys: Vec<u32> = entries.iter().map(|(id, _)| *id).collect();
-        let values: Vec<layout::BackendValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
+        let (keys, values) = backend_keys_values(entries);
         let LbMaps { backends, raw, .. } = &mut self.lb;
         batch_update(
             &mut self.batch.backends,
@@ -122,8 +121,7 @@ impl Datapath {
         &mut self,
         entries: &[(ServiceEntryKey, ServiceEntryValue)],
     ) -> Result<()> {
-        let keys: Vec<layout::ServiceKey> = entries.iter().map(|(k, _)| (*k).into()).collect();
-        let values: Vec<layout::ServiceValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
+        let (keys, values) = service_keys_values(entries);
         let LbMaps { services, raw, .. } = &mut self.lb;
         batch_update(
             &mut self.batch.services,
@@ -243,8 +241,7 @@ pub struct LbWriter {
 impl LbWriter {
     /// Inserts or replaces `entries`, in batches; stops at the first error.
     pub fn upsert_backends(&mut self, entries: &[(u32, BackendValue)]) -> Result<()> {
-        let keys: Vec<u32> = entries.iter().map(|(id, _)| *id).collect();
-        let values: Vec<layout::BackendValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
+        let (keys, values) = backend_keys_values(entries);
         update_chunks(&self.backends, &keys, &values)
     }
 
@@ -253,10 +250,27 @@ impl LbWriter {
         &mut self,
         entries: &[(ServiceEntryKey, ServiceEntryValue)],
     ) -> Result<()> {
-        let keys: Vec<layout::ServiceKey> = entries.iter().map(|(k, _)| (*k).into()).collect();
-        let values: Vec<layout::ServiceValue> = entries.iter().map(|(_, v)| (*v).into()).collect();
+        let (keys, values) = service_keys_values(entries);
         update_chunks(&self.services, &keys, &values)
     }
+}
+
+/// The backend map's keys and values of `entries`.
+fn backend_keys_values(entries: &[(u32, BackendValue)]) -> (Vec<u32>, Vec<layout::BackendValue>) {
+    entries
+        .iter()
+        .map(|(id, v)| (*id, layout::BackendValue::from(*v)))
+        .unzip()
+}
+
+/// The service map's keys and values of `entries`.
+fn service_keys_values(
+    entries: &[(ServiceEntryKey, ServiceEntryValue)],
+) -> (Vec<layout::ServiceKey>, Vec<layout::ServiceValue>) {
+    entries
+        .iter()
+        .map(|(k, v)| (layout::ServiceKey::from(*k), layout::ServiceValue::from(*v)))
+        .unzip()
 }
 
 /// `keys` and `values` in batch updates of [`BATCH_CHUNK`]; stops at the first error.
